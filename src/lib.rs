@@ -1,0 +1,13 @@
+//! kvstrap: prepares the local disks of a bare-metal Kubernetes node for KubeVirt.
+//!
+//! policy (TOML) + inventory (sysfs, libblkid, mountinfo) -> planner (pure) -> plan
+//! -> executor (disks, mounts, directories) -> publisher (manifests, Kubernetes API).
+
+pub mod apply;
+pub mod cli;
+pub mod host;
+pub mod inventory;
+pub mod model;
+pub mod plan;
+pub mod policy;
+pub mod state;

@@ -1,0 +1,406 @@
+//! The shared vocabulary: what the inventory observed, and what the planner decided.
+//! Pure data, no I/O. Everything here serializes to the JSON that `--output json` prints.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// kvstrap's own GPT partition type GUID. Every partition kvstrap creates carries it,
+/// which is how a later run (or a reinstalled OS) recognises kvstrap's disks.
+pub const KVSTRAP_PART_TYPE: uuid::Uuid = uuid::uuid!("6b767374-7261-7000-8000-6b7673747261");
+
+/// Namespace for the v5 UUIDs that the planner derives from a disk's identity.
+pub const KVSTRAP_UUID_NAMESPACE: uuid::Uuid = uuid::uuid!("1c0a9f5e-6d4b-5a8e-9b1f-6b7673747261");
+
+/// Everything the inventory saw on the machine at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub disks: Vec<Disk>,
+    /// Observed state of the paths kvstrap manages (mount points, volume directories,
+    /// block symlinks), keyed by absolute path. Only paths below `storage_root` and the
+    /// state directory are observed.
+    #[serde(default)]
+    pub paths: BTreeMap<PathBuf, PathFacts>,
+}
+
+/// One whole block device (not a partition).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Disk {
+    /// `/dev/<name>`.
+    pub path: PathBuf,
+    /// Kernel name, e.g. `loop3`, `nvme0n1`.
+    pub name: String,
+    /// `major:minor`.
+    pub devno: String,
+    pub size_bytes: u64,
+    pub logical_sector_size: u32,
+    pub physical_sector_size: u32,
+    pub rotational: bool,
+    pub removable: bool,
+    pub read_only: bool,
+    pub model: Option<String>,
+    pub vendor: Option<String>,
+    pub serial: Option<String>,
+    pub wwn: Option<String>,
+    /// Lower-case bus name: nvme, sata, sas, scsi, virtio, usb, mmc, loop, zram, unknown.
+    pub transport: String,
+    /// `/dev/disk/by-id/...` names, computed from sysfs when udev made no links.
+    pub by_id: Vec<String>,
+    /// For loop devices: the backing file.
+    pub backing_file: Option<PathBuf>,
+    /// `gpt` or `dos` when a partition table was found.
+    pub partition_table: Option<PartitionTable>,
+    pub partitions: Vec<Partition>,
+    /// Signatures on the whole-disk device itself (filesystem, swap, LVM, md, LUKS, ...),
+    /// not counting the partition table, which is in `partition_table`.
+    pub signatures: Vec<Signature>,
+    /// Kernel holders (`/sys/block/X/holders`), e.g. `dm-0`, `md127`.
+    pub holders: Vec<String>,
+    pub mountpoints: Vec<PathBuf>,
+    pub swap: bool,
+    /// Facts that make this disk unusable, whatever the policy says.
+    pub in_use: Vec<InUse>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartitionTable {
+    /// `gpt` or `dos`.
+    pub kind: String,
+    /// Disk GUID for GPT, disk identifier for dos.
+    pub uuid: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Partition {
+    pub path: PathBuf,
+    pub number: u32,
+    pub start_bytes: u64,
+    pub size_bytes: u64,
+    /// GPT partition type GUID (lower case) or dos type (`0x83`).
+    pub type_id: Option<String>,
+    /// GPT partition UUID (lower case).
+    pub part_uuid: Option<String>,
+    /// GPT partition name.
+    pub name: Option<String>,
+    pub signatures: Vec<Signature>,
+    pub holders: Vec<String>,
+    pub mountpoints: Vec<PathBuf>,
+    pub swap: bool,
+}
+
+/// One signature libblkid recognised.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signature {
+    /// libblkid's TYPE: ext4, xfs, swap, LVM2_member, linux_raid_member, crypto_LUKS, ...
+    pub kind: String,
+    /// libblkid's USAGE: filesystem, raid, crypto, other.
+    pub usage: Option<String>,
+    pub label: Option<String>,
+    pub uuid: Option<String>,
+}
+
+/// A machine fact that rules a disk out regardless of policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum InUse {
+    /// Holds the root filesystem or the boot device.
+    SystemDisk { detail: String },
+    /// The disk or one of its partitions is mounted (and not by kvstrap below storage_root).
+    Mounted { mountpoint: PathBuf },
+    /// A device-mapper, md or other holder sits on top of the disk or a partition.
+    Holder { holder: String },
+    Swap { device: PathBuf },
+    Zram,
+    ReadOnly,
+    Removable,
+    /// An exclusive open (`O_EXCL`) failed: something else holds the device.
+    Busy { detail: String },
+    /// The device could not be opened or probed at all.
+    Unreadable { detail: String },
+    /// Not a disk kvstrap may use: device-mapper, md, ram, optical, ...
+    Virtual { detail: String },
+}
+
+impl std::fmt::Display for InUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InUse::SystemDisk { detail } => write!(f, "system disk ({detail})"),
+            InUse::Mounted { mountpoint } => write!(f, "mounted at {}", mountpoint.display()),
+            InUse::Holder { holder } => write!(f, "held by {holder}"),
+            InUse::Swap { device } => write!(f, "swap on {}", device.display()),
+            InUse::Zram => write!(f, "zram device"),
+            InUse::ReadOnly => write!(f, "read-only"),
+            InUse::Removable => write!(f, "removable media"),
+            InUse::Busy { detail } => write!(f, "busy: {detail}"),
+            InUse::Unreadable { detail } => write!(f, "cannot be opened: {detail}"),
+            InUse::Virtual { detail } => write!(f, "not a physical disk: {detail}"),
+        }
+    }
+}
+
+/// What kvstrap found at a path it manages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PathFacts {
+    Directory {
+        uid: u32,
+        gid: u32,
+        mode: u32,
+        /// XFS/ext4 project id (FS_IOC_FSGETXATTR), when the filesystem supports it.
+        project_id: Option<u32>,
+        /// Hard block limit of that project, in bytes, when a quota is set.
+        quota_bytes: Option<u64>,
+        /// Device (major:minor) of the filesystem holding the directory.
+        devno: String,
+    },
+    Symlink { target: PathBuf },
+    Other,
+}
+
+// ---------------------------------------------------------------------------------------
+// What the planner decides.
+
+/// Ownership verdict of one disk: only `Ours` and `Free` may receive writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum Verdict {
+    /// Carries kvstrap's partitions: adopted.
+    Ours,
+    /// Blank and usable.
+    Free,
+    /// Has a signature kvstrap did not write.
+    Foreign { signature: String },
+    /// A machine fact rules it out.
+    InUse { reason: String },
+    /// Excluded by policy (loop devices without allow_loop, selected by no group, ...).
+    Excluded { reason: String },
+}
+
+impl Verdict {
+    pub fn is_writable(&self) -> bool {
+        matches!(self, Verdict::Ours | Verdict::Free)
+    }
+    pub fn reason(&self) -> String {
+        match self {
+            Verdict::Ours => "provisioned by kvstrap".into(),
+            Verdict::Free => "empty".into(),
+            Verdict::Foreign { signature } => format!("not empty: {signature}"),
+            Verdict::InUse { reason } | Verdict::Excluded { reason } => reason.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum VolumeMode {
+    Filesystem,
+    Block,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsType {
+    Xfs,
+    Ext4,
+}
+
+impl FsType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsType::Xfs => "xfs",
+            FsType::Ext4 => "ext4",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    Shared,
+    Separate,
+}
+
+/// A filesystem the plan wants on a partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsSpec {
+    pub fs_type: FsType,
+    pub uuid: uuid::Uuid,
+    pub label: String,
+    /// Shared-layout filesystems need project quotas.
+    pub project_quota: bool,
+    pub mountpoint: PathBuf,
+    pub mount_options: Vec<String>,
+}
+
+/// One partition of the desired layout of a disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionSpec {
+    /// 1-based GPT entry number.
+    pub number: u32,
+    pub start_bytes: u64,
+    pub size_bytes: u64,
+    pub part_uuid: uuid::Uuid,
+    /// GPT partition name (36 UTF-16 units at most).
+    pub name: String,
+    /// `/dev/loop3p1`, `/dev/nvme0n1p1`, `/dev/sda1`.
+    pub device: PathBuf,
+    /// None for a raw Block volume.
+    pub filesystem: Option<FsSpec>,
+}
+
+/// The whole desired layout of one disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskLayout {
+    pub disk: PathBuf,
+    /// Stable identity: `wwn:...`, `serial:...` or `path:...`.
+    pub identity: String,
+    pub group: String,
+    pub disk_guid: uuid::Uuid,
+    pub size_bytes: u64,
+    pub logical_sector_size: u32,
+    pub partitions: Vec<PartitionSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+}
+
+/// One volume kvstrap provides, and publishes as a PersistentVolume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    /// Stable name, e.g. `nvme-3f2a9c1b-v03`; unique on the node.
+    pub name: String,
+    pub group: String,
+    pub storage_class: String,
+    pub volume_mode: VolumeMode,
+    /// Directory (Filesystem) or stable block symlink (Block).
+    pub path: PathBuf,
+    /// What the volume can really store: quota for directories, partition size for Block.
+    pub capacity_bytes: u64,
+    pub disk: PathBuf,
+    pub disk_identity: String,
+    /// The partition device that holds the volume.
+    pub device: PathBuf,
+    pub transport: String,
+    pub rotational: bool,
+    /// Project id of a directory volume on a shared filesystem.
+    pub project_id: Option<u32>,
+    pub owner: Option<Owner>,
+    pub fs_type: Option<FsType>,
+}
+
+/// One action of the plan, with why it is needed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Step {
+    /// Wipe every signature on a disk the policy names by serial/WWN with `wipe = "force"`.
+    WipeDisk { disk: PathBuf, identity: String, signatures: Vec<String>, reason: String },
+    /// Write a fresh GPT with the whole layout and tell the kernel (BLKPG).
+    WritePartitionTable { disk: PathBuf, layout: DiskLayout, reason: String },
+    /// Tell the kernel about partitions that are on disk but have no device node.
+    AddPartitionNodes { disk: PathBuf, numbers: Vec<u32>, reason: String },
+    MakeFilesystem {
+        disk: PathBuf,
+        device: PathBuf,
+        fs_type: FsType,
+        uuid: uuid::Uuid,
+        label: String,
+        project_quota: bool,
+        reason: String,
+    },
+    Mount {
+        device: PathBuf,
+        fs_uuid: uuid::Uuid,
+        fs_type: FsType,
+        mountpoint: PathBuf,
+        options: Vec<String>,
+        reason: String,
+    },
+    /// A volume directory on a shared (or separate) filesystem.
+    CreateDirectory { path: PathBuf, owner: Owner, reason: String },
+    /// Set ownership/mode of an existing directory that drifted.
+    SetOwnership { path: PathBuf, owner: Owner, reason: String },
+    /// Hard project quota equal to the published capacity.
+    SetQuota { path: PathBuf, mountpoint: PathBuf, project_id: u32, bytes: u64, reason: String },
+    /// Stable symlink to the partition of a Block volume.
+    LinkBlockDevice { link: PathBuf, target: PathBuf, reason: String },
+}
+
+impl Step {
+    pub fn reason(&self) -> &str {
+        match self {
+            Step::WipeDisk { reason, .. }
+            | Step::WritePartitionTable { reason, .. }
+            | Step::AddPartitionNodes { reason, .. }
+            | Step::MakeFilesystem { reason, .. }
+            | Step::Mount { reason, .. }
+            | Step::CreateDirectory { reason, .. }
+            | Step::SetOwnership { reason, .. }
+            | Step::SetQuota { reason, .. }
+            | Step::LinkBlockDevice { reason, .. } => reason,
+        }
+    }
+
+    /// The disk a step changes, so that steps of different disks can run in parallel.
+    pub fn disk(&self) -> Option<&PathBuf> {
+        match self {
+            Step::WipeDisk { disk, .. }
+            | Step::WritePartitionTable { disk, .. }
+            | Step::AddPartitionNodes { disk, .. }
+            | Step::MakeFilesystem { disk, .. } => Some(disk),
+            _ => None,
+        }
+    }
+}
+
+/// A disk the policy selected but the planner will not touch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub disk: PathBuf,
+    pub group: Option<String>,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    /// Size of all disks assigned to groups.
+    pub raw_bytes: u64,
+    /// Sum of the capacity of every volume.
+    pub published_bytes: u64,
+    /// Capacity kept back by `reserve`.
+    pub reserve_bytes: u64,
+    /// raw / published: production nodes want at least 1.5.
+    pub headroom_ratio: f64,
+}
+
+impl Eq for Totals {}
+
+/// Everything the planner decided for one group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupPlan {
+    pub name: String,
+    pub storage_class: String,
+    pub layout: Layout,
+    pub disks: Vec<DiskLayout>,
+    pub volumes: Vec<VolumeSpec>,
+}
+
+/// The output of the planner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub node: String,
+    pub storage_root: PathBuf,
+    pub groups: Vec<GroupPlan>,
+    pub refused: Vec<Refusal>,
+    /// Ordered steps; empty when the node already matches the policy.
+    pub steps: Vec<Step>,
+    pub totals: Totals,
+}
+
+impl Plan {
+    pub fn volumes(&self) -> impl Iterator<Item = &VolumeSpec> {
+        self.groups.iter().flat_map(|g| g.volumes.iter())
+    }
+}

@@ -1,0 +1,118 @@
+//! The validated policy: domain types the planner consumes. Built only by `validate`,
+//! so every value here has already been checked.
+
+use crate::model::{FsType, Layout, Owner, VolumeMode};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub node: NodeSettings,
+    pub kubernetes: KubernetesSettings,
+    pub storage_classes: Vec<StorageClass>,
+    pub disk_groups: Vec<DiskGroup>,
+    /// The files the policy was merged from, in merge order.
+    pub sources: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSettings {
+    /// Node name as kubelet registers it: policy `node.name`, else the hostname.
+    pub name: String,
+    pub storage_root: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct KubernetesSettings {
+    pub publish: bool,
+    pub kubeconfig: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum ReclaimPolicy {
+    Delete,
+    Retain,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum AccessMode {
+    ReadWriteOnce,
+    ReadOnlyMany,
+    ReadWriteOncePod,
+}
+
+impl AccessMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessMode::ReadWriteOnce => "ReadWriteOnce",
+            AccessMode::ReadOnlyMany => "ReadOnlyMany",
+            AccessMode::ReadWriteOncePod => "ReadWriteOncePod",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StorageClass {
+    pub name: String,
+    pub volume_mode: VolumeMode,
+    pub fs_type: FsType,
+    pub reclaim_policy: ReclaimPolicy,
+    pub access_modes: Vec<AccessMode>,
+    pub mount_options: Vec<String>,
+    /// Always WaitForFirstConsumer for local volumes; kept for the manifest.
+    pub binding_mode: String,
+}
+
+/// How many volumes a disk yields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeSizing {
+    /// Volumes of this many bytes, as many as fit.
+    Size(u64),
+    /// This many volumes of equal size.
+    Count(u32),
+    /// One volume per disk.
+    OnePerDisk,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wipe {
+    Never,
+    Force,
+}
+
+/// Selectors of `match = { ... }`; every given field must match.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DiskMatch {
+    pub transport: Option<String>,
+    pub rotational: Option<bool>,
+    pub min_size: Option<u64>,
+    pub max_size: Option<u64>,
+    /// Glob patterns (shell style), matched case-sensitively against sysfs values.
+    pub model: Option<String>,
+    pub vendor: Option<String>,
+    pub serial: Option<String>,
+    pub wwn: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiskGroup {
+    pub name: String,
+    pub storage_class: String,
+    pub layout: Layout,
+    /// Paths or globs: `/dev/loop*`, `/dev/disk/by-id/nvme-...`. Empty: any disk.
+    pub devices: Vec<String>,
+    pub matcher: DiskMatch,
+    pub max_disks: Option<u32>,
+    pub sizing: VolumeSizing,
+    /// Percent (0..=90) of each disk kept back from volumes.
+    pub reserve_percent: u32,
+    pub owner: Owner,
+    pub wipe: Wipe,
+    pub allow_loop: bool,
+    pub allow_removable: bool,
+}
+
+impl Policy {
+    pub fn storage_class(&self, name: &str) -> Option<&StorageClass> {
+        self.storage_classes.iter().find(|c| c.name == name)
+    }
+}

@@ -1,0 +1,95 @@
+//! Helpers for root tests: loop devices and mounts that clean up after themselves.
+//! Every privileged test creates its own sparse files and loop devices and touches
+//! nothing else.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// True when running as root; otherwise prints why the test is skipped.
+pub fn require_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("skipping {test}: needs root (loop devices, mkfs, mount)");
+    false
+}
+
+/// A sparse file attached to a loop device; detached (and anything mounted from it
+/// unmounted) on drop, even when the test panics.
+pub struct LoopDisk {
+    pub path: PathBuf,
+    pub backing: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LoopDisk {
+    pub fn new(size_bytes: u64) -> LoopDisk {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backing = dir.path().join("disk.img");
+        let file = std::fs::File::create(&backing).expect("create backing file");
+        file.set_len(size_bytes).expect("size backing file");
+        drop(file);
+        let out = Command::new("losetup")
+            .args(["--find", "--show", "--partscan"])
+            .arg(&backing)
+            .output()
+            .expect("run losetup");
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        LoopDisk { path, backing, _dir: dir }
+    }
+
+    /// `loop3` for `/dev/loop3`.
+    pub fn name(&self) -> String {
+        self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+
+    /// Partition node path, e.g. `/dev/loop3p1`.
+    pub fn partition(&self, n: u32) -> PathBuf {
+        PathBuf::from(format!("{}p{n}", self.path.display()))
+    }
+
+    /// Run a command with the device path appended; panics with its stderr on failure.
+    pub fn run(&self, program: &str, args: &[&str]) {
+        run_on(program, args, &self.path)
+    }
+}
+
+pub fn run_on(program: &str, args: &[&str], target: &Path) {
+    let out = Command::new(program).args(args).arg(target).output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{program} {args:?} {}: {}",
+        target.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Unmount every mount whose source is this disk or one of its partitions.
+pub fn unmount_all_from(disk: &Path) {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let disk = disk.to_string_lossy().into_owned();
+    let mut targets: Vec<String> = mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            let source = post.split_whitespace().nth(1)?;
+            let target = pre.split_whitespace().nth(4)?;
+            (source == disk || source.starts_with(&format!("{disk}p"))).then(|| target.to_string())
+        })
+        .collect();
+    // Deepest first, so nested mounts go before their parents.
+    targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+    for t in targets {
+        let _ = Command::new("umount").arg("-l").arg(t.replace("\\040", " ")).status();
+    }
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        unmount_all_from(&self.path);
+        let _ = Command::new("swapoff").arg(&self.path).status();
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
+}
