@@ -363,7 +363,7 @@ pub struct Refusal {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Totals {
     /// Size of all disks assigned to groups.
     pub raw_bytes: u64,
