@@ -1,0 +1,82 @@
+//! Command-line arguments: the contract of design.md's Interfaces section.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// Prepares the local disks of a bare-metal Kubernetes node for KubeVirt virtual machines.
+#[derive(Debug, Parser)]
+#[command(name = "kvstrap", version, about, long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Policy file, or a directory of *.toml drop-ins. Default: /usr/lib/kvstrap/policy.d,
+    /// /etc/kvstrap/policy.toml and /etc/kvstrap/policy.d merged with systemd's rules.
+    #[arg(long, global = true, env = "KVSTRAP_POLICY", value_name = "PATH")]
+    pub policy: Option<PathBuf>,
+    /// State directory: state file, rendered manifests, block-volume links.
+    #[arg(
+        long,
+        global = true,
+        env = "KVSTRAP_STATE_DIR",
+        value_name = "DIR",
+        default_value = "/var/lib/kvstrap"
+    )]
+    pub state_dir: PathBuf,
+    /// Output format of commands that print data.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Human)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check the policy and report every problem with file:line:col.
+    Validate,
+    /// List the node's disks with their identity, contents and eligibility.
+    Disks,
+    /// Show what apply would do, without changing anything.
+    Plan,
+    /// Partition, format, mount and lay out the KubeVirt storage tree.
+    Apply(ApplyArgs),
+    /// Show the last apply and what is provisioned.
+    Status,
+    /// List the volumes kvstrap provides.
+    Volumes,
+    /// Run as the node's storage service (systemd Type=notify).
+    Daemon,
+    /// Create loop-backed demo disks and apply the embedded demo policy to them.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ApplyArgs {
+    /// How long to wait for another applier to finish, in seconds (0: do not wait).
+    #[arg(long, default_value_t = 60)]
+    pub lock_timeout: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Unmount and detach everything the demo made, and remove its files.
+    #[arg(long)]
+    pub cleanup: bool,
+    /// Number of demo disks.
+    #[arg(long, default_value_t = 4)]
+    pub disks: u32,
+}
+
+/// The clap command, for man pages and shell completions.
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
