@@ -311,6 +311,7 @@ pub enum Step {
         reason: String,
     },
     Mount {
+        disk: PathBuf,
         device: PathBuf,
         fs_uuid: uuid::Uuid,
         fs_type: FsType,
@@ -319,13 +320,20 @@ pub enum Step {
         reason: String,
     },
     /// A volume directory on a shared (or separate) filesystem.
-    CreateDirectory { path: PathBuf, owner: Owner, reason: String },
+    CreateDirectory { disk: PathBuf, path: PathBuf, owner: Owner, reason: String },
     /// Set ownership/mode of an existing directory that drifted.
-    SetOwnership { path: PathBuf, owner: Owner, reason: String },
+    SetOwnership { disk: PathBuf, path: PathBuf, owner: Owner, reason: String },
     /// Hard project quota equal to the published capacity.
-    SetQuota { path: PathBuf, mountpoint: PathBuf, project_id: u32, bytes: u64, reason: String },
+    SetQuota {
+        disk: PathBuf,
+        path: PathBuf,
+        mountpoint: PathBuf,
+        project_id: u32,
+        bytes: u64,
+        reason: String,
+    },
     /// Stable symlink to the partition of a Block volume.
-    LinkBlockDevice { link: PathBuf, target: PathBuf, reason: String },
+    LinkBlockDevice { disk: PathBuf, link: PathBuf, target: PathBuf, part_uuid: uuid::Uuid, reason: String },
 }
 
 impl Step {
@@ -343,14 +351,33 @@ impl Step {
         }
     }
 
-    /// The disk a step changes, so that steps of different disks can run in parallel.
-    pub fn disk(&self) -> Option<&PathBuf> {
+    /// The disk a step belongs to, so that steps of different disks can run in parallel.
+    pub fn disk(&self) -> &PathBuf {
         match self {
             Step::WipeDisk { disk, .. }
             | Step::WritePartitionTable { disk, .. }
             | Step::AddPartitionNodes { disk, .. }
-            | Step::MakeFilesystem { disk, .. } => Some(disk),
-            _ => None,
+            | Step::MakeFilesystem { disk, .. }
+            | Step::Mount { disk, .. }
+            | Step::CreateDirectory { disk, .. }
+            | Step::SetOwnership { disk, .. }
+            | Step::SetQuota { disk, .. }
+            | Step::LinkBlockDevice { disk, .. } => disk,
+        }
+    }
+
+    /// Short name of the action, as in the JSON `action` field.
+    pub fn action(&self) -> &'static str {
+        match self {
+            Step::WipeDisk { .. } => "wipe_disk",
+            Step::WritePartitionTable { .. } => "write_partition_table",
+            Step::AddPartitionNodes { .. } => "add_partition_nodes",
+            Step::MakeFilesystem { .. } => "make_filesystem",
+            Step::Mount { .. } => "mount",
+            Step::CreateDirectory { .. } => "create_directory",
+            Step::SetOwnership { .. } => "set_ownership",
+            Step::SetQuota { .. } => "set_quota",
+            Step::LinkBlockDevice { .. } => "link_block_device",
         }
     }
 }
