@@ -1,1 +1,224 @@
-//! plan
+//! The planner: a pure, deterministic function of (policy, inventory, context) that
+//! decides everything — which disks each group gets, their layout, and the ordered steps
+//! with reasons. No I/O, no clock: the same input always gives the same plan.
+
+pub mod capacity;
+pub mod identity;
+pub mod layout;
+pub mod ownership;
+pub mod render;
+pub mod select;
+pub mod steps;
+
+use crate::model::{Disk, GroupPlan, InUse, Inventory, Plan, Refusal, Totals, Verdict};
+use crate::policy::{DiskGroup, Policy, Wipe};
+use layout::{DiskPlan, LayoutInput};
+use std::path::{Path, PathBuf};
+
+/// What the planner needs besides policy and inventory.
+#[derive(Debug, Clone)]
+pub struct PlanContext {
+    /// Block-volume links live in `<state_dir>/block/`.
+    pub state_dir: PathBuf,
+}
+
+/// Decide what to do. Pure: reads only its arguments.
+pub fn plan(policy: &Policy, inventory: &Inventory, ctx: &PlanContext) -> Plan {
+    let mut planner = Planner { policy, inventory, ctx, refused: Vec::new(), steps: Vec::new(), totals: Totals::default() };
+    let assignment = planner.assign();
+    let groups = policy
+        .disk_groups
+        .iter()
+        .map(|group| planner.plan_group(group, assignment.get(&group.name).map(Vec::as_slice).unwrap_or_default()))
+        .collect();
+    planner.totals.headroom_ratio = if planner.totals.published_bytes == 0 {
+        0.0
+    } else {
+        // Two decimals keep the JSON stable and readable.
+        (planner.totals.raw_bytes as f64 / planner.totals.published_bytes as f64 * 100.0).round() / 100.0
+    };
+    Plan {
+        node: policy.node.name.clone(),
+        storage_root: policy.node.storage_root.clone(),
+        groups,
+        refused: planner.refused,
+        steps: planner.steps,
+        totals: planner.totals,
+    }
+}
+
+/// The verdict `kvstrap disks` shows for each disk under a policy.
+pub fn verdicts<'a>(policy: Option<&Policy>, inventory: &'a Inventory) -> Vec<(&'a Disk, Option<String>, Verdict)> {
+    inventory
+        .disks
+        .iter()
+        .map(|disk| {
+            let groups: Vec<&DiskGroup> = policy
+                .map(|p| p.disk_groups.iter().filter(|g| select::selects(g, disk)).collect())
+                .unwrap_or_default();
+            let root = policy.map(|p| p.node.storage_root.as_path());
+            let group = groups.first().copied();
+            let verdict = judge_with_root(disk, group, root);
+            let verdict = match (group, &verdict) {
+                (None, Verdict::Free | Verdict::Ours) if policy.is_some() => {
+                    Verdict::Excluded { reason: format!("{}; selected by no disk group", verdict.reason()) }
+                }
+                _ => verdict,
+            };
+            (disk, group.map(|g| g.name.clone()), verdict)
+        })
+        .collect()
+}
+
+/// Ownership verdict, not counting kvstrap's own mounts below `storage_root` as "in use".
+pub fn judge_with_root(disk: &Disk, group: Option<&DiskGroup>, storage_root: Option<&Path>) -> Verdict {
+    let contents = ownership::contents_verdict(disk);
+    if contents != Verdict::Ours {
+        return ownership::judge(disk, group);
+    }
+    let ours_mounted = |m: &PathBuf| storage_root.is_some_and(|root| m.starts_with(root));
+    let all_mounts_ours = disk.mountpoints.iter().chain(disk.partitions.iter().flat_map(|p| &p.mountpoints)).all(ours_mounted);
+    let mut disk = disk.clone();
+    // Our own mounts explain both "mounted" and a failing exclusive open.
+    disk.in_use.retain(|fact| match fact {
+        InUse::Mounted { mountpoint } => !ours_mounted(mountpoint),
+        InUse::Busy { .. } => !all_mounts_ours,
+        _ => true,
+    });
+    ownership::judge(&disk, group)
+}
+
+struct Planner<'a> {
+    policy: &'a Policy,
+    inventory: &'a Inventory,
+    ctx: &'a PlanContext,
+    refused: Vec<Refusal>,
+    steps: Vec<crate::model::Step>,
+    totals: Totals,
+}
+
+impl<'a> Planner<'a> {
+    /// Disks per group in stable order; a disk two groups select goes to neither.
+    fn assign(&mut self) -> std::collections::BTreeMap<String, Vec<&'a Disk>> {
+        let mut disks: Vec<&Disk> = self.inventory.disks.iter().collect();
+        disks.sort_by_key(|d| select::stable_key(d));
+        let mut out: std::collections::BTreeMap<String, Vec<&Disk>> = Default::default();
+        for disk in disks {
+            let groups: Vec<&DiskGroup> = self.policy.disk_groups.iter().filter(|g| select::selects(g, disk)).collect();
+            match groups.as_slice() {
+                [] => {}
+                [group] => out.entry(group.name.clone()).or_default().push(disk),
+                many => {
+                    let names: Vec<&str> = many.iter().map(|g| g.name.as_str()).collect();
+                    self.refuse(disk, None, format!("selected by several groups ({}); make their selectors disjoint", names.join(", ")));
+                }
+            }
+        }
+        out
+    }
+
+    fn refuse(&mut self, disk: &Disk, group: Option<&str>, reason: String) {
+        self.refused.push(Refusal { disk: disk.path.clone(), group: group.map(String::from), reason });
+    }
+
+    fn plan_group(&mut self, group: &DiskGroup, candidates: &[&Disk]) -> GroupPlan {
+        let mut result = GroupPlan {
+            name: group.name.clone(),
+            storage_class: group.storage_class.clone(),
+            layout: group.layout,
+            disks: Vec::new(),
+            volumes: Vec::new(),
+        };
+        let Some(class) = self.policy.storage_class(&group.storage_class) else {
+            for disk in candidates {
+                self.refuse(disk, Some(&group.name), format!("storage class {:?} is not defined", group.storage_class));
+            }
+            return result;
+        };
+        // Disks kvstrap already provisioned come first, so a new blank disk never
+        // displaces one that holds volumes when max_disks is reached.
+        let mut judged: Vec<(&Disk, Verdict)> = candidates
+            .iter()
+            .map(|d| (*d, judge_with_root(d, Some(group), Some(&self.policy.node.storage_root))))
+            .collect();
+        judged.sort_by_key(|(_, v)| *v != Verdict::Ours);
+        let mut taken = 0u32;
+        for (disk, verdict) in judged {
+            let wipe = group.wipe == Wipe::Force && matches!(verdict, Verdict::Foreign { .. });
+            if !verdict.is_writable() && !wipe {
+                self.refuse(disk, Some(&group.name), verdict.reason());
+                continue;
+            }
+            if group.max_disks.is_some_and(|max| taken >= max) {
+                self.refuse(disk, Some(&group.name), format!("max_disks = {} already reached", taken));
+                continue;
+            }
+            let input = LayoutInput {
+                group,
+                class,
+                disk,
+                storage_root: &self.policy.node.storage_root,
+                state_dir: &self.ctx.state_dir,
+            };
+            let disk_plan = match layout::lay_out(&input) {
+                Ok(p) => p,
+                Err(why) => {
+                    self.refuse(disk, Some(&group.name), why);
+                    continue;
+                }
+            };
+            if self.disk_steps(disk, &verdict, wipe, &disk_plan, group) {
+                taken += 1;
+                self.totals.raw_bytes += disk.size_bytes;
+                self.totals.reserve_bytes += disk_plan.reserve_bytes;
+                self.totals.published_bytes += disk_plan.volumes.iter().map(|v| v.capacity_bytes).sum::<u64>();
+                result.volumes.extend(disk_plan.volumes);
+                result.disks.push(disk_plan.layout);
+            }
+        }
+        result
+    }
+
+    /// Append the steps for one disk; false when the disk is refused after all.
+    fn disk_steps(&mut self, disk: &Disk, verdict: &Verdict, wipe: bool, plan: &DiskPlan, group: &DiskGroup) -> bool {
+        if wipe {
+            self.steps.push(crate::model::Step::WipeDisk {
+                disk: disk.path.clone(),
+                identity: plan.layout.identity.clone(),
+                signatures: signature_names(disk),
+                reason: format!("wipe = \"force\" in group {:?} and the disk is named by serial or WWN", group.name),
+            });
+            steps::fresh_disk(plan, "disk was wiped", &mut self.steps);
+            return true;
+        }
+        if *verdict == Verdict::Free {
+            steps::fresh_disk(plan, "disk is empty", &mut self.steps);
+            return true;
+        }
+        match steps::adopt_disk(plan, disk, self.inventory) {
+            Ok(adoption) => {
+                for (number, why) in adoption.refused {
+                    self.refuse(disk, Some(&group.name), format!("partition {number}: {why}"));
+                }
+                self.steps.extend(adoption.steps);
+                true
+            }
+            Err(why) => {
+                self.refuse(disk, Some(&group.name), why);
+                false
+            }
+        }
+    }
+}
+
+fn signature_names(disk: &Disk) -> Vec<String> {
+    let mut names: Vec<String> = disk.partition_table.iter().map(|t| format!("{} partition table", t.kind)).collect();
+    names.extend(disk.signatures.iter().map(|s| s.kind.clone()));
+    for p in &disk.partitions {
+        names.extend(p.signatures.iter().map(|s| format!("{} on partition {}", s.kind, p.number)));
+    }
+    names
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

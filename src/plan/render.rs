@@ -1,0 +1,95 @@
+//! Human-readable plan: grouped by disk group, refusals, steps, and totals with headroom.
+
+use super::capacity::human;
+use crate::model::{Plan, Step};
+use std::fmt::Write;
+
+pub fn plan_text(plan: &Plan) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "Node {}  (storage root {})", plan.node, plan.storage_root.display());
+    for group in &plan.groups {
+        let _ = writeln!(
+            out,
+            "\nGroup {} -> storage class {} ({:?} layout): {} disk(s), {} volume(s)",
+            group.name,
+            group.storage_class,
+            group.layout,
+            group.disks.len(),
+            group.volumes.len()
+        );
+        for disk in &group.disks {
+            let vols: Vec<_> = group.volumes.iter().filter(|v| v.disk == disk.disk).collect();
+            let total: u64 = vols.iter().map(|v| v.capacity_bytes).sum();
+            let _ = writeln!(
+                out,
+                "  {:<14} {:>10}  {} partition(s), {} volume(s) of {} = {}  [{}]",
+                disk.disk.display(),
+                human(disk.size_bytes),
+                disk.partitions.len(),
+                vols.len(),
+                vols.first().map(|v| human(v.capacity_bytes)).unwrap_or_else(|| "-".into()),
+                human(total),
+                disk.identity
+            );
+        }
+    }
+    if !plan.refused.is_empty() {
+        let _ = writeln!(out, "\nRefused:");
+        for r in &plan.refused {
+            let group = r.group.as_deref().map(|g| format!(" (group {g})")).unwrap_or_default();
+            let _ = writeln!(out, "  {}{group}: {}", r.disk.display(), r.reason);
+        }
+    }
+    if plan.steps.is_empty() {
+        let _ = writeln!(out, "\nNothing to do: the node matches the policy.");
+    } else {
+        let _ = writeln!(out, "\nSteps ({}):", plan.steps.len());
+        for (i, step) in plan.steps.iter().enumerate() {
+            let _ = writeln!(out, "  {:>3}. {}  ({})", i + 1, describe(step), step.reason());
+        }
+    }
+    let t = &plan.totals;
+    let _ = writeln!(
+        out,
+        "\nTotals: raw {}, published {}, reserve {}, headroom {:.2}x{}",
+        human(t.raw_bytes),
+        human(t.published_bytes),
+        human(t.reserve_bytes),
+        t.headroom_ratio,
+        if t.published_bytes > 0 && t.headroom_ratio < 1.5 { "  (below the 1.5x production sizing)" } else { "" }
+    );
+    out
+}
+
+/// One line saying what a step does.
+pub fn describe(step: &Step) -> String {
+    match step {
+        Step::WipeDisk { disk, signatures, .. } => {
+            format!("wipe {} (destroys: {})", disk.display(), signatures.join(", "))
+        }
+        Step::WritePartitionTable { disk, layout, .. } => {
+            format!("write GPT on {} with {} partition(s)", disk.display(), layout.partitions.len())
+        }
+        Step::AddPartitionNodes { disk, numbers, .. } => {
+            format!("add partition nodes {numbers:?} of {}", disk.display())
+        }
+        Step::MakeFilesystem { device, fs_type, label, uuid, .. } => {
+            format!("mkfs.{} {} label {label} uuid {uuid}", fs_type.as_str(), device.display())
+        }
+        Step::Mount { device, mountpoint, options, .. } => {
+            format!("mount {} on {} ({})", device.display(), mountpoint.display(), options.join(","))
+        }
+        Step::CreateDirectory { path, owner, .. } => {
+            format!("mkdir {} owner {}:{} mode {:04o}", path.display(), owner.uid, owner.gid, owner.mode)
+        }
+        Step::SetOwnership { path, owner, .. } => {
+            format!("chown {}:{} chmod {:04o} {}", owner.uid, owner.gid, owner.mode, path.display())
+        }
+        Step::SetQuota { path, project_id, bytes, .. } => {
+            format!("quota {} project {project_id} hard limit {}", path.display(), human(*bytes))
+        }
+        Step::LinkBlockDevice { link, target, .. } => {
+            format!("link {} -> {}", link.display(), target.display())
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! Desired versus observed: the steps that bring one disk to its layout. A disk that
+//! already matches yields no steps, which is what makes a second apply a no-op.
+
+use super::layout::DiskPlan;
+use crate::model::{Disk, FsSpec, Inventory, PartitionSpec, PathFacts, Step, VolumeMode, VolumeSpec};
+
+/// Steps for a blank disk: everything.
+pub fn fresh_disk(plan: &DiskPlan, reason: &str, steps: &mut Vec<Step>) {
+    steps.push(Step::WritePartitionTable {
+        disk: plan.layout.disk.clone(),
+        layout: plan.layout.clone(),
+        reason: reason.to_string(),
+    });
+    for part in &plan.layout.partitions {
+        if let Some(fs) = &part.filesystem {
+            steps.push(mkfs(plan, part, fs, "new partition"));
+            steps.push(mount(plan, part, fs, "new filesystem"));
+        }
+    }
+    for volume in &plan.volumes {
+        volume_steps(plan, volume, None, steps);
+    }
+}
+
+/// Problems that keep kvstrap from adopting a disk or a partition it laid out earlier.
+#[derive(Debug, Default)]
+pub struct Adoption {
+    pub steps: Vec<Step>,
+    /// Partitions (and so their volumes) left alone, with the reason.
+    pub refused: Vec<(u32, String)>,
+}
+
+/// Steps for a disk kvstrap provisioned earlier: finish what is missing, never redo.
+pub fn adopt_disk(plan: &DiskPlan, disk: &Disk, inventory: &Inventory) -> Result<Adoption, String> {
+    check_same_layout(plan, disk)?;
+    let mut out = Adoption::default();
+    for part in &plan.layout.partitions {
+        let observed = disk.partitions.iter().find(|p| p.number == part.number);
+        let signatures = observed.map(|p| p.signatures.as_slice()).unwrap_or_default();
+        let mountpoints = observed.map(|p| p.mountpoints.as_slice()).unwrap_or_default();
+        match &part.filesystem {
+            Some(fs) => match signatures {
+                [] => {
+                    out.steps.push(mkfs(plan, part, fs, "partition has no filesystem yet"));
+                    out.steps.push(mount(plan, part, fs, "new filesystem"));
+                }
+                [sig] if fs_matches(fs, sig) => {
+                    if !mountpoints.contains(&fs.mountpoint) {
+                        out.steps.push(mount(plan, part, fs, "filesystem is not mounted"));
+                    }
+                }
+                sigs => out.refused.push((part.number, foreign_partition(part, sigs))),
+            },
+            None if !signatures.is_empty() => out.refused.push((part.number, foreign_partition(part, signatures))),
+            None => {}
+        }
+    }
+    for volume in &plan.volumes {
+        let number = plan.layout.partitions.iter().find(|p| p.device == volume.device).map(|p| p.number);
+        if out.refused.iter().any(|(n, _)| Some(*n) == number) {
+            continue;
+        }
+        let observed = inventory.paths.get(&volume.path);
+        volume_steps(plan, volume, observed, &mut out.steps);
+    }
+    Ok(out)
+}
+
+/// kvstrap never repartitions a disk it laid out: that could destroy volumes in use.
+fn check_same_layout(plan: &DiskPlan, disk: &Disk) -> Result<(), String> {
+    let want: Vec<(u32, u64, u64, String)> = plan
+        .layout
+        .partitions
+        .iter()
+        .map(|p| (p.number, p.start_bytes, p.size_bytes, p.part_uuid.to_string()))
+        .collect();
+    let have: Vec<(u32, u64, u64, String)> = disk
+        .partitions
+        .iter()
+        .map(|p| {
+            let uuid = p.part_uuid.clone().unwrap_or_default().to_ascii_lowercase();
+            (p.number, p.start_bytes, p.size_bytes, uuid)
+        })
+        .collect();
+    if want == have {
+        return Ok(());
+    }
+    Err(format!(
+        "provisioned by kvstrap with a different layout ({} partitions on disk, {} wanted by group {:?}); \
+         kvstrap never repartitions a disk that may hold volumes: to re-provision it, name it by serial or WWN with wipe = \"force\"",
+        have.len(),
+        want.len(),
+        plan.layout.group
+    ))
+}
+
+fn fs_matches(fs: &FsSpec, sig: &crate::model::Signature) -> bool {
+    sig.kind == fs.fs_type.as_str()
+        && sig.uuid.as_deref().map(str::to_ascii_lowercase) == Some(fs.uuid.to_string())
+        && sig.label.as_deref() == Some(fs.label.as_str())
+}
+
+fn foreign_partition(part: &PartitionSpec, sigs: &[crate::model::Signature]) -> String {
+    let found: Vec<String> = sigs
+        .iter()
+        .map(|s| format!("{} (UUID {})", s.kind, s.uuid.as_deref().unwrap_or("none")))
+        .collect();
+    let wanted = part
+        .filesystem
+        .as_ref()
+        .map(|f| format!("{} with UUID {}", f.fs_type.as_str(), f.uuid))
+        .unwrap_or_else(|| "no signature (raw block volume)".into());
+    format!(
+        "partition {} holds {}, not {wanted}; it is left alone because it may hold data",
+        part.device.display(),
+        found.join(", ")
+    )
+}
+
+fn mkfs(plan: &DiskPlan, part: &PartitionSpec, fs: &FsSpec, reason: &str) -> Step {
+    Step::MakeFilesystem {
+        disk: plan.layout.disk.clone(),
+        device: part.device.clone(),
+        fs_type: fs.fs_type,
+        uuid: fs.uuid,
+        label: fs.label.clone(),
+        project_quota: fs.project_quota,
+        reason: reason.to_string(),
+    }
+}
+
+fn mount(plan: &DiskPlan, part: &PartitionSpec, fs: &FsSpec, reason: &str) -> Step {
+    let mut options = fs.mount_options.clone();
+    if fs.project_quota && !options.iter().any(|o| o == "prjquota") {
+        options.push("prjquota".into());
+    }
+    Step::Mount {
+        disk: plan.layout.disk.clone(),
+        device: part.device.clone(),
+        fs_uuid: fs.uuid,
+        fs_type: fs.fs_type,
+        mountpoint: fs.mountpoint.clone(),
+        options,
+        reason: reason.to_string(),
+    }
+}
+
+/// Directory, ownership, quota or block link of one volume, as far as they differ.
+fn volume_steps(plan: &DiskPlan, v: &VolumeSpec, observed: Option<&PathFacts>, steps: &mut Vec<Step>) {
+    let disk = plan.layout.disk.clone();
+    match v.volume_mode {
+        VolumeMode::Block => {
+            let part_uuid = plan
+                .layout
+                .partitions
+                .iter()
+                .find(|p| p.device == v.device)
+                .map(|p| p.part_uuid)
+                .unwrap_or_default();
+            let ok = matches!(observed, Some(PathFacts::Symlink { target }) if *target == v.device);
+            if !ok {
+                steps.push(Step::LinkBlockDevice {
+                    disk,
+                    link: v.path.clone(),
+                    target: v.device.clone(),
+                    part_uuid,
+                    reason: if observed.is_some() { "link points elsewhere" } else { "block volume has no link yet" }.into(),
+                });
+            }
+        }
+        VolumeMode::Filesystem => directory_steps(disk, v, observed, steps),
+    }
+}
+
+fn directory_steps(disk: std::path::PathBuf, v: &VolumeSpec, observed: Option<&PathFacts>, steps: &mut Vec<Step>) {
+    let Some(owner) = v.owner.clone() else { return };
+    let (project_ok, quota_ok) = match observed {
+        Some(PathFacts::Directory { uid, gid, mode, project_id, quota_bytes, .. }) => {
+            if (*uid, *gid, *mode & 0o7777) != (owner.uid, owner.gid, owner.mode) {
+                steps.push(Step::SetOwnership {
+                    disk: disk.clone(),
+                    path: v.path.clone(),
+                    owner,
+                    reason: format!("owner {uid}:{gid} mode {:04o} differs from the policy", mode & 0o7777),
+                });
+            }
+            (*project_id == v.project_id, *quota_bytes == Some(v.capacity_bytes))
+        }
+        _ => {
+            steps.push(Step::CreateDirectory {
+                disk: disk.clone(),
+                path: v.path.clone(),
+                owner,
+                reason: "volume directory does not exist yet".into(),
+            });
+            (false, false)
+        }
+    };
+    if let Some(project_id) = v.project_id {
+        if !(project_ok && quota_ok) {
+            steps.push(Step::SetQuota {
+                disk,
+                path: v.path.clone(),
+                mountpoint: v.path.parent().map(|p| p.to_path_buf()).unwrap_or_default(),
+                project_id,
+                bytes: v.capacity_bytes,
+                reason: "directory volume needs a hard quota equal to its capacity".into(),
+            });
+        }
+    }
+}

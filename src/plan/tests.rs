@@ -1,0 +1,413 @@
+//! Planner tests on constructed inventories: no root, no devices.
+
+use super::*;
+use crate::model::{
+    FsType, Layout, Owner, Partition, PartitionTable, PathFacts, Signature, Step, VolumeMode, KVSTRAP_PART_TYPE,
+};
+use crate::policy::{
+    AccessMode, DiskMatch, KubernetesSettings, NodeSettings, ReclaimPolicy, StorageClass, VolumeSizing,
+};
+
+const GIB: u64 = 1 << 30;
+
+pub fn disk(name: &str, size: u64) -> Disk {
+    Disk {
+        path: format!("/dev/{name}").into(),
+        name: name.into(),
+        size_bytes: size,
+        logical_sector_size: 512,
+        physical_sector_size: 4096,
+        transport: "sata".into(),
+        serial: Some(format!("SER-{name}")),
+        ..Disk::default()
+    }
+}
+
+pub fn group(name: &str) -> DiskGroup {
+    DiskGroup {
+        name: name.into(),
+        storage_class: "fast".into(),
+        layout: Layout::Shared,
+        devices: Vec::new(),
+        matcher: DiskMatch::default(),
+        max_disks: None,
+        sizing: VolumeSizing::OnePerDisk,
+        reserve_percent: 0,
+        owner: Owner { uid: 107, gid: 107, mode: 0o750 },
+        wipe: Wipe::Never,
+        allow_loop: false,
+        allow_removable: false,
+    }
+}
+
+fn class(name: &str, mode: VolumeMode, fs: FsType) -> StorageClass {
+    StorageClass {
+        name: name.into(),
+        volume_mode: mode,
+        fs_type: fs,
+        reclaim_policy: ReclaimPolicy::Delete,
+        access_modes: vec![AccessMode::ReadWriteOnce],
+        mount_options: vec!["noatime".into()],
+        binding_mode: "WaitForFirstConsumer".into(),
+    }
+}
+
+fn policy(groups: Vec<DiskGroup>) -> Policy {
+    Policy {
+        node: NodeSettings { name: "worker-07".into(), storage_root: "/var/lib/kvstrap/storage".into() },
+        kubernetes: KubernetesSettings { publish: false, kubeconfig: None },
+        storage_classes: vec![
+            class("fast", VolumeMode::Filesystem, FsType::Xfs),
+            class("ext", VolumeMode::Filesystem, FsType::Ext4),
+            class("raw", VolumeMode::Block, FsType::Xfs),
+        ],
+        disk_groups: groups,
+        sources: Vec::new(),
+    }
+}
+
+fn ctx() -> PlanContext {
+    PlanContext { state_dir: "/var/lib/kvstrap".into() }
+}
+
+fn inventory(disks: Vec<Disk>) -> Inventory {
+    Inventory { disks, paths: Default::default() }
+}
+
+fn count(plan: &Plan, action: &str) -> usize {
+    plan.steps.iter().filter(|s| s.action() == action).count()
+}
+
+#[test]
+fn shared_layout_with_volume_size_and_reserve() {
+    let mut g = group("nvme");
+    g.sizing = VolumeSizing::Size(100 * GIB);
+    g.reserve_percent = 10;
+    let p = plan(&policy(vec![g]), &inventory(vec![disk("sdb", 1000 * GIB)]), &ctx());
+    let gp = &p.groups[0];
+    assert_eq!(gp.disks.len(), 1);
+    assert_eq!(gp.disks[0].partitions.len(), 1);
+    // 1000 GiB - 10% reserve - xfs overhead leaves room for 8 volumes of 100 GiB.
+    assert_eq!(gp.volumes.len(), 8);
+    assert!(gp.volumes.iter().all(|v| v.capacity_bytes == 100 * GIB && v.project_id.is_some()));
+    let part = &gp.disks[0].partitions[0];
+    assert_eq!(part.start_bytes, 1 << 20);
+    assert_eq!(part.start_bytes % (1 << 20), 0);
+    assert!(part.filesystem.as_ref().is_some_and(|f| f.project_quota));
+    assert_eq!(count(&p, "write_partition_table"), 1);
+    assert_eq!(count(&p, "make_filesystem"), 1);
+    assert_eq!(count(&p, "mount"), 1);
+    assert_eq!(count(&p, "create_directory"), 8);
+    assert_eq!(count(&p, "set_quota"), 8);
+    assert!(p.totals.reserve_bytes >= 99 * GIB);
+    assert!(p.totals.headroom_ratio >= 1.25);
+    let first = &gp.volumes[0];
+    assert_eq!(first.path, part.filesystem.as_ref().map(|f| f.mountpoint.join(&first.name)).unwrap_or_default());
+}
+
+#[test]
+fn shared_layout_volume_count_divides_what_is_left() {
+    let mut g = group("nvme");
+    g.sizing = VolumeSizing::Count(4);
+    let p = plan(&policy(vec![g]), &inventory(vec![disk("sdb", 100 * GIB)]), &ctx());
+    let vols = &p.groups[0].volumes;
+    assert_eq!(vols.len(), 4);
+    let total: u64 = vols.iter().map(|v| v.capacity_bytes).sum();
+    assert!(total < 100 * GIB - capacity::fs_overhead(FsType::Xfs, 100 * GIB) + 4 * (1 << 20));
+    assert!(vols.windows(2).all(|w| w[0].capacity_bytes == w[1].capacity_bytes));
+}
+
+#[test]
+fn separate_filesystem_volumes_get_partitions_of_their_own() {
+    let mut g = group("sep");
+    g.layout = Layout::Separate;
+    g.storage_class = "ext".into();
+    g.sizing = VolumeSizing::Size(10 * GIB);
+    let p = plan(&policy(vec![g]), &inventory(vec![disk("sdc", 50 * GIB)]), &ctx());
+    let gp = &p.groups[0];
+    let parts = &gp.disks[0].partitions;
+    assert_eq!(parts.len(), gp.volumes.len());
+    assert!(parts.len() >= 4);
+    for pair in parts.windows(2) {
+        assert_eq!(pair[0].start_bytes + pair[0].size_bytes, pair[1].start_bytes, "contiguous, aligned");
+    }
+    assert!(parts.iter().all(|p| p.start_bytes % (1 << 20) == 0 && p.size_bytes % (1 << 20) == 0));
+    let last = parts.last().map(|p| p.start_bytes + p.size_bytes).unwrap_or_default();
+    assert!(last <= 50 * GIB - (1 << 20));
+    for (v, part) in gp.volumes.iter().zip(parts) {
+        assert_eq!(v.capacity_bytes, 10 * GIB);
+        let fs = part.filesystem.as_ref().map(|f| (f.fs_type, f.mountpoint.clone()));
+        assert_eq!(fs, Some((FsType::Ext4, v.path.clone())));
+        assert!(capacity::fs_capacity(FsType::Ext4, part.size_bytes) >= v.capacity_bytes);
+    }
+    assert_eq!(count(&p, "make_filesystem"), parts.len());
+    assert_eq!(count(&p, "set_quota"), 0, "a filesystem of its own bounds the volume");
+}
+
+#[test]
+fn separate_block_volumes_are_raw_partitions_with_links() {
+    let mut g = group("raw");
+    g.layout = Layout::Separate;
+    g.storage_class = "raw".into();
+    g.sizing = VolumeSizing::Count(3);
+    let p = plan(&policy(vec![g]), &inventory(vec![disk("nvme0n1", 30 * GIB)]), &ctx());
+    let gp = &p.groups[0];
+    assert_eq!(gp.volumes.len(), 3);
+    assert!(gp.disks[0].partitions.iter().all(|p| p.filesystem.is_none()));
+    assert_eq!(count(&p, "make_filesystem"), 0);
+    assert_eq!(count(&p, "link_block_device"), 3);
+    let v = &gp.volumes[0];
+    assert_eq!(v.device, PathBuf::from("/dev/nvme0n1p1"));
+    assert!(v.path.starts_with("/var/lib/kvstrap/block"));
+    assert_eq!(v.capacity_bytes, gp.disks[0].partitions[0].size_bytes);
+    assert!(v.owner.is_none());
+}
+
+#[test]
+fn max_disks_takes_disks_in_stable_order() {
+    let mut g = group("g");
+    g.max_disks = Some(2);
+    let disks = vec![disk("sdd", 10 * GIB), disk("sdb", 10 * GIB), disk("sdc", 10 * GIB)];
+    let p = plan(&policy(vec![g.clone()]), &inventory(disks.clone()), &ctx());
+    let chosen: Vec<_> = p.groups[0].disks.iter().map(|d| d.disk.clone()).collect();
+    assert_eq!(chosen, vec![PathBuf::from("/dev/sdb"), PathBuf::from("/dev/sdc")]);
+    assert_eq!(p.refused.len(), 1);
+    assert!(p.refused[0].reason.contains("max_disks"));
+    // Enumeration order does not matter.
+    let mut reversed = disks;
+    reversed.reverse();
+    assert_eq!(plan(&policy(vec![g]), &inventory(reversed), &ctx()), p);
+}
+
+#[test]
+fn refusals_of_every_kind_are_reported_with_reasons() {
+    let mut ext4 = disk("sdb", 10 * GIB);
+    ext4.signatures = vec![Signature { kind: "ext4".into(), ..Default::default() }];
+    let mut mounted = disk("sdc", 10 * GIB);
+    mounted.in_use = vec![InUse::Mounted { mountpoint: "/srv".into() }];
+    let mut system = disk("vda", 10 * GIB);
+    system.in_use = vec![InUse::SystemDisk { detail: "holds /".into() }];
+    let mut lvm = disk("sdd", 10 * GIB);
+    lvm.signatures = vec![Signature { kind: "LVM2_member".into(), ..Default::default() }];
+    let mut lp = disk("loop0", 10 * GIB);
+    lp.transport = "loop".into();
+    let mut holder = disk("sde", 10 * GIB);
+    holder.in_use = vec![InUse::Holder { holder: "dm-0".into() }];
+    let mut tiny = disk("sdf", 100 << 20);
+    tiny.serial = Some("tiny".into());
+    let p = plan(&policy(vec![group("g")]), &inventory(vec![ext4, mounted, system, lvm, lp, holder, tiny]), &ctx());
+    assert!(p.steps.is_empty());
+    let reasons: Vec<String> = p.refused.iter().map(|r| format!("{} {}", r.disk.display(), r.reason)).collect();
+    let expect = [
+        ("/dev/sdb", "not empty: ext4"),
+        ("/dev/sdc", "mounted at /srv"),
+        ("/dev/vda", "system disk"),
+        ("/dev/sdd", "LVM2_member"),
+        ("/dev/loop0", "allow_loop"),
+        ("/dev/sde", "held by dm-0"),
+        ("/dev/sdf", "too small"),
+    ];
+    for (dev, why) in expect {
+        assert!(reasons.iter().any(|r| r.starts_with(dev) && r.contains(why)), "{dev}: {why} not in {reasons:?}");
+    }
+}
+
+#[test]
+fn a_disk_two_groups_select_goes_to_neither() {
+    let p = plan(&policy(vec![group("a"), group("b")]), &inventory(vec![disk("sdb", 10 * GIB)]), &ctx());
+    assert!(p.steps.is_empty());
+    assert!(p.refused[0].reason.contains("several groups (a, b)"));
+}
+
+/// What the inventory would see after the plan was applied.
+fn converged(p: &Plan, mut disks: Vec<Disk>) -> Inventory {
+    let mut paths = std::collections::BTreeMap::new();
+    for gp in &p.groups {
+        for layout in &gp.disks {
+            let Some(d) = disks.iter_mut().find(|d| d.path == layout.disk) else { continue };
+            d.partition_table = Some(PartitionTable { kind: "gpt".into(), uuid: Some(layout.disk_guid.to_string()) });
+            d.partitions = layout
+                .partitions
+                .iter()
+                .map(|part| Partition {
+                    path: part.device.clone(),
+                    number: part.number,
+                    start_bytes: part.start_bytes,
+                    size_bytes: part.size_bytes,
+                    type_id: Some(KVSTRAP_PART_TYPE.to_string()),
+                    part_uuid: Some(part.part_uuid.to_string()),
+                    name: Some(part.name.clone()),
+                    signatures: part
+                        .filesystem
+                        .iter()
+                        .map(|f| Signature {
+                            kind: f.fs_type.as_str().into(),
+                            usage: Some("filesystem".into()),
+                            label: Some(f.label.clone()),
+                            uuid: Some(f.uuid.to_string()),
+                        })
+                        .collect(),
+                    mountpoints: part.filesystem.iter().map(|f| f.mountpoint.clone()).collect(),
+                    ..Default::default()
+                })
+                .collect();
+            d.in_use = d.partitions.iter().flat_map(|p| p.mountpoints.iter()).map(|m| InUse::Mounted { mountpoint: m.clone() }).collect();
+            d.in_use.push(InUse::Busy { detail: "exclusive open failed".into() });
+        }
+        for v in &gp.volumes {
+            let facts = match (&v.owner, v.volume_mode) {
+                (Some(o), VolumeMode::Filesystem) => PathFacts::Directory {
+                    uid: o.uid,
+                    gid: o.gid,
+                    mode: o.mode,
+                    project_id: v.project_id,
+                    quota_bytes: v.project_id.map(|_| v.capacity_bytes),
+                    devno: "8:17".into(),
+                },
+                _ => PathFacts::Symlink { target: v.device.clone() },
+            };
+            paths.insert(v.path.clone(), facts);
+        }
+    }
+    Inventory { disks, paths }
+}
+
+fn mixed_policy() -> (Policy, Vec<Disk>) {
+    let mut shared = group("shared");
+    shared.devices = vec!["/dev/sdb".into()];
+    shared.sizing = VolumeSizing::Size(GIB);
+    let mut sep = group("sep");
+    sep.devices = vec!["/dev/sdc".into()];
+    sep.layout = Layout::Separate;
+    sep.storage_class = "ext".into();
+    sep.sizing = VolumeSizing::Count(3);
+    let mut raw = group("raw");
+    raw.devices = vec!["/dev/sdd".into()];
+    raw.layout = Layout::Separate;
+    raw.storage_class = "raw".into();
+    raw.sizing = VolumeSizing::Count(2);
+    let disks = vec![disk("sdb", 20 * GIB), disk("sdc", 20 * GIB), disk("sdd", 20 * GIB)];
+    (policy(vec![shared, sep, raw]), disks)
+}
+
+#[test]
+fn converged_node_gives_an_empty_plan() {
+    let (pol, disks) = mixed_policy();
+    let first = plan(&pol, &inventory(disks.clone()), &ctx());
+    assert!(!first.steps.is_empty());
+    let again = plan(&pol, &converged(&first, disks), &ctx());
+    assert_eq!(again.steps, vec![], "refused: {:?}", again.refused);
+    assert!(again.refused.is_empty());
+    assert_eq!(again.groups, first.groups, "adopted disks publish the same volumes");
+}
+
+#[test]
+fn adoption_finishes_an_interrupted_run_without_formatting_twice() {
+    let (pol, disks) = mixed_policy();
+    let first = plan(&pol, &inventory(disks.clone()), &ctx());
+    let mut inv = converged(&first, disks);
+    // The run died after the GPT of sdc was written, before its second and third mkfs.
+    let sdc = inv.disks.iter_mut().find(|d| d.name == "sdc").expect("sdc");
+    for p in sdc.partitions.iter_mut().skip(1) {
+        p.signatures.clear();
+        p.mountpoints.clear();
+    }
+    inv.paths.retain(|path, _| !path.to_string_lossy().contains("/sep/"));
+    let again = plan(&pol, &inv, &ctx());
+    let actions: Vec<(&str, String)> =
+        again.steps.iter().map(|s| (s.action(), s.disk().display().to_string())).collect();
+    assert_eq!(count(&again, "write_partition_table"), 0);
+    assert_eq!(count(&again, "make_filesystem"), 2, "{actions:?}");
+    assert!(again.steps.iter().all(|s| s.disk() == &PathBuf::from("/dev/sdc")), "{actions:?}");
+}
+
+#[test]
+fn a_foreign_filesystem_on_our_partition_is_never_formatted() {
+    let (pol, disks) = mixed_policy();
+    let first = plan(&pol, &inventory(disks.clone()), &ctx());
+    let mut inv = converged(&first, disks);
+    let sdc = inv.disks.iter_mut().find(|d| d.name == "sdc").expect("sdc");
+    sdc.partitions[1].signatures[0].uuid = Some("11111111-2222-3333-4444-555555555555".into());
+    sdc.partitions[1].mountpoints.clear();
+    let again = plan(&pol, &inv, &ctx());
+    assert_eq!(count(&again, "make_filesystem"), 0);
+    assert!(again.refused.iter().any(|r| r.reason.contains("left alone because it may hold data")));
+}
+
+#[test]
+fn a_kvstrap_disk_with_another_layout_is_refused_not_repartitioned() {
+    let (pol, disks) = mixed_policy();
+    let first = plan(&pol, &inventory(disks.clone()), &ctx());
+    let mut inv = converged(&first, disks);
+    let sdc = inv.disks.iter_mut().find(|d| d.name == "sdc").expect("sdc");
+    sdc.partitions.pop();
+    let again = plan(&pol, &inv, &ctx());
+    assert_eq!(count(&again, "write_partition_table"), 0);
+    assert!(again.refused.iter().any(|r| r.disk.as_path() == std::path::Path::new("/dev/sdc") && r.reason.contains("different layout")));
+}
+
+#[test]
+fn ownership_drift_and_missing_quota_are_repaired() {
+    let (pol, disks) = mixed_policy();
+    let first = plan(&pol, &inventory(disks.clone()), &ctx());
+    let mut inv = converged(&first, disks);
+    let v = first.groups[0].volumes[0].path.clone();
+    inv.paths.insert(
+        v.clone(),
+        PathFacts::Directory { uid: 0, gid: 0, mode: 0o755, project_id: None, quota_bytes: None, devno: "8:17".into() },
+    );
+    let again = plan(&pol, &inv, &ctx());
+    let actions: Vec<&str> = again.steps.iter().map(Step::action).collect();
+    assert_eq!(actions, vec!["set_ownership", "set_quota"]);
+}
+
+#[test]
+fn wipe_force_wipes_a_foreign_disk_first() {
+    let mut g = group("g");
+    g.wipe = Wipe::Force;
+    g.matcher.serial = Some("SER-sdb".into());
+    let mut d = disk("sdb", 10 * GIB);
+    d.signatures = vec![Signature { kind: "xfs".into(), ..Default::default() }];
+    let p = plan(&policy(vec![g]), &inventory(vec![d]), &ctx());
+    let actions: Vec<&str> = p.steps.iter().map(Step::action).take(2).collect();
+    assert_eq!(actions, vec!["wipe_disk", "write_partition_table"]);
+    assert!(matches!(&p.steps[0], Step::WipeDisk { signatures, .. } if signatures == &vec!["xfs".to_string()]));
+}
+
+#[test]
+fn wipe_force_never_touches_a_disk_in_use() {
+    let mut g = group("g");
+    g.wipe = Wipe::Force;
+    let mut d = disk("sdb", 10 * GIB);
+    d.signatures = vec![Signature { kind: "xfs".into(), ..Default::default() }];
+    d.in_use = vec![InUse::Mounted { mountpoint: "/data".into() }];
+    let p = plan(&policy(vec![g]), &inventory(vec![d]), &ctx());
+    assert!(p.steps.is_empty());
+}
+
+#[test]
+fn plans_are_deterministic_and_uuids_come_from_identity() {
+    let (pol, disks) = mixed_policy();
+    let a = serde_json::to_string(&plan(&pol, &inventory(disks.clone()), &ctx())).expect("json");
+    let b = serde_json::to_string(&plan(&pol, &inventory(disks.clone()), &ctx())).expect("json");
+    assert_eq!(a, b);
+    // Same disk (same serial) under another kernel name: same UUIDs.
+    let mut renamed = disks.clone();
+    renamed[0].path = "/dev/sdz".into();
+    let mut pol2 = pol.clone();
+    pol2.disk_groups[0].devices = vec!["/dev/sdz".into()];
+    let p1 = plan(&pol, &inventory(disks), &ctx());
+    let p2 = plan(&pol2, &inventory(renamed), &ctx());
+    assert_eq!(p1.groups[0].disks[0].disk_guid, p2.groups[0].disks[0].disk_guid);
+    assert_eq!(p1.groups[0].disks[0].partitions[0].part_uuid, p2.groups[0].disks[0].partitions[0].part_uuid);
+}
+
+#[test]
+fn plan_json_has_a_steps_list() {
+    let (pol, disks) = mixed_policy();
+    let p = plan(&pol, &inventory(disks), &ctx());
+    let json = serde_json::to_value(&p).expect("json");
+    assert!(json["steps"].as_array().is_some_and(|s| !s.is_empty()));
+    assert!(json["steps"][0]["action"].is_string());
+    assert!(render::plan_text(&p).contains("Totals: raw"));
+}
