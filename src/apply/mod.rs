@@ -1,1 +1,185 @@
-//! apply
+//! The executor: runs a plan step by step, disks in parallel, each step re-checked against
+//! the machine right before it acts, and reports what every step changed. It never
+//! chooses what to do: that was the planner's job.
+
+pub mod cli;
+pub mod effects;
+pub mod host_effects;
+
+use crate::host::Outcome;
+use crate::model::{Plan, Step};
+use crate::plan::render::describe;
+use effects::Effects;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// At most this many disks are worked on at once: enough to keep every disk busy on a
+/// 60-disk node without starving the machine of memory and file descriptors.
+pub const MAX_PARALLEL_DISKS: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Host(#[from] crate::host::Error),
+    #[error("refusing {step}: {why}")]
+    Refused { step: String, why: String },
+}
+
+/// What happened to one step.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum StepResult {
+    Unchanged,
+    Changed { what: String },
+    Failed { error: String },
+    /// Not run because an earlier step of the same disk failed or a stop was requested.
+    Skipped,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepReport {
+    pub action: &'static str,
+    pub disk: PathBuf,
+    pub description: String,
+    #[serde(flatten)]
+    pub result: StepResult,
+    pub millis: u64,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ApplyReport {
+    pub steps: Vec<StepReport>,
+}
+
+impl ApplyReport {
+    pub fn failed(&self) -> usize {
+        self.steps.iter().filter(|s| matches!(s.result, StepResult::Failed { .. })).count()
+    }
+    pub fn changed(&self) -> usize {
+        self.steps.iter().filter(|s| matches!(s.result, StepResult::Changed { .. })).count()
+    }
+}
+
+/// Called after every step, for progress displays.
+pub type Progress<'a> = &'a (dyn Fn(usize, usize, &StepReport) + Sync);
+
+/// Run the plan's steps. Steps of one disk run in order; disks run in parallel.
+/// When `stop` becomes true, the step in flight finishes and nothing new starts.
+pub fn execute(plan: &Plan, effects: &dyn Effects, stop: &AtomicBool, progress: Progress) -> ApplyReport {
+    let queues = per_disk(&plan.steps);
+    let total = plan.steps.len();
+    let done = AtomicUsize::new(0);
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<(usize, StepReport)>> = Mutex::new(Vec::with_capacity(total));
+    let workers = queues.len().clamp(1, MAX_PARALLEL_DISKS);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(queue) = queues.get(i) else { break };
+                run_queue(queue, effects, stop, &|index, report| {
+                    let n = done.fetch_add(1, Ordering::SeqCst) + 1;
+                    progress(n, total, &report);
+                    if let Ok(mut r) = results.lock() {
+                        r.push((index, report));
+                    }
+                });
+            });
+        }
+    });
+    let mut steps = results.into_inner().unwrap_or_default();
+    steps.sort_by_key(|(i, _)| *i);
+    ApplyReport { steps: steps.into_iter().map(|(_, r)| r).collect() }
+}
+
+/// Steps grouped by disk, keeping plan order, each with its index in the plan.
+fn per_disk(steps: &[Step]) -> Vec<Vec<(usize, &Step)>> {
+    let mut queues: Vec<Vec<(usize, &Step)>> = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        match queues.iter_mut().find(|q| q.first().is_some_and(|(_, s)| s.disk() == step.disk())) {
+            Some(q) => q.push((i, step)),
+            None => queues.push(vec![(i, step)]),
+        }
+    }
+    queues
+}
+
+fn run_queue(queue: &[(usize, &Step)], effects: &dyn Effects, stop: &AtomicBool, record: &dyn Fn(usize, StepReport)) {
+    let mut blocked = false;
+    for &(index, step) in queue {
+        let started = Instant::now();
+        let result = if blocked || stop.load(Ordering::SeqCst) {
+            StepResult::Skipped
+        } else {
+            match run_step(step, effects) {
+                Ok(Outcome::Unchanged) => StepResult::Unchanged,
+                Ok(Outcome::Changed(what)) => StepResult::Changed { what },
+                Err(e) => {
+                    blocked = true;
+                    StepResult::Failed { error: error_chain(&e) }
+                }
+            }
+        };
+        let report = StepReport {
+            action: step.action(),
+            disk: step.disk().clone(),
+            description: describe(step),
+            result,
+            millis: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        };
+        log_step(&report, started.elapsed());
+        record(index, report);
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+fn log_step(r: &StepReport, took: Duration) {
+    let disk = r.disk.display().to_string();
+    match &r.result {
+        StepResult::Failed { error } => {
+            tracing::error!(step = r.action, disk, took_ms = r.millis, "{} failed after {took:.2?}: {error}", r.description)
+        }
+        StepResult::Skipped => tracing::warn!(step = r.action, disk, "{} skipped", r.description),
+        StepResult::Changed { .. } => tracing::info!(step = r.action, disk, took_ms = r.millis, "{} done in {took:.2?}", r.description),
+        StepResult::Unchanged => {
+            tracing::info!(step = r.action, disk, took_ms = r.millis, "{} already done ({took:.2?})", r.description)
+        }
+    }
+}
+
+fn run_step(step: &Step, fx: &dyn Effects) -> Result<Outcome, ApplyError> {
+    match step {
+        Step::WipeDisk { disk, identity, .. } => fx.wipe_disk(disk, identity),
+        Step::WritePartitionTable { layout, .. } => fx.write_partition_table(layout),
+        Step::AddPartitionNodes { disk, .. } => fx.sync_partitions(disk),
+        Step::MakeFilesystem { device, fs_type, uuid, label, project_quota, .. } => {
+            fx.make_filesystem(device, *fs_type, uuid, label, *project_quota)
+        }
+        Step::Mount { device, fs_uuid, fs_type, mountpoint, options, .. } => {
+            fx.mount(device, fs_uuid, *fs_type, mountpoint, options)
+        }
+        Step::CreateDirectory { path, owner, .. } | Step::SetOwnership { path, owner, .. } => {
+            fx.directory(path, owner)
+        }
+        Step::SetQuota { path, mountpoint, project_id, bytes, .. } => fx.quota(path, mountpoint, *project_id, *bytes),
+        Step::LinkBlockDevice { link, target, part_uuid, .. } => fx.link_block_device(link, target, part_uuid),
+    }
+}
+
+#[cfg(test)]
+mod tests;

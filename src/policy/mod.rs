@@ -33,3 +33,12 @@ pub fn load(_source: Option<&Path>) -> Result<Policy, PolicyError> {
 pub fn load_str(_file: &Path, _text: &str) -> Result<Policy, PolicyError> {
     todo!("policy::load_str")
 }
+
+/// Placeholder until the policy branch lands.
+pub const DEMO_POLICY: &str = "";
+
+impl std::fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}: error: {}", self.file.display(), self.line, self.column, self.message)
+    }
+}

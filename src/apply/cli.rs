@@ -1,0 +1,183 @@
+//! `kvstrap apply`, `status` and `volumes`: lock, observe, plan, execute, record.
+
+use super::{execute, ApplyReport, StepResult};
+use crate::cli::args::{ApplyArgs, GlobalArgs, OutputFormat};
+use crate::cli::{load_policy, plan_context, print_json, scan};
+use crate::model::{Plan, VolumeMode};
+use crate::plan::capacity::human;
+use crate::state::{self, State};
+use anyhow::{Context, Result};
+use serde_json::json;
+use std::io::IsTerminal;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub fn apply(g: &GlobalArgs, a: &ApplyArgs) -> Result<i32> {
+    let policy = load_policy(g)?;
+    let effects = super::host_effects::HostEffects::new(&g.state_dir).context("cannot start the executor")?;
+    let _lock = state::lock(&state::lock_path(), Duration::from_secs(a.lock_timeout))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        // The step in flight always finishes: a GPT write or mkfs is never abandoned.
+        signal_hook::flag::register(signal, Arc::clone(&stop)).context("cannot install signal handlers")?;
+    }
+    let inventory = scan(g, Some(&policy))?;
+    let plan = crate::plan::plan(&policy, &inventory, &plan_context(g));
+    for r in &plan.refused {
+        tracing::warn!(disk = %r.disk.display(), "left alone: {}", r.reason);
+    }
+    let report = if plan.steps.is_empty() {
+        ApplyReport::default()
+    } else {
+        let tty = std::io::stderr().is_terminal();
+        execute(&plan, &effects, &stop, &|n, total, step| {
+            if tty {
+                eprint!("\r\x1b[2K[{n}/{total}] {}", step.description);
+                if n == total {
+                    eprintln!();
+                }
+            }
+        })
+    };
+    let result = if report.failed() > 0 { format!("failed: {} step(s)", report.failed()) } else { "success".into() };
+    record_state(g, &plan, &report, &result)?;
+    print_report(g, &plan, &report);
+    Ok(if report.failed() > 0 { crate::cli::EXIT_FAILURE } else { 0 })
+}
+
+fn record_state(g: &GlobalArgs, plan: &Plan, report: &ApplyReport, result: &str) -> Result<()> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+    let st = State {
+        version: state::STATE_VERSION,
+        last_apply_unix: Some(now),
+        last_result: Some(result.to_string()),
+        steps_run: report.steps.iter().filter(|s| s.result != StepResult::Skipped).count(),
+        steps_changed: report.changed(),
+        disks: plan.groups.iter().map(|g| g.disks.len()).sum(),
+        volumes: plan.volumes().count(),
+        refused: plan.refused.len(),
+        in_flight: None,
+    };
+    state::save(&g.state_dir, &st).context("cannot record the apply in the state directory")
+}
+
+fn print_report(g: &GlobalArgs, plan: &Plan, report: &ApplyReport) {
+    match g.output {
+        OutputFormat::Json => print_json(&json!({
+            "steps": report.steps,
+            "changed": report.changed(),
+            "failed": report.failed(),
+            "refused": plan.refused,
+        })),
+        OutputFormat::Human => {
+            if report.steps.is_empty() {
+                println!("Nothing to do: the node matches the policy.");
+            }
+            for s in &report.steps {
+                if let StepResult::Failed { error } = &s.result {
+                    println!("FAILED {}: {error}", s.description);
+                }
+            }
+            println!(
+                "{} step(s): {} changed, {} failed; {} disk(s), {} volume(s) ({}); {} disk(s) left alone",
+                report.steps.len(),
+                report.changed(),
+                report.failed(),
+                plan.groups.iter().map(|g| g.disks.len()).sum::<usize>(),
+                plan.volumes().count(),
+                human(plan.totals.published_bytes),
+                plan.refused.len()
+            );
+        }
+    }
+}
+
+pub fn status(g: &GlobalArgs) -> Result<i32> {
+    let st = state::load(&g.state_dir)?;
+    match g.output {
+        OutputFormat::Json => print_json(&json!({ "state": st })),
+        OutputFormat::Human => match st {
+            None => println!("kvstrap has not applied a policy on this node yet ({} has no state).", g.state_dir.display()),
+            Some(s) => println!(
+                "last apply: {} ({}), {} disk(s), {} volume(s), {} step(s) changed, {} disk(s) left alone",
+                s.last_result.as_deref().unwrap_or("unknown"),
+                s.last_apply_unix.map(|t| format!("{t} s after the epoch")).unwrap_or_default(),
+                s.disks,
+                s.volumes,
+                s.steps_changed,
+                s.refused
+            ),
+        },
+    }
+    Ok(0)
+}
+
+/// One provided volume, as `kvstrap volumes` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VolumeRow {
+    pub name: String,
+    pub path: std::path::PathBuf,
+    pub capacity_bytes: u64,
+    pub volume_mode: VolumeMode,
+    pub storage_class: String,
+    pub group: String,
+    pub disk: std::path::PathBuf,
+    pub device: std::path::PathBuf,
+    /// `ready` when provisioned, `pending` while apply still has steps for it.
+    pub state: &'static str,
+}
+
+/// Volumes of the plan with their state; a volume is ready when no step touches it.
+pub fn volume_rows(plan: &Plan) -> Vec<VolumeRow> {
+    plan.volumes()
+        .map(|v| {
+            let pending = plan.steps.iter().any(|s| match s {
+                crate::model::Step::CreateDirectory { path, .. }
+                | crate::model::Step::SetOwnership { path, .. }
+                | crate::model::Step::SetQuota { path, .. } => *path == v.path,
+                crate::model::Step::LinkBlockDevice { link, .. } => *link == v.path,
+                crate::model::Step::MakeFilesystem { device, .. } | crate::model::Step::Mount { device, .. } => *device == v.device,
+                crate::model::Step::WritePartitionTable { disk, .. } | crate::model::Step::WipeDisk { disk, .. } => *disk == v.disk,
+                crate::model::Step::AddPartitionNodes { disk, .. } => *disk == v.disk,
+            });
+            VolumeRow {
+                name: v.name.clone(),
+                path: v.path.clone(),
+                capacity_bytes: v.capacity_bytes,
+                volume_mode: v.volume_mode,
+                storage_class: v.storage_class.clone(),
+                group: v.group.clone(),
+                disk: v.disk.clone(),
+                device: v.device.clone(),
+                state: if pending { "pending" } else { "ready" },
+            }
+        })
+        .collect()
+}
+
+pub fn volumes(g: &GlobalArgs) -> Result<i32> {
+    let policy = load_policy(g)?;
+    let inventory = scan(g, Some(&policy))?;
+    let plan = crate::plan::plan(&policy, &inventory, &plan_context(g));
+    let rows = volume_rows(&plan);
+    match g.output {
+        OutputFormat::Json => print_json(&json!({ "volumes": rows })),
+        OutputFormat::Human => {
+            println!("{:<28} {:>10} {:<10} {:<24} {:<8} {}", "NAME", "CAPACITY", "MODE", "STORAGECLASS", "STATE", "PATH");
+            for r in &rows {
+                println!(
+                    "{:<28} {:>10} {:<10} {:<24} {:<8} {}",
+                    r.name,
+                    human(r.capacity_bytes),
+                    format!("{:?}", r.volume_mode),
+                    r.storage_class,
+                    r.state,
+                    r.path.display()
+                );
+            }
+            println!("{} volume(s), {}", rows.len(), human(rows.iter().map(|r| r.capacity_bytes).sum()));
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,35 @@
+//! The effects the executor needs, behind one small interface: the real implementation
+//! calls `crate::host`; tests substitute a recorder.
+
+use super::ApplyError;
+use crate::host::Outcome;
+use crate::model::{DiskLayout, FsType, Owner};
+use std::path::Path;
+
+pub trait Effects: Sync {
+    /// Destroy every signature on a disk named by serial/WWN with wipe = "force".
+    fn wipe_disk(&self, disk: &Path, identity: &str) -> Result<Outcome, ApplyError>;
+    /// Re-check the disk is still blank, write the GPT, and create the partition nodes.
+    fn write_partition_table(&self, layout: &DiskLayout) -> Result<Outcome, ApplyError>;
+    fn sync_partitions(&self, disk: &Path) -> Result<Outcome, ApplyError>;
+    fn make_filesystem(
+        &self,
+        device: &Path,
+        fs_type: FsType,
+        uuid: &uuid::Uuid,
+        label: &str,
+        project_quota: bool,
+    ) -> Result<Outcome, ApplyError>;
+    fn mount(
+        &self,
+        device: &Path,
+        fs_uuid: &uuid::Uuid,
+        fs_type: FsType,
+        mountpoint: &Path,
+        options: &[String],
+    ) -> Result<Outcome, ApplyError>;
+    /// Create the directory if missing and make owner/mode match.
+    fn directory(&self, path: &Path, owner: &Owner) -> Result<Outcome, ApplyError>;
+    fn quota(&self, path: &Path, mountpoint: &Path, project_id: u32, bytes: u64) -> Result<Outcome, ApplyError>;
+    fn link_block_device(&self, link: &Path, target: &Path, part_uuid: &uuid::Uuid) -> Result<Outcome, ApplyError>;
+}

@@ -1,0 +1,162 @@
+//! Executor tests with recorded effects: ordering per disk, failure isolation, stop.
+
+use super::*;
+use crate::model::{DiskLayout, FsType, Owner, Totals};
+use std::path::Path;
+
+#[derive(Default)]
+struct Recorder {
+    calls: Mutex<Vec<String>>,
+    fail_on: Option<String>,
+}
+
+impl Recorder {
+    fn call(&self, what: String) -> Result<Outcome, ApplyError> {
+        if let Ok(mut c) = self.calls.lock() {
+            c.push(what.clone());
+        }
+        if self.fail_on.as_deref() == Some(what.as_str()) {
+            return Err(ApplyError::Refused { step: what, why: "injected".into() });
+        }
+        Ok(Outcome::Changed(what))
+    }
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+}
+
+impl Effects for Recorder {
+    fn wipe_disk(&self, disk: &Path, _: &str) -> Result<Outcome, ApplyError> {
+        self.call(format!("wipe {}", disk.display()))
+    }
+    fn write_partition_table(&self, layout: &DiskLayout) -> Result<Outcome, ApplyError> {
+        self.call(format!("gpt {}", layout.disk.display()))
+    }
+    fn sync_partitions(&self, disk: &Path) -> Result<Outcome, ApplyError> {
+        self.call(format!("sync {}", disk.display()))
+    }
+    fn make_filesystem(&self, device: &Path, _: FsType, _: &uuid::Uuid, _: &str, _: bool) -> Result<Outcome, ApplyError> {
+        self.call(format!("mkfs {}", device.display()))
+    }
+    fn mount(&self, device: &Path, _: &uuid::Uuid, _: FsType, _: &Path, _: &[String]) -> Result<Outcome, ApplyError> {
+        self.call(format!("mount {}", device.display()))
+    }
+    fn directory(&self, path: &Path, _: &Owner) -> Result<Outcome, ApplyError> {
+        self.call(format!("dir {}", path.display()))
+    }
+    fn quota(&self, path: &Path, _: &Path, _: u32, _: u64) -> Result<Outcome, ApplyError> {
+        self.call(format!("quota {}", path.display()))
+    }
+    fn link_block_device(&self, link: &Path, _: &Path, _: &uuid::Uuid) -> Result<Outcome, ApplyError> {
+        self.call(format!("link {}", link.display()))
+    }
+}
+
+fn steps_for(disk: &str) -> Vec<Step> {
+    let layout = DiskLayout {
+        disk: disk.into(),
+        identity: format!("path:{disk}"),
+        group: "g".into(),
+        disk_guid: uuid::Uuid::nil(),
+        size_bytes: 1 << 30,
+        logical_sector_size: 512,
+        partitions: vec![],
+    };
+    let part = PathBuf::from(format!("{disk}p1"));
+    vec![
+        Step::WritePartitionTable { disk: disk.into(), layout, reason: String::new() },
+        Step::MakeFilesystem {
+            disk: disk.into(),
+            device: part.clone(),
+            fs_type: FsType::Xfs,
+            uuid: uuid::Uuid::nil(),
+            label: "kvs-00000000".into(),
+            project_quota: true,
+            reason: String::new(),
+        },
+        Step::Mount {
+            disk: disk.into(),
+            device: part,
+            fs_uuid: uuid::Uuid::nil(),
+            fs_type: FsType::Xfs,
+            mountpoint: format!("/mnt{disk}").into(),
+            options: vec![],
+            reason: String::new(),
+        },
+        Step::CreateDirectory {
+            disk: disk.into(),
+            path: format!("/mnt{disk}/v1").into(),
+            owner: Owner { uid: 107, gid: 107, mode: 0o750 },
+            reason: String::new(),
+        },
+    ]
+}
+
+fn plan_of(disks: &[&str]) -> Plan {
+    // Interleave the disks' steps, as a planner could, to prove grouping keeps order.
+    let per: Vec<Vec<Step>> = disks.iter().map(|d| steps_for(d)).collect();
+    let mut steps = Vec::new();
+    for i in 0..4 {
+        for s in &per {
+            steps.push(s[i].clone());
+        }
+    }
+    Plan {
+        node: "n".into(),
+        storage_root: "/mnt".into(),
+        groups: vec![],
+        refused: vec![],
+        steps,
+        totals: Totals::default(),
+    }
+}
+
+#[test]
+fn steps_of_one_disk_run_in_plan_order_and_reports_keep_plan_order() {
+    let fx = Recorder::default();
+    let plan = plan_of(&["/dev/a", "/dev/b", "/dev/c"]);
+    let report = execute(&plan, &fx, &AtomicBool::new(false), &|_, _, _| {});
+    assert_eq!(report.steps.len(), 12);
+    assert_eq!(report.changed(), 12);
+    let calls = fx.calls();
+    for disk in ["/dev/a", "/dev/b", "/dev/c"] {
+        let mine: Vec<&String> = calls.iter().filter(|c| c.contains(disk)).collect();
+        assert!(mine[0].starts_with("gpt") && mine[1].starts_with("mkfs") && mine[3].starts_with("dir"), "{mine:?}");
+    }
+    let order: Vec<&str> = report.steps.iter().map(|s| s.action).collect();
+    assert_eq!(&order[..3], &["write_partition_table"; 3]);
+}
+
+#[test]
+fn a_failure_stops_its_disk_only() {
+    let fx = Recorder { fail_on: Some("mkfs /dev/bp1".into()), ..Recorder::default() };
+    let plan = plan_of(&["/dev/a", "/dev/b"]);
+    let report = execute(&plan, &fx, &AtomicBool::new(false), &|_, _, _| {});
+    assert_eq!(report.failed(), 1);
+    let b: Vec<&StepResult> = report.steps.iter().filter(|s| s.disk == Path::new("/dev/b")).map(|s| &s.result).collect();
+    assert!(matches!(b[1], StepResult::Failed { error } if error.contains("injected")));
+    assert_eq!(b[2], &StepResult::Skipped);
+    assert_eq!(b[3], &StepResult::Skipped);
+    assert_eq!(report.steps.iter().filter(|s| s.disk == Path::new("/dev/a")).filter(|s| s.result != StepResult::Skipped).count(), 4);
+}
+
+#[test]
+fn a_stop_request_runs_nothing_new() {
+    let fx = Recorder::default();
+    let plan = plan_of(&["/dev/a"]);
+    let report = execute(&plan, &fx, &AtomicBool::new(true), &|_, _, _| {});
+    assert!(fx.calls().is_empty());
+    assert!(report.steps.iter().all(|s| s.result == StepResult::Skipped));
+}
+
+#[test]
+fn progress_counts_every_step() {
+    let fx = Recorder::default();
+    let plan = plan_of(&["/dev/a", "/dev/b"]);
+    let seen = AtomicUsize::new(0);
+    execute(&plan, &fx, &AtomicBool::new(false), &|n, total, _| {
+        assert_eq!(total, 8);
+        seen.fetch_max(n, Ordering::SeqCst);
+    });
+    assert_eq!(seen.load(Ordering::SeqCst), 8);
+}

@@ -1,0 +1,75 @@
+//! `kvstrap disks` as a table, in the spirit of lsblk: one line per disk, its partitions
+//! indented below, and the verdict with its reason.
+
+use crate::model::{Disk, Signature, Verdict};
+use crate::plan::capacity::human;
+use std::fmt::Write;
+
+pub fn render(rows: &[(&Disk, Option<String>, Verdict)]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {}",
+        "NAME", "SIZE", "TRAN", "ROT", "MODEL", "SERIAL", "CONTENT", "VERDICT"
+    );
+    for (disk, group, verdict) in rows {
+        let disk_content = content(disk.partition_table.as_ref().map(|t| t.kind.as_str()), &disk.signatures);
+        let verdict_text = match (verdict, group) {
+            (Verdict::Free | Verdict::Ours, Some(g)) => format!("eligible ({}) -> group {g}", verdict.reason()),
+            (Verdict::Free | Verdict::Ours, None) => format!("eligible ({})", verdict.reason()),
+            _ => format!("ineligible: {}", verdict.reason()),
+        };
+        let _ = writeln!(
+            out,
+            "{:<16} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {}",
+            disk.path.display(),
+            human(disk.size_bytes),
+            disk.transport,
+            if disk.rotational { "yes" } else { "no" },
+            cut(disk.model.as_deref().unwrap_or("-"), 22),
+            cut(disk.serial.as_deref().or(disk.wwn.as_deref()).unwrap_or("-"), 20),
+            cut(&disk_content, 18),
+            verdict_text
+        );
+        for (i, p) in disk.partitions.iter().enumerate() {
+            let branch = if i + 1 == disk.partitions.len() { "└─" } else { "├─" };
+            let mounts: Vec<String> = p.mountpoints.iter().map(|m| m.display().to_string()).collect();
+            let _ = writeln!(
+                out,
+                "{branch}{:<14} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {}",
+                p.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                human(p.size_bytes),
+                "",
+                "",
+                cut(p.name.as_deref().unwrap_or(""), 22),
+                "",
+                cut(&content(None, &p.signatures), 18),
+                mounts.join(",")
+            );
+        }
+        for m in &disk.mountpoints {
+            let _ = writeln!(out, "  mounted at {}", m.display());
+        }
+    }
+    out
+}
+
+fn content(table: Option<&str>, signatures: &[Signature]) -> String {
+    let mut parts: Vec<String> = table.map(|t| vec![t.to_string()]).unwrap_or_default();
+    parts.extend(signatures.iter().map(|s| s.kind.clone()));
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(",")
+    }
+}
+
+fn cut(s: &str, width: usize) -> String {
+    if s.chars().count() <= width {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(width.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
