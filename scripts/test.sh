@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (.ci/run calls exactly this). Run as root on a
+# fresh Debian 12 machine: it installs what it needs, then runs unit tests, root tests on
+# loop devices it creates, the policy fuzz test, lints, and the packaging checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n=== %s\n' "$*"; }
+
+log "installing build and test dependencies"
+scripts/install-deps.sh
+
+log "building"
+cargo build --locked --all-targets
+
+log "lints"
+cargo clippy --locked --all-targets -- -D warnings
+cargo fmt --check || { echo "run cargo fmt"; exit 1; }
+
+log "example and demo policies validate"
+cargo run --locked --quiet -- --policy config/example.toml validate
+cargo run --locked --quiet -- --policy config/demo.toml validate
+
+log "tests (unit, policy, planner, root tests on loop devices, D-Bus, publisher)"
+if [ "$(id -u)" != 0 ]; then
+    echo "note: not root: tests that need loop devices will skip themselves"
+fi
+# Bounded fuzzing of load+validate rides along in the proptest cases.
+PROPTEST_CASES=${PROPTEST_CASES:-4096} cargo nextest run --locked --no-fail-fast
+
+if [ -x packaging/test-packages ]; then
+    log "packages (deb, rpm, lintian, systemd-analyze verify, install into a fresh root)"
+    packaging/test-packages
+fi
