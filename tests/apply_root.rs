@@ -1,0 +1,356 @@
+//! Root tests of `kvstrap apply` on loop devices the tests create: layouts, idempotency,
+//! foreign disks left byte for byte, quotas, interrupted runs, concurrent appliers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{require_root, LoopDisk};
+use serde_json::Value;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const MIB: u64 = 1 << 20;
+
+/// A policy, state dir and storage root of the test's own.
+struct Node {
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn new(policy_body: &str) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("storage");
+        let text = format!(
+            "[node]\nname = \"test-node\"\nstorage_root = {:?}\n\n{policy_body}",
+            root.display().to_string()
+        );
+        std::fs::write(dir.path().join("policy.toml"), text).unwrap();
+        Node { dir }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("storage")
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn kvstrap(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvstrap"));
+        cmd.arg("--policy").arg(self.dir.path().join("policy.toml")).arg("--state-dir").arg(self.state());
+        cmd.args(args).env("KVSTRAP_LOCK", self.dir.path().join("lock")).env("KVSTRAP_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    }
+
+    fn apply_ok(&self) -> Value {
+        let out = self.kvstrap(&["apply", "-o", "json"], &[]);
+        assert!(out.status.success(), "apply failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn plan(&self) -> Value {
+        let out = self.kvstrap(&["plan", "-o", "json"], &[]);
+        assert!(out.status.success(), "plan failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn volumes(&self) -> Vec<Value> {
+        let out = self.kvstrap(&["volumes", "-o", "json"], &[]);
+        assert!(out.status.success(), "volumes failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["volumes"].as_array().cloned().unwrap()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Unmount everything below this node's storage root, deepest first.
+        let root = self.root();
+        let mut mounts: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(4).map(PathBuf::from))
+            .filter(|m| m.starts_with(&root))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
+        for m in mounts {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+    }
+}
+
+fn group(name: &str, class: &str, layout: &str, disks: &[&LoopDisk], sizing: &str) -> String {
+    let devices: Vec<String> = disks.iter().map(|d| format!("{:?}", d.path.display().to_string())).collect();
+    format!(
+        "[[disk_group]]\nname = {name:?}\nstorage_class = {class:?}\nlayout = {layout:?}\ndevices = [{}]\n{sizing}\nallow_loop = true\n\n",
+        devices.join(", ")
+    )
+}
+
+fn class(name: &str, fs: &str, mode: &str) -> String {
+    format!("[[storage_class]]\nname = {name:?}\nfs_type = {fs:?}\nvolume_mode = {mode:?}\n\n")
+}
+
+fn blkid(dev: &Path, tag: &str) -> String {
+    let out = Command::new("blkid").args(["-p", "-o", "value", "-s", tag]).arg(dev).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn mount_source(mountpoint: &Path) -> Option<String> {
+    std::fs::read_to_string("/proc/self/mountinfo").ok()?.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        (Path::new(pre.split_whitespace().nth(4)?) == mountpoint).then(|| post.split_whitespace().nth(1).map(String::from))?
+    })
+}
+
+fn steps(plan: &Value) -> usize {
+    plan["steps"].as_array().map(Vec::len).unwrap_or(usize::MAX)
+}
+
+#[test]
+fn shared_separate_and_block_layouts_match_the_plan() {
+    if !require_root("shared_separate_and_block_layouts_match_the_plan") {
+        return;
+    }
+    let shared = LoopDisk::new(1024 * MIB);
+    let separate = LoopDisk::new(1024 * MIB);
+    let block = LoopDisk::new(256 * MIB);
+    let node = Node::new(&format!(
+        "{}{}{}{}{}{}",
+        class("fast", "xfs", "Filesystem"),
+        class("ext", "ext4", "Filesystem"),
+        class("raw", "xfs", "Block"),
+        group("shared", "fast", "shared", &[&shared], "volume_count = 4"),
+        group("sep", "ext", "separate", &[&separate], "volume_count = 3"),
+        group("raw", "raw", "separate", &[&block], "volume_count = 2"),
+    ));
+    let report = node.apply_ok();
+    assert_eq!(report["failed"], 0, "{report:#}");
+    let vols = node.volumes();
+    assert_eq!(vols.len(), 9, "{vols:#?}");
+    for v in &vols {
+        assert_eq!(v["state"], "ready", "{v}");
+        let path = PathBuf::from(v["path"].as_str().unwrap());
+        match v["volume_mode"].as_str().unwrap() {
+            "Filesystem" => {
+                let meta = std::fs::metadata(&path).unwrap();
+                assert!(meta.is_dir());
+                assert_eq!((meta.uid(), meta.gid(), meta.permissions().mode() & 0o7777), (107, 107, 0o750), "{}", path.display());
+                // What is published must be storable.
+                let stat = nix::sys::statvfs::statvfs(&path).unwrap();
+                let free = stat.blocks_available() * stat.fragment_size();
+                assert!(v["capacity_bytes"].as_u64().unwrap() <= free, "{v}: only {free} free");
+            }
+            _ => {
+                let target = std::fs::read_link(&path).unwrap();
+                assert!(target.to_string_lossy().starts_with(&block.path.display().to_string()), "{}", target.display());
+                assert!(std::fs::metadata(&path).unwrap().file_type().is_block_device_like());
+            }
+        }
+    }
+    // Shared: one xfs mounted by UUID with prjquota; separate: ext4 per volume.
+    assert_eq!(blkid(&shared.partition(1), "TYPE"), "xfs");
+    assert_eq!(blkid(&separate.partition(3), "TYPE"), "ext4");
+    assert_eq!(blkid(&block.partition(1), "TYPE"), "", "block volumes stay raw");
+    let sep_mounts = vols.iter().filter(|v| v["storage_class"] == "ext").count();
+    assert_eq!(sep_mounts, 3);
+    for v in vols.iter().filter(|v| v["storage_class"] == "ext") {
+        let path = PathBuf::from(v["path"].as_str().unwrap());
+        assert!(mount_source(&path).is_some_and(|s| s.starts_with(&separate.path.display().to_string())), "{}", path.display());
+    }
+}
+
+trait BlockLike {
+    fn is_block_device_like(&self) -> bool;
+}
+impl BlockLike for std::fs::FileType {
+    fn is_block_device_like(&self) -> bool {
+        std::os::unix::fs::FileTypeExt::is_block_device(self)
+    }
+}
+
+#[test]
+fn applying_twice_changes_nothing() {
+    if !require_root("applying_twice_changes_nothing") {
+        return;
+    }
+    let disk = LoopDisk::new(1024 * MIB);
+    let node = Node::new(&format!("{}{}", class("fast", "xfs", "Filesystem"), group("g", "fast", "shared", &[&disk], "volume_count = 2")));
+    node.apply_ok();
+    let ptuuid = blkid(&disk.path, "PTUUID");
+    let fsuuid = blkid(&disk.partition(1), "UUID");
+    let vol = PathBuf::from(node.volumes()[0]["path"].as_str().unwrap().to_string());
+    std::fs::write(vol.join("vm-disk.img"), b"precious").unwrap();
+    assert_eq!(steps(&node.plan()), 0, "second plan must be empty: {:#}", node.plan());
+    let second = node.apply_ok();
+    assert_eq!(second["steps"].as_array().map(Vec::len), Some(0), "{second:#}");
+    assert_eq!(blkid(&disk.path, "PTUUID"), ptuuid);
+    assert_eq!(blkid(&disk.partition(1), "UUID"), fsuuid);
+    assert_eq!(std::fs::read(vol.join("vm-disk.img")).unwrap(), b"precious");
+}
+
+#[test]
+fn directory_volumes_cannot_grow_past_their_quota() {
+    if !require_root("directory_volumes_cannot_grow_past_their_quota") {
+        return;
+    }
+    for fs in ["xfs", "ext4"] {
+        let disk = LoopDisk::new(512 * MIB);
+        let node = Node::new(&format!("{}{}", class("c", fs, "Filesystem"), group("g", "c", "shared", &[&disk], "volume_size = \"32M\"")));
+        node.apply_ok();
+        let vols = node.volumes();
+        assert!(vols.len() >= 2, "{fs}: {vols:?}");
+        let path = PathBuf::from(vols[0]["path"].as_str().unwrap());
+        assert_eq!(vols[0]["capacity_bytes"], 32 * MIB);
+        // qemu writes as uid 107; root could bypass ext4 quotas with CAP_SYS_RESOURCE.
+        let out = Command::new("setpriv")
+            .args(["--reuid=107", "--regid=107", "--clear-groups", "dd", "if=/dev/zero", "bs=1M", "count=64", "conv=fsync"])
+            .arg(format!("of={}", path.join("fill").display()))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{fs}: writing 64 MiB into a 32 MiB volume must fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("quota") || err.contains("No space"), "{fs}: {err}");
+        let written = std::fs::metadata(path.join("fill")).map(|m| m.len()).unwrap_or(0);
+        assert!(written <= 32 * MIB, "{fs}: {written} bytes written");
+    }
+}
+
+/// An md v1.2 superblock with a valid checksum: there is no md driver here to make one.
+fn write_md_superblock(dev: &Path) {
+    let mut sb = vec![0u8; 256 + 2 * 4];
+    let put32 = |sb: &mut Vec<u8>, off: usize, v: u32| sb[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    put32(&mut sb, 0, 0xa92b_4efc); // magic
+    put32(&mut sb, 4, 1); // major version
+    sb[16..32].copy_from_slice(&[0x42; 16]); // set uuid
+    sb[32..38].copy_from_slice(b"test:0");
+    put32(&mut sb, 72, 1); // level raid1
+    put32(&mut sb, 76, 0); // layout
+    sb[80..88].copy_from_slice(&(100_000u64).to_le_bytes()); // size
+    put32(&mut sb, 92, 2); // raid_disks
+    sb[128..136].copy_from_slice(&(2048u64).to_le_bytes()); // data_offset
+    sb[136..144].copy_from_slice(&(100_000u64).to_le_bytes()); // data_size
+    sb[144..152].copy_from_slice(&(8u64).to_le_bytes()); // super_offset (sectors)
+    put32(&mut sb, 220, 2); // max_dev
+    let mut sum: u64 = 0;
+    for chunk in sb.chunks(4) {
+        sum += u64::from(u32::from_le_bytes(chunk.try_into().unwrap()));
+    }
+    let csum = ((sum & 0xffff_ffff) + (sum >> 32)) as u32;
+    put32(&mut sb, 216, csum);
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(dev).unwrap();
+    f.seek(SeekFrom::Start(4096)).unwrap();
+    f.write_all(&sb).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn sha256_of(path: &Path) -> Vec<u8> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h).unwrap();
+    h.finalize().to_vec()
+}
+
+#[test]
+fn foreign_disks_survive_byte_for_byte() {
+    if !require_root("foreign_disks_survive_byte_for_byte") {
+        return;
+    }
+    let run = |prog: &str, args: &[&str], dev: &Path| common::run_on(prog, args, dev);
+    let ext4 = LoopDisk::new(64 * MIB);
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("vm-image.qcow2"), vec![7u8; 1 << 20]).unwrap();
+    run("mkfs.ext4", &["-q", "-F", "-d", data.path().to_str().unwrap()], &ext4.path);
+    let xfs = LoopDisk::new(320 * MIB);
+    run("mkfs.xfs", &["-q", "-f"], &xfs.path);
+    let swap = LoopDisk::new(64 * MIB);
+    run("mkswap", &[], &swap.path);
+    let mbr = LoopDisk::new(64 * MIB);
+    let sfdisk = Command::new("sh").arg("-c").arg(format!("echo 'label: dos\n,32M,83' | sfdisk -q {}", mbr.path.display())).status().unwrap();
+    assert!(sfdisk.success());
+    let gpt = LoopDisk::new(64 * MIB);
+    run("sgdisk", &["-q", "-n", "1:0:+16M", "-n", "2:0:+16M"], &gpt.path);
+    let lvm = LoopDisk::new(64 * MIB);
+    run("pvcreate", &["-q", "-y", "-f"], &lvm.path);
+    let md = LoopDisk::new(64 * MIB);
+    write_md_superblock(&md.path);
+    let luks = LoopDisk::new(64 * MIB);
+    let key = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(key.path(), b"not-a-secret").unwrap();
+    run(
+        "cryptsetup",
+        &["luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", key.path().to_str().unwrap()],
+        &luks.path,
+    );
+    let all = [&ext4, &xfs, &swap, &mbr, &gpt, &lvm, &md, &luks];
+    let expected = ["ext4", "xfs", "swap", "dos", "gpt", "LVM2_member", "linux_raid_member", "crypto_LUKS"];
+    let before: Vec<Vec<u8>> = all.iter().map(|d| sha256_of(&d.backing)).collect();
+    let node = Node::new(&format!("{}{}", class("c", "ext4", "Filesystem"), group("g", "c", "shared", &all, "")));
+    let report = node.apply_ok();
+    assert_eq!(report["changed"], 0, "{report:#}");
+    let refused = report["refused"].as_array().unwrap();
+    for (disk, sig) in all.iter().zip(expected) {
+        let r = refused.iter().find(|r| r["disk"] == disk.path.display().to_string());
+        assert!(r.is_some_and(|r| r["reason"].as_str().unwrap_or("").contains(sig)), "{sig}: {refused:#?}");
+    }
+    // Drop kernel caches of the loop devices so the hash reads what is really there.
+    let after: Vec<Vec<u8>> = all.iter().map(|d| sha256_of(&d.backing)).collect();
+    assert_eq!(before, after, "every foreign disk must be untouched");
+}
+
+#[test]
+fn interrupted_runs_converge_without_formatting_twice() {
+    if !require_root("interrupted_runs_converge_without_formatting_twice") {
+        return;
+    }
+    for failpoint in ["write_partition_table", "make_filesystem", "mount", "create_directory", "set_quota", "link_block_device"] {
+        let fs_disk = LoopDisk::new(640 * MIB);
+        let raw_disk = LoopDisk::new(64 * MIB);
+        let node = Node::new(&format!(
+            "{}{}{}{}",
+            class("c", "xfs", "Filesystem"),
+            class("raw", "xfs", "Block"),
+            group("g", "c", "shared", &[&fs_disk], "volume_count = 2"),
+            group("r", "raw", "separate", &[&raw_disk], "volume_count = 2"),
+        ));
+        let crashed = node.kvstrap(&["apply"], &[("KVSTRAP_FAILPOINT", failpoint)]);
+        assert_eq!(crashed.status.code(), Some(137), "{failpoint}: {}", String::from_utf8_lossy(&crashed.stderr));
+        let formatted_before = blkid(&fs_disk.partition(1), "UUID");
+        let report = node.apply_ok();
+        let mkfs_again = report["steps"].as_array().unwrap().iter().any(|s| s["action"] == "make_filesystem");
+        assert!(!(mkfs_again && !formatted_before.is_empty()), "{failpoint}: formatted twice: {report:#}");
+        assert_eq!(report["failed"], 0, "{failpoint}: {report:#}");
+        assert_eq!(steps(&node.plan()), 0, "{failpoint}: not converged: {:#}", node.plan());
+        assert!(node.volumes().iter().all(|v| v["state"] == "ready"));
+    }
+}
+
+#[test]
+fn two_appliers_at_once_do_not_collide() {
+    if !require_root("two_appliers_at_once_do_not_collide") {
+        return;
+    }
+    let a = LoopDisk::new(512 * MIB);
+    let b = LoopDisk::new(512 * MIB);
+    let node = Node::new(&format!("{}{}", class("c", "xfs", "Filesystem"), group("g", "c", "shared", &[&a, &b], "volume_count = 2")));
+    let spawn = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvstrap"));
+        cmd.arg("--policy").arg(node.dir.path().join("policy.toml")).arg("--state-dir").arg(node.state());
+        cmd.args(["apply", "-o", "json"]).env("KVSTRAP_LOCK", node.dir.path().join("lock"));
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+    };
+    let (first, second) = (spawn(), spawn());
+    let (first, second) = (first.wait_with_output().unwrap(), second.wait_with_output().unwrap());
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+    let changed = |o: &Output| serde_json::from_slice::<Value>(&o.stdout).unwrap()["changed"].as_u64().unwrap();
+    assert!(changed(&first) == 0 || changed(&second) == 0, "the second applier found the work done");
+    assert_eq!(steps(&node.plan()), 0);
+}
