@@ -361,7 +361,7 @@ fn mode(o: &Section, diags: &mut Diags) -> Option<u32> {
     match result {
         Ok(mode) => Some(mode),
         Err(r) => {
-            diags.error(at, format!("mode: {}", r.message), r.hint);
+            diags.error(at, r.message, r.hint);
             None
         }
     }

@@ -101,7 +101,7 @@ pub fn parse_percent(text: &str) -> Result<u32, Refusal> {
         .parse()
         .map_err(|_| refuse(format!("\"{text}\" is not a whole percentage"), hint.clone()))?;
     if value > MAX_RESERVE_PERCENT {
-        return Err(refuse(format!("reserve {value}% is more than {MAX_RESERVE_PERCENT}%"), hint));
+        return Err(refuse(format!("{value}% is more than {MAX_RESERVE_PERCENT}%"), hint));
     }
     Ok(value)
 }

@@ -32,6 +32,7 @@ pub fn validate(tree: &Table, diags: &mut Diags, hostname: &dyn Fn() -> Option<S
     let kubernetes = kubernetes(&root, diags);
     let classes = list(&root, "storage_class", diags, class::parse);
     let groups = list(&root, "disk_group", diags, group::parse);
+    check_class_references(tree, diags);
     check_groups(&classes, &groups, diags);
     let policy = Policy {
         node: node?,
@@ -172,17 +173,42 @@ fn check_groups(classes: &Option<Vec<StorageClass>>, groups: &Option<Vec<group::
     check_overlaps(groups, diags);
 }
 
-fn check_group_class(g: &group::Parsed, classes: &[&StorageClass], diags: &mut Diags) {
-    let Some(class) = classes.iter().find(|c| c.name == g.group.storage_class) else {
-        let names: Vec<&str> = classes.iter().map(|c| c.name.as_str()).collect();
-        let hint = match names::closest(&g.group.storage_class, &names) {
-            Some(n) => format!("did you mean storage_class = \"{n}\"?"),
-            None if names.is_empty() => "define it in a [[storage_class]] section".to_string(),
-            None => format!("define it in a [[storage_class]] section, or use one of: {}", names.join(", ")),
-        };
-        diags.error(g.at.storage_class, format!("disk group \"{}\" uses storage class \"{}\", which is not defined", g.group.name, g.group.storage_class), hint);
-        return;
+/// The string `name`s of the entries of `[[key]]`, valid or not.
+fn raw_names<'t>(tree: &'t Table, key: &str) -> Vec<(&'t Table, &'t str)> {
+    let Some(Entry { node: super::raw::Node { value: Value::Array(items), .. }, .. }) = tree.get(key) else {
+        return Vec::new();
     };
+    items
+        .iter()
+        .filter_map(|item| match &item.value {
+            Value::Table(t) => t.str("name").map(|name| (t, name)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Done on the raw tree, so a reference is checked even when its group or the class
+/// has other problems.
+fn check_class_references(tree: &Table, diags: &mut Diags) {
+    let defined: Vec<&str> = raw_names(tree, "storage_class").into_iter().map(|(_, n)| n).collect();
+    for (group, name) in raw_names(tree, "disk_group") {
+        let Some(entry) = group.get("storage_class") else { continue };
+        let Value::Str(class) = &entry.node.value else { continue };
+        if defined.contains(&class.as_str()) {
+            continue;
+        }
+        let hint = match names::closest(class, &defined) {
+            Some(n) => format!("did you mean storage_class = \"{n}\"?"),
+            None if defined.is_empty() => "define it in a [[storage_class]] section".to_string(),
+            None => format!("define it in a [[storage_class]] section, or use one of: {}", defined.join(", ")),
+        };
+        diags.error(entry.node.at, format!("disk group \"{name}\" uses storage class \"{class}\", which is not defined"), hint);
+    }
+}
+
+fn check_group_class(g: &group::Parsed, classes: &[&StorageClass], diags: &mut Diags) {
+    // Undefined references are reported by check_class_references.
+    let Some(class) = classes.iter().find(|c| c.name == g.group.storage_class) else { return };
     if class.volume_mode == VolumeMode::Block && g.group.layout == Layout::Shared {
         diags.error(
             g.at.layout.unwrap_or(g.at.storage_class),
