@@ -1,10 +1,35 @@
 //! The TOML policy: raw fragments, drop-in merge, validation with file:line:col.
-//! (Owned by the policy work; `types` is the validated result the planner consumes.)
+//! `types` is the validated result the planner consumes.
+//!
+//! Pipeline: [`sources`] finds the files (systemd drop-in rules) -> [`raw`] parses each
+//! into a tree that remembers where every key and value was written -> [`merge`]
+//! combines them in order -> [`validate`] checks everything and builds [`Policy`].
 
+mod class;
+pub mod diag;
+mod fields;
+mod group;
+mod merge;
+pub mod names;
+mod overlap;
+pub mod raw;
+pub mod size;
+pub mod sources;
 pub mod types;
-pub use types::*;
+mod validate;
 
-use std::path::Path;
+pub use types::*;
+pub use validate::DEFAULT_STORAGE_ROOT;
+
+use diag::Diags;
+use std::path::{Path, PathBuf};
+
+/// The loop-device demo policy that `kvstrap demo` applies (its devices are replaced
+/// by a drop-in naming the loop devices the demo created).
+pub const DEMO_POLICY: &str = include_str!("../../config/demo.toml");
+
+/// The fully commented example policy that documents every key.
+pub const EXAMPLE_POLICY: &str = include_str!("../../config/example.toml");
 
 /// Every problem found in a policy, each with its location. Displayed one per line as
 /// `FILE:LINE:COL: error: what\n  hint: what to write instead`.
@@ -14,6 +39,16 @@ pub struct PolicyError {
     pub diagnostics: Vec<Diagnostic>,
 }
 
+impl PolicyError {
+    /// All diagnostics, one per line (with their hint lines), as `kvstrap validate` prints them.
+    pub fn report(&self) -> String {
+        let lines: Vec<String> = self.diagnostics.iter().map(ToString::to_string).collect();
+        lines.join("\n")
+    }
+}
+
+/// One problem. `line` and `column` are 1-based; `line == 0` means the problem
+/// concerns the whole file (missing, unreadable), and Display then prints no position.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Diagnostic {
     pub file: std::path::PathBuf,
@@ -25,20 +60,74 @@ pub struct Diagnostic {
 
 /// Load the policy from a file or a drop-in directory, or (None) from the system
 /// locations merged with systemd's rules.
-pub fn load(_source: Option<&Path>) -> Result<Policy, PolicyError> {
-    todo!("policy::load")
+pub fn load(source: Option<&Path>) -> Result<Policy, PolicyError> {
+    match source {
+        Some(path) => load_path(path),
+        None => load_from_root(Path::new("/")),
+    }
+}
+
+/// Load `path`: a file, or every `*.toml` of a directory in lexical order.
+pub fn load_path(path: &Path) -> Result<Policy, PolicyError> {
+    let mut diags = Diags::default();
+    let files = sources::explicit(path, &mut diags);
+    finish(files, diags)
+}
+
+/// Load from the default locations below `root` (`/` on a real system):
+/// `etc/kvstrap/policy.toml`, then the drop-ins of `usr/lib/kvstrap/policy.d` and
+/// `etc/kvstrap/policy.d` (same name in etc replaces usr/lib; empty or /dev/null masks).
+pub fn load_from_root(root: &Path) -> Result<Policy, PolicyError> {
+    let mut diags = Diags::default();
+    let files = sources::system(root, &mut diags);
+    finish(files, diags)
 }
 
 /// Parse and validate one policy text; `file` is used in diagnostics.
-pub fn load_str(_file: &Path, _text: &str) -> Result<Policy, PolicyError> {
-    todo!("policy::load_str")
+pub fn load_str(file: &Path, text: &str) -> Result<Policy, PolicyError> {
+    load_many(&[(file.to_path_buf(), text.to_string())])
 }
 
-/// Placeholder until the policy branch lands.
-pub const DEMO_POLICY: &str = "";
+/// Parse, merge in the given order, and validate several policy texts.
+pub fn load_many(files: &[(PathBuf, String)]) -> Result<Policy, PolicyError> {
+    finish(files.to_vec(), Diags::default())
+}
 
-impl std::fmt::Display for Diagnostic {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}:{}: error: {}", self.file.display(), self.line, self.column, self.message)
+/// Like [`load_many`], with the hostname (default node name) given instead of read.
+pub fn load_many_with_hostname(files: &[(PathBuf, String)], hostname: Option<&str>) -> Result<Policy, PolicyError> {
+    let hostname = hostname.map(str::to_string);
+    build(files.to_vec(), Diags::default(), &move || hostname.clone())
+}
+
+fn finish(files: Vec<(PathBuf, String)>, diags: Diags) -> Result<Policy, PolicyError> {
+    build(files, diags, &system_hostname)
+}
+
+fn build(files: Vec<(PathBuf, String)>, mut diags: Diags, hostname: &dyn Fn() -> Option<String>) -> Result<Policy, PolicyError> {
+    let mut fragments = Vec::new();
+    for (path, text) in &files {
+        let file = diags.sources.add(path, text);
+        fragments.extend(raw::parse(file, text, &mut diags));
+    }
+    // Syntax errors leave holes; checking the rest would report phantom problems.
+    let policy = if diags.is_empty() {
+        let merged = merge::merge_all(fragments, &mut diags);
+        validate::validate(&merged, &mut diags, hostname)
+    } else {
+        None
+    };
+    match policy {
+        Some(policy) if diags.is_empty() => Ok(policy),
+        _ => Err(PolicyError { diagnostics: diags.into_diagnostics() }),
     }
 }
+
+/// The hostname as kubelet sees it (uname's nodename; before lower-casing).
+fn system_hostname() -> Option<String> {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+}
+

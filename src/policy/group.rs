@@ -1,0 +1,368 @@
+//! `[[disk_group]]`: which disks, how they are laid out, and into how many volumes.
+
+use super::diag::{Diags, Loc};
+use super::fields::{Choice, Located, Section};
+use super::names;
+use super::size;
+use super::types::{DiskGroup, DiskMatch, VolumeSizing, Wipe};
+use crate::model::{Layout, Owner};
+
+pub const KEYS: &[&str] = &[
+    "name",
+    "storage_class",
+    "layout",
+    "devices",
+    "match",
+    "max_disks",
+    "volume_size",
+    "volume_count",
+    "reserve",
+    "owner",
+    "wipe",
+    "allow_loop",
+    "allow_removable",
+];
+const MATCH_KEYS: &[&str] = &["transport", "rotational", "min_size", "max_size", "model", "vendor", "serial", "wwn"];
+const OWNER_KEYS: &[&str] = &["uid", "gid", "mode"];
+
+/// Transports the inventory reports (`kvstrap disks` shows them).
+pub const TRANSPORTS: &[&str] =
+    &["nvme", "sata", "ata", "sas", "scsi", "fc", "iscsi", "virtio", "xen", "usb", "mmc", "loop"];
+
+/// KubeVirt's qemu runs as uid/gid 107.
+pub const DEFAULT_OWNER: Owner = Owner { uid: 107, gid: 107, mode: 0o750 };
+
+const LAYOUT: Choice<'static, Layout> = Choice {
+    key: "layout",
+    allowed: &[("shared", Layout::Shared), ("separate", Layout::Separate)],
+    refused: &[],
+};
+
+const WIPE: Choice<'static, Wipe> = Choice {
+    key: "wipe",
+    allowed: &[("never", Wipe::Never), ("force", Wipe::Force)],
+    refused: &[],
+};
+
+/// A disk group and where its values are written, for the checks across groups.
+pub struct Parsed {
+    pub group: DiskGroup,
+    pub at: GroupLocs,
+}
+
+pub struct GroupLocs {
+    pub name: Loc,
+    pub storage_class: Loc,
+    pub layout: Option<Loc>,
+    pub wipe: Option<Loc>,
+    pub volume_size: Option<Loc>,
+    pub volume_count: Option<Loc>,
+}
+
+pub fn parse(section: &Section, diags: &mut Diags) -> Option<Parsed> {
+    section.check_keys(KEYS, diags);
+    let name = group_name(section, diags);
+    let class = section
+        .required("storage_class", "\"kubevirt-local\"", diags)
+        .and_then(|_| section.string("storage_class", "\"kubevirt-local\"", diags));
+    let layout = optional_choice(section, &LAYOUT, "\"shared\"", Layout::Shared, diags);
+    let devices = devices(section, diags);
+    let matcher = matcher(section, diags);
+    let max_disks = count(section, "max_disks", u32::MAX, diags);
+    let sizing = sizing(section, diags);
+    let reserve = reserve(section, diags);
+    let owner = owner(section, diags);
+    let wipe = optional_choice(section, &WIPE, "\"never\"", Wipe::Never, diags);
+    let allow_loop = flag(section, "allow_loop", diags);
+    let allow_removable = flag(section, "allow_removable", diags);
+
+    let ((name, name_at), (class, class_at)) = (name?, class?);
+    let group = DiskGroup {
+        name: name.to_string(),
+        storage_class: class.to_string(),
+        layout: layout?,
+        devices: devices?,
+        matcher: matcher?,
+        max_disks: max_disks?,
+        sizing: sizing?,
+        reserve_percent: reserve?,
+        owner: owner?,
+        wipe: wipe?,
+        allow_loop: allow_loop?,
+        allow_removable: allow_removable?,
+    };
+    let at = GroupLocs {
+        name: name_at,
+        storage_class: class_at,
+        layout: value_at(section, "layout"),
+        wipe: value_at(section, "wipe"),
+        volume_size: value_at(section, "volume_size"),
+        volume_count: value_at(section, "volume_count"),
+    };
+    Some(Parsed { group, at })
+}
+
+fn value_at(section: &Section, key: &str) -> Option<Loc> {
+    section.entry(key).map(|e| e.node.at)
+}
+
+fn group_name<'t>(section: &Section<'t>, diags: &mut Diags) -> Option<Located<&'t str>> {
+    section.required("name", "\"nvme\"", diags)?;
+    let (name, at) = section.string("name", "\"nvme\"", diags)?;
+    if let Some(problem) = names::label_problem(name) {
+        diags.error(
+            at,
+            format!("disk group name \"{name}\" {problem}; it becomes part of Kubernetes object names and the kvstrap.io/group label"),
+            format!(
+                "use at most {} lower-case letters, digits and '-', like name = \"{}\"",
+                names::LABEL_MAX,
+                names::dns_suggestion(name)
+            ),
+        );
+        return None;
+    }
+    Some((name, at))
+}
+
+/// A word value with a default when the key is absent.
+fn optional_choice<T: Copy>(section: &Section, choice: &Choice<T>, example: &str, default: T, diags: &mut Diags) -> Option<T> {
+    match section.string(choice.key, example, diags) {
+        Some(value) => choice.pick(value, diags),
+        None => section.entry(choice.key).is_none().then_some(default),
+    }
+}
+
+fn flag(section: &Section, key: &str, diags: &mut Diags) -> Option<bool> {
+    match section.boolean(key, diags) {
+        Some((b, _)) => Some(b),
+        None => section.entry(key).is_none().then_some(false),
+    }
+}
+
+/// A positive count up to `max`; absent is Some(None).
+fn count(section: &Section, key: &str, max: u32, diags: &mut Diags) -> Option<Option<u32>> {
+    let Some((value, at)) = section.integer(key, "4", diags) else {
+        return section.entry(key).is_none().then_some(None);
+    };
+    match u32::try_from(value) {
+        Ok(n) if n >= 1 && n <= max => Some(Some(n)),
+        Ok(0) => {
+            diags.error(at, format!("{key} = 0 leaves nothing to use"), format!("write {key} = 1 or more, or remove {key}"));
+            None
+        }
+        _ => {
+            diags.error(at, format!("{key} = {value} is out of range"), format!("write a whole number from 1 to {max}, like {key} = 4"));
+            None
+        }
+    }
+}
+
+fn devices(section: &Section, diags: &mut Diags) -> Option<Vec<String>> {
+    let example = "[\"/dev/disk/by-id/nvme-...\"]";
+    let Some((items, at)) = section.strings("devices", example, diags) else {
+        return section.entry("devices").is_none().then(Vec::new);
+    };
+    if items.is_empty() {
+        diags.error(at, "devices is empty, so the group selects no disk at all", "name disks or globs, like devices = [\"/dev/sdb\"], or remove devices to select by match alone");
+        return None;
+    }
+    let mut ok = true;
+    for (path, at) in &items {
+        ok &= device_ok(path, *at, diags);
+    }
+    ok.then(|| items.iter().map(|(s, _)| s.to_string()).collect())
+}
+
+fn device_ok(path: &str, at: Loc, diags: &mut Diags) -> bool {
+    if !path.starts_with("/dev/") || path.contains("/../") || path.ends_with('/') {
+        diags.error(
+            at,
+            format!("device \"{path}\" is not a device path under /dev"),
+            "write an absolute device path or glob, like \"/dev/nvme0n1\", \"/dev/disk/by-id/wwn-0x5000c500a1b2c3d4\" or \"/dev/loop*\"",
+        );
+        return false;
+    }
+    glob_ok("devices", path, at, diags)
+}
+
+fn glob_ok(key: &str, pattern: &str, at: Loc, diags: &mut Diags) -> bool {
+    if let Err(e) = glob::Pattern::new(pattern) {
+        diags.error(at, format!("{key} pattern \"{pattern}\" is not a valid glob: {}", e.msg), "use * ? and [...] as in the shell, with every [ closed by ]");
+        return false;
+    }
+    true
+}
+
+fn matcher(section: &Section, diags: &mut Diags) -> Option<DiskMatch> {
+    let example = "{ transport = \"nvme\", rotational = false }";
+    let Some(m) = section.table("match", example, diags) else {
+        return section.entry("match").is_none().then(DiskMatch::default);
+    };
+    m.check_keys(MATCH_KEYS, diags);
+    let transport = transport(&m, diags);
+    let rotational = match m.boolean("rotational", diags) {
+        Some((b, _)) => Some(Some(b)),
+        None => m.entry("rotational").is_none().then_some(None),
+    };
+    let min_size = size_key(&m, "min_size", "\"500G\"", diags);
+    let max_size = size_key(&m, "max_size", "\"4T\"", diags);
+    let [model, vendor, serial, wwn] = ["model", "vendor", "serial", "wwn"].map(|k| pattern_key(&m, k, diags));
+    let matcher = DiskMatch {
+        transport: transport?,
+        rotational: rotational?,
+        min_size: min_size?,
+        max_size: max_size?,
+        model: model?,
+        vendor: vendor?,
+        serial: serial?,
+        wwn: wwn?,
+    };
+    sizes_ordered(&m, &matcher, diags).then_some(matcher)
+}
+
+fn transport(m: &Section, diags: &mut Diags) -> Option<Option<String>> {
+    let Some((word, at)) = m.string("transport", "\"nvme\"", diags) else {
+        return m.entry("transport").is_none().then_some(None);
+    };
+    let lower = word.to_ascii_lowercase();
+    if TRANSPORTS.contains(&lower.as_str()) {
+        return Some(Some(lower));
+    }
+    let hint = match names::closest(word, TRANSPORTS) {
+        Some(t) => format!("did you mean transport = \"{t}\"? known: {}", TRANSPORTS.join(", ")),
+        None => format!("write one of {}", TRANSPORTS.join(", ")),
+    };
+    diags.error(at, format!("unknown transport \"{word}\""), hint);
+    None
+}
+
+/// An optional size; absent is Some(None).
+pub fn size_key(section: &Section, key: &str, example: &str, diags: &mut Diags) -> Option<Option<u64>> {
+    let entry = section.entry(key);
+    let Some(entry) = entry else { return Some(None) };
+    let at = entry.node.at;
+    let parsed = match &entry.node.value {
+        super::raw::Value::Str(s) => size::parse_size(s),
+        super::raw::Value::Int { value, .. } => size::size_from_int(*value),
+        _ => return super::fields::wrong_type(entry, "a size string or a number of bytes", example, diags),
+    };
+    match parsed {
+        Ok(bytes) => Some(Some(bytes)),
+        Err(r) => {
+            diags.error(at, format!("{key}: {}", r.message), r.hint);
+            None
+        }
+    }
+}
+
+fn pattern_key(m: &Section, key: &str, diags: &mut Diags) -> Option<Option<String>> {
+    let Some((pattern, at)) = m.string(key, "\"...\"", diags) else {
+        return m.entry(key).is_none().then_some(None);
+    };
+    if pattern.is_empty() {
+        diags.error(at, format!("match.{key} is empty"), format!("write the {key} as `kvstrap disks` shows it, or remove the key"));
+        return None;
+    }
+    glob_ok(key, pattern, at, diags).then(|| Some(pattern.to_string()))
+}
+
+fn sizes_ordered(m: &Section, matcher: &DiskMatch, diags: &mut Diags) -> bool {
+    let (Some(min), Some(max)) = (matcher.min_size, matcher.max_size) else { return true };
+    if min <= max {
+        return true;
+    }
+    let at = m.entry("min_size").map_or(m.at, |e| e.node.at);
+    diags.error(
+        at,
+        format!("min_size ({}) is larger than max_size ({}), so no disk can match", size::human(min), size::human(max)),
+        "swap them, or remove one of the two",
+    );
+    false
+}
+
+/// GPT holds 128 partitions; directory volumes are limited only by common sense.
+pub const MAX_VOLUME_COUNT: u32 = 4096;
+
+fn sizing(section: &Section, diags: &mut Diags) -> Option<VolumeSizing> {
+    let size = size_key(section, "volume_size", "\"100G\"", diags);
+    let count = count(section, "volume_count", MAX_VOLUME_COUNT, diags);
+    match (size?, count?) {
+        (Some(_), Some(_)) => {
+            let at = section.entry("volume_count").map_or(section.at, |e| e.node.at);
+            diags.error(
+                at,
+                "volume_size and volume_count are both set",
+                "keep one: volume_size makes as many volumes of that size as fit, volume_count splits each disk into that many equal volumes",
+            );
+            None
+        }
+        (Some(bytes), None) => Some(VolumeSizing::Size(bytes)),
+        (None, Some(n)) => Some(VolumeSizing::Count(n)),
+        (None, None) => Some(VolumeSizing::OnePerDisk),
+    }
+}
+
+fn reserve(section: &Section, diags: &mut Diags) -> Option<u32> {
+    let Some((text, at)) = section.string("reserve", "\"10%\"", diags) else {
+        return section.entry("reserve").is_none().then_some(0);
+    };
+    match size::parse_percent(text) {
+        Ok(p) => Some(p),
+        Err(r) => {
+            diags.error(at, format!("reserve: {}", r.message), r.hint);
+            None
+        }
+    }
+}
+
+fn owner(section: &Section, diags: &mut Diags) -> Option<Owner> {
+    let example = "{ uid = 107, gid = 107, mode = \"0750\" }";
+    let Some(o) = section.table("owner", example, diags) else {
+        return section.entry("owner").is_none().then_some(DEFAULT_OWNER);
+    };
+    o.check_keys(OWNER_KEYS, diags);
+    let uid = id(&o, "uid", DEFAULT_OWNER.uid, diags);
+    let gid = id(&o, "gid", DEFAULT_OWNER.gid, diags);
+    let mode = mode(&o, diags);
+    Some(Owner { uid: uid?, gid: gid?, mode: mode? })
+}
+
+fn id(o: &Section, key: &str, default: u32, diags: &mut Diags) -> Option<u32> {
+    let Some((value, at)) = o.integer(key, "107", diags) else {
+        return o.entry(key).is_none().then_some(default);
+    };
+    // u32::MAX is (uid_t)-1, which chown reads as "leave unchanged".
+    match u32::try_from(value) {
+        Ok(id) if id < u32::MAX => Some(id),
+        _ => {
+            diags.error(at, format!("{key} = {value} is not a valid user or group id"), format!("write a number from 0 to {}, like {key} = 107", u32::MAX - 1));
+            None
+        }
+    }
+}
+
+fn mode(o: &Section, diags: &mut Diags) -> Option<u32> {
+    let Some(entry) = o.entry("mode") else { return Some(DEFAULT_OWNER.mode) };
+    let at = entry.node.at;
+    let result = match &entry.node.value {
+        super::raw::Value::Str(s) => size::parse_mode(s),
+        super::raw::Value::Int { value, octal: true } => {
+            u32::try_from(*value).ok().filter(|m| *m <= 0o7777).ok_or_else(|| size::Refusal {
+                message: format!("mode 0o{value:o} is not a file mode"),
+                hint: "write the mode as an octal string, like mode = \"0750\"".into(),
+            })
+        }
+        super::raw::Value::Int { value, .. } => Err(size::Refusal {
+            message: format!("mode {value} is a decimal number, not an octal file mode"),
+            hint: "write the mode as an octal string, like mode = \"0750\"".into(),
+        }),
+        _ => return super::fields::wrong_type(entry, "an octal string", "\"0750\"", diags),
+    };
+    match result {
+        Ok(mode) => Some(mode),
+        Err(r) => {
+            diags.error(at, r.message, r.hint);
+            None
+        }
+    }
+}

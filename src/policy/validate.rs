@@ -1,0 +1,298 @@
+//! From the merged tree to the validated [`Policy`]: every section is checked, every
+//! problem reported, and the policy is built only when there is none.
+
+use super::class;
+use super::diag::{Diags, Loc};
+use super::fields::{Located, Section};
+use super::group;
+use super::names;
+use super::overlap;
+use super::raw::{Entry, Table, Value};
+use super::size;
+use super::types::{DiskGroup, KubernetesSettings, NodeSettings, Policy, StorageClass, VolumeSizing, Wipe};
+use crate::model::{FsType, Layout, VolumeMode};
+use std::path::{Component, Path, PathBuf};
+
+const TOP_KEYS: &[&str] = &["node", "kubernetes", "storage_class", "disk_group"];
+const NODE_KEYS: &[&str] = &["name", "storage_root"];
+const KUBERNETES_KEYS: &[&str] = &["publish", "kubeconfig"];
+
+pub const DEFAULT_STORAGE_ROOT: &str = "/var/lib/kvstrap/storage";
+
+/// mkfs.xfs refuses filesystems smaller than this.
+const XFS_MIN_BYTES: u64 = 300 << 20;
+/// A GPT has room for 128 partition entries.
+const GPT_MAX_PARTITIONS: u32 = 128;
+
+/// Validate the merged policy. `hostname` supplies the default node name.
+pub fn validate(tree: &Table, diags: &mut Diags, hostname: &dyn Fn() -> Option<String>) -> Option<Policy> {
+    let root = Section::new(tree, Loc { file: 0, offset: 0 }, "the policy");
+    root.check_keys(TOP_KEYS, diags);
+    let node = node(&root, diags, hostname);
+    let kubernetes = kubernetes(&root, diags);
+    let classes = list(&root, "storage_class", diags, class::parse);
+    let groups = list(&root, "disk_group", diags, group::parse);
+    check_class_references(tree, diags);
+    check_groups(&classes, &groups, diags);
+    let policy = Policy {
+        node: node?,
+        kubernetes: kubernetes?,
+        storage_classes: classes?,
+        disk_groups: groups?.into_iter().map(|g| g.group).collect(),
+        sources: diags.sources.paths(),
+    };
+    diags.is_empty().then_some(policy)
+}
+
+/// A sub-table that may be absent (then it is empty).
+fn section<'t>(root: &Section<'t>, key: &str, diags: &mut Diags) -> Option<Section<'t>> {
+    static EMPTY: Table = Table { entries: Vec::new() };
+    match root.entry(key) {
+        None => Some(Section::new(&EMPTY, root.at, format!("[{key}]"))),
+        Some(Entry { node, key_at, .. }) => match &node.value {
+            Value::Table(t) => Some(Section::new(t, *key_at, format!("[{key}]"))),
+            other => {
+                diags.error(*key_at, format!("\"{key}\" must be a table, found {}", other.kind()), format!("write a [{key}] section"));
+                None
+            }
+        },
+    }
+}
+
+fn node(root: &Section, diags: &mut Diags, hostname: &dyn Fn() -> Option<String>) -> Option<NodeSettings> {
+    let s = section(root, "node", diags)?;
+    s.check_keys(NODE_KEYS, diags);
+    let name = node_name(&s, diags, hostname);
+    let storage_root = match s.string("storage_root", "\"/var/lib/kvstrap/storage\"", diags) {
+        Some(v) => storage_root(v, diags),
+        None => s.entry("storage_root").is_none().then(|| PathBuf::from(DEFAULT_STORAGE_ROOT)),
+    };
+    Some(NodeSettings { name: name?, storage_root: storage_root? })
+}
+
+fn node_name(s: &Section, diags: &mut Diags, hostname: &dyn Fn() -> Option<String>) -> Option<String> {
+    let (name, at, from_host) = match s.string("name", "\"worker-07\"", diags) {
+        Some((name, at)) => (name.to_string(), at, false),
+        None if s.entry("name").is_some() => return None,
+        // kubelet registers the node under the lower-cased hostname.
+        None => (hostname().unwrap_or_default().trim().to_ascii_lowercase(), s.at, true),
+    };
+    let Some(problem) = names::subdomain_problem(&name) else { return Some(name) };
+    let origin = if from_host { "the hostname (the default node name)" } else { "node name" };
+    diags.error(
+        at,
+        format!("{origin} \"{name}\" {problem}; Kubernetes node names are DNS-1123 subdomains"),
+        "write the name kubelet registers the node under, like [node] name = \"worker-07\"",
+    );
+    None
+}
+
+fn storage_root((text, at): Located<&str>, diags: &mut Diags) -> Option<PathBuf> {
+    let path = absolute_path("storage_root", text, at, diags)?;
+    if path == Path::new("/") {
+        diags.error(at, "storage_root is the root directory", format!("write a directory of its own, like storage_root = \"{DEFAULT_STORAGE_ROOT}\""));
+        return None;
+    }
+    for system in ["/dev", "/proc", "/sys", "/run", "/boot", "/etc", "/usr", "/bin", "/sbin", "/lib"] {
+        if path.starts_with(system) {
+            diags.error(at, format!("storage_root \"{text}\" is inside {system}, which belongs to the operating system"), format!("write a directory of its own, like storage_root = \"{DEFAULT_STORAGE_ROOT}\""));
+            return None;
+        }
+    }
+    Some(path)
+}
+
+/// An absolute path without `..`, as mount points and kubeconfig locations must be.
+fn absolute_path(key: &str, text: &str, at: Loc, diags: &mut Diags) -> Option<PathBuf> {
+    let path = PathBuf::from(text);
+    if !path.is_absolute() {
+        diags.error(at, format!("{key} \"{text}\" is not an absolute path"), format!("write a path that starts with /, like {key} = \"/{}\"", text.trim_start_matches("./")));
+        return None;
+    }
+    if path.components().any(|c| c == Component::ParentDir) {
+        diags.error(at, format!("{key} \"{text}\" contains \"..\""), format!("write the path without \"..\", like {key} = \"{DEFAULT_STORAGE_ROOT}\""));
+        return None;
+    }
+    Some(path.components().collect())
+}
+
+fn kubernetes(root: &Section, diags: &mut Diags) -> Option<KubernetesSettings> {
+    let s = section(root, "kubernetes", diags)?;
+    s.check_keys(KUBERNETES_KEYS, diags);
+    let publish = match s.boolean("publish", diags) {
+        Some((b, _)) => Some(b),
+        None => s.entry("publish").is_none().then_some(false),
+    };
+    let kubeconfig = match s.string("kubeconfig", "\"/etc/kubernetes/kubelet.conf\"", diags) {
+        Some((text, at)) => absolute_path("kubeconfig", text, at, diags).map(Some),
+        None => s.entry("kubeconfig").is_none().then_some(None),
+    };
+    Some(KubernetesSettings { publish: publish?, kubeconfig: kubeconfig? })
+}
+
+/// `[[key]]` entries, each parsed by `parse`; None when any of them is wrong.
+fn list<T>(root: &Section, key: &str, diags: &mut Diags, parse: fn(&Section, &mut Diags) -> Option<T>) -> Option<Vec<T>> {
+    let Some(entry) = root.entry(key) else { return Some(Vec::new()) };
+    let Value::Array(items) = &entry.node.value else {
+        diags.error(entry.key_at, format!("\"{key}\" must be an array of tables, found {}", entry.node.value.kind()), format!("write [[{key}]] (two brackets) before each entry"));
+        return None;
+    };
+    let mut out = Vec::new();
+    let mut ok = true;
+    for item in items {
+        let Value::Table(t) = &item.value else {
+            diags.error(item.at, format!("each {key} entry must be a table, found {}", item.value.kind()), format!("write [[{key}]] followed by its keys"));
+            ok = false;
+            continue;
+        };
+        let label = match t.str("name") {
+            Some(name) => format!("{key} \"{name}\""),
+            None => format!("[[{key}]]"),
+        };
+        match parse(&Section::new(t, item.at, label), diags) {
+            Some(parsed) => out.push(parsed),
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+/// Checks that need several sections: references, layouts, sizes, overlaps.
+fn check_groups(classes: &Option<Vec<StorageClass>>, groups: &Option<Vec<group::Parsed>>, diags: &mut Diags) {
+    let Some(groups) = groups else { return };
+    if let Some(classes) = classes {
+        let classes: Vec<&StorageClass> = classes.iter().collect();
+        for g in groups {
+            check_group_class(g, &classes, diags);
+        }
+    }
+    for g in groups {
+        check_wipe(g, diags);
+        check_fit(g, diags);
+    }
+    check_overlaps(groups, diags);
+}
+
+/// The string `name`s of the entries of `[[key]]`, valid or not.
+fn raw_names<'t>(tree: &'t Table, key: &str) -> Vec<(&'t Table, &'t str)> {
+    let Some(Entry { node: super::raw::Node { value: Value::Array(items), .. }, .. }) = tree.get(key) else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| match &item.value {
+            Value::Table(t) => t.str("name").map(|name| (t, name)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Done on the raw tree, so a reference is checked even when its group or the class
+/// has other problems.
+fn check_class_references(tree: &Table, diags: &mut Diags) {
+    let defined: Vec<&str> = raw_names(tree, "storage_class").into_iter().map(|(_, n)| n).collect();
+    for (group, name) in raw_names(tree, "disk_group") {
+        let Some(entry) = group.get("storage_class") else { continue };
+        let Value::Str(class) = &entry.node.value else { continue };
+        if defined.contains(&class.as_str()) {
+            continue;
+        }
+        let hint = match names::closest(class, &defined) {
+            Some(n) => format!("did you mean storage_class = \"{n}\"?"),
+            None if defined.is_empty() => "define it in a [[storage_class]] section".to_string(),
+            None => format!("define it in a [[storage_class]] section, or use one of: {}", defined.join(", ")),
+        };
+        diags.error(entry.node.at, format!("disk group \"{name}\" uses storage class \"{class}\", which is not defined"), hint);
+    }
+}
+
+fn check_group_class(g: &group::Parsed, classes: &[&StorageClass], diags: &mut Diags) {
+    // Undefined references are reported by check_class_references.
+    let Some(class) = classes.iter().find(|c| c.name == g.group.storage_class) else { return };
+    if class.volume_mode == VolumeMode::Block && g.group.layout == Layout::Shared {
+        diags.error(
+            g.at.layout.unwrap_or(g.at.storage_class),
+            format!("disk group \"{}\" has layout \"shared\" (the default) but storage class \"{}\" is Block: raw block volumes cannot live on a shared filesystem", g.group.name, class.name),
+            "write layout = \"separate\" (one raw partition per volume)",
+        );
+    }
+    check_partition_limits(g, class, diags);
+}
+
+fn check_partition_limits(g: &group::Parsed, class: &StorageClass, diags: &mut Diags) {
+    if g.group.layout != Layout::Separate {
+        return;
+    }
+    if let (VolumeSizing::Count(n), Some(at)) = (g.group.sizing, g.at.volume_count) {
+        if n > GPT_MAX_PARTITIONS {
+            diags.error(at, format!("volume_count = {n} needs {n} partitions; a GPT holds at most {GPT_MAX_PARTITIONS}"), format!("write volume_count = {GPT_MAX_PARTITIONS} or less, or use layout = \"shared\""));
+        }
+    }
+    let xfs = class.volume_mode == VolumeMode::Filesystem && class.fs_type == FsType::Xfs;
+    if let (VolumeSizing::Size(bytes), Some(at), true) = (g.group.sizing, g.at.volume_size, xfs) {
+        if bytes < XFS_MIN_BYTES {
+            diags.error(at, format!("volume_size {} is too small for an xfs filesystem of its own (at least 300 MiB)", size::human(bytes)), "write volume_size = \"300Mi\" or more, use fs_type = \"ext4\", or layout = \"shared\"");
+        }
+    }
+}
+
+/// Wiping a disk that holds something needs that disk named by its identity: a glob or
+/// a kernel name could point at another disk tomorrow.
+fn check_wipe(g: &group::Parsed, diags: &mut Diags) {
+    if g.group.wipe != Wipe::Force || names_disks_by_identity(&g.group) {
+        return;
+    }
+    diags.error(
+        g.at.wipe.unwrap_or(g.at.name),
+        format!("disk group \"{}\" has wipe = \"force\" but does not name its disks by serial or WWN", g.group.name),
+        "add match = { serial = \"...\" } or { wwn = \"...\" } (no globs), or list devices as /dev/disk/by-id/wwn-... or by-id names with the serial; otherwise write wipe = \"never\"",
+    );
+}
+
+fn names_disks_by_identity(g: &DiskGroup) -> bool {
+    let literal = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.contains(['*', '?', '[']));
+    if literal(&g.matcher.serial) || literal(&g.matcher.wwn) {
+        return true;
+    }
+    !g.devices.is_empty() && g.devices.iter().all(|d| is_identity_path(d))
+}
+
+/// `/dev/disk/by-id/` names that carry a WWN or a serial number.
+fn is_identity_path(path: &str) -> bool {
+    const PREFIXES: [&str; 9] = ["wwn-", "nvme-", "ata-", "scsi-", "virtio-", "usb-", "mmc-", "ieee1394-", "sas-"];
+    let Some(name) = path.strip_prefix("/dev/disk/by-id/") else { return false };
+    !name.contains(['*', '?', '[', '/']) && PREFIXES.iter().any(|p| name.starts_with(p) && name.len() > p.len())
+}
+
+/// A volume_size larger than every disk the group can select fits nowhere.
+fn check_fit(g: &group::Parsed, diags: &mut Diags) {
+    let (VolumeSizing::Size(bytes), Some(max), Some(at)) = (g.group.sizing, g.group.matcher.max_size, g.at.volume_size) else {
+        return;
+    };
+    let usable = u128::from(max) * u128::from(100 - g.group.reserve_percent.min(100)) / 100;
+    if u128::from(bytes) > usable {
+        diags.error(
+            at,
+            format!("volume_size {} does not fit on the largest disk this group selects (max_size {} less reserve {}%)", size::human(bytes), size::human(max), g.group.reserve_percent),
+            "write a smaller volume_size, or raise match.max_size",
+        );
+    }
+}
+
+fn check_overlaps(groups: &[group::Parsed], diags: &mut Diags) {
+    for (i, later) in groups.iter().enumerate() {
+        for earlier in &groups[..i] {
+            if overlap::may_overlap(&earlier.group, &later.group) {
+                diags.error(
+                    later.at.name,
+                    format!("disk groups \"{}\" and \"{}\" can select the same disk", earlier.group.name, later.group.name),
+                    format!(
+                        "\"{}\" is at {}; make them disjoint: different devices, or match on different transport, rotational, serial, wwn or non-overlapping min_size/max_size",
+                        earlier.group.name,
+                        diags.sources.describe(earlier.at.name)
+                    ),
+                );
+            }
+        }
+    }
+}
