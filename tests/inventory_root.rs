@@ -1,0 +1,259 @@
+//! Root tests of the inventory on loop devices the tests create: sizes, signatures,
+//! partitions, mounts, swap, and the machine's own system disk.
+
+mod common;
+
+use common::LoopDisk;
+use kvstrap::inventory::{scan, ScanOptions};
+use kvstrap::model::{Disk, InUse, Inventory};
+use std::path::Path;
+use std::process::Command;
+
+const MIB: u64 = 1024 * 1024;
+
+fn scan_machine() -> Inventory {
+    scan(&ScanOptions::default()).expect("scan")
+}
+
+fn find<'a>(inv: &'a Inventory, disk: &LoopDisk) -> &'a Disk {
+    inv.disks.iter().find(|d| d.path == disk.path).unwrap_or_else(|| panic!("{} not listed", disk.path.display()))
+}
+
+fn kinds(disk: &Disk) -> Vec<String> {
+    disk.signatures.iter().map(|s| s.kind.clone()).collect()
+}
+
+#[test]
+fn blank_loop_disk_has_size_backing_file_and_nothing_in_use() {
+    if !common::require_root("blank_loop_disk") {
+        return;
+    }
+    let loop_disk = LoopDisk::new(64 * MIB);
+    let inv = scan_machine();
+    let d = find(&inv, &loop_disk);
+    assert_eq!(d.size_bytes, 64 * MIB);
+    assert_eq!(d.transport, "loop");
+    assert_eq!(d.logical_sector_size, 512);
+    assert_eq!(d.backing_file.as_deref(), Some(loop_disk.backing.as_path()));
+    assert!(d.signatures.is_empty(), "{:?}", d.signatures);
+    assert!(d.partition_table.is_none());
+    assert!(d.partitions.is_empty());
+    assert_eq!(d.in_use, vec![], "a blank loop disk is free");
+    assert!(d.by_id.is_empty(), "udev names no loop device by id");
+}
+
+#[test]
+fn ext4_signature_with_label_and_uuid() {
+    if !common::require_root("ext4_signature") {
+        return;
+    }
+    let loop_disk = LoopDisk::new(64 * MIB);
+    loop_disk.run("mkfs.ext4", &["-q", "-F", "-L", "kvtest", "-U", "0b4f1c52-7d4e-4d8a-9a51-000000000001"]);
+    let inv = scan_machine();
+    let d = find(&inv, &loop_disk);
+    assert_eq!(kinds(d), vec!["ext4"]);
+    let sig = &d.signatures[0];
+    assert_eq!(sig.usage.as_deref(), Some("filesystem"));
+    assert_eq!(sig.label.as_deref(), Some("kvtest"));
+    assert_eq!(sig.uuid.as_deref(), Some("0b4f1c52-7d4e-4d8a-9a51-000000000001"));
+}
+
+#[test]
+fn xfs_and_swap_signatures() {
+    if !common::require_root("xfs_and_swap_signatures") {
+        return;
+    }
+    let xfs = LoopDisk::new(320 * MIB);
+    xfs.run("mkfs.xfs", &["-q", "-f", "-L", "kvxfs"]);
+    let swap = LoopDisk::new(32 * MIB);
+    swap.run("mkswap", &["-L", "kvswap"]);
+    let inv = scan_machine();
+    assert_eq!(find(&inv, &xfs).size_bytes, 320 * MIB);
+    assert_eq!(kinds(find(&inv, &xfs)), vec!["xfs"]);
+    assert_eq!(find(&inv, &xfs).signatures[0].label.as_deref(), Some("kvxfs"));
+    assert_eq!(kinds(find(&inv, &swap)), vec!["swap"]);
+    assert_eq!(find(&inv, &swap).in_use, vec![], "a swap signature alone is not swap in use");
+}
+
+#[test]
+fn every_signature_is_listed_like_wipefs() {
+    if !common::require_root("every_signature_is_listed") {
+        return;
+    }
+    // An xfs disk with an ext4 superblock copied over its AGI sector: two signatures
+    // at once, as a half-wiped or re-formatted disk can have.
+    let loop_disk = LoopDisk::new(320 * MIB);
+    loop_disk.run("mkfs.xfs", &["-q", "-f"]);
+    let ext4_image = tempfile::NamedTempFile::new().unwrap();
+    ext4_image.as_file().set_len(16 * MIB).unwrap();
+    common::run_on("mkfs.ext4", &["-q", "-F"], ext4_image.path());
+    let status = Command::new("dd")
+        .arg(format!("if={}", ext4_image.path().display()))
+        .arg(format!("of={}", loop_disk.path.display()))
+        .args(["bs=1024", "skip=1", "seek=1", "count=1", "conv=notrunc,fsync", "status=none"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let inv = scan_machine();
+    let mut found = kinds(find(&inv, &loop_disk));
+    found.sort();
+    let wipefs = Command::new("wipefs").args(["--noheadings", "-O", "TYPE"]).arg(&loop_disk.path).output().unwrap();
+    let mut expected: Vec<String> = String::from_utf8_lossy(&wipefs.stdout).lines().map(str::to_string).collect();
+    expected.sort();
+    assert_eq!(found, expected);
+    assert_eq!(found, vec!["ext4", "xfs"]);
+}
+
+#[test]
+fn gpt_partitions_with_types_names_and_signatures() {
+    if !common::require_root("gpt_partitions") {
+        return;
+    }
+    let loop_disk = LoopDisk::new(128 * MIB);
+    let kv_type = kvstrap::model::KVSTRAP_PART_TYPE.to_string();
+    loop_disk.run(
+        "sgdisk",
+        &[
+            "--disk-guid=8a3c8a0e-1b57-4f0a-9d5e-0000000000aa",
+            "-n1:1MiB:+32MiB",
+            &format!("-t1:{kv_type}"),
+            "-c1:kvstrap-a",
+            "-u1:5a0c7d2e-3b8f-4b61-8f0d-000000000001",
+            "-n2:0:+16MiB",
+            "-t2:8300",
+        ],
+    );
+    // Tell the kernel about the partitions (BLKPG): loop devices get no udev events here.
+    loop_disk.run("partx", &["-a"]);
+    common::run_on("mkfs.ext4", &["-q", "-F", "-L", "part1"], &loop_disk.partition(1));
+    let inv = scan_machine();
+    let d = find(&inv, &loop_disk);
+    let table = d.partition_table.as_ref().expect("partition table");
+    assert_eq!(table.kind, "gpt");
+    assert_eq!(table.uuid.as_deref(), Some("8a3c8a0e-1b57-4f0a-9d5e-0000000000aa"));
+    assert!(d.signatures.is_empty(), "the table is not a whole-disk signature: {:?}", d.signatures);
+    assert_eq!(d.partitions.len(), 2);
+    let p1 = &d.partitions[0];
+    assert_eq!(p1.number, 1);
+    assert_eq!(p1.path, loop_disk.partition(1));
+    assert_eq!((p1.start_bytes, p1.size_bytes), (MIB, 32 * MIB));
+    assert_eq!(p1.type_id.as_deref(), Some(kv_type.as_str()));
+    assert_eq!(p1.name.as_deref(), Some("kvstrap-a"));
+    assert_eq!(p1.part_uuid.as_deref(), Some("5a0c7d2e-3b8f-4b61-8f0d-000000000001"));
+    assert!(p1.in_kernel);
+    assert_eq!(p1.signatures.len(), 1);
+    assert_eq!(p1.signatures[0].kind, "ext4");
+    assert_eq!(p1.signatures[0].label.as_deref(), Some("part1"));
+    let p2 = &d.partitions[1];
+    assert_eq!(p2.type_id.as_deref(), Some("0fc63daf-8483-4772-8e79-3d69d8477de4"));
+    assert_eq!((p2.start_bytes, p2.size_bytes), (33 * MIB, 16 * MIB));
+    assert!(p2.signatures.is_empty());
+    assert_eq!(d.in_use, vec![]);
+}
+
+#[test]
+fn partitions_without_device_nodes_are_still_probed() {
+    if !common::require_root("partitions_without_nodes") {
+        return;
+    }
+    let loop_disk = LoopDisk::new(64 * MIB);
+    // The kernel read no table at attach time, and nobody tells it about this one.
+    loop_disk.run("sgdisk", &["-n1:1MiB:+40MiB", "-t1:8300"]);
+    let inv = scan_machine();
+    let d = find(&inv, &loop_disk);
+    assert_eq!(d.partitions.len(), 1);
+    assert!(!d.partitions[0].in_kernel);
+    assert_eq!(d.partitions[0].size_bytes, 40 * MIB);
+}
+
+#[test]
+fn mounted_partition_is_mounted_and_not_busy() {
+    if !common::require_root("mounted_partition") {
+        return;
+    }
+    let loop_disk = LoopDisk::new(64 * MIB);
+    loop_disk.run("sgdisk", &["-n1:1MiB:0"]);
+    loop_disk.run("partx", &["-a"]);
+    let part = loop_disk.partition(1);
+    common::run_on("mkfs.ext4", &["-q", "-F"], &part);
+    let mnt = tempfile::tempdir().unwrap();
+    let target = mnt.path().join("with space");
+    std::fs::create_dir(&target).unwrap();
+    let status = Command::new("mount").arg(&part).arg(&target).status().unwrap();
+    assert!(status.success());
+    let inv = scan_machine();
+    let d = find(&inv, &loop_disk);
+    assert_eq!(d.partitions[0].mountpoints, vec![target.clone()]);
+    assert_eq!(d.in_use, vec![InUse::Mounted { mountpoint: target.clone() }]);
+
+    // Below a managed root the mount is kvstrap's own: not a reason to refuse.
+    let managed = scan(&ScanOptions { managed_roots: vec![mnt.path().to_path_buf()], ..Default::default() }).unwrap();
+    let d = managed.disks.iter().find(|d| d.path == loop_disk.path).unwrap();
+    assert_eq!(d.in_use, vec![]);
+    assert!(matches!(managed.paths.get(&target), Some(kvstrap::model::PathFacts::Directory { .. })));
+    common::unmount_all_from(&loop_disk.path);
+}
+
+#[test]
+fn active_swap_is_swap() {
+    if !common::require_root("active_swap") {
+        return;
+    }
+    let loop_disk = LoopDisk::new(32 * MIB);
+    loop_disk.run("mkswap", &[]);
+    if !Command::new("swapon").arg(&loop_disk.path).status().map(|s| s.success()).unwrap_or(false) {
+        eprintln!("skipping active_swap: swapon is not permitted here");
+        return;
+    }
+    let inv = scan_machine();
+    let d = find(&inv, &loop_disk);
+    assert!(d.swap);
+    assert_eq!(d.in_use, vec![InUse::Swap { device: loop_disk.path.clone() }]);
+}
+
+#[test]
+fn exclusive_holder_makes_disk_busy() {
+    if !common::require_root("exclusive_holder") {
+        return;
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    let loop_disk = LoopDisk::new(16 * MIB);
+    let _held = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(&loop_disk.path).unwrap();
+    let inv = scan_machine();
+    let d = find(&inv, &loop_disk);
+    assert!(matches!(d.in_use.as_slice(), [InUse::Busy { .. }]), "{:?}", d.in_use);
+}
+
+#[test]
+fn system_disk_is_listed_and_scan_does_not_fail() {
+    if !common::require_root("system_disk") {
+        return;
+    }
+    let inv = scan_machine();
+    // Find the device of / from mountinfo; it must be reported as the system disk.
+    let root_dev = std::fs::metadata("/").map(|m| std::os::unix::fs::MetadataExt::dev(&m)).unwrap();
+    let devno = kvstrap::inventory::devno_string(root_dev);
+    let holder = inv.disks.iter().find(|d| d.devno == devno || d.partitions.iter().any(|p| !p.path.as_os_str().is_empty() && d.devno != devno && p.mountpoints.contains(&"/".into())));
+    if let Some(d) = holder {
+        assert!(d.in_use.iter().any(|r| matches!(r, InUse::SystemDisk { .. })), "{:?}", d.in_use);
+    }
+    if Path::new("/sys/block/vda").exists() {
+        let vda = inv.disks.iter().find(|d| d.name == "vda").expect("vda listed");
+        assert!(vda.size_bytes > 0);
+        assert_eq!(vda.transport, "virtio");
+        assert!(matches!(vda.in_use.first(), Some(InUse::SystemDisk { .. })), "{:?}", vda.in_use);
+    }
+}
+
+#[test]
+fn disks_are_in_natural_order() {
+    if !common::require_root("natural_order") {
+        return;
+    }
+    let _a = LoopDisk::new(MIB);
+    let inv = scan_machine();
+    let names: Vec<&str> = inv.disks.iter().map(|d| d.name.as_str()).collect();
+    let mut sorted = names.clone();
+    sorted.sort_by(|a, b| kvstrap::inventory::natural_cmp(a, b));
+    assert_eq!(names, sorted);
+}
