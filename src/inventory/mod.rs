@@ -126,7 +126,8 @@ fn probe_one(disk: &SysDisk, dev_root: &Path) -> Probed {
     let mut probed = Probed { busy: opened.busy.clone(), unreadable: opened.error.clone(), ..Default::default() };
     let Some(file) = opened.file else { return probed };
     let exclusive = opened.busy.is_none();
-    if exclusive {
+    // Only writes through a partition node can leave the whole disk's cache stale.
+    if exclusive && !disk.partitions.is_empty() {
         drop_cached_pages(&file);
     }
     match probe::probe_disk(&file, &node.display().to_string()) {

@@ -24,21 +24,20 @@ pub struct Opened {
     pub error: Option<String>,
 }
 
-/// Opens read-only with `O_EXCL`, which fails with EBUSY while anything (a mount, a
-/// holder, swap, another exclusive opener) claims the device; then falls back to a
-/// shared open so that the contents can still be listed.
+/// Tests the device with a read-only `O_EXCL` open, which fails with EBUSY while
+/// anything (a mount, a holder, swap, another exclusive opener) claims it, and probes
+/// through a shared open. The exclusive claim is dropped at once: held during probing
+/// it would make a concurrent `mkfs` or `mount` of the device fail.
 pub fn open(path: &Path) -> Opened {
     let exclusive = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL | libc::O_CLOEXEC).open(path);
-    match exclusive {
-        Ok(file) => Opened { file: Some(file), busy: None, error: None },
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-            let busy = Some(format!("exclusive open of {} failed: {e}", path.display()));
-            match File::open(path) {
-                Ok(file) => Opened { file: Some(file), busy, error: None },
-                Err(e) => Opened { file: None, busy, error: Some(format!("open {}: {e}", path.display())) },
-            }
-        }
-        Err(e) => Opened { file: None, busy: None, error: Some(format!("open {}: {e}", path.display())) },
+    let busy = match exclusive {
+        Ok(_claim) => None,
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Some(format!("exclusive open of {} failed: {e}", path.display())),
+        Err(e) => return Opened { file: None, busy: None, error: Some(format!("open {}: {e}", path.display())) },
+    };
+    match File::open(path) {
+        Ok(file) => Opened { file: Some(file), busy, error: None },
+        Err(e) => Opened { file: None, busy, error: Some(format!("open {}: {e}", path.display())) },
     }
 }
 
@@ -63,19 +62,27 @@ pub struct DiskContents {
 
 pub fn probe_disk(file: &File, what: &str) -> Result<DiskContents, ProbeError> {
     let err = |source| ProbeError::Blkid { what: what.to_string(), source };
-    let signatures = probe_signatures(file, 0, 0).map_err(err)?;
-    let (table, entries) = probe_table(file).map_err(err)?;
+    // One probe for both passes: libblkid keeps the blocks it read in its buffers.
+    let mut probe = new_probe(file, 0, 0).map_err(err)?;
+    let signatures = list_signatures(&mut probe).map_err(err)?;
+    let (table, entries) = read_table(&mut probe).map_err(err)?;
     Ok(DiskContents { signatures, table, entries })
 }
 
 /// Signatures in the byte range `offset..offset+size` of `file` (size 0: to the end).
 pub fn signatures_at(file: &File, offset: u64, size: u64, what: &str) -> Result<Vec<Signature>, ProbeError> {
-    probe_signatures(file, offset, size).map_err(|source| ProbeError::Blkid { what: what.to_string(), source })
+    let err = |source| ProbeError::Blkid { what: what.to_string(), source };
+    let mut probe = new_probe(file, offset, size).map_err(err)?;
+    list_signatures(&mut probe).map_err(err)
 }
 
-fn probe_signatures(file: &File, offset: u64, size: u64) -> libblkid_rs::Result<Vec<Signature>> {
+fn new_probe(file: &File, offset: u64, size: u64) -> libblkid_rs::Result<BlkidProbe> {
     let mut probe = BlkidProbe::new()?;
     probe.set_device(file.as_raw_fd(), to_loff(offset), to_loff(size))?;
+    Ok(probe)
+}
+
+fn list_signatures(probe: &mut BlkidProbe) -> libblkid_rs::Result<Vec<Signature>> {
     probe.enable_partitions(false)?;
     probe.enable_superblocks(true)?;
     probe.set_superblock_flags(BlkidSublksFlags::new(vec![
@@ -98,9 +105,8 @@ fn probe_signatures(file: &File, offset: u64, size: u64) -> libblkid_rs::Result<
     Ok(found)
 }
 
-fn probe_table(file: &File) -> libblkid_rs::Result<(Option<PartitionTable>, Vec<TableEntry>)> {
-    let mut probe = BlkidProbe::new()?;
-    probe.set_device(file.as_raw_fd(), 0, 0)?;
+fn read_table(probe: &mut BlkidProbe) -> libblkid_rs::Result<(Option<PartitionTable>, Vec<TableEntry>)> {
+    probe.reset();
     probe.enable_superblocks(false)?;
     probe.enable_partitions(true)?;
     // No partition table is not an error: the list is simply absent.
