@@ -1,5 +1,6 @@
 //! The inventory on a fake /sys, /proc and /dev (tests/fixtures/sysfs-node, made by
 //! make-sysfs-node.py): identities, transports, by-id names and eligibility, no root.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use kvstrap::inventory::{scan, ScanOptions};
 use kvstrap::model::{Disk, InUse, Inventory};

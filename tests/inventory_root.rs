@@ -1,5 +1,6 @@
 //! Root tests of the inventory on loop devices the tests create: sizes, signatures,
 //! partitions, mounts, swap, and the machine's own system disk.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -256,4 +257,50 @@ fn disks_are_in_natural_order() {
     let mut sorted = names.clone();
     sorted.sort_by(|a, b| kvstrap::inventory::natural_cmp(a, b));
     assert_eq!(names, sorted);
+}
+
+#[test]
+fn managed_directories_report_project_id_and_quota() {
+    if !common::require_root("project_quota") {
+        return;
+    }
+    let loop_disk = LoopDisk::new(320 * MIB);
+    loop_disk.run("mkfs.xfs", &["-q", "-f"]);
+    let root = tempfile::tempdir().unwrap();
+    let mnt = root.path().join("xfs");
+    std::fs::create_dir(&mnt).unwrap();
+    // Kernels without quota support refuse prjquota: the project id is still there.
+    let with_quota = Command::new("mount").args(["-o", "prjquota"]).arg(&loop_disk.path).arg(&mnt).status().unwrap().success();
+    if !with_quota {
+        eprintln!("project_quota: no quota support in this kernel; checking project ids only");
+        assert!(Command::new("mount").arg(&loop_disk.path).arg(&mnt).status().unwrap().success());
+    }
+    let vol = mnt.join("vol-01");
+    std::fs::create_dir(&vol).unwrap();
+    std::os::unix::fs::symlink("/dev/null", mnt.join("link")).unwrap();
+    let xfs_io = Command::new("xfs_io").args(["-c", "chproj 42"]).arg(&vol).output().unwrap();
+    assert!(xfs_io.status.success(), "xfs_io chproj: {}", String::from_utf8_lossy(&xfs_io.stderr));
+    if with_quota {
+        let out = Command::new("xfs_quota").args(["-x", "-c", "limit -p bhard=10m 42"]).arg(&mnt).output().unwrap();
+        assert!(out.status.success(), "xfs_quota: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    let inv = scan(&ScanOptions { managed_roots: vec![root.path().to_path_buf()], ..Default::default() }).unwrap();
+    let devno = find(&inv, &loop_disk).devno.clone();
+    use kvstrap::model::PathFacts;
+    match &inv.paths[&vol] {
+        PathFacts::Directory { project_id, quota_bytes, devno: d, mode, .. } => {
+            assert_eq!(*project_id, Some(42));
+            assert_eq!(*quota_bytes, with_quota.then_some(10 * MIB));
+            assert_eq!(*d, devno);
+            assert_eq!(*mode, 0o755);
+        }
+        other => panic!("{other:?}"),
+    }
+    match &inv.paths[&mnt] {
+        PathFacts::Directory { project_id, quota_bytes, .. } => assert_eq!((*project_id, *quota_bytes), (Some(0), None)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(inv.paths[&mnt.join("link")], PathFacts::Symlink { target: "/dev/null".into() });
+    common::unmount_all_from(&loop_disk.path);
 }

@@ -159,6 +159,7 @@ pub fn read_links(dir: &Path) -> Option<BTreeMap<String, Vec<String>>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -145,6 +145,7 @@ pub fn boots_from(disk: &Disk, spec: &str) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::model::{Partition, Signature};

@@ -340,6 +340,7 @@ fn natural_key(s: &str) -> Vec<(String, u64)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -66,6 +66,7 @@ pub fn mountpoints_of<'a>(mounts: &'a [Mount], devno: &str, name: &str) -> Vec<&
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

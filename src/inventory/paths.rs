@@ -113,6 +113,7 @@ pub fn project_quota(device: &Path, id: u32) -> Option<u64> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -137,7 +138,7 @@ mod tests {
         let d = dir.path().join("vol");
         std::fs::create_dir(&d).unwrap();
         std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o750)).unwrap();
-        let facts = observe(&[d.clone()], &[]);
+        let facts = observe(std::slice::from_ref(&d), &[]);
         let PathFacts::Directory { uid, mode, devno, quota_bytes, .. } = &facts[&d] else { panic!("not a dir") };
         assert_eq!(*uid, nix::unistd::geteuid().as_raw());
         assert_eq!(*mode, 0o750);

@@ -51,6 +51,7 @@ fn resolve(path: PathBuf, is_partition: bool) -> SwapArea {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

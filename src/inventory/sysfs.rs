@@ -263,6 +263,7 @@ fn number_or_zero(dir: &Path, name: &str) -> u64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
