@@ -117,7 +117,9 @@ fn probe_all(disks: &[SysDisk], dev_root: &Path) -> Vec<Probed> {
             });
         }
     });
-    results.into_iter().map(|m| m.into_inner().ok().flatten().unwrap_or_default()).collect()
+    // A missing result must not read as "probed, nothing found".
+    let unfinished = || Probed { unreadable: Some("probing did not finish".into()), ..Default::default() };
+    results.into_iter().map(|m| m.into_inner().ok().flatten().unwrap_or_else(unfinished)).collect()
 }
 
 fn probe_one(disk: &SysDisk, dev_root: &Path) -> Probed {
@@ -138,8 +140,13 @@ fn probe_one(disk: &SysDisk, dev_root: &Path) -> Probed {
     for number in numbers {
         let sys = disk.partitions.iter().find(|p| p.number == number);
         let entry = probed.contents.entries.iter().find(|e| e.number == number);
-        let signatures = probe_partition(&file, dev_root, sys, entry, exclusive);
-        probed.partition_signatures.insert(number, signatures);
+        match probe_partition(&file, dev_root, sys, entry, exclusive) {
+            Ok(signatures) => {
+                probed.partition_signatures.insert(number, signatures);
+            }
+            // An unprobed partition could hold anything: the whole disk is unreadable.
+            Err(e) => probed.unreadable = Some(e.to_string()),
+        }
     }
     probed
 }
@@ -147,22 +154,28 @@ fn probe_one(disk: &SysDisk, dev_root: &Path) -> Probed {
 /// Probes a partition through its own node when the kernel has one (the page cache of
 /// the whole disk can hold stale blocks after writes through the partition), else
 /// through the whole disk at the entry's offset.
-fn probe_partition(disk: &File, dev_root: &Path, sys: Option<&SysPartition>, entry: Option<&TableEntry>, exclusive: bool) -> Vec<Signature> {
+fn probe_partition(
+    disk: &File,
+    dev_root: &Path,
+    sys: Option<&SysPartition>,
+    entry: Option<&TableEntry>,
+    exclusive: bool,
+) -> Result<Vec<Signature>, probe::ProbeError> {
     if let Some(p) = sys {
         let node = dev_root.join(&p.name);
         if let Ok(file) = File::open(&node) {
             if exclusive {
                 drop_cached_pages(&file);
             }
-            return probe::signatures_at(&file, 0, 0, &node.display().to_string()).unwrap_or_default();
+            return probe::signatures_at(&file, 0, 0, &node.display().to_string());
         }
     }
-    let (start, size) = match (entry, sys) {
-        (Some(e), _) => (e.start_bytes, e.size_bytes),
-        (None, Some(p)) => (p.start_bytes, p.size_bytes),
-        (None, None) => return Vec::new(),
+    let (number, start, size) = match (entry, sys) {
+        (Some(e), _) => (e.number, e.start_bytes, e.size_bytes),
+        (None, Some(p)) => (p.number, p.start_bytes, p.size_bytes),
+        (None, None) => return Ok(Vec::new()),
     };
-    probe::signatures_at(disk, start, size, "partition").unwrap_or_default()
+    probe::signatures_at(disk, start, size, &format!("partition {number} at byte {start}"))
 }
 
 /// Forgets clean cached blocks so that libblkid reads what is on the device now, not
