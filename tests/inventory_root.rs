@@ -160,11 +160,76 @@ fn partitions_without_device_nodes_are_still_probed() {
     let loop_disk = LoopDisk::new(64 * MIB);
     // The kernel read no table at attach time, and nobody tells it about this one.
     loop_disk.run("sgdisk", &["-n1:1MiB:+40MiB", "-t1:8300"]);
+    // An ext4 filesystem written into the partition's range through the whole disk.
+    let image = tempfile::NamedTempFile::new().unwrap();
+    image.as_file().set_len(40 * MIB).unwrap();
+    common::run_on("mkfs.ext4", &["-q", "-F", "-L", "nonode"], image.path());
+    let dd = Command::new("dd")
+        .arg(format!("if={}", image.path().display()))
+        .arg(format!("of={}", loop_disk.path.display()))
+        .args(["bs=1M", "seek=1", "conv=notrunc,fsync", "status=none"])
+        .status()
+        .unwrap();
+    assert!(dd.success());
     let inv = scan_machine();
     let d = find(&inv, &loop_disk);
     assert_eq!(d.partitions.len(), 1);
-    assert!(!d.partitions[0].in_kernel);
-    assert_eq!(d.partitions[0].size_bytes, 40 * MIB);
+    let p = &d.partitions[0];
+    assert!(!p.in_kernel);
+    assert_eq!(p.path, loop_disk.partition(1));
+    assert_eq!((p.start_bytes, p.size_bytes), (MIB, 40 * MIB));
+    assert_eq!(p.signatures.len(), 1, "{:?}", p.signatures);
+    assert_eq!(p.signatures[0].label.as_deref(), Some("nonode"));
+}
+
+#[test]
+fn dos_partition_table() {
+    if !common::require_root("dos_partition_table") {
+        return;
+    }
+    let loop_disk = LoopDisk::new(32 * MIB);
+    let mut sfdisk = Command::new("sfdisk")
+        .args(["-q", "--label", "dos"])
+        .arg(&loop_disk.path)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    sfdisk.stdin.take().unwrap().write_all(b"label-id: 0x1234abcd\nstart=2048, size=20480, type=83\n").unwrap();
+    assert!(sfdisk.wait().unwrap().success());
+    let inv = scan_machine();
+    let d = find(&inv, &loop_disk);
+    let table = d.partition_table.as_ref().expect("table");
+    assert_eq!((table.kind.as_str(), table.uuid.as_deref()), ("dos", Some("1234abcd")));
+    assert_eq!(d.partitions[0].type_id.as_deref(), Some("0x83"));
+    assert_eq!((d.partitions[0].start_bytes, d.partitions[0].size_bytes), (MIB, 10 * MIB));
+    assert_eq!(d.partitions[0].part_uuid, None, "dos has no partition GUIDs");
+}
+
+#[test]
+fn lvm_and_luks_signatures() {
+    if !common::require_root("lvm_and_luks_signatures") {
+        return;
+    }
+    let pv = LoopDisk::new(32 * MIB);
+    // No udev here: tell LVM not to wait for it.
+    pv.run("pvcreate", &["-q", "--config", "devices { obtain_device_list_from_udev=0 } activation { udev_sync=0 udev_rules=0 }"]);
+    let luks = LoopDisk::new(32 * MIB);
+    let key = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(key.path(), b"kvstrap test key, never used for data").unwrap();
+    let key_file = key.path().display().to_string();
+    luks.run(
+        "cryptsetup",
+        &["luksFormat", "-q", "--batch-mode", "--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", &key_file],
+    );
+    let inv = scan_machine();
+    let pv_disk = find(&inv, &pv);
+    assert_eq!(kinds(pv_disk), vec!["LVM2_member"]);
+    assert_eq!(pv_disk.signatures[0].usage.as_deref(), Some("raid"));
+    let luks_disk = find(&inv, &luks);
+    assert!(!luks_disk.signatures.is_empty());
+    assert!(luks_disk.signatures.iter().all(|s| s.kind == "crypto_LUKS" && s.usage.as_deref() == Some("crypto")));
+    assert_eq!(pv_disk.in_use, vec![], "an inactive PV is not empty, but not in use either");
 }
 
 #[test]
@@ -231,12 +296,13 @@ fn system_disk_is_listed_and_scan_does_not_fail() {
         return;
     }
     let inv = scan_machine();
-    // Find the device of / from mountinfo; it must be reported as the system disk.
-    let root_dev = std::fs::metadata("/").map(|m| std::os::unix::fs::MetadataExt::dev(&m)).unwrap();
-    let devno = kvstrap::inventory::devno_string(root_dev);
-    let holder = inv.disks.iter().find(|d| d.devno == devno || d.partitions.iter().any(|p| !p.path.as_os_str().is_empty() && d.devno != devno && p.mountpoints.contains(&"/".into())));
-    if let Some(d) = holder {
-        assert!(d.in_use.iter().any(|r| matches!(r, InUse::SystemDisk { .. })), "{:?}", d.in_use);
+    // Whatever disk holds `/` directly must be reported as the system disk.
+    let root: &Path = Path::new("/");
+    for d in &inv.disks {
+        let holds_root = d.mountpoints.iter().chain(d.partitions.iter().flat_map(|p| &p.mountpoints)).any(|m| m == root);
+        if holds_root {
+            assert!(d.in_use.iter().any(|r| matches!(r, InUse::SystemDisk { .. })), "{}: {:?}", d.name, d.in_use);
+        }
     }
     if Path::new("/sys/block/vda").exists() {
         let vda = inv.disks.iter().find(|d| d.name == "vda").expect("vda listed");
