@@ -86,6 +86,13 @@ pub struct Partition {
     pub holders: Vec<String>,
     pub mountpoints: Vec<PathBuf>,
     pub swap: bool,
+    /// `/dev/disk/by-id/...-partN` names.
+    #[serde(default)]
+    pub by_id: Vec<String>,
+    /// The kernel knows this partition (it has a device node); false for an entry that
+    /// is in the on-disk table but was never added (BLKPG) or was removed.
+    #[serde(default)]
+    pub in_kernel: bool,
 }
 
 /// One signature libblkid recognised.

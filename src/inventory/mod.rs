@@ -1,7 +1,24 @@
 //! Read-only observation of the machine: sysfs, libblkid, mountinfo, /proc/swaps.
+//! `scan` never fails because of one device: what cannot be read about a disk is
+//! reported on that disk (`InUse::Unreadable`), and the scan goes on.
 
-use crate::model::Inventory;
-use std::path::PathBuf;
+pub mod byid;
+pub mod eligibility;
+pub mod mountinfo;
+pub mod paths;
+pub mod probe;
+pub mod swaps;
+pub mod sysfs;
+
+use crate::model::{Disk, Inventory, Partition, Signature};
+use eligibility::Observed;
+use mountinfo::Mount;
+use probe::{DiskContents, TableEntry};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use swaps::SwapArea;
+use sysfs::{SysDisk, SysPartition};
 
 /// Where to look; tests point these at fixture trees.
 #[derive(Debug, Clone)]
@@ -27,10 +44,330 @@ impl Default for ScanOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum InventoryError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {source} (is {path} mounted and readable? kvstrap needs sysfs and procfs)")]
     Read { path: PathBuf, source: std::io::Error },
 }
 
-pub fn scan(_opts: &ScanOptions) -> Result<Inventory, InventoryError> {
-    todo!("inventory::scan")
+/// Observes every disk and the managed paths. Fails only when the machine-wide sources
+/// (/sys/block, mountinfo, /proc/swaps) cannot be read: without them no disk can be
+/// judged safe.
+pub fn scan(opts: &ScanOptions) -> Result<Inventory, InventoryError> {
+    let machine = Machine::read(opts)?;
+    let sys_disks = sysfs::list_disks(&opts.sys_root)?;
+    let probes = probe_all(&sys_disks, &opts.dev_root);
+    let mut disks: Vec<Disk> =
+        sys_disks.into_iter().zip(probes).map(|(sys, probed)| assemble(sys, probed, &machine, opts)).collect();
+    disks.sort_by(|a, b| natural_cmp(&a.name, &b.name));
+    let paths = paths::observe(&opts.managed_roots, &machine.mounts);
+    Ok(Inventory { disks, paths })
+}
+
+/// Machine-wide facts read once per scan.
+struct Machine {
+    mounts: Vec<Mount>,
+    swaps: Vec<SwapArea>,
+    by_id_links: Option<BTreeMap<String, Vec<String>>>,
+    root_spec: Option<String>,
+}
+
+impl Machine {
+    fn read(opts: &ScanOptions) -> Result<Machine, InventoryError> {
+        let cmdline = std::fs::read_to_string(opts.proc_root.join("cmdline")).unwrap_or_default();
+        Ok(Machine {
+            mounts: mountinfo::read(&opts.proc_root)?,
+            swaps: swaps::read(&opts.proc_root)?,
+            by_id_links: byid::read_links(&opts.dev_root.join("disk/by-id")),
+            root_spec: eligibility::root_spec(&cmdline),
+        })
+    }
+
+    fn mountpoints(&self, devno: &str, name: &str) -> Vec<PathBuf> {
+        mountinfo::mountpoints_of(&self.mounts, devno, name).into_iter().map(|m| m.mountpoint.clone()).collect()
+    }
+
+    fn is_swap(&self, devno: &str, name: &str) -> bool {
+        self.swaps.iter().any(|s| s.is_device(devno, name))
+    }
+}
+
+/// What probing one disk's device nodes gave.
+#[derive(Debug, Default)]
+struct Probed {
+    contents: DiskContents,
+    /// Signatures per partition number.
+    partition_signatures: BTreeMap<u32, Vec<Signature>>,
+    busy: Option<String>,
+    unreadable: Option<String>,
+}
+
+/// Probes every disk, a few at a time: each probe waits on I/O of its own device.
+fn probe_all(disks: &[SysDisk], dev_root: &Path) -> Vec<Probed> {
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get() * 2).clamp(1, 8).min(disks.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<Probed>>> = disks.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(disk) = disks.get(i) else { break };
+                let probed = probe_one(disk, dev_root);
+                if let Ok(mut slot) = results[i].lock() {
+                    *slot = Some(probed);
+                }
+            });
+        }
+    });
+    // A missing result must not read as "probed, nothing found".
+    let unfinished = || Probed { unreadable: Some("probing did not finish".into()), ..Default::default() };
+    results.into_iter().map(|m| m.into_inner().ok().flatten().unwrap_or_else(unfinished)).collect()
+}
+
+fn probe_one(disk: &SysDisk, dev_root: &Path) -> Probed {
+    let node = dev_root.join(&disk.name);
+    let opened = probe::open(&node);
+    let mut probed = Probed { busy: opened.busy.clone(), unreadable: opened.error.clone(), ..Default::default() };
+    let Some(file) = opened.file else { return probed };
+    let exclusive = opened.busy.is_none();
+    // Only writes through a partition node can leave the whole disk's cache stale.
+    if exclusive && !disk.partitions.is_empty() {
+        drop_cached_pages(&file);
+    }
+    match probe::probe_disk(&file, &node.display().to_string()) {
+        Ok(contents) => probed.contents = contents,
+        Err(e) => probed.unreadable = Some(e.to_string()),
+    }
+    let numbers = partition_numbers(&disk.partitions, &probed.contents.entries);
+    for number in numbers {
+        let sys = disk.partitions.iter().find(|p| p.number == number);
+        let entry = probed.contents.entries.iter().find(|e| e.number == number);
+        match probe_partition(&file, dev_root, sys, entry, exclusive) {
+            Ok(signatures) => {
+                probed.partition_signatures.insert(number, signatures);
+            }
+            // An unprobed partition could hold anything: the whole disk is unreadable.
+            Err(e) => probed.unreadable = Some(e.to_string()),
+        }
+    }
+    probed
+}
+
+/// Probes a partition through its own node when the kernel has one (the page cache of
+/// the whole disk can hold stale blocks after writes through the partition), else
+/// through the whole disk at the entry's offset.
+fn probe_partition(
+    disk: &File,
+    dev_root: &Path,
+    sys: Option<&SysPartition>,
+    entry: Option<&TableEntry>,
+    exclusive: bool,
+) -> Result<Vec<Signature>, probe::ProbeError> {
+    if let Some(p) = sys {
+        let node = dev_root.join(&p.name);
+        if let Ok(file) = File::open(&node) {
+            if exclusive {
+                drop_cached_pages(&file);
+            }
+            return probe::signatures_at(&file, 0, 0, &node.display().to_string());
+        }
+    }
+    let (number, start, size) = match (entry, sys) {
+        (Some(e), _) => (e.number, e.start_bytes, e.size_bytes),
+        (None, Some(p)) => (p.number, p.start_bytes, p.size_bytes),
+        (None, None) => return Ok(Vec::new()),
+    };
+    probe::signatures_at(disk, start, size, &format!("partition {number} at byte {start}"))
+}
+
+/// Forgets clean cached blocks so that libblkid reads what is on the device now, not
+/// what an earlier reader saw before another node of the same disk was written.
+fn drop_cached_pages(file: &File) {
+    // SAFETY: plain advisory call on an open fd; failure only means a stale cache.
+    unsafe {
+        libc::posix_fadvise(std::os::unix::io::AsRawFd::as_raw_fd(file), 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
+fn partition_numbers(sys: &[SysPartition], entries: &[TableEntry]) -> Vec<u32> {
+    let mut numbers: Vec<u32> = sys.iter().map(|p| p.number).chain(entries.iter().map(|e| e.number)).collect();
+    numbers.sort_unstable();
+    numbers.dedup();
+    numbers
+}
+
+fn assemble(sys: SysDisk, mut probed: Probed, machine: &Machine, opts: &ScanOptions) -> Disk {
+    let by_id = disk_by_id(&sys, machine);
+    let partitions = partitions(&sys, &mut probed, machine, &by_id);
+    let mut disk = Disk {
+        path: PathBuf::from("/dev").join(&sys.name),
+        mountpoints: machine.mountpoints(&sys.devno, &sys.name),
+        swap: machine.is_swap(&sys.devno, &sys.name),
+        name: sys.name.clone(),
+        devno: sys.devno.clone(),
+        size_bytes: sys.size_bytes,
+        logical_sector_size: sys.logical_sector_size,
+        physical_sector_size: sys.physical_sector_size,
+        rotational: sys.rotational,
+        removable: sys.removable,
+        read_only: sys.read_only,
+        model: sys.model.clone(),
+        vendor: sys.vendor.clone(),
+        serial: sys.serial.clone(),
+        wwn: sys.wwn.clone(),
+        transport: sys.transport.clone(),
+        by_id,
+        backing_file: sys.backing_file.clone(),
+        partition_table: probed.contents.table.take(),
+        partitions,
+        signatures: std::mem::take(&mut probed.contents.signatures),
+        holders: sys.holders.clone(),
+        in_use: Vec::new(),
+    };
+    let observed = observe_stack(&disk, &sys, &probed, machine, opts);
+    disk.in_use = eligibility::in_use(&disk, &observed, &opts.managed_roots);
+    disk
+}
+
+fn observe_stack(disk: &Disk, sys: &SysDisk, probed: &Probed, machine: &Machine, opts: &ScanOptions) -> Observed {
+    let holders = disk.holders.iter().chain(disk.partitions.iter().flat_map(|p| p.holders.iter()));
+    let stacked = stacked_devices(&opts.sys_root, holders.cloned().collect());
+    let boot_device = machine.root_spec.clone().filter(|spec| eligibility::boots_from(disk, spec));
+    Observed {
+        stacked_mounts: stacked.iter().flat_map(|(n, d)| machine.mountpoints(d, n).into_iter().map(move |m| (n.clone(), m))).collect(),
+        stacked_swaps: stacked.iter().filter(|(n, d)| machine.is_swap(d, n)).map(|(n, _)| PathBuf::from("/dev").join(n)).collect(),
+        scsi_type: sys.scsi_type,
+        boot_device,
+        busy: probed.busy.clone(),
+        unreadable: probed.unreadable.clone(),
+    }
+}
+
+/// (name, devno) of every device stacked on the given holders, transitively.
+fn stacked_devices(sys_root: &Path, mut pending: Vec<String>) -> Vec<(String, String)> {
+    let mut seen: Vec<(String, String)> = Vec::new();
+    while let Some(name) = pending.pop() {
+        // dm and md devices are whole disks, so their holders are under /sys/block.
+        if seen.iter().any(|(n, _)| *n == name) || seen.len() > 64 {
+            continue;
+        }
+        let dir = sys_root.join("block").join(&name);
+        pending.extend(sysfs::list_names(&dir.join("holders")));
+        seen.push((name, sysfs::attr(&dir, "dev").unwrap_or_default()));
+    }
+    seen
+}
+
+fn disk_by_id(sys: &SysDisk, machine: &Machine) -> Vec<String> {
+    let names = match &machine.by_id_links {
+        Some(links) => links.get(&sys.name).cloned().unwrap_or_default(),
+        None => byid::compute(&sys.ids),
+    };
+    names.into_iter().map(|n| format!("/dev/disk/by-id/{n}")).collect()
+}
+
+fn partitions(sys: &SysDisk, probed: &mut Probed, machine: &Machine, disk_ids: &[String]) -> Vec<Partition> {
+    let numbers = partition_numbers(&sys.partitions, &probed.contents.entries);
+    numbers
+        .into_iter()
+        .map(|number| {
+            let kernel = sys.partitions.iter().find(|p| p.number == number);
+            let entry = probed.contents.entries.iter().find(|e| e.number == number);
+            let signatures = probed.partition_signatures.remove(&number).unwrap_or_default();
+            partition(sys, number, kernel, entry, signatures, machine, disk_ids)
+        })
+        .collect()
+}
+
+fn partition(
+    disk: &SysDisk,
+    number: u32,
+    kernel: Option<&SysPartition>,
+    entry: Option<&TableEntry>,
+    signatures: Vec<Signature>,
+    machine: &Machine,
+    disk_ids: &[String],
+) -> Partition {
+    let name = kernel.map_or_else(|| partition_name(&disk.name, number), |k| k.name.clone());
+    let (mountpoints, swap) = match kernel {
+        Some(k) => (machine.mountpoints(&k.devno, &k.name), machine.is_swap(&k.devno, &k.name)),
+        None => (Vec::new(), false),
+    };
+    let by_id = match &machine.by_id_links {
+        Some(links) => links.get(&name).map(|v| v.iter().map(|n| format!("/dev/disk/by-id/{n}")).collect()).unwrap_or_default(),
+        None => byid::partition_names(disk_ids, number),
+    };
+    // The on-disk table is what the planner compares its layout with; the kernel's
+    // view only fills in when the table could not be read.
+    let (start_bytes, size_bytes) = match (entry, kernel) {
+        (Some(e), _) => (e.start_bytes, e.size_bytes),
+        (None, Some(k)) => (k.start_bytes, k.size_bytes),
+        (None, None) => (0, 0),
+    };
+    Partition {
+        path: PathBuf::from("/dev").join(&name),
+        number,
+        start_bytes,
+        size_bytes,
+        type_id: entry.and_then(|e| e.type_id.clone()),
+        part_uuid: entry.and_then(|e| e.part_uuid.clone()),
+        name: entry.and_then(|e| e.name.clone()),
+        signatures,
+        holders: kernel.map(|k| k.holders.clone()).unwrap_or_default(),
+        mountpoints,
+        swap,
+        by_id,
+        in_kernel: kernel.is_some(),
+    }
+}
+
+/// The kernel's partition naming: `sda1`, but `nvme0n1p1` and `loop3p1` after a digit.
+pub fn partition_name(disk: &str, number: u32) -> String {
+    if disk.ends_with(|c: char| c.is_ascii_digit()) {
+        format!("{disk}p{number}")
+    } else {
+        format!("{disk}{number}")
+    }
+}
+
+/// `major:minor` of a `dev_t`.
+pub fn devno_string(dev: u64) -> String {
+    format!("{}:{}", nix::sys::stat::major(dev), nix::sys::stat::minor(dev))
+}
+
+/// Orders names with their digit runs compared as numbers: loop2 before loop10.
+pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    natural_key(a).cmp(&natural_key(b))
+}
+
+fn natural_key(s: &str) -> Vec<(String, u64)> {
+    let mut key = Vec::new();
+    let mut rest = s;
+    while !rest.is_empty() {
+        let text_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let (text, tail) = rest.split_at(text_len);
+        let digits_len = tail.find(|c: char| !c.is_ascii_digit()).unwrap_or(tail.len());
+        let (digits, tail) = tail.split_at(digits_len);
+        key.push((text.to_string(), digits.parse().unwrap_or(u64::MAX)));
+        rest = tail;
+    }
+    key
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn natural_order() {
+        let mut names = vec!["loop10", "loop2", "nvme0n1", "loop1", "sda", "nvme10n1", "nvme2n1"];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(names, vec!["loop1", "loop2", "loop10", "nvme0n1", "nvme2n1", "nvme10n1", "sda"]);
+    }
+
+    #[test]
+    fn partition_names_follow_the_kernel() {
+        assert_eq!(partition_name("sda", 1), "sda1");
+        assert_eq!(partition_name("nvme0n1", 2), "nvme0n1p2");
+        assert_eq!(partition_name("loop3", 1), "loop3p1");
+    }
 }

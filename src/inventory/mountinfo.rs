@@ -1,0 +1,104 @@
+//! Mounts from /proc/self/mountinfo, looked up by device number.
+
+use super::InventoryError;
+use std::path::{Path, PathBuf};
+
+/// One line of mountinfo, reduced to what the inventory needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// `major:minor` of the mounted device (for btrfs a virtual one: see `source`).
+    pub devno: String,
+    pub mountpoint: PathBuf,
+    pub fstype: String,
+    /// Mount source, e.g. `/dev/vda` or `tmpfs`.
+    pub source: String,
+}
+
+pub fn read(proc_root: &Path) -> Result<Vec<Mount>, InventoryError> {
+    let path = proc_root.join("self/mountinfo");
+    let text = std::fs::read_to_string(&path).map_err(|source| InventoryError::Read { path, source })?;
+    Ok(parse(&text))
+}
+
+/// Parses mountinfo text; malformed lines are skipped.
+pub fn parse(text: &str) -> Vec<Mount> {
+    text.lines().filter_map(parse_line).collect()
+}
+
+fn parse_line(line: &str) -> Option<Mount> {
+    // id parent major:minor root mountpoint options [optional...] - fstype source superoptions
+    let (left, right) = line.split_once(" - ")?;
+    let mut pre = left.split(' ');
+    let devno = pre.nth(2)?.to_string();
+    let mountpoint = PathBuf::from(unescape(pre.nth(1)?));
+    let mut post = right.split(' ');
+    let fstype = post.next()?.to_string();
+    let source = unescape(post.next()?);
+    Some(Mount { devno, mountpoint, fstype, source })
+}
+
+/// The kernel escapes space, tab, newline and backslash as `\ooo` octal.
+pub fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Mount points of a device, matched by devno or, for filesystems that report a
+/// virtual devno (btrfs), by the `/dev/<name>` source.
+pub fn mountpoints_of<'a>(mounts: &'a [Mount], devno: &str, name: &str) -> Vec<&'a Mount> {
+    let dev_path = format!("/dev/{name}");
+    mounts.iter().filter(|m| m.devno == devno || m.source == dev_path).collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard
+22 27 0:21 / /proc rw,relatime - proc proc rw
+90 27 7:3 / /mnt/with\\040space rw,relatime shared:5 master:1 - xfs /dev/loop3 rw,attr2
+91 27 0:45 /@home /home rw - btrfs /dev/sdb2 rw
+garbage line
+";
+
+    #[test]
+    fn parses_fields_and_optional_tags() {
+        let mounts = parse(SAMPLE);
+        assert_eq!(mounts.len(), 4);
+        assert_eq!(mounts[0], Mount { devno: "254:0".into(), mountpoint: "/".into(), fstype: "ext4".into(), source: "/dev/vda".into() });
+        assert_eq!(mounts[2].mountpoint, PathBuf::from("/mnt/with space"));
+        assert_eq!(mounts[2].fstype, "xfs");
+    }
+
+    #[test]
+    fn matches_by_devno_or_source() {
+        let mounts = parse(SAMPLE);
+        let found: Vec<_> = mountpoints_of(&mounts, "7:3", "loop3").iter().map(|m| m.mountpoint.clone()).collect();
+        assert_eq!(found, vec![PathBuf::from("/mnt/with space")]);
+        assert_eq!(mountpoints_of(&mounts, "8:18", "sdb2")[0].mountpoint, PathBuf::from("/home"));
+        assert!(mountpoints_of(&mounts, "8:0", "sda").is_empty());
+    }
+
+    #[test]
+    fn unescape_octal() {
+        assert_eq!(unescape("a\\040b\\011c\\134d"), "a b\tc\\d");
+        assert_eq!(unescape("trailing\\04"), "trailing\\04");
+    }
+}
