@@ -24,6 +24,8 @@ pub enum MkfsError {
     NotBlank { device: PathBuf, found: String },
     #[error("{} was formatted but reads back as {found:?}, not the {fs_type} with UUID {uuid} and label {label:?} the plan asked for", device.display())]
     Verify { device: PathBuf, fs_type: &'static str, uuid: uuid::Uuid, label: String, found: Option<FsIdentity> },
+    #[error("not formatting {} as ext4 with project quota: {reason}; the filesystem could not be mounted. Use a kernel with quota support or a layout without shared directories", device.display())]
+    QuotaUnsupported { device: PathBuf, reason: String },
     #[error(transparent)]
     Probe(#[from] ProbeError),
     #[error(transparent)]
@@ -56,6 +58,7 @@ pub fn make_filesystem(programs: &Programs, device: &Path, fs: &FsSpec) -> Resul
         let list: Vec<String> = found.iter().map(describe_signature).collect();
         return Err(MkfsError::NotBlank { device: device.to_path_buf(), found: list.join(", ") });
     }
+    check_quota_support(device, fs)?;
     // Prove nothing holds the device, then let go: mkfs opens it O_EXCL itself.
     drop(probe::exclusive_open(device)?);
     programs.run(program, &mkfs_args(device, fs))?;
@@ -76,6 +79,21 @@ fn check_label(fs: &FsSpec) -> Result<(), MkfsError> {
         return Err(MkfsError::LabelTooLong { label: fs.label.clone(), fs: fs.fs_type.as_str(), max });
     }
     Ok(())
+}
+
+/// An ext4 made with the quota feature on a kernel without quota support cannot be
+/// mounted at all: refuse before writing anything. (xfs mounts fine; its mount with
+/// prjquota fails later with a clear error.)
+fn check_quota_support(device: &Path, fs: &FsSpec) -> Result<(), MkfsError> {
+    if fs.fs_type != FsType::Ext4 || !fs.project_quota {
+        return Ok(());
+    }
+    match crate::host::quota::kernel_support(FsType::Ext4) {
+        crate::host::quota::QuotaSupport::Unsupported(reason) => {
+            Err(MkfsError::QuotaUnsupported { device: device.to_path_buf(), reason })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The mkfs arguments. Force flags (-f/-F) are passed only because the probe just showed

@@ -18,8 +18,8 @@ pub enum MountError {
     MissingOption { mountpoint: PathBuf, option: &'static str },
     #[error("cannot {what} {}: {source}", path.display())]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
-    #[error("mount {} on {} ({fstype}, {data}): {source}", device.display(), mountpoint.display())]
-    Mount { device: PathBuf, mountpoint: PathBuf, fstype: &'static str, data: String, source: nix::Error },
+    #[error("mount {} on {} ({fstype}, {data}): {source}{hint}", device.display(), mountpoint.display())]
+    Mount { device: PathBuf, mountpoint: PathBuf, fstype: &'static str, data: String, source: nix::Error, hint: String },
     #[error("unmount {}: {source}", mountpoint.display())]
     Unmount { mountpoint: PathBuf, source: nix::Error },
     #[error("no mounted filesystem holds {}", path.display())]
@@ -162,10 +162,22 @@ pub fn mount_filesystem(device: &Path, fs: &FsSpec) -> Result<Outcome, MountErro
     let fstype = fs.fs_type.as_str();
     let data_arg = (!data.is_empty()).then_some(data.as_str());
     nix::mount::mount(Some(device), &fs.mountpoint, Some(fstype), flags, data_arg).map_err(|source| {
-        MountError::Mount { device: device.to_path_buf(), mountpoint: fs.mountpoint.clone(), fstype, data: data.clone(), source }
+        let hint = mount_hint(fs, source);
+        MountError::Mount { device: device.to_path_buf(), mountpoint: fs.mountpoint.clone(), fstype, data: data.clone(), source, hint }
     })?;
     crate::host::failpoint("mount");
     Ok(Outcome::Changed(format!("mounted {} on {}", device.display(), fs.mountpoint.display())))
+}
+
+/// The usual reason a quota mount fails with EINVAL is a kernel without quota support.
+fn mount_hint(fs: &FsSpec, err: nix::Error) -> String {
+    if err != nix::Error::EINVAL || !fs.project_quota {
+        return String::new();
+    }
+    match crate::host::quota::kernel_support(fs.fs_type) {
+        crate::host::quota::QuotaSupport::Unsupported(reason) => format!(" ({reason})"),
+        _ => " (check dmesg: the kernel may lack quota support)".into(),
+    }
 }
 
 fn check_identity(device: &Path, fs: &FsSpec) -> Result<(), MountError> {

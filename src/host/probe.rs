@@ -169,16 +169,31 @@ pub fn exclusive_open(device: &Path) -> Result<File, ProbeError> {
     open_exclusive(device, false)
 }
 
+/// How long an EBUSY from O_EXCL is retried: other probers (udev's blkid, an inventory
+/// run) hold devices exclusively for milliseconds; a mount or holder stays busy.
+const BUSY_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
 fn open_exclusive(device: &Path, write: bool) -> Result<File, ProbeError> {
-    OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
-        .open(device)
-        .map_err(|source| match source.raw_os_error() {
-            Some(libc::EBUSY) => ProbeError::Busy { device: device.to_path_buf() },
-            _ => ProbeError::Open { device: device.to_path_buf(), source },
-        })
+    let deadline = std::time::Instant::now() + BUSY_RETRY;
+    let mut pause = std::time::Duration::from_millis(2);
+    loop {
+        let opened = OpenOptions::new()
+            .read(true)
+            .write(write)
+            .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+            .open(device);
+        match opened {
+            Ok(file) => return Ok(file),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(ProbeError::Busy { device: device.to_path_buf() });
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(100));
+            }
+            Err(source) => return Err(ProbeError::Open { device: device.to_path_buf(), source }),
+        }
+    }
 }
 
 /// Erase every signature on `device` (like `wipefs -a`), holding it exclusively.
