@@ -1,5 +1,6 @@
 //! Root tests of the host layer on loop devices the tests create themselves.
 //! Run: `sudo cargo test --test host_root` (each test skips itself without root).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -288,6 +288,7 @@ pub fn device_size(file: &File, path: &Path) -> Result<u64, BlkpgError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -130,6 +130,7 @@ fn render_argv(path: &Path, args: &[OsString]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;

@@ -177,6 +177,7 @@ pub fn link_block_device(link: &Path, target: &Path) -> Result<Outcome, DirError
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;

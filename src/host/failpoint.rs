@@ -35,6 +35,7 @@ fn is_armed(setting: Option<&str>, name: &str) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::is_armed;
 

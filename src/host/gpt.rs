@@ -205,6 +205,7 @@ fn file_len(file: &File, disk: &Path) -> Result<u64, GptError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 pub(crate) mod tests {
     use super::*;
     use crate::model::PartitionSpec;

@@ -23,7 +23,7 @@ pub enum MkfsError {
     #[error("refusing to format {}: it carries {found}; kvstrap formats only blank devices", device.display())]
     NotBlank { device: PathBuf, found: String },
     #[error("{} was formatted but reads back as {found:?}, not the {fs_type} with UUID {uuid} and label {label:?} the plan asked for", device.display())]
-    Verify { device: PathBuf, fs_type: &'static str, uuid: uuid::Uuid, label: String, found: Option<FsIdentity> },
+    Verify { device: PathBuf, fs_type: &'static str, uuid: uuid::Uuid, label: String, found: Box<Option<FsIdentity>> },
     #[error("not formatting {} as ext4 with project quota: {reason}; the filesystem could not be mounted. Use a kernel with quota support or a layout without shared directories", device.display())]
     QuotaUnsupported { device: PathBuf, reason: String },
     #[error(transparent)]
@@ -49,7 +49,9 @@ pub fn make_filesystem(programs: &Programs, device: &Path, fs: &FsSpec) -> Resul
     };
     programs.require(program)?;
     let found = probe::signatures(device)?;
-    if let Some(existing) = probe::filesystem(device)? {
+    if let Some(existing) = probe::filesystem_of(&found) {
+        // Reused only when it is the one signature there: a filesystem plus, say, an md
+        // superblock is not kvstrap's alone.
         if matches_spec(&existing, fs) && found.len() == 1 {
             return Ok(Outcome::Unchanged);
         }
@@ -128,7 +130,7 @@ fn verify(device: &Path, fs: &FsSpec) -> Result<(), MkfsError> {
         fs_type: fs.fs_type.as_str(),
         uuid: fs.uuid,
         label: fs.label.clone(),
-        found,
+        found: Box::new(found),
     })
 }
 
@@ -141,6 +143,7 @@ fn describe_signature(s: &crate::model::Signature) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

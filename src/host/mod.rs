@@ -73,6 +73,7 @@ pub enum Error {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::Outcome;
 

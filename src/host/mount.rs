@@ -225,6 +225,7 @@ pub fn unmount(mountpoint: &Path) -> Result<Outcome, MountError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::model::FsType;

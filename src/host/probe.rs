@@ -158,10 +158,15 @@ pub fn signatures(device: &Path) -> Result<Vec<Signature>, ProbeError> {
 
 /// The filesystem on `device`, if libblkid recognises one (usage `filesystem`).
 pub fn filesystem(device: &Path) -> Result<Option<FsIdentity>, ProbeError> {
-    Ok(signatures(device)?
-        .into_iter()
+    Ok(filesystem_of(&signatures(device)?))
+}
+
+/// The filesystem among already probed signatures.
+pub fn filesystem_of(signatures: &[Signature]) -> Option<FsIdentity> {
+    signatures
+        .iter()
         .find(|s| s.usage.as_deref() == Some("filesystem"))
-        .map(|s| FsIdentity { fs_type: s.kind, uuid: s.uuid, label: s.label }))
+        .map(|s| FsIdentity { fs_type: s.kind.clone(), uuid: s.uuid.clone(), label: s.label.clone() })
 }
 
 /// Open `device` with O_EXCL: succeeds only when nothing mounts or holds it.
@@ -222,6 +227,7 @@ pub fn wipe_signatures(device: &Path) -> Result<Vec<Found>, ProbeError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

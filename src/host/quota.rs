@@ -282,6 +282,7 @@ fn set_hard_limit(device: &str, path: &Path, id: u32, limit_bb: u64) -> Result<(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
