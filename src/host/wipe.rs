@@ -42,11 +42,18 @@ pub fn wipe_disk(disk: &Path) -> Result<Outcome, WipeError> {
         );
     }
     crate::host::failpoint("wipe_disk");
-    Ok(Outcome::Changed(format!("{}: erased {}", disk.display(), summary(&erased))))
+    Ok(Outcome::Changed(format!(
+        "{}: erased {}",
+        disk.display(),
+        summary(&erased)
+    )))
 }
 
 fn wipe_one(device: &Path) -> Result<Vec<Found>, WipeError> {
-    probe::wipe_signatures(device).map_err(|source| WipeError::Probe { device: device.to_path_buf(), source })
+    probe::wipe_signatures(device).map_err(|source| WipeError::Probe {
+        device: device.to_path_buf(),
+        source,
+    })
 }
 
 fn summary(erased: &[(PathBuf, Found)]) -> String {
