@@ -307,7 +307,7 @@ pub enum Step {
     /// Write a fresh GPT with the whole layout and tell the kernel (BLKPG).
     WritePartitionTable { disk: PathBuf, layout: DiskLayout, reason: String },
     /// Tell the kernel about partitions that are on disk but have no device node.
-    AddPartitionNodes { disk: PathBuf, numbers: Vec<u32>, reason: String },
+    AddPartitionNodes { disk: PathBuf, layout: DiskLayout, numbers: Vec<u32>, reason: String },
     MakeFilesystem {
         disk: PathBuf,
         device: PathBuf,

@@ -11,7 +11,8 @@ pub trait Effects: Sync {
     fn wipe_disk(&self, disk: &Path, identity: &str) -> Result<Outcome, ApplyError>;
     /// Re-check the disk is still blank, write the GPT, and create the partition nodes.
     fn write_partition_table(&self, layout: &DiskLayout) -> Result<Outcome, ApplyError>;
-    fn sync_partitions(&self, disk: &Path) -> Result<Outcome, ApplyError>;
+    /// Tell the kernel about the layout's partitions (BLKPG) and wait for their nodes.
+    fn sync_partitions(&self, layout: &DiskLayout) -> Result<Outcome, ApplyError>;
     fn make_filesystem(
         &self,
         device: &Path,

@@ -1,18 +1,148 @@
-//! placeholder
+//! The real effects: each step re-checks the machine right before it acts (same disk
+//! identity, still blank, nothing holding it) and then calls `crate::host`.
+
 use super::effects::Effects;
 use super::ApplyError;
-use crate::host::Outcome;
-use crate::model::{DiskLayout, FsType, Owner};
-use std::path::Path;
-pub struct HostEffects;
-impl HostEffects { pub fn new(_: &Path) -> Result<HostEffects, ApplyError> { Ok(HostEffects) } }
+use crate::host::cmd::{Program, Programs};
+use crate::host::{self, Outcome};
+use crate::model::{Disk, DiskLayout, FsSpec, FsType, Owner};
+use std::path::{Path, PathBuf};
+
+pub struct HostEffects {
+    programs: Programs,
+}
+
+impl HostEffects {
+    /// Finds mkfs.xfs/mkfs.ext4 once, so a missing tool is reported before any disk is touched.
+    pub fn new(_state_dir: &Path) -> Result<HostEffects, ApplyError> {
+        Ok(HostEffects { programs: Programs::discover() })
+    }
+
+    /// Fail early when a needed program is missing.
+    pub fn check_programs(&self, fs_types: &[FsType]) -> Result<(), ApplyError> {
+        let needed: Vec<Program> = fs_types
+            .iter()
+            .map(|f| match f {
+                FsType::Xfs => Program::MkfsXfs,
+                FsType::Ext4 => Program::MkfsExt4,
+            })
+            .collect();
+        self.programs.check(&needed).map_err(|e| ApplyError::Host(e.into()))
+    }
+}
+
+fn refused(step: &str, disk: &Path, why: impl Into<String>) -> ApplyError {
+    ApplyError::Refused { step: format!("{step} on {}", disk.display()), why: why.into() }
+}
+
+/// The identity (WWN, serial, loop file) of the disk at `disk` right now, from sysfs.
+fn identity_now(disk: &Path) -> String {
+    let name = disk.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let sys = crate::inventory::sysfs::read_disk(Path::new("/sys"), &name);
+    let d = Disk {
+        path: disk.to_path_buf(),
+        serial: sys.serial,
+        wwn: sys.wwn,
+        backing_file: sys.backing_file,
+        ..Disk::default()
+    };
+    crate::plan::identity::disk_identity(&d)
+}
+
+fn check_identity(step: &str, disk: &Path, planned: &str) -> Result<(), ApplyError> {
+    let now = identity_now(disk);
+    if now != planned {
+        return Err(refused(step, disk, format!("the disk is now {now}, not the {planned} that was planned; run plan again")));
+    }
+    Ok(())
+}
+
 impl Effects for HostEffects {
-    fn wipe_disk(&self, _: &Path, _: &str) -> Result<Outcome, ApplyError> { todo!() }
-    fn write_partition_table(&self, _: &DiskLayout) -> Result<Outcome, ApplyError> { todo!() }
-    fn sync_partitions(&self, _: &Path) -> Result<Outcome, ApplyError> { todo!() }
-    fn make_filesystem(&self, _: &Path, _: FsType, _: &uuid::Uuid, _: &str, _: bool) -> Result<Outcome, ApplyError> { todo!() }
-    fn mount(&self, _: &Path, _: &uuid::Uuid, _: FsType, _: &Path, _: &[String]) -> Result<Outcome, ApplyError> { todo!() }
-    fn directory(&self, _: &Path, _: &Owner) -> Result<Outcome, ApplyError> { todo!() }
-    fn quota(&self, _: &Path, _: &Path, _: u32, _: u64) -> Result<Outcome, ApplyError> { todo!() }
-    fn link_block_device(&self, _: &Path, _: &Path, _: &uuid::Uuid) -> Result<Outcome, ApplyError> { todo!() }
+    fn wipe_disk(&self, disk: &Path, identity: &str) -> Result<Outcome, ApplyError> {
+        check_identity("wipe", disk, identity)?;
+        Ok(host::wipe::wipe_disk(disk).map_err(host::Error::from)?)
+    }
+
+    fn write_partition_table(&self, layout: &DiskLayout) -> Result<Outcome, ApplyError> {
+        let disk = &layout.disk;
+        check_identity("write partition table", disk, &layout.identity)?;
+        // Still blank, or already carrying exactly this table (a run that died after the
+        // write): anything else appeared since the plan was made and is not ours.
+        let sigs = host::probe::signatures(disk).map_err(host::Error::from)?;
+        let foreign: Vec<&str> = sigs.iter().map(|s| s.kind.as_str()).filter(|k| *k != "gpt" && *k != "PMBR").collect();
+        if !foreign.is_empty() {
+            return Err(refused("write partition table", disk, format!("it now carries {}", foreign.join(", "))));
+        }
+        if sigs.iter().any(|s| s.kind == "gpt") {
+            let table = host::gpt::read_partition_table(disk).map_err(host::Error::from)?;
+            if table.as_ref() != Some(&host::gpt::GptTable::from_layout(layout)) {
+                return Err(refused("write partition table", disk, "a partition table appeared since the plan was made"));
+            }
+        }
+        drop(host::probe::exclusive_open(disk).map_err(host::Error::from)?);
+        let written = host::gpt::write_partition_table(layout).map_err(host::Error::from)?;
+        let synced = host::blkpg::sync_partitions(disk, &layout.partitions).map_err(host::Error::from)?;
+        Ok(written.and(synced))
+    }
+
+    fn sync_partitions(&self, layout: &DiskLayout) -> Result<Outcome, ApplyError> {
+        check_identity("add partition nodes", &layout.disk, &layout.identity)?;
+        let table = host::gpt::read_partition_table(&layout.disk).map_err(host::Error::from)?;
+        if table.as_ref() != Some(&host::gpt::GptTable::from_layout(layout)) {
+            return Err(refused("add partition nodes", &layout.disk, "the GPT on disk is not the one planned"));
+        }
+        Ok(host::blkpg::sync_partitions(&layout.disk, &layout.partitions).map_err(host::Error::from)?)
+    }
+
+    fn make_filesystem(
+        &self,
+        device: &Path,
+        fs_type: FsType,
+        uuid: &uuid::Uuid,
+        label: &str,
+        project_quota: bool,
+    ) -> Result<Outcome, ApplyError> {
+        let spec = fs_spec(fs_type, uuid, label, project_quota, PathBuf::new(), Vec::new());
+        Ok(host::mkfs::make_filesystem(&self.programs, device, &spec).map_err(host::Error::from)?)
+    }
+
+    fn mount(
+        &self,
+        device: &Path,
+        fs_uuid: &uuid::Uuid,
+        fs_type: FsType,
+        mountpoint: &Path,
+        options: &[String],
+    ) -> Result<Outcome, ApplyError> {
+        let project_quota = options.iter().any(|o| o == "prjquota");
+        let options: Vec<String> = options.iter().filter(|o| *o != "prjquota").cloned().collect();
+        let label = crate::plan::identity::filesystem_label(fs_uuid);
+        let spec = fs_spec(fs_type, fs_uuid, &label, project_quota, mountpoint.to_path_buf(), options);
+        Ok(host::mount::mount_filesystem(device, &spec).map_err(host::Error::from)?)
+    }
+
+    fn directory(&self, path: &Path, owner: &Owner) -> Result<Outcome, ApplyError> {
+        let made = host::dirs::create_directory(path, owner).map_err(host::Error::from)?;
+        let owned = host::dirs::set_ownership(path, owner).map_err(host::Error::from)?;
+        Ok(made.and(owned))
+    }
+
+    fn quota(&self, path: &Path, _mountpoint: &Path, project_id: u32, bytes: u64) -> Result<Outcome, ApplyError> {
+        Ok(host::quota::set_quota(path, project_id, bytes).map_err(host::Error::from)?)
+    }
+
+    fn link_block_device(&self, link: &Path, target: &Path, _part_uuid: &uuid::Uuid) -> Result<Outcome, ApplyError> {
+        Ok(host::dirs::link_block_device(link, target).map_err(host::Error::from)?)
+    }
+}
+
+fn fs_spec(
+    fs_type: FsType,
+    uuid: &uuid::Uuid,
+    label: &str,
+    project_quota: bool,
+    mountpoint: PathBuf,
+    mount_options: Vec<String>,
+) -> FsSpec {
+    FsSpec { fs_type, uuid: *uuid, label: label.to_string(), project_quota, mountpoint, mount_options }
 }

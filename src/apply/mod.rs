@@ -166,7 +166,7 @@ fn run_step(step: &Step, fx: &dyn Effects) -> Result<Outcome, ApplyError> {
     match step {
         Step::WipeDisk { disk, identity, .. } => fx.wipe_disk(disk, identity),
         Step::WritePartitionTable { layout, .. } => fx.write_partition_table(layout),
-        Step::AddPartitionNodes { disk, .. } => fx.sync_partitions(disk),
+        Step::AddPartitionNodes { layout, .. } => fx.sync_partitions(layout),
         Step::MakeFilesystem { device, fs_type, uuid, label, project_quota, .. } => {
             fx.make_filesystem(device, *fs_type, uuid, label, *project_quota)
         }

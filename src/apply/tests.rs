@@ -32,8 +32,8 @@ impl Effects for Recorder {
     fn write_partition_table(&self, layout: &DiskLayout) -> Result<Outcome, ApplyError> {
         self.call(format!("gpt {}", layout.disk.display()))
     }
-    fn sync_partitions(&self, disk: &Path) -> Result<Outcome, ApplyError> {
-        self.call(format!("sync {}", disk.display()))
+    fn sync_partitions(&self, layout: &DiskLayout) -> Result<Outcome, ApplyError> {
+        self.call(format!("sync {}", layout.disk.display()))
     }
     fn make_filesystem(&self, device: &Path, _: FsType, _: &uuid::Uuid, _: &str, _: bool) -> Result<Outcome, ApplyError> {
         self.call(format!("mkfs {}", device.display()))

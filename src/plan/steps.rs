@@ -34,6 +34,17 @@ pub struct Adoption {
 pub fn adopt_disk(plan: &DiskPlan, disk: &Disk, inventory: &Inventory) -> Result<Adoption, String> {
     check_same_layout(plan, disk)?;
     let mut out = Adoption::default();
+    // After a reboot the kernel may not know partitions kvstrap wrote (loop devices
+    // attached without partition scanning, or a table written just before a crash).
+    let missing: Vec<u32> = disk.partitions.iter().filter(|p| !p.in_kernel).map(|p| p.number).collect();
+    if !missing.is_empty() {
+        out.steps.push(Step::AddPartitionNodes {
+            disk: plan.layout.disk.clone(),
+            layout: plan.layout.clone(),
+            numbers: missing,
+            reason: "the kernel does not know these partitions yet".into(),
+        });
+    }
     for part in &plan.layout.partitions {
         let observed = disk.partitions.iter().find(|p| p.number == part.number);
         let signatures = observed.map(|p| p.signatures.as_slice()).unwrap_or_default();

@@ -248,6 +248,7 @@ fn converged(p: &Plan, mut disks: Vec<Disk>) -> Inventory {
                         })
                         .collect(),
                     mountpoints: part.filesystem.iter().map(|f| f.mountpoint.clone()).collect(),
+                    in_kernel: true,
                     ..Default::default()
                 })
                 .collect();

@@ -1,0 +1,432 @@
+//! Telling the kernel about partitions with BLKPG ioctls (what `partx` does), and waiting
+//! for their device nodes. BLKRRPART is not used: on loop devices it creates no nodes.
+
+use crate::host::Outcome;
+use crate::model::PartitionSpec;
+use std::ffi::c_int;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const BLKPG_ADD_PARTITION: c_int = 1;
+const BLKPG_DEL_PARTITION: c_int = 2;
+const BLKPG_RESIZE_PARTITION: c_int = 3;
+
+/// `struct blkpg_partition` from linux/blkpg.h.
+#[repr(C)]
+struct BlkpgPartition {
+    start: i64,
+    length: i64,
+    pno: c_int,
+    devname: [u8; 64],
+    volname: [u8; 64],
+}
+
+/// `struct blkpg_ioctl_arg` from linux/blkpg.h.
+#[repr(C)]
+struct BlkpgIoctlArg {
+    op: c_int,
+    flags: c_int,
+    datalen: c_int,
+    data: *mut BlkpgPartition,
+}
+
+nix::ioctl_write_ptr_bad!(
+    blkpg_ioctl,
+    nix::request_code_none!(0x12, 105),
+    BlkpgIoctlArg
+);
+nix::ioctl_read_bad!(blksszget, nix::request_code_none!(0x12, 104), c_int);
+nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+
+/// How long to wait for a partition node to appear before falling back to mknod.
+const NODE_WAIT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlkpgError {
+    #[error("cannot open {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("BLKPG {op} of partition {number} on {}: {source}{hint}", disk.display())]
+    Ioctl {
+        op: &'static str,
+        disk: PathBuf,
+        number: u32,
+        source: nix::Error,
+        hint: &'static str,
+    },
+    #[error("{} ioctl on {}: {source}", what, path.display())]
+    Query {
+        what: &'static str,
+        path: PathBuf,
+        source: nix::Error,
+    },
+    #[error("cannot read the kernel's partitions of {} from {}: {source}", disk.display(), sysfs.display())]
+    Sysfs {
+        disk: PathBuf,
+        sysfs: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} is not a device name kvstrap understands", path.display())]
+    BadName { path: PathBuf },
+    #[error("partition node {} did not appear and could not be created: {detail}", node.display())]
+    NodeMissing { node: PathBuf, detail: String },
+}
+
+/// A partition as the kernel currently sees it (`/sys/class/block/<disk>/<part>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelPartition {
+    pub number: u32,
+    /// Kernel name, e.g. `loop3p1`.
+    pub name: String,
+    pub start_bytes: u64,
+    pub size_bytes: u64,
+}
+
+/// What `sync_partitions` has to do, decided purely from the two lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PartitionDelta {
+    pub delete: Vec<u32>,
+    pub resize: Vec<(u32, u64, u64)>,
+    pub add: Vec<(u32, u64, u64)>,
+}
+
+impl PartitionDelta {
+    pub fn is_empty(&self) -> bool {
+        self.delete.is_empty() && self.resize.is_empty() && self.add.is_empty()
+    }
+}
+
+/// Compare the kernel's view with the desired layout. A partition with the same number
+/// and start but another length is resized; a different start means delete and add.
+pub fn partition_delta(kernel: &[KernelPartition], wanted: &[PartitionSpec]) -> PartitionDelta {
+    let mut delta = PartitionDelta::default();
+    for k in kernel {
+        match wanted.iter().find(|w| w.number == k.number) {
+            Some(w) if w.start_bytes == k.start_bytes && w.size_bytes == k.size_bytes => {}
+            Some(w) if w.start_bytes == k.start_bytes => {
+                delta.resize.push((w.number, w.start_bytes, w.size_bytes))
+            }
+            _ => delta.delete.push(k.number),
+        }
+    }
+    for w in wanted {
+        let kept = kernel
+            .iter()
+            .any(|k| k.number == w.number && k.start_bytes == w.start_bytes);
+        if !kept {
+            delta.add.push((w.number, w.start_bytes, w.size_bytes));
+        }
+    }
+    delta
+}
+
+/// Make the kernel's partitions of `disk` exactly `wanted`, then wait for the nodes.
+pub fn sync_partitions(disk: &Path, wanted: &[PartitionSpec]) -> Result<Outcome, BlkpgError> {
+    let kernel = kernel_partitions(disk)?;
+    let delta = partition_delta(&kernel, wanted);
+    if !delta.is_empty() {
+        apply_delta(disk, &delta)?;
+    }
+    let created = wanted
+        .iter()
+        .map(|w| wait_for_node(&w.device))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mknods: Vec<String> = created.into_iter().flatten().collect();
+    if delta.is_empty() && mknods.is_empty() {
+        return Ok(Outcome::Unchanged);
+    }
+    crate::host::failpoint("sync_partitions");
+    Ok(Outcome::Changed(describe(disk, &delta, &mknods)))
+}
+
+fn apply_delta(disk: &Path, delta: &PartitionDelta) -> Result<(), BlkpgError> {
+    let file = open_disk(disk)?;
+    for &n in &delta.delete {
+        blkpg(&file, disk, BLKPG_DEL_PARTITION, n, 0, 0)?;
+    }
+    for &(n, start, len) in &delta.resize {
+        blkpg(&file, disk, BLKPG_RESIZE_PARTITION, n, start, len)?;
+    }
+    for &(n, start, len) in &delta.add {
+        blkpg(&file, disk, BLKPG_ADD_PARTITION, n, start, len)?;
+    }
+    Ok(())
+}
+
+fn describe(disk: &Path, delta: &PartitionDelta, mknods: &[String]) -> String {
+    let mut parts = Vec::new();
+    if !delta.delete.is_empty() {
+        parts.push(format!("deleted kernel partitions {:?}", delta.delete));
+    }
+    if !delta.resize.is_empty() {
+        parts.push(format!(
+            "resized {:?}",
+            delta.resize.iter().map(|r| r.0).collect::<Vec<_>>()
+        ));
+    }
+    if !delta.add.is_empty() {
+        parts.push(format!(
+            "added {:?}",
+            delta.add.iter().map(|a| a.0).collect::<Vec<_>>()
+        ));
+    }
+    if !mknods.is_empty() {
+        parts.push(format!("created nodes {}", mknods.join(", ")));
+    }
+    format!("{}: {}", disk.display(), parts.join(", "))
+}
+
+fn open_disk(disk: &Path) -> Result<File, BlkpgError> {
+    File::open(disk).map_err(|source| BlkpgError::Open {
+        path: disk.to_path_buf(),
+        source,
+    })
+}
+
+fn blkpg(
+    file: &File,
+    disk: &Path,
+    op: c_int,
+    number: u32,
+    start: u64,
+    len: u64,
+) -> Result<(), BlkpgError> {
+    let op_name = match op {
+        BLKPG_ADD_PARTITION => "add",
+        BLKPG_DEL_PARTITION => "delete",
+        _ => "resize",
+    };
+    let too_big = |_| BlkpgError::Ioctl {
+        op: op_name,
+        disk: disk.to_path_buf(),
+        number,
+        source: nix::Error::EOVERFLOW,
+        hint: "",
+    };
+    let mut part = BlkpgPartition {
+        start: i64::try_from(start).map_err(too_big)?,
+        length: i64::try_from(len).map_err(too_big)?,
+        pno: c_int::try_from(number).map_err(too_big)?,
+        devname: [0; 64],
+        volname: [0; 64],
+    };
+    let arg = BlkpgIoctlArg {
+        op,
+        flags: 0,
+        datalen: c_int::try_from(std::mem::size_of::<BlkpgPartition>()).unwrap_or(c_int::MAX),
+        data: &mut part,
+    };
+    // SAFETY: `arg` points to a live, correctly laid out blkpg_partition for the call.
+    unsafe { blkpg_ioctl(file.as_raw_fd(), &arg) }
+        .map(drop)
+        .map_err(|source| BlkpgError::Ioctl {
+            op: op_name,
+            disk: disk.to_path_buf(),
+            number,
+            source,
+            hint: if source == nix::Error::EBUSY {
+                " (the partition is in use: unmount it first)"
+            } else {
+                ""
+            },
+        })
+}
+
+/// The kernel's partitions of `disk`, read from sysfs, ordered by number.
+pub fn kernel_partitions(disk: &Path) -> Result<Vec<KernelPartition>, BlkpgError> {
+    let name = kernel_name(disk)?;
+    let sysfs = Path::new("/sys/class/block").join(&name);
+    let err = |source| BlkpgError::Sysfs {
+        disk: disk.to_path_buf(),
+        sysfs: sysfs.clone(),
+        source,
+    };
+    let mut parts = Vec::new();
+    for entry in std::fs::read_dir(&sysfs).map_err(err)? {
+        let entry = entry.map_err(err)?;
+        let dir = entry.path();
+        let Ok(number) = read_sysfs_u64(&dir.join("partition")) else {
+            continue;
+        };
+        parts.push(KernelPartition {
+            number: u32::try_from(number).unwrap_or(u32::MAX),
+            name: entry.file_name().to_string_lossy().into_owned(),
+            // sysfs counts in 512-byte sectors whatever the logical block size.
+            start_bytes: read_sysfs_u64(&dir.join("start")).map_err(err)? * 512,
+            size_bytes: read_sysfs_u64(&dir.join("size")).map_err(err)? * 512,
+        });
+    }
+    parts.sort_by_key(|p| p.number);
+    Ok(parts)
+}
+
+fn read_sysfs_u64(path: &Path) -> std::io::Result<u64> {
+    let text = std::fs::read_to_string(path)?;
+    text.trim()
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+fn kernel_name(dev: &Path) -> Result<String, BlkpgError> {
+    dev.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty() && !n.contains('/'))
+        .ok_or_else(|| BlkpgError::BadName {
+            path: dev.to_path_buf(),
+        })
+}
+
+/// Wait until `node` is a block device with the number sysfs gives it. devtmpfs makes
+/// the node asynchronously; poll with a growing backoff, then fall back to mknod.
+/// Returns the node name when it had to be created here.
+fn wait_for_node(node: &Path) -> Result<Option<String>, BlkpgError> {
+    let name = kernel_name(node)?;
+    let dev_file = Path::new("/sys/class/block").join(&name).join("dev");
+    let deadline = Instant::now() + NODE_WAIT;
+    let mut pause = Duration::from_micros(200);
+    loop {
+        let want = std::fs::read_to_string(&dev_file)
+            .ok()
+            .and_then(|s| parse_devno(&s));
+        if let Some(want) = want {
+            if node_has_devno(node, want) {
+                return Ok(None);
+            }
+        }
+        if Instant::now() >= deadline {
+            return mknod_fallback(node, want).map(|()| Some(name));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+fn node_has_devno(node: &Path, devno: u64) -> bool {
+    std::fs::metadata(node).is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == devno)
+}
+
+fn mknod_fallback(node: &Path, want: Option<u64>) -> Result<(), BlkpgError> {
+    let missing = |detail: String| BlkpgError::NodeMissing {
+        node: node.to_path_buf(),
+        detail,
+    };
+    let devno = want.ok_or_else(|| missing("the kernel does not know the partition".into()))?;
+    tracing::info!(node = %node.display(), "partition node did not appear: creating it with mknod");
+    // A stale node (wrong number) from an earlier layout is replaced.
+    if std::fs::symlink_metadata(node).is_ok() {
+        std::fs::remove_file(node).map_err(|e| missing(format!("removing stale node: {e}")))?;
+    }
+    let mode = nix::sys::stat::Mode::from_bits_truncate(0o660);
+    nix::sys::stat::mknod(node, nix::sys::stat::SFlag::S_IFBLK, mode, devno)
+        .map_err(|e| missing(format!("mknod: {e}")))
+}
+
+/// Parse sysfs `MAJ:MIN` into a dev_t.
+pub fn parse_devno(text: &str) -> Option<u64> {
+    let (maj, min) = text.trim().split_once(':')?;
+    Some(nix::sys::stat::makedev(
+        maj.parse().ok()?,
+        min.parse().ok()?,
+    ))
+}
+
+/// Logical sector size of a block device (BLKSSZGET).
+pub fn logical_sector_size(file: &File, path: &Path) -> Result<u32, BlkpgError> {
+    let mut size: c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer.
+    unsafe { blksszget(file.as_raw_fd(), &mut size) }.map_err(|source| BlkpgError::Query {
+        what: "BLKSSZGET",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(u32::try_from(size).unwrap_or(512))
+}
+
+/// Size in bytes of a block device (BLKGETSIZE64).
+pub fn device_size(file: &File, path: &Path) -> Result<u64, BlkpgError> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
+    unsafe { blkgetsize64(file.as_raw_fd(), &mut size) }.map_err(|source| BlkpgError::Query {
+        what: "BLKGETSIZE64",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(size)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn spec(number: u32, start: u64, size: u64) -> PartitionSpec {
+        PartitionSpec {
+            number,
+            start_bytes: start,
+            size_bytes: size,
+            part_uuid: uuid::Uuid::nil(),
+            name: format!("p{number}"),
+            device: PathBuf::from(format!("/dev/loop9p{number}")),
+            filesystem: None,
+        }
+    }
+
+    fn kp(number: u32, start: u64, size: u64) -> KernelPartition {
+        KernelPartition {
+            number,
+            name: format!("loop9p{number}"),
+            start_bytes: start,
+            size_bytes: size,
+        }
+    }
+
+    #[test]
+    fn matching_partitions_need_nothing() {
+        let d = partition_delta(&[kp(1, 1 << 20, 4 << 20)], &[spec(1, 1 << 20, 4 << 20)]);
+        assert!(d.is_empty());
+    }
+
+    #[test]
+    fn delta_deletes_resizes_and_adds() {
+        let kernel = [
+            kp(1, 1 << 20, 4 << 20),
+            kp(2, 5 << 20, 4 << 20),
+            kp(5, 9 << 20, 1 << 20),
+        ];
+        let wanted = [
+            spec(1, 1 << 20, 8 << 20),
+            spec(2, 9 << 20, 4 << 20),
+            spec(3, 13 << 20, 1 << 20),
+        ];
+        let d = partition_delta(&kernel, &wanted);
+        assert_eq!(d.delete, vec![2, 5]);
+        assert_eq!(d.resize, vec![(1, 1 << 20, 8 << 20)]);
+        assert_eq!(d.add, vec![(2, 9 << 20, 4 << 20), (3, 13 << 20, 1 << 20)]);
+    }
+
+    #[test]
+    fn empty_layout_deletes_everything() {
+        let d = partition_delta(&[kp(1, 1 << 20, 1 << 20), kp(2, 2 << 20, 1 << 20)], &[]);
+        assert_eq!(d.delete, vec![1, 2]);
+        assert!(d.add.is_empty() && d.resize.is_empty());
+    }
+
+    #[test]
+    fn parses_sysfs_devno() {
+        assert_eq!(
+            parse_devno("259:3\n"),
+            Some(nix::sys::stat::makedev(259, 3))
+        );
+        assert_eq!(parse_devno("garbage"), None);
+    }
+
+    #[test]
+    fn ioctl_struct_matches_the_kernel_abi() {
+        assert_eq!(std::mem::size_of::<BlkpgPartition>(), 152);
+    }
+}

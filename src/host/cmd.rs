@@ -1,0 +1,204 @@
+//! Running external programs (mkfs.xfs, mkfs.ext4, xfs_quota): absolute paths resolved
+//! once at start-up, failures that carry argv, exit status and stderr.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Directories searched for programs, in order. PATH is deliberately not used: a daemon
+/// that formats disks must not run whatever `mkfs.xfs` comes first in someone's PATH.
+pub const SEARCH_DIRS: &[&str] = &["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
+
+/// The programs kvstrap runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Program {
+    MkfsXfs,
+    MkfsExt4,
+    XfsQuota,
+}
+
+impl Program {
+    pub const ALL: [Program; 3] = [Program::MkfsXfs, Program::MkfsExt4, Program::XfsQuota];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Program::MkfsXfs => "mkfs.xfs",
+            Program::MkfsExt4 => "mkfs.ext4",
+            Program::XfsQuota => "xfs_quota",
+        }
+    }
+
+    /// The distribution package that ships the program, for error messages.
+    pub fn package(self) -> &'static str {
+        match self {
+            Program::MkfsXfs | Program::XfsQuota => "xfsprogs",
+            Program::MkfsExt4 => "e2fsprogs",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CmdError {
+    #[error("{program} not found in {searched}: install the {package} package")]
+    NotFound {
+        program: &'static str,
+        package: &'static str,
+        searched: String,
+    },
+    #[error("could not start `{argv}`: {source}")]
+    Spawn {
+        argv: String,
+        source: std::io::Error,
+    },
+    #[error("`{argv}` failed ({status}): {stderr}")]
+    Failed {
+        argv: String,
+        status: String,
+        stderr: String,
+    },
+}
+
+/// Absolute paths of the programs found on this machine.
+#[derive(Debug, Clone, Default)]
+pub struct Programs {
+    found: Vec<(Program, PathBuf)>,
+}
+
+impl Programs {
+    /// Look every program up once, in [`SEARCH_DIRS`]. Missing programs are not an error
+    /// here: only the steps that need them fail (see [`Programs::require`]).
+    pub fn discover() -> Programs {
+        Programs::discover_in(SEARCH_DIRS.iter().map(Path::new))
+    }
+
+    pub fn discover_in<'a>(dirs: impl Iterator<Item = &'a Path> + Clone) -> Programs {
+        let found = Program::ALL
+            .iter()
+            .filter_map(|&p| find_executable(dirs.clone(), p.name()).map(|path| (p, path)))
+            .collect();
+        Programs { found }
+    }
+
+    /// The absolute path of `program`, or an error naming the package to install.
+    pub fn require(&self, program: Program) -> Result<&Path, CmdError> {
+        self.found
+            .iter()
+            .find(|(p, _)| *p == program)
+            .map(|(_, path)| path.as_path())
+            .ok_or(CmdError::NotFound {
+                program: program.name(),
+                package: program.package(),
+                searched: SEARCH_DIRS.join(", "),
+            })
+    }
+
+    /// Check at start-up that every program a plan needs is there.
+    pub fn check(&self, needed: &[Program]) -> Result<(), CmdError> {
+        needed.iter().try_for_each(|&p| self.require(p).map(|_| ()))
+    }
+
+    /// Run `program` with `args`; Ok(stdout) when it exits 0.
+    pub fn run(&self, program: Program, args: &[OsString]) -> Result<String, CmdError> {
+        let path = self.require(program)?;
+        run_path(path, args)
+    }
+}
+
+/// Run an absolute path with arguments; stdin is closed so a program never waits for a
+/// confirmation that no one will type.
+pub fn run_path(path: &Path, args: &[OsString]) -> Result<String, CmdError> {
+    let argv = render_argv(path, args);
+    tracing::debug!(%argv, "running");
+    let out = Command::new(path)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(|source| CmdError::Spawn {
+            argv: argv.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(CmdError::Failed {
+            argv,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn find_executable<'a>(mut dirs: impl Iterator<Item = &'a Path>, name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    dirs.find_map(|d| {
+        let candidate = d.join(name);
+        let meta = std::fs::metadata(&candidate).ok()?;
+        (meta.is_file() && meta.permissions().mode() & 0o111 != 0).then_some(candidate)
+    })
+}
+
+fn render_argv(path: &Path, args: &[OsString]) -> String {
+    std::iter::once(path.as_os_str())
+        .chain(args.iter().map(OsString::as_os_str))
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn fake_program(dir: &Path, name: &str, script: &str) {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[test]
+    fn discovers_only_executables_in_the_given_dirs() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        fake_program(b.path(), "mkfs.xfs", "exit 0");
+        std::fs::write(a.path().join("mkfs.ext4"), "not executable").unwrap();
+        let progs = Programs::discover_in([a.path(), b.path()].into_iter());
+        assert_eq!(
+            progs.require(Program::MkfsXfs).unwrap(),
+            b.path().join("mkfs.xfs")
+        );
+        let err = progs.require(Program::MkfsExt4).unwrap_err().to_string();
+        assert!(
+            err.contains("mkfs.ext4 not found") && err.contains("e2fsprogs"),
+            "{err}"
+        );
+        assert!(progs.check(&[Program::MkfsXfs]).is_ok());
+        assert!(progs.check(&[Program::MkfsXfs, Program::XfsQuota]).is_err());
+    }
+
+    #[test]
+    fn failure_carries_argv_status_and_stderr() {
+        let d = tempfile::tempdir().unwrap();
+        fake_program(d.path(), "mkfs.xfs", "echo 'no such device' >&2; exit 3");
+        let progs = Programs::discover_in([d.path()].into_iter());
+        let err = progs
+            .run(Program::MkfsXfs, &["-f".into(), "/dev/x".into()])
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("mkfs.xfs -f /dev/x"), "{msg}");
+        assert!(msg.contains("exit status: 3"), "{msg}");
+        assert!(msg.contains("no such device"), "{msg}");
+    }
+
+    #[test]
+    fn success_returns_stdout() {
+        let d = tempfile::tempdir().unwrap();
+        fake_program(d.path(), "xfs_quota", "echo \"$@\"");
+        let progs = Programs::discover_in([d.path()].into_iter());
+        assert_eq!(
+            progs.run(Program::XfsQuota, &["-x".into()]).unwrap(),
+            "-x\n"
+        );
+    }
+}

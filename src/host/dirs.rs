@@ -1,0 +1,346 @@
+//! Volume directories (owner, group, mode, SELinux label) and the stable symlinks to the
+//! partitions of Block volumes. Never follows a symlink it did not create.
+
+use crate::host::Outcome;
+use crate::model::Owner;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{fstat, Mode};
+use nix::unistd::{Gid, Uid};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+/// The SELinux context KubeVirt's virt-launcher needs on disk images.
+pub const SELINUX_CONTEXT: &str = "system_u:object_r:container_file_t:s0";
+const SELINUX_XATTR: &str = "security.selinux";
+const SELINUX_ENFORCE: &str = "/sys/fs/selinux/enforce";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirError {
+    #[error("{} must be an absolute path with a parent and a plain final name", path.display())]
+    BadPath { path: PathBuf },
+    #[error("{} is a symlink or not a directory: kvstrap does not follow or replace it", path.display())]
+    NotADirectory { path: PathBuf },
+    #[error("{} exists and is not a symlink: kvstrap does not replace it", path.display())]
+    NotASymlink { path: PathBuf },
+    #[error("cannot {what} {}: {source}", path.display())]
+    Sys {
+        what: &'static str,
+        path: PathBuf,
+        source: nix::Error,
+    },
+    #[error("cannot {what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// True when SELinux is enabled on this machine.
+pub fn selinux_enabled() -> bool {
+    Path::new(SELINUX_ENFORCE).exists()
+}
+
+/// Create the directory `path` (its parent must exist) with `owner`, or correct the owner,
+/// mode and SELinux label of an existing one.
+pub fn create_directory(path: &Path, owner: &Owner) -> Result<Outcome, DirError> {
+    let (parent, name) = split(path)?;
+    let parent_fd = open_dir(None, parent, path)?;
+    let mode = Mode::from_bits_truncate(owner.mode & 0o7777);
+    let created = match nix::sys::stat::mkdirat(Some(parent_fd.as_raw_fd()), name, mode) {
+        Ok(()) => true,
+        Err(nix::Error::EEXIST) => false,
+        Err(source) => {
+            return Err(DirError::Sys {
+                what: "create directory",
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let fd = open_dir(Some(&parent_fd), Path::new(name), path)?;
+    let fixed = ensure_owner(&fd, path, owner)?;
+    let labelled = ensure_selinux_label(&fd, path)?;
+    let outcome = match (created, fixed || labelled) {
+        (true, _) => Outcome::Changed(format!("created {} {}", path.display(), describe(owner))),
+        (false, true) => Outcome::Changed(format!("set {} on {}", describe(owner), path.display())),
+        (false, false) => return Ok(Outcome::Unchanged),
+    };
+    crate::host::failpoint("create_directory");
+    Ok(outcome)
+}
+
+/// Correct owner and mode of an existing directory (Step::SetOwnership).
+pub fn set_ownership(path: &Path, owner: &Owner) -> Result<Outcome, DirError> {
+    let (parent, name) = split(path)?;
+    let parent_fd = open_dir(None, parent, path)?;
+    let fd = open_dir(Some(&parent_fd), Path::new(name), path)?;
+    if ensure_owner(&fd, path, owner)? {
+        return Ok(Outcome::Changed(format!(
+            "set {} on {}",
+            describe(owner),
+            path.display()
+        )));
+    }
+    Ok(Outcome::Unchanged)
+}
+
+fn describe(owner: &Owner) -> String {
+    format!("{}:{} mode {:04o}", owner.uid, owner.gid, owner.mode)
+}
+
+fn split(path: &Path) -> Result<(&Path, &str), DirError> {
+    let bad = || DirError::BadPath {
+        path: path.to_path_buf(),
+    };
+    let parent = path
+        .parent()
+        .filter(|p| path.is_absolute() && !p.as_os_str().is_empty())
+        .ok_or_else(bad)?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| *n != "..")
+        .ok_or_else(bad)?;
+    Ok((parent, name))
+}
+
+/// Open a directory without following a symlink at its last component.
+fn open_dir(at: Option<&OwnedFd>, rel: &Path, full: &Path) -> Result<OwnedFd, DirError> {
+    let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY;
+    let dirfd = at.map(|fd| fd.as_raw_fd());
+    let raw =
+        nix::fcntl::openat(dirfd, rel, flags, Mode::empty()).map_err(|source| match source {
+            nix::Error::ELOOP | nix::Error::ENOTDIR => DirError::NotADirectory {
+                path: full.to_path_buf(),
+            },
+            _ => DirError::Sys {
+                what: "open",
+                path: full.to_path_buf(),
+                source,
+            },
+        })?;
+    // SAFETY: openat just returned this descriptor and nothing else owns it.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
+}
+
+/// Set uid, gid and mode through the open descriptor; true when something changed.
+fn ensure_owner(fd: &OwnedFd, path: &Path, owner: &Owner) -> Result<bool, DirError> {
+    let sys = |what| {
+        move |source| DirError::Sys {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let st = fstat(fd.as_raw_fd()).map_err(sys("stat"))?;
+    let mut changed = false;
+    if st.st_uid != owner.uid || st.st_gid != owner.gid {
+        let (uid, gid) = (
+            Some(Uid::from_raw(owner.uid)),
+            Some(Gid::from_raw(owner.gid)),
+        );
+        nix::unistd::fchownat(Some(fd.as_raw_fd()), "", uid, gid, AtFlags::AT_EMPTY_PATH)
+            .map_err(sys("chown"))?;
+        changed = true;
+    }
+    // chown clears setuid/setgid bits, so the mode is set after it.
+    if st.st_mode & 0o7777 != owner.mode & 0o7777 || changed {
+        let mode = Mode::from_bits_truncate(owner.mode & 0o7777);
+        nix::sys::stat::fchmod(fd.as_raw_fd(), mode).map_err(sys("chmod"))?;
+        changed |= st.st_mode & 0o7777 != owner.mode & 0o7777;
+    }
+    Ok(changed)
+}
+
+/// Label the directory `container_file_t` when SELinux is enabled; true when changed.
+fn ensure_selinux_label(fd: &OwnedFd, path: &Path) -> Result<bool, DirError> {
+    if !selinux_enabled() {
+        log_selinux_skipped();
+        return Ok(false);
+    }
+    let current = get_xattr(fd, SELINUX_XATTR);
+    if current.as_deref().map(|c| c.trim_end_matches('\0')) == Some(SELINUX_CONTEXT) {
+        return Ok(false);
+    }
+    set_xattr(fd, SELINUX_XATTR, SELINUX_CONTEXT.as_bytes()).map_err(|source| DirError::Io {
+        what: "set the SELinux label of",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(true)
+}
+
+fn log_selinux_skipped() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        tracing::info!(
+            "SELinux is not enabled (no {SELINUX_ENFORCE}): volume directories get no label"
+        )
+    });
+}
+
+fn get_xattr(fd: &impl AsFd, name: &str) -> Option<String> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is valid for its length; the fd is open.
+    let n = unsafe {
+        libc::fgetxattr(
+            fd.as_fd().as_raw_fd(),
+            cname.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let n = usize::try_from(n).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+fn set_xattr(fd: &impl AsFd, name: &str, value: &[u8]) -> std::io::Result<()> {
+    let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: value is valid for its length; the fd is open.
+    let rc = unsafe {
+        libc::fsetxattr(
+            fd.as_fd().as_raw_fd(),
+            cname.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DirError + 'a {
+    move |source| DirError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Point the symlink `link` at `target`, atomically (temporary link + rename). Creates
+/// the link's parent directories. A non-symlink at `link` is an error.
+pub fn link_block_device(link: &Path, target: &Path) -> Result<Outcome, DirError> {
+    match std::fs::symlink_metadata(link) {
+        Ok(m) if m.file_type().is_symlink() => {
+            if std::fs::read_link(link).map_err(io("read", link))? == target {
+                return Ok(Outcome::Unchanged);
+            }
+        }
+        Ok(_) => {
+            return Err(DirError::NotASymlink {
+                path: link.to_path_buf(),
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("inspect", link)(e)),
+    }
+    let (parent, name) = split(link)?;
+    std::fs::create_dir_all(parent).map_err(io("create directory", parent))?;
+    let tmp = parent.join(format!(".{name}.kvstrap-tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).map_err(io("create symlink", &tmp))?;
+    std::fs::rename(&tmp, link).map_err(io("rename symlink into", link))?;
+    crate::host::failpoint("link_block_device");
+    Ok(Outcome::Changed(format!(
+        "{} -> {}",
+        link.display(),
+        target.display()
+    )))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn me(mode: u32) -> Owner {
+        Owner {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+            mode,
+        }
+    }
+
+    #[test]
+    fn creates_then_leaves_alone_then_fixes_mode() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("vol-01");
+        assert!(create_directory(&p, &me(0o750)).unwrap().is_changed());
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o7777, 0o750);
+        assert_eq!(
+            create_directory(&p, &me(0o750)).unwrap(),
+            Outcome::Unchanged
+        );
+        assert!(create_directory(&p, &me(0o700)).unwrap().is_changed());
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o7777, 0o700);
+        assert_eq!(set_ownership(&p, &me(0o700)).unwrap(), Outcome::Unchanged);
+        assert!(set_ownership(&p, &me(0o755)).unwrap().is_changed());
+    }
+
+    #[test]
+    fn refuses_to_follow_a_symlink() {
+        let d = tempfile::tempdir().unwrap();
+        let elsewhere = d.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let p = d.path().join("vol");
+        std::os::unix::fs::symlink(&elsewhere, &p).unwrap();
+        assert!(matches!(
+            create_directory(&p, &me(0o700)),
+            Err(DirError::NotADirectory { .. })
+        ));
+        assert_ne!(
+            std::fs::metadata(&elsewhere).unwrap().mode() & 0o7777,
+            0o700
+        );
+    }
+
+    #[test]
+    fn relative_paths_are_refused() {
+        assert!(matches!(
+            create_directory(Path::new("vol"), &me(0o700)),
+            Err(DirError::BadPath { .. })
+        ));
+    }
+
+    #[test]
+    fn block_links_are_replaced_atomically_and_idempotently() {
+        let d = tempfile::tempdir().unwrap();
+        let link = d.path().join("block/vol-01");
+        assert!(link_block_device(&link, Path::new("/dev/loop0p1"))
+            .unwrap()
+            .is_changed());
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            Path::new("/dev/loop0p1")
+        );
+        assert_eq!(
+            link_block_device(&link, Path::new("/dev/loop0p1")).unwrap(),
+            Outcome::Unchanged
+        );
+        assert!(link_block_device(&link, Path::new("/dev/loop0p2"))
+            .unwrap()
+            .is_changed());
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            Path::new("/dev/loop0p2")
+        );
+        assert_eq!(
+            std::fs::read_dir(d.path().join("block")).unwrap().count(),
+            1,
+            "no temp links left"
+        );
+        let file = d.path().join("block/file");
+        std::fs::write(&file, "x").unwrap();
+        assert!(matches!(
+            link_block_device(&file, Path::new("/dev/x")),
+            Err(DirError::NotASymlink { .. })
+        ));
+    }
+}

@@ -1,0 +1,350 @@
+//! Fresh libblkid probes of one device, right before a destructive step: every signature
+//! (as `wipefs` lists them), the filesystem identity, and an exclusive-open check.
+//! Also the wipe primitive, since it is the same probe loop with `blkid_do_wipe`.
+
+use crate::model::Signature;
+use libblkid_rs_sys as sys;
+use std::ffi::{c_int, CStr, CString};
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("cannot open {}: {source}", device.display())]
+    Open {
+        device: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} is busy: something holds it open exclusively (mounted, a device-mapper or md member, or another kvstrap)", device.display())]
+    Busy { device: PathBuf },
+    #[error("libblkid failed to {what} on {}", device.display())]
+    Blkid { device: PathBuf, what: &'static str },
+}
+
+/// The identity of a filesystem as libblkid reads it from the superblock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsIdentity {
+    pub fs_type: String,
+    pub uuid: Option<String>,
+    pub label: Option<String>,
+}
+
+/// One signature found by the wipe probe loop, with where it sits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub signature: Signature,
+    /// Offset of the magic bytes, when libblkid reports it.
+    pub offset: Option<u64>,
+}
+
+/// A libblkid probe bound to an open file; freed on drop.
+struct Probe {
+    raw: sys::blkid_probe,
+    device: PathBuf,
+    // Kept open for as long as the probe reads from it.
+    _file: File,
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from blkid_new_probe and is freed exactly once.
+        unsafe { sys::blkid_free_probe(self.raw) }
+    }
+}
+
+impl Probe {
+    /// A probe for superblocks and partition tables with magic offsets, as wipefs sets up.
+    fn new(device: &Path, file: File) -> Result<Probe, ProbeError> {
+        let fail = |what| ProbeError::Blkid {
+            device: device.to_path_buf(),
+            what,
+        };
+        // SAFETY: plain constructor; NULL is checked below.
+        let raw = unsafe { sys::blkid_new_probe() };
+        if raw.is_null() {
+            return Err(fail("allocate a probe"));
+        }
+        let probe = Probe {
+            raw,
+            device: device.to_path_buf(),
+            _file: file,
+        };
+        let fd = probe._file.as_raw_fd();
+        let sublks = sys::BLKID_SUBLKS_LABEL
+            | sys::BLKID_SUBLKS_UUID
+            | sys::BLKID_SUBLKS_TYPE
+            | sys::BLKID_SUBLKS_USAGE
+            | sys::BLKID_SUBLKS_MAGIC
+            | sys::BLKID_SUBLKS_BADCSUM;
+        // SAFETY: `raw` is a valid probe and `fd` stays open while the probe lives.
+        unsafe {
+            check(sys::blkid_probe_set_device(raw, fd, 0, 0), || {
+                fail("attach the device")
+            })?;
+            check(sys::blkid_probe_enable_superblocks(raw, 1), || {
+                fail("enable superblocks")
+            })?;
+            check(
+                sys::blkid_probe_set_superblocks_flags(raw, flag(sublks)),
+                || fail("set flags"),
+            )?;
+            check(sys::blkid_probe_enable_partitions(raw, 1), || {
+                fail("enable partitions")
+            })?;
+            check(
+                sys::blkid_probe_set_partitions_flags(raw, flag(sys::BLKID_PARTS_MAGIC)),
+                || fail("set partition flags"),
+            )?;
+        }
+        Ok(probe)
+    }
+
+    /// The next signature, or None when the chains are exhausted.
+    fn next(&mut self) -> Result<Option<Found>, ProbeError> {
+        // SAFETY: valid probe.
+        match unsafe { sys::blkid_do_probe(self.raw) } {
+            0 => Ok(Some(self.current())),
+            1 => Ok(None),
+            _ => Err(ProbeError::Blkid {
+                device: self.device.clone(),
+                what: "probe",
+            }),
+        }
+    }
+
+    fn current(&self) -> Found {
+        let pt = self.value("PTTYPE");
+        let kind = self
+            .value("TYPE")
+            .or(pt.clone())
+            .unwrap_or_else(|| "unknown".into());
+        let usage = if pt.is_some() {
+            Some("partition_table".into())
+        } else {
+            self.value("USAGE")
+        };
+        let offset = self
+            .value("SBMAGIC_OFFSET")
+            .or_else(|| self.value("PTMAGIC_OFFSET"));
+        Found {
+            signature: Signature {
+                kind,
+                usage,
+                label: self.value("LABEL"),
+                uuid: self.value("UUID").or_else(|| self.value("PTUUID")),
+            },
+            offset: offset.and_then(|o| o.parse().ok()),
+        }
+    }
+
+    fn value(&self, name: &str) -> Option<String> {
+        let cname = CString::new(name).ok()?;
+        let mut data: *const std::ffi::c_char = std::ptr::null();
+        let mut len: usize = 0;
+        // SAFETY: valid probe; libblkid returns a NUL-terminated string it owns.
+        let rc =
+            unsafe { sys::blkid_probe_lookup_value(self.raw, cname.as_ptr(), &mut data, &mut len) };
+        if rc != 0 || data.is_null() {
+            return None;
+        }
+        // SAFETY: non-NULL, NUL-terminated, valid until the next probe call.
+        let s = unsafe { CStr::from_ptr(data) }
+            .to_string_lossy()
+            .into_owned();
+        Some(s)
+    }
+
+    /// Erase the signature the last `next()` returned; the probe steps back so the same
+    /// area is probed again (a GPT's backup header shows up after its primary is gone).
+    fn wipe_current(&mut self) -> Result<(), ProbeError> {
+        // SAFETY: valid probe opened read-write.
+        let rc = unsafe { sys::blkid_do_wipe(self.raw, 0) };
+        check(rc, || ProbeError::Blkid {
+            device: self.device.clone(),
+            what: "wipe a signature",
+        })
+    }
+}
+
+fn flag(bits: u32) -> c_int {
+    c_int::try_from(bits).unwrap_or(0)
+}
+
+fn check(rc: c_int, err: impl FnOnce() -> ProbeError) -> Result<(), ProbeError> {
+    if rc < 0 {
+        Err(err())
+    } else {
+        Ok(())
+    }
+}
+
+fn open_read(device: &Path) -> Result<File, ProbeError> {
+    File::open(device).map_err(|source| ProbeError::Open {
+        device: device.to_path_buf(),
+        source,
+    })
+}
+
+/// Every signature on `device`: partition tables, filesystems, RAID, LVM, LUKS, swap...
+pub fn signatures(device: &Path) -> Result<Vec<Signature>, ProbeError> {
+    let mut probe = Probe::new(device, open_read(device)?)?;
+    let mut found = Vec::new();
+    while let Some(f) = probe.next()? {
+        found.push(f.signature);
+    }
+    Ok(found)
+}
+
+/// The filesystem on `device`, if libblkid recognises one (usage `filesystem`).
+pub fn filesystem(device: &Path) -> Result<Option<FsIdentity>, ProbeError> {
+    Ok(filesystem_of(&signatures(device)?))
+}
+
+/// The filesystem among already probed signatures.
+pub fn filesystem_of(signatures: &[Signature]) -> Option<FsIdentity> {
+    signatures
+        .iter()
+        .find(|s| s.usage.as_deref() == Some("filesystem"))
+        .map(|s| FsIdentity {
+            fs_type: s.kind.clone(),
+            uuid: s.uuid.clone(),
+            label: s.label.clone(),
+        })
+}
+
+/// The partition of `disk` that carries the filesystem with `uuid`, by fresh probes of the
+/// kernel's partitions (no udev, no blkid cache that could be stale).
+pub fn find_filesystem_on_disk(
+    disk: &Path,
+    uuid: &uuid::Uuid,
+) -> Result<Option<PathBuf>, ProbeError> {
+    let parts = crate::host::blkpg::kernel_partitions(disk).map_err(|_| ProbeError::Blkid {
+        device: disk.to_path_buf(),
+        what: "list partitions",
+    })?;
+    let wanted = uuid.to_string();
+    for p in parts {
+        let node = disk.with_file_name(&p.name);
+        let found = filesystem(&node)?;
+        if found.and_then(|f| f.uuid).map(|u| u.to_ascii_lowercase()) == Some(wanted.clone()) {
+            return Ok(Some(node));
+        }
+    }
+    Ok(None)
+}
+
+/// Open `device` with O_EXCL: succeeds only when nothing mounts or holds it.
+pub fn exclusive_open(device: &Path) -> Result<File, ProbeError> {
+    open_exclusive(device, false)
+}
+
+/// How long an EBUSY from O_EXCL is retried: other probers (udev's blkid, an inventory
+/// run) hold devices exclusively for milliseconds; a mount or holder stays busy.
+const BUSY_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
+fn open_exclusive(device: &Path, write: bool) -> Result<File, ProbeError> {
+    let deadline = std::time::Instant::now() + BUSY_RETRY;
+    let mut pause = std::time::Duration::from_millis(2);
+    loop {
+        let opened = OpenOptions::new()
+            .read(true)
+            .write(write)
+            .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+            .open(device);
+        match opened {
+            Ok(file) => return Ok(file),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(ProbeError::Busy {
+                        device: device.to_path_buf(),
+                    });
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(100));
+            }
+            Err(source) => {
+                return Err(ProbeError::Open {
+                    device: device.to_path_buf(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Erase every signature on `device` (like `wipefs -a`), holding it exclusively.
+/// Returns what was erased, in order. The caller decides whether that is allowed.
+pub fn wipe_signatures(device: &Path) -> Result<Vec<Found>, ProbeError> {
+    let file = open_exclusive(device, true)?;
+    let mut probe = Probe::new(device, file)?;
+    let mut erased = Vec::new();
+    while let Some(f) = probe.next()? {
+        tracing::warn!(
+            device = %device.display(),
+            signature = %f.signature.kind,
+            uuid = f.signature.uuid.as_deref().unwrap_or(""),
+            offset = f.offset.unwrap_or(0),
+            "erasing signature"
+        );
+        probe.wipe_current()?;
+        erased.push(f);
+        // libblkid steps back after a wipe; a signature that survives would loop forever.
+        if erased.len() > 64 {
+            return Err(ProbeError::Blkid {
+                device: device.to_path_buf(),
+                what: "erase all signatures (more than 64 found)",
+            });
+        }
+    }
+    probe._file.sync_all().map_err(|source| ProbeError::Open {
+        device: device.to_path_buf(),
+        source,
+    })?;
+    Ok(erased)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zeroed_file_has_no_signature() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("blank.img");
+        File::create(&img).unwrap().set_len(4 << 20).unwrap();
+        assert!(signatures(&img).unwrap().is_empty());
+        assert_eq!(filesystem(&img).unwrap(), None);
+    }
+
+    #[test]
+    fn finds_and_wipes_a_gpt_on_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.img");
+        File::create(&img).unwrap().set_len(16 << 20).unwrap();
+        let l = crate::host::gpt::tests::layout(&img, 16 << 20, &[(1 << 20, 8 << 20)]);
+        crate::host::gpt::write_partition_table(&l).unwrap();
+        let sigs = signatures(&img).unwrap();
+        assert_eq!(sigs.len(), 1, "{sigs:?}");
+        assert_eq!(sigs[0].kind, "gpt");
+        assert_eq!(
+            sigs[0].uuid.as_deref(),
+            Some(l.disk_guid.to_string().as_str())
+        );
+        let erased = wipe_signatures(&img).unwrap();
+        let kinds: Vec<&str> = erased.iter().map(|f| f.signature.kind.as_str()).collect();
+        // Primary GPT header, backup GPT header, protective MBR.
+        assert_eq!(kinds, ["gpt", "gpt", "PMBR"]);
+        assert!(signatures(&img).unwrap().is_empty());
+        let bytes = std::fs::read(&img).unwrap();
+        assert_ne!(&bytes[bytes.len() - 512..bytes.len() - 504], b"EFI PART");
+    }
+
+    #[test]
+    fn missing_device_is_an_open_error() {
+        let err = signatures(Path::new("/nonexistent/dev")).unwrap_err();
+        assert!(matches!(err, ProbeError::Open { .. }));
+    }
+}
