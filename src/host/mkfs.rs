@@ -134,9 +134,13 @@ pub fn mkfs_args(device: &Path, fs: &FsSpec) -> Vec<OsString> {
             format!("uuid={}", fs.uuid).into(),
         ],
         FsType::Ext4 => {
+            // No blocks reserved for root: volumes belong to VMs (qemu runs as 107), and
+            // root's 5% would make published capacity unusable.
             let mut a: Vec<OsString> = vec![
                 "-q".into(),
                 "-F".into(),
+                "-m".into(),
+                "0".into(),
                 "-U".into(),
                 fs.uuid.to_string().into(),
             ];
