@@ -1,6 +1,8 @@
 //! One test per validation error: each asserts the message, the line and column of the
 //! offending key or value, and the hint.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use kvstrap::policy::{load_many_with_hostname, Diagnostic};
 use std::path::PathBuf;
 

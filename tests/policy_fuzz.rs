@@ -5,6 +5,8 @@
 //! Bounded by PROPTEST_CASES (default 256 per property); CI runs it longer, e.g.
 //! `PROPTEST_CASES=4000 cargo test --release --test policy_fuzz`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use kvstrap::policy::{load_many, load_str, PolicyError, DEMO_POLICY, EXAMPLE_POLICY};
 use proptest::prelude::*;
 use std::path::PathBuf;

@@ -1,6 +1,8 @@
 //! Loading: the shipped policies validate, drop-ins merge with systemd's rules, errors
 //! name the file the offending value came from, and defaults are what the docs say.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use kvstrap::model::{FsType, Layout, Owner, VolumeMode};
 use kvstrap::policy::{
     load, load_from_root, load_many, load_many_with_hostname, load_str, AccessMode, DiskGroup, DiskMatch, Policy,
@@ -95,6 +97,23 @@ fn demo_devices_are_replaced_by_a_drop_in() {
     assert_eq!(p.disk_groups[0].sizing, VolumeSizing::Size(1_000_000_000));
     assert_eq!(p.disk_groups[1].sizing, VolumeSizing::Count(4));
     assert!(p.disk_groups.iter().all(|g| g.allow_loop));
+}
+
+#[test]
+fn devices_dropin_overrides_the_demo_devices() {
+    let dropin = kvstrap::policy::devices_dropin(&[
+        ("demo-shared", vec!["/dev/loop20".into(), "/dev/loop21".into()]),
+        ("demo-block", vec!["/dev/loop\"23".into()]),
+    ]);
+    let files = [(PathBuf::from("demo.toml"), DEMO_POLICY.to_string()), (PathBuf::from("devices.toml"), dropin)];
+    let e = load_many(&files).expect_err("a quote in a device path is not a device path");
+    assert_eq!(e.diagnostics.len(), 1, "{}", e.report());
+    assert!(e.diagnostics[0].message.contains("/dev/loop\"23"));
+    let dropin = kvstrap::policy::devices_dropin(&[("demo-block", vec!["/dev/loop23".into()])]);
+    let files = [(PathBuf::from("demo.toml"), DEMO_POLICY.to_string()), (PathBuf::from("devices.toml"), dropin)];
+    let p = load_many(&files).unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(p.disk_groups[2].devices, ["/dev/loop23"]);
+    assert_eq!(p.disk_groups[0].devices, ["/dev/loop0", "/dev/loop1"]);
 }
 
 #[test]

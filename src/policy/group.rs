@@ -174,7 +174,8 @@ fn devices(section: &Section, diags: &mut Diags) -> Option<Vec<String>> {
 }
 
 fn device_ok(path: &str, at: Loc, diags: &mut Diags) -> bool {
-    if !path.starts_with("/dev/") || path.contains("/../") || path.ends_with('/') {
+    let odd = |c: char| c.is_control() || c.is_whitespace() || c == '"' || c == '\'';
+    if !path.starts_with("/dev/") || path.contains("/../") || path.ends_with('/') || path.contains(odd) {
         diags.error(
             at,
             format!("device \"{path}\" is not a device path under /dev"),

@@ -115,6 +115,7 @@ fn name_of(node: &Node) -> Option<(&str, Loc)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::policy::raw;

@@ -99,6 +99,18 @@ pub fn load_many_with_hostname(files: &[(PathBuf, String)], hostname: Option<&st
     build(files.to_vec(), Diags::default(), &move || hostname.clone())
 }
 
+/// A drop-in that replaces the `devices` of the named disk groups, e.g. with the loop
+/// devices `kvstrap demo` created. Merged after the policy, it overrides by group name.
+pub fn devices_dropin(groups: &[(&str, Vec<String>)]) -> String {
+    let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let mut out = String::from("# Written by kvstrap: the devices of each disk group.\n");
+    for (name, devices) in groups {
+        let list: Vec<String> = devices.iter().map(|d| quote(d)).collect();
+        out.push_str(&format!("\n[[disk_group]]\nname = {}\ndevices = [{}]\n", quote(name), list.join(", ")));
+    }
+    out
+}
+
 fn finish(files: Vec<(PathBuf, String)>, diags: Diags) -> Result<Policy, PolicyError> {
     build(files, diags, &system_hostname)
 }

@@ -165,6 +165,7 @@ fn steps(a: &[Token], b: &[Token], i: usize, j: usize) -> Vec<(usize, usize)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -103,6 +103,7 @@ fn read_all(files: &[PathBuf], diags: &mut Diags) -> Vec<Source> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
