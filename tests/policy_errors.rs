@@ -438,8 +438,24 @@ fn mount_option_with_space() {
 #[test]
 fn every_problem_is_reported_not_just_the_first() {
     let text = "[node]\nstorage_root = \"rel\"\n[[storage_class]]\nname = \"c\"\nfs_type = \"nfs\"\nreclaim_policy = \"Recycle\"\n\
-                [[disk_group]]\nname = \"g\"\nstorage_class = \"c\"\nreserve = \"99%\"\nvolume_size = \"1 parsec\"\ntypo = 1\n";
+                [[disk_group]]\nname = \"g\"\nstorage_class = \"c\"\nreserve = \"99%\"\nvolume_size = \"1 parsec\"\ntypo = 1\n\
+                wipe = \"force\"\n[[disk_group]]\nname = \"G\"\nstorage_class = \"d\"\n";
     let found = diagnostics(text);
     let lines: Vec<usize> = found.iter().map(|d| d.line).collect();
-    assert_eq!(lines, [2, 5, 6, 10, 11, 12], "{found:#?}");
+    assert_eq!(lines, [2, 5, 6, 10, 11, 12, 13, 15, 16], "{found:#?}");
+}
+
+#[test]
+fn loop_devices_without_allow_loop() {
+    let text = group("").replace("/dev/sdb", "/dev/loop*");
+    one_error(&text, 6, 11, "disk group \"g\" selects only loop devices, but loop devices are eligible only with allow_loop = true", "add allow_loop = true");
+}
+
+#[test]
+fn checks_across_values_still_run_when_other_values_of_the_group_are_wrong() {
+    // reserve is wrong, and so is wipe: both are reported.
+    let found = diagnostics(&group("reserve = \"200%\"\nwipe = \"force\"\n"));
+    let at: Vec<(usize, usize)> = found.iter().map(|d| (d.line, d.column)).collect();
+    assert_eq!(at, [(7, 11), (8, 8)], "{found:#?}");
+    assert!(found[1].message.contains("wipe = \"force\""));
 }

@@ -44,62 +44,94 @@ const WIPE: Choice<'static, Wipe> = Choice {
     refused: &[],
 };
 
-/// A disk group and where its values are written, for the checks across groups.
-pub struct Parsed {
-    pub group: DiskGroup,
+/// A disk group as far as its values are valid: each field is None when its value was
+/// wrong (and reported), so checks across fields can still run on the valid ones.
+pub struct Draft {
+    pub name: Option<String>,
+    pub storage_class: Option<String>,
+    pub layout: Option<Layout>,
+    pub devices: Option<Vec<String>>,
+    pub matcher: Option<DiskMatch>,
+    pub max_disks: Option<Option<u32>>,
+    pub sizing: Option<VolumeSizing>,
+    pub reserve_percent: Option<u32>,
+    pub owner: Option<Owner>,
+    pub wipe: Option<Wipe>,
+    pub allow_loop: Option<bool>,
+    pub allow_removable: Option<bool>,
     pub at: GroupLocs,
 }
 
+/// Where a group's values are written, for errors found by checks across fields.
 pub struct GroupLocs {
+    /// The `name` value, or the table header when there is none.
     pub name: Loc,
-    pub storage_class: Loc,
+    pub storage_class: Option<Loc>,
     pub layout: Option<Loc>,
+    pub devices: Option<Loc>,
     pub wipe: Option<Loc>,
     pub volume_size: Option<Loc>,
     pub volume_count: Option<Loc>,
 }
 
-pub fn parse(section: &Section, diags: &mut Diags) -> Option<Parsed> {
+impl Draft {
+    /// The label for messages: `disk group "nvme"`.
+    pub fn label(&self) -> String {
+        match &self.name {
+            Some(name) => format!("disk group \"{name}\""),
+            None => "this disk group".to_string(),
+        }
+    }
+
+    /// The validated group, when every value is valid.
+    pub fn build(&self) -> Option<DiskGroup> {
+        Some(DiskGroup {
+            name: self.name.clone()?,
+            storage_class: self.storage_class.clone()?,
+            layout: self.layout?,
+            devices: self.devices.clone()?,
+            matcher: self.matcher.clone()?,
+            max_disks: self.max_disks?,
+            sizing: self.sizing?,
+            reserve_percent: self.reserve_percent?,
+            owner: self.owner.clone()?,
+            wipe: self.wipe?,
+            allow_loop: self.allow_loop?,
+            allow_removable: self.allow_removable?,
+        })
+    }
+}
+
+pub fn parse(section: &Section, diags: &mut Diags) -> Option<Draft> {
     section.check_keys(KEYS, diags);
     let name = group_name(section, diags);
     let class = section
         .required("storage_class", "\"kubevirt-local\"", diags)
         .and_then(|_| section.string("storage_class", "\"kubevirt-local\"", diags));
-    let layout = optional_choice(section, &LAYOUT, "\"shared\"", Layout::Shared, diags);
-    let devices = devices(section, diags);
-    let matcher = matcher(section, diags);
-    let max_disks = count(section, "max_disks", u32::MAX, diags);
-    let sizing = sizing(section, diags);
-    let reserve = reserve(section, diags);
-    let owner = owner(section, diags);
-    let wipe = optional_choice(section, &WIPE, "\"never\"", Wipe::Never, diags);
-    let allow_loop = flag(section, "allow_loop", diags);
-    let allow_removable = flag(section, "allow_removable", diags);
-
-    let ((name, name_at), (class, class_at)) = (name?, class?);
-    let group = DiskGroup {
-        name: name.to_string(),
-        storage_class: class.to_string(),
-        layout: layout?,
-        devices: devices?,
-        matcher: matcher?,
-        max_disks: max_disks?,
-        sizing: sizing?,
-        reserve_percent: reserve?,
-        owner: owner?,
-        wipe: wipe?,
-        allow_loop: allow_loop?,
-        allow_removable: allow_removable?,
-    };
     let at = GroupLocs {
-        name: name_at,
-        storage_class: class_at,
+        name: name.map_or(section.entry("name").map_or(section.at, |e| e.node.at), |(_, at)| at),
+        storage_class: value_at(section, "storage_class"),
         layout: value_at(section, "layout"),
+        devices: value_at(section, "devices"),
         wipe: value_at(section, "wipe"),
         volume_size: value_at(section, "volume_size"),
         volume_count: value_at(section, "volume_count"),
     };
-    Some(Parsed { group, at })
+    Some(Draft {
+        name: name.map(|(n, _)| n.to_string()),
+        storage_class: class.map(|(c, _)| c.to_string()),
+        layout: optional_choice(section, &LAYOUT, "\"shared\"", Layout::Shared, diags),
+        devices: devices(section, diags),
+        matcher: matcher(section, diags),
+        max_disks: count(section, "max_disks", u32::MAX, diags),
+        sizing: sizing(section, diags),
+        reserve_percent: reserve(section, diags),
+        owner: owner(section, diags),
+        wipe: optional_choice(section, &WIPE, "\"never\"", Wipe::Never, diags),
+        allow_loop: flag(section, "allow_loop", diags),
+        allow_removable: flag(section, "allow_removable", diags),
+        at,
+    })
 }
 
 fn value_at(section: &Section, key: &str) -> Option<Loc> {

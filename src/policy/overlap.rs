@@ -17,8 +17,12 @@ pub fn may_overlap(a: &DiskGroup, b: &DiskGroup) -> bool {
 }
 
 fn only_loops(g: &DiskGroup) -> bool {
-    implied_transport(&g.devices) == Some("loop")
-        || g.matcher.transport.as_deref() == Some("loop")
+    only_loop_devices(&g.devices) || g.matcher.transport.as_deref() == Some("loop")
+}
+
+/// Every listed device is a loop device (judged from its name).
+pub fn only_loop_devices(devices: &[String]) -> bool {
+    implied_transport(devices) == Some("loop")
 }
 
 /// The transport every listed device must have, judged from its name.

@@ -9,7 +9,7 @@ use super::names;
 use super::overlap;
 use super::raw::{Entry, Table, Value};
 use super::size;
-use super::types::{DiskGroup, KubernetesSettings, NodeSettings, Policy, StorageClass, VolumeSizing, Wipe};
+use super::types::{DiskGroup, DiskMatch, KubernetesSettings, NodeSettings, Policy, StorageClass, VolumeSizing, Wipe};
 use crate::model::{FsType, Layout, VolumeMode};
 use std::path::{Component, Path, PathBuf};
 
@@ -30,15 +30,15 @@ pub fn validate(tree: &Table, diags: &mut Diags, hostname: &dyn Fn() -> Option<S
     root.check_keys(TOP_KEYS, diags);
     let node = node(&root, diags, hostname);
     let kubernetes = kubernetes(&root, diags);
-    let classes = list(&root, "storage_class", diags, class::parse);
-    let groups = list(&root, "disk_group", diags, group::parse);
+    let (classes, classes_ok) = list(&root, "storage_class", diags, class::parse);
+    let (drafts, drafts_ok) = list(&root, "disk_group", diags, group::parse);
     check_class_references(tree, diags);
-    check_groups(&classes, &groups, diags);
+    let groups = check_groups(&classes, &drafts, diags);
     let policy = Policy {
         node: node?,
         kubernetes: kubernetes?,
-        storage_classes: classes?,
-        disk_groups: groups?.into_iter().map(|g| g.group).collect(),
+        storage_classes: classes_ok.then_some(classes)?,
+        disk_groups: (drafts_ok && groups.len() == drafts.len()).then_some(groups)?,
         sources: diags.sources.paths(),
     };
     diags.is_empty().then_some(policy)
@@ -130,12 +130,12 @@ fn kubernetes(root: &Section, diags: &mut Diags) -> Option<KubernetesSettings> {
     Some(KubernetesSettings { publish: publish?, kubeconfig: kubeconfig? })
 }
 
-/// `[[key]]` entries, each parsed by `parse`; None when any of them is wrong.
-fn list<T>(root: &Section, key: &str, diags: &mut Diags, parse: fn(&Section, &mut Diags) -> Option<T>) -> Option<Vec<T>> {
-    let Some(entry) = root.entry(key) else { return Some(Vec::new()) };
+/// `[[key]]` entries, each parsed by `parse`, and whether all of them were valid.
+fn list<T>(root: &Section, key: &str, diags: &mut Diags, parse: fn(&Section, &mut Diags) -> Option<T>) -> (Vec<T>, bool) {
+    let Some(entry) = root.entry(key) else { return (Vec::new(), true) };
     let Value::Array(items) = &entry.node.value else {
         diags.error(entry.key_at, format!("\"{key}\" must be an array of tables, found {}", entry.node.value.kind()), format!("write [[{key}]] (two brackets) before each entry"));
-        return None;
+        return (Vec::new(), false);
     };
     let mut out = Vec::new();
     let mut ok = true;
@@ -154,23 +154,23 @@ fn list<T>(root: &Section, key: &str, diags: &mut Diags, parse: fn(&Section, &mu
             None => ok = false,
         }
     }
-    ok.then_some(out)
+    (out, ok)
 }
 
-/// Checks that need several sections: references, layouts, sizes, overlaps.
-fn check_groups(classes: &Option<Vec<StorageClass>>, groups: &Option<Vec<group::Parsed>>, diags: &mut Diags) {
-    let Some(groups) = groups else { return };
-    if let Some(classes) = classes {
-        let classes: Vec<&StorageClass> = classes.iter().collect();
-        for g in groups {
-            check_group_class(g, &classes, diags);
+/// Checks that need several values: layouts, sizes, wipe, overlaps. Each runs on the
+/// values that are valid; returns the groups that are valid as a whole.
+fn check_groups(classes: &[StorageClass], drafts: &[group::Draft], diags: &mut Diags) -> Vec<DiskGroup> {
+    for g in drafts {
+        if let Some(class) = classes.iter().find(|c| Some(&c.name) == g.storage_class.as_ref()) {
+            check_group_class(g, class, diags);
         }
-    }
-    for g in groups {
         check_wipe(g, diags);
         check_fit(g, diags);
+        check_loops(g, diags);
     }
-    check_overlaps(groups, diags);
+    let groups: Vec<(DiskGroup, Loc)> = drafts.iter().filter_map(|d| Some((d.build()?, d.at.name))).collect();
+    check_overlaps(&groups, diags);
+    groups.into_iter().map(|(g, _)| g).collect()
 }
 
 /// The string `name`s of the entries of `[[key]]`, valid or not.
@@ -206,30 +206,28 @@ fn check_class_references(tree: &Table, diags: &mut Diags) {
     }
 }
 
-fn check_group_class(g: &group::Parsed, classes: &[&StorageClass], diags: &mut Diags) {
-    // Undefined references are reported by check_class_references.
-    let Some(class) = classes.iter().find(|c| c.name == g.group.storage_class) else { return };
-    if class.volume_mode == VolumeMode::Block && g.group.layout == Layout::Shared {
+fn check_group_class(g: &group::Draft, class: &StorageClass, diags: &mut Diags) {
+    let Some(class_at) = g.at.storage_class else { return };
+    if class.volume_mode == VolumeMode::Block && g.layout == Some(Layout::Shared) {
         diags.error(
-            g.at.layout.unwrap_or(g.at.storage_class),
-            format!("disk group \"{}\" has layout \"shared\" (the default) but storage class \"{}\" is Block: raw block volumes cannot live on a shared filesystem", g.group.name, class.name),
+            g.at.layout.unwrap_or(class_at),
+            format!("{} has layout \"shared\" (the default) but storage class \"{}\" is Block: raw block volumes cannot live on a shared filesystem", g.label(), class.name),
             "write layout = \"separate\" (one raw partition per volume)",
         );
     }
-    check_partition_limits(g, class, diags);
+    if g.layout == Some(Layout::Separate) {
+        check_partition_limits(g, class, diags);
+    }
 }
 
-fn check_partition_limits(g: &group::Parsed, class: &StorageClass, diags: &mut Diags) {
-    if g.group.layout != Layout::Separate {
-        return;
-    }
-    if let (VolumeSizing::Count(n), Some(at)) = (g.group.sizing, g.at.volume_count) {
+fn check_partition_limits(g: &group::Draft, class: &StorageClass, diags: &mut Diags) {
+    if let (Some(VolumeSizing::Count(n)), Some(at)) = (g.sizing, g.at.volume_count) {
         if n > GPT_MAX_PARTITIONS {
             diags.error(at, format!("volume_count = {n} needs {n} partitions; a GPT holds at most {GPT_MAX_PARTITIONS}"), format!("write volume_count = {GPT_MAX_PARTITIONS} or less, or use layout = \"shared\""));
         }
     }
     let xfs = class.volume_mode == VolumeMode::Filesystem && class.fs_type == FsType::Xfs;
-    if let (VolumeSizing::Size(bytes), Some(at), true) = (g.group.sizing, g.at.volume_size, xfs) {
+    if let (Some(VolumeSizing::Size(bytes)), Some(at), true) = (g.sizing, g.at.volume_size, xfs) {
         if bytes < XFS_MIN_BYTES {
             diags.error(at, format!("volume_size {} is too small for an xfs filesystem of its own (at least 300 MiB)", size::human(bytes)), "write volume_size = \"300Mi\" or more, use fs_type = \"ext4\", or layout = \"shared\"");
         }
@@ -238,23 +236,26 @@ fn check_partition_limits(g: &group::Parsed, class: &StorageClass, diags: &mut D
 
 /// Wiping a disk that holds something needs that disk named by its identity: a glob or
 /// a kernel name could point at another disk tomorrow.
-fn check_wipe(g: &group::Parsed, diags: &mut Diags) {
-    if g.group.wipe != Wipe::Force || names_disks_by_identity(&g.group) {
+fn check_wipe(g: &group::Draft, diags: &mut Diags) {
+    let (Some(Wipe::Force), Some(devices), Some(matcher), Some(at)) = (g.wipe, &g.devices, &g.matcher, g.at.wipe) else {
+        return;
+    };
+    if names_disks_by_identity(devices, matcher) {
         return;
     }
     diags.error(
-        g.at.wipe.unwrap_or(g.at.name),
-        format!("disk group \"{}\" has wipe = \"force\" but does not name its disks by serial or WWN", g.group.name),
+        at,
+        format!("{} has wipe = \"force\" but does not name its disks by serial or WWN", g.label()),
         "add match = { serial = \"...\" } or { wwn = \"...\" } (no globs), or list devices as /dev/disk/by-id/wwn-... or by-id names with the serial; otherwise write wipe = \"never\"",
     );
 }
 
-fn names_disks_by_identity(g: &DiskGroup) -> bool {
+fn names_disks_by_identity(devices: &[String], matcher: &DiskMatch) -> bool {
     let literal = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.contains(['*', '?', '[']));
-    if literal(&g.matcher.serial) || literal(&g.matcher.wwn) {
+    if literal(&matcher.serial) || literal(&matcher.wwn) {
         return true;
     }
-    !g.devices.is_empty() && g.devices.iter().all(|d| is_identity_path(d))
+    !devices.is_empty() && devices.iter().all(|d| is_identity_path(d))
 }
 
 /// `/dev/disk/by-id/` names that carry a WWN or a serial number.
@@ -265,31 +266,49 @@ fn is_identity_path(path: &str) -> bool {
 }
 
 /// A volume_size larger than every disk the group can select fits nowhere.
-fn check_fit(g: &group::Parsed, diags: &mut Diags) {
-    let (VolumeSizing::Size(bytes), Some(max), Some(at)) = (g.group.sizing, g.group.matcher.max_size, g.at.volume_size) else {
+fn check_fit(g: &group::Draft, diags: &mut Diags) {
+    let (Some(VolumeSizing::Size(bytes)), Some(matcher), Some(reserve), Some(at)) =
+        (g.sizing, &g.matcher, g.reserve_percent, g.at.volume_size)
+    else {
         return;
     };
-    let usable = u128::from(max) * u128::from(100 - g.group.reserve_percent.min(100)) / 100;
+    let Some(max) = matcher.max_size else { return };
+    let usable = u128::from(max) * u128::from(100 - reserve.min(100)) / 100;
     if u128::from(bytes) > usable {
         diags.error(
             at,
-            format!("volume_size {} does not fit on the largest disk this group selects (max_size {} less reserve {}%)", size::human(bytes), size::human(max), g.group.reserve_percent),
+            format!("volume_size {} does not fit on the largest disk this group selects (max_size {} less reserve {reserve}%)", size::human(bytes), size::human(max)),
             "write a smaller volume_size, or raise match.max_size",
         );
     }
 }
 
-fn check_overlaps(groups: &[group::Parsed], diags: &mut Diags) {
-    for (i, later) in groups.iter().enumerate() {
-        for earlier in &groups[..i] {
-            if overlap::may_overlap(&earlier.group, &later.group) {
+/// A group of loop devices without allow_loop selects nothing: surely a mistake.
+fn check_loops(g: &group::Draft, diags: &mut Diags) {
+    let (Some(devices), Some(matcher), Some(false)) = (&g.devices, &g.matcher, g.allow_loop) else { return };
+    let by_transport = matcher.transport.as_deref() == Some("loop");
+    if !(overlap::only_loop_devices(devices) || by_transport) {
+        return;
+    }
+    let at = if by_transport { None } else { g.at.devices };
+    diags.error(
+        at.unwrap_or(g.at.name),
+        format!("{} selects only loop devices, but loop devices are eligible only with allow_loop = true", g.label()),
+        "add allow_loop = true (for tests and demos), or select real disks",
+    );
+}
+
+fn check_overlaps(groups: &[(DiskGroup, Loc)], diags: &mut Diags) {
+    for (i, (later, later_at)) in groups.iter().enumerate() {
+        for (earlier, earlier_at) in &groups[..i] {
+            if overlap::may_overlap(earlier, later) {
                 diags.error(
-                    later.at.name,
-                    format!("disk groups \"{}\" and \"{}\" can select the same disk", earlier.group.name, later.group.name),
+                    *later_at,
+                    format!("disk groups \"{}\" and \"{}\" can select the same disk", earlier.name, later.name),
                     format!(
                         "\"{}\" is at {}; make them disjoint: different devices, or match on different transport, rotational, serial, wwn or non-overlapping min_size/max_size",
-                        earlier.group.name,
-                        diags.sources.describe(earlier.at.name)
+                        earlier.name,
+                        diags.sources.describe(*earlier_at)
                     ),
                 );
             }
