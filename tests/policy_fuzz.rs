@@ -160,3 +160,19 @@ proptest! {
         }
     }
 }
+
+/// Deep nesting must end in a syntax error, not a stack overflow.
+#[test]
+fn deep_nesting_is_a_syntax_error() {
+    let n = 50_000;
+    let inputs = [
+        format!("{} = 1\n", vec!["a"; n].join(".")),
+        format!("[{}]\nx = 1\n", vec!["a"; n].join(".")),
+        format!("x = {}{}\n", "[".repeat(n), "]".repeat(n)),
+        format!("x = {}{}\n", "{a=".repeat(n), "}".repeat(n)),
+    ];
+    for text in inputs {
+        let e = load_str(&PathBuf::from("deep.toml"), &text).expect_err("too deep");
+        assert!(e.diagnostics[0].message.starts_with("TOML syntax error"), "{}", e.report());
+    }
+}
