@@ -22,15 +22,29 @@ pub const KEYS: &[&str] = &[
     "allow_loop",
     "allow_removable",
 ];
-const MATCH_KEYS: &[&str] = &["transport", "rotational", "min_size", "max_size", "model", "vendor", "serial", "wwn"];
+const MATCH_KEYS: &[&str] = &[
+    "transport",
+    "rotational",
+    "min_size",
+    "max_size",
+    "model",
+    "vendor",
+    "serial",
+    "wwn",
+];
 const OWNER_KEYS: &[&str] = &["uid", "gid", "mode"];
 
 /// Transports the inventory reports (`kvstrap disks` shows them).
-pub const TRANSPORTS: &[&str] =
-    &["nvme", "sata", "ata", "sas", "scsi", "fc", "iscsi", "virtio", "xen", "usb", "mmc", "loop"];
+pub const TRANSPORTS: &[&str] = &[
+    "nvme", "sata", "ata", "sas", "scsi", "fc", "iscsi", "virtio", "xen", "usb", "mmc", "loop",
+];
 
 /// KubeVirt's qemu runs as uid/gid 107.
-pub const DEFAULT_OWNER: Owner = Owner { uid: 107, gid: 107, mode: 0o750 };
+pub const DEFAULT_OWNER: Owner = Owner {
+    uid: 107,
+    gid: 107,
+    mode: 0o750,
+};
 
 const LAYOUT: Choice<'static, Layout> = Choice {
     key: "layout",
@@ -109,7 +123,10 @@ pub fn parse(section: &Section, diags: &mut Diags) -> Option<Draft> {
         .required("storage_class", "\"kubevirt-local\"", diags)
         .and_then(|_| section.string("storage_class", "\"kubevirt-local\"", diags));
     let at = GroupLocs {
-        name: name.map_or(section.entry("name").map_or(section.at, |e| e.node.at), |(_, at)| at),
+        name: name.map_or(
+            section.entry("name").map_or(section.at, |e| e.node.at),
+            |(_, at)| at,
+        ),
         storage_class: value_at(section, "storage_class"),
         layout: value_at(section, "layout"),
         devices: value_at(section, "devices"),
@@ -157,7 +174,13 @@ fn group_name<'t>(section: &Section<'t>, diags: &mut Diags) -> Option<Located<&'
 }
 
 /// A word value with a default when the key is absent.
-fn optional_choice<T: Copy>(section: &Section, choice: &Choice<T>, example: &str, default: T, diags: &mut Diags) -> Option<T> {
+fn optional_choice<T: Copy>(
+    section: &Section,
+    choice: &Choice<T>,
+    example: &str,
+    default: T,
+    diags: &mut Diags,
+) -> Option<T> {
     match section.string(choice.key, example, diags) {
         Some(value) => choice.pick(value, diags),
         None => section.entry(choice.key).is_none().then_some(default),
@@ -179,11 +202,19 @@ fn count(section: &Section, key: &str, max: u32, diags: &mut Diags) -> Option<Op
     match u32::try_from(value) {
         Ok(n) if n >= 1 && n <= max => Some(Some(n)),
         Ok(0) => {
-            diags.error(at, format!("{key} = 0 leaves nothing to use"), format!("write {key} = 1 or more, or remove {key}"));
+            diags.error(
+                at,
+                format!("{key} = 0 leaves nothing to use"),
+                format!("write {key} = 1 or more, or remove {key}"),
+            );
             None
         }
         _ => {
-            diags.error(at, format!("{key} = {value} is out of range"), format!("write a whole number from 1 to {max}, like {key} = 4"));
+            diags.error(
+                at,
+                format!("{key} = {value} is out of range"),
+                format!("write a whole number from 1 to {max}, like {key} = 4"),
+            );
             None
         }
     }
@@ -207,7 +238,11 @@ fn devices(section: &Section, diags: &mut Diags) -> Option<Vec<String>> {
 
 fn device_ok(path: &str, at: Loc, diags: &mut Diags) -> bool {
     let odd = |c: char| c.is_control() || c.is_whitespace() || c == '"' || c == '\'';
-    if !path.starts_with("/dev/") || path.contains("/../") || path.ends_with('/') || path.contains(odd) {
+    if !path.starts_with("/dev/")
+        || path.contains("/../")
+        || path.ends_with('/')
+        || path.contains(odd)
+    {
         diags.error(
             at,
             format!("device \"{path}\" is not a device path under /dev"),
@@ -220,7 +255,11 @@ fn device_ok(path: &str, at: Loc, diags: &mut Diags) -> bool {
 
 fn glob_ok(key: &str, pattern: &str, at: Loc, diags: &mut Diags) -> bool {
     if let Err(e) = glob::Pattern::new(pattern) {
-        diags.error(at, format!("{key} pattern \"{pattern}\" is not a valid glob: {}", e.msg), "use * ? and [...] as in the shell, with every [ closed by ]");
+        diags.error(
+            at,
+            format!("{key} pattern \"{pattern}\" is not a valid glob: {}", e.msg),
+            "use * ? and [...] as in the shell, with every [ closed by ]",
+        );
         return false;
     }
     true
@@ -239,7 +278,8 @@ fn matcher(section: &Section, diags: &mut Diags) -> Option<DiskMatch> {
     };
     let min_size = size_key(&m, "min_size", "\"500G\"", diags);
     let max_size = size_key(&m, "max_size", "\"4T\"", diags);
-    let [model, vendor, serial, wwn] = ["model", "vendor", "serial", "wwn"].map(|k| pattern_key(&m, k, diags));
+    let [model, vendor, serial, wwn] =
+        ["model", "vendor", "serial", "wwn"].map(|k| pattern_key(&m, k, diags));
     let matcher = DiskMatch {
         transport: transport?,
         rotational: rotational?,
@@ -262,7 +302,10 @@ fn transport(m: &Section, diags: &mut Diags) -> Option<Option<String>> {
         return Some(Some(lower));
     }
     let hint = match names::closest(word, TRANSPORTS) {
-        Some(t) => format!("did you mean transport = \"{t}\"? known: {}", TRANSPORTS.join(", ")),
+        Some(t) => format!(
+            "did you mean transport = \"{t}\"? known: {}",
+            TRANSPORTS.join(", ")
+        ),
         None => format!("write one of {}", TRANSPORTS.join(", ")),
     };
     diags.error(at, format!("unknown transport \"{word}\""), hint);
@@ -270,14 +313,28 @@ fn transport(m: &Section, diags: &mut Diags) -> Option<Option<String>> {
 }
 
 /// An optional size; absent is Some(None).
-pub fn size_key(section: &Section, key: &str, example: &str, diags: &mut Diags) -> Option<Option<u64>> {
+pub fn size_key(
+    section: &Section,
+    key: &str,
+    example: &str,
+    diags: &mut Diags,
+) -> Option<Option<u64>> {
     let entry = section.entry(key);
-    let Some(entry) = entry else { return Some(None) };
+    let Some(entry) = entry else {
+        return Some(None);
+    };
     let at = entry.node.at;
     let parsed = match &entry.node.value {
         super::raw::Value::Str(s) => size::parse_size(s),
         super::raw::Value::Int { value, .. } => size::size_from_int(*value),
-        _ => return super::fields::wrong_type(entry, "a size string or a number of bytes", example, diags),
+        _ => {
+            return super::fields::wrong_type(
+                entry,
+                "a size string or a number of bytes",
+                example,
+                diags,
+            )
+        }
     };
     match parsed {
         Ok(bytes) => Some(Some(bytes)),
@@ -293,21 +350,31 @@ fn pattern_key(m: &Section, key: &str, diags: &mut Diags) -> Option<Option<Strin
         return m.entry(key).is_none().then_some(None);
     };
     if pattern.is_empty() {
-        diags.error(at, format!("match.{key} is empty"), format!("write the {key} as `kvstrap disks` shows it, or remove the key"));
+        diags.error(
+            at,
+            format!("match.{key} is empty"),
+            format!("write the {key} as `kvstrap disks` shows it, or remove the key"),
+        );
         return None;
     }
     glob_ok(key, pattern, at, diags).then(|| Some(pattern.to_string()))
 }
 
 fn sizes_ordered(m: &Section, matcher: &DiskMatch, diags: &mut Diags) -> bool {
-    let (Some(min), Some(max)) = (matcher.min_size, matcher.max_size) else { return true };
+    let (Some(min), Some(max)) = (matcher.min_size, matcher.max_size) else {
+        return true;
+    };
     if min <= max {
         return true;
     }
     let at = m.entry("min_size").map_or(m.at, |e| e.node.at);
     diags.error(
         at,
-        format!("min_size ({}) is larger than max_size ({}), so no disk can match", size::human(min), size::human(max)),
+        format!(
+            "min_size ({}) is larger than max_size ({}), so no disk can match",
+            size::human(min),
+            size::human(max)
+        ),
         "swap them, or remove one of the two",
     );
     false
@@ -321,7 +388,9 @@ fn sizing(section: &Section, diags: &mut Diags) -> Option<VolumeSizing> {
     let count = count(section, "volume_count", MAX_VOLUME_COUNT, diags);
     match (size?, count?) {
         (Some(_), Some(_)) => {
-            let at = section.entry("volume_count").map_or(section.at, |e| e.node.at);
+            let at = section
+                .entry("volume_count")
+                .map_or(section.at, |e| e.node.at);
             diags.error(
                 at,
                 "volume_size and volume_count are both set",
@@ -357,7 +426,11 @@ fn owner(section: &Section, diags: &mut Diags) -> Option<Owner> {
     let uid = id(&o, "uid", DEFAULT_OWNER.uid, diags);
     let gid = id(&o, "gid", DEFAULT_OWNER.gid, diags);
     let mode = mode(&o, diags);
-    Some(Owner { uid: uid?, gid: gid?, mode: mode? })
+    Some(Owner {
+        uid: uid?,
+        gid: gid?,
+        mode: mode?,
+    })
 }
 
 fn id(o: &Section, key: &str, default: u32, diags: &mut Diags) -> Option<u32> {
@@ -368,23 +441,33 @@ fn id(o: &Section, key: &str, default: u32, diags: &mut Diags) -> Option<u32> {
     match u32::try_from(value) {
         Ok(id) if id < u32::MAX => Some(id),
         _ => {
-            diags.error(at, format!("{key} = {value} is not a valid user or group id"), format!("write a number from 0 to {}, like {key} = 107", u32::MAX - 1));
+            diags.error(
+                at,
+                format!("{key} = {value} is not a valid user or group id"),
+                format!(
+                    "write a number from 0 to {}, like {key} = 107",
+                    u32::MAX - 1
+                ),
+            );
             None
         }
     }
 }
 
 fn mode(o: &Section, diags: &mut Diags) -> Option<u32> {
-    let Some(entry) = o.entry("mode") else { return Some(DEFAULT_OWNER.mode) };
+    let Some(entry) = o.entry("mode") else {
+        return Some(DEFAULT_OWNER.mode);
+    };
     let at = entry.node.at;
     let result = match &entry.node.value {
         super::raw::Value::Str(s) => size::parse_mode(s),
-        super::raw::Value::Int { value, octal: true } => {
-            u32::try_from(*value).ok().filter(|m| *m <= 0o7777).ok_or_else(|| size::Refusal {
+        super::raw::Value::Int { value, octal: true } => u32::try_from(*value)
+            .ok()
+            .filter(|m| *m <= 0o7777)
+            .ok_or_else(|| size::Refusal {
                 message: format!("mode 0o{value:o} is not a file mode"),
                 hint: "write the mode as an octal string, like mode = \"0750\"".into(),
-            })
-        }
+            }),
         super::raw::Value::Int { value, .. } => Err(size::Refusal {
             message: format!("mode {value} is a decimal number, not an octal file mode"),
             hint: "write the mode as an octal string, like mode = \"0750\"".into(),
