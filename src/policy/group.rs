@@ -123,10 +123,7 @@ pub fn parse(section: &Section, diags: &mut Diags) -> Option<Draft> {
         .required("storage_class", "\"kubevirt-local\"", diags)
         .and_then(|_| section.string("storage_class", "\"kubevirt-local\"", diags));
     let at = GroupLocs {
-        name: name.map_or(
-            section.entry("name").map_or(section.at, |e| e.node.at),
-            |(_, at)| at,
-        ),
+        name: value_at(section, "name").unwrap_or(section.at),
         storage_class: value_at(section, "storage_class"),
         layout: value_at(section, "layout"),
         devices: value_at(section, "devices"),
