@@ -5,6 +5,8 @@
 //! Bounded by PROPTEST_CASES (default 256 per property); CI runs it longer, e.g.
 //! `PROPTEST_CASES=4000 cargo test --release --test policy_fuzz`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use kvstrap::policy::{load_many, load_str, PolicyError, DEMO_POLICY, EXAMPLE_POLICY};
 use proptest::prelude::*;
 use std::path::PathBuf;
@@ -14,14 +16,20 @@ fn check(text: &str) {
     let file = (PathBuf::from("fuzz.toml"), text.to_string());
     let result = load_str(&file.0, text);
     // Same input, same answer.
-    assert_eq!(format!("{result:?}"), format!("{:?}", load_str(&file.0, text)));
+    assert_eq!(
+        format!("{result:?}"),
+        format!("{:?}", load_str(&file.0, text))
+    );
     if let Err(e) = result {
         check_positions(&e, &[file]);
     }
 }
 
 fn check_positions(e: &PolicyError, files: &[(PathBuf, String)]) {
-    assert!(!e.diagnostics.is_empty(), "an error must carry at least one diagnostic");
+    assert!(
+        !e.diagnostics.is_empty(),
+        "an error must carry at least one diagnostic"
+    );
     for d in &e.diagnostics {
         let shown = d.to_string();
         assert!(shown.contains(": error: "), "{shown}");
@@ -32,9 +40,18 @@ fn check_positions(e: &PolicyError, files: &[(PathBuf, String)]) {
             panic!("diagnostic names a file that was not loaded: {shown}");
         };
         let lines: Vec<&str> = text.split('\n').collect();
-        assert!(d.line <= lines.len(), "line {} outside 1..={}: {shown}", d.line, lines.len());
+        assert!(
+            d.line <= lines.len(),
+            "line {} outside 1..={}: {shown}",
+            d.line,
+            lines.len()
+        );
         let width = lines[d.line - 1].chars().count() + 1;
-        assert!(d.column >= 1 && d.column <= width, "column {} outside 1..={width}: {shown}", d.column);
+        assert!(
+            d.column >= 1 && d.column <= width,
+            "column {} outside 1..={width}: {shown}",
+            d.column
+        );
     }
 }
 
@@ -45,10 +62,45 @@ fn tomlish() -> impl Strategy<Value = String> {
 }
 
 const TOKENS: &[&str] = &[
-    "[", "]", "[[", "]]", "{", "}", "=", "\"", "'", ",", "\n", "#", "0", "-1", "0o777", "1.5", "1e999", "\"\"",
-    "\"0\"", "\"10 parsecs\"", "\"500G\"", "\"99999999999999999999E\"", "\"1.5TiB\"", "\"%\"", "\"0750\"", "true",
-    "[[disk_group]]\nname = \"x\"\n", "[[storage_class]]\nname = \"x\"\n", "\"/dev/loop*\"", "\"/dev/[\"", "\"None\"",
-    "\"Block\"", "\"force\"", "é", "\u{0}", "1979-05-27T07:32:00Z", "[node]", "[kubernetes]", "match.serial = \"A\"",
+    "[",
+    "]",
+    "[[",
+    "]]",
+    "{",
+    "}",
+    "=",
+    "\"",
+    "'",
+    ",",
+    "\n",
+    "#",
+    "0",
+    "-1",
+    "0o777",
+    "1.5",
+    "1e999",
+    "\"\"",
+    "\"0\"",
+    "\"10 parsecs\"",
+    "\"500G\"",
+    "\"99999999999999999999E\"",
+    "\"1.5TiB\"",
+    "\"%\"",
+    "\"0750\"",
+    "true",
+    "[[disk_group]]\nname = \"x\"\n",
+    "[[storage_class]]\nname = \"x\"\n",
+    "\"/dev/loop*\"",
+    "\"/dev/[\"",
+    "\"None\"",
+    "\"Block\"",
+    "\"force\"",
+    "é",
+    "\u{0}",
+    "1979-05-27T07:32:00Z",
+    "[node]",
+    "[kubernetes]",
+    "match.serial = \"A\"",
 ];
 
 #[derive(Debug, Clone)]
@@ -104,21 +156,81 @@ fn apply(text: &str, mutation: &Mutation) -> String {
 
 /// Random sections of known keys with values of every kind.
 fn mixed_policy() -> impl Strategy<Value = String> {
-    const HEADERS: &[&str] = &["[node]", "[kubernetes]", "[[storage_class]]", "[[disk_group]]", "[match]", ""];
+    const HEADERS: &[&str] = &[
+        "[node]",
+        "[kubernetes]",
+        "[[storage_class]]",
+        "[[disk_group]]",
+        "[match]",
+        "",
+    ];
     const KEYS: &[&str] = &[
-        "name", "storage_root", "publish", "kubeconfig", "volume_mode", "fs_type", "reclaim_policy", "access_modes",
-        "mount_options", "binding_mode", "storage_class", "layout", "devices", "match", "max_disks", "volume_size",
-        "volume_count", "reserve", "owner", "wipe", "allow_loop", "allow_removable", "match.min_size", "owner.mode",
-        "match.transport", "match.serial", "typo",
+        "name",
+        "storage_root",
+        "publish",
+        "kubeconfig",
+        "volume_mode",
+        "fs_type",
+        "reclaim_policy",
+        "access_modes",
+        "mount_options",
+        "binding_mode",
+        "storage_class",
+        "layout",
+        "devices",
+        "match",
+        "max_disks",
+        "volume_size",
+        "volume_count",
+        "reserve",
+        "owner",
+        "wipe",
+        "allow_loop",
+        "allow_removable",
+        "match.min_size",
+        "owner.mode",
+        "match.transport",
+        "match.serial",
+        "typo",
     ];
     const VALUES: &[&str] = &[
-        "\"a\"", "\"c\"", "\"g\"", "\"\"", "\"/x\"", "\"x\"", "0", "-1", "4294967295", "9223372036854775807", "0o7777",
-        "0o17777", "1.5", "true", "false", "[]", "[\"ReadWriteOnce\", \"ReadWriteMany\"]", "[\"/dev/sd*\", 1]",
-        "{}", "{ transport = \"nvme\", min_size = \"2T\", max_size = \"1T\" }", "{ uid = -1, mode = 755 }",
-        "\"Block\"", "\"separate\"", "\"shared\"", "\"force\"", "\"10%\"", "\"95%\"", "\"1G\"", "\"100M\"",
-        "\"None\"", "\"nfs\"", "\"Recycle\"", "\"Immediate\"", "1979-05-27",
+        "\"a\"",
+        "\"c\"",
+        "\"g\"",
+        "\"\"",
+        "\"/x\"",
+        "\"x\"",
+        "0",
+        "-1",
+        "4294967295",
+        "9223372036854775807",
+        "0o7777",
+        "0o17777",
+        "1.5",
+        "true",
+        "false",
+        "[]",
+        "[\"ReadWriteOnce\", \"ReadWriteMany\"]",
+        "[\"/dev/sd*\", 1]",
+        "{}",
+        "{ transport = \"nvme\", min_size = \"2T\", max_size = \"1T\" }",
+        "{ uid = -1, mode = 755 }",
+        "\"Block\"",
+        "\"separate\"",
+        "\"shared\"",
+        "\"force\"",
+        "\"10%\"",
+        "\"95%\"",
+        "\"1G\"",
+        "\"100M\"",
+        "\"None\"",
+        "\"nfs\"",
+        "\"Recycle\"",
+        "\"Immediate\"",
+        "1979-05-27",
     ];
-    let line = (0..KEYS.len(), 0..VALUES.len()).prop_map(|(k, v)| format!("{} = {}", KEYS[k], VALUES[v]));
+    let line =
+        (0..KEYS.len(), 0..VALUES.len()).prop_map(|(k, v)| format!("{} = {}", KEYS[k], VALUES[v]));
     let section = (0..HEADERS.len(), proptest::collection::vec(line, 0..6))
         .prop_map(|(h, lines)| format!("{}\n{}\n", HEADERS[h], lines.join("\n")));
     proptest::collection::vec(section, 0..8).prop_map(|s| s.concat())
@@ -156,5 +268,25 @@ proptest! {
         if let Err(e) = load_many(&files) {
             check_positions(&e, &files);
         }
+    }
+}
+
+/// Deep nesting must end in a syntax error, not a stack overflow.
+#[test]
+fn deep_nesting_is_a_syntax_error() {
+    let n = 50_000;
+    let inputs = [
+        format!("{} = 1\n", vec!["a"; n].join(".")),
+        format!("[{}]\nx = 1\n", vec!["a"; n].join(".")),
+        format!("x = {}{}\n", "[".repeat(n), "]".repeat(n)),
+        format!("x = {}{}\n", "{a=".repeat(n), "}".repeat(n)),
+    ];
+    for text in inputs {
+        let e = load_str(&PathBuf::from("deep.toml"), &text).expect_err("too deep");
+        assert!(
+            e.diagnostics[0].message.starts_with("TOML syntax error"),
+            "{}",
+            e.report()
+        );
     }
 }

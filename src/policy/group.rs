@@ -22,15 +22,29 @@ pub const KEYS: &[&str] = &[
     "allow_loop",
     "allow_removable",
 ];
-const MATCH_KEYS: &[&str] = &["transport", "rotational", "min_size", "max_size", "model", "vendor", "serial", "wwn"];
+const MATCH_KEYS: &[&str] = &[
+    "transport",
+    "rotational",
+    "min_size",
+    "max_size",
+    "model",
+    "vendor",
+    "serial",
+    "wwn",
+];
 const OWNER_KEYS: &[&str] = &["uid", "gid", "mode"];
 
 /// Transports the inventory reports (`kvstrap disks` shows them).
-pub const TRANSPORTS: &[&str] =
-    &["nvme", "sata", "ata", "sas", "scsi", "fc", "iscsi", "virtio", "xen", "usb", "mmc", "loop"];
+pub const TRANSPORTS: &[&str] = &[
+    "nvme", "sata", "ata", "sas", "scsi", "fc", "iscsi", "virtio", "xen", "usb", "mmc", "loop",
+];
 
 /// KubeVirt's qemu runs as uid/gid 107.
-pub const DEFAULT_OWNER: Owner = Owner { uid: 107, gid: 107, mode: 0o750 };
+pub const DEFAULT_OWNER: Owner = Owner {
+    uid: 107,
+    gid: 107,
+    mode: 0o750,
+};
 
 const LAYOUT: Choice<'static, Layout> = Choice {
     key: "layout",
@@ -44,62 +58,94 @@ const WIPE: Choice<'static, Wipe> = Choice {
     refused: &[],
 };
 
-/// A disk group and where its values are written, for the checks across groups.
-pub struct Parsed {
-    pub group: DiskGroup,
+/// A disk group as far as its values are valid: each field is None when its value was
+/// wrong (and reported), so checks across fields can still run on the valid ones.
+pub struct Draft {
+    pub name: Option<String>,
+    pub storage_class: Option<String>,
+    pub layout: Option<Layout>,
+    pub devices: Option<Vec<String>>,
+    pub matcher: Option<DiskMatch>,
+    pub max_disks: Option<Option<u32>>,
+    pub sizing: Option<VolumeSizing>,
+    pub reserve_percent: Option<u32>,
+    pub owner: Option<Owner>,
+    pub wipe: Option<Wipe>,
+    pub allow_loop: Option<bool>,
+    pub allow_removable: Option<bool>,
     pub at: GroupLocs,
 }
 
+/// Where a group's values are written, for errors found by checks across fields.
 pub struct GroupLocs {
+    /// The `name` value, or the table header when there is none.
     pub name: Loc,
-    pub storage_class: Loc,
+    pub storage_class: Option<Loc>,
     pub layout: Option<Loc>,
+    pub devices: Option<Loc>,
     pub wipe: Option<Loc>,
     pub volume_size: Option<Loc>,
     pub volume_count: Option<Loc>,
 }
 
-pub fn parse(section: &Section, diags: &mut Diags) -> Option<Parsed> {
+impl Draft {
+    /// The label for messages: `disk group "nvme"`.
+    pub fn label(&self) -> String {
+        match &self.name {
+            Some(name) => format!("disk group \"{name}\""),
+            None => "this disk group".to_string(),
+        }
+    }
+
+    /// The validated group, when every value is valid.
+    pub fn build(&self) -> Option<DiskGroup> {
+        Some(DiskGroup {
+            name: self.name.clone()?,
+            storage_class: self.storage_class.clone()?,
+            layout: self.layout?,
+            devices: self.devices.clone()?,
+            matcher: self.matcher.clone()?,
+            max_disks: self.max_disks?,
+            sizing: self.sizing?,
+            reserve_percent: self.reserve_percent?,
+            owner: self.owner.clone()?,
+            wipe: self.wipe?,
+            allow_loop: self.allow_loop?,
+            allow_removable: self.allow_removable?,
+        })
+    }
+}
+
+pub fn parse(section: &Section, diags: &mut Diags) -> Option<Draft> {
     section.check_keys(KEYS, diags);
     let name = group_name(section, diags);
     let class = section
         .required("storage_class", "\"kubevirt-local\"", diags)
         .and_then(|_| section.string("storage_class", "\"kubevirt-local\"", diags));
-    let layout = optional_choice(section, &LAYOUT, "\"shared\"", Layout::Shared, diags);
-    let devices = devices(section, diags);
-    let matcher = matcher(section, diags);
-    let max_disks = count(section, "max_disks", u32::MAX, diags);
-    let sizing = sizing(section, diags);
-    let reserve = reserve(section, diags);
-    let owner = owner(section, diags);
-    let wipe = optional_choice(section, &WIPE, "\"never\"", Wipe::Never, diags);
-    let allow_loop = flag(section, "allow_loop", diags);
-    let allow_removable = flag(section, "allow_removable", diags);
-
-    let ((name, name_at), (class, class_at)) = (name?, class?);
-    let group = DiskGroup {
-        name: name.to_string(),
-        storage_class: class.to_string(),
-        layout: layout?,
-        devices: devices?,
-        matcher: matcher?,
-        max_disks: max_disks?,
-        sizing: sizing?,
-        reserve_percent: reserve?,
-        owner: owner?,
-        wipe: wipe?,
-        allow_loop: allow_loop?,
-        allow_removable: allow_removable?,
-    };
     let at = GroupLocs {
-        name: name_at,
-        storage_class: class_at,
+        name: value_at(section, "name").unwrap_or(section.at),
+        storage_class: value_at(section, "storage_class"),
         layout: value_at(section, "layout"),
+        devices: value_at(section, "devices"),
         wipe: value_at(section, "wipe"),
         volume_size: value_at(section, "volume_size"),
         volume_count: value_at(section, "volume_count"),
     };
-    Some(Parsed { group, at })
+    Some(Draft {
+        name: name.map(|(n, _)| n.to_string()),
+        storage_class: class.map(|(c, _)| c.to_string()),
+        layout: optional_choice(section, &LAYOUT, "\"shared\"", Layout::Shared, diags),
+        devices: devices(section, diags),
+        matcher: matcher(section, diags),
+        max_disks: count(section, "max_disks", u32::MAX, diags),
+        sizing: sizing(section, diags),
+        reserve_percent: reserve(section, diags),
+        owner: owner(section, diags),
+        wipe: optional_choice(section, &WIPE, "\"never\"", Wipe::Never, diags),
+        allow_loop: flag(section, "allow_loop", diags),
+        allow_removable: flag(section, "allow_removable", diags),
+        at,
+    })
 }
 
 fn value_at(section: &Section, key: &str) -> Option<Loc> {
@@ -125,7 +171,13 @@ fn group_name<'t>(section: &Section<'t>, diags: &mut Diags) -> Option<Located<&'
 }
 
 /// A word value with a default when the key is absent.
-fn optional_choice<T: Copy>(section: &Section, choice: &Choice<T>, example: &str, default: T, diags: &mut Diags) -> Option<T> {
+fn optional_choice<T: Copy>(
+    section: &Section,
+    choice: &Choice<T>,
+    example: &str,
+    default: T,
+    diags: &mut Diags,
+) -> Option<T> {
     match section.string(choice.key, example, diags) {
         Some(value) => choice.pick(value, diags),
         None => section.entry(choice.key).is_none().then_some(default),
@@ -147,11 +199,19 @@ fn count(section: &Section, key: &str, max: u32, diags: &mut Diags) -> Option<Op
     match u32::try_from(value) {
         Ok(n) if n >= 1 && n <= max => Some(Some(n)),
         Ok(0) => {
-            diags.error(at, format!("{key} = 0 leaves nothing to use"), format!("write {key} = 1 or more, or remove {key}"));
+            diags.error(
+                at,
+                format!("{key} = 0 leaves nothing to use"),
+                format!("write {key} = 1 or more, or remove {key}"),
+            );
             None
         }
         _ => {
-            diags.error(at, format!("{key} = {value} is out of range"), format!("write a whole number from 1 to {max}, like {key} = 4"));
+            diags.error(
+                at,
+                format!("{key} = {value} is out of range"),
+                format!("write a whole number from 1 to {max}, like {key} = 4"),
+            );
             None
         }
     }
@@ -174,7 +234,12 @@ fn devices(section: &Section, diags: &mut Diags) -> Option<Vec<String>> {
 }
 
 fn device_ok(path: &str, at: Loc, diags: &mut Diags) -> bool {
-    if !path.starts_with("/dev/") || path.contains("/../") || path.ends_with('/') {
+    let odd = |c: char| c.is_control() || c.is_whitespace() || c == '"' || c == '\'';
+    if !path.starts_with("/dev/")
+        || path.contains("/../")
+        || path.ends_with('/')
+        || path.contains(odd)
+    {
         diags.error(
             at,
             format!("device \"{path}\" is not a device path under /dev"),
@@ -187,7 +252,11 @@ fn device_ok(path: &str, at: Loc, diags: &mut Diags) -> bool {
 
 fn glob_ok(key: &str, pattern: &str, at: Loc, diags: &mut Diags) -> bool {
     if let Err(e) = glob::Pattern::new(pattern) {
-        diags.error(at, format!("{key} pattern \"{pattern}\" is not a valid glob: {}", e.msg), "use * ? and [...] as in the shell, with every [ closed by ]");
+        diags.error(
+            at,
+            format!("{key} pattern \"{pattern}\" is not a valid glob: {}", e.msg),
+            "use * ? and [...] as in the shell, with every [ closed by ]",
+        );
         return false;
     }
     true
@@ -206,7 +275,8 @@ fn matcher(section: &Section, diags: &mut Diags) -> Option<DiskMatch> {
     };
     let min_size = size_key(&m, "min_size", "\"500G\"", diags);
     let max_size = size_key(&m, "max_size", "\"4T\"", diags);
-    let [model, vendor, serial, wwn] = ["model", "vendor", "serial", "wwn"].map(|k| pattern_key(&m, k, diags));
+    let [model, vendor, serial, wwn] =
+        ["model", "vendor", "serial", "wwn"].map(|k| pattern_key(&m, k, diags));
     let matcher = DiskMatch {
         transport: transport?,
         rotational: rotational?,
@@ -229,7 +299,10 @@ fn transport(m: &Section, diags: &mut Diags) -> Option<Option<String>> {
         return Some(Some(lower));
     }
     let hint = match names::closest(word, TRANSPORTS) {
-        Some(t) => format!("did you mean transport = \"{t}\"? known: {}", TRANSPORTS.join(", ")),
+        Some(t) => format!(
+            "did you mean transport = \"{t}\"? known: {}",
+            TRANSPORTS.join(", ")
+        ),
         None => format!("write one of {}", TRANSPORTS.join(", ")),
     };
     diags.error(at, format!("unknown transport \"{word}\""), hint);
@@ -237,14 +310,28 @@ fn transport(m: &Section, diags: &mut Diags) -> Option<Option<String>> {
 }
 
 /// An optional size; absent is Some(None).
-pub fn size_key(section: &Section, key: &str, example: &str, diags: &mut Diags) -> Option<Option<u64>> {
+pub fn size_key(
+    section: &Section,
+    key: &str,
+    example: &str,
+    diags: &mut Diags,
+) -> Option<Option<u64>> {
     let entry = section.entry(key);
-    let Some(entry) = entry else { return Some(None) };
+    let Some(entry) = entry else {
+        return Some(None);
+    };
     let at = entry.node.at;
     let parsed = match &entry.node.value {
         super::raw::Value::Str(s) => size::parse_size(s),
         super::raw::Value::Int { value, .. } => size::size_from_int(*value),
-        _ => return super::fields::wrong_type(entry, "a size string or a number of bytes", example, diags),
+        _ => {
+            return super::fields::wrong_type(
+                entry,
+                "a size string or a number of bytes",
+                example,
+                diags,
+            )
+        }
     };
     match parsed {
         Ok(bytes) => Some(Some(bytes)),
@@ -260,21 +347,31 @@ fn pattern_key(m: &Section, key: &str, diags: &mut Diags) -> Option<Option<Strin
         return m.entry(key).is_none().then_some(None);
     };
     if pattern.is_empty() {
-        diags.error(at, format!("match.{key} is empty"), format!("write the {key} as `kvstrap disks` shows it, or remove the key"));
+        diags.error(
+            at,
+            format!("match.{key} is empty"),
+            format!("write the {key} as `kvstrap disks` shows it, or remove the key"),
+        );
         return None;
     }
     glob_ok(key, pattern, at, diags).then(|| Some(pattern.to_string()))
 }
 
 fn sizes_ordered(m: &Section, matcher: &DiskMatch, diags: &mut Diags) -> bool {
-    let (Some(min), Some(max)) = (matcher.min_size, matcher.max_size) else { return true };
+    let (Some(min), Some(max)) = (matcher.min_size, matcher.max_size) else {
+        return true;
+    };
     if min <= max {
         return true;
     }
     let at = m.entry("min_size").map_or(m.at, |e| e.node.at);
     diags.error(
         at,
-        format!("min_size ({}) is larger than max_size ({}), so no disk can match", size::human(min), size::human(max)),
+        format!(
+            "min_size ({}) is larger than max_size ({}), so no disk can match",
+            size::human(min),
+            size::human(max)
+        ),
         "swap them, or remove one of the two",
     );
     false
@@ -288,7 +385,9 @@ fn sizing(section: &Section, diags: &mut Diags) -> Option<VolumeSizing> {
     let count = count(section, "volume_count", MAX_VOLUME_COUNT, diags);
     match (size?, count?) {
         (Some(_), Some(_)) => {
-            let at = section.entry("volume_count").map_or(section.at, |e| e.node.at);
+            let at = section
+                .entry("volume_count")
+                .map_or(section.at, |e| e.node.at);
             diags.error(
                 at,
                 "volume_size and volume_count are both set",
@@ -324,7 +423,11 @@ fn owner(section: &Section, diags: &mut Diags) -> Option<Owner> {
     let uid = id(&o, "uid", DEFAULT_OWNER.uid, diags);
     let gid = id(&o, "gid", DEFAULT_OWNER.gid, diags);
     let mode = mode(&o, diags);
-    Some(Owner { uid: uid?, gid: gid?, mode: mode? })
+    Some(Owner {
+        uid: uid?,
+        gid: gid?,
+        mode: mode?,
+    })
 }
 
 fn id(o: &Section, key: &str, default: u32, diags: &mut Diags) -> Option<u32> {
@@ -335,23 +438,33 @@ fn id(o: &Section, key: &str, default: u32, diags: &mut Diags) -> Option<u32> {
     match u32::try_from(value) {
         Ok(id) if id < u32::MAX => Some(id),
         _ => {
-            diags.error(at, format!("{key} = {value} is not a valid user or group id"), format!("write a number from 0 to {}, like {key} = 107", u32::MAX - 1));
+            diags.error(
+                at,
+                format!("{key} = {value} is not a valid user or group id"),
+                format!(
+                    "write a number from 0 to {}, like {key} = 107",
+                    u32::MAX - 1
+                ),
+            );
             None
         }
     }
 }
 
 fn mode(o: &Section, diags: &mut Diags) -> Option<u32> {
-    let Some(entry) = o.entry("mode") else { return Some(DEFAULT_OWNER.mode) };
+    let Some(entry) = o.entry("mode") else {
+        return Some(DEFAULT_OWNER.mode);
+    };
     let at = entry.node.at;
     let result = match &entry.node.value {
         super::raw::Value::Str(s) => size::parse_mode(s),
-        super::raw::Value::Int { value, octal: true } => {
-            u32::try_from(*value).ok().filter(|m| *m <= 0o7777).ok_or_else(|| size::Refusal {
+        super::raw::Value::Int { value, octal: true } => u32::try_from(*value)
+            .ok()
+            .filter(|m| *m <= 0o7777)
+            .ok_or_else(|| size::Refusal {
                 message: format!("mode 0o{value:o} is not a file mode"),
                 hint: "write the mode as an octal string, like mode = \"0750\"".into(),
-            })
-        }
+            }),
         super::raw::Value::Int { value, .. } => Err(size::Refusal {
             message: format!("mode {value} is a decimal number, not an octal file mode"),
             hint: "write the mode as an octal string, like mode = \"0750\"".into(),

@@ -94,16 +94,39 @@ pub fn load_many(files: &[(PathBuf, String)]) -> Result<Policy, PolicyError> {
 }
 
 /// Like [`load_many`], with the hostname (default node name) given instead of read.
-pub fn load_many_with_hostname(files: &[(PathBuf, String)], hostname: Option<&str>) -> Result<Policy, PolicyError> {
+pub fn load_many_with_hostname(
+    files: &[(PathBuf, String)],
+    hostname: Option<&str>,
+) -> Result<Policy, PolicyError> {
     let hostname = hostname.map(str::to_string);
     build(files.to_vec(), Diags::default(), &move || hostname.clone())
+}
+
+/// A drop-in that replaces the `devices` of the named disk groups, e.g. with the loop
+/// devices `kvstrap demo` created. Merged after the policy, it overrides by group name.
+pub fn devices_dropin(groups: &[(&str, Vec<String>)]) -> String {
+    let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let mut out = String::from("# Written by kvstrap: the devices of each disk group.\n");
+    for (name, devices) in groups {
+        let list: Vec<String> = devices.iter().map(|d| quote(d)).collect();
+        out.push_str(&format!(
+            "\n[[disk_group]]\nname = {}\ndevices = [{}]\n",
+            quote(name),
+            list.join(", ")
+        ));
+    }
+    out
 }
 
 fn finish(files: Vec<(PathBuf, String)>, diags: Diags) -> Result<Policy, PolicyError> {
     build(files, diags, &system_hostname)
 }
 
-fn build(files: Vec<(PathBuf, String)>, mut diags: Diags, hostname: &dyn Fn() -> Option<String>) -> Result<Policy, PolicyError> {
+fn build(
+    files: Vec<(PathBuf, String)>,
+    mut diags: Diags,
+    hostname: &dyn Fn() -> Option<String>,
+) -> Result<Policy, PolicyError> {
     let mut fragments = Vec::new();
     for (path, text) in &files {
         let file = diags.sources.add(path, text);
@@ -118,7 +141,9 @@ fn build(files: Vec<(PathBuf, String)>, mut diags: Diags, hostname: &dyn Fn() ->
     };
     match policy {
         Some(policy) if diags.is_empty() => Ok(policy),
-        _ => Err(PolicyError { diagnostics: diags.into_diagnostics() }),
+        _ => Err(PolicyError {
+            diagnostics: diags.into_diagnostics(),
+        }),
     }
 }
 

@@ -21,7 +21,11 @@ pub fn explicit(path: &Path, diags: &mut Diags) -> Vec<Source> {
     if path.is_dir() {
         let files = toml_files(path, diags);
         if files.is_empty() && diags.is_empty() {
-            diags.file_error(path, "the policy directory holds no *.toml file", Some("add a policy file such as policy.toml to it".into()));
+            diags.file_error(
+                path,
+                "the policy directory holds no *.toml file",
+                Some("add a policy file such as policy.toml to it".into()),
+            );
         }
         return read_all(&files, diags);
     }
@@ -35,7 +39,11 @@ pub fn system(root: &Path, diags: &mut Diags) -> Vec<Source> {
     if main.exists() {
         files.push(main.clone());
     }
-    files.extend(dropins(&root.join(VENDOR_DROPINS), &root.join(ADMIN_DROPINS), diags));
+    files.extend(dropins(
+        &root.join(VENDOR_DROPINS),
+        &root.join(ADMIN_DROPINS),
+        diags,
+    ));
     if files.is_empty() && diags.is_empty() {
         diags.file_error(
             &main,
@@ -45,7 +53,10 @@ pub fn system(root: &Path, diags: &mut Diags) -> Vec<Source> {
                 root.join(ADMIN_DROPINS).display(),
                 root.join(VENDOR_DROPINS).display()
             ),
-            Some("write a policy (see /usr/share/doc/kvstrap/example.toml) or pass --policy FILE".into()),
+            Some(
+                "write a policy (see /usr/share/doc/kvstrap/example.toml) or pass --policy FILE"
+                    .into(),
+            ),
         );
     }
     read_all(&files, diags)
@@ -84,7 +95,10 @@ fn toml_files(dir: &Path, diags: &mut Diags) -> Vec<PathBuf> {
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
         .filter(|p| !p.is_dir())
         .collect();
     files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
@@ -103,6 +117,7 @@ fn read_all(files: &[PathBuf], diags: &mut Diags) -> Vec<Source> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -115,7 +130,12 @@ mod tests {
     fn names(sources: &[Source], root: &Path) -> Vec<String> {
         sources
             .iter()
-            .map(|(p, _)| p.strip_prefix(root).expect("under root").display().to_string())
+            .map(|(p, _)| {
+                p.strip_prefix(root)
+                    .expect("under root")
+                    .display()
+                    .to_string()
+            })
             .collect()
     }
 
@@ -152,7 +172,8 @@ mod tests {
         let root = dir.path();
         write(root, "usr/lib/kvstrap/policy.d/50-x.toml", "a = 1");
         std::fs::create_dir_all(root.join(ADMIN_DROPINS)).expect("mkdir");
-        std::os::unix::fs::symlink("/dev/null", root.join(ADMIN_DROPINS).join("50-x.toml")).expect("symlink");
+        std::os::unix::fs::symlink("/dev/null", root.join(ADMIN_DROPINS).join("50-x.toml"))
+            .expect("symlink");
         write(root, "etc/kvstrap/policy.toml", "");
         let mut diags = Diags::default();
         let sources = system(root, &mut diags);
