@@ -21,6 +21,10 @@ pub struct Inventory {
     /// state directory are observed.
     #[serde(default)]
     pub paths: BTreeMap<PathBuf, PathFacts>,
+    /// Filesystems (`xfs`, `ext4`) whose project quotas this kernel cannot enforce, with
+    /// the reason; directory volumes need them to hold their capacity.
+    #[serde(default)]
+    pub quota_unsupported: BTreeMap<String, String>,
 }
 
 /// One whole block device (not a partition).
@@ -111,21 +115,35 @@ pub struct Signature {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum InUse {
     /// Holds the root filesystem or the boot device.
-    SystemDisk { detail: String },
+    SystemDisk {
+        detail: String,
+    },
     /// The disk or one of its partitions is mounted (and not by kvstrap below storage_root).
-    Mounted { mountpoint: PathBuf },
+    Mounted {
+        mountpoint: PathBuf,
+    },
     /// A device-mapper, md or other holder sits on top of the disk or a partition.
-    Holder { holder: String },
-    Swap { device: PathBuf },
+    Holder {
+        holder: String,
+    },
+    Swap {
+        device: PathBuf,
+    },
     Zram,
     ReadOnly,
     Removable,
     /// An exclusive open (`O_EXCL`) failed: something else holds the device.
-    Busy { detail: String },
+    Busy {
+        detail: String,
+    },
     /// The device could not be opened or probed at all.
-    Unreadable { detail: String },
+    Unreadable {
+        detail: String,
+    },
     /// Not a disk kvstrap may use: device-mapper, md, ram, optical, ...
-    Virtual { detail: String },
+    Virtual {
+        detail: String,
+    },
 }
 
 impl std::fmt::Display for InUse {
@@ -160,7 +178,9 @@ pub enum PathFacts {
         /// Device (major:minor) of the filesystem holding the directory.
         devno: String,
     },
-    Symlink { target: PathBuf },
+    Symlink {
+        target: PathBuf,
+    },
     Other,
 }
 
@@ -331,14 +351,7 @@ pub enum Step {
     /// Set ownership/mode of an existing directory that drifted.
     SetOwnership { disk: PathBuf, path: PathBuf, owner: Owner, reason: String },
     /// Hard project quota equal to the published capacity.
-    SetQuota {
-        disk: PathBuf,
-        path: PathBuf,
-        mountpoint: PathBuf,
-        project_id: u32,
-        bytes: u64,
-        reason: String,
-    },
+    SetQuota { disk: PathBuf, path: PathBuf, mountpoint: PathBuf, project_id: u32, bytes: u64, reason: String },
     /// Stable symlink to the partition of a Block volume.
     LinkBlockDevice { disk: PathBuf, link: PathBuf, target: PathBuf, part_uuid: uuid::Uuid, reason: String },
 }
@@ -428,6 +441,9 @@ pub struct Plan {
     pub storage_root: PathBuf,
     pub groups: Vec<GroupPlan>,
     pub refused: Vec<Refusal>,
+    /// Things the operator should know that do not stop the plan.
+    #[serde(default)]
+    pub warnings: Vec<String>,
     /// Ordered steps; empty when the node already matches the policy.
     pub steps: Vec<Step>,
     pub totals: Totals,

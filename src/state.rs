@@ -2,11 +2,11 @@
 //! (temp file, fsync, rename, directory fsync). Discovery, not this file, decides safety:
 //! the state file only records what happened, for `status` and the daemon.
 
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

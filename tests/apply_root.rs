@@ -21,10 +21,8 @@ impl Node {
     fn new(policy_body: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("storage");
-        let text = format!(
-            "[node]\nname = \"test-node\"\nstorage_root = {:?}\n\n{policy_body}",
-            root.display().to_string()
-        );
+        let text =
+            format!("[node]\nname = \"test-node\"\nstorage_root = {:?}\n\n{policy_body}", root.display().to_string());
         std::fs::write(dir.path().join("policy.toml"), text).unwrap();
         Node { dir }
     }
@@ -49,7 +47,12 @@ impl Node {
 
     fn apply_ok(&self) -> Value {
         let out = self.kvstrap(&["apply", "-o", "json"], &[]);
-        assert!(out.status.success(), "apply failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "apply failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
@@ -104,7 +107,8 @@ fn blkid(dev: &Path, tag: &str) -> String {
 fn mount_source(mountpoint: &Path) -> Option<String> {
     std::fs::read_to_string("/proc/self/mountinfo").ok()?.lines().find_map(|l| {
         let (pre, post) = l.split_once(" - ")?;
-        (Path::new(pre.split_whitespace().nth(4)?) == mountpoint).then(|| post.split_whitespace().nth(1).map(String::from))?
+        (Path::new(pre.split_whitespace().nth(4)?) == mountpoint)
+            .then(|| post.split_whitespace().nth(1).map(String::from))?
     })
 }
 
@@ -140,7 +144,12 @@ fn shared_separate_and_block_layouts_match_the_plan() {
             "Filesystem" => {
                 let meta = std::fs::metadata(&path).unwrap();
                 assert!(meta.is_dir());
-                assert_eq!((meta.uid(), meta.gid(), meta.permissions().mode() & 0o7777), (107, 107, 0o750), "{}", path.display());
+                assert_eq!(
+                    (meta.uid(), meta.gid(), meta.permissions().mode() & 0o7777),
+                    (107, 107, 0o750),
+                    "{}",
+                    path.display()
+                );
                 // What is published must be storable.
                 let stat = nix::sys::statvfs::statvfs(&path).unwrap();
                 let free = stat.blocks_available() * stat.fragment_size();
@@ -148,7 +157,11 @@ fn shared_separate_and_block_layouts_match_the_plan() {
             }
             _ => {
                 let target = std::fs::read_link(&path).unwrap();
-                assert!(target.to_string_lossy().starts_with(&block.path.display().to_string()), "{}", target.display());
+                assert!(
+                    target.to_string_lossy().starts_with(&block.path.display().to_string()),
+                    "{}",
+                    target.display()
+                );
                 assert!(std::fs::metadata(&path).unwrap().file_type().is_block_device_like());
             }
         }
@@ -161,7 +174,11 @@ fn shared_separate_and_block_layouts_match_the_plan() {
     assert_eq!(sep_mounts, 3);
     for v in vols.iter().filter(|v| v["storage_class"] == "ext") {
         let path = PathBuf::from(v["path"].as_str().unwrap());
-        assert!(mount_source(&path).is_some_and(|s| s.starts_with(&separate.path.display().to_string())), "{}", path.display());
+        assert!(
+            mount_source(&path).is_some_and(|s| s.starts_with(&separate.path.display().to_string())),
+            "{}",
+            path.display()
+        );
     }
 }
 
@@ -180,7 +197,11 @@ fn applying_twice_changes_nothing() {
         return;
     }
     let disk = LoopDisk::new(1024 * MIB);
-    let node = Node::new(&format!("{}{}", class("fast", "xfs", "Filesystem"), group("g", "fast", "shared", &[&disk], "volume_count = 2")));
+    let node = Node::new(&format!(
+        "{}{}",
+        class("fast", "xfs", "Filesystem"),
+        group("g", "fast", "shared", &[&disk], "volume_count = 2")
+    ));
     node.apply_ok();
     let ptuuid = blkid(&disk.path, "PTUUID");
     let fsuuid = blkid(&disk.partition(1), "UUID");
@@ -201,7 +222,11 @@ fn directory_volumes_cannot_grow_past_their_quota() {
     }
     for fs in ["xfs", "ext4"] {
         let disk = LoopDisk::new(512 * MIB);
-        let node = Node::new(&format!("{}{}", class("c", fs, "Filesystem"), group("g", "c", "shared", &[&disk], "volume_size = \"32M\"")));
+        let node = Node::new(&format!(
+            "{}{}",
+            class("c", fs, "Filesystem"),
+            group("g", "c", "shared", &[&disk], "volume_size = \"32M\"")
+        ));
         node.apply_ok();
         let vols = node.volumes();
         assert!(vols.len() >= 2, "{fs}: {vols:?}");
@@ -209,7 +234,16 @@ fn directory_volumes_cannot_grow_past_their_quota() {
         assert_eq!(vols[0]["capacity_bytes"], 32 * MIB);
         // qemu writes as uid 107; root could bypass ext4 quotas with CAP_SYS_RESOURCE.
         let out = Command::new("setpriv")
-            .args(["--reuid=107", "--regid=107", "--clear-groups", "dd", "if=/dev/zero", "bs=1M", "count=64", "conv=fsync"])
+            .args([
+                "--reuid=107",
+                "--regid=107",
+                "--clear-groups",
+                "dd",
+                "if=/dev/zero",
+                "bs=1M",
+                "count=64",
+                "conv=fsync",
+            ])
             .arg(format!("of={}", path.join("fill").display()))
             .output()
             .unwrap();
@@ -273,7 +307,11 @@ fn foreign_disks_survive_byte_for_byte() {
     let swap = LoopDisk::new(64 * MIB);
     run("mkswap", &[], &swap.path);
     let mbr = LoopDisk::new(64 * MIB);
-    let sfdisk = Command::new("sh").arg("-c").arg(format!("echo 'label: dos\n,32M,83' | sfdisk -q {}", mbr.path.display())).status().unwrap();
+    let sfdisk = Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo 'label: dos\n,32M,83' | sfdisk -q {}", mbr.path.display()))
+        .status()
+        .unwrap();
     assert!(sfdisk.success());
     let gpt = LoopDisk::new(64 * MIB);
     run("sgdisk", &["-q", "-n", "1:0:+16M", "-n", "2:0:+16M"], &gpt.path);
@@ -286,7 +324,18 @@ fn foreign_disks_survive_byte_for_byte() {
     std::fs::write(key.path(), b"not-a-secret").unwrap();
     run(
         "cryptsetup",
-        &["luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", key.path().to_str().unwrap()],
+        &[
+            "luksFormat",
+            "--batch-mode",
+            "--type",
+            "luks2",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--key-file",
+            key.path().to_str().unwrap(),
+        ],
         &luks.path,
     );
     let all = [&ext4, &xfs, &swap, &mbr, &gpt, &lvm, &md, &luks];
@@ -310,7 +359,9 @@ fn interrupted_runs_converge_without_formatting_twice() {
     if !require_root("interrupted_runs_converge_without_formatting_twice") {
         return;
     }
-    for failpoint in ["write_partition_table", "make_filesystem", "mount", "create_directory", "set_quota", "link_block_device"] {
+    for failpoint in
+        ["write_partition_table", "make_filesystem", "mount", "create_directory", "set_quota", "link_block_device"]
+    {
         let fs_disk = LoopDisk::new(640 * MIB);
         let raw_disk = LoopDisk::new(64 * MIB);
         let node = Node::new(&format!(
@@ -339,7 +390,11 @@ fn two_appliers_at_once_do_not_collide() {
     }
     let a = LoopDisk::new(512 * MIB);
     let b = LoopDisk::new(512 * MIB);
-    let node = Node::new(&format!("{}{}", class("c", "xfs", "Filesystem"), group("g", "c", "shared", &[&a, &b], "volume_count = 2")));
+    let node = Node::new(&format!(
+        "{}{}",
+        class("c", "xfs", "Filesystem"),
+        group("g", "c", "shared", &[&a, &b], "volume_count = 2")
+    ));
     let spawn = || {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvstrap"));
         cmd.arg("--policy").arg(node.dir.path().join("policy.toml")).arg("--state-dir").arg(node.state());

@@ -101,7 +101,10 @@ fn sata_disk_under_mounted_lvm_is_mounted_and_held() {
     );
     assert_eq!(
         reasons(disk(&inv, "dm-0")),
-        vec![InUse::Virtual { detail: "device-mapper device".into() }, InUse::Mounted { mountpoint: "/srv/data set".into() }]
+        vec![
+            InUse::Virtual { detail: "device-mapper device".into() },
+            InUse::Mounted { mountpoint: "/srv/data set".into() }
+        ]
     );
 }
 

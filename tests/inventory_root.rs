@@ -213,14 +213,29 @@ fn lvm_and_luks_signatures() {
     }
     let pv = LoopDisk::new(32 * MIB);
     // No udev here: tell LVM not to wait for it.
-    pv.run("pvcreate", &["-q", "--config", "devices { obtain_device_list_from_udev=0 } activation { udev_sync=0 udev_rules=0 }"]);
+    pv.run(
+        "pvcreate",
+        &["-q", "--config", "devices { obtain_device_list_from_udev=0 } activation { udev_sync=0 udev_rules=0 }"],
+    );
     let luks = LoopDisk::new(32 * MIB);
     let key = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(key.path(), b"kvstrap test key, never used for data").unwrap();
     let key_file = key.path().display().to_string();
     luks.run(
         "cryptsetup",
-        &["luksFormat", "-q", "--batch-mode", "--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", &key_file],
+        &[
+            "luksFormat",
+            "-q",
+            "--batch-mode",
+            "--type",
+            "luks2",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--key-file",
+            &key_file,
+        ],
     );
     let inv = scan_machine();
     let pv_disk = find(&inv, &pv);
@@ -299,7 +314,8 @@ fn system_disk_is_listed_and_scan_does_not_fail() {
     // Whatever disk holds `/` directly must be reported as the system disk.
     let root: &Path = Path::new("/");
     for d in &inv.disks {
-        let holds_root = d.mountpoints.iter().chain(d.partitions.iter().flat_map(|p| &p.mountpoints)).any(|m| m == root);
+        let holds_root =
+            d.mountpoints.iter().chain(d.partitions.iter().flat_map(|p| &p.mountpoints)).any(|m| m == root);
         if holds_root {
             assert!(d.in_use.iter().any(|r| matches!(r, InUse::SystemDisk { .. })), "{}: {:?}", d.name, d.in_use);
         }
@@ -336,7 +352,8 @@ fn managed_directories_report_project_id_and_quota() {
     let mnt = root.path().join("xfs");
     std::fs::create_dir(&mnt).unwrap();
     // Kernels without quota support refuse prjquota: the project id is still there.
-    let with_quota = Command::new("mount").args(["-o", "prjquota"]).arg(&loop_disk.path).arg(&mnt).status().unwrap().success();
+    let with_quota =
+        Command::new("mount").args(["-o", "prjquota"]).arg(&loop_disk.path).arg(&mnt).status().unwrap().success();
     if !with_quota {
         eprintln!("project_quota: no quota support in this kernel; checking project ids only");
         assert!(Command::new("mount").arg(&loop_disk.path).arg(&mnt).status().unwrap().success());
@@ -364,7 +381,9 @@ fn managed_directories_report_project_id_and_quota() {
         other => panic!("{other:?}"),
     }
     match &inv.paths[&mnt] {
-        PathFacts::Directory { project_id, quota_bytes, .. } => assert_eq!((*project_id, *quota_bytes), (Some(0), None)),
+        PathFacts::Directory { project_id, quota_bytes, .. } => {
+            assert_eq!((*project_id, *quota_bytes), (Some(0), None))
+        }
         other => panic!("{other:?}"),
     }
     assert_eq!(inv.paths[&mnt.join("link")], PathFacts::Symlink { target: "/dev/null".into() });

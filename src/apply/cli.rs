@@ -98,7 +98,9 @@ pub fn status(g: &GlobalArgs) -> Result<i32> {
     match g.output {
         OutputFormat::Json => print_json(&json!({ "state": st })),
         OutputFormat::Human => match st {
-            None => println!("kvstrap has not applied a policy on this node yet ({} has no state).", g.state_dir.display()),
+            None => {
+                println!("kvstrap has not applied a policy on this node yet ({} has no state).", g.state_dir.display())
+            }
             Some(s) => println!(
                 "last apply: {} ({}), {} disk(s), {} volume(s), {} step(s) changed, {} disk(s) left alone",
                 s.last_result.as_deref().unwrap_or("unknown"),
@@ -137,8 +139,12 @@ pub fn volume_rows(plan: &Plan) -> Vec<VolumeRow> {
                 | crate::model::Step::SetOwnership { path, .. }
                 | crate::model::Step::SetQuota { path, .. } => *path == v.path,
                 crate::model::Step::LinkBlockDevice { link, .. } => *link == v.path,
-                crate::model::Step::MakeFilesystem { device, .. } | crate::model::Step::Mount { device, .. } => *device == v.device,
-                crate::model::Step::WritePartitionTable { disk, .. } | crate::model::Step::WipeDisk { disk, .. } => *disk == v.disk,
+                crate::model::Step::MakeFilesystem { device, .. } | crate::model::Step::Mount { device, .. } => {
+                    *device == v.device
+                }
+                crate::model::Step::WritePartitionTable { disk, .. } | crate::model::Step::WipeDisk { disk, .. } => {
+                    *disk == v.disk
+                }
                 crate::model::Step::AddPartitionNodes { disk, .. } => *disk == v.disk,
             });
             VolumeRow {
@@ -164,7 +170,10 @@ pub fn volumes(g: &GlobalArgs) -> Result<i32> {
     match g.output {
         OutputFormat::Json => print_json(&json!({ "volumes": rows })),
         OutputFormat::Human => {
-            println!("{:<28} {:>10} {:<10} {:<24} {:<8} {}", "NAME", "CAPACITY", "MODE", "STORAGECLASS", "STATE", "PATH");
+            println!(
+                "{:<28} {:>10} {:<10} {:<24} {:<8} {}",
+                "NAME", "CAPACITY", "MODE", "STORAGECLASS", "STATE", "PATH"
+            );
             for r in &rows {
                 println!(
                     "{:<28} {:>10} {:<10} {:<24} {:<8} {}",

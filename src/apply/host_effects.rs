@@ -52,7 +52,11 @@ fn identity_now(disk: &Path) -> String {
 fn check_identity(step: &str, disk: &Path, planned: &str) -> Result<(), ApplyError> {
     let now = identity_now(disk);
     if now != planned {
-        return Err(refused(step, disk, format!("the disk is now {now}, not the {planned} that was planned; run plan again")));
+        return Err(refused(
+            step,
+            disk,
+            format!("the disk is now {now}, not the {planned} that was planned; run plan again"),
+        ));
     }
     Ok(())
 }
@@ -76,7 +80,11 @@ impl Effects for HostEffects {
         if sigs.iter().any(|s| s.kind == "gpt") {
             let table = host::gpt::read_partition_table(disk).map_err(host::Error::from)?;
             if table.as_ref() != Some(&host::gpt::GptTable::from_layout(layout)) {
-                return Err(refused("write partition table", disk, "a partition table appeared since the plan was made"));
+                return Err(refused(
+                    "write partition table",
+                    disk,
+                    "a partition table appeared since the plan was made",
+                ));
             }
         }
         drop(host::probe::exclusive_open(disk).map_err(host::Error::from)?);

@@ -32,8 +32,12 @@ pub enum ApplyError {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum StepResult {
     Unchanged,
-    Changed { what: String },
-    Failed { error: String },
+    Changed {
+        what: String,
+    },
+    Failed {
+        error: String,
+    },
     /// Not run because an earlier step of the same disk failed or a stop was requested.
     Skipped,
 }
@@ -152,10 +156,18 @@ fn log_step(r: &StepReport, took: Duration) {
     let disk = r.disk.display().to_string();
     match &r.result {
         StepResult::Failed { error } => {
-            tracing::error!(step = r.action, disk, took_ms = r.millis, "{} failed after {took:.2?}: {error}", r.description)
+            tracing::error!(
+                step = r.action,
+                disk,
+                took_ms = r.millis,
+                "{} failed after {took:.2?}: {error}",
+                r.description
+            )
         }
         StepResult::Skipped => tracing::warn!(step = r.action, disk, "{} skipped", r.description),
-        StepResult::Changed { .. } => tracing::info!(step = r.action, disk, took_ms = r.millis, "{} done in {took:.2?}", r.description),
+        StepResult::Changed { .. } => {
+            tracing::info!(step = r.action, disk, took_ms = r.millis, "{} done in {took:.2?}", r.description)
+        }
         StepResult::Unchanged => {
             tracing::info!(step = r.action, disk, took_ms = r.millis, "{} already done ({took:.2?})", r.description)
         }
@@ -173,9 +185,7 @@ fn run_step(step: &Step, fx: &dyn Effects) -> Result<Outcome, ApplyError> {
         Step::Mount { device, fs_uuid, fs_type, mountpoint, options, .. } => {
             fx.mount(device, fs_uuid, *fs_type, mountpoint, options)
         }
-        Step::CreateDirectory { path, owner, .. } | Step::SetOwnership { path, owner, .. } => {
-            fx.directory(path, owner)
-        }
+        Step::CreateDirectory { path, owner, .. } | Step::SetOwnership { path, owner, .. } => fx.directory(path, owner),
         Step::SetQuota { path, mountpoint, project_id, bytes, .. } => fx.quota(path, mountpoint, *project_id, *bytes),
         Step::LinkBlockDevice { link, target, part_uuid, .. } => fx.link_block_device(link, target, part_uuid),
     }

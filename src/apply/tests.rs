@@ -35,7 +35,14 @@ impl Effects for Recorder {
     fn sync_partitions(&self, layout: &DiskLayout) -> Result<Outcome, ApplyError> {
         self.call(format!("sync {}", layout.disk.display()))
     }
-    fn make_filesystem(&self, device: &Path, _: FsType, _: &uuid::Uuid, _: &str, _: bool) -> Result<Outcome, ApplyError> {
+    fn make_filesystem(
+        &self,
+        device: &Path,
+        _: FsType,
+        _: &uuid::Uuid,
+        _: &str,
+        _: bool,
+    ) -> Result<Outcome, ApplyError> {
         self.call(format!("mkfs {}", device.display()))
     }
     fn mount(&self, device: &Path, _: &uuid::Uuid, _: FsType, _: &Path, _: &[String]) -> Result<Outcome, ApplyError> {
@@ -106,6 +113,7 @@ fn plan_of(disks: &[&str]) -> Plan {
         storage_root: "/mnt".into(),
         groups: vec![],
         refused: vec![],
+        warnings: vec![],
         steps,
         totals: Totals::default(),
     }
@@ -133,11 +141,20 @@ fn a_failure_stops_its_disk_only() {
     let plan = plan_of(&["/dev/a", "/dev/b"]);
     let report = execute(&plan, &fx, &AtomicBool::new(false), &|_, _, _| {});
     assert_eq!(report.failed(), 1);
-    let b: Vec<&StepResult> = report.steps.iter().filter(|s| s.disk == Path::new("/dev/b")).map(|s| &s.result).collect();
+    let b: Vec<&StepResult> =
+        report.steps.iter().filter(|s| s.disk == Path::new("/dev/b")).map(|s| &s.result).collect();
     assert!(matches!(b[1], StepResult::Failed { error } if error.contains("injected")));
     assert_eq!(b[2], &StepResult::Skipped);
     assert_eq!(b[3], &StepResult::Skipped);
-    assert_eq!(report.steps.iter().filter(|s| s.disk == Path::new("/dev/a")).filter(|s| s.result != StepResult::Skipped).count(), 4);
+    assert_eq!(
+        report
+            .steps
+            .iter()
+            .filter(|s| s.disk == Path::new("/dev/a"))
+            .filter(|s| s.result != StepResult::Skipped)
+            .count(),
+        4
+    );
 }
 
 #[test]

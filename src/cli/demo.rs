@@ -82,7 +82,8 @@ fn write_policy(root: &Path, disks: &[PathBuf]) -> Result<PathBuf> {
     let dir = root.join("policy.d");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::write(dir.join("10-demo.toml"), crate::policy::DEMO_POLICY).context("cannot write the demo policy")?;
-    let quoted = |ds: &[PathBuf]| ds.iter().map(|d| format!("{:?}", d.display().to_string())).collect::<Vec<_>>().join(", ");
+    let quoted =
+        |ds: &[PathBuf]| ds.iter().map(|d| format!("{:?}", d.display().to_string())).collect::<Vec<_>>().join(", ");
     let n = disks.len();
     let split = [&disks[..n - 2], &disks[n - 2..n - 1], &disks[n - 1..]];
     let mut text = format!(
@@ -137,7 +138,8 @@ fn cleanup(root: &Path) -> Result<i32> {
     }
     let losetup = losetup()?;
     for dev in &loops {
-        run_path(&losetup, &["--detach".into(), dev.clone().into()]).with_context(|| format!("cannot detach {}", dev.display()))?;
+        run_path(&losetup, &["--detach".into(), dev.clone().into()])
+            .with_context(|| format!("cannot detach {}", dev.display()))?;
         println!("detached {}", dev.display());
     }
     if root.exists() {

@@ -120,6 +120,14 @@ pub fn scan(g: &GlobalArgs, policy: Option<&Policy>) -> Result<Inventory> {
     let mut opts = ScanOptions::default();
     if let Some(p) = policy {
         opts.managed_roots = vec![p.node.storage_root.clone(), g.state_dir.join("block")];
+        opts.quota_filesystems = p
+            .disk_groups
+            .iter()
+            .filter(|group| group.layout == crate::model::Layout::Shared)
+            .filter_map(|group| p.storage_class(&group.storage_class).map(|c| c.fs_type))
+            .collect();
+        opts.quota_filesystems.sort();
+        opts.quota_filesystems.dedup();
     }
     inventory::scan(&opts).context("cannot read the disk inventory")
 }

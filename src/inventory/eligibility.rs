@@ -58,7 +58,8 @@ pub fn in_use(disk: &Disk, seen: &Observed, managed_roots: &[PathBuf]) -> Vec<In
 /// (device, mount point) of the disk, its partitions and what is stacked on them.
 fn all_mounts(disk: &Disk, seen: &Observed) -> Vec<(String, PathBuf)> {
     let own = disk.mountpoints.iter().map(|m| (disk.path.display().to_string(), m.clone()));
-    let parts = disk.partitions.iter().flat_map(|p| p.mountpoints.iter().map(|m| (p.path.display().to_string(), m.clone())));
+    let parts =
+        disk.partitions.iter().flat_map(|p| p.mountpoints.iter().map(|m| (p.path.display().to_string(), m.clone())));
     let stacked = seen.stacked_mounts.iter().map(|(d, m)| (format!("/dev/{d}"), m.clone()));
     own.chain(parts).chain(stacked).collect()
 }
@@ -172,8 +173,13 @@ mod tests {
     #[test]
     fn root_on_lvm_over_partition_is_system_disk_and_held() {
         let mut d = disk("sda");
-        d.partitions = vec![Partition { path: "/dev/sda2".into(), number: 2, holders: vec!["dm-0".into()], ..Default::default() }];
-        let seen = Observed { stacked_mounts: vec![("dm-0".into(), "/".into())], busy: Some("EBUSY".into()), ..Default::default() };
+        d.partitions =
+            vec![Partition { path: "/dev/sda2".into(), number: 2, holders: vec!["dm-0".into()], ..Default::default() }];
+        let seen = Observed {
+            stacked_mounts: vec![("dm-0".into(), "/".into())],
+            busy: Some("EBUSY".into()),
+            ..Default::default()
+        };
         let reasons = in_use(&d, &seen, &[]);
         assert_eq!(reasons[0], InUse::SystemDisk { detail: "/ is mounted from /dev/dm-0".into() });
         assert!(reasons.contains(&InUse::Holder { holder: "dm-0".into() }));
@@ -183,7 +189,12 @@ mod tests {
     #[test]
     fn kvstrap_mounts_are_not_in_use_and_explain_busy() {
         let mut d = disk("loop3");
-        d.partitions = vec![Partition { path: "/dev/loop3p1".into(), number: 1, mountpoints: vec!["/srv/kv/a".into()], ..Default::default() }];
+        d.partitions = vec![Partition {
+            path: "/dev/loop3p1".into(),
+            number: 1,
+            mountpoints: vec!["/srv/kv/a".into()],
+            ..Default::default()
+        }];
         let seen = Observed { busy: Some("EBUSY".into()), ..Default::default() };
         assert_eq!(in_use(&d, &seen, &["/srv/kv".into()]), vec![]);
         assert_eq!(in_use(&d, &seen, &[]), vec![InUse::Mounted { mountpoint: "/srv/kv/a".into() }]);
@@ -199,7 +210,10 @@ mod tests {
     fn device_kinds() {
         let mut z = disk("zram0");
         z.swap = true;
-        assert_eq!(in_use(&z, &Observed::default(), &[]), vec![InUse::Zram, InUse::Swap { device: "/dev/zram0".into() }]);
+        assert_eq!(
+            in_use(&z, &Observed::default(), &[]),
+            vec![InUse::Zram, InUse::Swap { device: "/dev/zram0".into() }]
+        );
         let mut ro = disk("sr0");
         ro.read_only = true;
         ro.removable = true;

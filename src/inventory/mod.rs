@@ -29,6 +29,8 @@ pub struct ScanOptions {
     /// Directories whose contents (mount points, volume dirs, symlinks) are observed
     /// into `Inventory::paths`: storage_root and the state directory's block links.
     pub managed_roots: Vec<PathBuf>,
+    /// Filesystems whose project-quota support the planner needs to know.
+    pub quota_filesystems: Vec<crate::model::FsType>,
 }
 
 impl Default for ScanOptions {
@@ -38,6 +40,7 @@ impl Default for ScanOptions {
             dev_root: "/dev".into(),
             proc_root: "/proc".into(),
             managed_roots: Vec::new(),
+            quota_filesystems: Vec::new(),
         }
     }
 }
@@ -51,6 +54,18 @@ pub enum InventoryError {
 /// Observes every disk and the managed paths. Fails only when the machine-wide sources
 /// (/sys/block, mountinfo, /proc/swaps) cannot be read: without them no disk can be
 /// judged safe.
+/// Which of these filesystems' project quotas the kernel cannot enforce, and why.
+/// Only asked for the filesystems the policy uses: finding out reads /proc/kallsyms.
+fn quota_unsupported(filesystems: &[crate::model::FsType]) -> std::collections::BTreeMap<String, String> {
+    filesystems
+        .iter()
+        .filter_map(|fs| match crate::host::quota::kernel_support(*fs) {
+            crate::host::quota::QuotaSupport::Unsupported(why) => Some((fs.as_str().to_string(), why)),
+            _ => None,
+        })
+        .collect()
+}
+
 pub fn scan(opts: &ScanOptions) -> Result<Inventory, InventoryError> {
     let machine = Machine::read(opts)?;
     let sys_disks = sysfs::list_disks(&opts.sys_root)?;
@@ -59,7 +74,7 @@ pub fn scan(opts: &ScanOptions) -> Result<Inventory, InventoryError> {
         sys_disks.into_iter().zip(probes).map(|(sys, probed)| assemble(sys, probed, &machine, opts)).collect();
     disks.sort_by(|a, b| natural_cmp(&a.name, &b.name));
     let paths = paths::observe(&opts.managed_roots, &machine.mounts);
-    Ok(Inventory { disks, paths })
+    Ok(Inventory { disks, paths, quota_unsupported: quota_unsupported(&opts.quota_filesystems) })
 }
 
 /// Machine-wide facts read once per scan.
@@ -232,8 +247,15 @@ fn observe_stack(disk: &Disk, sys: &SysDisk, probed: &Probed, machine: &Machine,
     let stacked = stacked_devices(&opts.sys_root, holders.cloned().collect());
     let boot_device = machine.root_spec.clone().filter(|spec| eligibility::boots_from(disk, spec));
     Observed {
-        stacked_mounts: stacked.iter().flat_map(|(n, d)| machine.mountpoints(d, n).into_iter().map(move |m| (n.clone(), m))).collect(),
-        stacked_swaps: stacked.iter().filter(|(n, d)| machine.is_swap(d, n)).map(|(n, _)| PathBuf::from("/dev").join(n)).collect(),
+        stacked_mounts: stacked
+            .iter()
+            .flat_map(|(n, d)| machine.mountpoints(d, n).into_iter().map(move |m| (n.clone(), m)))
+            .collect(),
+        stacked_swaps: stacked
+            .iter()
+            .filter(|(n, d)| machine.is_swap(d, n))
+            .map(|(n, _)| PathBuf::from("/dev").join(n))
+            .collect(),
         scsi_type: sys.scsi_type,
         boot_device,
         busy: probed.busy.clone(),
@@ -292,7 +314,9 @@ fn partition(
         None => (Vec::new(), false),
     };
     let by_id = match &machine.by_id_links {
-        Some(links) => links.get(&name).map(|v| v.iter().map(|n| format!("/dev/disk/by-id/{n}")).collect()).unwrap_or_default(),
+        Some(links) => {
+            links.get(&name).map(|v| v.iter().map(|n| format!("/dev/disk/by-id/{n}")).collect()).unwrap_or_default()
+        }
         None => byid::partition_names(disk_ids, number),
     };
     // The on-disk table is what the planner compares its layout with; the kernel's

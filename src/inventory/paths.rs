@@ -48,13 +48,18 @@ fn walk(path: &Path, depth: usize, mounts: &[Mount], out: &mut BTreeMap<PathBuf,
 fn directory(path: &Path, meta: &std::fs::Metadata, mounts: &[Mount]) -> PathFacts {
     let devno = super::devno_string(meta.dev());
     let project_id = project_id(path);
-    let quota_bytes = project_id
-        .filter(|id| *id != 0)
-        .and_then(|id| {
-            let source = mounts.iter().rev().find(|m| m.devno == devno && m.source.starts_with('/'))?;
-            project_quota(Path::new(&source.source), id)
-        });
-    PathFacts::Directory { uid: meta.uid(), gid: meta.gid(), mode: meta.mode() & 0o7777, project_id, quota_bytes, devno }
+    let quota_bytes = project_id.filter(|id| *id != 0).and_then(|id| {
+        let source = mounts.iter().rev().find(|m| m.devno == devno && m.source.starts_with('/'))?;
+        project_quota(Path::new(&source.source), id)
+    });
+    PathFacts::Directory {
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mode: meta.mode() & 0o7777,
+        project_id,
+        quota_bytes,
+        devno,
+    }
 }
 
 /// `struct fsxattr` of linux/fs.h.

@@ -32,7 +32,9 @@ pub fn open(path: &Path) -> Opened {
     let exclusive = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL | libc::O_CLOEXEC).open(path);
     let busy = match exclusive {
         Ok(_claim) => None,
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Some(format!("exclusive open of {} failed: {e}", path.display())),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            Some(format!("exclusive open of {} failed: {e}", path.display()))
+        }
         Err(e) => return Opened { file: None, busy: None, error: Some(format!("open {}: {e}", path.display())) },
     };
     match File::open(path) {

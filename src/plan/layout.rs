@@ -3,7 +3,7 @@
 use super::capacity::{self, fs_capacity, partition_for_capacity, reserve_of, round_down, ALIGN, MAX_PARTITIONS};
 use super::identity;
 use crate::model::{Disk, DiskLayout, FsSpec, Layout, Owner, PartitionSpec, VolumeMode, VolumeSpec};
-use crate::policy::{DiskGroup, StorageClass, VolumeSizing};
+use crate::policy::{DiskGroup, QuotaMode, StorageClass, VolumeSizing};
 use std::path::{Path, PathBuf};
 
 /// Project ids of directory volumes start here, clear of ids admins use by hand.
@@ -23,13 +23,15 @@ pub struct LayoutInput<'a> {
     pub disk: &'a Disk,
     pub storage_root: &'a Path,
     pub state_dir: &'a Path,
+    /// Why this kernel cannot enforce project quotas on the class's filesystem, if so.
+    pub quota_unsupported: Option<&'a str>,
 }
 
 /// Lay out a disk for its group; the error says why it does not fit.
 pub fn lay_out(input: &LayoutInput) -> Result<DiskPlan, String> {
     let disk = input.disk;
-    let (start, usable) =
-        capacity::usable_region(disk.size_bytes).ok_or_else(|| format!("disk too small ({})", capacity::human(disk.size_bytes)))?;
+    let (start, usable) = capacity::usable_region(disk.size_bytes)
+        .ok_or_else(|| format!("disk too small ({})", capacity::human(disk.size_bytes)))?;
     let reserve = reserve_of(usable, input.group.reserve_percent);
     let identity = identity::disk_identity(disk);
     let ctx = Ctx { input, identity: &identity, short: identity::short_id(&identity) };
@@ -69,17 +71,30 @@ impl Ctx<'_> {
         if usable < capacity::min_fs_bytes(fs_type) {
             return Err(format!("disk too small for {}", fs_type.as_str()));
         }
+        let quota = match (self.input.quota_unsupported, self.group().quota) {
+            (None, _) => true,
+            (Some(_), QuotaMode::IfSupported) => false,
+            (Some(why), QuotaMode::Required) => {
+                return Err(format!(
+                    "this kernel cannot enforce project quotas on {} ({why}), so directory volumes would not \
+                     hold their capacity; use layout = \"separate\", a kernel with quota support, or \
+                     quota = \"if-supported\" in the group to accept unenforced capacity",
+                    fs_type.as_str()
+                ))
+            }
+        };
         let mountpoint = self.input.storage_root.join(&self.group().name).join(format!("disk-{}", self.short));
         let available = fs_capacity(fs_type, usable).saturating_sub(reserve);
         let sizes = self.volume_sizes(available)?;
-        let partition = self.partition(1, start, usable, Some(mountpoint.clone()), true);
+        let partition = self.partition(1, start, usable, Some(mountpoint.clone()), quota);
         let volumes = sizes
             .iter()
             .enumerate()
             .map(|(i, &cap)| {
                 let name = self.volume_name(i);
                 let mut v = self.volume(&partition, name.clone(), mountpoint.join(&name), cap);
-                v.project_id = Some(PROJECT_ID_BASE + u32::try_from(i).unwrap_or(u32::MAX - PROJECT_ID_BASE) + 1);
+                let index = u32::try_from(i).unwrap_or(u32::MAX - PROJECT_ID_BASE - 1);
+                v.project_id = quota.then_some(PROJECT_ID_BASE + index + 1);
                 v
             })
             .collect();
@@ -142,10 +157,7 @@ impl Ctx<'_> {
 
     fn check_fits(&self, sizes: &[(u64, u64)], mode: VolumeMode, area: u64) -> Result<(), String> {
         let Some(&(part, cap)) = sizes.first() else {
-            return Err(format!(
-                "no volume fits in the {} left after reserve",
-                capacity::human(area)
-            ));
+            return Err(format!("no volume fits in the {} left after reserve", capacity::human(area)));
         };
         let min = match mode {
             VolumeMode::Block => ALIGN,
@@ -187,7 +199,14 @@ impl Ctx<'_> {
         }
     }
 
-    fn partition(&self, number: u32, start: u64, size: u64, mountpoint: Option<PathBuf>, shared: bool) -> PartitionSpec {
+    fn partition(
+        &self,
+        number: u32,
+        start: u64,
+        size: u64,
+        mountpoint: Option<PathBuf>,
+        shared: bool,
+    ) -> PartitionSpec {
         let group = &self.group().name;
         let filesystem = mountpoint.map(|mountpoint| {
             let uuid = identity::filesystem_uuid(self.identity, group, number);

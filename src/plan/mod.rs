@@ -24,7 +24,15 @@ pub struct PlanContext {
 
 /// Decide what to do. Pure: reads only its arguments.
 pub fn plan(policy: &Policy, inventory: &Inventory, ctx: &PlanContext) -> Plan {
-    let mut planner = Planner { policy, inventory, ctx, refused: Vec::new(), steps: Vec::new(), totals: Totals::default() };
+    let mut planner = Planner {
+        policy,
+        inventory,
+        ctx,
+        refused: Vec::new(),
+        warnings: Vec::new(),
+        steps: Vec::new(),
+        totals: Totals::default(),
+    };
     let assignment = planner.assign();
     let groups = policy
         .disk_groups
@@ -42,6 +50,7 @@ pub fn plan(policy: &Policy, inventory: &Inventory, ctx: &PlanContext) -> Plan {
         storage_root: policy.node.storage_root.clone(),
         groups,
         refused: planner.refused,
+        warnings: planner.warnings,
         steps: planner.steps,
         totals: planner.totals,
     }
@@ -53,9 +62,8 @@ pub fn verdicts<'a>(policy: Option<&Policy>, inventory: &'a Inventory) -> Vec<(&
         .disks
         .iter()
         .map(|disk| {
-            let groups: Vec<&DiskGroup> = policy
-                .map(|p| p.disk_groups.iter().filter(|g| select::selects(g, disk)).collect())
-                .unwrap_or_default();
+            let groups: Vec<&DiskGroup> =
+                policy.map(|p| p.disk_groups.iter().filter(|g| select::selects(g, disk)).collect()).unwrap_or_default();
             let root = policy.map(|p| p.node.storage_root.as_path());
             let group = groups.first().copied();
             let verdict = judge_with_root(disk, group, root);
@@ -77,7 +85,8 @@ pub fn judge_with_root(disk: &Disk, group: Option<&DiskGroup>, storage_root: Opt
         return ownership::judge(disk, group);
     }
     let ours_mounted = |m: &PathBuf| storage_root.is_some_and(|root| m.starts_with(root));
-    let all_mounts_ours = disk.mountpoints.iter().chain(disk.partitions.iter().flat_map(|p| &p.mountpoints)).all(ours_mounted);
+    let all_mounts_ours =
+        disk.mountpoints.iter().chain(disk.partitions.iter().flat_map(|p| &p.mountpoints)).all(ours_mounted);
     let mut disk = disk.clone();
     // Our own mounts explain both "mounted" and a failing exclusive open.
     disk.in_use.retain(|fact| match fact {
@@ -93,6 +102,7 @@ struct Planner<'a> {
     inventory: &'a Inventory,
     ctx: &'a PlanContext,
     refused: Vec<Refusal>,
+    warnings: Vec<String>,
     steps: Vec<crate::model::Step>,
     totals: Totals,
 }
@@ -110,11 +120,21 @@ impl<'a> Planner<'a> {
                 [group] => out.entry(group.name.clone()).or_default().push(disk),
                 many => {
                     let names: Vec<&str> = many.iter().map(|g| g.name.as_str()).collect();
-                    self.refuse(disk, None, format!("selected by several groups ({}); make their selectors disjoint", names.join(", ")));
+                    self.refuse(
+                        disk,
+                        None,
+                        format!("selected by several groups ({}); make their selectors disjoint", names.join(", ")),
+                    );
                 }
             }
         }
         out
+    }
+
+    fn warn(&mut self, text: String) {
+        if !self.warnings.contains(&text) {
+            self.warnings.push(text);
+        }
     }
 
     fn refuse(&mut self, disk: &Disk, group: Option<&str>, reason: String) {
@@ -159,9 +179,21 @@ impl<'a> Planner<'a> {
                 disk,
                 storage_root: &self.policy.node.storage_root,
                 state_dir: &self.ctx.state_dir,
+                quota_unsupported: self.inventory.quota_unsupported.get(class.fs_type.as_str()).map(String::as_str),
             };
             let disk_plan = match layout::lay_out(&input) {
-                Ok(p) => p,
+                Ok(p) => {
+                    if group.layout == crate::model::Layout::Shared && input.quota_unsupported.is_some() {
+                        self.warn(format!(
+                            "group {}: this kernel cannot enforce project quotas on {} ({}); quota = \"if-supported\" \
+                             provisions anyway, so directory volumes can outgrow their published capacity",
+                            group.name,
+                            class.fs_type.as_str(),
+                            input.quota_unsupported.unwrap_or_default()
+                        ));
+                    }
+                    p
+                }
                 Err(why) => {
                     self.refuse(disk, Some(&group.name), why);
                     continue;

@@ -94,7 +94,8 @@ mod tests {
     fn kvstrap_partitions_are_ours_and_others_are_not() {
         let mut d = disk("sdb", 1 << 40);
         d.partition_table = Some(PartitionTable { kind: "gpt".into(), uuid: None });
-        d.partitions = vec![Partition { number: 1, type_id: Some(KVSTRAP_PART_TYPE.to_string()), ..Default::default() }];
+        d.partitions =
+            vec![Partition { number: 1, type_id: Some(KVSTRAP_PART_TYPE.to_string()), ..Default::default() }];
         assert_eq!(judge(&d, None), Verdict::Ours);
         d.partitions.push(Partition {
             number: 2,

@@ -40,6 +40,9 @@ pub fn plan_text(plan: &Plan) -> String {
             let _ = writeln!(out, "  {}{group}: {}", r.disk.display(), r.reason);
         }
     }
+    for w in &plan.warnings {
+        let _ = writeln!(out, "\nWarning: {w}");
+    }
     if plan.steps.is_empty() {
         let _ = writeln!(out, "\nNothing to do: the node matches the policy.");
     } else {

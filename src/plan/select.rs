@@ -14,9 +14,9 @@ fn devices_match(patterns: &[String], disk: &Disk) -> bool {
         return true;
     }
     let path = disk.path.to_string_lossy();
-    patterns.iter().any(|pattern| {
-        pattern_matches(pattern, &path) || disk.by_id.iter().any(|id| pattern_matches(pattern, id))
-    })
+    patterns
+        .iter()
+        .any(|pattern| pattern_matches(pattern, &path) || disk.by_id.iter().any(|id| pattern_matches(pattern, id)))
 }
 
 fn pattern_matches(pattern: &str, candidate: &str) -> bool {

@@ -112,10 +112,8 @@ fn fs_matches(fs: &FsSpec, sig: &crate::model::Signature) -> bool {
 }
 
 fn foreign_partition(part: &PartitionSpec, sigs: &[crate::model::Signature]) -> String {
-    let found: Vec<String> = sigs
-        .iter()
-        .map(|s| format!("{} (UUID {})", s.kind, s.uuid.as_deref().unwrap_or("none")))
-        .collect();
+    let found: Vec<String> =
+        sigs.iter().map(|s| format!("{} (UUID {})", s.kind, s.uuid.as_deref().unwrap_or("none"))).collect();
     let wanted = part
         .filesystem
         .as_ref()
@@ -161,13 +159,8 @@ fn volume_steps(plan: &DiskPlan, v: &VolumeSpec, observed: Option<&PathFacts>, s
     let disk = plan.layout.disk.clone();
     match v.volume_mode {
         VolumeMode::Block => {
-            let part_uuid = plan
-                .layout
-                .partitions
-                .iter()
-                .find(|p| p.device == v.device)
-                .map(|p| p.part_uuid)
-                .unwrap_or_default();
+            let part_uuid =
+                plan.layout.partitions.iter().find(|p| p.device == v.device).map(|p| p.part_uuid).unwrap_or_default();
             let ok = matches!(observed, Some(PathFacts::Symlink { target }) if *target == v.device);
             if !ok {
                 steps.push(Step::LinkBlockDevice {
@@ -175,7 +168,8 @@ fn volume_steps(plan: &DiskPlan, v: &VolumeSpec, observed: Option<&PathFacts>, s
                     link: v.path.clone(),
                     target: v.device.clone(),
                     part_uuid,
-                    reason: if observed.is_some() { "link points elsewhere" } else { "block volume has no link yet" }.into(),
+                    reason: if observed.is_some() { "link points elsewhere" } else { "block volume has no link yet" }
+                        .into(),
                 });
             }
         }

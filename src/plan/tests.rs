@@ -37,6 +37,7 @@ pub fn group(name: &str) -> DiskGroup {
         wipe: Wipe::Never,
         allow_loop: false,
         allow_removable: false,
+        quota: crate::policy::QuotaMode::Required,
     }
 }
 
@@ -71,7 +72,7 @@ fn ctx() -> PlanContext {
 }
 
 fn inventory(disks: Vec<Disk>) -> Inventory {
-    Inventory { disks, paths: Default::default() }
+    Inventory { disks, ..Inventory::default() }
 }
 
 fn count(plan: &Plan, action: &str) -> usize {
@@ -252,7 +253,12 @@ fn converged(p: &Plan, mut disks: Vec<Disk>) -> Inventory {
                     ..Default::default()
                 })
                 .collect();
-            d.in_use = d.partitions.iter().flat_map(|p| p.mountpoints.iter()).map(|m| InUse::Mounted { mountpoint: m.clone() }).collect();
+            d.in_use = d
+                .partitions
+                .iter()
+                .flat_map(|p| p.mountpoints.iter())
+                .map(|m| InUse::Mounted { mountpoint: m.clone() })
+                .collect();
             d.in_use.push(InUse::Busy { detail: "exclusive open failed".into() });
         }
         for v in &gp.volumes {
@@ -270,7 +276,7 @@ fn converged(p: &Plan, mut disks: Vec<Disk>) -> Inventory {
             paths.insert(v.path.clone(), facts);
         }
     }
-    Inventory { disks, paths }
+    Inventory { disks, paths, ..Inventory::default() }
 }
 
 fn mixed_policy() -> (Policy, Vec<Disk>) {
@@ -344,7 +350,10 @@ fn a_kvstrap_disk_with_another_layout_is_refused_not_repartitioned() {
     sdc.partitions.pop();
     let again = plan(&pol, &inv, &ctx());
     assert_eq!(count(&again, "write_partition_table"), 0);
-    assert!(again.refused.iter().any(|r| r.disk.as_path() == std::path::Path::new("/dev/sdc") && r.reason.contains("different layout")));
+    assert!(again
+        .refused
+        .iter()
+        .any(|r| r.disk.as_path() == std::path::Path::new("/dev/sdc") && r.reason.contains("different layout")));
 }
 
 #[test]
@@ -411,4 +420,31 @@ fn plan_json_has_a_steps_list() {
     assert!(json["steps"].as_array().is_some_and(|s| !s.is_empty()));
     assert!(json["steps"][0]["action"].is_string());
     assert!(render::plan_text(&p).contains("Totals: raw"));
+}
+
+#[test]
+fn shared_layout_needs_kernel_quotas_unless_the_group_accepts_less() {
+    let mut inv = inventory(vec![disk("sdb", 20 * GIB)]);
+    inv.quota_unsupported.insert("xfs".into(), "CONFIG_XFS_QUOTA is not set".into());
+    let mut g = group("g");
+    g.sizing = VolumeSizing::Count(2);
+    let p = plan(&policy(vec![g.clone()]), &inv, &ctx());
+    assert!(p.steps.is_empty());
+    assert!(
+        p.refused[0].reason.contains("cannot enforce project quotas on xfs (CONFIG_XFS_QUOTA is not set)"),
+        "{:?}",
+        p.refused
+    );
+    g.quota = crate::policy::QuotaMode::IfSupported;
+    let p = plan(&policy(vec![g]), &inv, &ctx());
+    assert_eq!(count(&p, "set_quota"), 0);
+    assert_eq!(count(&p, "create_directory"), 2);
+    assert!(p.groups[0].volumes.iter().all(|v| v.project_id.is_none()));
+    assert!(p.groups[0].disks[0].partitions[0].filesystem.as_ref().is_some_and(|f| !f.project_quota));
+    assert!(p.warnings[0].contains("can outgrow"), "{:?}", p.warnings);
+    // Separate filesystems bound their volumes without quotas.
+    let mut sep = group("s");
+    sep.layout = Layout::Separate;
+    sep.sizing = VolumeSizing::Count(2);
+    assert!(plan(&policy(vec![sep]), &inv, &ctx()).refused.is_empty());
 }

@@ -7,24 +7,14 @@ use super::names;
 use super::types::{AccessMode, ReclaimPolicy, StorageClass};
 use crate::model::{FsType, VolumeMode};
 
-pub const KEYS: &[&str] = &[
-    "name",
-    "volume_mode",
-    "fs_type",
-    "reclaim_policy",
-    "access_modes",
-    "mount_options",
-    "binding_mode",
-];
+pub const KEYS: &[&str] =
+    &["name", "volume_mode", "fs_type", "reclaim_policy", "access_modes", "mount_options", "binding_mode"];
 
 pub const BINDING_MODE: &str = "WaitForFirstConsumer";
 
 const VOLUME_MODE: Choice<'static, VolumeMode> = Choice {
     key: "volume_mode",
-    allowed: &[
-        ("Filesystem", VolumeMode::Filesystem),
-        ("Block", VolumeMode::Block),
-    ],
+    allowed: &[("Filesystem", VolumeMode::Filesystem), ("Block", VolumeMode::Block)],
     refused: &[(
         "None",
         "Kubernetes has only Filesystem and Block volumes",
@@ -33,8 +23,7 @@ const VOLUME_MODE: Choice<'static, VolumeMode> = Choice {
 };
 
 const NETWORK_FS: &str = "it is a network filesystem and kvstrap formats local disks";
-const USE_LOCAL_FS: &str =
-    "write fs_type = \"xfs\" or \"ext4\"; network storage needs a CSI driver, not kvstrap";
+const USE_LOCAL_FS: &str = "write fs_type = \"xfs\" or \"ext4\"; network storage needs a CSI driver, not kvstrap";
 
 const FS_TYPE: Choice<'static, FsType> = Choice {
     key: "fs_type",
@@ -52,16 +41,8 @@ const FS_TYPE: Choice<'static, FsType> = Choice {
             "vfat has no file ownership, permissions or project quotas, which VM volumes need",
             "write fs_type = \"xfs\" or \"ext4\"",
         ),
-        (
-            "fat",
-            "fat has no file ownership, permissions or quotas",
-            "write fs_type = \"xfs\" or \"ext4\"",
-        ),
-        (
-            "exfat",
-            "exfat has no file ownership, permissions or quotas",
-            "write fs_type = \"xfs\" or \"ext4\"",
-        ),
+        ("fat", "fat has no file ownership, permissions or quotas", "write fs_type = \"xfs\" or \"ext4\""),
+        ("exfat", "exfat has no file ownership, permissions or quotas", "write fs_type = \"xfs\" or \"ext4\""),
     ],
 };
 
@@ -104,18 +85,12 @@ pub fn parse(section: &Section, diags: &mut Diags) -> Option<StorageClass> {
     let name = class_name(section, diags);
     let volume_mode = match section.string("volume_mode", "\"Filesystem\"", diags) {
         Some(v) => VOLUME_MODE.pick(v, diags),
-        None => section
-            .entry("volume_mode")
-            .is_none()
-            .then_some(VolumeMode::Filesystem),
+        None => section.entry("volume_mode").is_none().then_some(VolumeMode::Filesystem),
     };
     let fs_type = fs_type(section, volume_mode, diags);
     let reclaim_policy = match section.string("reclaim_policy", "\"Delete\"", diags) {
         Some(v) => RECLAIM.pick(v, diags),
-        None => section
-            .entry("reclaim_policy")
-            .is_none()
-            .then_some(ReclaimPolicy::Delete),
+        None => section.entry("reclaim_policy").is_none().then_some(ReclaimPolicy::Delete),
     };
     let access_modes = access_modes(section, diags);
     let mount_options = mount_options(section, volume_mode, diags);
@@ -143,10 +118,7 @@ fn class_name<'t>(section: &Section<'t>, diags: &mut Diags) -> Option<Located<&'
         diags.error(
             at,
             format!("storage class name \"{name}\" {problem}; it becomes a Kubernetes StorageClass name"),
-            format!(
-                "use lower-case letters, digits, '-' and '.', like name = \"{}\"",
-                names::dns_suggestion(name)
-            ),
+            format!("use lower-case letters, digits, '-' and '.', like name = \"{}\"", names::dns_suggestion(name)),
         );
         return None;
     }
@@ -174,17 +146,10 @@ fn fs_type(section: &Section, mode: Option<VolumeMode>, diags: &mut Diags) -> Op
 fn access_modes(section: &Section, diags: &mut Diags) -> Option<Vec<AccessMode>> {
     let example = "[\"ReadWriteOnce\"]";
     let Some((items, at)) = section.strings("access_modes", example, diags) else {
-        return section
-            .entry("access_modes")
-            .is_none()
-            .then(|| vec![AccessMode::ReadWriteOnce]);
+        return section.entry("access_modes").is_none().then(|| vec![AccessMode::ReadWriteOnce]);
     };
     if items.is_empty() {
-        diags.error(
-            at,
-            "access_modes is empty",
-            format!("write access_modes = {example}"),
-        );
+        diags.error(at, "access_modes is empty", format!("write access_modes = {example}"));
         return None;
     }
     let mut modes = Vec::new();
@@ -199,11 +164,7 @@ fn access_modes(section: &Section, diags: &mut Diags) -> Option<Vec<AccessMode>>
     ok.then_some(modes)
 }
 
-fn mount_options(
-    section: &Section,
-    mode: Option<VolumeMode>,
-    diags: &mut Diags,
-) -> Option<Vec<String>> {
+fn mount_options(section: &Section, mode: Option<VolumeMode>, diags: &mut Diags) -> Option<Vec<String>> {
     let example = "[\"noatime\"]";
     let Some((items, at)) = section.strings("mount_options", example, diags) else {
         return section.entry("mount_options").is_none().then(Vec::new);

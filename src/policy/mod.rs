@@ -94,10 +94,7 @@ pub fn load_many(files: &[(PathBuf, String)]) -> Result<Policy, PolicyError> {
 }
 
 /// Like [`load_many`], with the hostname (default node name) given instead of read.
-pub fn load_many_with_hostname(
-    files: &[(PathBuf, String)],
-    hostname: Option<&str>,
-) -> Result<Policy, PolicyError> {
+pub fn load_many_with_hostname(files: &[(PathBuf, String)], hostname: Option<&str>) -> Result<Policy, PolicyError> {
     let hostname = hostname.map(str::to_string);
     build(files.to_vec(), Diags::default(), &move || hostname.clone())
 }
@@ -109,11 +106,7 @@ pub fn devices_dropin(groups: &[(&str, Vec<String>)]) -> String {
     let mut out = String::from("# Written by kvstrap: the devices of each disk group.\n");
     for (name, devices) in groups {
         let list: Vec<String> = devices.iter().map(|d| quote(d)).collect();
-        out.push_str(&format!(
-            "\n[[disk_group]]\nname = {}\ndevices = [{}]\n",
-            quote(name),
-            list.join(", ")
-        ));
+        out.push_str(&format!("\n[[disk_group]]\nname = {}\ndevices = [{}]\n", quote(name), list.join(", ")));
     }
     out
 }
@@ -141,9 +134,7 @@ fn build(
     };
     match policy {
         Some(policy) if diags.is_empty() => Ok(policy),
-        _ => Err(PolicyError {
-            diagnostics: diags.into_diagnostics(),
-        }),
+        _ => Err(PolicyError { diagnostics: diags.into_diagnostics() }),
     }
 }
 
@@ -155,4 +146,3 @@ fn system_hostname() -> Option<String> {
         .map(|name| name.trim().to_string())
         .filter(|name| !name.is_empty())
 }
-

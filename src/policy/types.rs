@@ -73,6 +73,15 @@ pub enum VolumeSizing {
     OnePerDisk,
 }
 
+/// What to do where the kernel cannot enforce project quotas (directory volumes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaMode {
+    /// Refuse the shared layout: a directory volume must hold its capacity.
+    Required,
+    /// Provision without quotas and say so: capacity is then not enforced.
+    IfSupported,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wipe {
     Never,
@@ -109,6 +118,7 @@ pub struct DiskGroup {
     pub wipe: Wipe,
     pub allow_loop: bool,
     pub allow_removable: bool,
+    pub quota: QuotaMode,
 }
 
 impl Policy {

@@ -58,12 +58,7 @@ impl LoopDisk {
 
 pub fn run_on(program: &str, args: &[&str], target: &Path) {
     let out = Command::new(program).args(args).arg(target).output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{program} {args:?} {}: {}",
-        target.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{program} {args:?} {}: {}", target.display(), String::from_utf8_lossy(&out.stderr));
 }
 
 /// Unmount every mount whose source is this disk or one of its partitions.
