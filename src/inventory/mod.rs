@@ -100,9 +100,15 @@ struct Probed {
     unreadable: Option<String>,
 }
 
-/// Probes every disk, a few at a time: each probe waits on I/O of its own device.
+/// At most this many disks are probed at once.
+const MAX_PROBE_THREADS: usize = 16;
+
+/// Probes the disks in parallel: a probe mostly waits for its own device (a cold read
+/// of each region libblkid looks at, some tens of them per disk, ms each on a disk
+/// that seeks). More threads than that only compete for the CPUs (loop devices).
 fn probe_all(disks: &[SysDisk], dev_root: &Path) -> Vec<Probed> {
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get() * 2).clamp(1, 8).min(disks.len().max(1));
+    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+    let workers = (cores * 4).clamp(4, MAX_PROBE_THREADS).min(disks.len()).max(1);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results: Vec<std::sync::Mutex<Option<Probed>>> = disks.iter().map(|_| std::sync::Mutex::new(None)).collect();
     std::thread::scope(|scope| {

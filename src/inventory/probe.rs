@@ -24,21 +24,26 @@ pub struct Opened {
     pub error: Option<String>,
 }
 
-/// Tests the device with a read-only `O_EXCL` open, which fails with EBUSY while
-/// anything (a mount, a holder, swap, another exclusive opener) claims it, and probes
-/// through a shared open. The exclusive claim is dropped at once: held during probing
-/// it would make a concurrent `mkfs` or `mount` of the device fail.
+/// Probes through a shared read-only open, and tests the device with an `O_EXCL` open,
+/// which fails with EBUSY while anything (a mount, a holder, swap, another exclusive
+/// opener) claims it. The exclusive claim is dropped at once: held during probing it
+/// would make a concurrent `mkfs` or `mount` of the device fail.
 pub fn open(path: &Path) -> Opened {
-    let exclusive = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL | libc::O_CLOEXEC).open(path);
-    let busy = match exclusive {
-        Ok(_claim) => None,
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Some(format!("exclusive open of {} failed: {e}", path.display())),
+    let file = match File::open(path) {
+        Ok(file) => file,
         Err(e) => return Opened { file: None, busy: None, error: Some(format!("open {}: {e}", path.display())) },
     };
-    match File::open(path) {
-        Ok(file) => Opened { file: Some(file), busy, error: None },
-        Err(e) => Opened { file: None, busy, error: Some(format!("open {}: {e}", path.display())) },
-    }
+    let exclusive = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL | libc::O_CLOEXEC).open(path);
+    let busy = match exclusive {
+        Ok(claim) => {
+            drop(claim);
+            None
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Some(format!("exclusive open of {} failed: {e}", path.display())),
+        // Anything else (a race with removal, say) is no claim by someone else.
+        Err(_) => None,
+    };
+    Opened { file: Some(file), busy, error: None }
 }
 
 /// A partition table entry as written on the disk.

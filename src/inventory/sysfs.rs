@@ -50,16 +50,16 @@ pub fn list_disks(sys_root: &Path) -> Result<Vec<SysDisk>, InventoryError> {
     let mut disks = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let disk = read_disk(sys_root, &name);
-        if !is_unattached_loop(&disk) {
-            disks.push(disk);
+        if !is_unattached_loop(&block.join(&name), &name) {
+            disks.push(read_disk(sys_root, &name));
         }
     }
     Ok(disks)
 }
 
-fn is_unattached_loop(disk: &SysDisk) -> bool {
-    disk.transport == "loop" && disk.size_bytes == 0 && disk.backing_file.is_none()
+/// The kernel keeps idle loop devices around; they are not disks.
+fn is_unattached_loop(dir: &Path, name: &str) -> bool {
+    name.starts_with("loop") && number(dir, "size") == Some(0) && attr(&dir.join("loop"), "backing_file").is_none()
 }
 
 /// Reads one `/sys/block/<name>` entry; missing attributes stay empty rather than fail,
@@ -86,7 +86,7 @@ pub fn read_disk(sys_root: &Path, name: &str) -> SysDisk {
         scsi_type,
         holders: list_names(&dir.join("holders")),
         backing_file: attr(&dir.join("loop"), "backing_file").map(PathBuf::from),
-        partitions: partitions(&dir),
+        partitions: partitions(&dir, name),
         transport,
         ids,
     }
@@ -218,10 +218,12 @@ fn usb_serial(scsi_device: &Path) -> Option<String> {
     None
 }
 
-fn partitions(dir: &Path) -> Vec<SysPartition> {
+/// Partitions are the subdirectories named after the disk (`sda1`, `nvme0n1p2`).
+fn partitions(dir: &Path, disk: &str) -> Vec<SysPartition> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
     let mut parts: Vec<SysPartition> = entries
         .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(disk))
         .filter_map(|e| {
             let p = e.path();
             let number = number(&p, "partition")?;
