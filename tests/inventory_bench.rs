@@ -15,11 +15,15 @@ fn median(mut runs: Vec<Duration>) -> Duration {
 
 fn time<F: FnMut()>(rounds: usize, mut f: F) -> Duration {
     f(); // warm-up: both sides read the same page cache afterwards
-    median((0..rounds).map(|_| {
-        let start = Instant::now();
-        f();
-        start.elapsed()
-    }).collect())
+    median(
+        (0..rounds)
+            .map(|_| {
+                let start = Instant::now();
+                f();
+                start.elapsed()
+            })
+            .collect(),
+    )
 }
 
 #[test]
@@ -28,7 +32,9 @@ fn scan_32_loop_devices_against_lsblk() {
     if !common::require_root("inventory_bench") {
         return;
     }
-    let disks: Vec<common::LoopDisk> = (0..32).map(|_| common::LoopDisk::new(64 * 1024 * 1024)).collect();
+    let disks: Vec<common::LoopDisk> = (0..32)
+        .map(|_| common::LoopDisk::new(64 * 1024 * 1024))
+        .collect();
     for d in disks.iter().step_by(4) {
         d.run("mkfs.ext4", &["-q", "-F"]);
     }

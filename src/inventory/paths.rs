@@ -23,7 +23,9 @@ pub fn observe(roots: &[PathBuf], mounts: &[Mount]) -> BTreeMap<PathBuf, PathFac
 }
 
 fn walk(path: &Path, depth: usize, mounts: &[Mount], out: &mut BTreeMap<PathBuf, PathFacts>) {
-    let Ok(meta) = std::fs::symlink_metadata(path) else { return };
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return;
+    };
     let ft = meta.file_type();
     let facts = if ft.is_symlink() {
         match std::fs::read_link(path) {
@@ -39,7 +41,9 @@ fn walk(path: &Path, depth: usize, mounts: &[Mount], out: &mut BTreeMap<PathBuf,
     if !ft.is_dir() || depth >= MAX_DEPTH {
         return;
     }
-    let Ok(entries) = std::fs::read_dir(path) else { return };
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return;
+    };
     for entry in entries.flatten() {
         walk(&entry.path(), depth + 1, mounts, out);
     }
@@ -48,13 +52,21 @@ fn walk(path: &Path, depth: usize, mounts: &[Mount], out: &mut BTreeMap<PathBuf,
 fn directory(path: &Path, meta: &std::fs::Metadata, mounts: &[Mount]) -> PathFacts {
     let devno = super::devno_string(meta.dev());
     let project_id = project_id(path);
-    let quota_bytes = project_id
-        .filter(|id| *id != 0)
-        .and_then(|id| {
-            let source = mounts.iter().rev().find(|m| m.devno == devno && m.source.starts_with('/'))?;
-            project_quota(Path::new(&source.source), id)
-        });
-    PathFacts::Directory { uid: meta.uid(), gid: meta.gid(), mode: meta.mode() & 0o7777, project_id, quota_bytes, devno }
+    let quota_bytes = project_id.filter(|id| *id != 0).and_then(|id| {
+        let source = mounts
+            .iter()
+            .rev()
+            .find(|m| m.devno == devno && m.source.starts_with('/'))?;
+        project_quota(Path::new(&source.source), id)
+    });
+    PathFacts::Directory {
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mode: meta.mode() & 0o7777,
+        project_id,
+        quota_bytes,
+        devno,
+    }
 }
 
 /// `struct fsxattr` of linux/fs.h.
@@ -108,7 +120,8 @@ pub fn project_quota(device: &Path, id: u32) -> Option<u64> {
     let cmd = (Q_GETQUOTA << 8) | PRJQUOTA;
     let id = i32::try_from(id).ok()?;
     // SAFETY: `special` is NUL-terminated and `dq` is a valid if_dqblk for Q_GETQUOTA.
-    let rc = unsafe { libc::quotactl(cmd, special.as_ptr(), id, std::ptr::addr_of_mut!(dq).cast()) };
+    let rc =
+        unsafe { libc::quotactl(cmd, special.as_ptr(), id, std::ptr::addr_of_mut!(dq).cast()) };
     (rc == 0 && dq.bhardlimit > 0).then(|| dq.bhardlimit * QUOTA_BLOCK)
 }
 
@@ -125,10 +138,21 @@ mod tests {
         std::fs::write(root.join("a/file"), b"x").unwrap();
         std::os::unix::fs::symlink("/dev/loop9p1", root.join("a/link")).unwrap();
         let facts = observe(&[root.clone(), dir.path().join("missing")], &[]);
-        assert!(matches!(facts[&root.join("a/b/c")], PathFacts::Directory { .. }));
-        assert!(!facts.contains_key(&root.join("a/b/c/d")), "depth is limited to 3");
+        assert!(matches!(
+            facts[&root.join("a/b/c")],
+            PathFacts::Directory { .. }
+        ));
+        assert!(
+            !facts.contains_key(&root.join("a/b/c/d")),
+            "depth is limited to 3"
+        );
         assert_eq!(facts[&root.join("a/file")], PathFacts::Other);
-        assert_eq!(facts[&root.join("a/link")], PathFacts::Symlink { target: "/dev/loop9p1".into() });
+        assert_eq!(
+            facts[&root.join("a/link")],
+            PathFacts::Symlink {
+                target: "/dev/loop9p1".into()
+            }
+        );
         assert_eq!(facts.len(), 6);
     }
 
@@ -139,7 +163,16 @@ mod tests {
         std::fs::create_dir(&d).unwrap();
         std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o750)).unwrap();
         let facts = observe(std::slice::from_ref(&d), &[]);
-        let PathFacts::Directory { uid, mode, devno, quota_bytes, .. } = &facts[&d] else { panic!("not a dir") };
+        let PathFacts::Directory {
+            uid,
+            mode,
+            devno,
+            quota_bytes,
+            ..
+        } = &facts[&d]
+        else {
+            panic!("not a dir")
+        };
         assert_eq!(*uid, nix::unistd::geteuid().as_raw());
         assert_eq!(*mode, 0o750);
         assert!(devno.contains(':'));
