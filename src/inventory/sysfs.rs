@@ -53,7 +53,9 @@ pub fn list_disks(sys_root: &Path) -> Result<Vec<SysDisk>, InventoryError> {
     let mut disks = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !is_unattached_loop(&block.join(&name), &name) {
+        let dir = block.join(&name);
+        // Hidden disks (NVMe multipath paths) are reached through their visible head.
+        if !is_unattached_loop(&dir, &name) && number(&dir, "hidden") != Some(1) {
             disks.push(read_disk(sys_root, &name));
         }
     }
