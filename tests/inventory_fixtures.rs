@@ -25,18 +25,28 @@ fn inventory() -> Inventory {
 }
 
 fn disk<'a>(inv: &'a Inventory, name: &str) -> &'a Disk {
-    inv.disks.iter().find(|d| d.name == name).unwrap_or_else(|| panic!("{name} not listed"))
+    inv.disks
+        .iter()
+        .find(|d| d.name == name)
+        .unwrap_or_else(|| panic!("{name} not listed"))
 }
 
 /// Reasons other than `Unreadable`: the fixture has no device nodes to open.
 fn reasons(d: &Disk) -> Vec<InUse> {
-    d.in_use.iter().filter(|r| !matches!(r, InUse::Unreadable { .. })).cloned().collect()
+    d.in_use
+        .iter()
+        .filter(|r| !matches!(r, InUse::Unreadable { .. }))
+        .cloned()
+        .collect()
 }
 
 #[test]
 fn lists_disks_in_natural_order_without_unattached_loops() {
     let names: Vec<String> = inventory().disks.iter().map(|d| d.name.clone()).collect();
-    assert_eq!(names, vec!["dm-0", "loop2", "loop10", "nvme0n1", "sda", "vda"]);
+    assert_eq!(
+        names,
+        vec!["dm-0", "loop2", "loop10", "nvme0n1", "sda", "vda"]
+    );
 }
 
 #[test]
@@ -61,17 +71,31 @@ fn nvme_identity_and_by_id_names() {
     );
     let p1 = &d.partitions[0];
     assert_eq!(p1.path, PathBuf::from("/dev/nvme0n1p1"));
-    assert_eq!((p1.number, p1.start_bytes, p1.size_bytes), (1, 2048 * 512, 1_887_436_800 * 512));
+    assert_eq!(
+        (p1.number, p1.start_bytes, p1.size_bytes),
+        (1, 2048 * 512, 1_887_436_800 * 512)
+    );
     assert!(p1.in_kernel);
-    assert_eq!(p1.by_id[0], "/dev/disk/by-id/nvme-Samsung_SSD_970_EVO_Plus_1TB_S4EWNX0R123456-part1");
-    assert_eq!(p1.mountpoints, vec![PathBuf::from("/var/lib/kvstrap/storage/nvme-3f2a9c1b")]);
+    assert_eq!(
+        p1.by_id[0],
+        "/dev/disk/by-id/nvme-Samsung_SSD_970_EVO_Plus_1TB_S4EWNX0R123456-part1"
+    );
+    assert_eq!(
+        p1.mountpoints,
+        vec![PathBuf::from("/var/lib/kvstrap/storage/nvme-3f2a9c1b")]
+    );
     assert!(d.partitions[1].swap);
 }
 
 #[test]
 fn nvme_mount_below_storage_root_is_ours_but_swap_is_not() {
     let inv = inventory();
-    assert_eq!(reasons(disk(&inv, "nvme0n1")), vec![InUse::Swap { device: "/dev/nvme0n1p2".into() }]);
+    assert_eq!(
+        reasons(disk(&inv, "nvme0n1")),
+        vec![InUse::Swap {
+            device: "/dev/nvme0n1p2".into()
+        }]
+    );
 }
 
 #[test]
@@ -79,15 +103,25 @@ fn sata_identity_comes_from_ata_identify_data() {
     let inv = inventory();
     let d = disk(&inv, "sda");
     assert_eq!(d.transport, "sata");
-    assert_eq!(d.model.as_deref(), Some("WDC WD40EFRX-68N32N0"), "untruncated, from VPD page 0x89");
+    assert_eq!(
+        d.model.as_deref(),
+        Some("WDC WD40EFRX-68N32N0"),
+        "untruncated, from VPD page 0x89"
+    );
     assert_eq!(d.serial.as_deref(), Some("WD-WCC7K1234567"));
-    assert_eq!(d.vendor, None, "libata's INQUIRY vendor \"ATA\" is not the maker");
+    assert_eq!(
+        d.vendor, None,
+        "libata's INQUIRY vendor \"ATA\" is not the maker"
+    );
     assert_eq!(d.wwn.as_deref(), Some("0x50014ee2b1234567"));
     assert!(d.rotational);
     assert_eq!((d.logical_sector_size, d.physical_sector_size), (512, 4096));
     assert_eq!(
         d.by_id,
-        vec!["/dev/disk/by-id/ata-WDC_WD40EFRX-68N32N0_WD-WCC7K1234567", "/dev/disk/by-id/wwn-0x50014ee2b1234567"]
+        vec![
+            "/dev/disk/by-id/ata-WDC_WD40EFRX-68N32N0_WD-WCC7K1234567",
+            "/dev/disk/by-id/wwn-0x50014ee2b1234567"
+        ]
     );
     assert_eq!(d.partitions[0].holders, vec!["dm-0"]);
 }
@@ -97,13 +131,29 @@ fn sata_disk_under_mounted_lvm_is_mounted_and_held() {
     let inv = inventory();
     assert_eq!(
         reasons(disk(&inv, "sda")),
-        vec![InUse::Mounted { mountpoint: "/srv/data set".into() }, InUse::Holder { holder: "dm-0".into() }]
+        vec![
+            InUse::Mounted {
+                mountpoint: "/srv/data set".into()
+            },
+            InUse::Holder {
+                holder: "dm-0".into()
+            }
+        ]
     );
     assert_eq!(
         reasons(disk(&inv, "dm-0")),
         vec![
+<<<<<<< HEAD
             InUse::Virtual { detail: "device-mapper device".into() },
             InUse::Mounted { mountpoint: "/srv/data set".into() }
+=======
+            InUse::Virtual {
+                detail: "device-mapper device".into()
+            },
+            InUse::Mounted {
+                mountpoint: "/srv/data set".into()
+            }
+>>>>>>> inventory
         ]
     );
 }
@@ -118,9 +168,15 @@ fn virtio_root_disk_is_the_system_disk() {
     assert_eq!(
         reasons(d),
         vec![
-            InUse::SystemDisk { detail: "/ is mounted from /dev/vda".into() },
-            InUse::SystemDisk { detail: "the kernel command line boots from root=/dev/vda".into() },
-            InUse::Mounted { mountpoint: "/".into() },
+            InUse::SystemDisk {
+                detail: "/ is mounted from /dev/vda".into()
+            },
+            InUse::SystemDisk {
+                detail: "the kernel command line boots from root=/dev/vda".into()
+            },
+            InUse::Mounted {
+                mountpoint: "/".into()
+            },
         ]
     );
 }
@@ -131,7 +187,10 @@ fn loop_devices_carry_their_backing_file() {
     let d = disk(&inv, "loop10");
     assert_eq!(d.transport, "loop");
     assert_eq!(d.size_bytes, 2 * 1024 * 1024 * 1024);
-    assert_eq!(d.backing_file.as_deref(), Some(Path::new("/var/lib/images/disk10.img")));
+    assert_eq!(
+        d.backing_file.as_deref(),
+        Some(Path::new("/var/lib/images/disk10.img"))
+    );
     assert!(d.by_id.is_empty());
     assert_eq!(reasons(d), vec![]);
 }
@@ -141,7 +200,9 @@ fn devices_that_cannot_be_opened_are_unreadable_not_fatal() {
     let inv = inventory();
     for d in &inv.disks {
         assert!(
-            d.in_use.iter().any(|r| matches!(r, InUse::Unreadable { detail } if detail.contains("No such file"))),
+            d.in_use.iter().any(
+                |r| matches!(r, InUse::Unreadable { detail } if detail.contains("No such file"))
+            ),
             "{}: {:?}",
             d.name,
             d.in_use
@@ -159,8 +220,14 @@ fn udev_links_are_used_when_present() {
     let inv = scan(&options(dev.path().to_path_buf())).unwrap();
     let d = disk(&inv, "sda");
     assert_eq!(d.by_id, vec!["/dev/disk/by-id/ata-REAL_NAME"]);
-    assert_eq!(d.partitions[0].by_id, vec!["/dev/disk/by-id/ata-REAL_NAME-part1"]);
-    assert!(disk(&inv, "vda").by_id.is_empty(), "udev made no link for vda");
+    assert_eq!(
+        d.partitions[0].by_id,
+        vec!["/dev/disk/by-id/ata-REAL_NAME-part1"]
+    );
+    assert!(
+        disk(&inv, "vda").by_id.is_empty(),
+        "udev made no link for vda"
+    );
 }
 
 #[test]

@@ -27,7 +27,11 @@ pub fn compute(facts: &IdFacts) -> Vec<String> {
         "sata" => ata_names(facts),
         "scsi" | "sas" => scsi_names(facts),
         "usb" => usb_names(facts),
-        "virtio" => facts.serial.iter().map(|s| format!("virtio-{}", escape(&truncate(s, 20)))).collect(),
+        "virtio" => facts
+            .serial
+            .iter()
+            .map(|s| format!("virtio-{}", escape(&truncate(s, 20))))
+            .collect(),
         "mmc" => mmc_names(facts),
         _ => Vec::new(),
     };
@@ -38,7 +42,10 @@ pub fn compute(facts: &IdFacts) -> Vec<String> {
 
 /// The by-id names of partition `number` of a disk with `disk_names`.
 pub fn partition_names(disk_names: &[String], number: u32) -> Vec<String> {
-    disk_names.iter().map(|n| format!("{n}-part{number}")).collect()
+    disk_names
+        .iter()
+        .map(|n| format!("{n}-part{number}"))
+        .collect()
 }
 
 fn nvme_names(f: &IdFacts) -> Vec<String> {
@@ -67,7 +74,10 @@ fn ata_names(f: &IdFacts) -> Vec<String> {
 }
 
 fn scsi_names(f: &IdFacts) -> Vec<String> {
-    let mut names: Vec<String> = scsi_id_serial(f).into_iter().map(|s| format!("scsi-{s}")).collect();
+    let mut names: Vec<String> = scsi_id_serial(f)
+        .into_iter()
+        .map(|s| format!("scsi-{s}"))
+        .collect();
     names.extend(wwn_name(f));
     names
 }
@@ -92,7 +102,9 @@ fn wwn_name(f: &IdFacts) -> Option<String> {
 /// The `0x…` WWN udev and lsblk show, from a `naa.…` wwid.
 pub fn wwn_from_wwid(wwid: &str) -> Option<String> {
     let hex = wwid.strip_prefix("naa.")?;
-    hex.chars().all(|c| c.is_ascii_hexdigit()).then(|| format!("0x{}", hex.to_ascii_lowercase()))
+    hex.chars()
+        .all(|c| c.is_ascii_hexdigit())
+        .then(|| format!("0x{}", hex.to_ascii_lowercase()))
 }
 
 fn usb_names(f: &IdFacts) -> Vec<String> {
@@ -136,7 +148,13 @@ pub fn collapse(s: &str) -> String {
 pub fn escape(s: &str) -> String {
     s.trim()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "#+-.:=@_".contains(c) || !c.is_ascii() { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "#+-.:=@_".contains(c) || !c.is_ascii() {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -146,8 +164,12 @@ pub fn read_links(dir: &Path) -> Option<BTreeMap<String, Vec<String>>> {
     let entries = std::fs::read_dir(dir).ok()?;
     let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for entry in entries.flatten() {
-        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
-        let Some(device) = target.file_name() else { continue };
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let Some(device) = target.file_name() else {
+            continue;
+        };
         map.entry(device.to_string_lossy().into_owned())
             .or_default()
             .push(entry.file_name().to_string_lossy().into_owned());
@@ -164,7 +186,10 @@ mod tests {
     use super::*;
 
     fn facts(transport: &str) -> IdFacts {
-        IdFacts { transport: transport.into(), ..Default::default() }
+        IdFacts {
+            transport: transport.into(),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -194,20 +219,38 @@ mod tests {
             wwid: Some("naa.50014EE2B1234567".into()),
             ..facts("sata")
         };
-        assert_eq!(compute(&f), vec!["ata-WDC_WD40EFRX-68N32N0_WD-WCC7K1234567", "wwn-0x50014ee2b1234567"]);
+        assert_eq!(
+            compute(&f),
+            vec![
+                "ata-WDC_WD40EFRX-68N32N0_WD-WCC7K1234567",
+                "wwn-0x50014ee2b1234567"
+            ]
+        );
     }
 
     #[test]
     fn scsi_names_follow_scsi_id() {
-        let f = IdFacts { wwid: Some("naa.5000c500a1b2c3d4".into()), ..facts("sas") };
-        assert_eq!(compute(&f), vec!["scsi-35000c500a1b2c3d4", "wwn-0x5000c500a1b2c3d4"]);
-        let t10 = IdFacts { wwid: Some("t10.ATA     QEMU HARDDISK   QM00001".into()), ..facts("scsi") };
+        let f = IdFacts {
+            wwid: Some("naa.5000c500a1b2c3d4".into()),
+            ..facts("sas")
+        };
+        assert_eq!(
+            compute(&f),
+            vec!["scsi-35000c500a1b2c3d4", "wwn-0x5000c500a1b2c3d4"]
+        );
+        let t10 = IdFacts {
+            wwid: Some("t10.ATA     QEMU HARDDISK   QM00001".into()),
+            ..facts("scsi")
+        };
         assert_eq!(compute(&t10), vec!["scsi-1ATA_QEMU_HARDDISK_QM00001"]);
     }
 
     #[test]
     fn virtio_name_is_serial_truncated_to_20() {
-        let f = IdFacts { serial: Some("abcdefghijklmnopqrstuvwxyz".into()), ..facts("virtio") };
+        let f = IdFacts {
+            serial: Some("abcdefghijklmnopqrstuvwxyz".into()),
+            ..facts("virtio")
+        };
         assert_eq!(compute(&f), vec!["virtio-abcdefghijklmnopqrst"]);
         assert!(compute(&facts("virtio")).is_empty(), "no serial, no name");
     }
@@ -221,7 +264,10 @@ mod tests {
             scsi_address: Some("6:0:0:0".into()),
             ..facts("usb")
         };
-        assert_eq!(compute(&f), vec!["usb-SanDisk_Cruzer_Blade_4C530001231126115213-0:0"]);
+        assert_eq!(
+            compute(&f),
+            vec!["usb-SanDisk_Cruzer_Blade_4C530001231126115213-0:0"]
+        );
     }
 
     #[test]

@@ -30,7 +30,8 @@ pub fn in_use(disk: &Disk, seen: &Observed, managed_roots: &[PathBuf]) -> Vec<In
     let mut reasons = Vec::new();
     let mounts = all_mounts(disk, seen);
     reasons.extend(system_disk(&mounts, seen));
-    reasons.extend(virtual_kind(&disk.name, seen.scsi_type).map(|detail| InUse::Virtual { detail }));
+    reasons
+        .extend(virtual_kind(&disk.name, seen.scsi_type).map(|detail| InUse::Virtual { detail }));
     if disk.name.starts_with("zram") {
         reasons.push(InUse::Zram);
     }
@@ -41,26 +42,63 @@ pub fn in_use(disk: &Disk, seen: &Observed, managed_roots: &[PathBuf]) -> Vec<In
         reasons.push(InUse::Removable);
     }
     for (_, mountpoint) in &mounts {
-        if !managed_roots.iter().any(|root| mountpoint.starts_with(root)) {
-            reasons.push(InUse::Mounted { mountpoint: mountpoint.clone() });
+        if !managed_roots
+            .iter()
+            .any(|root| mountpoint.starts_with(root))
+        {
+            reasons.push(InUse::Mounted {
+                mountpoint: mountpoint.clone(),
+            });
         }
     }
-    reasons.extend(swaps(disk, seen).into_iter().map(|device| InUse::Swap { device }));
-    reasons.extend(holders(disk).into_iter().map(|holder| InUse::Holder { holder }));
+    reasons.extend(
+        swaps(disk, seen)
+            .into_iter()
+            .map(|device| InUse::Swap { device }),
+    );
+    reasons.extend(
+        holders(disk)
+            .into_iter()
+            .map(|holder| InUse::Holder { holder }),
+    );
     // EBUSY is only news when no mount, swap or holder explains it already.
-    if mounts.is_empty() && !reasons.iter().any(|r| matches!(r, InUse::Swap { .. } | InUse::Holder { .. })) {
+    if mounts.is_empty()
+        && !reasons
+            .iter()
+            .any(|r| matches!(r, InUse::Swap { .. } | InUse::Holder { .. }))
+    {
         reasons.extend(seen.busy.clone().map(|detail| InUse::Busy { detail }));
     }
-    reasons.extend(seen.unreadable.clone().map(|detail| InUse::Unreadable { detail }));
+    reasons.extend(
+        seen.unreadable
+            .clone()
+            .map(|detail| InUse::Unreadable { detail }),
+    );
     dedup(reasons)
 }
 
 /// (device, mount point) of the disk, its partitions and what is stacked on them.
 fn all_mounts(disk: &Disk, seen: &Observed) -> Vec<(String, PathBuf)> {
+<<<<<<< HEAD
     let own = disk.mountpoints.iter().map(|m| (disk.path.display().to_string(), m.clone()));
     let parts =
         disk.partitions.iter().flat_map(|p| p.mountpoints.iter().map(|m| (p.path.display().to_string(), m.clone())));
     let stacked = seen.stacked_mounts.iter().map(|(d, m)| (format!("/dev/{d}"), m.clone()));
+=======
+    let own = disk
+        .mountpoints
+        .iter()
+        .map(|m| (disk.path.display().to_string(), m.clone()));
+    let parts = disk.partitions.iter().flat_map(|p| {
+        p.mountpoints
+            .iter()
+            .map(|m| (p.path.display().to_string(), m.clone()))
+    });
+    let stacked = seen
+        .stacked_mounts
+        .iter()
+        .map(|(d, m)| (format!("/dev/{d}"), m.clone()));
+>>>>>>> inventory
     own.chain(parts).chain(stacked).collect()
 }
 
@@ -68,10 +106,14 @@ fn system_disk(mounts: &[(String, PathBuf)], seen: &Observed) -> Vec<InUse> {
     let mut found: Vec<InUse> = mounts
         .iter()
         .filter(|(_, m)| SYSTEM_MOUNTS.iter().any(|s| Path::new(s) == m))
-        .map(|(device, m)| InUse::SystemDisk { detail: format!("{} is mounted from {device}", m.display()) })
+        .map(|(device, m)| InUse::SystemDisk {
+            detail: format!("{} is mounted from {device}", m.display()),
+        })
         .collect();
     if let Some(spec) = &seen.boot_device {
-        found.push(InUse::SystemDisk { detail: format!("the kernel command line boots from root={spec}") });
+        found.push(InUse::SystemDisk {
+            detail: format!("the kernel command line boots from root={spec}"),
+        });
     }
     found
 }
@@ -101,13 +143,22 @@ fn swaps(disk: &Disk, seen: &Observed) -> Vec<PathBuf> {
     if disk.swap {
         found.push(disk.path.clone());
     }
-    found.extend(disk.partitions.iter().filter(|p| p.swap).map(|p| p.path.clone()));
+    found.extend(
+        disk.partitions
+            .iter()
+            .filter(|p| p.swap)
+            .map(|p| p.path.clone()),
+    );
     found.extend(seen.stacked_swaps.iter().cloned());
     found
 }
 
 fn holders(disk: &Disk) -> Vec<String> {
-    disk.holders.iter().chain(disk.partitions.iter().flat_map(|p| p.holders.iter())).cloned().collect()
+    disk.holders
+        .iter()
+        .chain(disk.partitions.iter().flat_map(|p| p.holders.iter()))
+        .cloned()
+        .collect()
 }
 
 fn dedup(reasons: Vec<InUse>) -> Vec<InUse> {
@@ -124,19 +175,33 @@ fn dedup(reasons: Vec<InUse>) -> Vec<InUse> {
 pub fn root_spec(cmdline: &str) -> Option<String> {
     // Arguments after `--` belong to init, not to the kernel.
     let kernel_args = cmdline.split_whitespace().take_while(|arg| *arg != "--");
-    kernel_args.filter_map(|arg| arg.strip_prefix("root=")).last().map(str::to_string)
+    kernel_args
+        .filter_map(|arg| arg.strip_prefix("root="))
+        .last()
+        .map(str::to_string)
 }
 
 /// True when the `root=` spec names the disk, one of its partitions, or what is on them.
 pub fn boots_from(disk: &Disk, spec: &str) -> bool {
     let (key, value) = spec.split_once('=').unwrap_or(("", spec));
     let value_lc = value.to_ascii_lowercase();
-    let sigs = disk.signatures.iter().chain(disk.partitions.iter().flat_map(|p| p.signatures.iter()));
+    let sigs = disk
+        .signatures
+        .iter()
+        .chain(disk.partitions.iter().flat_map(|p| p.signatures.iter()));
     match key {
-        "UUID" => sigs.clone().any(|s| s.uuid.as_deref().map(str::to_ascii_lowercase) == Some(value_lc.clone())),
+        "UUID" => sigs
+            .clone()
+            .any(|s| s.uuid.as_deref().map(str::to_ascii_lowercase) == Some(value_lc.clone())),
         "LABEL" => sigs.clone().any(|s| s.label.as_deref() == Some(value)),
-        "PARTUUID" => disk.partitions.iter().any(|p| p.part_uuid.as_deref() == Some(value_lc.as_str())),
-        "PARTLABEL" => disk.partitions.iter().any(|p| p.name.as_deref() == Some(value)),
+        "PARTUUID" => disk
+            .partitions
+            .iter()
+            .any(|p| p.part_uuid.as_deref() == Some(value_lc.as_str())),
+        "PARTLABEL" => disk
+            .partitions
+            .iter()
+            .any(|p| p.name.as_deref() == Some(value)),
         "" => {
             let path = Path::new(value);
             disk.path == path || disk.partitions.iter().any(|p| p.path == path)
@@ -152,20 +217,33 @@ mod tests {
     use crate::model::{Partition, Signature};
 
     fn disk(name: &str) -> Disk {
-        Disk { name: name.into(), path: format!("/dev/{name}").into(), ..Default::default() }
+        Disk {
+            name: name.into(),
+            path: format!("/dev/{name}").into(),
+            ..Default::default()
+        }
     }
 
     #[test]
     fn root_mount_makes_system_disk() {
         let mut d = disk("vda");
         d.mountpoints = vec!["/".into()];
-        let seen = Observed { unreadable: Some("open /dev/vda: EPERM".into()), ..Default::default() };
+        let seen = Observed {
+            unreadable: Some("open /dev/vda: EPERM".into()),
+            ..Default::default()
+        };
         assert_eq!(
             in_use(&d, &seen, &[]),
             vec![
-                InUse::SystemDisk { detail: "/ is mounted from /dev/vda".into() },
-                InUse::Mounted { mountpoint: "/".into() },
-                InUse::Unreadable { detail: "open /dev/vda: EPERM".into() },
+                InUse::SystemDisk {
+                    detail: "/ is mounted from /dev/vda".into()
+                },
+                InUse::Mounted {
+                    mountpoint: "/".into()
+                },
+                InUse::Unreadable {
+                    detail: "open /dev/vda: EPERM".into()
+                },
             ]
         );
     }
@@ -173,17 +251,36 @@ mod tests {
     #[test]
     fn root_on_lvm_over_partition_is_system_disk_and_held() {
         let mut d = disk("sda");
+<<<<<<< HEAD
         d.partitions =
             vec![Partition { path: "/dev/sda2".into(), number: 2, holders: vec!["dm-0".into()], ..Default::default() }];
+=======
+        d.partitions = vec![Partition {
+            path: "/dev/sda2".into(),
+            number: 2,
+            holders: vec!["dm-0".into()],
+            ..Default::default()
+        }];
+>>>>>>> inventory
         let seen = Observed {
             stacked_mounts: vec![("dm-0".into(), "/".into())],
             busy: Some("EBUSY".into()),
             ..Default::default()
         };
         let reasons = in_use(&d, &seen, &[]);
-        assert_eq!(reasons[0], InUse::SystemDisk { detail: "/ is mounted from /dev/dm-0".into() });
-        assert!(reasons.contains(&InUse::Holder { holder: "dm-0".into() }));
-        assert!(!reasons.iter().any(|r| matches!(r, InUse::Busy { .. })), "busy is explained by the holder");
+        assert_eq!(
+            reasons[0],
+            InUse::SystemDisk {
+                detail: "/ is mounted from /dev/dm-0".into()
+            }
+        );
+        assert!(reasons.contains(&InUse::Holder {
+            holder: "dm-0".into()
+        }));
+        assert!(
+            !reasons.iter().any(|r| matches!(r, InUse::Busy { .. })),
+            "busy is explained by the holder"
+        );
     }
 
     #[test]
@@ -195,15 +292,35 @@ mod tests {
             mountpoints: vec!["/srv/kv/a".into()],
             ..Default::default()
         }];
+<<<<<<< HEAD
         let seen = Observed { busy: Some("EBUSY".into()), ..Default::default() };
+=======
+        let seen = Observed {
+            busy: Some("EBUSY".into()),
+            ..Default::default()
+        };
+>>>>>>> inventory
         assert_eq!(in_use(&d, &seen, &["/srv/kv".into()]), vec![]);
-        assert_eq!(in_use(&d, &seen, &[]), vec![InUse::Mounted { mountpoint: "/srv/kv/a".into() }]);
+        assert_eq!(
+            in_use(&d, &seen, &[]),
+            vec![InUse::Mounted {
+                mountpoint: "/srv/kv/a".into()
+            }]
+        );
     }
 
     #[test]
     fn unexplained_busy_is_reported() {
-        let seen = Observed { busy: Some("exclusive open failed".into()), ..Default::default() };
-        assert_eq!(in_use(&disk("sdb"), &seen, &[]), vec![InUse::Busy { detail: "exclusive open failed".into() }]);
+        let seen = Observed {
+            busy: Some("exclusive open failed".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            in_use(&disk("sdb"), &seen, &[]),
+            vec![InUse::Busy {
+                detail: "exclusive open failed".into()
+            }]
+        );
     }
 
     #[test]
@@ -212,18 +329,42 @@ mod tests {
         z.swap = true;
         assert_eq!(
             in_use(&z, &Observed::default(), &[]),
+<<<<<<< HEAD
             vec![InUse::Zram, InUse::Swap { device: "/dev/zram0".into() }]
+=======
+            vec![
+                InUse::Zram,
+                InUse::Swap {
+                    device: "/dev/zram0".into()
+                }
+            ]
+>>>>>>> inventory
         );
         let mut ro = disk("sr0");
         ro.read_only = true;
         ro.removable = true;
         assert_eq!(
             in_use(&ro, &Observed::default(), &[]),
-            vec![InUse::Virtual { detail: "optical drive".into() }, InUse::ReadOnly, InUse::Removable]
+            vec![
+                InUse::Virtual {
+                    detail: "optical drive".into()
+                },
+                InUse::ReadOnly,
+                InUse::Removable
+            ]
         );
-        assert_eq!(virtual_kind("dm-3", None).as_deref(), Some("device-mapper device"));
-        assert_eq!(virtual_kind("md127", None).as_deref(), Some("md RAID array"));
-        assert_eq!(virtual_kind("sdb", Some(5)).as_deref(), Some("optical drive"));
+        assert_eq!(
+            virtual_kind("dm-3", None).as_deref(),
+            Some("device-mapper device")
+        );
+        assert_eq!(
+            virtual_kind("md127", None).as_deref(),
+            Some("md RAID array")
+        );
+        assert_eq!(
+            virtual_kind("sdb", Some(5)).as_deref(),
+            Some("optical drive")
+        );
         assert_eq!(virtual_kind("nvme0n1", None), None);
         assert!(in_use(&disk("nvme0n1"), &Observed::default(), &[]).is_empty());
     }
@@ -238,7 +379,11 @@ mod tests {
         d.partitions = vec![Partition {
             path: "/dev/sda2".into(),
             part_uuid: Some("0f0e-aa".into()),
-            signatures: vec![Signature { kind: "ext4".into(), uuid: Some("abc-1".into()), ..Default::default() }],
+            signatures: vec![Signature {
+                kind: "ext4".into(),
+                uuid: Some("abc-1".into()),
+                ..Default::default()
+            }],
             ..Default::default()
         }];
         assert!(boots_from(&d, "UUID=AbC-1"));

@@ -48,7 +48,10 @@ impl Default for ScanOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum InventoryError {
     #[error("cannot read {path}: {source} (is {path} mounted and readable? kvstrap needs sysfs and procfs)")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Observes every disk and the managed paths. Fails only when the machine-wide sources
@@ -70,8 +73,11 @@ pub fn scan(opts: &ScanOptions) -> Result<Inventory, InventoryError> {
     let machine = Machine::read(opts)?;
     let sys_disks = sysfs::list_disks(&opts.sys_root)?;
     let probes = probe_all(&sys_disks, &opts.dev_root);
-    let mut disks: Vec<Disk> =
-        sys_disks.into_iter().zip(probes).map(|(sys, probed)| assemble(sys, probed, &machine, opts)).collect();
+    let mut disks: Vec<Disk> = sys_disks
+        .into_iter()
+        .zip(probes)
+        .map(|(sys, probed)| assemble(sys, probed, &machine, opts))
+        .collect();
     disks.sort_by(|a, b| natural_cmp(&a.name, &b.name));
     let paths = paths::observe(&opts.managed_roots, &machine.mounts);
     Ok(Inventory { disks, paths, quota_unsupported: quota_unsupported(&opts.quota_filesystems) })
@@ -97,7 +103,10 @@ impl Machine {
     }
 
     fn mountpoints(&self, devno: &str, name: &str) -> Vec<PathBuf> {
-        mountinfo::mountpoints_of(&self.mounts, devno, name).into_iter().map(|m| m.mountpoint.clone()).collect()
+        mountinfo::mountpoints_of(&self.mounts, devno, name)
+            .into_iter()
+            .map(|m| m.mountpoint.clone())
+            .collect()
     }
 
     fn is_swap(&self, devno: &str, name: &str) -> bool {
@@ -115,11 +124,21 @@ struct Probed {
     unreadable: Option<String>,
 }
 
-/// Probes every disk, a few at a time: each probe waits on I/O of its own device.
+/// At most this many disks are probed at once.
+const MAX_PROBE_THREADS: usize = 16;
+
+/// Probes the disks in parallel: a probe mostly waits for its own device (a cold read
+/// of each region libblkid looks at, some tens of them per disk, ms each on a disk
+/// that seeks). More threads than that only compete for the CPUs (loop devices).
 fn probe_all(disks: &[SysDisk], dev_root: &Path) -> Vec<Probed> {
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get() * 2).clamp(1, 8).min(disks.len().max(1));
+    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+    let workers = (cores * 4)
+        .clamp(4, MAX_PROBE_THREADS)
+        .min(disks.len())
+        .max(1);
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<std::sync::Mutex<Option<Probed>>> = disks.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let results: Vec<std::sync::Mutex<Option<Probed>>> =
+        disks.iter().map(|_| std::sync::Mutex::new(None)).collect();
     std::thread::scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|| loop {
@@ -133,15 +152,27 @@ fn probe_all(disks: &[SysDisk], dev_root: &Path) -> Vec<Probed> {
         }
     });
     // A missing result must not read as "probed, nothing found".
-    let unfinished = || Probed { unreadable: Some("probing did not finish".into()), ..Default::default() };
-    results.into_iter().map(|m| m.into_inner().ok().flatten().unwrap_or_else(unfinished)).collect()
+    let unfinished = || Probed {
+        unreadable: Some("probing did not finish".into()),
+        ..Default::default()
+    };
+    results
+        .into_iter()
+        .map(|m| m.into_inner().ok().flatten().unwrap_or_else(unfinished))
+        .collect()
 }
 
 fn probe_one(disk: &SysDisk, dev_root: &Path) -> Probed {
     let node = dev_root.join(&disk.name);
     let opened = probe::open(&node);
-    let mut probed = Probed { busy: opened.busy.clone(), unreadable: opened.error.clone(), ..Default::default() };
-    let Some(file) = opened.file else { return probed };
+    let mut probed = Probed {
+        busy: opened.busy.clone(),
+        unreadable: opened.error.clone(),
+        ..Default::default()
+    };
+    let Some(file) = opened.file else {
+        return probed;
+    };
     let exclusive = opened.busy.is_none();
     // Only writes through a partition node can leave the whole disk's cache stale.
     if exclusive && !disk.partitions.is_empty() {
@@ -190,7 +221,12 @@ fn probe_partition(
         (None, Some(p)) => (p.number, p.start_bytes, p.size_bytes),
         (None, None) => return Ok(Vec::new()),
     };
-    probe::signatures_at(disk, start, size, &format!("partition {number} at byte {start}"))
+    probe::signatures_at(
+        disk,
+        start,
+        size,
+        &format!("partition {number} at byte {start}"),
+    )
 }
 
 /// Forgets clean cached blocks so that libblkid reads what is on the device now, not
@@ -198,12 +234,21 @@ fn probe_partition(
 fn drop_cached_pages(file: &File) {
     // SAFETY: plain advisory call on an open fd; failure only means a stale cache.
     unsafe {
-        libc::posix_fadvise(std::os::unix::io::AsRawFd::as_raw_fd(file), 0, 0, libc::POSIX_FADV_DONTNEED);
+        libc::posix_fadvise(
+            std::os::unix::io::AsRawFd::as_raw_fd(file),
+            0,
+            0,
+            libc::POSIX_FADV_DONTNEED,
+        );
     }
 }
 
 fn partition_numbers(sys: &[SysPartition], entries: &[TableEntry]) -> Vec<u32> {
-    let mut numbers: Vec<u32> = sys.iter().map(|p| p.number).chain(entries.iter().map(|e| e.number)).collect();
+    let mut numbers: Vec<u32> = sys
+        .iter()
+        .map(|p| p.number)
+        .chain(entries.iter().map(|e| e.number))
+        .collect();
     numbers.sort_unstable();
     numbers.dedup();
     numbers
@@ -242,14 +287,35 @@ fn assemble(sys: SysDisk, mut probed: Probed, machine: &Machine, opts: &ScanOpti
     disk
 }
 
-fn observe_stack(disk: &Disk, sys: &SysDisk, probed: &Probed, machine: &Machine, opts: &ScanOptions) -> Observed {
-    let holders = disk.holders.iter().chain(disk.partitions.iter().flat_map(|p| p.holders.iter()));
+fn observe_stack(
+    disk: &Disk,
+    sys: &SysDisk,
+    probed: &Probed,
+    machine: &Machine,
+    opts: &ScanOptions,
+) -> Observed {
+    let holders = disk
+        .holders
+        .iter()
+        .chain(disk.partitions.iter().flat_map(|p| p.holders.iter()));
     let stacked = stacked_devices(&opts.sys_root, holders.cloned().collect());
-    let boot_device = machine.root_spec.clone().filter(|spec| eligibility::boots_from(disk, spec));
+    let boot_device = machine
+        .root_spec
+        .clone()
+        .filter(|spec| eligibility::boots_from(disk, spec));
     Observed {
         stacked_mounts: stacked
             .iter()
+<<<<<<< HEAD
             .flat_map(|(n, d)| machine.mountpoints(d, n).into_iter().map(move |m| (n.clone(), m)))
+=======
+            .flat_map(|(n, d)| {
+                machine
+                    .mountpoints(d, n)
+                    .into_iter()
+                    .map(move |m| (n.clone(), m))
+            })
+>>>>>>> inventory
             .collect(),
         stacked_swaps: stacked
             .iter()
@@ -283,17 +349,28 @@ fn disk_by_id(sys: &SysDisk, machine: &Machine) -> Vec<String> {
         Some(links) => links.get(&sys.name).cloned().unwrap_or_default(),
         None => byid::compute(&sys.ids),
     };
-    names.into_iter().map(|n| format!("/dev/disk/by-id/{n}")).collect()
+    names
+        .into_iter()
+        .map(|n| format!("/dev/disk/by-id/{n}"))
+        .collect()
 }
 
-fn partitions(sys: &SysDisk, probed: &mut Probed, machine: &Machine, disk_ids: &[String]) -> Vec<Partition> {
+fn partitions(
+    sys: &SysDisk,
+    probed: &mut Probed,
+    machine: &Machine,
+    disk_ids: &[String],
+) -> Vec<Partition> {
     let numbers = partition_numbers(&sys.partitions, &probed.contents.entries);
     numbers
         .into_iter()
         .map(|number| {
             let kernel = sys.partitions.iter().find(|p| p.number == number);
             let entry = probed.contents.entries.iter().find(|e| e.number == number);
-            let signatures = probed.partition_signatures.remove(&number).unwrap_or_default();
+            let signatures = probed
+                .partition_signatures
+                .remove(&number)
+                .unwrap_or_default();
             partition(sys, number, kernel, entry, signatures, machine, disk_ids)
         })
         .collect()
@@ -310,13 +387,23 @@ fn partition(
 ) -> Partition {
     let name = kernel.map_or_else(|| partition_name(&disk.name, number), |k| k.name.clone());
     let (mountpoints, swap) = match kernel {
-        Some(k) => (machine.mountpoints(&k.devno, &k.name), machine.is_swap(&k.devno, &k.name)),
+        Some(k) => (
+            machine.mountpoints(&k.devno, &k.name),
+            machine.is_swap(&k.devno, &k.name),
+        ),
         None => (Vec::new(), false),
     };
     let by_id = match &machine.by_id_links {
+<<<<<<< HEAD
         Some(links) => {
             links.get(&name).map(|v| v.iter().map(|n| format!("/dev/disk/by-id/{n}")).collect()).unwrap_or_default()
         }
+=======
+        Some(links) => links
+            .get(&name)
+            .map(|v| v.iter().map(|n| format!("/dev/disk/by-id/{n}")).collect())
+            .unwrap_or_default(),
+>>>>>>> inventory
         None => byid::partition_names(disk_ids, number),
     };
     // The on-disk table is what the planner compares its layout with; the kernel's
@@ -354,7 +441,11 @@ pub fn partition_name(disk: &str, number: u32) -> String {
 
 /// `major:minor` of a `dev_t`.
 pub fn devno_string(dev: u64) -> String {
-    format!("{}:{}", nix::sys::stat::major(dev), nix::sys::stat::minor(dev))
+    format!(
+        "{}:{}",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    )
 }
 
 /// Orders names with their digit runs compared as numbers: loop2 before loop10.
@@ -366,9 +457,13 @@ fn natural_key(s: &str) -> Vec<(String, u64)> {
     let mut key = Vec::new();
     let mut rest = s;
     while !rest.is_empty() {
-        let text_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let text_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let (text, tail) = rest.split_at(text_len);
-        let digits_len = tail.find(|c: char| !c.is_ascii_digit()).unwrap_or(tail.len());
+        let digits_len = tail
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(tail.len());
         let (digits, tail) = tail.split_at(digits_len);
         key.push((text.to_string(), digits.parse().unwrap_or(u64::MAX)));
         rest = tail;
@@ -383,9 +478,14 @@ mod tests {
 
     #[test]
     fn natural_order() {
-        let mut names = vec!["loop10", "loop2", "nvme0n1", "loop1", "sda", "nvme10n1", "nvme2n1"];
+        let mut names = vec![
+            "loop10", "loop2", "nvme0n1", "loop1", "sda", "nvme10n1", "nvme2n1",
+        ];
         names.sort_by(|a, b| natural_cmp(a, b));
-        assert_eq!(names, vec!["loop1", "loop2", "loop10", "nvme0n1", "nvme2n1", "nvme10n1", "sda"]);
+        assert_eq!(
+            names,
+            vec!["loop1", "loop2", "loop10", "nvme0n1", "nvme2n1", "nvme10n1", "sda"]
+        );
     }
 
     #[test]

@@ -16,7 +16,8 @@ pub struct Mount {
 
 pub fn read(proc_root: &Path) -> Result<Vec<Mount>, InventoryError> {
     let path = proc_root.join("self/mountinfo");
-    let text = std::fs::read_to_string(&path).map_err(|source| InventoryError::Read { path, source })?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|source| InventoryError::Read { path, source })?;
     Ok(parse(&text))
 }
 
@@ -34,7 +35,12 @@ fn parse_line(line: &str) -> Option<Mount> {
     let mut post = right.split(' ');
     let fstype = post.next()?.to_string();
     let source = unescape(post.next()?);
-    Some(Mount { devno, mountpoint, fstype, source })
+    Some(Mount {
+        devno,
+        mountpoint,
+        fstype,
+        source,
+    })
 }
 
 /// The kernel escapes space, tab, newline and backslash as `\ooo` octal.
@@ -43,8 +49,14 @@ pub fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
+<<<<<<< HEAD
         let octal =
             bytes.get(i + 1..i + 4).filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+=======
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+>>>>>>> inventory
         match octal {
             Some(d) => {
                 out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
@@ -63,7 +75,10 @@ pub fn unescape(field: &str) -> String {
 /// virtual devno (btrfs), by the `/dev/<name>` source.
 pub fn mountpoints_of<'a>(mounts: &'a [Mount], devno: &str, name: &str) -> Vec<&'a Mount> {
     let dev_path = format!("/dev/{name}");
-    mounts.iter().filter(|m| m.devno == devno || m.source == dev_path).collect()
+    mounts
+        .iter()
+        .filter(|m| m.devno == devno || m.source == dev_path)
+        .collect()
 }
 
 #[cfg(test)]
@@ -85,7 +100,16 @@ garbage line
         assert_eq!(mounts.len(), 4);
         assert_eq!(
             mounts[0],
+<<<<<<< HEAD
             Mount { devno: "254:0".into(), mountpoint: "/".into(), fstype: "ext4".into(), source: "/dev/vda".into() }
+=======
+            Mount {
+                devno: "254:0".into(),
+                mountpoint: "/".into(),
+                fstype: "ext4".into(),
+                source: "/dev/vda".into()
+            }
+>>>>>>> inventory
         );
         assert_eq!(mounts[2].mountpoint, PathBuf::from("/mnt/with space"));
         assert_eq!(mounts[2].fstype, "xfs");
@@ -94,9 +118,15 @@ garbage line
     #[test]
     fn matches_by_devno_or_source() {
         let mounts = parse(SAMPLE);
-        let found: Vec<_> = mountpoints_of(&mounts, "7:3", "loop3").iter().map(|m| m.mountpoint.clone()).collect();
+        let found: Vec<_> = mountpoints_of(&mounts, "7:3", "loop3")
+            .iter()
+            .map(|m| m.mountpoint.clone())
+            .collect();
         assert_eq!(found, vec![PathBuf::from("/mnt/with space")]);
-        assert_eq!(mountpoints_of(&mounts, "8:18", "sdb2")[0].mountpoint, PathBuf::from("/home"));
+        assert_eq!(
+            mountpoints_of(&mounts, "8:18", "sdb2")[0].mountpoint,
+            PathBuf::from("/home")
+        );
         assert!(mountpoints_of(&mounts, "8:0", "sda").is_empty());
     }
 

@@ -23,7 +23,9 @@ pub fn observe(roots: &[PathBuf], mounts: &[Mount]) -> BTreeMap<PathBuf, PathFac
 }
 
 fn walk(path: &Path, depth: usize, mounts: &[Mount], out: &mut BTreeMap<PathBuf, PathFacts>) {
-    let Ok(meta) = std::fs::symlink_metadata(path) else { return };
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return;
+    };
     let ft = meta.file_type();
     let facts = if ft.is_symlink() {
         match std::fs::read_link(path) {
@@ -39,7 +41,9 @@ fn walk(path: &Path, depth: usize, mounts: &[Mount], out: &mut BTreeMap<PathBuf,
     if !ft.is_dir() || depth >= MAX_DEPTH {
         return;
     }
-    let Ok(entries) = std::fs::read_dir(path) else { return };
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return;
+    };
     for entry in entries.flatten() {
         walk(&entry.path(), depth + 1, mounts, out);
     }
@@ -49,7 +53,14 @@ fn directory(path: &Path, meta: &std::fs::Metadata, mounts: &[Mount]) -> PathFac
     let devno = super::devno_string(meta.dev());
     let project_id = project_id(path);
     let quota_bytes = project_id.filter(|id| *id != 0).and_then(|id| {
+<<<<<<< HEAD
         let source = mounts.iter().rev().find(|m| m.devno == devno && m.source.starts_with('/'))?;
+=======
+        let source = mounts
+            .iter()
+            .rev()
+            .find(|m| m.devno == devno && m.source.starts_with('/'))?;
+>>>>>>> inventory
         project_quota(Path::new(&source.source), id)
     });
     PathFacts::Directory {
@@ -113,7 +124,8 @@ pub fn project_quota(device: &Path, id: u32) -> Option<u64> {
     let cmd = (Q_GETQUOTA << 8) | PRJQUOTA;
     let id = i32::try_from(id).ok()?;
     // SAFETY: `special` is NUL-terminated and `dq` is a valid if_dqblk for Q_GETQUOTA.
-    let rc = unsafe { libc::quotactl(cmd, special.as_ptr(), id, std::ptr::addr_of_mut!(dq).cast()) };
+    let rc =
+        unsafe { libc::quotactl(cmd, special.as_ptr(), id, std::ptr::addr_of_mut!(dq).cast()) };
     (rc == 0 && dq.bhardlimit > 0).then(|| dq.bhardlimit * QUOTA_BLOCK)
 }
 
@@ -130,10 +142,21 @@ mod tests {
         std::fs::write(root.join("a/file"), b"x").unwrap();
         std::os::unix::fs::symlink("/dev/loop9p1", root.join("a/link")).unwrap();
         let facts = observe(&[root.clone(), dir.path().join("missing")], &[]);
-        assert!(matches!(facts[&root.join("a/b/c")], PathFacts::Directory { .. }));
-        assert!(!facts.contains_key(&root.join("a/b/c/d")), "depth is limited to 3");
+        assert!(matches!(
+            facts[&root.join("a/b/c")],
+            PathFacts::Directory { .. }
+        ));
+        assert!(
+            !facts.contains_key(&root.join("a/b/c/d")),
+            "depth is limited to 3"
+        );
         assert_eq!(facts[&root.join("a/file")], PathFacts::Other);
-        assert_eq!(facts[&root.join("a/link")], PathFacts::Symlink { target: "/dev/loop9p1".into() });
+        assert_eq!(
+            facts[&root.join("a/link")],
+            PathFacts::Symlink {
+                target: "/dev/loop9p1".into()
+            }
+        );
         assert_eq!(facts.len(), 6);
     }
 
@@ -144,7 +167,16 @@ mod tests {
         std::fs::create_dir(&d).unwrap();
         std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o750)).unwrap();
         let facts = observe(std::slice::from_ref(&d), &[]);
-        let PathFacts::Directory { uid, mode, devno, quota_bytes, .. } = &facts[&d] else { panic!("not a dir") };
+        let PathFacts::Directory {
+            uid,
+            mode,
+            devno,
+            quota_bytes,
+            ..
+        } = &facts[&d]
+        else {
+            panic!("not a dir")
+        };
         assert_eq!(*uid, nix::unistd::geteuid().as_raw());
         assert_eq!(*mode, 0o750);
         assert!(devno.contains(':'));

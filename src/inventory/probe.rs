@@ -11,7 +11,10 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     #[error("libblkid could not probe {what}: {source}")]
-    Blkid { what: String, source: libblkid_rs::BlkidErr },
+    Blkid {
+        what: String,
+        source: libblkid_rs::BlkidErr,
+    },
 }
 
 /// The result of opening a device for probing.
@@ -24,11 +27,12 @@ pub struct Opened {
     pub error: Option<String>,
 }
 
-/// Tests the device with a read-only `O_EXCL` open, which fails with EBUSY while
-/// anything (a mount, a holder, swap, another exclusive opener) claims it, and probes
-/// through a shared open. The exclusive claim is dropped at once: held during probing
-/// it would make a concurrent `mkfs` or `mount` of the device fail.
+/// Probes through a shared read-only open, and tests the device with an `O_EXCL` open,
+/// which fails with EBUSY while anything (a mount, a holder, swap, another exclusive
+/// opener) claims it. The exclusive claim is dropped at once: held during probing it
+/// would make a concurrent `mkfs` or `mount` of the device fail.
 pub fn open(path: &Path) -> Opened {
+<<<<<<< HEAD
     let exclusive = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL | libc::O_CLOEXEC).open(path);
     let busy = match exclusive {
         Ok(_claim) => None,
@@ -36,10 +40,37 @@ pub fn open(path: &Path) -> Opened {
             Some(format!("exclusive open of {} failed: {e}", path.display()))
         }
         Err(e) => return Opened { file: None, busy: None, error: Some(format!("open {}: {e}", path.display())) },
+=======
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) => {
+            return Opened {
+                file: None,
+                busy: None,
+                error: Some(format!("open {}: {e}", path.display())),
+            }
+        }
+>>>>>>> inventory
     };
-    match File::open(path) {
-        Ok(file) => Opened { file: Some(file), busy, error: None },
-        Err(e) => Opened { file: None, busy, error: Some(format!("open {}: {e}", path.display())) },
+    let exclusive = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+        .open(path);
+    let busy = match exclusive {
+        Ok(claim) => {
+            drop(claim);
+            None
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            Some(format!("exclusive open of {} failed: {e}", path.display()))
+        }
+        // Anything else (a race with removal, say) is no claim by someone else.
+        Err(_) => None,
+    };
+    Opened {
+        file: Some(file),
+        busy,
+        error: None,
     }
 }
 
@@ -63,17 +94,32 @@ pub struct DiskContents {
 }
 
 pub fn probe_disk(file: &File, what: &str) -> Result<DiskContents, ProbeError> {
-    let err = |source| ProbeError::Blkid { what: what.to_string(), source };
+    let err = |source| ProbeError::Blkid {
+        what: what.to_string(),
+        source,
+    };
     // One probe for both passes: libblkid keeps the blocks it read in its buffers.
     let mut probe = new_probe(file, 0, 0).map_err(err)?;
     let signatures = list_signatures(&mut probe).map_err(err)?;
     let (table, entries) = read_table(&mut probe).map_err(err)?;
-    Ok(DiskContents { signatures, table, entries })
+    Ok(DiskContents {
+        signatures,
+        table,
+        entries,
+    })
 }
 
 /// Signatures in the byte range `offset..offset+size` of `file` (size 0: to the end).
-pub fn signatures_at(file: &File, offset: u64, size: u64, what: &str) -> Result<Vec<Signature>, ProbeError> {
-    let err = |source| ProbeError::Blkid { what: what.to_string(), source };
+pub fn signatures_at(
+    file: &File,
+    offset: u64,
+    size: u64,
+    what: &str,
+) -> Result<Vec<Signature>, ProbeError> {
+    let err = |source| ProbeError::Blkid {
+        what: what.to_string(),
+        source,
+    };
     let mut probe = new_probe(file, offset, size).map_err(err)?;
     list_signatures(&mut probe).map_err(err)
 }
@@ -101,21 +147,36 @@ fn list_signatures(probe: &mut BlkidProbe) -> libblkid_rs::Result<Vec<Signature>
     while probe.do_probe()? == BlkidProbeRet::Success {
         let value = |key: &str| probe.lookup_value(key).ok().filter(|v| !v.is_empty());
         if let Some(kind) = value("TYPE") {
-            found.push(Signature { kind, usage: value("USAGE"), label: value("LABEL"), uuid: value("UUID") });
+            found.push(Signature {
+                kind,
+                usage: value("USAGE"),
+                label: value("LABEL"),
+                uuid: value("UUID"),
+            });
         }
     }
     Ok(found)
 }
 
-fn read_table(probe: &mut BlkidProbe) -> libblkid_rs::Result<(Option<PartitionTable>, Vec<TableEntry>)> {
+fn read_table(
+    probe: &mut BlkidProbe,
+) -> libblkid_rs::Result<(Option<PartitionTable>, Vec<TableEntry>)> {
     probe.reset();
     probe.enable_superblocks(false)?;
     probe.enable_partitions(true)?;
     // No partition table is not an error: the list is simply absent.
-    let Ok(mut list) = probe.get_partitions() else { return Ok((None, Vec::new())) };
-    let Ok(table) = list.get_table() else { return Ok((None, Vec::new())) };
+    let Ok(mut list) = probe.get_partitions() else {
+        return Ok((None, Vec::new()));
+    };
+    let Ok(table) = list.get_table() else {
+        return Ok((None, Vec::new()));
+    };
     let kind = table.get_type()?;
-    let uuid = table.get_id().ok().filter(|s| !s.is_empty()).map(|s| s.to_ascii_lowercase());
+    let uuid = table
+        .get_id()
+        .ok()
+        .filter(|s| !s.is_empty())
+        .map(|s| s.to_ascii_lowercase());
     let count = list.number_of_partitions()?;
     let mut entries = Vec::new();
     for i in 0..count {
@@ -125,7 +186,11 @@ fn read_table(probe: &mut BlkidProbe) -> libblkid_rs::Result<(Option<PartitionTa
             start_bytes: sectors_to_bytes(*part.get_start().as_ref()),
             size_bytes: sectors_to_bytes(*part.get_size().as_ref()),
             type_id: part_type(&part, &kind),
-            part_uuid: part.get_uuid().ok().flatten().map(|u| u.hyphenated().to_string()),
+            part_uuid: part
+                .get_uuid()
+                .ok()
+                .flatten()
+                .map(|u| u.hyphenated().to_string()),
             name: part.get_name().ok().flatten().filter(|n| !n.is_empty()),
         });
     }

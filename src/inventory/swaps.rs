@@ -22,7 +22,10 @@ impl SwapArea {
 pub fn read(proc_root: &Path) -> Result<Vec<SwapArea>, InventoryError> {
     let path = proc_root.join("swaps");
     match std::fs::read_to_string(&path) {
-        Ok(text) => Ok(parse(&text).into_iter().map(|(p, is_partition)| resolve(p, is_partition)).collect()),
+        Ok(text) => Ok(parse(&text)
+            .into_iter()
+            .map(|(p, is_partition)| resolve(p, is_partition))
+            .collect()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(source) => Err(InventoryError::Read { path, source }),
     }
@@ -57,12 +60,25 @@ mod tests {
         let text = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n\
                     /dev/sdb2                               partition\t8388604\t\t0\t\t-2\n\
                     /var/swap\\040file                       file\t\t1048572\t\t0\t\t-3\n";
+<<<<<<< HEAD
         assert_eq!(parse(text), vec![(PathBuf::from("/dev/sdb2"), true), (PathBuf::from("/var/swap file"), false)]);
+=======
+        assert_eq!(
+            parse(text),
+            vec![
+                (PathBuf::from("/dev/sdb2"), true),
+                (PathBuf::from("/var/swap file"), false)
+            ]
+        );
+>>>>>>> inventory
     }
 
     #[test]
     fn matches_by_path_when_not_stat_able() {
-        let area = SwapArea { path: "/dev/sdb2".into(), devno: None };
+        let area = SwapArea {
+            path: "/dev/sdb2".into(),
+            devno: None,
+        };
         assert!(area.is_device("8:18", "sdb2"));
         assert!(!area.is_device("8:17", "sdb1"));
     }

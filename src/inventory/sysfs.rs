@@ -46,20 +46,27 @@ const SYSFS_SECTOR: u64 = 512;
 /// Every whole disk under `<sys_root>/block`, unattached loop devices left out.
 pub fn list_disks(sys_root: &Path) -> Result<Vec<SysDisk>, InventoryError> {
     let block = sys_root.join("block");
-    let entries = std::fs::read_dir(&block).map_err(|source| InventoryError::Read { path: block.clone(), source })?;
+    let entries = std::fs::read_dir(&block).map_err(|source| InventoryError::Read {
+        path: block.clone(),
+        source,
+    })?;
     let mut disks = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let disk = read_disk(sys_root, &name);
-        if !is_unattached_loop(&disk) {
-            disks.push(disk);
+        let dir = block.join(&name);
+        // Hidden disks (NVMe multipath paths) are reached through their visible head.
+        if !is_unattached_loop(&dir, &name) && number(&dir, "hidden") != Some(1) {
+            disks.push(read_disk(sys_root, &name));
         }
     }
     Ok(disks)
 }
 
-fn is_unattached_loop(disk: &SysDisk) -> bool {
-    disk.transport == "loop" && disk.size_bytes == 0 && disk.backing_file.is_none()
+/// The kernel keeps idle loop devices around; they are not disks.
+fn is_unattached_loop(dir: &Path, name: &str) -> bool {
+    name.starts_with("loop")
+        && number(dir, "size") == Some(0)
+        && attr(&dir.join("loop"), "backing_file").is_none()
 }
 
 /// Reads one `/sys/block/<name>` entry; missing attributes stay empty rather than fail,
@@ -86,20 +93,26 @@ pub fn read_disk(sys_root: &Path, name: &str) -> SysDisk {
         scsi_type,
         holders: list_names(&dir.join("holders")),
         backing_file: attr(&dir.join("loop"), "backing_file").map(PathBuf::from),
-        partitions: partitions(&dir),
+        partitions: partitions(&dir, name),
         transport,
         ids,
     }
 }
 
 fn sector(dir: &Path, name: &str) -> u32 {
-    attr(&dir.join("queue"), name).and_then(|v| v.parse().ok()).unwrap_or(512)
+    attr(&dir.join("queue"), name)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512)
 }
 
 /// The device's path below `/sys/devices`, e.g. `pci0000:00/0000:00:02.0/virtio1/block/vda`.
 fn devices_path(sys_root: &Path, dir: &Path) -> String {
-    let (Ok(real), Ok(root)) = (dir.canonicalize(), sys_root.canonicalize()) else { return String::new() };
-    real.strip_prefix(root.join("devices")).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default()
+    let (Ok(real), Ok(root)) = (dir.canonicalize(), sys_root.canonicalize()) else {
+        return String::new();
+    };
+    real.strip_prefix(root.join("devices"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Transport from the kernel name and the bus path, as lsblk's TRAN column names it.
@@ -131,7 +144,10 @@ pub fn transport(name: &str, device_path: &str) -> String {
 
 fn id_facts(dir: &Path, transport: &str) -> IdFacts {
     let device = dir.join("device");
-    let mut f = IdFacts { transport: transport.to_string(), ..Default::default() };
+    let mut f = IdFacts {
+        transport: transport.to_string(),
+        ..Default::default()
+    };
     match transport {
         "nvme" => {
             f.model = attr(&device, "model");
@@ -161,11 +177,19 @@ fn scsi_facts(dir: &Path, f: &mut IdFacts) {
     let device = dir.join("device");
     f.vendor = attr(&device, "vendor");
     f.model = attr(&device, "model");
-    f.serial = std::fs::read(device.join("vpd_pg80")).ok().and_then(|b| vpd_serial(&b));
+    f.serial = std::fs::read(device.join("vpd_pg80"))
+        .ok()
+        .and_then(|b| vpd_serial(&b));
     f.wwid = attr(&device, "wwid");
-    f.scsi_address = device.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    f.scsi_address = device
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
     if f.transport == "sata" {
-        if let Some((model, serial)) = std::fs::read(device.join("vpd_pg89")).ok().and_then(|b| ata_identity(&b)) {
+        if let Some((model, serial)) = std::fs::read(device.join("vpd_pg89"))
+            .ok()
+            .and_then(|b| ata_identity(&b))
+        {
             f.model = Some(model);
             f.serial = Some(serial);
         }
@@ -191,8 +215,14 @@ fn wwn(ids: &IdFacts) -> Option<String> {
 
 /// Unit serial number VPD page: 4-byte header, then the ASCII serial.
 pub fn vpd_serial(page: &[u8]) -> Option<String> {
+<<<<<<< HEAD
     let text =
         String::from_utf8_lossy(page.get(4..)?).trim_matches(|c: char| c.is_whitespace() || c == '\0').to_string();
+=======
+    let text = String::from_utf8_lossy(page.get(4..)?)
+        .trim_matches(|c: char| c.is_whitespace() || c == '\0')
+        .to_string();
+>>>>>>> inventory
     (!text.is_empty()).then_some(text)
 }
 
@@ -201,8 +231,13 @@ pub fn vpd_serial(page: &[u8]) -> Option<String> {
 pub fn ata_identity(page: &[u8]) -> Option<(String, String)> {
     let identify = page.get(60..60 + 512)?;
     let text = |from: usize, to: usize| -> String {
-        let swapped: Vec<u8> = identify[from..to].chunks(2).flat_map(|w| [w[1], w[0]]).collect();
-        String::from_utf8_lossy(&swapped).trim_matches(|c: char| c.is_whitespace() || c == '\0').to_string()
+        let swapped: Vec<u8> = identify[from..to]
+            .chunks(2)
+            .flat_map(|w| [w[1], w[0]])
+            .collect();
+        String::from_utf8_lossy(&swapped)
+            .trim_matches(|c: char| c.is_whitespace() || c == '\0')
+            .to_string()
     };
     let (serial, model) = (text(20, 40), text(54, 94));
     (!serial.is_empty() && !model.is_empty()).then_some((model, serial))
@@ -219,10 +254,14 @@ fn usb_serial(scsi_device: &Path) -> Option<String> {
     None
 }
 
-fn partitions(dir: &Path) -> Vec<SysPartition> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+/// Partitions are the subdirectories named after the disk (`sda1`, `nvme0n1p2`).
+fn partitions(dir: &Path, disk: &str) -> Vec<SysPartition> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
     let mut parts: Vec<SysPartition> = entries
         .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(disk))
         .filter_map(|e| {
             let p = e.path();
             let number = number(&p, "partition")?;
@@ -242,8 +281,13 @@ fn partitions(dir: &Path) -> Vec<SysPartition> {
 
 /// Names of the entries of a directory (holders, slaves), sorted.
 pub fn list_names(dir: &Path) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut names: Vec<String> = entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     names
 }
@@ -289,7 +333,10 @@ mod tests {
 
     #[test]
     fn vpd_serial_skips_header() {
-        assert_eq!(vpd_serial(b"\0\x80\0\x0c  ZA1B2C3D  "), Some("ZA1B2C3D".into()));
+        assert_eq!(
+            vpd_serial(b"\0\x80\0\x0c  ZA1B2C3D  "),
+            Some("ZA1B2C3D".into())
+        );
         assert_eq!(vpd_serial(b"\0\x80\0\0"), None);
     }
 
@@ -305,7 +352,10 @@ mod tests {
         };
         put(&mut page, 20, 20, "WD-WCC7K1234567");
         put(&mut page, 54, 40, "WDC WD40EFRX-68N32N0");
-        assert_eq!(ata_identity(&page), Some(("WDC WD40EFRX-68N32N0".into(), "WD-WCC7K1234567".into())));
+        assert_eq!(
+            ata_identity(&page),
+            Some(("WDC WD40EFRX-68N32N0".into(), "WD-WCC7K1234567".into()))
+        );
         assert_eq!(ata_identity(&page[..100]), None);
     }
 }
