@@ -7,3 +7,8 @@ if [ -d /run/systemd/system ]; then
         systemctl try-restart kvstrap.service >/dev/null 2>&1 || :
     fi
 fi
+# cargo-generate-rpm cannot mark directories as owned: remove kvstrap's own directories
+# when they are empty (an operator's file in them keeps them).
+if [ "$1" -eq 0 ]; then
+    rmdir /usr/lib/kvstrap/policy.d /usr/lib/kvstrap /usr/share/doc/kvstrap 2>/dev/null || :
+fi
