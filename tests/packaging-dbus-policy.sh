@@ -41,7 +41,7 @@ XML
 }
 
 AS_NOBODY=(setpriv --reuid=65534 --regid=65534 --clear-groups)
-CALL=(dbus-send --system --print-reply --reply-timeout=2000 --dest=$NAME $OBJ)
+CALL=(dbus-send --system --print-reply --reply-timeout=2000 "--dest=$NAME" "$OBJ")
 
 call() { "${CALL[@]}" "$@"; }
 # nobody_calls METHOD [ARGS...]: the call made as uid and gid 65534.

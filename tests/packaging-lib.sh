@@ -13,18 +13,21 @@ pkg_fail() {
     echo "FAIL - $*"
 }
 
-# check NAME CMD [ARGS...]: runs CMD; its output is shown only when it fails.
+# check NAME CMD [ARGS...]: runs CMD; its output is shown only when it fails. Returns
+# CMD's success, so a check that later ones depend on can stop them: `check ... || return`.
 check() {
     local name=$1 out
     shift
     out=$(mktemp)
     if "$@" >"$out" 2>&1; then
         pkg_pass "$name"
-    else
-        pkg_fail "$name"
-        sed 's/^/    | /' "$out" | tail -n 25
+        rm -f "$out"
+        return 0
     fi
+    pkg_fail "$name"
+    sed 's/^/    | /' "$out" | tail -n 25
     rm -f "$out"
+    return 1
 }
 
 # check_fails NAME CMD [ARGS...]: CMD must exit non-zero.
