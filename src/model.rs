@@ -104,35 +104,21 @@ pub struct Signature {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum InUse {
     /// Holds the root filesystem or the boot device.
-    SystemDisk {
-        detail: String,
-    },
+    SystemDisk { detail: String },
     /// The disk or one of its partitions is mounted (and not by kvstrap below storage_root).
-    Mounted {
-        mountpoint: PathBuf,
-    },
+    Mounted { mountpoint: PathBuf },
     /// A device-mapper, md or other holder sits on top of the disk or a partition.
-    Holder {
-        holder: String,
-    },
-    Swap {
-        device: PathBuf,
-    },
+    Holder { holder: String },
+    Swap { device: PathBuf },
     Zram,
     ReadOnly,
     Removable,
     /// An exclusive open (`O_EXCL`) failed: something else holds the device.
-    Busy {
-        detail: String,
-    },
+    Busy { detail: String },
     /// The device could not be opened or probed at all.
-    Unreadable {
-        detail: String,
-    },
+    Unreadable { detail: String },
     /// Not a disk kvstrap may use: device-mapper, md, ram, optical, ...
-    Virtual {
-        detail: String,
-    },
+    Virtual { detail: String },
 }
 
 impl std::fmt::Display for InUse {
@@ -167,9 +153,7 @@ pub enum PathFacts {
         /// Device (major:minor) of the filesystem holding the directory.
         devno: String,
     },
-    Symlink {
-        target: PathBuf,
-    },
+    Symlink { target: PathBuf },
     Other,
 }
 
@@ -312,24 +296,11 @@ pub struct VolumeSpec {
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Step {
     /// Wipe every signature on a disk the policy names by serial/WWN with `wipe = "force"`.
-    WipeDisk {
-        disk: PathBuf,
-        identity: String,
-        signatures: Vec<String>,
-        reason: String,
-    },
+    WipeDisk { disk: PathBuf, identity: String, signatures: Vec<String>, reason: String },
     /// Write a fresh GPT with the whole layout and tell the kernel (BLKPG).
-    WritePartitionTable {
-        disk: PathBuf,
-        layout: DiskLayout,
-        reason: String,
-    },
+    WritePartitionTable { disk: PathBuf, layout: DiskLayout, reason: String },
     /// Tell the kernel about partitions that are on disk but have no device node.
-    AddPartitionNodes {
-        disk: PathBuf,
-        numbers: Vec<u32>,
-        reason: String,
-    },
+    AddPartitionNodes { disk: PathBuf, numbers: Vec<u32>, reason: String },
     MakeFilesystem {
         disk: PathBuf,
         device: PathBuf,
@@ -349,19 +320,9 @@ pub enum Step {
         reason: String,
     },
     /// A volume directory on a shared (or separate) filesystem.
-    CreateDirectory {
-        disk: PathBuf,
-        path: PathBuf,
-        owner: Owner,
-        reason: String,
-    },
+    CreateDirectory { disk: PathBuf, path: PathBuf, owner: Owner, reason: String },
     /// Set ownership/mode of an existing directory that drifted.
-    SetOwnership {
-        disk: PathBuf,
-        path: PathBuf,
-        owner: Owner,
-        reason: String,
-    },
+    SetOwnership { disk: PathBuf, path: PathBuf, owner: Owner, reason: String },
     /// Hard project quota equal to the published capacity.
     SetQuota {
         disk: PathBuf,
@@ -372,13 +333,7 @@ pub enum Step {
         reason: String,
     },
     /// Stable symlink to the partition of a Block volume.
-    LinkBlockDevice {
-        disk: PathBuf,
-        link: PathBuf,
-        target: PathBuf,
-        part_uuid: uuid::Uuid,
-        reason: String,
-    },
+    LinkBlockDevice { disk: PathBuf, link: PathBuf, target: PathBuf, part_uuid: uuid::Uuid, reason: String },
 }
 
 impl Step {

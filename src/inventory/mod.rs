@@ -28,10 +28,7 @@ impl Default for ScanOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum InventoryError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
 }
 
 pub fn scan(_opts: &ScanOptions) -> Result<Inventory, InventoryError> {
