@@ -51,6 +51,9 @@ pub enum Command {
     Daemon,
     /// Create loop-backed demo disks and apply the embedded demo policy to them.
     Demo(DemoArgs),
+    /// Write man pages and shell completions into OUT_DIR (used by packaging).
+    #[command(hide = true)]
+    GenerateAssets { out_dir: PathBuf },
 }
 
 #[derive(Debug, Clone, Args)]

@@ -2,6 +2,7 @@
 //! Each command is a thin wrapper: load, observe, decide (pure), print.
 
 pub mod args;
+pub mod assets;
 mod demo;
 mod disks_table;
 
@@ -55,6 +56,7 @@ fn run(cli: &Cli) -> Result<i32> {
         Command::Volumes => crate::apply::cli::volumes(g),
         Command::Daemon => anyhow::bail!("the daemon is not implemented in this build yet"),
         Command::Demo(d) => demo::run(g, d),
+        Command::GenerateAssets { out_dir } => Ok(assets::run_generate_assets(out_dir)),
     }
 }
 
