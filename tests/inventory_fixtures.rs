@@ -143,17 +143,12 @@ fn sata_disk_under_mounted_lvm_is_mounted_and_held() {
     assert_eq!(
         reasons(disk(&inv, "dm-0")),
         vec![
-<<<<<<< HEAD
-            InUse::Virtual { detail: "device-mapper device".into() },
-            InUse::Mounted { mountpoint: "/srv/data set".into() }
-=======
             InUse::Virtual {
                 detail: "device-mapper device".into()
             },
             InUse::Mounted {
                 mountpoint: "/srv/data set".into()
             }
->>>>>>> inventory
         ]
     );
 }

@@ -79,12 +79,6 @@ pub fn in_use(disk: &Disk, seen: &Observed, managed_roots: &[PathBuf]) -> Vec<In
 
 /// (device, mount point) of the disk, its partitions and what is stacked on them.
 fn all_mounts(disk: &Disk, seen: &Observed) -> Vec<(String, PathBuf)> {
-<<<<<<< HEAD
-    let own = disk.mountpoints.iter().map(|m| (disk.path.display().to_string(), m.clone()));
-    let parts =
-        disk.partitions.iter().flat_map(|p| p.mountpoints.iter().map(|m| (p.path.display().to_string(), m.clone())));
-    let stacked = seen.stacked_mounts.iter().map(|(d, m)| (format!("/dev/{d}"), m.clone()));
-=======
     let own = disk
         .mountpoints
         .iter()
@@ -98,7 +92,6 @@ fn all_mounts(disk: &Disk, seen: &Observed) -> Vec<(String, PathBuf)> {
         .stacked_mounts
         .iter()
         .map(|(d, m)| (format!("/dev/{d}"), m.clone()));
->>>>>>> inventory
     own.chain(parts).chain(stacked).collect()
 }
 
@@ -251,17 +244,12 @@ mod tests {
     #[test]
     fn root_on_lvm_over_partition_is_system_disk_and_held() {
         let mut d = disk("sda");
-<<<<<<< HEAD
-        d.partitions =
-            vec![Partition { path: "/dev/sda2".into(), number: 2, holders: vec!["dm-0".into()], ..Default::default() }];
-=======
         d.partitions = vec![Partition {
             path: "/dev/sda2".into(),
             number: 2,
             holders: vec!["dm-0".into()],
             ..Default::default()
         }];
->>>>>>> inventory
         let seen = Observed {
             stacked_mounts: vec![("dm-0".into(), "/".into())],
             busy: Some("EBUSY".into()),
@@ -292,14 +280,10 @@ mod tests {
             mountpoints: vec!["/srv/kv/a".into()],
             ..Default::default()
         }];
-<<<<<<< HEAD
-        let seen = Observed { busy: Some("EBUSY".into()), ..Default::default() };
-=======
         let seen = Observed {
             busy: Some("EBUSY".into()),
             ..Default::default()
         };
->>>>>>> inventory
         assert_eq!(in_use(&d, &seen, &["/srv/kv".into()]), vec![]);
         assert_eq!(
             in_use(&d, &seen, &[]),
@@ -329,16 +313,12 @@ mod tests {
         z.swap = true;
         assert_eq!(
             in_use(&z, &Observed::default(), &[]),
-<<<<<<< HEAD
-            vec![InUse::Zram, InUse::Swap { device: "/dev/zram0".into() }]
-=======
             vec![
                 InUse::Zram,
                 InUse::Swap {
                     device: "/dev/zram0".into()
                 }
             ]
->>>>>>> inventory
         );
         let mut ro = disk("sr0");
         ro.read_only = true;

@@ -306,16 +306,12 @@ fn observe_stack(
     Observed {
         stacked_mounts: stacked
             .iter()
-<<<<<<< HEAD
-            .flat_map(|(n, d)| machine.mountpoints(d, n).into_iter().map(move |m| (n.clone(), m)))
-=======
             .flat_map(|(n, d)| {
                 machine
                     .mountpoints(d, n)
                     .into_iter()
                     .map(move |m| (n.clone(), m))
             })
->>>>>>> inventory
             .collect(),
         stacked_swaps: stacked
             .iter()
@@ -394,16 +390,10 @@ fn partition(
         None => (Vec::new(), false),
     };
     let by_id = match &machine.by_id_links {
-<<<<<<< HEAD
-        Some(links) => {
-            links.get(&name).map(|v| v.iter().map(|n| format!("/dev/disk/by-id/{n}")).collect()).unwrap_or_default()
-        }
-=======
         Some(links) => links
             .get(&name)
             .map(|v| v.iter().map(|n| format!("/dev/disk/by-id/{n}")).collect())
             .unwrap_or_default(),
->>>>>>> inventory
         None => byid::partition_names(disk_ids, number),
     };
     // The on-disk table is what the planner compares its layout with; the kernel's

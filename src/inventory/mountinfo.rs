@@ -49,14 +49,9 @@ pub fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-<<<<<<< HEAD
-        let octal =
-            bytes.get(i + 1..i + 4).filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-=======
         let octal = bytes
             .get(i + 1..i + 4)
             .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
->>>>>>> inventory
         match octal {
             Some(d) => {
                 out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
@@ -100,16 +95,12 @@ garbage line
         assert_eq!(mounts.len(), 4);
         assert_eq!(
             mounts[0],
-<<<<<<< HEAD
-            Mount { devno: "254:0".into(), mountpoint: "/".into(), fstype: "ext4".into(), source: "/dev/vda".into() }
-=======
             Mount {
                 devno: "254:0".into(),
                 mountpoint: "/".into(),
                 fstype: "ext4".into(),
                 source: "/dev/vda".into()
             }
->>>>>>> inventory
         );
         assert_eq!(mounts[2].mountpoint, PathBuf::from("/mnt/with space"));
         assert_eq!(mounts[2].fstype, "xfs");

@@ -53,14 +53,10 @@ fn directory(path: &Path, meta: &std::fs::Metadata, mounts: &[Mount]) -> PathFac
     let devno = super::devno_string(meta.dev());
     let project_id = project_id(path);
     let quota_bytes = project_id.filter(|id| *id != 0).and_then(|id| {
-<<<<<<< HEAD
-        let source = mounts.iter().rev().find(|m| m.devno == devno && m.source.starts_with('/'))?;
-=======
         let source = mounts
             .iter()
             .rev()
             .find(|m| m.devno == devno && m.source.starts_with('/'))?;
->>>>>>> inventory
         project_quota(Path::new(&source.source), id)
     });
     PathFacts::Directory {

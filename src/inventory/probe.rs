@@ -32,15 +32,6 @@ pub struct Opened {
 /// opener) claims it. The exclusive claim is dropped at once: held during probing it
 /// would make a concurrent `mkfs` or `mount` of the device fail.
 pub fn open(path: &Path) -> Opened {
-<<<<<<< HEAD
-    let exclusive = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL | libc::O_CLOEXEC).open(path);
-    let busy = match exclusive {
-        Ok(_claim) => None,
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-            Some(format!("exclusive open of {} failed: {e}", path.display()))
-        }
-        Err(e) => return Opened { file: None, busy: None, error: Some(format!("open {}: {e}", path.display())) },
-=======
     let file = match File::open(path) {
         Ok(file) => file,
         Err(e) => {
@@ -50,7 +41,6 @@ pub fn open(path: &Path) -> Opened {
                 error: Some(format!("open {}: {e}", path.display())),
             }
         }
->>>>>>> inventory
     };
     let exclusive = std::fs::OpenOptions::new()
         .read(true)

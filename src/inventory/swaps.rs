@@ -46,7 +46,10 @@ pub fn parse(text: &str) -> Vec<(PathBuf, bool)> {
 
 fn resolve(path: PathBuf, is_partition: bool) -> SwapArea {
     // A swap file lives on a mounted filesystem, which is reported as mounted already.
-    let devno = is_partition.then(|| std::fs::metadata(&path).ok()).flatten().map(|m| super::devno_string(m.rdev()));
+    let devno = is_partition
+        .then(|| std::fs::metadata(&path).ok())
+        .flatten()
+        .map(|m| super::devno_string(m.rdev()));
     SwapArea { path, devno }
 }
 
@@ -60,9 +63,6 @@ mod tests {
         let text = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n\
                     /dev/sdb2                               partition\t8388604\t\t0\t\t-2\n\
                     /var/swap\\040file                       file\t\t1048572\t\t0\t\t-3\n";
-<<<<<<< HEAD
-        assert_eq!(parse(text), vec![(PathBuf::from("/dev/sdb2"), true), (PathBuf::from("/var/swap file"), false)]);
-=======
         assert_eq!(
             parse(text),
             vec![
@@ -70,7 +70,6 @@ mod tests {
                 (PathBuf::from("/var/swap file"), false)
             ]
         );
->>>>>>> inventory
     }
 
     #[test]

@@ -215,14 +215,9 @@ fn wwn(ids: &IdFacts) -> Option<String> {
 
 /// Unit serial number VPD page: 4-byte header, then the ASCII serial.
 pub fn vpd_serial(page: &[u8]) -> Option<String> {
-<<<<<<< HEAD
-    let text =
-        String::from_utf8_lossy(page.get(4..)?).trim_matches(|c: char| c.is_whitespace() || c == '\0').to_string();
-=======
     let text = String::from_utf8_lossy(page.get(4..)?)
         .trim_matches(|c: char| c.is_whitespace() || c == '\0')
         .to_string();
->>>>>>> inventory
     (!text.is_empty()).then_some(text)
 }
 
