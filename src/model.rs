@@ -323,11 +323,25 @@ pub struct VolumeSpec {
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Step {
     /// Wipe every signature on a disk the policy names by serial/WWN with `wipe = "force"`.
-    WipeDisk { disk: PathBuf, identity: String, signatures: Vec<String>, reason: String },
+    WipeDisk {
+        disk: PathBuf,
+        identity: String,
+        signatures: Vec<String>,
+        reason: String,
+    },
     /// Write a fresh GPT with the whole layout and tell the kernel (BLKPG).
-    WritePartitionTable { disk: PathBuf, layout: DiskLayout, reason: String },
+    WritePartitionTable {
+        disk: PathBuf,
+        layout: DiskLayout,
+        reason: String,
+    },
     /// Tell the kernel about partitions that are on disk but have no device node.
-    AddPartitionNodes { disk: PathBuf, layout: DiskLayout, numbers: Vec<u32>, reason: String },
+    AddPartitionNodes {
+        disk: PathBuf,
+        layout: DiskLayout,
+        numbers: Vec<u32>,
+        reason: String,
+    },
     MakeFilesystem {
         disk: PathBuf,
         device: PathBuf,
@@ -347,13 +361,36 @@ pub enum Step {
         reason: String,
     },
     /// A volume directory on a shared (or separate) filesystem.
-    CreateDirectory { disk: PathBuf, path: PathBuf, owner: Owner, reason: String },
+    CreateDirectory {
+        disk: PathBuf,
+        path: PathBuf,
+        owner: Owner,
+        reason: String,
+    },
     /// Set ownership/mode of an existing directory that drifted.
-    SetOwnership { disk: PathBuf, path: PathBuf, owner: Owner, reason: String },
+    SetOwnership {
+        disk: PathBuf,
+        path: PathBuf,
+        owner: Owner,
+        reason: String,
+    },
     /// Hard project quota equal to the published capacity.
-    SetQuota { disk: PathBuf, path: PathBuf, mountpoint: PathBuf, project_id: u32, bytes: u64, reason: String },
+    SetQuota {
+        disk: PathBuf,
+        path: PathBuf,
+        mountpoint: PathBuf,
+        project_id: u32,
+        bytes: u64,
+        reason: String,
+    },
     /// Stable symlink to the partition of a Block volume.
-    LinkBlockDevice { disk: PathBuf, link: PathBuf, target: PathBuf, part_uuid: uuid::Uuid, reason: String },
+    LinkBlockDevice {
+        disk: PathBuf,
+        link: PathBuf,
+        target: PathBuf,
+        part_uuid: uuid::Uuid,
+        reason: String,
+    },
 }
 
 impl Step {

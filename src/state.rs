@@ -18,15 +18,29 @@ pub const STATE_VERSION: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("cannot open lock file {path}: {source}")]
-    LockOpen { path: PathBuf, source: std::io::Error },
-    #[error("another kvstrap applier holds {path}; waited {waited:?}. Try again when it has finished")]
+    LockOpen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "another kvstrap applier holds {path}; waited {waited:?}. Try again when it has finished"
+    )]
     LockBusy { path: PathBuf, waited: Duration },
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a kvstrap state file: {source}")]
-    Parse { path: PathBuf, source: serde_json::Error },
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 /// Held while applying; released on drop (the kernel drops flocks when the fd closes,
@@ -39,45 +53,72 @@ pub struct ApplyLock {
 
 /// Where the lock lives: /run/kvstrap/lock, or `$KVSTRAP_LOCK` (tests, demos).
 pub fn lock_path() -> PathBuf {
-    std::env::var_os("KVSTRAP_LOCK").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_LOCK))
+    std::env::var_os("KVSTRAP_LOCK")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_LOCK))
 }
 
 /// Take the applier lock, waiting up to `timeout` for another applier to finish.
 pub fn lock(path: &Path, timeout: Duration) -> Result<ApplyLock, StateError> {
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(|source| StateError::LockOpen { path: path.into(), source })?;
+        fs::create_dir_all(dir).map_err(|source| StateError::LockOpen {
+            path: path.into(),
+            source,
+        })?;
     }
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(path)
-        .map_err(|source| StateError::LockOpen { path: path.into(), source })?;
+        .map_err(|source| StateError::LockOpen {
+            path: path.into(),
+            source,
+        })?;
     let start = Instant::now();
     let mut pause = Duration::from_millis(5);
     let mut file = file;
     loop {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(held) => return Ok(ApplyLock { _lock: held, path: path.into() }),
+            Ok(held) => {
+                return Ok(ApplyLock {
+                    _lock: held,
+                    path: path.into(),
+                })
+            }
             Err((back, Errno::EWOULDBLOCK)) if start.elapsed() < timeout => {
                 file = back;
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(200));
             }
             Err((_, Errno::EWOULDBLOCK)) => {
-                return Err(StateError::LockBusy { path: path.into(), waited: start.elapsed() })
+                return Err(StateError::LockBusy {
+                    path: path.into(),
+                    waited: start.elapsed(),
+                })
             }
-            Err((_, e)) => return Err(StateError::LockOpen { path: path.into(), source: e.into() }),
+            Err((_, e)) => {
+                return Err(StateError::LockOpen {
+                    path: path.into(),
+                    source: e.into(),
+                })
+            }
         }
     }
 }
 
 /// Replace `path` with `contents` so that a crash leaves either the old or the new file.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), StateError> {
-    let err = |source| StateError::Write { path: path.into(), source };
+    let err = |source| StateError::Write {
+        path: path.into(),
+        source,
+    };
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(err)?;
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
     let mut file = File::create(&tmp).map_err(err)?;
     file.write_all(contents).map_err(err)?;
@@ -110,7 +151,9 @@ pub fn state_file(state_dir: &Path) -> PathBuf {
 pub fn load(state_dir: &Path) -> Result<Option<State>, StateError> {
     let path = state_file(state_dir);
     match fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|source| StateError::Parse { path, source }),
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| StateError::Parse { path, source }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(StateError::Read { path, source }),
     }
@@ -142,12 +185,19 @@ mod tests {
     fn state_round_trips_atomically() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(load(dir.path()).unwrap(), None);
-        let s = State { last_result: Some("success".into()), volumes: 3, ..State::default() };
+        let s = State {
+            last_result: Some("success".into()),
+            volumes: 3,
+            ..State::default()
+        };
         save(dir.path(), &s).unwrap();
         let back = load(dir.path()).unwrap().unwrap();
         assert_eq!(back.volumes, 3);
         assert_eq!(back.version, STATE_VERSION);
-        let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().filter_map(Result::ok).collect();
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .collect();
         assert_eq!(leftovers.len(), 1, "no temp files left behind");
     }
 }

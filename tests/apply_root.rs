@@ -22,8 +22,10 @@ impl Node {
     fn new(policy_body: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("storage");
-        let text =
-            format!("[node]\nname = \"test-node\"\nstorage_root = {:?}\n\n{policy_body}", root.display().to_string());
+        let text = format!(
+            "[node]\nname = \"test-node\"\nstorage_root = {:?}\n\n{policy_body}",
+            root.display().to_string()
+        );
         std::fs::write(dir.path().join("policy.toml"), text).unwrap();
         Node { dir }
     }
@@ -38,8 +40,13 @@ impl Node {
 
     fn kvstrap(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvstrap"));
-        cmd.arg("--policy").arg(self.dir.path().join("policy.toml")).arg("--state-dir").arg(self.state());
-        cmd.args(args).env("KVSTRAP_LOCK", self.dir.path().join("lock")).env("KVSTRAP_LOG", "info");
+        cmd.arg("--policy")
+            .arg(self.dir.path().join("policy.toml"))
+            .arg("--state-dir")
+            .arg(self.state());
+        cmd.args(args)
+            .env("KVSTRAP_LOCK", self.dir.path().join("lock"))
+            .env("KVSTRAP_LOG", "info");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -59,13 +66,21 @@ impl Node {
 
     fn plan(&self) -> Value {
         let out = self.kvstrap(&["plan", "-o", "json"], &[]);
-        assert!(out.status.success(), "plan failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "plan failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
     fn volumes(&self) -> Vec<Value> {
         let out = self.kvstrap(&["volumes", "-o", "json"], &[]);
-        assert!(out.status.success(), "volumes failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "volumes failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         v["volumes"].as_array().cloned().unwrap()
     }
@@ -91,8 +106,15 @@ impl Drop for Node {
 /// A group of these loop devices. Shared groups accept unenforced capacity where this
 /// kernel has no project quotas, so the other properties can still be tested there.
 fn group(name: &str, class: &str, layout: &str, disks: &[&LoopDisk], sizing: &str) -> String {
-    let devices: Vec<String> = disks.iter().map(|d| format!("{:?}", d.path.display().to_string())).collect();
-    let quota = if layout == "shared" { "quota = \"if-supported\"\n" } else { "" };
+    let devices: Vec<String> = disks
+        .iter()
+        .map(|d| format!("{:?}", d.path.display().to_string()))
+        .collect();
+    let quota = if layout == "shared" {
+        "quota = \"if-supported\"\n"
+    } else {
+        ""
+    };
     format!(
         "[[disk_group]]\nname = {name:?}\nstorage_class = {class:?}\nlayout = {layout:?}\ndevices = [{}]\n{sizing}\nallow_loop = true\n{quota}\n",
         devices.join(", ")
@@ -102,7 +124,9 @@ fn group(name: &str, class: &str, layout: &str, disks: &[&LoopDisk], sizing: &st
 fn class(name: &str, fs: &str, mode: &str) -> String {
     match mode {
         "Block" => format!("[[storage_class]]\nname = {name:?}\nvolume_mode = \"Block\"\n\n"),
-        _ => format!("[[storage_class]]\nname = {name:?}\nfs_type = {fs:?}\nvolume_mode = {mode:?}\n\n"),
+        _ => format!(
+            "[[storage_class]]\nname = {name:?}\nfs_type = {fs:?}\nvolume_mode = {mode:?}\n\n"
+        ),
     }
 }
 
@@ -115,16 +139,23 @@ fn quota_unsupported(fs: FsType) -> Option<String> {
 }
 
 fn blkid(dev: &Path, tag: &str) -> String {
-    let out = Command::new("blkid").args(["-p", "-o", "value", "-s", tag]).arg(dev).output().unwrap();
+    let out = Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", tag])
+        .arg(dev)
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 fn mount_source(mountpoint: &Path) -> Option<String> {
-    std::fs::read_to_string("/proc/self/mountinfo").ok()?.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        (Path::new(pre.split_whitespace().nth(4)?) == mountpoint)
-            .then(|| post.split_whitespace().nth(1).map(String::from))?
-    })
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (Path::new(pre.split_whitespace().nth(4)?) == mountpoint)
+                .then(|| post.split_whitespace().nth(1).map(String::from))?
+        })
 }
 
 fn steps(plan: &Value) -> usize {
@@ -168,29 +199,42 @@ fn shared_separate_and_block_layouts_match_the_plan() {
                 // What is published must be storable.
                 let stat = nix::sys::statvfs::statvfs(&path).unwrap();
                 let free = stat.blocks_available() * stat.fragment_size();
-                assert!(v["capacity_bytes"].as_u64().unwrap() <= free, "{v}: only {free} free");
+                assert!(
+                    v["capacity_bytes"].as_u64().unwrap() <= free,
+                    "{v}: only {free} free"
+                );
             }
             _ => {
                 let target = std::fs::read_link(&path).unwrap();
                 assert!(
-                    target.to_string_lossy().starts_with(&block.path.display().to_string()),
+                    target
+                        .to_string_lossy()
+                        .starts_with(&block.path.display().to_string()),
                     "{}",
                     target.display()
                 );
-                assert!(std::fs::metadata(&path).unwrap().file_type().is_block_device_like());
+                assert!(std::fs::metadata(&path)
+                    .unwrap()
+                    .file_type()
+                    .is_block_device_like());
             }
         }
     }
     // Shared: one xfs mounted by UUID with prjquota; separate: ext4 per volume.
     assert_eq!(blkid(&shared.partition(1), "TYPE"), "xfs");
     assert_eq!(blkid(&separate.partition(3), "TYPE"), "ext4");
-    assert_eq!(blkid(&block.partition(1), "TYPE"), "", "block volumes stay raw");
+    assert_eq!(
+        blkid(&block.partition(1), "TYPE"),
+        "",
+        "block volumes stay raw"
+    );
     let sep_mounts = vols.iter().filter(|v| v["storage_class"] == "ext").count();
     assert_eq!(sep_mounts, 3);
     for v in vols.iter().filter(|v| v["storage_class"] == "ext") {
         let path = PathBuf::from(v["path"].as_str().unwrap());
         assert!(
-            mount_source(&path).is_some_and(|s| s.starts_with(&separate.path.display().to_string())),
+            mount_source(&path)
+                .is_some_and(|s| s.starts_with(&separate.path.display().to_string())),
             "{}",
             path.display()
         );
@@ -222,9 +266,18 @@ fn applying_twice_changes_nothing() {
     let fsuuid = blkid(&disk.partition(1), "UUID");
     let vol = PathBuf::from(node.volumes()[0]["path"].as_str().unwrap().to_string());
     std::fs::write(vol.join("vm-disk.img"), b"precious").unwrap();
-    assert_eq!(steps(&node.plan()), 0, "second plan must be empty: {:#}", node.plan());
+    assert_eq!(
+        steps(&node.plan()),
+        0,
+        "second plan must be empty: {:#}",
+        node.plan()
+    );
     let second = node.apply_ok();
-    assert_eq!(second["steps"].as_array().map(Vec::len), Some(0), "{second:#}");
+    assert_eq!(
+        second["steps"].as_array().map(Vec::len),
+        Some(0),
+        "{second:#}"
+    );
     assert_eq!(blkid(&disk.path, "PTUUID"), ptuuid);
     assert_eq!(blkid(&disk.partition(1), "UUID"), fsuuid);
     assert_eq!(std::fs::read(vol.join("vm-disk.img")).unwrap(), b"precious");
@@ -248,8 +301,14 @@ fn directory_volumes_cannot_grow_past_their_quota() {
             // Without kernel quotas the default policy refuses rather than over-promise.
             let plan = node.plan();
             assert_eq!(steps(&plan), 0, "{fs}: {plan:#}");
-            let reason = plan["refused"][0]["reason"].as_str().unwrap_or_default().to_string();
-            assert!(reason.contains("cannot enforce project quotas"), "{fs}: {plan:#}");
+            let reason = plan["refused"][0]["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            assert!(
+                reason.contains("cannot enforce project quotas"),
+                "{fs}: {plan:#}"
+            );
             eprintln!("skipping the {fs} quota write test: {why}");
             continue;
         }
@@ -273,10 +332,18 @@ fn directory_volumes_cannot_grow_past_their_quota() {
             .arg(format!("of={}", path.join("fill").display()))
             .output()
             .unwrap();
-        assert!(!out.status.success(), "{fs}: writing 64 MiB into a 32 MiB volume must fail");
+        assert!(
+            !out.status.success(),
+            "{fs}: writing 64 MiB into a 32 MiB volume must fail"
+        );
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("quota") || err.contains("No space"), "{fs}: {err}");
-        let written = std::fs::metadata(path.join("fill")).map(|m| m.len()).unwrap_or(0);
+        assert!(
+            err.contains("quota") || err.contains("No space"),
+            "{fs}: {err}"
+        );
+        let written = std::fs::metadata(path.join("fill"))
+            .map(|m| m.len())
+            .unwrap_or(0);
         assert!(written <= 32 * MIB, "{fs}: {written} bytes written");
     }
 }
@@ -284,7 +351,8 @@ fn directory_volumes_cannot_grow_past_their_quota() {
 /// An md v1.2 superblock with a valid checksum: there is no md driver here to make one.
 fn write_md_superblock(dev: &Path) {
     let mut sb = vec![0u8; 256 + 2 * 4];
-    let put32 = |sb: &mut Vec<u8>, off: usize, v: u32| sb[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    let put32 =
+        |sb: &mut Vec<u8>, off: usize, v: u32| sb[off..off + 4].copy_from_slice(&v.to_le_bytes());
     put32(&mut sb, 0, 0xa92b_4efc); // magic
     put32(&mut sb, 4, 1); // major version
     sb[16..32].copy_from_slice(&[0x42; 16]); // set uuid
@@ -326,7 +394,11 @@ fn foreign_disks_survive_byte_for_byte() {
     let ext4 = LoopDisk::new(64 * MIB);
     let data = tempfile::tempdir().unwrap();
     std::fs::write(data.path().join("vm-image.qcow2"), vec![7u8; 1 << 20]).unwrap();
-    run("mkfs.ext4", &["-q", "-F", "-d", data.path().to_str().unwrap()], &ext4.path);
+    run(
+        "mkfs.ext4",
+        &["-q", "-F", "-d", data.path().to_str().unwrap()],
+        &ext4.path,
+    );
     let xfs = LoopDisk::new(320 * MIB);
     run("mkfs.xfs", &["-q", "-f"], &xfs.path);
     let swap = LoopDisk::new(64 * MIB);
@@ -334,7 +406,10 @@ fn foreign_disks_survive_byte_for_byte() {
     let mbr = LoopDisk::new(64 * MIB);
     let sfdisk = Command::new("sh")
         .arg("-c")
-        .arg(format!("echo 'label: dos\n,32M,83' | sfdisk -q {}", mbr.path.display()))
+        .arg(format!(
+            "echo 'label: dos\n,32M,83' | sfdisk -q {}",
+            mbr.path.display()
+        ))
         .status()
         .unwrap();
     assert!(sfdisk.success());
@@ -364,20 +439,46 @@ fn foreign_disks_survive_byte_for_byte() {
         &luks.path,
     );
     let all = [&ext4, &xfs, &swap, &mbr, &gpt, &lvm, &md, &luks];
-    let expected = ["ext4", "xfs", "swap", "dos", "gpt", "LVM2_member", "linux_raid_member", "crypto_LUKS"];
+    let expected = [
+        "ext4",
+        "xfs",
+        "swap",
+        "dos",
+        "gpt",
+        "LVM2_member",
+        "linux_raid_member",
+        "crypto_LUKS",
+    ];
     // The test is only worth something if every disk really carries its signature.
     for (disk, sig) in all.iter().zip(expected) {
-        let found = format!("{} {}", blkid(&disk.path, "TYPE"), blkid(&disk.path, "PTTYPE"));
-        assert!(found.contains(sig), "setup: {} should carry {sig}, blkid says {found:?}", disk.path.display());
+        let found = format!(
+            "{} {}",
+            blkid(&disk.path, "TYPE"),
+            blkid(&disk.path, "PTTYPE")
+        );
+        assert!(
+            found.contains(sig),
+            "setup: {} should carry {sig}, blkid says {found:?}",
+            disk.path.display()
+        );
     }
     let before: Vec<Vec<u8>> = all.iter().map(|d| sha256_of(&d.backing)).collect();
-    let node = Node::new(&format!("{}{}", class("c", "ext4", "Filesystem"), group("g", "c", "shared", &all, "")));
+    let node = Node::new(&format!(
+        "{}{}",
+        class("c", "ext4", "Filesystem"),
+        group("g", "c", "shared", &all, "")
+    ));
     let report = node.apply_ok();
     assert_eq!(report["changed"], 0, "{report:#}");
     let refused = report["refused"].as_array().unwrap();
     for (disk, sig) in all.iter().zip(expected) {
-        let r = refused.iter().find(|r| r["disk"] == disk.path.display().to_string());
-        assert!(r.is_some_and(|r| r["reason"].as_str().unwrap_or("").contains(sig)), "{sig}: {refused:#?}");
+        let r = refused
+            .iter()
+            .find(|r| r["disk"] == disk.path.display().to_string());
+        assert!(
+            r.is_some_and(|r| r["reason"].as_str().unwrap_or("").contains(sig)),
+            "{sig}: {refused:#?}"
+        );
     }
     // Drop kernel caches of the loop devices so the hash reads what is really there.
     let after: Vec<Vec<u8>> = all.iter().map(|d| sha256_of(&d.backing)).collect();
@@ -389,9 +490,14 @@ fn interrupted_runs_converge_without_formatting_twice() {
     if !require_root("interrupted_runs_converge_without_formatting_twice") {
         return;
     }
-    for failpoint in
-        ["write_partition_table", "make_filesystem", "mount", "create_directory", "set_quota", "link_block_device"]
-    {
+    for failpoint in [
+        "write_partition_table",
+        "make_filesystem",
+        "mount",
+        "create_directory",
+        "set_quota",
+        "link_block_device",
+    ] {
         let fs_disk = LoopDisk::new(640 * MIB);
         let raw_disk = LoopDisk::new(64 * MIB);
         let node = Node::new(&format!(
@@ -402,19 +508,40 @@ fn interrupted_runs_converge_without_formatting_twice() {
             group("r", "raw", "separate", &[&raw_disk], "volume_count = 2"),
         ));
         let planned = node.plan();
-        let reached = planned["steps"].as_array().unwrap().iter().any(|s| s["action"] == failpoint);
+        let reached = planned["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["action"] == failpoint);
         if !reached {
             eprintln!("{failpoint}: no such step on this machine (no kernel quotas?), nothing to interrupt");
             continue;
         }
         let crashed = node.kvstrap(&["apply"], &[("KVSTRAP_FAILPOINT", failpoint)]);
-        assert_eq!(crashed.status.code(), Some(137), "{failpoint}: {}", String::from_utf8_lossy(&crashed.stderr));
+        assert_eq!(
+            crashed.status.code(),
+            Some(137),
+            "{failpoint}: {}",
+            String::from_utf8_lossy(&crashed.stderr)
+        );
         let formatted_before = blkid(&fs_disk.partition(1), "UUID");
         let report = node.apply_ok();
-        let mkfs_again = report["steps"].as_array().unwrap().iter().any(|s| s["action"] == "make_filesystem");
-        assert!(!(mkfs_again && !formatted_before.is_empty()), "{failpoint}: formatted twice: {report:#}");
+        let mkfs_again = report["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["action"] == "make_filesystem");
+        assert!(
+            !(mkfs_again && !formatted_before.is_empty()),
+            "{failpoint}: formatted twice: {report:#}"
+        );
         assert_eq!(report["failed"], 0, "{failpoint}: {report:#}");
-        assert_eq!(steps(&node.plan()), 0, "{failpoint}: not converged: {:#}", node.plan());
+        assert_eq!(
+            steps(&node.plan()),
+            0,
+            "{failpoint}: not converged: {:#}",
+            node.plan()
+        );
         assert!(node.volumes().iter().all(|v| v["state"] == "ready"));
     }
 }
@@ -433,15 +560,40 @@ fn two_appliers_at_once_do_not_collide() {
     ));
     let spawn = || {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvstrap"));
-        cmd.arg("--policy").arg(node.dir.path().join("policy.toml")).arg("--state-dir").arg(node.state());
-        cmd.args(["apply", "-o", "json"]).env("KVSTRAP_LOCK", node.dir.path().join("lock"));
-        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+        cmd.arg("--policy")
+            .arg(node.dir.path().join("policy.toml"))
+            .arg("--state-dir")
+            .arg(node.state());
+        cmd.args(["apply", "-o", "json"])
+            .env("KVSTRAP_LOCK", node.dir.path().join("lock"));
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
     };
     let (first, second) = (spawn(), spawn());
-    let (first, second) = (first.wait_with_output().unwrap(), second.wait_with_output().unwrap());
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
-    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
-    let changed = |o: &Output| serde_json::from_slice::<Value>(&o.stdout).unwrap()["changed"].as_u64().unwrap();
-    assert!(changed(&first) == 0 || changed(&second) == 0, "the second applier found the work done");
+    let (first, second) = (
+        first.wait_with_output().unwrap(),
+        second.wait_with_output().unwrap(),
+    );
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let changed = |o: &Output| {
+        serde_json::from_slice::<Value>(&o.stdout).unwrap()["changed"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(
+        changed(&first) == 0 || changed(&second) == 0,
+        "the second applier found the work done"
+    );
     assert_eq!(steps(&node.plan()), 0);
 }

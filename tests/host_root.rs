@@ -63,17 +63,28 @@ fn fs_spec(fs_type: FsType, mountpoint: &Path, project_quota: bool) -> FsSpec {
 /// Write the table and tell the kernel: the first two steps of every apply.
 fn partition(l: &DiskLayout) {
     assert!(gpt::write_partition_table(l).unwrap().is_changed());
-    assert!(blkpg::sync_partitions(&l.disk, &l.partitions).unwrap().is_changed());
+    assert!(blkpg::sync_partitions(&l.disk, &l.partitions)
+        .unwrap()
+        .is_changed());
 }
 
 fn output(program: &str, args: &[&str]) -> String {
     let out = Command::new(program).args(args).output().expect("spawn");
-    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn blkid_value(device: &Path, tag: &str) -> String {
-    output("blkid", &["-p", "-o", "value", "-s", tag, &device.to_string_lossy()]).trim().to_string()
+    output(
+        "blkid",
+        &["-p", "-o", "value", "-s", tag, &device.to_string_lossy()],
+    )
+    .trim()
+    .to_string()
 }
 
 #[test]
@@ -88,22 +99,52 @@ fn gpt_is_written_and_read_by_sgdisk_and_libblkid() {
     let verify = output("sgdisk", &["-v", &dev]);
     assert!(verify.contains("No problems found"), "{verify}");
     let print = output("sgdisk", &["-p", &dev]);
-    assert!(print.contains(&format!("Disk identifier (GUID): {}", l.disk_guid.to_string().to_uppercase())), "{print}");
-    assert!(print.contains("kvstrap-test-v01") && print.contains("kvstrap-test-v02"), "{print}");
+    assert!(
+        print.contains(&format!(
+            "Disk identifier (GUID): {}",
+            l.disk_guid.to_string().to_uppercase()
+        )),
+        "{print}"
+    );
+    assert!(
+        print.contains("kvstrap-test-v01") && print.contains("kvstrap-test-v02"),
+        "{print}"
+    );
     for p in &l.partitions {
         let info = output("sgdisk", &["-i", &p.number.to_string(), &dev]);
-        assert!(info.contains(&KVSTRAP_PART_TYPE.to_string().to_uppercase()), "{info}");
-        assert!(info.contains(&p.part_uuid.to_string().to_uppercase()), "{info}");
-        assert!(info.contains(&format!("First sector: {} ", p.start_bytes / 512)), "{info}");
-        assert_eq!(blkid_value(&p.device, "PART_ENTRY_TYPE"), KVSTRAP_PART_TYPE.to_string());
-        assert_eq!(blkid_value(&p.device, "PART_ENTRY_UUID"), p.part_uuid.to_string());
+        assert!(
+            info.contains(&KVSTRAP_PART_TYPE.to_string().to_uppercase()),
+            "{info}"
+        );
+        assert!(
+            info.contains(&p.part_uuid.to_string().to_uppercase()),
+            "{info}"
+        );
+        assert!(
+            info.contains(&format!("First sector: {} ", p.start_bytes / 512)),
+            "{info}"
+        );
+        assert_eq!(
+            blkid_value(&p.device, "PART_ENTRY_TYPE"),
+            KVSTRAP_PART_TYPE.to_string()
+        );
+        assert_eq!(
+            blkid_value(&p.device, "PART_ENTRY_UUID"),
+            p.part_uuid.to_string()
+        );
         assert_eq!(blkid_value(&p.device, "PART_ENTRY_NAME"), p.name);
     }
     assert_eq!(blkid_value(&disk.path, "PTUUID"), l.disk_guid.to_string());
-    assert_eq!(gpt::read_partition_table(&disk.path).unwrap(), Some(gpt::GptTable::from_layout(&l)));
+    assert_eq!(
+        gpt::read_partition_table(&disk.path).unwrap(),
+        Some(gpt::GptTable::from_layout(&l))
+    );
     // Second run: nothing written.
     assert_eq!(gpt::write_partition_table(&l).unwrap(), Outcome::Unchanged);
-    assert_eq!(blkpg::sync_partitions(&l.disk, &l.partitions).unwrap(), Outcome::Unchanged);
+    assert_eq!(
+        blkpg::sync_partitions(&l.disk, &l.partitions).unwrap(),
+        Outcome::Unchanged
+    );
 }
 
 #[test]
@@ -116,12 +157,22 @@ fn blkpg_creates_resizes_and_deletes_partition_nodes() {
     partition(&l);
     let kernel = blkpg::kernel_partitions(&disk.path).unwrap();
     assert_eq!(
-        kernel.iter().map(|k| (k.number, k.start_bytes, k.size_bytes)).collect::<Vec<_>>(),
-        [(1, MIB, 10 * MIB), (2, 11 * MIB, 10 * MIB), (3, 21 * MIB, 10 * MIB)]
+        kernel
+            .iter()
+            .map(|k| (k.number, k.start_bytes, k.size_bytes))
+            .collect::<Vec<_>>(),
+        [
+            (1, MIB, 10 * MIB),
+            (2, 11 * MIB, 10 * MIB),
+            (3, 21 * MIB, 10 * MIB)
+        ]
     );
     for p in &l.partitions {
         use std::os::unix::fs::FileTypeExt;
-        assert!(std::fs::metadata(&p.device).unwrap().file_type().is_block_device());
+        assert!(std::fs::metadata(&p.device)
+            .unwrap()
+            .file_type()
+            .is_block_device());
     }
     // New layout: 1 grows, 2 moves, 3 goes away.
     let mut l2 = layout(&disk, 64 * MIB, &[20, 10]);
@@ -131,11 +182,16 @@ fn blkpg_creates_resizes_and_deletes_partition_nodes() {
     assert!(out.is_changed(), "{out}");
     let kernel = blkpg::kernel_partitions(&disk.path).unwrap();
     assert_eq!(
-        kernel.iter().map(|k| (k.number, k.start_bytes, k.size_bytes)).collect::<Vec<_>>(),
+        kernel
+            .iter()
+            .map(|k| (k.number, k.start_bytes, k.size_bytes))
+            .collect::<Vec<_>>(),
         [(1, MIB, 20 * MIB), (2, 21 * MIB, 10 * MIB)]
     );
     // An empty layout drops every kernel partition.
-    assert!(blkpg::sync_partitions(&disk.path, &[]).unwrap().is_changed());
+    assert!(blkpg::sync_partitions(&disk.path, &[])
+        .unwrap()
+        .is_changed());
     assert!(blkpg::kernel_partitions(&disk.path).unwrap().is_empty());
 }
 
@@ -157,7 +213,10 @@ fn mkfs_xfs_and_ext4_with_chosen_uuid_and_label() {
         assert_eq!(blkid_value(&p.device, "UUID"), fs.uuid.to_string());
         assert_eq!(blkid_value(&p.device, "LABEL"), fs.label);
         // Same spec again: reused, not formatted twice.
-        assert_eq!(mkfs::make_filesystem(&programs, &p.device, &fs).unwrap(), Outcome::Unchanged);
+        assert_eq!(
+            mkfs::make_filesystem(&programs, &p.device, &fs).unwrap(),
+            Outcome::Unchanged
+        );
         // A different uuid over it: refused, and the filesystem is intact.
         let other = fs_spec(fs_type, mnt.path(), true);
         let err = mkfs::make_filesystem(&programs, &p.device, &other).unwrap_err();
@@ -165,8 +224,14 @@ fn mkfs_xfs_and_ext4_with_chosen_uuid_and_label() {
         assert_eq!(blkid_value(&p.device, "UUID"), fs.uuid.to_string());
     }
     if kernel_has_quota(FsType::Ext4) {
-        let features = output("dumpe2fs", &["-h", &l.partitions[1].device.to_string_lossy()]);
-        assert!(features.contains("project") && features.contains("quota"), "{features}");
+        let features = output(
+            "dumpe2fs",
+            &["-h", &l.partitions[1].device.to_string_lossy()],
+        );
+        assert!(
+            features.contains("project") && features.contains("quota"),
+            "{features}"
+        );
     }
 }
 
@@ -184,13 +249,26 @@ fn mkfs_refuses_a_device_with_a_foreign_signature() {
     common::run_on("mkfs.ext4", &["-q", "-L", "data"], &l.partitions[1].device);
     for p in &l.partitions {
         let before = blkid_value(&p.device, "UUID");
-        let err = mkfs::make_filesystem(&programs, &p.device, &fs_spec(FsType::Ext4, mnt.path(), false)).unwrap_err();
+        let err = mkfs::make_filesystem(
+            &programs,
+            &p.device,
+            &fs_spec(FsType::Ext4, mnt.path(), false),
+        )
+        .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("refusing to format") && msg.contains(&p.device.display().to_string()), "{msg}");
+        assert!(
+            msg.contains("refusing to format") && msg.contains(&p.device.display().to_string()),
+            "{msg}"
+        );
         assert_eq!(blkid_value(&p.device, "UUID"), before);
     }
     // The whole disk carries a GPT: also refused.
-    let err = mkfs::make_filesystem(&programs, &disk.path, &fs_spec(FsType::Ext4, mnt.path(), false)).unwrap_err();
+    let err = mkfs::make_filesystem(
+        &programs,
+        &disk.path,
+        &fs_spec(FsType::Ext4, mnt.path(), false),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("gpt"), "{err}");
 }
 
@@ -204,28 +282,46 @@ fn mount_is_idempotent_and_a_wrong_mount_is_an_error() {
     let l = layout(&disk, 128 * MIB, &[32, 32]);
     partition(&l);
     let root = tempfile::tempdir().unwrap();
-    let a = fs_spec(FsType::Ext4, &root.path().join("a"), kernel_has_quota(FsType::Ext4));
+    let a = fs_spec(
+        FsType::Ext4,
+        &root.path().join("a"),
+        kernel_has_quota(FsType::Ext4),
+    );
     let b = fs_spec(FsType::Ext4, &root.path().join("a"), false);
     mkfs::make_filesystem(&programs, &l.partitions[0].device, &a).unwrap();
     mkfs::make_filesystem(&programs, &l.partitions[1].device, &b).unwrap();
     // Not the filesystem the spec names: refused before mounting anything.
     let err = mount::mount_filesystem(&l.partitions[0].device, &b).unwrap_err();
-    assert!(matches!(err, mount::MountError::WrongFilesystem { .. }), "{err}");
+    assert!(
+        matches!(err, mount::MountError::WrongFilesystem { .. }),
+        "{err}"
+    );
 
     let found = probe::find_filesystem_on_disk(&disk.path, &a.uuid).unwrap();
     assert_eq!(found.as_deref(), Some(l.partitions[0].device.as_path()));
-    assert!(mount::mount_filesystem(&l.partitions[0].device, &a).unwrap().is_changed());
+    assert!(mount::mount_filesystem(&l.partitions[0].device, &a)
+        .unwrap()
+        .is_changed());
     let m = mount::current_mount(&a.mountpoint).unwrap().unwrap();
     assert_eq!(m.fstype, "ext4");
     assert!(m.has_option("noatime") && m.has_option("nodev"), "{m:?}");
     assert_eq!(m.has_option("prjquota"), a.project_quota, "{m:?}");
-    assert_eq!(mount::mount_filesystem(&l.partitions[0].device, &a).unwrap(), Outcome::Unchanged);
+    assert_eq!(
+        mount::mount_filesystem(&l.partitions[0].device, &a).unwrap(),
+        Outcome::Unchanged
+    );
     // Something else on the mount point: an error, and the mount stays as it was.
     let err = mount::mount_filesystem(&l.partitions[1].device, &b).unwrap_err();
     assert!(matches!(err, mount::MountError::Occupied { .. }), "{err}");
-    assert_eq!(mount::current_mount(&a.mountpoint).unwrap().unwrap().devno, m.devno);
+    assert_eq!(
+        mount::current_mount(&a.mountpoint).unwrap().unwrap().devno,
+        m.devno
+    );
     // A mounted partition cannot be opened exclusively.
-    assert!(matches!(probe::exclusive_open(&l.partitions[0].device), Err(probe::ProbeError::Busy { .. })));
+    assert!(matches!(
+        probe::exclusive_open(&l.partitions[0].device),
+        Err(probe::ProbeError::Busy { .. })
+    ));
     assert!(mount::unmount(&a.mountpoint).unwrap().is_changed());
     assert_eq!(mount::unmount(&a.mountpoint).unwrap(), Outcome::Unchanged);
     drop(probe::exclusive_open(&l.partitions[0].device).unwrap());
@@ -245,26 +341,49 @@ fn volume_directories_get_owner_and_mode_on_a_mounted_filesystem() {
     let fs = fs_spec(FsType::Ext4, &root.path().join("m"), false);
     mkfs::make_filesystem(&programs, &l.partitions[0].device, &fs).unwrap();
     mount::mount_filesystem(&l.partitions[0].device, &fs).unwrap();
-    let owner = Owner { uid: 107, gid: 107, mode: 0o750 };
+    let owner = Owner {
+        uid: 107,
+        gid: 107,
+        mode: 0o750,
+    };
     let vol = fs.mountpoint.join("vol-01");
     assert!(dirs::create_directory(&vol, &owner).unwrap().is_changed());
     let meta = std::fs::metadata(&vol).unwrap();
-    assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o7777), (107, 107, 0o750));
-    assert_eq!(dirs::create_directory(&vol, &owner).unwrap(), Outcome::Unchanged);
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        (107, 107, 0o750)
+    );
+    assert_eq!(
+        dirs::create_directory(&vol, &owner).unwrap(),
+        Outcome::Unchanged
+    );
     // Drift is corrected by SetOwnership.
     std::os::unix::fs::chown(&vol, Some(0), Some(0)).unwrap();
     assert!(dirs::set_ownership(&vol, &owner).unwrap().is_changed());
     assert_eq!(std::fs::metadata(&vol).unwrap().uid(), 107);
     // Block volumes: a stable link to the partition.
     let link = root.path().join("state/block/vol-02");
-    assert!(dirs::link_block_device(&link, &l.partitions[0].device).unwrap().is_changed());
-    assert_eq!(std::fs::canonicalize(&link).unwrap(), l.partitions[0].device);
+    assert!(dirs::link_block_device(&link, &l.partitions[0].device)
+        .unwrap()
+        .is_changed());
+    assert_eq!(
+        std::fs::canonicalize(&link).unwrap(),
+        l.partitions[0].device
+    );
 }
 
 /// Write `mib` MiB into `dir` as uid 107 (root may bypass ext4 limits with CAP_SYS_RESOURCE).
 fn write_as_qemu(dir: &Path, name: &str, mib: u64) -> std::process::Output {
     Command::new("setpriv")
-        .args(["--reuid=107", "--regid=107", "--clear-groups", "dd", "if=/dev/zero", "bs=1M", "conv=fsync"])
+        .args([
+            "--reuid=107",
+            "--regid=107",
+            "--clear-groups",
+            "dd",
+            "if=/dev/zero",
+            "bs=1M",
+            "conv=fsync",
+        ])
         .arg(format!("of={}", dir.join(name).display()))
         .arg(format!("count={mib}"))
         .output()
@@ -273,15 +392,26 @@ fn write_as_qemu(dir: &Path, name: &str, mib: u64) -> std::process::Output {
 
 /// On a kernel without quota support, kvstrap must say so, and never leave an ext4 that
 /// cannot be mounted. Returns true when that was checked (enforcement cannot be).
-fn quota_unsupported_is_reported(fs_type: FsType, device: &Path, fs: &FsSpec, programs: &Programs) -> bool {
+fn quota_unsupported_is_reported(
+    fs_type: FsType,
+    device: &Path,
+    fs: &FsSpec,
+    programs: &Programs,
+) -> bool {
     let quota::QuotaSupport::Unsupported(reason) = quota::kernel_support(fs_type) else {
         return false;
     };
     match fs_type {
         FsType::Ext4 => {
             let err = mkfs::make_filesystem(programs, device, fs).unwrap_err();
-            assert!(matches!(err, mkfs::MkfsError::QuotaUnsupported { .. }), "{err}");
-            assert!(probe::signatures(device).unwrap().is_empty(), "nothing may be written");
+            assert!(
+                matches!(err, mkfs::MkfsError::QuotaUnsupported { .. }),
+                "{err}"
+            );
+            assert!(
+                probe::signatures(device).unwrap().is_empty(),
+                "nothing may be written"
+            );
         }
         FsType::Xfs => {
             mkfs::make_filesystem(programs, device, fs).unwrap();
@@ -289,7 +419,10 @@ fn quota_unsupported_is_reported(fs_type: FsType, device: &Path, fs: &FsSpec, pr
             assert!(err.contains("CONFIG_XFS_QUOTA"), "{err}");
         }
     }
-    eprintln!("NOT CHECKED: quota enforcement on {} ({reason}); the refusal was checked instead", fs_type.as_str());
+    eprintln!(
+        "NOT CHECKED: quota enforcement on {} ({reason}); the refusal was checked instead",
+        fs_type.as_str()
+    );
     true
 }
 
@@ -305,31 +438,57 @@ fn quota_is_enforced(fs_type: FsType) {
     }
     mkfs::make_filesystem(&programs, &l.partitions[0].device, &fs).unwrap();
     mount::mount_filesystem(&l.partitions[0].device, &fs).unwrap();
-    let owner = Owner { uid: 107, gid: 107, mode: 0o750 };
+    let owner = Owner {
+        uid: 107,
+        gid: 107,
+        mode: 0o750,
+    };
     let (vol1, vol2) = (fs.mountpoint.join("vol-01"), fs.mountpoint.join("vol-02"));
     dirs::create_directory(&vol1, &owner).unwrap();
     dirs::create_directory(&vol2, &owner).unwrap();
     assert!(quota::set_quota(&vol1, 1001, 8 * MIB).unwrap().is_changed());
-    assert!(quota::set_quota(&vol2, 1002, 16 * MIB).unwrap().is_changed());
-    assert_eq!(quota::set_quota(&vol1, 1001, 8 * MIB).unwrap(), Outcome::Unchanged);
+    assert!(quota::set_quota(&vol2, 1002, 16 * MIB)
+        .unwrap()
+        .is_changed());
+    assert_eq!(
+        quota::set_quota(&vol1, 1001, 8 * MIB).unwrap(),
+        Outcome::Unchanged
+    );
     let q = quota::get_quota(&vol1).unwrap();
-    assert_eq!((q.project_id, q.inherit, q.hard_limit_bytes), (1001, true, Some(8 * MIB)));
+    assert_eq!(
+        (q.project_id, q.inherit, q.hard_limit_bytes),
+        (1001, true, Some(8 * MIB))
+    );
 
     // Within the limit: fine. Past it: EDQUOT, in a subdirectory too (PROJINHERIT).
     let ok = write_as_qemu(&vol1, "fits", 4);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let sub = vol1.join("sub");
     dirs::create_directory(&sub, &owner).unwrap();
     let over = write_as_qemu(&sub, "too-big", 8);
-    assert!(!over.status.success(), "writing past the quota succeeded on {}", fs_type.as_str());
+    assert!(
+        !over.status.success(),
+        "writing past the quota succeeded on {}",
+        fs_type.as_str()
+    );
     let stderr = String::from_utf8_lossy(&over.stderr);
     assert!(stderr.contains("Disk quota exceeded"), "{stderr}");
     assert_eq!(quota::get_quota(&sub).unwrap().project_id, 1001);
     // The other volume is not affected by its neighbour filling up.
     let other = write_as_qemu(&vol2, "fits", 12);
-    assert!(other.status.success(), "{}", String::from_utf8_lossy(&other.stderr));
+    assert!(
+        other.status.success(),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
     // Raising the limit is a change, and then the write fits.
-    assert!(quota::set_quota(&vol1, 1001, 32 * MIB).unwrap().is_changed());
+    assert!(quota::set_quota(&vol1, 1001, 32 * MIB)
+        .unwrap()
+        .is_changed());
     assert!(write_as_qemu(&sub, "now-fits", 8).status.success());
 }
 
@@ -359,21 +518,39 @@ fn wipe_erases_every_signature_and_drops_partitions() {
     let l = layout(&disk, 64 * MIB, &[16, 16]);
     partition(&l);
     let mnt = tempfile::tempdir().unwrap();
-    mkfs::make_filesystem(&programs, &l.partitions[0].device, &fs_spec(FsType::Ext4, mnt.path(), false)).unwrap();
+    mkfs::make_filesystem(
+        &programs,
+        &l.partitions[0].device,
+        &fs_spec(FsType::Ext4, mnt.path(), false),
+    )
+    .unwrap();
     common::run_on("mkswap", &[], &l.partitions[1].device);
     let out = wipe::wipe_disk(&disk.path).unwrap();
     let text = out.to_string();
-    assert!(text.contains("ext4") && text.contains("swap") && text.contains("gpt") && text.contains("PMBR"), "{text}");
+    assert!(
+        text.contains("ext4")
+            && text.contains("swap")
+            && text.contains("gpt")
+            && text.contains("PMBR"),
+        "{text}"
+    );
     assert!(probe::signatures(&disk.path).unwrap().is_empty());
     assert!(blkpg::kernel_partitions(&disk.path).unwrap().is_empty());
-    assert!(!l.partitions[0].device.exists() || blkpg::kernel_partitions(&disk.path).unwrap().is_empty());
+    assert!(
+        !l.partitions[0].device.exists()
+            || blkpg::kernel_partitions(&disk.path).unwrap().is_empty()
+    );
     let wipefs = output("wipefs", &["--no-act", &disk.path.to_string_lossy()]);
     assert!(wipefs.trim().is_empty(), "{wipefs}");
     assert_eq!(wipe::wipe_disk(&disk.path).unwrap(), Outcome::Unchanged);
     // The same layout again finds blank partitions: no ghost of the old filesystems.
     partition(&l);
     for p in &l.partitions {
-        assert!(probe::signatures(&p.device).unwrap().is_empty(), "{}", p.device.display());
+        assert!(
+            probe::signatures(&p.device).unwrap().is_empty(),
+            "{}",
+            p.device.display()
+        );
     }
 }
 
@@ -391,13 +568,19 @@ fn wipe_refuses_a_disk_in_use() {
     mkfs::make_filesystem(&programs, &l.partitions[0].device, &fs).unwrap();
     mount::mount_filesystem(&l.partitions[0].device, &fs).unwrap();
     assert!(wipe::wipe_disk(&disk.path).is_err());
-    assert_eq!(blkid_value(&l.partitions[0].device, "UUID"), fs.uuid.to_string());
+    assert_eq!(
+        blkid_value(&l.partitions[0].device, "UUID"),
+        fs.uuid.to_string()
+    );
 }
 
 /// Child half of the failpoint test: runs only when the parent sets the variables.
 #[test]
 fn failpoint_child() {
-    let (Ok(disk), Ok(size)) = (std::env::var("KVSTRAP_TEST_DISK"), std::env::var("KVSTRAP_TEST_SIZE")) else {
+    let (Ok(disk), Ok(size)) = (
+        std::env::var("KVSTRAP_TEST_DISK"),
+        std::env::var("KVSTRAP_TEST_SIZE"),
+    ) else {
         return;
     };
     let l: DiskLayout = serde_json::from_str(&std::fs::read_to_string(&disk).unwrap()).unwrap();
@@ -418,7 +601,12 @@ fn failpoint_kills_the_process_after_the_effect() {
     let json: PathBuf = dir.path().join("layout.json");
     std::fs::write(&json, serde_json::to_string(&l).unwrap()).unwrap();
     let status = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "failpoint_child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "failpoint_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("KVSTRAP_TEST_DISK", &json)
         .env("KVSTRAP_TEST_SIZE", l.size_bytes.to_string())
         .env("KVSTRAP_FAILPOINT", "write_partition_table")
@@ -426,9 +614,14 @@ fn failpoint_kills_the_process_after_the_effect() {
         .unwrap();
     assert_eq!(status.code(), Some(137));
     // The effect before the failpoint is durable; the next step never ran.
-    assert_eq!(gpt::read_partition_table(&disk.path).unwrap(), Some(gpt::GptTable::from_layout(&l)));
+    assert_eq!(
+        gpt::read_partition_table(&disk.path).unwrap(),
+        Some(gpt::GptTable::from_layout(&l))
+    );
     assert!(blkpg::kernel_partitions(&disk.path).unwrap().is_empty());
     // The next run finishes the job.
     assert_eq!(gpt::write_partition_table(&l).unwrap(), Outcome::Unchanged);
-    assert!(blkpg::sync_partitions(&disk.path, &l.partitions).unwrap().is_changed());
+    assert!(blkpg::sync_partitions(&disk.path, &l.partitions)
+        .unwrap()
+        .is_changed());
 }

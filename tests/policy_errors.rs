@@ -19,10 +19,19 @@ fn diagnostics(text: &str) -> Vec<Diagnostic> {
 fn one_error(text: &str, line: usize, column: usize, message: &str, hint: &str) -> Diagnostic {
     let found = diagnostics(text);
     let shown: Vec<String> = found.iter().map(ToString::to_string).collect();
-    assert_eq!(found.len(), 1, "expected one error, got:\n{}", shown.join("\n"));
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one error, got:\n{}",
+        shown.join("\n")
+    );
     let d = found.into_iter().next().expect("one");
     assert_eq!((d.line, d.column), (line, column), "wrong position: {d}");
-    assert!(d.message.contains(message), "message {:?} lacks {message:?}", d.message);
+    assert!(
+        d.message.contains(message),
+        "message {:?} lacks {message:?}",
+        d.message
+    );
     let h = d.hint.clone().unwrap_or_default();
     assert!(h.contains(hint), "hint {h:?} lacks {hint:?}");
     assert_eq!(d.file, PathBuf::from("/etc/kvstrap/policy.toml"));
@@ -50,7 +59,13 @@ fn valid_base_policies_have_no_errors() {
 
 #[test]
 fn display_format_is_file_line_col() {
-    let d = one_error(&group("layot = \"shared\"\n"), 7, 1, "unknown key \"layot\"", "did you mean \"layout\"");
+    let d = one_error(
+        &group("layot = \"shared\"\n"),
+        7,
+        1,
+        "unknown key \"layot\"",
+        "did you mean \"layout\"",
+    );
     assert_eq!(
         d.to_string().lines().next(),
         Some("/etc/kvstrap/policy.toml:7:1: error: unknown key \"layot\" in disk_group \"g\"")
@@ -60,7 +75,13 @@ fn display_format_is_file_line_col() {
 
 #[test]
 fn syntax_error() {
-    one_error("[node]\nname = \"a\"\nstorage_root = /var\n", 3, 16, "TOML syntax error", "fix the syntax");
+    one_error(
+        "[node]\nname = \"a\"\nstorage_root = /var\n",
+        3,
+        16,
+        "TOML syntax error",
+        "fix the syntax",
+    );
 }
 
 #[test]
@@ -69,9 +90,21 @@ fn unknown_keys_are_each_reported_with_a_suggestion() {
     let found = diagnostics(text);
     let lines: Vec<(usize, usize)> = found.iter().map(|d| (d.line, d.column)).collect();
     assert_eq!(lines, [(2, 1), (4, 1), (5, 2)], "{found:?}");
-    assert!(found[0].hint.as_deref().unwrap_or("").contains("did you mean \"name\""));
-    assert!(found[1].hint.as_deref().unwrap_or("").contains("did you mean \"publish\""));
-    assert!(found[2].hint.as_deref().unwrap_or("").contains("did you mean \"node\""));
+    assert!(found[0]
+        .hint
+        .as_deref()
+        .unwrap_or("")
+        .contains("did you mean \"name\""));
+    assert!(found[1]
+        .hint
+        .as_deref()
+        .unwrap_or("")
+        .contains("did you mean \"publish\""));
+    assert!(found[2]
+        .hint
+        .as_deref()
+        .unwrap_or("")
+        .contains("did you mean \"node\""));
 }
 
 #[test]
@@ -142,7 +175,13 @@ fn wrong_type_array_element() {
 
 #[test]
 fn wrong_type_section() {
-    one_error("node = \"x\"\n", 1, 1, "\"node\" must be a table, found a string", "write a [node] section");
+    one_error(
+        "node = \"x\"\n",
+        1,
+        1,
+        "\"node\" must be a table, found a string",
+        "write a [node] section",
+    );
 }
 
 #[test]
@@ -169,12 +208,24 @@ fn size_with_unknown_unit() {
 
 #[test]
 fn size_negative() {
-    one_error(&group("volume_size = -5\n"), 7, 15, "volume_size: size -5 is negative", "number of bytes");
+    one_error(
+        &group("volume_size = -5\n"),
+        7,
+        15,
+        "volume_size: size -5 is negative",
+        "number of bytes",
+    );
 }
 
 #[test]
 fn size_zero() {
-    one_error(&group("match = { min_size = \"0G\" }\n"), 7, 22, "min_size: size \"0G\" is zero", "\"1.5TiB\"");
+    one_error(
+        &group("match = { min_size = \"0G\" }\n"),
+        7,
+        22,
+        "min_size: size \"0G\" is zero",
+        "\"1.5TiB\"",
+    );
 }
 
 #[test]
@@ -190,27 +241,57 @@ fn size_float_is_a_wrong_type() {
 
 #[test]
 fn percentage_too_large() {
-    one_error(&group("reserve = \"95%\"\n"), 7, 11, "reserve: 95% is more than 90%", "from 0 to 90");
+    one_error(
+        &group("reserve = \"95%\"\n"),
+        7,
+        11,
+        "reserve: 95% is more than 90%",
+        "from 0 to 90",
+    );
 }
 
 #[test]
 fn percentage_without_percent_sign() {
-    one_error(&group("reserve = \"10\"\n"), 7, 11, "reserve: \"10\" is not a percentage", "reserve = \"10%\"");
+    one_error(
+        &group("reserve = \"10\"\n"),
+        7,
+        11,
+        "reserve: \"10\" is not a percentage",
+        "reserve = \"10%\"",
+    );
 }
 
 #[test]
 fn percentage_as_integer() {
-    one_error(&group("reserve = 10\n"), 7, 11, "\"reserve\" must be a string, found an integer", "reserve = \"10%\"");
+    one_error(
+        &group("reserve = 10\n"),
+        7,
+        11,
+        "\"reserve\" must be a string, found an integer",
+        "reserve = \"10%\"",
+    );
 }
 
 #[test]
 fn mode_not_octal() {
-    one_error(&group("owner = { mode = \"0999\" }\n"), 7, 18, "\"0999\" is not an octal file mode", "mode = \"0750\"");
+    one_error(
+        &group("owner = { mode = \"0999\" }\n"),
+        7,
+        18,
+        "\"0999\" is not an octal file mode",
+        "mode = \"0750\"",
+    );
 }
 
 #[test]
 fn mode_decimal_integer() {
-    one_error(&group("owner = { mode = 750 }\n"), 7, 18, "mode 750 is a decimal number", "octal string");
+    one_error(
+        &group("owner = { mode = 750 }\n"),
+        7,
+        18,
+        "mode 750 is a decimal number",
+        "octal string",
+    );
 }
 
 #[test]
@@ -220,7 +301,13 @@ fn mode_octal_integer_is_accepted() {
 
 #[test]
 fn uid_out_of_range() {
-    one_error(&group("owner = { uid = -1 }\n"), 7, 17, "uid = -1 is not a valid user or group id", "uid = 107");
+    one_error(
+        &group("owner = { uid = -1 }\n"),
+        7,
+        17,
+        "uid = -1 is not a valid user or group id",
+        "uid = 107",
+    );
 }
 
 #[test]
@@ -248,24 +335,44 @@ fn missing_storage_class_key() {
 
 #[test]
 fn missing_name() {
-    one_error("[[storage_class]]\nvolume_mode = \"Block\"\n", 1, 1, "[[storage_class]] has no \"name\"", "add name =");
+    one_error(
+        "[[storage_class]]\nvolume_mode = \"Block\"\n",
+        1,
+        1,
+        "[[storage_class]] has no \"name\"",
+        "add name =",
+    );
 }
 
 #[test]
 fn duplicate_storage_class_name() {
     let text = format!("{}{CLASS}", group(""));
-    one_error(&text, 8, 8, "duplicate storage_class name \"local\"", "already defined at /etc/kvstrap/policy.toml:2:8");
+    one_error(
+        &text,
+        8,
+        8,
+        "duplicate storage_class name \"local\"",
+        "already defined at /etc/kvstrap/policy.toml:2:8",
+    );
 }
 
 #[test]
 fn duplicate_disk_group_name() {
     let text = group("[[disk_group]]\nname = \"g\"\n");
-    one_error(&text, 8, 8, "duplicate disk_group name \"g\"", "already defined at /etc/kvstrap/policy.toml:4:8");
+    one_error(
+        &text,
+        8,
+        8,
+        "duplicate disk_group name \"g\"",
+        "already defined at /etc/kvstrap/policy.toml:4:8",
+    );
 }
 
 #[test]
 fn overlapping_groups_same_device() {
-    let text = group("[[disk_group]]\nname = \"h\"\nstorage_class = \"local\"\ndevices = [\"/dev/sdb\"]\n");
+    let text = group(
+        "[[disk_group]]\nname = \"h\"\nstorage_class = \"local\"\ndevices = [\"/dev/sdb\"]\n",
+    );
     one_error(
         &text,
         8,
@@ -277,14 +384,28 @@ fn overlapping_groups_same_device() {
 
 #[test]
 fn overlapping_groups_glob_and_literal() {
-    let text = group("[[disk_group]]\nname = \"h\"\nstorage_class = \"local\"\ndevices = [\"/dev/sd*\"]\n");
-    one_error(&text, 8, 8, "can select the same disk", "make them disjoint");
+    let text = group(
+        "[[disk_group]]\nname = \"h\"\nstorage_class = \"local\"\ndevices = [\"/dev/sd*\"]\n",
+    );
+    one_error(
+        &text,
+        8,
+        8,
+        "can select the same disk",
+        "make them disjoint",
+    );
 }
 
 #[test]
 fn overlapping_groups_both_unconstrained() {
     let text = format!("{CLASS}[[disk_group]]\nname = \"a\"\nstorage_class = \"local\"\n[[disk_group]]\nname = \"b\"\nstorage_class = \"local\"\n");
-    one_error(&text, 7, 8, "disk groups \"a\" and \"b\" can select the same disk", "transport");
+    one_error(
+        &text,
+        7,
+        8,
+        "disk groups \"a\" and \"b\" can select the same disk",
+        "transport",
+    );
 }
 
 #[test]
@@ -298,9 +419,24 @@ fn disjoint_groups_are_fine() {
     );
     let found = diagnostics(&text);
     // ssd/one/two overlap each other? one/two have no rotational: they overlap ssd and hdd.
-    assert!(found.iter().all(|d| d.message.contains("\"one\"") || d.message.contains("\"two\"")), "{found:?}");
-    assert!(!found.iter().any(|d| d.message.contains("\"one\" and \"two\"")), "{found:?}");
-    assert!(!found.iter().any(|d| d.message.contains("\"hdd-small\" and \"hdd-big\"")), "{found:?}");
+    assert!(
+        found
+            .iter()
+            .all(|d| d.message.contains("\"one\"") || d.message.contains("\"two\"")),
+        "{found:?}"
+    );
+    assert!(
+        !found
+            .iter()
+            .any(|d| d.message.contains("\"one\" and \"two\"")),
+        "{found:?}"
+    );
+    assert!(
+        !found
+            .iter()
+            .any(|d| d.message.contains("\"hdd-small\" and \"hdd-big\"")),
+        "{found:?}"
+    );
 }
 
 #[test]
@@ -327,7 +463,13 @@ fn storage_root_is_root() {
 
 #[test]
 fn storage_root_in_system_directory() {
-    one_error("[node]\nstorage_root = \"/proc/x\"\n", 2, 16, "is inside /proc", "a directory of its own");
+    one_error(
+        "[node]\nstorage_root = \"/proc/x\"\n",
+        2,
+        16,
+        "is inside /proc",
+        "a directory of its own",
+    );
 }
 
 #[test]
@@ -365,7 +507,13 @@ fn volume_count_zero() {
 
 #[test]
 fn max_disks_zero() {
-    one_error(&group("max_disks = 0\n"), 7, 13, "max_disks = 0 leaves nothing to use", "max_disks = 1 or more");
+    one_error(
+        &group("max_disks = 0\n"),
+        7,
+        13,
+        "max_disks = 0 leaves nothing to use",
+        "max_disks = 1 or more",
+    );
 }
 
 #[test]
@@ -437,8 +585,13 @@ fn volume_mode_wrong_case() {
 #[test]
 fn fs_type_network_filesystems() {
     for fs in ["nfs", "glusterfs", "cephfs"] {
-        let d =
-            one_error(&class(&format!("fs_type = \"{fs}\"")), 3, 11, "is a network filesystem", "\"xfs\" or \"ext4\"");
+        let d = one_error(
+            &class(&format!("fs_type = \"{fs}\"")),
+            3,
+            11,
+            "is a network filesystem",
+            "\"xfs\" or \"ext4\"",
+        );
         assert!(d.message.starts_with(&format!("fs_type = \"{fs}\"")));
     }
 }
@@ -456,21 +609,39 @@ fn fs_type_vfat() {
 
 #[test]
 fn fs_type_other() {
-    one_error(&class("fs_type = \"btrfs\""), 3, 11, "unknown fs_type \"btrfs\"", "fs_type = \"xfs\" or \"ext4\"");
+    one_error(
+        &class("fs_type = \"btrfs\""),
+        3,
+        11,
+        "unknown fs_type \"btrfs\"",
+        "fs_type = \"xfs\" or \"ext4\"",
+    );
 }
 
 #[test]
 fn fs_type_on_block_class() {
     let text = class("volume_mode = \"Block\"\nfs_type = \"xfs\"")
         .replace("name = \"g\"", "name = \"g\"\nlayout = \"separate\"");
-    one_error(&text, 4, 11, "fs_type is set on a Block storage class", "remove fs_type");
+    one_error(
+        &text,
+        4,
+        11,
+        "fs_type is set on a Block storage class",
+        "remove fs_type",
+    );
 }
 
 #[test]
 fn mount_options_on_block_class() {
     let text = class("volume_mode = \"Block\"\nmount_options = [\"noatime\"]")
         .replace("name = \"g\"", "name = \"g\"\nlayout = \"separate\"");
-    one_error(&text, 4, 17, "mount_options are set on a Block storage class", "remove mount_options");
+    one_error(
+        &text,
+        4,
+        17,
+        "mount_options are set on a Block storage class",
+        "remove mount_options",
+    );
 }
 
 #[test]
@@ -486,7 +657,13 @@ fn read_write_many() {
 
 #[test]
 fn access_modes_empty() {
-    one_error(&class("access_modes = []"), 3, 16, "access_modes is empty", "[\"ReadWriteOnce\"]");
+    one_error(
+        &class("access_modes = []"),
+        3,
+        16,
+        "access_modes is empty",
+        "[\"ReadWriteOnce\"]",
+    );
 }
 
 #[test]
@@ -513,7 +690,8 @@ fn binding_mode_immediate() {
 
 #[test]
 fn block_class_with_shared_layout() {
-    let text = class("volume_mode = \"Block\"").replace("name = \"g\"", "name = \"g\"\nlayout = \"shared\"");
+    let text = class("volume_mode = \"Block\"")
+        .replace("name = \"g\"", "name = \"g\"\nlayout = \"shared\"");
     one_error(
         &text,
         6,
@@ -525,7 +703,13 @@ fn block_class_with_shared_layout() {
 
 #[test]
 fn block_class_with_default_layout_points_at_the_class_reference() {
-    one_error(&class("volume_mode = \"Block\""), 6, 17, "storage class \"local\" is Block", "layout = \"separate\"");
+    one_error(
+        &class("volume_mode = \"Block\""),
+        6,
+        17,
+        "storage class \"local\" is Block",
+        "layout = \"separate\"",
+    );
 }
 
 #[test]
@@ -552,19 +736,35 @@ fn wipe_force_with_glob_serial_is_refused() {
 
 #[test]
 fn wipe_force_with_serial_or_wwn_is_accepted() {
-    assert!(diagnostics(&group("wipe = \"force\"\nmatch = { serial = \"S4EWNX0M123456\" }\n")).is_empty());
-    let by_id = group("wipe = \"force\"\n").replace("/dev/sdb", "/dev/disk/by-id/wwn-0x5000c500a1b2c3d4");
+    assert!(diagnostics(&group(
+        "wipe = \"force\"\nmatch = { serial = \"S4EWNX0M123456\" }\n"
+    ))
+    .is_empty());
+    let by_id =
+        group("wipe = \"force\"\n").replace("/dev/sdb", "/dev/disk/by-id/wwn-0x5000c500a1b2c3d4");
     assert!(diagnostics(&by_id).is_empty());
 }
 
 #[test]
 fn wipe_unknown_word() {
-    one_error(&group("wipe = \"always\"\n"), 7, 8, "unknown wipe \"always\"", "wipe = \"never\" or \"force\"");
+    one_error(
+        &group("wipe = \"always\"\n"),
+        7,
+        8,
+        "unknown wipe \"always\"",
+        "wipe = \"never\" or \"force\"",
+    );
 }
 
 #[test]
 fn layout_unknown_word() {
-    one_error(&group("layout = \"striped\"\n"), 7, 10, "unknown layout \"striped\"", "\"shared\" or \"separate\"");
+    one_error(
+        &group("layout = \"striped\"\n"),
+        7,
+        10,
+        "unknown layout \"striped\"",
+        "\"shared\" or \"separate\"",
+    );
 }
 
 #[test]
@@ -581,31 +781,61 @@ fn storage_class_name_not_dns() {
 #[test]
 fn disk_group_name_not_dns() {
     let text = group("").replace("name = \"g\"", "name = \"fast_disks\"");
-    one_error(&text, 4, 8, "disk group name \"fast_disks\" contains '_'", "name = \"fast-disks\"");
+    one_error(
+        &text,
+        4,
+        8,
+        "disk group name \"fast_disks\" contains '_'",
+        "name = \"fast-disks\"",
+    );
 }
 
 #[test]
 fn disk_group_name_too_long() {
     let long = "a".repeat(64);
     let text = group("").replace("name = \"g\"", &format!("name = \"{long}\""));
-    one_error(&text, 4, 8, "is 64 characters long, more than 63", "at most 63");
+    one_error(
+        &text,
+        4,
+        8,
+        "is 64 characters long, more than 63",
+        "at most 63",
+    );
 }
 
 #[test]
 fn node_name_not_dns() {
-    one_error("[node]\nname = \"Worker_07\"\n", 2, 8, "node name \"Worker_07\"", "[node] name = \"worker-07\"");
+    one_error(
+        "[node]\nname = \"Worker_07\"\n",
+        2,
+        8,
+        "node name \"Worker_07\"",
+        "[node] name = \"worker-07\"",
+    );
 }
 
 #[test]
 fn device_not_under_dev() {
     let text = group("").replace("/dev/sdb", "sdb");
-    one_error(&text, 6, 12, "device \"sdb\" is not a device path under /dev", "\"/dev/nvme0n1\"");
+    one_error(
+        &text,
+        6,
+        12,
+        "device \"sdb\" is not a device path under /dev",
+        "\"/dev/nvme0n1\"",
+    );
 }
 
 #[test]
 fn device_invalid_glob() {
     let text = group("").replace("/dev/sdb", "/dev/sd[b");
-    one_error(&text, 6, 12, "devices pattern \"/dev/sd[b\" is not a valid glob", "every [ closed by ]");
+    one_error(
+        &text,
+        6,
+        12,
+        "devices pattern \"/dev/sd[b\" is not a valid glob",
+        "every [ closed by ]",
+    );
 }
 
 #[test]

@@ -16,14 +16,20 @@ fn check(text: &str) {
     let file = (PathBuf::from("fuzz.toml"), text.to_string());
     let result = load_str(&file.0, text);
     // Same input, same answer.
-    assert_eq!(format!("{result:?}"), format!("{:?}", load_str(&file.0, text)));
+    assert_eq!(
+        format!("{result:?}"),
+        format!("{:?}", load_str(&file.0, text))
+    );
     if let Err(e) = result {
         check_positions(&e, &[file]);
     }
 }
 
 fn check_positions(e: &PolicyError, files: &[(PathBuf, String)]) {
-    assert!(!e.diagnostics.is_empty(), "an error must carry at least one diagnostic");
+    assert!(
+        !e.diagnostics.is_empty(),
+        "an error must carry at least one diagnostic"
+    );
     for d in &e.diagnostics {
         let shown = d.to_string();
         assert!(shown.contains(": error: "), "{shown}");
@@ -34,9 +40,18 @@ fn check_positions(e: &PolicyError, files: &[(PathBuf, String)]) {
             panic!("diagnostic names a file that was not loaded: {shown}");
         };
         let lines: Vec<&str> = text.split('\n').collect();
-        assert!(d.line <= lines.len(), "line {} outside 1..={}: {shown}", d.line, lines.len());
+        assert!(
+            d.line <= lines.len(),
+            "line {} outside 1..={}: {shown}",
+            d.line,
+            lines.len()
+        );
         let width = lines[d.line - 1].chars().count() + 1;
-        assert!(d.column >= 1 && d.column <= width, "column {} outside 1..={width}: {shown}", d.column);
+        assert!(
+            d.column >= 1 && d.column <= width,
+            "column {} outside 1..={width}: {shown}",
+            d.column
+        );
     }
 }
 
@@ -143,7 +158,14 @@ fn apply(text: &str, mutation: &Mutation) -> String {
 
 /// Random sections of known keys with values of every kind.
 fn mixed_policy() -> impl Strategy<Value = String> {
-    const HEADERS: &[&str] = &["[node]", "[kubernetes]", "[[storage_class]]", "[[disk_group]]", "[match]", ""];
+    const HEADERS: &[&str] = &[
+        "[node]",
+        "[kubernetes]",
+        "[[storage_class]]",
+        "[[disk_group]]",
+        "[match]",
+        "",
+    ];
     const KEYS: &[&str] = &[
         "name",
         "storage_root",
@@ -209,7 +231,8 @@ fn mixed_policy() -> impl Strategy<Value = String> {
         "\"Immediate\"",
         "1979-05-27",
     ];
-    let line = (0..KEYS.len(), 0..VALUES.len()).prop_map(|(k, v)| format!("{} = {}", KEYS[k], VALUES[v]));
+    let line =
+        (0..KEYS.len(), 0..VALUES.len()).prop_map(|(k, v)| format!("{} = {}", KEYS[k], VALUES[v]));
     let section = (0..HEADERS.len(), proptest::collection::vec(line, 0..6))
         .prop_map(|(h, lines)| format!("{}\n{}\n", HEADERS[h], lines.join("\n")));
     proptest::collection::vec(section, 0..8).prop_map(|s| s.concat())
@@ -262,6 +285,10 @@ fn deep_nesting_is_a_syntax_error() {
     ];
     for text in inputs {
         let e = load_str(&PathBuf::from("deep.toml"), &text).expect_err("too deep");
-        assert!(e.diagnostics[0].message.starts_with("TOML syntax error"), "{}", e.report());
+        assert!(
+            e.diagnostics[0].message.starts_with("TOML syntax error"),
+            "{}",
+            e.report()
+        );
     }
 }

@@ -15,12 +15,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub fn apply(g: &GlobalArgs, a: &ApplyArgs) -> Result<i32> {
     let policy = load_policy(g)?;
-    let effects = super::host_effects::HostEffects::new(&g.state_dir).context("cannot start the executor")?;
+    let effects =
+        super::host_effects::HostEffects::new(&g.state_dir).context("cannot start the executor")?;
     let _lock = state::lock(&state::lock_path(), Duration::from_secs(a.lock_timeout))?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         // The step in flight always finishes: a GPT write or mkfs is never abandoned.
-        signal_hook::flag::register(signal, Arc::clone(&stop)).context("cannot install signal handlers")?;
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("cannot install signal handlers")?;
     }
     let inventory = scan(g, Some(&policy))?;
     let plan = crate::plan::plan(&policy, &inventory, &plan_context(g));
@@ -40,19 +42,34 @@ pub fn apply(g: &GlobalArgs, a: &ApplyArgs) -> Result<i32> {
             }
         })
     };
-    let result = if report.failed() > 0 { format!("failed: {} step(s)", report.failed()) } else { "success".into() };
+    let result = if report.failed() > 0 {
+        format!("failed: {} step(s)", report.failed())
+    } else {
+        "success".into()
+    };
     record_state(g, &plan, &report, &result)?;
     print_report(g, &plan, &report);
-    Ok(if report.failed() > 0 { crate::cli::EXIT_FAILURE } else { 0 })
+    Ok(if report.failed() > 0 {
+        crate::cli::EXIT_FAILURE
+    } else {
+        0
+    })
 }
 
 fn record_state(g: &GlobalArgs, plan: &Plan, report: &ApplyReport, result: &str) -> Result<()> {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
     let st = State {
         version: state::STATE_VERSION,
         last_apply_unix: Some(now),
         last_result: Some(result.to_string()),
-        steps_run: report.steps.iter().filter(|s| s.result != StepResult::Skipped).count(),
+        steps_run: report
+            .steps
+            .iter()
+            .filter(|s| s.result != StepResult::Skipped)
+            .count(),
         steps_changed: report.changed(),
         disks: plan.groups.iter().map(|g| g.disks.len()).sum(),
         volumes: plan.volumes().count(),
@@ -139,12 +156,10 @@ pub fn volume_rows(plan: &Plan) -> Vec<VolumeRow> {
                 | crate::model::Step::SetOwnership { path, .. }
                 | crate::model::Step::SetQuota { path, .. } => *path == v.path,
                 crate::model::Step::LinkBlockDevice { link, .. } => *link == v.path,
-                crate::model::Step::MakeFilesystem { device, .. } | crate::model::Step::Mount { device, .. } => {
-                    *device == v.device
-                }
-                crate::model::Step::WritePartitionTable { disk, .. } | crate::model::Step::WipeDisk { disk, .. } => {
-                    *disk == v.disk
-                }
+                crate::model::Step::MakeFilesystem { device, .. }
+                | crate::model::Step::Mount { device, .. } => *device == v.device,
+                crate::model::Step::WritePartitionTable { disk, .. }
+                | crate::model::Step::WipeDisk { disk, .. } => *disk == v.disk,
                 crate::model::Step::AddPartitionNodes { disk, .. } => *disk == v.disk,
             });
             VolumeRow {
@@ -185,7 +200,11 @@ pub fn volumes(g: &GlobalArgs) -> Result<i32> {
                     r.path.display()
                 );
             }
-            println!("{} volume(s), {}", rows.len(), human(rows.iter().map(|r| r.capacity_bytes).sum()));
+            println!(
+                "{} volume(s), {}",
+                rows.len(),
+                human(rows.iter().map(|r| r.capacity_bytes).sum())
+            );
         }
     }
     Ok(0)

@@ -31,6 +31,17 @@ pub trait Effects: Sync {
     ) -> Result<Outcome, ApplyError>;
     /// Create the directory if missing and make owner/mode match.
     fn directory(&self, path: &Path, owner: &Owner) -> Result<Outcome, ApplyError>;
-    fn quota(&self, path: &Path, mountpoint: &Path, project_id: u32, bytes: u64) -> Result<Outcome, ApplyError>;
-    fn link_block_device(&self, link: &Path, target: &Path, part_uuid: &uuid::Uuid) -> Result<Outcome, ApplyError>;
+    fn quota(
+        &self,
+        path: &Path,
+        mountpoint: &Path,
+        project_id: u32,
+        bytes: u64,
+    ) -> Result<Outcome, ApplyError>;
+    fn link_block_device(
+        &self,
+        link: &Path,
+        target: &Path,
+        part_uuid: &uuid::Uuid,
+    ) -> Result<Outcome, ApplyError>;
 }

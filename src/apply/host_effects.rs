@@ -15,7 +15,9 @@ pub struct HostEffects {
 impl HostEffects {
     /// Finds mkfs.xfs/mkfs.ext4 once, so a missing tool is reported before any disk is touched.
     pub fn new(_state_dir: &Path) -> Result<HostEffects, ApplyError> {
-        Ok(HostEffects { programs: Programs::discover() })
+        Ok(HostEffects {
+            programs: Programs::discover(),
+        })
     }
 
     /// Fail early when a needed program is missing.
@@ -27,17 +29,25 @@ impl HostEffects {
                 FsType::Ext4 => Program::MkfsExt4,
             })
             .collect();
-        self.programs.check(&needed).map_err(|e| ApplyError::Host(e.into()))
+        self.programs
+            .check(&needed)
+            .map_err(|e| ApplyError::Host(e.into()))
     }
 }
 
 fn refused(step: &str, disk: &Path, why: impl Into<String>) -> ApplyError {
-    ApplyError::Refused { step: format!("{step} on {}", disk.display()), why: why.into() }
+    ApplyError::Refused {
+        step: format!("{step} on {}", disk.display()),
+        why: why.into(),
+    }
 }
 
 /// The identity (WWN, serial, loop file) of the disk at `disk` right now, from sysfs.
 fn identity_now(disk: &Path) -> String {
-    let name = disk.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = disk
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let sys = crate::inventory::sysfs::read_disk(Path::new("/sys"), &name);
     let d = Disk {
         path: disk.to_path_buf(),
@@ -73,9 +83,17 @@ impl Effects for HostEffects {
         // Still blank, or already carrying exactly this table (a run that died after the
         // write): anything else appeared since the plan was made and is not ours.
         let sigs = host::probe::signatures(disk).map_err(host::Error::from)?;
-        let foreign: Vec<&str> = sigs.iter().map(|s| s.kind.as_str()).filter(|k| *k != "gpt" && *k != "PMBR").collect();
+        let foreign: Vec<&str> = sigs
+            .iter()
+            .map(|s| s.kind.as_str())
+            .filter(|k| *k != "gpt" && *k != "PMBR")
+            .collect();
         if !foreign.is_empty() {
-            return Err(refused("write partition table", disk, format!("it now carries {}", foreign.join(", "))));
+            return Err(refused(
+                "write partition table",
+                disk,
+                format!("it now carries {}", foreign.join(", ")),
+            ));
         }
         if sigs.iter().any(|s| s.kind == "gpt") {
             let table = host::gpt::read_partition_table(disk).map_err(host::Error::from)?;
@@ -89,7 +107,8 @@ impl Effects for HostEffects {
         }
         drop(host::probe::exclusive_open(disk).map_err(host::Error::from)?);
         let written = host::gpt::write_partition_table(layout).map_err(host::Error::from)?;
-        let synced = host::blkpg::sync_partitions(disk, &layout.partitions).map_err(host::Error::from)?;
+        let synced =
+            host::blkpg::sync_partitions(disk, &layout.partitions).map_err(host::Error::from)?;
         Ok(written.and(synced))
     }
 
@@ -97,9 +116,16 @@ impl Effects for HostEffects {
         check_identity("add partition nodes", &layout.disk, &layout.identity)?;
         let table = host::gpt::read_partition_table(&layout.disk).map_err(host::Error::from)?;
         if table.as_ref() != Some(&host::gpt::GptTable::from_layout(layout)) {
-            return Err(refused("add partition nodes", &layout.disk, "the GPT on disk is not the one planned"));
+            return Err(refused(
+                "add partition nodes",
+                &layout.disk,
+                "the GPT on disk is not the one planned",
+            ));
         }
-        Ok(host::blkpg::sync_partitions(&layout.disk, &layout.partitions).map_err(host::Error::from)?)
+        Ok(
+            host::blkpg::sync_partitions(&layout.disk, &layout.partitions)
+                .map_err(host::Error::from)?,
+        )
     }
 
     fn make_filesystem(
@@ -110,8 +136,18 @@ impl Effects for HostEffects {
         label: &str,
         project_quota: bool,
     ) -> Result<Outcome, ApplyError> {
-        let spec = fs_spec(fs_type, uuid, label, project_quota, PathBuf::new(), Vec::new());
-        Ok(host::mkfs::make_filesystem(&self.programs, device, &spec).map_err(host::Error::from)?)
+        let spec = fs_spec(
+            fs_type,
+            uuid,
+            label,
+            project_quota,
+            PathBuf::new(),
+            Vec::new(),
+        );
+        Ok(
+            host::mkfs::make_filesystem(&self.programs, device, &spec)
+                .map_err(host::Error::from)?,
+        )
     }
 
     fn mount(
@@ -123,9 +159,20 @@ impl Effects for HostEffects {
         options: &[String],
     ) -> Result<Outcome, ApplyError> {
         let project_quota = options.iter().any(|o| o == "prjquota");
-        let options: Vec<String> = options.iter().filter(|o| *o != "prjquota").cloned().collect();
+        let options: Vec<String> = options
+            .iter()
+            .filter(|o| *o != "prjquota")
+            .cloned()
+            .collect();
         let label = crate::plan::identity::filesystem_label(fs_uuid);
-        let spec = fs_spec(fs_type, fs_uuid, &label, project_quota, mountpoint.to_path_buf(), options);
+        let spec = fs_spec(
+            fs_type,
+            fs_uuid,
+            &label,
+            project_quota,
+            mountpoint.to_path_buf(),
+            options,
+        );
         Ok(host::mount::mount_filesystem(device, &spec).map_err(host::Error::from)?)
     }
 
@@ -135,11 +182,22 @@ impl Effects for HostEffects {
         Ok(made.and(owned))
     }
 
-    fn quota(&self, path: &Path, _mountpoint: &Path, project_id: u32, bytes: u64) -> Result<Outcome, ApplyError> {
+    fn quota(
+        &self,
+        path: &Path,
+        _mountpoint: &Path,
+        project_id: u32,
+        bytes: u64,
+    ) -> Result<Outcome, ApplyError> {
         Ok(host::quota::set_quota(path, project_id, bytes).map_err(host::Error::from)?)
     }
 
-    fn link_block_device(&self, link: &Path, target: &Path, _part_uuid: &uuid::Uuid) -> Result<Outcome, ApplyError> {
+    fn link_block_device(
+        &self,
+        link: &Path,
+        target: &Path,
+        _part_uuid: &uuid::Uuid,
+    ) -> Result<Outcome, ApplyError> {
         Ok(host::dirs::link_block_device(link, target).map_err(host::Error::from)?)
     }
 }
@@ -152,5 +210,12 @@ fn fs_spec(
     mountpoint: PathBuf,
     mount_options: Vec<String>,
 ) -> FsSpec {
-    FsSpec { fs_type, uuid: *uuid, label: label.to_string(), project_quota, mountpoint, mount_options }
+    FsSpec {
+        fs_type,
+        uuid: *uuid,
+        label: label.to_string(),
+        project_quota,
+        mountpoint,
+        mount_options,
+    }
 }

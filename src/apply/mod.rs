@@ -59,10 +59,16 @@ pub struct ApplyReport {
 
 impl ApplyReport {
     pub fn failed(&self) -> usize {
-        self.steps.iter().filter(|s| matches!(s.result, StepResult::Failed { .. })).count()
+        self.steps
+            .iter()
+            .filter(|s| matches!(s.result, StepResult::Failed { .. }))
+            .count()
     }
     pub fn changed(&self) -> usize {
-        self.steps.iter().filter(|s| matches!(s.result, StepResult::Changed { .. })).count()
+        self.steps
+            .iter()
+            .filter(|s| matches!(s.result, StepResult::Changed { .. }))
+            .count()
     }
 }
 
@@ -71,7 +77,12 @@ pub type Progress<'a> = &'a (dyn Fn(usize, usize, &StepReport) + Sync);
 
 /// Run the plan's steps. Steps of one disk run in order; disks run in parallel.
 /// When `stop` becomes true, the step in flight finishes and nothing new starts.
-pub fn execute(plan: &Plan, effects: &dyn Effects, stop: &AtomicBool, progress: Progress) -> ApplyReport {
+pub fn execute(
+    plan: &Plan,
+    effects: &dyn Effects,
+    stop: &AtomicBool,
+    progress: Progress,
+) -> ApplyReport {
     let queues = per_disk(&plan.steps);
     let total = plan.steps.len();
     let done = AtomicUsize::new(0);
@@ -95,14 +106,19 @@ pub fn execute(plan: &Plan, effects: &dyn Effects, stop: &AtomicBool, progress: 
     });
     let mut steps = results.into_inner().unwrap_or_default();
     steps.sort_by_key(|(i, _)| *i);
-    ApplyReport { steps: steps.into_iter().map(|(_, r)| r).collect() }
+    ApplyReport {
+        steps: steps.into_iter().map(|(_, r)| r).collect(),
+    }
 }
 
 /// Steps grouped by disk, keeping plan order, each with its index in the plan.
 fn per_disk(steps: &[Step]) -> Vec<Vec<(usize, &Step)>> {
     let mut queues: Vec<Vec<(usize, &Step)>> = Vec::new();
     for (i, step) in steps.iter().enumerate() {
-        match queues.iter_mut().find(|q| q.first().is_some_and(|(_, s)| s.disk() == step.disk())) {
+        match queues
+            .iter_mut()
+            .find(|q| q.first().is_some_and(|(_, s)| s.disk() == step.disk()))
+        {
             Some(q) => q.push((i, step)),
             None => queues.push(vec![(i, step)]),
         }
@@ -110,7 +126,12 @@ fn per_disk(steps: &[Step]) -> Vec<Vec<(usize, &Step)>> {
     queues
 }
 
-fn run_queue(queue: &[(usize, &Step)], effects: &dyn Effects, stop: &AtomicBool, record: &dyn Fn(usize, StepReport)) {
+fn run_queue(
+    queue: &[(usize, &Step)],
+    effects: &dyn Effects,
+    stop: &AtomicBool,
+    record: &dyn Fn(usize, StepReport),
+) {
     let mut blocked = false;
     for &(index, step) in queue {
         let started = Instant::now();
@@ -122,7 +143,9 @@ fn run_queue(queue: &[(usize, &Step)], effects: &dyn Effects, stop: &AtomicBool,
                 Ok(Outcome::Changed(what)) => StepResult::Changed { what },
                 Err(e) => {
                     blocked = true;
-                    StepResult::Failed { error: error_chain(&e) }
+                    StepResult::Failed {
+                        error: error_chain(&e),
+                    }
                 }
             }
         };
@@ -166,10 +189,22 @@ fn log_step(r: &StepReport, took: Duration) {
         }
         StepResult::Skipped => tracing::warn!(step = r.action, disk, "{} skipped", r.description),
         StepResult::Changed { .. } => {
-            tracing::info!(step = r.action, disk, took_ms = r.millis, "{} done in {took:.2?}", r.description)
+            tracing::info!(
+                step = r.action,
+                disk,
+                took_ms = r.millis,
+                "{} done in {took:.2?}",
+                r.description
+            )
         }
         StepResult::Unchanged => {
-            tracing::info!(step = r.action, disk, took_ms = r.millis, "{} already done ({took:.2?})", r.description)
+            tracing::info!(
+                step = r.action,
+                disk,
+                took_ms = r.millis,
+                "{} already done ({took:.2?})",
+                r.description
+            )
         }
     }
 }
@@ -179,15 +214,38 @@ fn run_step(step: &Step, fx: &dyn Effects) -> Result<Outcome, ApplyError> {
         Step::WipeDisk { disk, identity, .. } => fx.wipe_disk(disk, identity),
         Step::WritePartitionTable { layout, .. } => fx.write_partition_table(layout),
         Step::AddPartitionNodes { layout, .. } => fx.sync_partitions(layout),
-        Step::MakeFilesystem { device, fs_type, uuid, label, project_quota, .. } => {
-            fx.make_filesystem(device, *fs_type, uuid, label, *project_quota)
+        Step::MakeFilesystem {
+            device,
+            fs_type,
+            uuid,
+            label,
+            project_quota,
+            ..
+        } => fx.make_filesystem(device, *fs_type, uuid, label, *project_quota),
+        Step::Mount {
+            device,
+            fs_uuid,
+            fs_type,
+            mountpoint,
+            options,
+            ..
+        } => fx.mount(device, fs_uuid, *fs_type, mountpoint, options),
+        Step::CreateDirectory { path, owner, .. } | Step::SetOwnership { path, owner, .. } => {
+            fx.directory(path, owner)
         }
-        Step::Mount { device, fs_uuid, fs_type, mountpoint, options, .. } => {
-            fx.mount(device, fs_uuid, *fs_type, mountpoint, options)
-        }
-        Step::CreateDirectory { path, owner, .. } | Step::SetOwnership { path, owner, .. } => fx.directory(path, owner),
-        Step::SetQuota { path, mountpoint, project_id, bytes, .. } => fx.quota(path, mountpoint, *project_id, *bytes),
-        Step::LinkBlockDevice { link, target, part_uuid, .. } => fx.link_block_device(link, target, part_uuid),
+        Step::SetQuota {
+            path,
+            mountpoint,
+            project_id,
+            bytes,
+            ..
+        } => fx.quota(path, mountpoint, *project_id, *bytes),
+        Step::LinkBlockDevice {
+            link,
+            target,
+            part_uuid,
+            ..
+        } => fx.link_block_device(link, target, part_uuid),
     }
 }
 

@@ -16,7 +16,10 @@ impl Recorder {
             c.push(what.clone());
         }
         if self.fail_on.as_deref() == Some(what.as_str()) {
-            return Err(ApplyError::Refused { step: what, why: "injected".into() });
+            return Err(ApplyError::Refused {
+                step: what,
+                why: "injected".into(),
+            });
         }
         Ok(Outcome::Changed(what))
     }
@@ -45,7 +48,14 @@ impl Effects for Recorder {
     ) -> Result<Outcome, ApplyError> {
         self.call(format!("mkfs {}", device.display()))
     }
-    fn mount(&self, device: &Path, _: &uuid::Uuid, _: FsType, _: &Path, _: &[String]) -> Result<Outcome, ApplyError> {
+    fn mount(
+        &self,
+        device: &Path,
+        _: &uuid::Uuid,
+        _: FsType,
+        _: &Path,
+        _: &[String],
+    ) -> Result<Outcome, ApplyError> {
         self.call(format!("mount {}", device.display()))
     }
     fn directory(&self, path: &Path, _: &Owner) -> Result<Outcome, ApplyError> {
@@ -54,7 +64,12 @@ impl Effects for Recorder {
     fn quota(&self, path: &Path, _: &Path, _: u32, _: u64) -> Result<Outcome, ApplyError> {
         self.call(format!("quota {}", path.display()))
     }
-    fn link_block_device(&self, link: &Path, _: &Path, _: &uuid::Uuid) -> Result<Outcome, ApplyError> {
+    fn link_block_device(
+        &self,
+        link: &Path,
+        _: &Path,
+        _: &uuid::Uuid,
+    ) -> Result<Outcome, ApplyError> {
         self.call(format!("link {}", link.display()))
     }
 }
@@ -71,7 +86,11 @@ fn steps_for(disk: &str) -> Vec<Step> {
     };
     let part = PathBuf::from(format!("{disk}p1"));
     vec![
-        Step::WritePartitionTable { disk: disk.into(), layout, reason: String::new() },
+        Step::WritePartitionTable {
+            disk: disk.into(),
+            layout,
+            reason: String::new(),
+        },
         Step::MakeFilesystem {
             disk: disk.into(),
             device: part.clone(),
@@ -93,7 +112,11 @@ fn steps_for(disk: &str) -> Vec<Step> {
         Step::CreateDirectory {
             disk: disk.into(),
             path: format!("/mnt{disk}/v1").into(),
-            owner: Owner { uid: 107, gid: 107, mode: 0o750 },
+            owner: Owner {
+                uid: 107,
+                gid: 107,
+                mode: 0o750,
+            },
             reason: String::new(),
         },
     ]
@@ -129,7 +152,10 @@ fn steps_of_one_disk_run_in_plan_order_and_reports_keep_plan_order() {
     let calls = fx.calls();
     for disk in ["/dev/a", "/dev/b", "/dev/c"] {
         let mine: Vec<&String> = calls.iter().filter(|c| c.contains(disk)).collect();
-        assert!(mine[0].starts_with("gpt") && mine[1].starts_with("mkfs") && mine[3].starts_with("dir"), "{mine:?}");
+        assert!(
+            mine[0].starts_with("gpt") && mine[1].starts_with("mkfs") && mine[3].starts_with("dir"),
+            "{mine:?}"
+        );
     }
     let order: Vec<&str> = report.steps.iter().map(|s| s.action).collect();
     assert_eq!(&order[..3], &["write_partition_table"; 3]);
@@ -137,12 +163,19 @@ fn steps_of_one_disk_run_in_plan_order_and_reports_keep_plan_order() {
 
 #[test]
 fn a_failure_stops_its_disk_only() {
-    let fx = Recorder { fail_on: Some("mkfs /dev/bp1".into()), ..Recorder::default() };
+    let fx = Recorder {
+        fail_on: Some("mkfs /dev/bp1".into()),
+        ..Recorder::default()
+    };
     let plan = plan_of(&["/dev/a", "/dev/b"]);
     let report = execute(&plan, &fx, &AtomicBool::new(false), &|_, _, _| {});
     assert_eq!(report.failed(), 1);
-    let b: Vec<&StepResult> =
-        report.steps.iter().filter(|s| s.disk == Path::new("/dev/b")).map(|s| &s.result).collect();
+    let b: Vec<&StepResult> = report
+        .steps
+        .iter()
+        .filter(|s| s.disk == Path::new("/dev/b"))
+        .map(|s| &s.result)
+        .collect();
     assert!(matches!(b[1], StepResult::Failed { error } if error.contains("injected")));
     assert_eq!(b[2], &StepResult::Skipped);
     assert_eq!(b[3], &StepResult::Skipped);

@@ -20,7 +20,13 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "KVSTRAP_POLICY", value_name = "PATH")]
     pub policy: Option<PathBuf>,
     /// State directory: state file, rendered manifests, block-volume links.
-    #[arg(long, global = true, env = "KVSTRAP_STATE_DIR", value_name = "DIR", default_value = "/var/lib/kvstrap")]
+    #[arg(
+        long,
+        global = true,
+        env = "KVSTRAP_STATE_DIR",
+        value_name = "DIR",
+        default_value = "/var/lib/kvstrap"
+    )]
     pub state_dir: PathBuf,
     /// Output format of commands that print data.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Human)]

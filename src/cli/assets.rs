@@ -42,14 +42,20 @@ pub fn generate(out_dir: &Path) -> io::Result<()> {
     // Subcommand paths ("kvstrap apply") and global arguments are filled in by build().
     cmd.build();
     generate_man_pages(&cmd, &out_dir.join("man"))?;
-    generate_completions(&mut without_hidden(super::args::command()), &out_dir.join("completions"))
+    generate_completions(
+        &mut without_hidden(super::args::command()),
+        &out_dir.join("completions"),
+    )
 }
 
 /// The command without hidden subcommands: clap_complete would offer them otherwise.
 fn without_hidden(cmd: clap::Command) -> clap::Command {
     let visible: Vec<clap::Command> = visible_subcommands(&cmd).cloned().collect();
     let args: Vec<clap::Arg> = cmd.get_arguments().cloned().collect();
-    clap::Command::new(BIN).version(env!("CARGO_PKG_VERSION")).args(args).subcommands(visible)
+    clap::Command::new(BIN)
+        .version(env!("CARGO_PKG_VERSION"))
+        .args(args)
+        .subcommands(visible)
 }
 
 /// Entry point of the hidden `generate-assets` subcommand: exit status 0 or 1.
@@ -98,7 +104,8 @@ fn render_main_page(cmd: &clap::Command) -> io::Result<Vec<u8>> {
 
 /// Subcommands an operator can see: not hidden ones (generate-assets), not clap's `help`.
 fn visible_subcommands(cmd: &clap::Command) -> impl Iterator<Item = &clap::Command> {
-    cmd.get_subcommands().filter(|sub| !sub.is_hide_set() && sub.get_name() != "help")
+    cmd.get_subcommands()
+        .filter(|sub| !sub.is_hide_set() && sub.get_name() != "help")
 }
 
 /// gzip with maximum compression and no name or timestamp, so builds are reproducible.
@@ -112,9 +119,11 @@ fn write_gzipped(path: &Path, data: &[u8]) -> io::Result<()> {
 fn generate_completions(cmd: &mut clap::Command, dir: &Path) -> io::Result<()> {
     use clap_complete::Shell;
     fs::create_dir_all(dir)?;
-    for (shell, file) in
-        [(Shell::Bash, format!("{BIN}.bash")), (Shell::Zsh, format!("_{BIN}")), (Shell::Fish, format!("{BIN}.fish"))]
-    {
+    for (shell, file) in [
+        (Shell::Bash, format!("{BIN}.bash")),
+        (Shell::Zsh, format!("_{BIN}")),
+        (Shell::Fish, format!("{BIN}.fish")),
+    ] {
         let mut buf = Vec::new();
         clap_complete::generate(shell, cmd, BIN, &mut buf);
         fs::write(dir.join(file), buf)?;
@@ -130,7 +139,9 @@ mod tests {
 
     fn gunzip(path: &Path) -> String {
         let mut text = String::new();
-        GzDecoder::new(fs::File::open(path).unwrap()).read_to_string(&mut text).unwrap();
+        GzDecoder::new(fs::File::open(path).unwrap())
+            .read_to_string(&mut text)
+            .unwrap();
         text
     }
 
@@ -140,11 +151,16 @@ mod tests {
         generate(dir.path()).unwrap();
 
         let main = gunzip(&dir.path().join("man/kvstrap.1.gz"));
-        assert!(main.starts_with(".ie \\n(.g .ds Aq"), "roff prologue: {main:.80}");
+        assert!(
+            main.starts_with(".ie \\n(.g .ds Aq"),
+            "roff prologue: {main:.80}"
+        );
         assert!(main.contains(".TH kvstrap 1"), "{main}");
         assert!(main.contains(".SH FILES"));
         assert!(main.contains("\\-\\-policy"), "global flags documented");
-        for sub in ["validate", "disks", "plan", "apply", "status", "volumes", "daemon"] {
+        for sub in [
+            "validate", "disks", "plan", "apply", "status", "volumes", "daemon",
+        ] {
             assert!(main.contains(sub), "subcommand {sub} listed");
             let page = gunzip(&dir.path().join(format!("man/kvstrap-{sub}.1.gz")));
             assert!(page.contains(&format!("kvstrap {sub}")), "{page}");
@@ -167,7 +183,10 @@ mod tests {
         assert!(!dir.path().join("man/kvstrap-help.1.gz").exists());
         assert!(!gunzip(&dir.path().join("man/kvstrap.1.gz")).contains("generate\\-assets"));
         let bash = fs::read_to_string(dir.path().join("completions/kvstrap.bash")).unwrap();
-        assert!(!bash.contains("generate-assets"), "hidden command must not complete");
+        assert!(
+            !bash.contains("generate-assets"),
+            "hidden command must not complete"
+        );
     }
 
     #[test]

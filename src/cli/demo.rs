@@ -20,13 +20,31 @@ pub fn run(g: &GlobalArgs, args: &DemoArgs) -> Result<i32> {
         return cleanup(&root);
     }
     if args.disks < 3 {
-        bail!("the demo needs at least 3 disks (one per layout); got --disks {}", args.disks);
+        bail!(
+            "the demo needs at least 3 disks (one per layout); got --disks {}",
+            args.disks
+        );
     }
     let disks = attach_disks(&root, args.disks)?;
     let policy_dir = write_policy(&root, &disks)?;
-    let demo = GlobalArgs { policy: Some(policy_dir.clone()), state_dir: root.clone(), output: g.output };
-    println!("== demo disks: {}", disks.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(" "));
-    println!("== kvstrap --policy {} --state-dir {} apply", policy_dir.display(), root.display());
+    let demo = GlobalArgs {
+        policy: Some(policy_dir.clone()),
+        state_dir: root.clone(),
+        output: g.output,
+    };
+    println!(
+        "== demo disks: {}",
+        disks
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "== kvstrap --policy {} --state-dir {} apply",
+        policy_dir.display(),
+        root.display()
+    );
     let code = crate::apply::cli::apply(&demo, &ApplyArgs { lock_timeout: 60 })?;
     println!("\n== kvstrap disks (demo disks)");
     super::disks(&demo)?;
@@ -41,14 +59,17 @@ pub fn run(g: &GlobalArgs, args: &DemoArgs) -> Result<i32> {
 /// Attach (or find already attached) loop devices for the demo's disk images.
 fn attach_disks(root: &Path, count: u32) -> Result<Vec<PathBuf>> {
     let images = root.join("disks");
-    std::fs::create_dir_all(&images).with_context(|| format!("cannot create {}", images.display()))?;
+    std::fs::create_dir_all(&images)
+        .with_context(|| format!("cannot create {}", images.display()))?;
     let losetup = losetup()?;
     (1..=count)
         .map(|i| {
             let image = images.join(format!("disk{i}.img"));
             if !image.exists() {
-                let f = std::fs::File::create(&image).with_context(|| format!("cannot create {}", image.display()))?;
-                f.set_len(DISK_BYTES).with_context(|| format!("cannot size {}", image.display()))?;
+                let f = std::fs::File::create(&image)
+                    .with_context(|| format!("cannot create {}", image.display()))?;
+                f.set_len(DISK_BYTES)
+                    .with_context(|| format!("cannot size {}", image.display()))?;
             }
             if let Some(dev) = attached_loop(&image) {
                 return Ok(dev);
@@ -81,9 +102,14 @@ fn attached_loop(image: &Path) -> Option<PathBuf> {
 fn write_policy(root: &Path, disks: &[PathBuf]) -> Result<PathBuf> {
     let dir = root.join("policy.d");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::write(dir.join("10-demo.toml"), crate::policy::DEMO_POLICY).context("cannot write the demo policy")?;
-    let quoted =
-        |ds: &[PathBuf]| ds.iter().map(|d| format!("{:?}", d.display().to_string())).collect::<Vec<_>>().join(", ");
+    std::fs::write(dir.join("10-demo.toml"), crate::policy::DEMO_POLICY)
+        .context("cannot write the demo policy")?;
+    let quoted = |ds: &[PathBuf]| {
+        ds.iter()
+            .map(|d| format!("{:?}", d.display().to_string()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let n = disks.len();
     let split = [&disks[..n - 2], &disks[n - 2..n - 1], &disks[n - 1..]];
     let mut text = format!(
@@ -92,14 +118,20 @@ fn write_policy(root: &Path, disks: &[PathBuf]) -> Result<PathBuf> {
         root.join("storage").display().to_string()
     );
     for (group, devices) in GROUPS.iter().zip(split) {
-        text.push_str(&format!("\n[[disk_group]]\nname = {group:?}\ndevices = [{}]\n", quoted(devices)));
+        text.push_str(&format!(
+            "\n[[disk_group]]\nname = {group:?}\ndevices = [{}]\n",
+            quoted(devices)
+        ));
     }
-    std::fs::write(dir.join("20-demo-devices.toml"), text).context("cannot write the demo device drop-in")?;
+    std::fs::write(dir.join("20-demo-devices.toml"), text)
+        .context("cannot write the demo device drop-in")?;
     Ok(dir)
 }
 
 fn print_tree(dir: &Path, depth: usize, max: usize) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     let mut entries: Vec<_> = entries.filter_map(Result::ok).collect();
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
@@ -110,7 +142,11 @@ fn print_tree(dir: &Path, depth: usize, max: usize) {
             Err(_) if meta.as_ref().is_ok_and(|m| m.is_dir()) => "/".into(),
             Err(_) => String::new(),
         };
-        println!("{}{}{suffix}", "  ".repeat(depth + 1), e.file_name().to_string_lossy());
+        println!(
+            "{}{}{suffix}",
+            "  ".repeat(depth + 1),
+            e.file_name().to_string_lossy()
+        );
         if meta.is_ok_and(|m| m.is_dir()) && depth + 1 < max {
             print_tree(&path, depth + 1, max);
         }
@@ -132,8 +168,12 @@ fn cleanup(root: &Path) -> Result<i32> {
     let mut mounts = mounts_below(&storage);
     mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
     for m in &mounts {
-        nix::mount::umount2(m.as_path(), nix::mount::MntFlags::empty())
-            .with_context(|| format!("cannot unmount {} (is a VM or shell using it?)", m.display()))?;
+        nix::mount::umount2(m.as_path(), nix::mount::MntFlags::empty()).with_context(|| {
+            format!(
+                "cannot unmount {} (is a VM or shell using it?)",
+                m.display()
+            )
+        })?;
         println!("unmounted {}", m.display());
     }
     let losetup = losetup()?;
@@ -143,14 +183,17 @@ fn cleanup(root: &Path) -> Result<i32> {
         println!("detached {}", dev.display());
     }
     if root.exists() {
-        std::fs::remove_dir_all(root).with_context(|| format!("cannot remove {}", root.display()))?;
+        std::fs::remove_dir_all(root)
+            .with_context(|| format!("cannot remove {}", root.display()))?;
         println!("removed {}", root.display());
     }
     Ok(0)
 }
 
 fn mounts_below(dir: &Path) -> Vec<PathBuf> {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
     text.lines()
         .filter_map(|line| line.split_whitespace().nth(4))
         .map(|m| PathBuf::from(m.replace("\\040", " ")))

@@ -13,9 +13,14 @@ pub fn render(rows: &[(&Disk, Option<String>, Verdict)]) -> String {
         "NAME", "SIZE", "TRAN", "ROT", "MODEL", "SERIAL", "CONTENT", "VERDICT"
     );
     for (disk, group, verdict) in rows {
-        let disk_content = content(disk.partition_table.as_ref().map(|t| t.kind.as_str()), &disk.signatures);
+        let disk_content = content(
+            disk.partition_table.as_ref().map(|t| t.kind.as_str()),
+            &disk.signatures,
+        );
         let verdict_text = match (verdict, group) {
-            (Verdict::Free | Verdict::Ours, Some(g)) => format!("eligible ({}) -> group {g}", verdict.reason()),
+            (Verdict::Free | Verdict::Ours, Some(g)) => {
+                format!("eligible ({}) -> group {g}", verdict.reason())
+            }
             (Verdict::Free | Verdict::Ours, None) => format!("eligible ({})", verdict.reason()),
             _ => format!("ineligible: {}", verdict.reason()),
         };
@@ -27,17 +32,34 @@ pub fn render(rows: &[(&Disk, Option<String>, Verdict)]) -> String {
             disk.transport,
             if disk.rotational { "yes" } else { "no" },
             cut(disk.model.as_deref().unwrap_or("-"), 22),
-            cut(disk.serial.as_deref().or(disk.wwn.as_deref()).unwrap_or("-"), 20),
+            cut(
+                disk.serial
+                    .as_deref()
+                    .or(disk.wwn.as_deref())
+                    .unwrap_or("-"),
+                20
+            ),
             cut(&disk_content, 18),
             verdict_text
         );
         for (i, p) in disk.partitions.iter().enumerate() {
-            let branch = if i + 1 == disk.partitions.len() { "└─" } else { "├─" };
-            let mounts: Vec<String> = p.mountpoints.iter().map(|m| m.display().to_string()).collect();
+            let branch = if i + 1 == disk.partitions.len() {
+                "└─"
+            } else {
+                "├─"
+            };
+            let mounts: Vec<String> = p
+                .mountpoints
+                .iter()
+                .map(|m| m.display().to_string())
+                .collect();
             let _ = writeln!(
                 out,
                 "{branch}{:<14} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {}",
-                p.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                p.path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
                 human(p.size_bytes),
                 "",
                 "",

@@ -67,7 +67,11 @@ pub fn load_policy(g: &GlobalArgs) -> Result<Policy> {
 
 fn diagnostics_text(e: &PolicyError) -> String {
     let lines: Vec<String> = e.diagnostics.iter().map(ToString::to_string).collect();
-    format!("invalid policy ({} problem(s)):\n{}", lines.len(), lines.join("\n"))
+    format!(
+        "invalid policy ({} problem(s)):\n{}",
+        lines.len(),
+        lines.join("\n")
+    )
 }
 
 fn validate(g: &GlobalArgs) -> Result<i32> {
@@ -81,7 +85,8 @@ fn validate(g: &GlobalArgs) -> Result<i32> {
                     "disk_groups": p.disk_groups.len(),
                 })),
                 OutputFormat::Human => {
-                    let files: Vec<String> = p.sources.iter().map(|s| s.display().to_string()).collect();
+                    let files: Vec<String> =
+                        p.sources.iter().map(|s| s.display().to_string()).collect();
                     println!(
                         "policy is valid: {} storage class(es), {} disk group(s), node {:?}",
                         p.storage_classes.len(),
@@ -135,7 +140,9 @@ pub fn scan(g: &GlobalArgs, policy: Option<&Policy>) -> Result<Inventory> {
 }
 
 pub fn plan_context(g: &GlobalArgs) -> PlanContext {
-    PlanContext { state_dir: g.state_dir.clone() }
+    PlanContext {
+        state_dir: g.state_dir.clone(),
+    }
 }
 
 fn disks(g: &GlobalArgs) -> Result<i32> {
@@ -156,7 +163,10 @@ fn disks(g: &GlobalArgs) -> Result<i32> {
                     if let Some(obj) = v.as_object_mut() {
                         obj.insert("group".into(), json!(group));
                         obj.insert("eligible".into(), json!(verdict.is_writable()));
-                        obj.insert("verdict".into(), serde_json::to_value(verdict).unwrap_or_default());
+                        obj.insert(
+                            "verdict".into(),
+                            serde_json::to_value(verdict).unwrap_or_default(),
+                        );
                         obj.insert("reason".into(), json!(verdict.reason()));
                     }
                     v

@@ -33,7 +33,11 @@ struct BlkpgIoctlArg {
     data: *mut BlkpgPartition,
 }
 
-nix::ioctl_write_ptr_bad!(blkpg_ioctl, nix::request_code_none!(0x12, 105), BlkpgIoctlArg);
+nix::ioctl_write_ptr_bad!(
+    blkpg_ioctl,
+    nix::request_code_none!(0x12, 105),
+    BlkpgIoctlArg
+);
 nix::ioctl_read_bad!(blksszget, nix::request_code_none!(0x12, 104), c_int);
 nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
 
@@ -43,13 +47,30 @@ const NODE_WAIT: Duration = Duration::from_secs(2);
 #[derive(Debug, thiserror::Error)]
 pub enum BlkpgError {
     #[error("cannot open {}: {source}", path.display())]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("BLKPG {op} of partition {number} on {}: {source}{hint}", disk.display())]
-    Ioctl { op: &'static str, disk: PathBuf, number: u32, source: nix::Error, hint: &'static str },
+    Ioctl {
+        op: &'static str,
+        disk: PathBuf,
+        number: u32,
+        source: nix::Error,
+        hint: &'static str,
+    },
     #[error("{} ioctl on {}: {source}", what, path.display())]
-    Query { what: &'static str, path: PathBuf, source: nix::Error },
+    Query {
+        what: &'static str,
+        path: PathBuf,
+        source: nix::Error,
+    },
     #[error("cannot read the kernel's partitions of {} from {}: {source}", disk.display(), sysfs.display())]
-    Sysfs { disk: PathBuf, sysfs: PathBuf, source: std::io::Error },
+    Sysfs {
+        disk: PathBuf,
+        sysfs: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{} is not a device name kvstrap understands", path.display())]
     BadName { path: PathBuf },
     #[error("partition node {} did not appear and could not be created: {detail}", node.display())]
@@ -87,12 +108,16 @@ pub fn partition_delta(kernel: &[KernelPartition], wanted: &[PartitionSpec]) -> 
     for k in kernel {
         match wanted.iter().find(|w| w.number == k.number) {
             Some(w) if w.start_bytes == k.start_bytes && w.size_bytes == k.size_bytes => {}
-            Some(w) if w.start_bytes == k.start_bytes => delta.resize.push((w.number, w.start_bytes, w.size_bytes)),
+            Some(w) if w.start_bytes == k.start_bytes => {
+                delta.resize.push((w.number, w.start_bytes, w.size_bytes))
+            }
             _ => delta.delete.push(k.number),
         }
     }
     for w in wanted {
-        let kept = kernel.iter().any(|k| k.number == w.number && k.start_bytes == w.start_bytes);
+        let kept = kernel
+            .iter()
+            .any(|k| k.number == w.number && k.start_bytes == w.start_bytes);
         if !kept {
             delta.add.push((w.number, w.start_bytes, w.size_bytes));
         }
@@ -107,7 +132,10 @@ pub fn sync_partitions(disk: &Path, wanted: &[PartitionSpec]) -> Result<Outcome,
     if !delta.is_empty() {
         apply_delta(disk, &delta)?;
     }
-    let created = wanted.iter().map(|w| wait_for_node(&w.device)).collect::<Result<Vec<_>, _>>()?;
+    let created = wanted
+        .iter()
+        .map(|w| wait_for_node(&w.device))
+        .collect::<Result<Vec<_>, _>>()?;
     let mknods: Vec<String> = created.into_iter().flatten().collect();
     if delta.is_empty() && mknods.is_empty() {
         return Ok(Outcome::Unchanged);
@@ -136,10 +164,16 @@ fn describe(disk: &Path, delta: &PartitionDelta, mknods: &[String]) -> String {
         parts.push(format!("deleted kernel partitions {:?}", delta.delete));
     }
     if !delta.resize.is_empty() {
-        parts.push(format!("resized {:?}", delta.resize.iter().map(|r| r.0).collect::<Vec<_>>()));
+        parts.push(format!(
+            "resized {:?}",
+            delta.resize.iter().map(|r| r.0).collect::<Vec<_>>()
+        ));
     }
     if !delta.add.is_empty() {
-        parts.push(format!("added {:?}", delta.add.iter().map(|a| a.0).collect::<Vec<_>>()));
+        parts.push(format!(
+            "added {:?}",
+            delta.add.iter().map(|a| a.0).collect::<Vec<_>>()
+        ));
     }
     if !mknods.is_empty() {
         parts.push(format!("created nodes {}", mknods.join(", ")));
@@ -148,10 +182,20 @@ fn describe(disk: &Path, delta: &PartitionDelta, mknods: &[String]) -> String {
 }
 
 fn open_disk(disk: &Path) -> Result<File, BlkpgError> {
-    File::open(disk).map_err(|source| BlkpgError::Open { path: disk.to_path_buf(), source })
+    File::open(disk).map_err(|source| BlkpgError::Open {
+        path: disk.to_path_buf(),
+        source,
+    })
 }
 
-fn blkpg(file: &File, disk: &Path, op: c_int, number: u32, start: u64, len: u64) -> Result<(), BlkpgError> {
+fn blkpg(
+    file: &File,
+    disk: &Path,
+    op: c_int,
+    number: u32,
+    start: u64,
+    len: u64,
+) -> Result<(), BlkpgError> {
     let op_name = match op {
         BLKPG_ADD_PARTITION => "add",
         BLKPG_DEL_PARTITION => "delete",
@@ -178,20 +222,30 @@ fn blkpg(file: &File, disk: &Path, op: c_int, number: u32, start: u64, len: u64)
         data: &mut part,
     };
     // SAFETY: `arg` points to a live, correctly laid out blkpg_partition for the call.
-    unsafe { blkpg_ioctl(file.as_raw_fd(), &arg) }.map(drop).map_err(|source| BlkpgError::Ioctl {
-        op: op_name,
-        disk: disk.to_path_buf(),
-        number,
-        source,
-        hint: if source == nix::Error::EBUSY { " (the partition is in use: unmount it first)" } else { "" },
-    })
+    unsafe { blkpg_ioctl(file.as_raw_fd(), &arg) }
+        .map(drop)
+        .map_err(|source| BlkpgError::Ioctl {
+            op: op_name,
+            disk: disk.to_path_buf(),
+            number,
+            source,
+            hint: if source == nix::Error::EBUSY {
+                " (the partition is in use: unmount it first)"
+            } else {
+                ""
+            },
+        })
 }
 
 /// The kernel's partitions of `disk`, read from sysfs, ordered by number.
 pub fn kernel_partitions(disk: &Path) -> Result<Vec<KernelPartition>, BlkpgError> {
     let name = kernel_name(disk)?;
     let sysfs = Path::new("/sys/class/block").join(&name);
-    let err = |source| BlkpgError::Sysfs { disk: disk.to_path_buf(), sysfs: sysfs.clone(), source };
+    let err = |source| BlkpgError::Sysfs {
+        disk: disk.to_path_buf(),
+        sysfs: sysfs.clone(),
+        source,
+    };
     let mut parts = Vec::new();
     for entry in std::fs::read_dir(&sysfs).map_err(err)? {
         let entry = entry.map_err(err)?;
@@ -213,14 +267,18 @@ pub fn kernel_partitions(disk: &Path) -> Result<Vec<KernelPartition>, BlkpgError
 
 fn read_sysfs_u64(path: &Path) -> std::io::Result<u64> {
     let text = std::fs::read_to_string(path)?;
-    text.trim().parse().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    text.trim()
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 fn kernel_name(dev: &Path) -> Result<String, BlkpgError> {
     dev.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .filter(|n| !n.is_empty() && !n.contains('/'))
-        .ok_or_else(|| BlkpgError::BadName { path: dev.to_path_buf() })
+        .ok_or_else(|| BlkpgError::BadName {
+            path: dev.to_path_buf(),
+        })
 }
 
 /// Wait until `node` is a block device with the number sysfs gives it. devtmpfs makes
@@ -232,7 +290,9 @@ fn wait_for_node(node: &Path) -> Result<Option<String>, BlkpgError> {
     let deadline = Instant::now() + NODE_WAIT;
     let mut pause = Duration::from_micros(200);
     loop {
-        let want = std::fs::read_to_string(&dev_file).ok().and_then(|s| parse_devno(&s));
+        let want = std::fs::read_to_string(&dev_file)
+            .ok()
+            .and_then(|s| parse_devno(&s));
         if let Some(want) = want {
             if node_has_devno(node, want) {
                 return Ok(None);
@@ -251,7 +311,10 @@ fn node_has_devno(node: &Path, devno: u64) -> bool {
 }
 
 fn mknod_fallback(node: &Path, want: Option<u64>) -> Result<(), BlkpgError> {
-    let missing = |detail: String| BlkpgError::NodeMissing { node: node.to_path_buf(), detail };
+    let missing = |detail: String| BlkpgError::NodeMissing {
+        node: node.to_path_buf(),
+        detail,
+    };
     let devno = want.ok_or_else(|| missing("the kernel does not know the partition".into()))?;
     tracing::info!(node = %node.display(), "partition node did not appear: creating it with mknod");
     // A stale node (wrong number) from an earlier layout is replaced.
@@ -259,13 +322,17 @@ fn mknod_fallback(node: &Path, want: Option<u64>) -> Result<(), BlkpgError> {
         std::fs::remove_file(node).map_err(|e| missing(format!("removing stale node: {e}")))?;
     }
     let mode = nix::sys::stat::Mode::from_bits_truncate(0o660);
-    nix::sys::stat::mknod(node, nix::sys::stat::SFlag::S_IFBLK, mode, devno).map_err(|e| missing(format!("mknod: {e}")))
+    nix::sys::stat::mknod(node, nix::sys::stat::SFlag::S_IFBLK, mode, devno)
+        .map_err(|e| missing(format!("mknod: {e}")))
 }
 
 /// Parse sysfs `MAJ:MIN` into a dev_t.
 pub fn parse_devno(text: &str) -> Option<u64> {
     let (maj, min) = text.trim().split_once(':')?;
-    Some(nix::sys::stat::makedev(maj.parse().ok()?, min.parse().ok()?))
+    Some(nix::sys::stat::makedev(
+        maj.parse().ok()?,
+        min.parse().ok()?,
+    ))
 }
 
 /// Logical sector size of a block device (BLKSSZGET).
@@ -310,7 +377,12 @@ mod tests {
     }
 
     fn kp(number: u32, start: u64, size: u64) -> KernelPartition {
-        KernelPartition { number, name: format!("loop9p{number}"), start_bytes: start, size_bytes: size }
+        KernelPartition {
+            number,
+            name: format!("loop9p{number}"),
+            start_bytes: start,
+            size_bytes: size,
+        }
     }
 
     #[test]
@@ -321,8 +393,16 @@ mod tests {
 
     #[test]
     fn delta_deletes_resizes_and_adds() {
-        let kernel = [kp(1, 1 << 20, 4 << 20), kp(2, 5 << 20, 4 << 20), kp(5, 9 << 20, 1 << 20)];
-        let wanted = [spec(1, 1 << 20, 8 << 20), spec(2, 9 << 20, 4 << 20), spec(3, 13 << 20, 1 << 20)];
+        let kernel = [
+            kp(1, 1 << 20, 4 << 20),
+            kp(2, 5 << 20, 4 << 20),
+            kp(5, 9 << 20, 1 << 20),
+        ];
+        let wanted = [
+            spec(1, 1 << 20, 8 << 20),
+            spec(2, 9 << 20, 4 << 20),
+            spec(3, 13 << 20, 1 << 20),
+        ];
         let d = partition_delta(&kernel, &wanted);
         assert_eq!(d.delete, vec![2, 5]);
         assert_eq!(d.resize, vec![(1, 1 << 20, 8 << 20)]);
@@ -338,7 +418,10 @@ mod tests {
 
     #[test]
     fn parses_sysfs_devno() {
-        assert_eq!(parse_devno("259:3\n"), Some(nix::sys::stat::makedev(259, 3)));
+        assert_eq!(
+            parse_devno("259:3\n"),
+            Some(nix::sys::stat::makedev(259, 3))
+        );
         assert_eq!(parse_devno("garbage"), None);
     }
 

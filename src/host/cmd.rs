@@ -40,11 +40,22 @@ impl Program {
 #[derive(Debug, thiserror::Error)]
 pub enum CmdError {
     #[error("{program} not found in {searched}: install the {package} package")]
-    NotFound { program: &'static str, package: &'static str, searched: String },
+    NotFound {
+        program: &'static str,
+        package: &'static str,
+        searched: String,
+    },
     #[error("could not start `{argv}`: {source}")]
-    Spawn { argv: String, source: std::io::Error },
+    Spawn {
+        argv: String,
+        source: std::io::Error,
+    },
     #[error("`{argv}` failed ({status}): {stderr}")]
-    Failed { argv: String, status: String, stderr: String },
+    Failed {
+        argv: String,
+        status: String,
+        stderr: String,
+    },
 }
 
 /// Absolute paths of the programs found on this machine.
@@ -70,11 +81,15 @@ impl Programs {
 
     /// The absolute path of `program`, or an error naming the package to install.
     pub fn require(&self, program: Program) -> Result<&Path, CmdError> {
-        self.found.iter().find(|(p, _)| *p == program).map(|(_, path)| path.as_path()).ok_or(CmdError::NotFound {
-            program: program.name(),
-            package: program.package(),
-            searched: SEARCH_DIRS.join(", "),
-        })
+        self.found
+            .iter()
+            .find(|(p, _)| *p == program)
+            .map(|(_, path)| path.as_path())
+            .ok_or(CmdError::NotFound {
+                program: program.name(),
+                package: program.package(),
+                searched: SEARCH_DIRS.join(", "),
+            })
     }
 
     /// Check at start-up that every program a plan needs is there.
@@ -99,7 +114,10 @@ pub fn run_path(path: &Path, args: &[OsString]) -> Result<String, CmdError> {
         .stdin(std::process::Stdio::null())
         .env("LC_ALL", "C")
         .output()
-        .map_err(|source| CmdError::Spawn { argv: argv.clone(), source })?;
+        .map_err(|source| CmdError::Spawn {
+            argv: argv.clone(),
+            source,
+        })?;
     if !out.status.success() {
         return Err(CmdError::Failed {
             argv,
@@ -146,9 +164,15 @@ mod tests {
         fake_program(b.path(), "mkfs.xfs", "exit 0");
         std::fs::write(a.path().join("mkfs.ext4"), "not executable").unwrap();
         let progs = Programs::discover_in([a.path(), b.path()].into_iter());
-        assert_eq!(progs.require(Program::MkfsXfs).unwrap(), b.path().join("mkfs.xfs"));
+        assert_eq!(
+            progs.require(Program::MkfsXfs).unwrap(),
+            b.path().join("mkfs.xfs")
+        );
         let err = progs.require(Program::MkfsExt4).unwrap_err().to_string();
-        assert!(err.contains("mkfs.ext4 not found") && err.contains("e2fsprogs"), "{err}");
+        assert!(
+            err.contains("mkfs.ext4 not found") && err.contains("e2fsprogs"),
+            "{err}"
+        );
         assert!(progs.check(&[Program::MkfsXfs]).is_ok());
         assert!(progs.check(&[Program::MkfsXfs, Program::XfsQuota]).is_err());
     }
@@ -158,7 +182,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         fake_program(d.path(), "mkfs.xfs", "echo 'no such device' >&2; exit 3");
         let progs = Programs::discover_in([d.path()].into_iter());
-        let err = progs.run(Program::MkfsXfs, &["-f".into(), "/dev/x".into()]).unwrap_err();
+        let err = progs
+            .run(Program::MkfsXfs, &["-f".into(), "/dev/x".into()])
+            .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("mkfs.xfs -f /dev/x"), "{msg}");
         assert!(msg.contains("exit status: 3"), "{msg}");
@@ -170,6 +196,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         fake_program(d.path(), "xfs_quota", "echo \"$@\"");
         let progs = Programs::discover_in([d.path()].into_iter());
-        assert_eq!(progs.run(Program::XfsQuota, &["-x".into()]).unwrap(), "-x\n");
+        assert_eq!(
+            progs.run(Program::XfsQuota, &["-x".into()]).unwrap(),
+            "-x\n"
+        );
     }
 }

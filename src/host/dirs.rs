@@ -23,9 +23,17 @@ pub enum DirError {
     #[error("{} exists and is not a symlink: kvstrap does not replace it", path.display())]
     NotASymlink { path: PathBuf },
     #[error("cannot {what} {}: {source}", path.display())]
-    Sys { what: &'static str, path: PathBuf, source: nix::Error },
+    Sys {
+        what: &'static str,
+        path: PathBuf,
+        source: nix::Error,
+    },
     #[error("cannot {what} {}: {source}", path.display())]
-    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// True when SELinux is enabled on this machine.
@@ -42,7 +50,13 @@ pub fn create_directory(path: &Path, owner: &Owner) -> Result<Outcome, DirError>
     let created = match nix::sys::stat::mkdirat(Some(parent_fd.as_raw_fd()), name, mode) {
         Ok(()) => true,
         Err(nix::Error::EEXIST) => false,
-        Err(source) => return Err(DirError::Sys { what: "create directory", path: path.to_path_buf(), source }),
+        Err(source) => {
+            return Err(DirError::Sys {
+                what: "create directory",
+                path: path.to_path_buf(),
+                source,
+            })
+        }
     };
     let fd = open_dir(Some(&parent_fd), Path::new(name), path)?;
     let fixed = ensure_owner(&fd, path, owner)?;
@@ -62,7 +76,11 @@ pub fn set_ownership(path: &Path, owner: &Owner) -> Result<Outcome, DirError> {
     let parent_fd = open_dir(None, parent, path)?;
     let fd = open_dir(Some(&parent_fd), Path::new(name), path)?;
     if ensure_owner(&fd, path, owner)? {
-        return Ok(Outcome::Changed(format!("set {} on {}", describe(owner), path.display())));
+        return Ok(Outcome::Changed(format!(
+            "set {} on {}",
+            describe(owner),
+            path.display()
+        )));
     }
     Ok(Outcome::Unchanged)
 }
@@ -72,9 +90,18 @@ fn describe(owner: &Owner) -> String {
 }
 
 fn split(path: &Path) -> Result<(&Path, &str), DirError> {
-    let bad = || DirError::BadPath { path: path.to_path_buf() };
-    let parent = path.parent().filter(|p| path.is_absolute() && !p.as_os_str().is_empty()).ok_or_else(bad)?;
-    let name = path.file_name().and_then(|n| n.to_str()).filter(|n| *n != "..").ok_or_else(bad)?;
+    let bad = || DirError::BadPath {
+        path: path.to_path_buf(),
+    };
+    let parent = path
+        .parent()
+        .filter(|p| path.is_absolute() && !p.as_os_str().is_empty())
+        .ok_or_else(bad)?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| *n != "..")
+        .ok_or_else(bad)?;
     Ok((parent, name))
 }
 
@@ -82,22 +109,39 @@ fn split(path: &Path) -> Result<(&Path, &str), DirError> {
 fn open_dir(at: Option<&OwnedFd>, rel: &Path, full: &Path) -> Result<OwnedFd, DirError> {
     let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY;
     let dirfd = at.map(|fd| fd.as_raw_fd());
-    let raw = nix::fcntl::openat(dirfd, rel, flags, Mode::empty()).map_err(|source| match source {
-        nix::Error::ELOOP | nix::Error::ENOTDIR => DirError::NotADirectory { path: full.to_path_buf() },
-        _ => DirError::Sys { what: "open", path: full.to_path_buf(), source },
-    })?;
+    let raw =
+        nix::fcntl::openat(dirfd, rel, flags, Mode::empty()).map_err(|source| match source {
+            nix::Error::ELOOP | nix::Error::ENOTDIR => DirError::NotADirectory {
+                path: full.to_path_buf(),
+            },
+            _ => DirError::Sys {
+                what: "open",
+                path: full.to_path_buf(),
+                source,
+            },
+        })?;
     // SAFETY: openat just returned this descriptor and nothing else owns it.
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
 }
 
 /// Set uid, gid and mode through the open descriptor; true when something changed.
 fn ensure_owner(fd: &OwnedFd, path: &Path, owner: &Owner) -> Result<bool, DirError> {
-    let sys = |what| move |source| DirError::Sys { what, path: path.to_path_buf(), source };
+    let sys = |what| {
+        move |source| DirError::Sys {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
     let st = fstat(fd.as_raw_fd()).map_err(sys("stat"))?;
     let mut changed = false;
     if st.st_uid != owner.uid || st.st_gid != owner.gid {
-        let (uid, gid) = (Some(Uid::from_raw(owner.uid)), Some(Gid::from_raw(owner.gid)));
-        nix::unistd::fchownat(Some(fd.as_raw_fd()), "", uid, gid, AtFlags::AT_EMPTY_PATH).map_err(sys("chown"))?;
+        let (uid, gid) = (
+            Some(Uid::from_raw(owner.uid)),
+            Some(Gid::from_raw(owner.gid)),
+        );
+        nix::unistd::fchownat(Some(fd.as_raw_fd()), "", uid, gid, AtFlags::AT_EMPTY_PATH)
+            .map_err(sys("chown"))?;
         changed = true;
     }
     // chown clears setuid/setgid bits, so the mode is set after it.
@@ -129,14 +173,25 @@ fn ensure_selinux_label(fd: &OwnedFd, path: &Path) -> Result<bool, DirError> {
 
 fn log_selinux_skipped() {
     static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| tracing::info!("SELinux is not enabled (no {SELINUX_ENFORCE}): volume directories get no label"));
+    ONCE.call_once(|| {
+        tracing::info!(
+            "SELinux is not enabled (no {SELINUX_ENFORCE}): volume directories get no label"
+        )
+    });
 }
 
 fn get_xattr(fd: &impl AsFd, name: &str) -> Option<String> {
     let cname = std::ffi::CString::new(name).ok()?;
     let mut buf = [0u8; 256];
     // SAFETY: buf is valid for its length; the fd is open.
-    let n = unsafe { libc::fgetxattr(fd.as_fd().as_raw_fd(), cname.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n = unsafe {
+        libc::fgetxattr(
+            fd.as_fd().as_raw_fd(),
+            cname.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
     let n = usize::try_from(n).ok()?;
     Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
@@ -144,7 +199,15 @@ fn get_xattr(fd: &impl AsFd, name: &str) -> Option<String> {
 fn set_xattr(fd: &impl AsFd, name: &str, value: &[u8]) -> std::io::Result<()> {
     let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
     // SAFETY: value is valid for its length; the fd is open.
-    let rc = unsafe { libc::fsetxattr(fd.as_fd().as_raw_fd(), cname.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    let rc = unsafe {
+        libc::fsetxattr(
+            fd.as_fd().as_raw_fd(),
+            cname.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
     if rc == 0 {
         Ok(())
     } else {
@@ -153,7 +216,11 @@ fn set_xattr(fd: &impl AsFd, name: &str, value: &[u8]) -> std::io::Result<()> {
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DirError + 'a {
-    move |source| DirError::Io { what, path: path.to_path_buf(), source }
+    move |source| DirError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Point the symlink `link` at `target`, atomically (temporary link + rename). Creates
@@ -165,7 +232,11 @@ pub fn link_block_device(link: &Path, target: &Path) -> Result<Outcome, DirError
                 return Ok(Outcome::Unchanged);
             }
         }
-        Ok(_) => return Err(DirError::NotASymlink { path: link.to_path_buf() }),
+        Ok(_) => {
+            return Err(DirError::NotASymlink {
+                path: link.to_path_buf(),
+            })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io("inspect", link)(e)),
     }
@@ -176,7 +247,11 @@ pub fn link_block_device(link: &Path, target: &Path) -> Result<Outcome, DirError
     std::os::unix::fs::symlink(target, &tmp).map_err(io("create symlink", &tmp))?;
     std::fs::rename(&tmp, link).map_err(io("rename symlink into", link))?;
     crate::host::failpoint("link_block_device");
-    Ok(Outcome::Changed(format!("{} -> {}", link.display(), target.display())))
+    Ok(Outcome::Changed(format!(
+        "{} -> {}",
+        link.display(),
+        target.display()
+    )))
 }
 
 #[cfg(test)]
@@ -186,7 +261,11 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     fn me(mode: u32) -> Owner {
-        Owner { uid: nix::unistd::geteuid().as_raw(), gid: nix::unistd::getegid().as_raw(), mode }
+        Owner {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+            mode,
+        }
     }
 
     #[test]
@@ -195,7 +274,10 @@ mod tests {
         let p = d.path().join("vol-01");
         assert!(create_directory(&p, &me(0o750)).unwrap().is_changed());
         assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o7777, 0o750);
-        assert_eq!(create_directory(&p, &me(0o750)).unwrap(), Outcome::Unchanged);
+        assert_eq!(
+            create_directory(&p, &me(0o750)).unwrap(),
+            Outcome::Unchanged
+        );
         assert!(create_directory(&p, &me(0o700)).unwrap().is_changed());
         assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o7777, 0o700);
         assert_eq!(set_ownership(&p, &me(0o700)).unwrap(), Outcome::Unchanged);
@@ -209,27 +291,56 @@ mod tests {
         std::fs::create_dir(&elsewhere).unwrap();
         let p = d.path().join("vol");
         std::os::unix::fs::symlink(&elsewhere, &p).unwrap();
-        assert!(matches!(create_directory(&p, &me(0o700)), Err(DirError::NotADirectory { .. })));
-        assert_ne!(std::fs::metadata(&elsewhere).unwrap().mode() & 0o7777, 0o700);
+        assert!(matches!(
+            create_directory(&p, &me(0o700)),
+            Err(DirError::NotADirectory { .. })
+        ));
+        assert_ne!(
+            std::fs::metadata(&elsewhere).unwrap().mode() & 0o7777,
+            0o700
+        );
     }
 
     #[test]
     fn relative_paths_are_refused() {
-        assert!(matches!(create_directory(Path::new("vol"), &me(0o700)), Err(DirError::BadPath { .. })));
+        assert!(matches!(
+            create_directory(Path::new("vol"), &me(0o700)),
+            Err(DirError::BadPath { .. })
+        ));
     }
 
     #[test]
     fn block_links_are_replaced_atomically_and_idempotently() {
         let d = tempfile::tempdir().unwrap();
         let link = d.path().join("block/vol-01");
-        assert!(link_block_device(&link, Path::new("/dev/loop0p1")).unwrap().is_changed());
-        assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("/dev/loop0p1"));
-        assert_eq!(link_block_device(&link, Path::new("/dev/loop0p1")).unwrap(), Outcome::Unchanged);
-        assert!(link_block_device(&link, Path::new("/dev/loop0p2")).unwrap().is_changed());
-        assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("/dev/loop0p2"));
-        assert_eq!(std::fs::read_dir(d.path().join("block")).unwrap().count(), 1, "no temp links left");
+        assert!(link_block_device(&link, Path::new("/dev/loop0p1"))
+            .unwrap()
+            .is_changed());
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            Path::new("/dev/loop0p1")
+        );
+        assert_eq!(
+            link_block_device(&link, Path::new("/dev/loop0p1")).unwrap(),
+            Outcome::Unchanged
+        );
+        assert!(link_block_device(&link, Path::new("/dev/loop0p2"))
+            .unwrap()
+            .is_changed());
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            Path::new("/dev/loop0p2")
+        );
+        assert_eq!(
+            std::fs::read_dir(d.path().join("block")).unwrap().count(),
+            1,
+            "no temp links left"
+        );
         let file = d.path().join("block/file");
         std::fs::write(&file, "x").unwrap();
-        assert!(matches!(link_block_device(&file, Path::new("/dev/x")), Err(DirError::NotASymlink { .. })));
+        assert!(matches!(
+            link_block_device(&file, Path::new("/dev/x")),
+            Err(DirError::NotASymlink { .. })
+        ));
     }
 }

@@ -24,7 +24,10 @@ pub const FAILPOINTS: &[&str] = &[
 /// buffered output, like a crash would.
 pub fn failpoint(name: &str) {
     if is_armed(std::env::var(FAILPOINT_ENV).ok().as_deref(), name) {
-        tracing::warn!(failpoint = name, "failpoint reached: exiting with status 137");
+        tracing::warn!(
+            failpoint = name,
+            "failpoint reached: exiting with status 137"
+        );
         // SAFETY: _exit has no preconditions; it ends the process without running Rust code.
         unsafe { libc::_exit(FAILPOINT_EXIT_STATUS) }
     }

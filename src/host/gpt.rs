@@ -17,11 +17,18 @@ pub const ALIGNMENT_BYTES: u64 = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum GptError {
     #[error("cannot open {}: {source}", disk.display())]
-    Open { disk: PathBuf, source: std::io::Error },
+    Open {
+        disk: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid layout for {}: {detail}", disk.display())]
     Layout { disk: PathBuf, detail: String },
     #[error("{} is {actual} bytes but the plan was made for {planned} bytes: re-run `kvstrap plan`", disk.display())]
-    SizeChanged { disk: PathBuf, planned: u64, actual: u64 },
+    SizeChanged {
+        disk: PathBuf,
+        planned: u64,
+        actual: u64,
+    },
     #[error("writing the partition table of {}: {detail}", disk.display())]
     Write { disk: PathBuf, detail: String },
     #[error("reading the partition table of {}: {detail}", disk.display())]
@@ -63,7 +70,10 @@ impl GptTable {
                 name: p.name.clone(),
             })
             .collect();
-        GptTable { disk_guid: layout.disk_guid, entries }
+        GptTable {
+            disk_guid: layout.disk_guid,
+            entries,
+        }
     }
 }
 
@@ -77,10 +87,17 @@ pub fn write_partition_table(layout: &DiskLayout) -> Result<Outcome, GptError> {
         .read(true)
         .write(true)
         .open(disk)
-        .map_err(|source| GptError::Open { disk: disk.clone(), source })?;
+        .map_err(|source| GptError::Open {
+            disk: disk.clone(),
+            source,
+        })?;
     let actual = blkpg::device_size(&file, disk).or_else(|_| file_len(&file, disk))?;
     if actual != layout.size_bytes {
-        return Err(GptError::SizeChanged { disk: disk.clone(), planned: layout.size_bytes, actual });
+        return Err(GptError::SizeChanged {
+            disk: disk.clone(),
+            planned: layout.size_bytes,
+            actual,
+        });
     }
     if read_table(&mut file, disk, lb)?.as_ref() == Some(&GptTable::from_layout(layout)) {
         return Ok(Outcome::Unchanged);
@@ -97,24 +114,33 @@ pub fn write_partition_table(layout: &DiskLayout) -> Result<Outcome, GptError> {
 
 fn write_table(file: &mut File, layout: &DiskLayout, lb: LogicalBlockSize) -> Result<(), GptError> {
     let disk = &layout.disk;
-    let werr = |detail: String| GptError::Write { disk: disk.clone(), detail };
+    let werr = |detail: String| GptError::Write {
+        disk: disk.clone(),
+        detail,
+    };
     let sectors = layout.size_bytes / lb.as_u64();
     // The protective MBR covers the whole disk, capped at what 32 bits can say.
     let mbr = ProtectiveMBR::with_lb_size(u32::try_from(sectors - 1).unwrap_or(u32::MAX));
-    mbr.overwrite_lba0(file).map_err(|e| werr(format!("protective MBR: {e}")))?;
+    mbr.overwrite_lba0(file)
+        .map_err(|e| werr(format!("protective MBR: {e}")))?;
     let mut gdisk = gpt::GptConfig::new()
         .writable(true)
         .logical_block_size(lb)
         .create_from_device(&mut *file, Some(layout.disk_guid))
         .map_err(|e| werr(e.to_string()))?;
-    gdisk.update_partitions(entries(layout, lb)).map_err(|e| werr(e.to_string()))?;
+    gdisk
+        .update_partitions(entries(layout, lb))
+        .map_err(|e| werr(e.to_string()))?;
     gdisk.write_inplace().map_err(|e| werr(e.to_string()))?;
     drop(gdisk);
     file.sync_all().map_err(|e| werr(format!("fsync: {e}")))
 }
 
 fn entries(layout: &DiskLayout, lb: LogicalBlockSize) -> BTreeMap<u32, Partition> {
-    let kind = Type { guid: KVSTRAP_PART_TYPE, os: OperatingSystem::Custom("kvstrap".into()) };
+    let kind = Type {
+        guid: KVSTRAP_PART_TYPE,
+        os: OperatingSystem::Custom("kvstrap".into()),
+    };
     layout
         .partitions
         .iter()
@@ -136,7 +162,10 @@ fn entries(layout: &DiskLayout, lb: LogicalBlockSize) -> BTreeMap<u32, Partition
 /// Check what the gpt crate would silently get wrong: it packs entries in number order,
 /// so numbers must be 1..=n; it truncates names; it does not check overlaps.
 pub fn validate_layout(layout: &DiskLayout) -> Result<LogicalBlockSize, GptError> {
-    let bad = |detail: String| GptError::Layout { disk: layout.disk.clone(), detail };
+    let bad = |detail: String| GptError::Layout {
+        disk: layout.disk.clone(),
+        detail,
+    };
     let lb = match layout.logical_sector_size {
         512 => LogicalBlockSize::Lb512,
         4096 => LogicalBlockSize::Lb4096,
@@ -155,21 +184,33 @@ pub fn validate_layout(layout: &DiskLayout) -> Result<LogicalBlockSize, GptError
                 i + 1
             )));
         }
-        if p.start_bytes % ALIGNMENT_BYTES != 0 || p.size_bytes % lb.as_u64() != 0 || p.size_bytes == 0 {
+        if p.start_bytes % ALIGNMENT_BYTES != 0
+            || p.size_bytes % lb.as_u64() != 0
+            || p.size_bytes == 0
+        {
             return Err(bad(format!(
                 "partition {} ({}+{}) is not 1 MiB aligned or is empty",
                 p.number, p.start_bytes, p.size_bytes
             )));
         }
         if p.start_bytes < previous_end {
-            return Err(bad(format!("partition {} overlaps the one before or the GPT", p.number)));
+            return Err(bad(format!(
+                "partition {} overlaps the one before or the GPT",
+                p.number
+            )));
         }
         previous_end = p.start_bytes + p.size_bytes;
         if previous_end > last_usable_end {
-            return Err(bad(format!("partition {} ends past the last usable sector", p.number)));
+            return Err(bad(format!(
+                "partition {} ends past the last usable sector",
+                p.number
+            )));
         }
         if p.name.encode_utf16().count() > 36 {
-            return Err(bad(format!("partition name {:?} is longer than 36 UTF-16 units", p.name)));
+            return Err(bad(format!(
+                "partition name {:?} is longer than 36 UTF-16 units",
+                p.name
+            )));
         }
     }
     Ok(lb)
@@ -177,7 +218,10 @@ pub fn validate_layout(layout: &DiskLayout) -> Result<LogicalBlockSize, GptError
 
 /// Read the GPT of `disk`; None when it has no valid GPT header.
 pub fn read_partition_table(disk: &Path) -> Result<Option<GptTable>, GptError> {
-    let mut file = File::open(disk).map_err(|source| GptError::Open { disk: disk.to_path_buf(), source })?;
+    let mut file = File::open(disk).map_err(|source| GptError::Open {
+        disk: disk.to_path_buf(),
+        source,
+    })?;
     let lb = match blkpg::logical_sector_size(&file, disk) {
         Ok(4096) => LogicalBlockSize::Lb4096,
         _ => LogicalBlockSize::Lb512,
@@ -185,17 +229,32 @@ pub fn read_partition_table(disk: &Path) -> Result<Option<GptTable>, GptError> {
     read_table(&mut file, disk, lb)
 }
 
-fn read_table(file: &mut File, disk: &Path, lb: LogicalBlockSize) -> Result<Option<GptTable>, GptError> {
+fn read_table(
+    file: &mut File,
+    disk: &Path,
+    lb: LogicalBlockSize,
+) -> Result<Option<GptTable>, GptError> {
     // Both headers must be valid: a disk with one damaged header does not "match".
-    let opened = gpt::GptConfig::new().logical_block_size(lb).only_valid_headers(true).open_from_device(&mut *file);
+    let opened = gpt::GptConfig::new()
+        .logical_block_size(lb)
+        .only_valid_headers(true)
+        .open_from_device(&mut *file);
     let gdisk = match opened {
         Ok(d) => d,
-        Err(gpt::GptError::Io(e)) => return Err(GptError::Read { disk: disk.to_path_buf(), detail: e.to_string() }),
+        Err(gpt::GptError::Io(e)) => {
+            return Err(GptError::Read {
+                disk: disk.to_path_buf(),
+                detail: e.to_string(),
+            })
+        }
         Err(_) => return Ok(None),
     };
     let mut entries = Vec::new();
     for (&number, p) in gdisk.partitions().iter().filter(|(_, p)| p.is_used()) {
-        let rerr = |e: std::io::Error| GptError::Read { disk: disk.to_path_buf(), detail: e.to_string() };
+        let rerr = |e: std::io::Error| GptError::Read {
+            disk: disk.to_path_buf(),
+            detail: e.to_string(),
+        };
         entries.push(GptEntry {
             number,
             start_bytes: p.bytes_start(lb).map_err(rerr)?,
@@ -205,11 +264,19 @@ fn read_table(file: &mut File, disk: &Path, lb: LogicalBlockSize) -> Result<Opti
             name: p.name.clone(),
         });
     }
-    Ok(Some(GptTable { disk_guid: *gdisk.guid(), entries }))
+    Ok(Some(GptTable {
+        disk_guid: *gdisk.guid(),
+        entries,
+    }))
 }
 
 fn file_len(file: &File, disk: &Path) -> Result<u64, GptError> {
-    file.metadata().map(|m| m.len()).map_err(|source| GptError::Open { disk: disk.to_path_buf(), source })
+    file.metadata()
+        .map(|m| m.len())
+        .map_err(|source| GptError::Open {
+            disk: disk.to_path_buf(),
+            source,
+        })
 }
 
 #[cfg(test)]
@@ -270,7 +337,10 @@ pub(crate) mod tests {
         write_partition_table(&layout(&img, 64 * MIB, &[(MIB, 20 * MIB)])).unwrap();
         let l2 = layout(&img, 64 * MIB, &[(MIB, 10 * MIB), (11 * MIB, 10 * MIB)]);
         assert!(write_partition_table(&l2).unwrap().is_changed());
-        assert_eq!(read_partition_table(&img).unwrap().unwrap().entries.len(), 2);
+        assert_eq!(
+            read_partition_table(&img).unwrap().unwrap().entries.len(),
+            2
+        );
     }
 
     #[test]

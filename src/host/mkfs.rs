@@ -19,11 +19,21 @@ pub fn max_label_len(fs: FsType) -> usize {
 #[derive(Debug, thiserror::Error)]
 pub enum MkfsError {
     #[error("label {label:?} is longer than {max} bytes, the most {fs} can store")]
-    LabelTooLong { label: String, fs: &'static str, max: usize },
+    LabelTooLong {
+        label: String,
+        fs: &'static str,
+        max: usize,
+    },
     #[error("refusing to format {}: it carries {found}; kvstrap formats only blank devices", device.display())]
     NotBlank { device: PathBuf, found: String },
     #[error("{} was formatted but reads back as {found:?}, not the {fs_type} with UUID {uuid} and label {label:?} the plan asked for", device.display())]
-    Verify { device: PathBuf, fs_type: &'static str, uuid: uuid::Uuid, label: String, found: Box<Option<FsIdentity>> },
+    Verify {
+        device: PathBuf,
+        fs_type: &'static str,
+        uuid: uuid::Uuid,
+        label: String,
+        found: Box<Option<FsIdentity>>,
+    },
     #[error("not formatting {} as ext4 with project quota: {reason}; the filesystem could not be mounted. Use a kernel with quota support or a layout without shared directories", device.display())]
     QuotaUnsupported { device: PathBuf, reason: String },
     #[error(transparent)]
@@ -41,7 +51,11 @@ pub fn matches_spec(found: &FsIdentity, fs: &FsSpec) -> bool {
 
 /// Create the filesystem `fs` on `device`. Unchanged when it is already there; refused when
 /// the device carries any other signature, or when something holds the device.
-pub fn make_filesystem(programs: &Programs, device: &Path, fs: &FsSpec) -> Result<Outcome, MkfsError> {
+pub fn make_filesystem(
+    programs: &Programs,
+    device: &Path,
+    fs: &FsSpec,
+) -> Result<Outcome, MkfsError> {
     check_label(fs)?;
     let program = match fs.fs_type {
         FsType::Xfs => Program::MkfsXfs,
@@ -58,7 +72,10 @@ pub fn make_filesystem(programs: &Programs, device: &Path, fs: &FsSpec) -> Resul
     }
     if !found.is_empty() {
         let list: Vec<String> = found.iter().map(describe_signature).collect();
-        return Err(MkfsError::NotBlank { device: device.to_path_buf(), found: list.join(", ") });
+        return Err(MkfsError::NotBlank {
+            device: device.to_path_buf(),
+            found: list.join(", "),
+        });
     }
     check_quota_support(device, fs)?;
     // Prove nothing holds the device, then let go: mkfs opens it O_EXCL itself.
@@ -78,7 +95,11 @@ pub fn make_filesystem(programs: &Programs, device: &Path, fs: &FsSpec) -> Resul
 fn check_label(fs: &FsSpec) -> Result<(), MkfsError> {
     let max = max_label_len(fs.fs_type);
     if fs.label.len() > max {
-        return Err(MkfsError::LabelTooLong { label: fs.label.clone(), fs: fs.fs_type.as_str(), max });
+        return Err(MkfsError::LabelTooLong {
+            label: fs.label.clone(),
+            fs: fs.fs_type.as_str(),
+            max,
+        });
     }
     Ok(())
 }
@@ -91,9 +112,10 @@ fn check_quota_support(device: &Path, fs: &FsSpec) -> Result<(), MkfsError> {
         return Ok(());
     }
     match crate::host::quota::kernel_support(FsType::Ext4) {
-        crate::host::quota::QuotaSupport::Unsupported(reason) => {
-            Err(MkfsError::QuotaUnsupported { device: device.to_path_buf(), reason })
-        }
+        crate::host::quota::QuotaSupport::Unsupported(reason) => Err(MkfsError::QuotaUnsupported {
+            device: device.to_path_buf(),
+            reason,
+        }),
         _ => Ok(()),
     }
 }
@@ -104,22 +126,41 @@ fn check_quota_support(device: &Path, fs: &FsSpec) -> Result<(), MkfsError> {
 /// of a whole disk can take minutes.
 pub fn mkfs_args(device: &Path, fs: &FsSpec) -> Vec<OsString> {
     let mut args: Vec<OsString> = match fs.fs_type {
-        FsType::Xfs => vec!["-q".into(), "-f".into(), "-K".into(), "-m".into(), format!("uuid={}", fs.uuid).into()],
+        FsType::Xfs => vec![
+            "-q".into(),
+            "-f".into(),
+            "-K".into(),
+            "-m".into(),
+            format!("uuid={}", fs.uuid).into(),
+        ],
         FsType::Ext4 => {
             // No blocks reserved for root: volumes belong to VMs (qemu runs as 107), and
             // root's 5% would make published capacity unusable.
-            let mut a: Vec<OsString> =
-                vec!["-q".into(), "-F".into(), "-m".into(), "0".into(), "-U".into(), fs.uuid.to_string().into()];
+            let mut a: Vec<OsString> = vec![
+                "-q".into(),
+                "-F".into(),
+                "-m".into(),
+                "0".into(),
+                "-U".into(),
+                fs.uuid.to_string().into(),
+            ];
             if fs.project_quota {
                 a.extend(["-O".into(), "quota,project".into()]);
-                a.extend(["-E".into(), "quotatype=prjquota,lazy_itable_init=1,nodiscard".into()]);
+                a.extend([
+                    "-E".into(),
+                    "quotatype=prjquota,lazy_itable_init=1,nodiscard".into(),
+                ]);
             } else {
                 a.extend(["-E".into(), "lazy_itable_init=1,nodiscard".into()]);
             }
             a
         }
     };
-    args.extend(["-L".into(), fs.label.clone().into(), device.as_os_str().to_owned()]);
+    args.extend([
+        "-L".into(),
+        fs.label.clone().into(),
+        device.as_os_str().to_owned(),
+    ]);
     args
 }
 
@@ -167,10 +208,22 @@ mod tests {
 
     #[test]
     fn xfs_args_set_uuid_label_and_skip_discard() {
-        let a = strs(mkfs_args(Path::new("/dev/loop0p1"), &spec(FsType::Xfs, true)));
+        let a = strs(mkfs_args(
+            Path::new("/dev/loop0p1"),
+            &spec(FsType::Xfs, true),
+        ));
         assert_eq!(
             a,
-            ["-q", "-f", "-K", "-m", "uuid=abcd0000-0000-0000-0000-000000000001", "-L", "kvs-0123abcd", "/dev/loop0p1"]
+            [
+                "-q",
+                "-f",
+                "-K",
+                "-m",
+                "uuid=abcd0000-0000-0000-0000-000000000001",
+                "-L",
+                "kvs-0123abcd",
+                "/dev/loop0p1"
+            ]
         );
     }
 
@@ -179,16 +232,24 @@ mod tests {
         let a = strs(mkfs_args(Path::new("/dev/sdb1"), &spec(FsType::Ext4, true)));
         assert!(a.windows(2).any(|w| w == ["-O", "quota,project"]), "{a:?}");
         assert!(a.iter().any(|s| s.contains("quotatype=prjquota")), "{a:?}");
-        let a = strs(mkfs_args(Path::new("/dev/sdb1"), &spec(FsType::Ext4, false)));
+        let a = strs(mkfs_args(
+            Path::new("/dev/sdb1"),
+            &spec(FsType::Ext4, false),
+        ));
         assert!(!a.iter().any(|s| s.contains("quota")), "{a:?}");
-        assert!(a.windows(2).any(|w| w == ["-U", "abcd0000-0000-0000-0000-000000000001"]));
+        assert!(a
+            .windows(2)
+            .any(|w| w == ["-U", "abcd0000-0000-0000-0000-000000000001"]));
     }
 
     #[test]
     fn labels_longer_than_the_filesystem_allows_are_refused() {
         let mut fs = spec(FsType::Xfs, false);
         fs.label = "kvs-0123abcde".into();
-        assert!(matches!(check_label(&fs), Err(MkfsError::LabelTooLong { max: 12, .. })));
+        assert!(matches!(
+            check_label(&fs),
+            Err(MkfsError::LabelTooLong { max: 12, .. })
+        ));
         fs.fs_type = FsType::Ext4;
         assert!(check_label(&fs).is_ok());
     }
@@ -202,8 +263,20 @@ mod tests {
             label: Some("kvs-0123abcd".into()),
         };
         assert!(matches_spec(&good, &fs));
-        assert!(!matches_spec(&FsIdentity { fs_type: "ext4".into(), ..good.clone() }, &fs));
-        assert!(!matches_spec(&FsIdentity { label: Some("other".into()), ..good.clone() }, &fs));
+        assert!(!matches_spec(
+            &FsIdentity {
+                fs_type: "ext4".into(),
+                ..good.clone()
+            },
+            &fs
+        ));
+        assert!(!matches_spec(
+            &FsIdentity {
+                label: Some("other".into()),
+                ..good.clone()
+            },
+            &fs
+        ));
         assert!(!matches_spec(&FsIdentity { uuid: None, ..good }, &fs));
     }
 }

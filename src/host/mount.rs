@@ -11,17 +11,43 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
     #[error("{} does not carry the filesystem {uuid} the plan expects (found {found}): not mounting it", device.display())]
-    WrongFilesystem { device: PathBuf, uuid: uuid::Uuid, found: String },
+    WrongFilesystem {
+        device: PathBuf,
+        uuid: uuid::Uuid,
+        found: String,
+    },
     #[error("{} already has {source_dev} ({fstype}) mounted on it, not {}: unmount it or fix the policy; kvstrap does not replace mounts", mountpoint.display(), device.display())]
-    Occupied { mountpoint: PathBuf, device: PathBuf, source_dev: String, fstype: String },
+    Occupied {
+        mountpoint: PathBuf,
+        device: PathBuf,
+        source_dev: String,
+        fstype: String,
+    },
     #[error("{} is mounted without {option}, which quotas need: remount it with {option}", mountpoint.display())]
-    MissingOption { mountpoint: PathBuf, option: &'static str },
+    MissingOption {
+        mountpoint: PathBuf,
+        option: &'static str,
+    },
     #[error("cannot {what} {}: {source}", path.display())]
-    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("mount {} on {} ({fstype}, {data}): {source}{hint}", device.display(), mountpoint.display())]
-    Mount { device: PathBuf, mountpoint: PathBuf, fstype: &'static str, data: String, source: nix::Error, hint: String },
+    Mount {
+        device: PathBuf,
+        mountpoint: PathBuf,
+        fstype: &'static str,
+        data: String,
+        source: nix::Error,
+        hint: String,
+    },
     #[error("unmount {}: {source}", mountpoint.display())]
-    Unmount { mountpoint: PathBuf, source: nix::Error },
+    Unmount {
+        mountpoint: PathBuf,
+        source: nix::Error,
+    },
     #[error("no mounted filesystem holds {}", path.display())]
     NotMounted { path: PathBuf },
     #[error(transparent)]
@@ -58,7 +84,13 @@ fn parse_line(line: &str) -> Option<MountEntry> {
     let fstype = post.next()?.to_string();
     let source = unescape(post.next()?);
     let mut options: Vec<String> = pre.get(5)?.split(',').map(String::from).collect();
-    options.extend(post.next().unwrap_or("").split(',').filter(|o| !o.is_empty()).map(String::from));
+    options.extend(
+        post.next()
+            .unwrap_or("")
+            .split(',')
+            .filter(|o| !o.is_empty())
+            .map(String::from),
+    );
     Some(MountEntry {
         devno: nix::sys::stat::makedev(maj.parse().ok()?, min.parse().ok()?),
         mountpoint: PathBuf::from(unescape(pre.get(4)?)),
@@ -74,7 +106,9 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        let oct = b.get(i + 1..i + 4).filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match oct.and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok()) {
             Some(c) => {
                 out.push(c);
@@ -101,19 +135,27 @@ fn mountinfo() -> Result<Vec<MountEntry>, MountError> {
 
 /// What is mounted exactly on `mountpoint` (the top-most mount), if anything.
 pub fn current_mount(mountpoint: &Path) -> Result<Option<MountEntry>, MountError> {
-    Ok(mountinfo()?.into_iter().rev().find(|m| m.mountpoint == mountpoint))
+    Ok(mountinfo()?
+        .into_iter()
+        .rev()
+        .find(|m| m.mountpoint == mountpoint))
 }
 
 /// The mount that holds `path` (the entry whose device is the path's st_dev).
 pub fn mount_of(path: &Path) -> Result<MountEntry, MountError> {
-    let meta =
-        std::fs::metadata(path).map_err(|source| MountError::Io { what: "stat", path: path.to_path_buf(), source })?;
+    let meta = std::fs::metadata(path).map_err(|source| MountError::Io {
+        what: "stat",
+        path: path.to_path_buf(),
+        source,
+    })?;
     mountinfo()?
         .into_iter()
         .rev()
         .filter(|m| m.devno == meta.dev() && path.starts_with(&m.mountpoint))
         .max_by_key(|m| m.mountpoint.as_os_str().len())
-        .ok_or_else(|| MountError::NotMounted { path: path.to_path_buf() })
+        .ok_or_else(|| MountError::NotMounted {
+            path: path.to_path_buf(),
+        })
 }
 
 /// The mount flags and data string for `options`, plus what quotas need.
@@ -167,19 +209,25 @@ pub fn mount_filesystem(device: &Path, fs: &FsSpec) -> Result<Outcome, MountErro
     let (flags, data) = mount_flags(&fs.mount_options, fs.project_quota);
     let fstype = fs.fs_type.as_str();
     let data_arg = (!data.is_empty()).then_some(data.as_str());
-    nix::mount::mount(Some(device), &fs.mountpoint, Some(fstype), flags, data_arg).map_err(|source| {
-        let hint = mount_hint(fs, source);
-        MountError::Mount {
-            device: device.to_path_buf(),
-            mountpoint: fs.mountpoint.clone(),
-            fstype,
-            data: data.clone(),
-            source,
-            hint,
-        }
-    })?;
+    nix::mount::mount(Some(device), &fs.mountpoint, Some(fstype), flags, data_arg).map_err(
+        |source| {
+            let hint = mount_hint(fs, source);
+            MountError::Mount {
+                device: device.to_path_buf(),
+                mountpoint: fs.mountpoint.clone(),
+                fstype,
+                data: data.clone(),
+                source,
+                hint,
+            }
+        },
+    )?;
     crate::host::failpoint("mount");
-    Ok(Outcome::Changed(format!("mounted {} on {}", device.display(), fs.mountpoint.display())))
+    Ok(Outcome::Changed(format!(
+        "mounted {} on {}",
+        device.display(),
+        fs.mountpoint.display()
+    )))
 }
 
 /// The usual reason a quota mount fails with EINVAL is a kernel without quota support.
@@ -196,13 +244,20 @@ fn mount_hint(fs: &FsSpec, err: nix::Error) -> String {
 fn check_identity(device: &Path, fs: &FsSpec) -> Result<(), MountError> {
     let found = probe::filesystem(device)?;
     let ok = found.as_ref().is_some_and(|f| {
-        f.fs_type == fs.fs_type.as_str() && f.uuid.as_deref().map(str::to_ascii_lowercase) == Some(fs.uuid.to_string())
+        f.fs_type == fs.fs_type.as_str()
+            && f.uuid.as_deref().map(str::to_ascii_lowercase) == Some(fs.uuid.to_string())
     });
     if ok {
         return Ok(());
     }
-    let found = found.map_or("no filesystem".into(), |f| format!("{} {}", f.fs_type, f.uuid.unwrap_or_default()));
-    Err(MountError::WrongFilesystem { device: device.to_path_buf(), uuid: fs.uuid, found })
+    let found = found.map_or("no filesystem".into(), |f| {
+        format!("{} {}", f.fs_type, f.uuid.unwrap_or_default())
+    });
+    Err(MountError::WrongFilesystem {
+        device: device.to_path_buf(),
+        uuid: fs.uuid,
+        found,
+    })
 }
 
 fn block_devno(device: &Path) -> Result<u64, MountError> {
@@ -212,10 +267,19 @@ fn block_devno(device: &Path) -> Result<u64, MountError> {
         source,
     })?;
     // A regular file (tests) has no rdev; its st_dev would never match a mount.
-    Ok(if meta.file_type().is_block_device() { meta.rdev() } else { u64::MAX })
+    Ok(if meta.file_type().is_block_device() {
+        meta.rdev()
+    } else {
+        u64::MAX
+    })
 }
 
-fn already_mounted(m: &MountEntry, devno: u64, device: &Path, fs: &FsSpec) -> Result<Outcome, MountError> {
+fn already_mounted(
+    m: &MountEntry,
+    devno: u64,
+    device: &Path,
+    fs: &FsSpec,
+) -> Result<Outcome, MountError> {
     if m.devno != devno || m.fstype != fs.fs_type.as_str() {
         return Err(MountError::Occupied {
             mountpoint: fs.mountpoint.clone(),
@@ -225,7 +289,10 @@ fn already_mounted(m: &MountEntry, devno: u64, device: &Path, fs: &FsSpec) -> Re
         });
     }
     if fs.project_quota && !m.has_option("prjquota") {
-        return Err(MountError::MissingOption { mountpoint: fs.mountpoint.clone(), option: "prjquota" });
+        return Err(MountError::MissingOption {
+            mountpoint: fs.mountpoint.clone(),
+            option: "prjquota",
+        });
     }
     Ok(Outcome::Unchanged)
 }
@@ -235,9 +302,14 @@ pub fn unmount(mountpoint: &Path) -> Result<Outcome, MountError> {
     if current_mount(mountpoint)?.is_none() {
         return Ok(Outcome::Unchanged);
     }
-    nix::mount::umount2(mountpoint, MntFlags::empty())
-        .map_err(|source| MountError::Unmount { mountpoint: mountpoint.to_path_buf(), source })?;
-    Ok(Outcome::Changed(format!("unmounted {}", mountpoint.display())))
+    nix::mount::umount2(mountpoint, MntFlags::empty()).map_err(|source| MountError::Unmount {
+        mountpoint: mountpoint.to_path_buf(),
+        source,
+    })?;
+    Ok(Outcome::Changed(format!(
+        "unmounted {}",
+        mountpoint.display()
+    )))
 }
 
 #[cfg(test)]
@@ -257,7 +329,10 @@ mod tests {
         let m = parse_mountinfo(MOUNTINFO);
         assert_eq!(m.len(), 3);
         assert_eq!(m[1].devno, nix::sys::stat::makedev(259, 1));
-        assert_eq!(m[1].mountpoint, Path::new("/var/lib/kvstrap/storage/nvme-a"));
+        assert_eq!(
+            m[1].mountpoint,
+            Path::new("/var/lib/kvstrap/storage/nvme-a")
+        );
         assert_eq!(m[1].fstype, "xfs");
         assert_eq!(m[1].source, "/dev/nvme0n1p1");
         assert!(m[1].has_option("noatime") && m[1].has_option("prjquota"));
@@ -266,10 +341,16 @@ mod tests {
 
     #[test]
     fn options_split_into_flags_and_data() {
-        let opts: Vec<String> =
-            ["noatime", "nodev", "defaults", "discard", "discard", "nosuid"].map(String::from).into();
+        let opts: Vec<String> = [
+            "noatime", "nodev", "defaults", "discard", "discard", "nosuid",
+        ]
+        .map(String::from)
+        .into();
         let (flags, data) = mount_flags(&opts, true);
-        assert_eq!(flags, MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_NOSUID);
+        assert_eq!(
+            flags,
+            MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_NOSUID
+        );
         assert_eq!(data, "discard,prjquota");
         let (_, data) = mount_flags(&["prjquota".to_string()], true);
         assert_eq!(data, "prjquota");
@@ -289,12 +370,30 @@ mod tests {
             mount_options: vec![],
         };
         let dev = Path::new("/dev/x");
-        assert_eq!(already_mounted(m, m.devno, dev, &fs).unwrap(), Outcome::Unchanged);
-        assert!(matches!(already_mounted(m, m.devno + 1, dev, &fs), Err(MountError::Occupied { .. })));
-        let ext4 = FsSpec { fs_type: FsType::Ext4, ..fs.clone() };
-        assert!(matches!(already_mounted(m, m.devno, dev, &ext4), Err(MountError::Occupied { .. })));
+        assert_eq!(
+            already_mounted(m, m.devno, dev, &fs).unwrap(),
+            Outcome::Unchanged
+        );
+        assert!(matches!(
+            already_mounted(m, m.devno + 1, dev, &fs),
+            Err(MountError::Occupied { .. })
+        ));
+        let ext4 = FsSpec {
+            fs_type: FsType::Ext4,
+            ..fs.clone()
+        };
+        assert!(matches!(
+            already_mounted(m, m.devno, dev, &ext4),
+            Err(MountError::Occupied { .. })
+        ));
         let no_quota = &parse_mountinfo(MOUNTINFO)[2];
-        let fs2 = FsSpec { fs_type: FsType::Ext4, ..fs };
-        assert!(matches!(already_mounted(no_quota, no_quota.devno, dev, &fs2), Err(MountError::MissingOption { .. })));
+        let fs2 = FsSpec {
+            fs_type: FsType::Ext4,
+            ..fs
+        };
+        assert!(matches!(
+            already_mounted(no_quota, no_quota.devno, dev, &fs2),
+            Err(MountError::MissingOption { .. })
+        ));
     }
 }

@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     #[error("cannot open {}: {source}", device.display())]
-    Open { device: PathBuf, source: std::io::Error },
+    Open {
+        device: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{} is busy: something holds it open exclusively (mounted, a device-mapper or md member, or another kvstrap)", device.display())]
     Busy { device: PathBuf },
     #[error("libblkid failed to {what} on {}", device.display())]
@@ -54,13 +57,20 @@ impl Drop for Probe {
 impl Probe {
     /// A probe for superblocks and partition tables with magic offsets, as wipefs sets up.
     fn new(device: &Path, file: File) -> Result<Probe, ProbeError> {
-        let fail = |what| ProbeError::Blkid { device: device.to_path_buf(), what };
+        let fail = |what| ProbeError::Blkid {
+            device: device.to_path_buf(),
+            what,
+        };
         // SAFETY: plain constructor; NULL is checked below.
         let raw = unsafe { sys::blkid_new_probe() };
         if raw.is_null() {
             return Err(fail("allocate a probe"));
         }
-        let probe = Probe { raw, device: device.to_path_buf(), _file: file };
+        let probe = Probe {
+            raw,
+            device: device.to_path_buf(),
+            _file: file,
+        };
         let fd = probe._file.as_raw_fd();
         let sublks = sys::BLKID_SUBLKS_LABEL
             | sys::BLKID_SUBLKS_UUID
@@ -70,13 +80,23 @@ impl Probe {
             | sys::BLKID_SUBLKS_BADCSUM;
         // SAFETY: `raw` is a valid probe and `fd` stays open while the probe lives.
         unsafe {
-            check(sys::blkid_probe_set_device(raw, fd, 0, 0), || fail("attach the device"))?;
-            check(sys::blkid_probe_enable_superblocks(raw, 1), || fail("enable superblocks"))?;
-            check(sys::blkid_probe_set_superblocks_flags(raw, flag(sublks)), || fail("set flags"))?;
-            check(sys::blkid_probe_enable_partitions(raw, 1), || fail("enable partitions"))?;
-            check(sys::blkid_probe_set_partitions_flags(raw, flag(sys::BLKID_PARTS_MAGIC)), || {
-                fail("set partition flags")
+            check(sys::blkid_probe_set_device(raw, fd, 0, 0), || {
+                fail("attach the device")
             })?;
+            check(sys::blkid_probe_enable_superblocks(raw, 1), || {
+                fail("enable superblocks")
+            })?;
+            check(
+                sys::blkid_probe_set_superblocks_flags(raw, flag(sublks)),
+                || fail("set flags"),
+            )?;
+            check(sys::blkid_probe_enable_partitions(raw, 1), || {
+                fail("enable partitions")
+            })?;
+            check(
+                sys::blkid_probe_set_partitions_flags(raw, flag(sys::BLKID_PARTS_MAGIC)),
+                || fail("set partition flags"),
+            )?;
         }
         Ok(probe)
     }
@@ -87,15 +107,27 @@ impl Probe {
         match unsafe { sys::blkid_do_probe(self.raw) } {
             0 => Ok(Some(self.current())),
             1 => Ok(None),
-            _ => Err(ProbeError::Blkid { device: self.device.clone(), what: "probe" }),
+            _ => Err(ProbeError::Blkid {
+                device: self.device.clone(),
+                what: "probe",
+            }),
         }
     }
 
     fn current(&self) -> Found {
         let pt = self.value("PTTYPE");
-        let kind = self.value("TYPE").or(pt.clone()).unwrap_or_else(|| "unknown".into());
-        let usage = if pt.is_some() { Some("partition_table".into()) } else { self.value("USAGE") };
-        let offset = self.value("SBMAGIC_OFFSET").or_else(|| self.value("PTMAGIC_OFFSET"));
+        let kind = self
+            .value("TYPE")
+            .or(pt.clone())
+            .unwrap_or_else(|| "unknown".into());
+        let usage = if pt.is_some() {
+            Some("partition_table".into())
+        } else {
+            self.value("USAGE")
+        };
+        let offset = self
+            .value("SBMAGIC_OFFSET")
+            .or_else(|| self.value("PTMAGIC_OFFSET"));
         Found {
             signature: Signature {
                 kind,
@@ -112,12 +144,15 @@ impl Probe {
         let mut data: *const std::ffi::c_char = std::ptr::null();
         let mut len: usize = 0;
         // SAFETY: valid probe; libblkid returns a NUL-terminated string it owns.
-        let rc = unsafe { sys::blkid_probe_lookup_value(self.raw, cname.as_ptr(), &mut data, &mut len) };
+        let rc =
+            unsafe { sys::blkid_probe_lookup_value(self.raw, cname.as_ptr(), &mut data, &mut len) };
         if rc != 0 || data.is_null() {
             return None;
         }
         // SAFETY: non-NULL, NUL-terminated, valid until the next probe call.
-        let s = unsafe { CStr::from_ptr(data) }.to_string_lossy().into_owned();
+        let s = unsafe { CStr::from_ptr(data) }
+            .to_string_lossy()
+            .into_owned();
         Some(s)
     }
 
@@ -126,7 +161,10 @@ impl Probe {
     fn wipe_current(&mut self) -> Result<(), ProbeError> {
         // SAFETY: valid probe opened read-write.
         let rc = unsafe { sys::blkid_do_wipe(self.raw, 0) };
-        check(rc, || ProbeError::Blkid { device: self.device.clone(), what: "wipe a signature" })
+        check(rc, || ProbeError::Blkid {
+            device: self.device.clone(),
+            what: "wipe a signature",
+        })
     }
 }
 
@@ -143,7 +181,10 @@ fn check(rc: c_int, err: impl FnOnce() -> ProbeError) -> Result<(), ProbeError> 
 }
 
 fn open_read(device: &Path) -> Result<File, ProbeError> {
-    File::open(device).map_err(|source| ProbeError::Open { device: device.to_path_buf(), source })
+    File::open(device).map_err(|source| ProbeError::Open {
+        device: device.to_path_buf(),
+        source,
+    })
 }
 
 /// Every signature on `device`: partition tables, filesystems, RAID, LVM, LUKS, swap...
@@ -163,18 +204,26 @@ pub fn filesystem(device: &Path) -> Result<Option<FsIdentity>, ProbeError> {
 
 /// The filesystem among already probed signatures.
 pub fn filesystem_of(signatures: &[Signature]) -> Option<FsIdentity> {
-    signatures.iter().find(|s| s.usage.as_deref() == Some("filesystem")).map(|s| FsIdentity {
-        fs_type: s.kind.clone(),
-        uuid: s.uuid.clone(),
-        label: s.label.clone(),
-    })
+    signatures
+        .iter()
+        .find(|s| s.usage.as_deref() == Some("filesystem"))
+        .map(|s| FsIdentity {
+            fs_type: s.kind.clone(),
+            uuid: s.uuid.clone(),
+            label: s.label.clone(),
+        })
 }
 
 /// The partition of `disk` that carries the filesystem with `uuid`, by fresh probes of the
 /// kernel's partitions (no udev, no blkid cache that could be stale).
-pub fn find_filesystem_on_disk(disk: &Path, uuid: &uuid::Uuid) -> Result<Option<PathBuf>, ProbeError> {
-    let parts = crate::host::blkpg::kernel_partitions(disk)
-        .map_err(|_| ProbeError::Blkid { device: disk.to_path_buf(), what: "list partitions" })?;
+pub fn find_filesystem_on_disk(
+    disk: &Path,
+    uuid: &uuid::Uuid,
+) -> Result<Option<PathBuf>, ProbeError> {
+    let parts = crate::host::blkpg::kernel_partitions(disk).map_err(|_| ProbeError::Blkid {
+        device: disk.to_path_buf(),
+        what: "list partitions",
+    })?;
     let wanted = uuid.to_string();
     for p in parts {
         let node = disk.with_file_name(&p.name);
@@ -199,18 +248,28 @@ fn open_exclusive(device: &Path, write: bool) -> Result<File, ProbeError> {
     let deadline = std::time::Instant::now() + BUSY_RETRY;
     let mut pause = std::time::Duration::from_millis(2);
     loop {
-        let opened =
-            OpenOptions::new().read(true).write(write).custom_flags(libc::O_EXCL | libc::O_CLOEXEC).open(device);
+        let opened = OpenOptions::new()
+            .read(true)
+            .write(write)
+            .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+            .open(device);
         match opened {
             Ok(file) => return Ok(file),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 if std::time::Instant::now() >= deadline {
-                    return Err(ProbeError::Busy { device: device.to_path_buf() });
+                    return Err(ProbeError::Busy {
+                        device: device.to_path_buf(),
+                    });
                 }
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(std::time::Duration::from_millis(100));
             }
-            Err(source) => return Err(ProbeError::Open { device: device.to_path_buf(), source }),
+            Err(source) => {
+                return Err(ProbeError::Open {
+                    device: device.to_path_buf(),
+                    source,
+                })
+            }
         }
     }
 }
@@ -239,7 +298,10 @@ pub fn wipe_signatures(device: &Path) -> Result<Vec<Found>, ProbeError> {
             });
         }
     }
-    probe._file.sync_all().map_err(|source| ProbeError::Open { device: device.to_path_buf(), source })?;
+    probe._file.sync_all().map_err(|source| ProbeError::Open {
+        device: device.to_path_buf(),
+        source,
+    })?;
     Ok(erased)
 }
 
@@ -267,7 +329,10 @@ mod tests {
         let sigs = signatures(&img).unwrap();
         assert_eq!(sigs.len(), 1, "{sigs:?}");
         assert_eq!(sigs[0].kind, "gpt");
-        assert_eq!(sigs[0].uuid.as_deref(), Some(l.disk_guid.to_string().as_str()));
+        assert_eq!(
+            sigs[0].uuid.as_deref(),
+            Some(l.disk_guid.to_string().as_str())
+        );
         let erased = wipe_signatures(&img).unwrap();
         let kinds: Vec<&str> = erased.iter().map(|f| f.signature.kind.as_str()).collect();
         // Primary GPT header, backup GPT header, protective MBR.

@@ -77,9 +77,17 @@ const fn qcmd(cmd: c_int, kind: c_int) -> c_int {
 #[derive(Debug, thiserror::Error)]
 pub enum QuotaError {
     #[error("cannot open {}: {source}", path.display())]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot {what} of {}: {source}{hint}", path.display())]
-    Sys { what: &'static str, path: PathBuf, source: nix::Error, hint: &'static str },
+    Sys {
+        what: &'static str,
+        path: PathBuf,
+        source: nix::Error,
+        hint: &'static str,
+    },
     #[error("project id 0 is the default project and cannot carry a volume's limit ({})", path.display())]
     ProjectZero { path: PathBuf },
     #[error(transparent)]
@@ -111,7 +119,9 @@ fn xfs_support(proc_xfs: &Path) -> QuotaSupport {
     if proc_xfs.join("xqmstat").exists() {
         QuotaSupport::Supported
     } else if proc_xfs.exists() {
-        QuotaSupport::Unsupported("the kernel's XFS was built without quota support (CONFIG_XFS_QUOTA)".into())
+        QuotaSupport::Unsupported(
+            "the kernel's XFS was built without quota support (CONFIG_XFS_QUOTA)".into(),
+        )
     } else {
         QuotaSupport::Unknown
     }
@@ -137,16 +147,32 @@ fn ext4_support(kallsyms: &Path, modules: &[PathBuf]) -> QuotaSupport {
             return QuotaSupport::Supported;
         }
     }
-    let missing = if quota { "CONFIG_QFMT_V2" } else { "CONFIG_QUOTA" };
+    let missing = if quota {
+        "CONFIG_QFMT_V2"
+    } else {
+        "CONFIG_QUOTA"
+    };
     QuotaSupport::Unsupported(format!(
         "the kernel was built without {missing}: ext4 filesystems with the quota feature cannot be mounted"
     ))
 }
 
 fn quota_v2_module_paths() -> Vec<PathBuf> {
-    let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
-    let dir = Path::new("/lib/modules").join(release).join("kernel/fs/quota");
-    ["quota_v2.ko", "quota_v2.ko.xz", "quota_v2.ko.zst", "quota_v2.ko.gz"].iter().map(|n| dir.join(n)).collect()
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dir = Path::new("/lib/modules")
+        .join(release)
+        .join("kernel/fs/quota");
+    [
+        "quota_v2.ko",
+        "quota_v2.ko.xz",
+        "quota_v2.ko.zst",
+        "quota_v2.ko.gz",
+    ]
+    .iter()
+    .map(|n| dir.join(n))
+    .collect()
 }
 
 /// A directory's project and that project's limit and usage.
@@ -163,9 +189,14 @@ pub struct QuotaInfo {
 /// a hard block limit of `bytes` (rounded up to 512 bytes so capacity is never short).
 pub fn set_quota(path: &Path, project_id: u32, bytes: u64) -> Result<Outcome, QuotaError> {
     if project_id == 0 {
-        return Err(QuotaError::ProjectZero { path: path.to_path_buf() });
+        return Err(QuotaError::ProjectZero {
+            path: path.to_path_buf(),
+        });
     }
-    let file = File::open(path).map_err(|source| QuotaError::Open { path: path.to_path_buf(), source })?;
+    let file = File::open(path).map_err(|source| QuotaError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut changes = Vec::new();
     if set_project(&file, path, project_id)? {
         changes.push(format!("project {project_id}"));
@@ -181,12 +212,19 @@ pub fn set_quota(path: &Path, project_id: u32, bytes: u64) -> Result<Outcome, Qu
         return Ok(Outcome::Unchanged);
     }
     crate::host::failpoint("set_quota");
-    Ok(Outcome::Changed(format!("{}: {}", path.display(), changes.join(", "))))
+    Ok(Outcome::Changed(format!(
+        "{}: {}",
+        path.display(),
+        changes.join(", ")
+    )))
 }
 
 /// The project of `path` and its limit, for verification and inventory.
 pub fn get_quota(path: &Path) -> Result<QuotaInfo, QuotaError> {
-    let file = File::open(path).map_err(|source| QuotaError::Open { path: path.to_path_buf(), source })?;
+    let file = File::open(path).map_err(|source| QuotaError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let attr = get_xattr(&file, path)?;
     let device = mount::mount_of(path)?.source;
     let dq = get_dquot(&device, path, attr.projid)?;
@@ -201,11 +239,13 @@ pub fn get_quota(path: &Path) -> Result<QuotaInfo, QuotaError> {
 fn get_xattr(file: &File, path: &Path) -> Result<FsXattr, QuotaError> {
     let mut attr = FsXattr::default();
     // SAFETY: the ioctl fills one struct fsxattr.
-    unsafe { fs_ioc_fsgetxattr(file.as_raw_fd(), &mut attr) }.map_err(|source| QuotaError::Sys {
-        what: "read the project id",
-        path: path.to_path_buf(),
-        source,
-        hint: "",
+    unsafe { fs_ioc_fsgetxattr(file.as_raw_fd(), &mut attr) }.map_err(|source| {
+        QuotaError::Sys {
+            what: "read the project id",
+            path: path.to_path_buf(),
+            source,
+            hint: "",
+        }
     })?;
     Ok(attr)
 }
@@ -232,8 +272,18 @@ fn set_project(file: &File, path: &Path, project_id: u32) -> Result<bool, QuotaE
     Ok(true)
 }
 
-fn quotactl(device: &str, path: &Path, cmd: c_int, id: u32, dq: &mut FsDiskQuota) -> Result<(), QuotaError> {
-    let what = if cmd == Q_XSETQLIM { "set the project quota" } else { "read the project quota" };
+fn quotactl(
+    device: &str,
+    path: &Path,
+    cmd: c_int,
+    id: u32,
+    dq: &mut FsDiskQuota,
+) -> Result<(), QuotaError> {
+    let what = if cmd == Q_XSETQLIM {
+        "set the project quota"
+    } else {
+        "read the project quota"
+    };
     let special = CString::new(device).map_err(|_| QuotaError::Sys {
         what,
         path: path.to_path_buf(),
@@ -247,7 +297,14 @@ fn quotactl(device: &str, path: &Path, cmd: c_int, id: u32, dq: &mut FsDiskQuota
         hint: " (project id too large)",
     })?;
     // SAFETY: special is NUL-terminated; dq is a valid fs_disk_quota for the call.
-    let rc = unsafe { libc::quotactl(qcmd(cmd, PRJQUOTA), special.as_ptr(), id, (dq as *mut FsDiskQuota).cast()) };
+    let rc = unsafe {
+        libc::quotactl(
+            qcmd(cmd, PRJQUOTA),
+            special.as_ptr(),
+            id,
+            (dq as *mut FsDiskQuota).cast(),
+        )
+    };
     if rc == 0 {
         return Ok(());
     }
@@ -258,7 +315,12 @@ fn quotactl(device: &str, path: &Path, cmd: c_int, id: u32, dq: &mut FsDiskQuota
         }
         _ => "",
     };
-    Err(QuotaError::Sys { what, path: path.to_path_buf(), source, hint })
+    Err(QuotaError::Sys {
+        what,
+        path: path.to_path_buf(),
+        source,
+        hint,
+    })
 }
 
 /// The project's quota record; None when the filesystem has none for it yet.
@@ -266,7 +328,10 @@ fn get_dquot(device: &str, path: &Path, id: u32) -> Result<Option<FsDiskQuota>, 
     let mut dq = FsDiskQuota::default();
     match quotactl(device, path, Q_XGETQUOTA, id, &mut dq) {
         Ok(()) => Ok(Some(dq)),
-        Err(QuotaError::Sys { source: nix::Error::ENOENT, .. }) => Ok(None),
+        Err(QuotaError::Sys {
+            source: nix::Error::ENOENT,
+            ..
+        }) => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -305,7 +370,10 @@ mod tests {
     fn xfs_support_follows_xqmstat() {
         let d = tempfile::tempdir().unwrap();
         assert_eq!(xfs_support(&d.path().join("absent")), QuotaSupport::Unknown);
-        assert!(matches!(xfs_support(d.path()), QuotaSupport::Unsupported(_)));
+        assert!(matches!(
+            xfs_support(d.path()),
+            QuotaSupport::Unsupported(_)
+        ));
         std::fs::write(d.path().join("xqmstat"), "").unwrap();
         assert_eq!(xfs_support(d.path()), QuotaSupport::Supported);
     }
@@ -314,8 +382,14 @@ mod tests {
     fn ext4_support_needs_the_v2_quota_format() {
         let d = tempfile::tempdir().unwrap();
         let ks = d.path().join("kallsyms");
-        std::fs::write(&ks, "ffffffff8176b5d0 T dquot_initialize\nffffffff81000000 t other\n").unwrap();
-        let QuotaSupport::Unsupported(why) = ext4_support(&ks, &[]) else { panic!("expected unsupported") };
+        std::fs::write(
+            &ks,
+            "ffffffff8176b5d0 T dquot_initialize\nffffffff81000000 t other\n",
+        )
+        .unwrap();
+        let QuotaSupport::Unsupported(why) = ext4_support(&ks, &[]) else {
+            panic!("expected unsupported")
+        };
         assert!(why.contains("CONFIG_QFMT_V2"), "{why}");
         std::fs::write(&ks, "0 T dquot_initialize\n0 t v2_read_file_info\n").unwrap();
         assert_eq!(ext4_support(&ks, &[]), QuotaSupport::Supported);
@@ -323,12 +397,18 @@ mod tests {
         let module = d.path().join("quota_v2.ko");
         std::fs::write(&module, "").unwrap();
         assert_eq!(ext4_support(&ks, &[module]), QuotaSupport::Supported);
-        assert_eq!(ext4_support(&d.path().join("none"), &[]), QuotaSupport::Unknown);
+        assert_eq!(
+            ext4_support(&d.path().join("none"), &[]),
+            QuotaSupport::Unknown
+        );
     }
 
     #[test]
     fn project_zero_is_refused() {
         let d = tempfile::tempdir().unwrap();
-        assert!(matches!(set_quota(d.path(), 0, 1 << 20), Err(QuotaError::ProjectZero { .. })));
+        assert!(matches!(
+            set_quota(d.path(), 0, 1 << 20),
+            Err(QuotaError::ProjectZero { .. })
+        ));
     }
 }

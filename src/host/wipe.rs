@@ -42,16 +42,27 @@ pub fn wipe_disk(disk: &Path) -> Result<Outcome, WipeError> {
         );
     }
     crate::host::failpoint("wipe_disk");
-    Ok(Outcome::Changed(format!("{}: erased {}", disk.display(), summary(&erased))))
+    Ok(Outcome::Changed(format!(
+        "{}: erased {}",
+        disk.display(),
+        summary(&erased)
+    )))
 }
 
 fn wipe_one(device: &Path) -> Result<Vec<Found>, WipeError> {
-    probe::wipe_signatures(device).map_err(|source| WipeError::Probe { device: device.to_path_buf(), source })
+    probe::wipe_signatures(device).map_err(|source| WipeError::Probe {
+        device: device.to_path_buf(),
+        source,
+    })
 }
 
 fn summary(erased: &[(PathBuf, Found)]) -> String {
     if erased.is_empty() {
         return "no signatures (dropped kernel partitions)".into();
     }
-    erased.iter().map(|(d, f)| format!("{} on {}", f.signature.kind, d.display())).collect::<Vec<_>>().join(", ")
+    erased
+        .iter()
+        .map(|(d, f)| format!("{} on {}", f.signature.kind, d.display()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -59,11 +59,15 @@ pub enum InventoryError {
 /// judged safe.
 /// Which of these filesystems' project quotas the kernel cannot enforce, and why.
 /// Only asked for the filesystems the policy uses: finding out reads /proc/kallsyms.
-fn quota_unsupported(filesystems: &[crate::model::FsType]) -> std::collections::BTreeMap<String, String> {
+fn quota_unsupported(
+    filesystems: &[crate::model::FsType],
+) -> std::collections::BTreeMap<String, String> {
     filesystems
         .iter()
         .filter_map(|fs| match crate::host::quota::kernel_support(*fs) {
-            crate::host::quota::QuotaSupport::Unsupported(why) => Some((fs.as_str().to_string(), why)),
+            crate::host::quota::QuotaSupport::Unsupported(why) => {
+                Some((fs.as_str().to_string(), why))
+            }
             _ => None,
         })
         .collect()
@@ -80,7 +84,11 @@ pub fn scan(opts: &ScanOptions) -> Result<Inventory, InventoryError> {
         .collect();
     disks.sort_by(|a, b| natural_cmp(&a.name, &b.name));
     let paths = paths::observe(&opts.managed_roots, &machine.mounts);
-    Ok(Inventory { disks, paths, quota_unsupported: quota_unsupported(&opts.quota_filesystems) })
+    Ok(Inventory {
+        disks,
+        paths,
+        quota_unsupported: quota_unsupported(&opts.quota_filesystems),
+    })
 }
 
 /// Machine-wide facts read once per scan.

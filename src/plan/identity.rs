@@ -78,7 +78,10 @@ mod tests {
 
     #[test]
     fn identity_prefers_wwn_then_serial_then_path() {
-        assert_eq!(disk_identity(&disk(Some("0x5000c500a1b2c3d4"), Some("S1"))), "wwn:0x5000c500a1b2c3d4");
+        assert_eq!(
+            disk_identity(&disk(Some("0x5000c500a1b2c3d4"), Some("S1"))),
+            "wwn:0x5000c500a1b2c3d4"
+        );
         assert_eq!(disk_identity(&disk(None, Some("S1"))), "serial:S1");
         assert_eq!(disk_identity(&disk(Some("  "), None)), "path:/dev/sdb");
     }
@@ -102,8 +105,17 @@ mod tests {
 
     #[test]
     fn partition_device_names() {
-        assert_eq!(partition_device("/dev/nvme0n1".as_ref(), 2), std::path::PathBuf::from("/dev/nvme0n1p2"));
-        assert_eq!(partition_device("/dev/loop7".as_ref(), 1), std::path::PathBuf::from("/dev/loop7p1"));
-        assert_eq!(partition_device("/dev/sda".as_ref(), 3), std::path::PathBuf::from("/dev/sda3"));
+        assert_eq!(
+            partition_device("/dev/nvme0n1".as_ref(), 2),
+            std::path::PathBuf::from("/dev/nvme0n1p2")
+        );
+        assert_eq!(
+            partition_device("/dev/loop7".as_ref(), 1),
+            std::path::PathBuf::from("/dev/loop7p1")
+        );
+        assert_eq!(
+            partition_device("/dev/sda".as_ref(), 3),
+            std::path::PathBuf::from("/dev/sda3")
+        );
     }
 }

@@ -1,8 +1,12 @@
 //! The desired layout of one disk: partitions, filesystems, mount points and volumes.
 
-use super::capacity::{self, fs_capacity, partition_for_capacity, reserve_of, round_down, ALIGN, MAX_PARTITIONS};
+use super::capacity::{
+    self, fs_capacity, partition_for_capacity, reserve_of, round_down, ALIGN, MAX_PARTITIONS,
+};
 use super::identity;
-use crate::model::{Disk, DiskLayout, FsSpec, Layout, Owner, PartitionSpec, VolumeMode, VolumeSpec};
+use crate::model::{
+    Disk, DiskLayout, FsSpec, Layout, Owner, PartitionSpec, VolumeMode, VolumeSpec,
+};
 use crate::policy::{DiskGroup, QuotaMode, StorageClass, VolumeSizing};
 use std::path::{Path, PathBuf};
 
@@ -34,7 +38,11 @@ pub fn lay_out(input: &LayoutInput) -> Result<DiskPlan, String> {
         .ok_or_else(|| format!("disk too small ({})", capacity::human(disk.size_bytes)))?;
     let reserve = reserve_of(usable, input.group.reserve_percent);
     let identity = identity::disk_identity(disk);
-    let ctx = Ctx { input, identity: &identity, short: identity::short_id(&identity) };
+    let ctx = Ctx {
+        input,
+        identity: &identity,
+        short: identity::short_id(&identity),
+    };
     let (partitions, volumes) = match (input.group.layout, input.class.volume_mode) {
         (Layout::Shared, _) => ctx.shared(start, usable, reserve)?,
         (Layout::Separate, mode) => ctx.separate(start, usable, reserve, mode)?,
@@ -66,7 +74,12 @@ impl Ctx<'_> {
     }
 
     /// One filesystem over the whole disk; each volume a directory with a hard quota.
-    fn shared(&self, start: u64, usable: u64, reserve: u64) -> Result<(Vec<PartitionSpec>, Vec<VolumeSpec>), String> {
+    fn shared(
+        &self,
+        start: u64,
+        usable: u64,
+        reserve: u64,
+    ) -> Result<(Vec<PartitionSpec>, Vec<VolumeSpec>), String> {
         let fs_type = self.input.class.fs_type;
         if usable < capacity::min_fs_bytes(fs_type) {
             return Err(format!("disk too small for {}", fs_type.as_str()));
@@ -83,7 +96,11 @@ impl Ctx<'_> {
                 ))
             }
         };
-        let mountpoint = self.input.storage_root.join(&self.group().name).join(format!("disk-{}", self.short));
+        let mountpoint = self
+            .input
+            .storage_root
+            .join(&self.group().name)
+            .join(format!("disk-{}", self.short));
         let available = fs_capacity(fs_type, usable).saturating_sub(reserve);
         let sizes = self.volume_sizes(available)?;
         let partition = self.partition(1, start, usable, Some(mountpoint.clone()), quota);
@@ -128,7 +145,9 @@ impl Ctx<'_> {
             }
             VolumeSizing::Count(n) => {
                 if n > MAX_PARTITIONS {
-                    return Err(format!("volume_count = {n} needs more than {MAX_PARTITIONS} GPT partitions"));
+                    return Err(format!(
+                        "volume_count = {n} needs more than {MAX_PARTITIONS} GPT partitions"
+                    ));
                 }
                 let part = round_down(area / u64::from(n.max(1)));
                 (0..n).map(|_| (part, cap_of(part))).collect()
@@ -143,7 +162,9 @@ impl Ctx<'_> {
             let number = u32::try_from(i + 1).map_err(|_| "too many partitions".to_string())?;
             let name = self.volume_name(i);
             let mountpoint = match mode {
-                VolumeMode::Filesystem => Some(self.input.storage_root.join(&self.group().name).join(&name)),
+                VolumeMode::Filesystem => {
+                    Some(self.input.storage_root.join(&self.group().name).join(&name))
+                }
                 VolumeMode::Block => None,
             };
             let partition = self.partition(number, offset, part_size, mountpoint.clone(), false);
@@ -157,7 +178,10 @@ impl Ctx<'_> {
 
     fn check_fits(&self, sizes: &[(u64, u64)], mode: VolumeMode, area: u64) -> Result<(), String> {
         let Some(&(part, cap)) = sizes.first() else {
-            return Err(format!("no volume fits in the {} left after reserve", capacity::human(area)));
+            return Err(format!(
+                "no volume fits in the {} left after reserve",
+                capacity::human(area)
+            ));
         };
         let min = match mode {
             VolumeMode::Block => ALIGN,
@@ -234,7 +258,13 @@ impl Ctx<'_> {
         format!("{}-{}-{:02}", self.group().name, self.short, index + 1)
     }
 
-    fn volume(&self, partition: &PartitionSpec, name: String, path: PathBuf, capacity: u64) -> VolumeSpec {
+    fn volume(
+        &self,
+        partition: &PartitionSpec,
+        name: String,
+        path: PathBuf,
+        capacity: u64,
+    ) -> VolumeSpec {
         let mode = self.input.class.volume_mode;
         VolumeSpec {
             name,
@@ -265,7 +295,11 @@ fn partition_name(group: &str, number: u32) -> String {
 
 /// The owner of a volume directory, defaulting to KubeVirt's qemu (107).
 pub fn default_owner() -> Owner {
-    Owner { uid: 107, gid: 107, mode: 0o750 }
+    Owner {
+        uid: 107,
+        gid: 107,
+        mode: 0o750,
+    }
 }
 
 #[cfg(test)]

@@ -37,13 +37,22 @@ pub fn plan(policy: &Policy, inventory: &Inventory, ctx: &PlanContext) -> Plan {
     let groups = policy
         .disk_groups
         .iter()
-        .map(|group| planner.plan_group(group, assignment.get(&group.name).map(Vec::as_slice).unwrap_or_default()))
+        .map(|group| {
+            planner.plan_group(
+                group,
+                assignment
+                    .get(&group.name)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default(),
+            )
+        })
         .collect();
     planner.totals.headroom_ratio = if planner.totals.published_bytes == 0 {
         0.0
     } else {
         // Two decimals keep the JSON stable and readable.
-        (planner.totals.raw_bytes as f64 / planner.totals.published_bytes as f64 * 100.0).round() / 100.0
+        (planner.totals.raw_bytes as f64 / planner.totals.published_bytes as f64 * 100.0).round()
+            / 100.0
     };
     Plan {
         node: policy.node.name.clone(),
@@ -57,20 +66,29 @@ pub fn plan(policy: &Policy, inventory: &Inventory, ctx: &PlanContext) -> Plan {
 }
 
 /// The verdict `kvstrap disks` shows for each disk under a policy.
-pub fn verdicts<'a>(policy: Option<&Policy>, inventory: &'a Inventory) -> Vec<(&'a Disk, Option<String>, Verdict)> {
+pub fn verdicts<'a>(
+    policy: Option<&Policy>,
+    inventory: &'a Inventory,
+) -> Vec<(&'a Disk, Option<String>, Verdict)> {
     inventory
         .disks
         .iter()
         .map(|disk| {
-            let groups: Vec<&DiskGroup> =
-                policy.map(|p| p.disk_groups.iter().filter(|g| select::selects(g, disk)).collect()).unwrap_or_default();
+            let groups: Vec<&DiskGroup> = policy
+                .map(|p| {
+                    p.disk_groups
+                        .iter()
+                        .filter(|g| select::selects(g, disk))
+                        .collect()
+                })
+                .unwrap_or_default();
             let root = policy.map(|p| p.node.storage_root.as_path());
             let group = groups.first().copied();
             let verdict = judge_with_root(disk, group, root);
             let verdict = match (group, &verdict) {
-                (None, Verdict::Free | Verdict::Ours) if policy.is_some() => {
-                    Verdict::Excluded { reason: format!("{}; selected by no disk group", verdict.reason()) }
-                }
+                (None, Verdict::Free | Verdict::Ours) if policy.is_some() => Verdict::Excluded {
+                    reason: format!("{}; selected by no disk group", verdict.reason()),
+                },
                 _ => verdict,
             };
             (disk, group.map(|g| g.name.clone()), verdict)
@@ -79,14 +97,21 @@ pub fn verdicts<'a>(policy: Option<&Policy>, inventory: &'a Inventory) -> Vec<(&
 }
 
 /// Ownership verdict, not counting kvstrap's own mounts below `storage_root` as "in use".
-pub fn judge_with_root(disk: &Disk, group: Option<&DiskGroup>, storage_root: Option<&Path>) -> Verdict {
+pub fn judge_with_root(
+    disk: &Disk,
+    group: Option<&DiskGroup>,
+    storage_root: Option<&Path>,
+) -> Verdict {
     let contents = ownership::contents_verdict(disk);
     if contents != Verdict::Ours {
         return ownership::judge(disk, group);
     }
     let ours_mounted = |m: &PathBuf| storage_root.is_some_and(|root| m.starts_with(root));
-    let all_mounts_ours =
-        disk.mountpoints.iter().chain(disk.partitions.iter().flat_map(|p| &p.mountpoints)).all(ours_mounted);
+    let all_mounts_ours = disk
+        .mountpoints
+        .iter()
+        .chain(disk.partitions.iter().flat_map(|p| &p.mountpoints))
+        .all(ours_mounted);
     let mut disk = disk.clone();
     // Our own mounts explain both "mounted" and a failing exclusive open.
     disk.in_use.retain(|fact| match fact {
@@ -114,7 +139,12 @@ impl<'a> Planner<'a> {
         disks.sort_by_key(|d| select::stable_key(d));
         let mut out: std::collections::BTreeMap<String, Vec<&Disk>> = Default::default();
         for disk in disks {
-            let groups: Vec<&DiskGroup> = self.policy.disk_groups.iter().filter(|g| select::selects(g, disk)).collect();
+            let groups: Vec<&DiskGroup> = self
+                .policy
+                .disk_groups
+                .iter()
+                .filter(|g| select::selects(g, disk))
+                .collect();
             match groups.as_slice() {
                 [] => {}
                 [group] => out.entry(group.name.clone()).or_default().push(disk),
@@ -123,7 +153,10 @@ impl<'a> Planner<'a> {
                     self.refuse(
                         disk,
                         None,
-                        format!("selected by several groups ({}); make their selectors disjoint", names.join(", ")),
+                        format!(
+                            "selected by several groups ({}); make their selectors disjoint",
+                            names.join(", ")
+                        ),
                     );
                 }
             }
@@ -138,7 +171,11 @@ impl<'a> Planner<'a> {
     }
 
     fn refuse(&mut self, disk: &Disk, group: Option<&str>, reason: String) {
-        self.refused.push(Refusal { disk: disk.path.clone(), group: group.map(String::from), reason });
+        self.refused.push(Refusal {
+            disk: disk.path.clone(),
+            group: group.map(String::from),
+            reason,
+        });
     }
 
     fn plan_group(&mut self, group: &DiskGroup, candidates: &[&Disk]) -> GroupPlan {
@@ -151,7 +188,11 @@ impl<'a> Planner<'a> {
         };
         let Some(class) = self.policy.storage_class(&group.storage_class) else {
             for disk in candidates {
-                self.refuse(disk, Some(&group.name), format!("storage class {:?} is not defined", group.storage_class));
+                self.refuse(
+                    disk,
+                    Some(&group.name),
+                    format!("storage class {:?} is not defined", group.storage_class),
+                );
             }
             return result;
         };
@@ -159,7 +200,12 @@ impl<'a> Planner<'a> {
         // displaces one that holds volumes when max_disks is reached.
         let mut judged: Vec<(&Disk, Verdict)> = candidates
             .iter()
-            .map(|d| (*d, judge_with_root(d, Some(group), Some(&self.policy.node.storage_root))))
+            .map(|d| {
+                (
+                    *d,
+                    judge_with_root(d, Some(group), Some(&self.policy.node.storage_root)),
+                )
+            })
             .collect();
         judged.sort_by_key(|(_, v)| *v != Verdict::Ours);
         let mut taken = 0u32;
@@ -170,7 +216,11 @@ impl<'a> Planner<'a> {
                 continue;
             }
             if group.max_disks.is_some_and(|max| taken >= max) {
-                self.refuse(disk, Some(&group.name), format!("max_disks = {} already reached", taken));
+                self.refuse(
+                    disk,
+                    Some(&group.name),
+                    format!("max_disks = {} already reached", taken),
+                );
                 continue;
             }
             let input = LayoutInput {
@@ -179,11 +229,17 @@ impl<'a> Planner<'a> {
                 disk,
                 storage_root: &self.policy.node.storage_root,
                 state_dir: &self.ctx.state_dir,
-                quota_unsupported: self.inventory.quota_unsupported.get(class.fs_type.as_str()).map(String::as_str),
+                quota_unsupported: self
+                    .inventory
+                    .quota_unsupported
+                    .get(class.fs_type.as_str())
+                    .map(String::as_str),
             };
             let disk_plan = match layout::lay_out(&input) {
                 Ok(p) => {
-                    if group.layout == crate::model::Layout::Shared && input.quota_unsupported.is_some() {
+                    if group.layout == crate::model::Layout::Shared
+                        && input.quota_unsupported.is_some()
+                    {
                         self.warn(format!(
                             "group {}: this kernel cannot enforce project quotas on {} ({}); quota = \"if-supported\" \
                              provisions anyway, so directory volumes can outgrow their published capacity",
@@ -203,7 +259,11 @@ impl<'a> Planner<'a> {
                 taken += 1;
                 self.totals.raw_bytes += disk.size_bytes;
                 self.totals.reserve_bytes += disk_plan.reserve_bytes;
-                self.totals.published_bytes += disk_plan.volumes.iter().map(|v| v.capacity_bytes).sum::<u64>();
+                self.totals.published_bytes += disk_plan
+                    .volumes
+                    .iter()
+                    .map(|v| v.capacity_bytes)
+                    .sum::<u64>();
                 result.volumes.extend(disk_plan.volumes);
                 result.disks.push(disk_plan.layout);
             }
@@ -212,13 +272,23 @@ impl<'a> Planner<'a> {
     }
 
     /// Append the steps for one disk; false when the disk is refused after all.
-    fn disk_steps(&mut self, disk: &Disk, verdict: &Verdict, wipe: bool, plan: &DiskPlan, group: &DiskGroup) -> bool {
+    fn disk_steps(
+        &mut self,
+        disk: &Disk,
+        verdict: &Verdict,
+        wipe: bool,
+        plan: &DiskPlan,
+        group: &DiskGroup,
+    ) -> bool {
         if wipe {
             self.steps.push(crate::model::Step::WipeDisk {
                 disk: disk.path.clone(),
                 identity: plan.layout.identity.clone(),
                 signatures: signature_names(disk),
-                reason: format!("wipe = \"force\" in group {:?} and the disk is named by serial or WWN", group.name),
+                reason: format!(
+                    "wipe = \"force\" in group {:?} and the disk is named by serial or WWN",
+                    group.name
+                ),
             });
             steps::fresh_disk(plan, "disk was wiped", &mut self.steps);
             return true;
@@ -230,7 +300,11 @@ impl<'a> Planner<'a> {
         match steps::adopt_disk(plan, disk, self.inventory) {
             Ok(adoption) => {
                 for (number, why) in adoption.refused {
-                    self.refuse(disk, Some(&group.name), format!("partition {number}: {why}"));
+                    self.refuse(
+                        disk,
+                        Some(&group.name),
+                        format!("partition {number}: {why}"),
+                    );
                 }
                 self.steps.extend(adoption.steps);
                 true
@@ -244,10 +318,18 @@ impl<'a> Planner<'a> {
 }
 
 fn signature_names(disk: &Disk) -> Vec<String> {
-    let mut names: Vec<String> = disk.partition_table.iter().map(|t| format!("{} partition table", t.kind)).collect();
+    let mut names: Vec<String> = disk
+        .partition_table
+        .iter()
+        .map(|t| format!("{} partition table", t.kind))
+        .collect();
     names.extend(disk.signatures.iter().map(|s| s.kind.clone()));
     for p in &disk.partitions {
-        names.extend(p.signatures.iter().map(|s| format!("{} on partition {}", s.kind, p.number)));
+        names.extend(
+            p.signatures
+                .iter()
+                .map(|s| format!("{} on partition {}", s.kind, p.number)),
+        );
     }
     names
 }

@@ -7,13 +7,19 @@ use crate::policy::DiskGroup;
 /// The verdict for a disk, given the group that selected it (None: no group did).
 pub fn judge(disk: &Disk, group: Option<&DiskGroup>) -> Verdict {
     if let Some(fact) = disk.in_use.first() {
-        return Verdict::InUse { reason: fact.to_string() };
+        return Verdict::InUse {
+            reason: fact.to_string(),
+        };
     }
     if disk.transport == "loop" && !group.is_some_and(|g| g.allow_loop) {
-        return Verdict::Excluded { reason: "loop device (the group does not set allow_loop = true)".into() };
+        return Verdict::Excluded {
+            reason: "loop device (the group does not set allow_loop = true)".into(),
+        };
     }
     if disk.removable && !group.is_some_and(|g| g.allow_removable) {
-        return Verdict::Excluded { reason: "removable media (the group does not set allow_removable = true)".into() };
+        return Verdict::Excluded {
+            reason: "removable media (the group does not set allow_removable = true)".into(),
+        };
     }
     contents_verdict(disk)
 }
@@ -21,22 +27,34 @@ pub fn judge(disk: &Disk, group: Option<&DiskGroup>) -> Verdict {
 /// Judged on what is written on the disk alone.
 pub fn contents_verdict(disk: &Disk) -> Verdict {
     if let Some(sig) = disk.signatures.first() {
-        return Verdict::Foreign { signature: describe_signature(&sig.kind, sig.label.as_deref()) };
+        return Verdict::Foreign {
+            signature: describe_signature(&sig.kind, sig.label.as_deref()),
+        };
     }
     let Some(table) = &disk.partition_table else {
         return match disk.partitions.first() {
-            Some(p) => Verdict::Foreign { signature: format!("partition {}", p.number) },
+            Some(p) => Verdict::Foreign {
+                signature: format!("partition {}", p.number),
+            },
             None => Verdict::Free,
         };
     };
     if table.kind != "gpt" {
-        return Verdict::Foreign { signature: format!("{} partition table", table.kind) };
+        return Verdict::Foreign {
+            signature: format!("{} partition table", table.kind),
+        };
     }
     let ours = KVSTRAP_PART_TYPE.to_string();
     if disk.partitions.is_empty() {
-        return Verdict::Foreign { signature: "gpt partition table without partitions".into() };
+        return Verdict::Foreign {
+            signature: "gpt partition table without partitions".into(),
+        };
     }
-    match disk.partitions.iter().find(|p| p.type_id.as_deref().map(str::to_ascii_lowercase) != Some(ours.clone())) {
+    match disk
+        .partitions
+        .iter()
+        .find(|p| p.type_id.as_deref().map(str::to_ascii_lowercase) != Some(ours.clone()))
+    {
         None => Verdict::Ours,
         Some(p) => Verdict::Foreign {
             signature: format!(
@@ -63,14 +81,21 @@ mod tests {
 
     #[test]
     fn blank_disk_is_free() {
-        assert_eq!(judge(&disk("sdb", 1 << 40), Some(&group("g"))), Verdict::Free);
+        assert_eq!(
+            judge(&disk("sdb", 1 << 40), Some(&group("g"))),
+            Verdict::Free
+        );
     }
 
     #[test]
     fn machine_facts_win_over_everything() {
         let mut d = disk("vda", 1 << 40);
-        d.in_use = vec![InUse::SystemDisk { detail: "holds /".into() }];
-        assert!(matches!(judge(&d, Some(&group("g"))), Verdict::InUse { reason } if reason.contains("system disk")));
+        d.in_use = vec![InUse::SystemDisk {
+            detail: "holds /".into(),
+        }];
+        assert!(
+            matches!(judge(&d, Some(&group("g"))), Verdict::InUse { reason } if reason.contains("system disk"))
+        );
     }
 
     #[test]
@@ -86,24 +111,46 @@ mod tests {
     #[test]
     fn signatures_make_a_disk_foreign() {
         let mut d = disk("sdb", 1 << 40);
-        d.signatures = vec![Signature { kind: "ext4".into(), label: Some("data".into()), ..Default::default() }];
-        assert_eq!(judge(&d, None), Verdict::Foreign { signature: "ext4 (label \"data\")".into() });
+        d.signatures = vec![Signature {
+            kind: "ext4".into(),
+            label: Some("data".into()),
+            ..Default::default()
+        }];
+        assert_eq!(
+            judge(&d, None),
+            Verdict::Foreign {
+                signature: "ext4 (label \"data\")".into()
+            }
+        );
     }
 
     #[test]
     fn kvstrap_partitions_are_ours_and_others_are_not() {
         let mut d = disk("sdb", 1 << 40);
-        d.partition_table = Some(PartitionTable { kind: "gpt".into(), uuid: None });
-        d.partitions =
-            vec![Partition { number: 1, type_id: Some(KVSTRAP_PART_TYPE.to_string()), ..Default::default() }];
+        d.partition_table = Some(PartitionTable {
+            kind: "gpt".into(),
+            uuid: None,
+        });
+        d.partitions = vec![Partition {
+            number: 1,
+            type_id: Some(KVSTRAP_PART_TYPE.to_string()),
+            ..Default::default()
+        }];
         assert_eq!(judge(&d, None), Verdict::Ours);
         d.partitions.push(Partition {
             number: 2,
             type_id: Some("0fc63daf-8483-4772-8e79-3d69d8477de4".into()),
             ..Default::default()
         });
-        assert!(matches!(judge(&d, None), Verdict::Foreign { signature } if signature.contains("partition 2")));
-        d.partition_table = Some(PartitionTable { kind: "dos".into(), uuid: None });
-        assert!(matches!(judge(&d, None), Verdict::Foreign { signature } if signature.contains("dos")));
+        assert!(
+            matches!(judge(&d, None), Verdict::Foreign { signature } if signature.contains("partition 2"))
+        );
+        d.partition_table = Some(PartitionTable {
+            kind: "dos".into(),
+            uuid: None,
+        });
+        assert!(
+            matches!(judge(&d, None), Verdict::Foreign { signature } if signature.contains("dos"))
+        );
     }
 }

@@ -6,7 +6,12 @@ use std::fmt::Write;
 
 pub fn plan_text(plan: &Plan) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "Node {}  (storage root {})", plan.node, plan.storage_root.display());
+    let _ = writeln!(
+        out,
+        "Node {}  (storage root {})",
+        plan.node,
+        plan.storage_root.display()
+    );
     for group in &plan.groups {
         let _ = writeln!(
             out,
@@ -18,7 +23,11 @@ pub fn plan_text(plan: &Plan) -> String {
             group.volumes.len()
         );
         for disk in &group.disks {
-            let vols: Vec<_> = group.volumes.iter().filter(|v| v.disk == disk.disk).collect();
+            let vols: Vec<_> = group
+                .volumes
+                .iter()
+                .filter(|v| v.disk == disk.disk)
+                .collect();
             let total: u64 = vols.iter().map(|v| v.capacity_bytes).sum();
             let _ = writeln!(
                 out,
@@ -27,7 +36,9 @@ pub fn plan_text(plan: &Plan) -> String {
                 human(disk.size_bytes),
                 disk.partitions.len(),
                 vols.len(),
-                vols.first().map(|v| human(v.capacity_bytes)).unwrap_or_else(|| "-".into()),
+                vols.first()
+                    .map(|v| human(v.capacity_bytes))
+                    .unwrap_or_else(|| "-".into()),
                 human(total),
                 disk.identity
             );
@@ -36,7 +47,11 @@ pub fn plan_text(plan: &Plan) -> String {
     if !plan.refused.is_empty() {
         let _ = writeln!(out, "\nRefused:");
         for r in &plan.refused {
-            let group = r.group.as_deref().map(|g| format!(" (group {g})")).unwrap_or_default();
+            let group = r
+                .group
+                .as_deref()
+                .map(|g| format!(" (group {g})"))
+                .unwrap_or_default();
             let _ = writeln!(out, "  {}{group}: {}", r.disk.display(), r.reason);
         }
     }
@@ -48,7 +63,13 @@ pub fn plan_text(plan: &Plan) -> String {
     } else {
         let _ = writeln!(out, "\nSteps ({}):", plan.steps.len());
         for (i, step) in plan.steps.iter().enumerate() {
-            let _ = writeln!(out, "  {:>3}. {}  ({})", i + 1, describe(step), step.reason());
+            let _ = writeln!(
+                out,
+                "  {:>3}. {}  ({})",
+                i + 1,
+                describe(step),
+                step.reason()
+            );
         }
     }
     let t = &plan.totals;
@@ -59,7 +80,11 @@ pub fn plan_text(plan: &Plan) -> String {
         human(t.published_bytes),
         human(t.reserve_bytes),
         t.headroom_ratio,
-        if t.published_bytes > 0 && t.headroom_ratio < 1.5 { "  (below the 1.5x production sizing)" } else { "" }
+        if t.published_bytes > 0 && t.headroom_ratio < 1.5 {
+            "  (below the 1.5x production sizing)"
+        } else {
+            ""
+        }
     );
     out
 }
@@ -67,29 +92,80 @@ pub fn plan_text(plan: &Plan) -> String {
 /// One line saying what a step does.
 pub fn describe(step: &Step) -> String {
     match step {
-        Step::WipeDisk { disk, signatures, .. } => {
-            format!("wipe {} (destroys: {})", disk.display(), signatures.join(", "))
+        Step::WipeDisk {
+            disk, signatures, ..
+        } => {
+            format!(
+                "wipe {} (destroys: {})",
+                disk.display(),
+                signatures.join(", ")
+            )
         }
         Step::WritePartitionTable { disk, layout, .. } => {
-            format!("write GPT on {} with {} partition(s)", disk.display(), layout.partitions.len())
+            format!(
+                "write GPT on {} with {} partition(s)",
+                disk.display(),
+                layout.partitions.len()
+            )
         }
         Step::AddPartitionNodes { disk, numbers, .. } => {
             format!("add partition nodes {numbers:?} of {}", disk.display())
         }
-        Step::MakeFilesystem { device, fs_type, label, uuid, .. } => {
-            format!("mkfs.{} {} label {label} uuid {uuid}", fs_type.as_str(), device.display())
+        Step::MakeFilesystem {
+            device,
+            fs_type,
+            label,
+            uuid,
+            ..
+        } => {
+            format!(
+                "mkfs.{} {} label {label} uuid {uuid}",
+                fs_type.as_str(),
+                device.display()
+            )
         }
-        Step::Mount { device, mountpoint, options, .. } => {
-            format!("mount {} on {} ({})", device.display(), mountpoint.display(), options.join(","))
+        Step::Mount {
+            device,
+            mountpoint,
+            options,
+            ..
+        } => {
+            format!(
+                "mount {} on {} ({})",
+                device.display(),
+                mountpoint.display(),
+                options.join(",")
+            )
         }
         Step::CreateDirectory { path, owner, .. } => {
-            format!("mkdir {} owner {}:{} mode {:04o}", path.display(), owner.uid, owner.gid, owner.mode)
+            format!(
+                "mkdir {} owner {}:{} mode {:04o}",
+                path.display(),
+                owner.uid,
+                owner.gid,
+                owner.mode
+            )
         }
         Step::SetOwnership { path, owner, .. } => {
-            format!("chown {}:{} chmod {:04o} {}", owner.uid, owner.gid, owner.mode, path.display())
+            format!(
+                "chown {}:{} chmod {:04o} {}",
+                owner.uid,
+                owner.gid,
+                owner.mode,
+                path.display()
+            )
         }
-        Step::SetQuota { path, project_id, bytes, .. } => {
-            format!("quota {} project {project_id} hard limit {}", path.display(), human(*bytes))
+        Step::SetQuota {
+            path,
+            project_id,
+            bytes,
+            ..
+        } => {
+            format!(
+                "quota {} project {project_id} hard limit {}",
+                path.display(),
+                human(*bytes)
+            )
         }
         Step::LinkBlockDevice { link, target, .. } => {
             format!("link {} -> {}", link.display(), target.display())

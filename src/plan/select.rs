@@ -14,9 +14,9 @@ fn devices_match(patterns: &[String], disk: &Disk) -> bool {
         return true;
     }
     let path = disk.path.to_string_lossy();
-    patterns
-        .iter()
-        .any(|pattern| pattern_matches(pattern, &path) || disk.by_id.iter().any(|id| pattern_matches(pattern, id)))
+    patterns.iter().any(|pattern| {
+        pattern_matches(pattern, &path) || disk.by_id.iter().any(|id| pattern_matches(pattern, id))
+    })
 }
 
 fn pattern_matches(pattern: &str, candidate: &str) -> bool {
@@ -30,9 +30,13 @@ fn pattern_matches(pattern: &str, candidate: &str) -> bool {
 fn matcher_matches(m: &DiskMatch, disk: &Disk) -> bool {
     let text = |want: &Option<String>, have: &Option<String>| match want {
         None => true,
-        Some(want) => have.as_deref().is_some_and(|have| pattern_matches(want, have.trim())),
+        Some(want) => have
+            .as_deref()
+            .is_some_and(|have| pattern_matches(want, have.trim())),
     };
-    m.transport.as_ref().is_none_or(|t| t.eq_ignore_ascii_case(&disk.transport))
+    m.transport
+        .as_ref()
+        .is_none_or(|t| t.eq_ignore_ascii_case(&disk.transport))
         && m.rotational.is_none_or(|r| r == disk.rotational)
         && m.min_size.is_none_or(|min| disk.size_bytes >= min)
         && m.max_size.is_none_or(|max| disk.size_bytes <= max)
@@ -44,7 +48,10 @@ fn matcher_matches(m: &DiskMatch, disk: &Disk) -> bool {
 
 /// Sort key that does not depend on the order the kernel enumerated disks in.
 pub fn stable_key(disk: &Disk) -> (String, String) {
-    (super::identity::disk_identity(disk), disk.path.to_string_lossy().into_owned())
+    (
+        super::identity::disk_identity(disk),
+        disk.path.to_string_lossy().into_owned(),
+    )
 }
 
 #[cfg(test)]
@@ -86,6 +93,9 @@ mod tests {
         assert!(!selects(&g, &d));
         g.matcher.rotational = None;
         g.matcher.serial = Some("X*".into());
-        assert!(!selects(&g, &d), "a disk without a serial cannot match a serial selector");
+        assert!(
+            !selects(&g, &d),
+            "a disk without a serial cannot match a serial selector"
+        );
     }
 }

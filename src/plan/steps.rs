@@ -2,7 +2,9 @@
 //! already matches yields no steps, which is what makes a second apply a no-op.
 
 use super::layout::DiskPlan;
-use crate::model::{Disk, FsSpec, Inventory, PartitionSpec, PathFacts, Step, VolumeMode, VolumeSpec};
+use crate::model::{
+    Disk, FsSpec, Inventory, PartitionSpec, PathFacts, Step, VolumeMode, VolumeSpec,
+};
 
 /// Steps for a blank disk: everything.
 pub fn fresh_disk(plan: &DiskPlan, reason: &str, steps: &mut Vec<Step>) {
@@ -36,7 +38,12 @@ pub fn adopt_disk(plan: &DiskPlan, disk: &Disk, inventory: &Inventory) -> Result
     let mut out = Adoption::default();
     // After a reboot the kernel may not know partitions kvstrap wrote (loop devices
     // attached without partition scanning, or a table written just before a crash).
-    let missing: Vec<u32> = disk.partitions.iter().filter(|p| !p.in_kernel).map(|p| p.number).collect();
+    let missing: Vec<u32> = disk
+        .partitions
+        .iter()
+        .filter(|p| !p.in_kernel)
+        .map(|p| p.number)
+        .collect();
     if !missing.is_empty() {
         out.steps.push(Step::AddPartitionNodes {
             disk: plan.layout.disk.clone(),
@@ -47,27 +54,42 @@ pub fn adopt_disk(plan: &DiskPlan, disk: &Disk, inventory: &Inventory) -> Result
     }
     for part in &plan.layout.partitions {
         let observed = disk.partitions.iter().find(|p| p.number == part.number);
-        let signatures = observed.map(|p| p.signatures.as_slice()).unwrap_or_default();
-        let mountpoints = observed.map(|p| p.mountpoints.as_slice()).unwrap_or_default();
+        let signatures = observed
+            .map(|p| p.signatures.as_slice())
+            .unwrap_or_default();
+        let mountpoints = observed
+            .map(|p| p.mountpoints.as_slice())
+            .unwrap_or_default();
         match &part.filesystem {
             Some(fs) => match signatures {
                 [] => {
-                    out.steps.push(mkfs(plan, part, fs, "partition has no filesystem yet"));
+                    out.steps
+                        .push(mkfs(plan, part, fs, "partition has no filesystem yet"));
                     out.steps.push(mount(plan, part, fs, "new filesystem"));
                 }
                 [sig] if fs_matches(fs, sig) => {
                     if !mountpoints.contains(&fs.mountpoint) {
-                        out.steps.push(mount(plan, part, fs, "filesystem is not mounted"));
+                        out.steps
+                            .push(mount(plan, part, fs, "filesystem is not mounted"));
                     }
                 }
-                sigs => out.refused.push((part.number, foreign_partition(part, sigs))),
+                sigs => out
+                    .refused
+                    .push((part.number, foreign_partition(part, sigs))),
             },
-            None if !signatures.is_empty() => out.refused.push((part.number, foreign_partition(part, signatures))),
+            None if !signatures.is_empty() => out
+                .refused
+                .push((part.number, foreign_partition(part, signatures))),
             None => {}
         }
     }
     for volume in &plan.volumes {
-        let number = plan.layout.partitions.iter().find(|p| p.device == volume.device).map(|p| p.number);
+        let number = plan
+            .layout
+            .partitions
+            .iter()
+            .find(|p| p.device == volume.device)
+            .map(|p| p.number);
         if out.refused.iter().any(|(n, _)| Some(*n) == number) {
             continue;
         }
@@ -83,7 +105,14 @@ fn check_same_layout(plan: &DiskPlan, disk: &Disk) -> Result<(), String> {
         .layout
         .partitions
         .iter()
-        .map(|p| (p.number, p.start_bytes, p.size_bytes, p.part_uuid.to_string()))
+        .map(|p| {
+            (
+                p.number,
+                p.start_bytes,
+                p.size_bytes,
+                p.part_uuid.to_string(),
+            )
+        })
         .collect();
     let have: Vec<(u32, u64, u64, String)> = disk
         .partitions
@@ -112,8 +141,10 @@ fn fs_matches(fs: &FsSpec, sig: &crate::model::Signature) -> bool {
 }
 
 fn foreign_partition(part: &PartitionSpec, sigs: &[crate::model::Signature]) -> String {
-    let found: Vec<String> =
-        sigs.iter().map(|s| format!("{} (UUID {})", s.kind, s.uuid.as_deref().unwrap_or("none"))).collect();
+    let found: Vec<String> = sigs
+        .iter()
+        .map(|s| format!("{} (UUID {})", s.kind, s.uuid.as_deref().unwrap_or("none")))
+        .collect();
     let wanted = part
         .filesystem
         .as_ref()
@@ -155,12 +186,22 @@ fn mount(plan: &DiskPlan, part: &PartitionSpec, fs: &FsSpec, reason: &str) -> St
 }
 
 /// Directory, ownership, quota or block link of one volume, as far as they differ.
-fn volume_steps(plan: &DiskPlan, v: &VolumeSpec, observed: Option<&PathFacts>, steps: &mut Vec<Step>) {
+fn volume_steps(
+    plan: &DiskPlan,
+    v: &VolumeSpec,
+    observed: Option<&PathFacts>,
+    steps: &mut Vec<Step>,
+) {
     let disk = plan.layout.disk.clone();
     match v.volume_mode {
         VolumeMode::Block => {
-            let part_uuid =
-                plan.layout.partitions.iter().find(|p| p.device == v.device).map(|p| p.part_uuid).unwrap_or_default();
+            let part_uuid = plan
+                .layout
+                .partitions
+                .iter()
+                .find(|p| p.device == v.device)
+                .map(|p| p.part_uuid)
+                .unwrap_or_default();
             let ok = matches!(observed, Some(PathFacts::Symlink { target }) if *target == v.device);
             if !ok {
                 steps.push(Step::LinkBlockDevice {
@@ -168,8 +209,12 @@ fn volume_steps(plan: &DiskPlan, v: &VolumeSpec, observed: Option<&PathFacts>, s
                     link: v.path.clone(),
                     target: v.device.clone(),
                     part_uuid,
-                    reason: if observed.is_some() { "link points elsewhere" } else { "block volume has no link yet" }
-                        .into(),
+                    reason: if observed.is_some() {
+                        "link points elsewhere"
+                    } else {
+                        "block volume has no link yet"
+                    }
+                    .into(),
                 });
             }
         }
@@ -177,19 +222,37 @@ fn volume_steps(plan: &DiskPlan, v: &VolumeSpec, observed: Option<&PathFacts>, s
     }
 }
 
-fn directory_steps(disk: std::path::PathBuf, v: &VolumeSpec, observed: Option<&PathFacts>, steps: &mut Vec<Step>) {
+fn directory_steps(
+    disk: std::path::PathBuf,
+    v: &VolumeSpec,
+    observed: Option<&PathFacts>,
+    steps: &mut Vec<Step>,
+) {
     let Some(owner) = v.owner.clone() else { return };
     let (project_ok, quota_ok) = match observed {
-        Some(PathFacts::Directory { uid, gid, mode, project_id, quota_bytes, .. }) => {
+        Some(PathFacts::Directory {
+            uid,
+            gid,
+            mode,
+            project_id,
+            quota_bytes,
+            ..
+        }) => {
             if (*uid, *gid, *mode & 0o7777) != (owner.uid, owner.gid, owner.mode) {
                 steps.push(Step::SetOwnership {
                     disk: disk.clone(),
                     path: v.path.clone(),
                     owner,
-                    reason: format!("owner {uid}:{gid} mode {:04o} differs from the policy", mode & 0o7777),
+                    reason: format!(
+                        "owner {uid}:{gid} mode {:04o} differs from the policy",
+                        mode & 0o7777
+                    ),
                 });
             }
-            (*project_id == v.project_id, *quota_bytes == Some(v.capacity_bytes))
+            (
+                *project_id == v.project_id,
+                *quota_bytes == Some(v.capacity_bytes),
+            )
         }
         _ => {
             steps.push(Step::CreateDirectory {

@@ -2,10 +2,12 @@
 
 use super::*;
 use crate::model::{
-    FsType, Layout, Owner, Partition, PartitionTable, PathFacts, Signature, Step, VolumeMode, KVSTRAP_PART_TYPE,
+    FsType, Layout, Owner, Partition, PartitionTable, PathFacts, Signature, Step, VolumeMode,
+    KVSTRAP_PART_TYPE,
 };
 use crate::policy::{
-    AccessMode, DiskMatch, KubernetesSettings, NodeSettings, ReclaimPolicy, StorageClass, VolumeSizing,
+    AccessMode, DiskMatch, KubernetesSettings, NodeSettings, ReclaimPolicy, StorageClass,
+    VolumeSizing,
 };
 
 const GIB: u64 = 1 << 30;
@@ -33,7 +35,11 @@ pub fn group(name: &str) -> DiskGroup {
         max_disks: None,
         sizing: VolumeSizing::OnePerDisk,
         reserve_percent: 0,
-        owner: Owner { uid: 107, gid: 107, mode: 0o750 },
+        owner: Owner {
+            uid: 107,
+            gid: 107,
+            mode: 0o750,
+        },
         wipe: Wipe::Never,
         allow_loop: false,
         allow_removable: false,
@@ -55,8 +61,14 @@ fn class(name: &str, mode: VolumeMode, fs: FsType) -> StorageClass {
 
 fn policy(groups: Vec<DiskGroup>) -> Policy {
     Policy {
-        node: NodeSettings { name: "worker-07".into(), storage_root: "/var/lib/kvstrap/storage".into() },
-        kubernetes: KubernetesSettings { publish: false, kubeconfig: None },
+        node: NodeSettings {
+            name: "worker-07".into(),
+            storage_root: "/var/lib/kvstrap/storage".into(),
+        },
+        kubernetes: KubernetesSettings {
+            publish: false,
+            kubeconfig: None,
+        },
         storage_classes: vec![
             class("fast", VolumeMode::Filesystem, FsType::Xfs),
             class("ext", VolumeMode::Filesystem, FsType::Ext4),
@@ -68,11 +80,16 @@ fn policy(groups: Vec<DiskGroup>) -> Policy {
 }
 
 fn ctx() -> PlanContext {
-    PlanContext { state_dir: "/var/lib/kvstrap".into() }
+    PlanContext {
+        state_dir: "/var/lib/kvstrap".into(),
+    }
 }
 
 fn inventory(disks: Vec<Disk>) -> Inventory {
-    Inventory { disks, ..Inventory::default() }
+    Inventory {
+        disks,
+        ..Inventory::default()
+    }
 }
 
 fn count(plan: &Plan, action: &str) -> usize {
@@ -84,13 +101,20 @@ fn shared_layout_with_volume_size_and_reserve() {
     let mut g = group("nvme");
     g.sizing = VolumeSizing::Size(100 * GIB);
     g.reserve_percent = 10;
-    let p = plan(&policy(vec![g]), &inventory(vec![disk("sdb", 1000 * GIB)]), &ctx());
+    let p = plan(
+        &policy(vec![g]),
+        &inventory(vec![disk("sdb", 1000 * GIB)]),
+        &ctx(),
+    );
     let gp = &p.groups[0];
     assert_eq!(gp.disks.len(), 1);
     assert_eq!(gp.disks[0].partitions.len(), 1);
     // 1000 GiB - 10% reserve - xfs overhead leaves room for 8 volumes of 100 GiB.
     assert_eq!(gp.volumes.len(), 8);
-    assert!(gp.volumes.iter().all(|v| v.capacity_bytes == 100 * GIB && v.project_id.is_some()));
+    assert!(gp
+        .volumes
+        .iter()
+        .all(|v| v.capacity_bytes == 100 * GIB && v.project_id.is_some()));
     let part = &gp.disks[0].partitions[0];
     assert_eq!(part.start_bytes, 1 << 20);
     assert_eq!(part.start_bytes % (1 << 20), 0);
@@ -103,19 +127,31 @@ fn shared_layout_with_volume_size_and_reserve() {
     assert!(p.totals.reserve_bytes >= 99 * GIB);
     assert!(p.totals.headroom_ratio >= 1.25);
     let first = &gp.volumes[0];
-    assert_eq!(first.path, part.filesystem.as_ref().map(|f| f.mountpoint.join(&first.name)).unwrap_or_default());
+    assert_eq!(
+        first.path,
+        part.filesystem
+            .as_ref()
+            .map(|f| f.mountpoint.join(&first.name))
+            .unwrap_or_default()
+    );
 }
 
 #[test]
 fn shared_layout_volume_count_divides_what_is_left() {
     let mut g = group("nvme");
     g.sizing = VolumeSizing::Count(4);
-    let p = plan(&policy(vec![g]), &inventory(vec![disk("sdb", 100 * GIB)]), &ctx());
+    let p = plan(
+        &policy(vec![g]),
+        &inventory(vec![disk("sdb", 100 * GIB)]),
+        &ctx(),
+    );
     let vols = &p.groups[0].volumes;
     assert_eq!(vols.len(), 4);
     let total: u64 = vols.iter().map(|v| v.capacity_bytes).sum();
     assert!(total < 100 * GIB - capacity::fs_overhead(FsType::Xfs, 100 * GIB) + 4 * (1 << 20));
-    assert!(vols.windows(2).all(|w| w[0].capacity_bytes == w[1].capacity_bytes));
+    assert!(vols
+        .windows(2)
+        .all(|w| w[0].capacity_bytes == w[1].capacity_bytes));
 }
 
 #[test]
@@ -124,25 +160,45 @@ fn separate_filesystem_volumes_get_partitions_of_their_own() {
     g.layout = Layout::Separate;
     g.storage_class = "ext".into();
     g.sizing = VolumeSizing::Size(10 * GIB);
-    let p = plan(&policy(vec![g]), &inventory(vec![disk("sdc", 50 * GIB)]), &ctx());
+    let p = plan(
+        &policy(vec![g]),
+        &inventory(vec![disk("sdc", 50 * GIB)]),
+        &ctx(),
+    );
     let gp = &p.groups[0];
     let parts = &gp.disks[0].partitions;
     assert_eq!(parts.len(), gp.volumes.len());
     assert!(parts.len() >= 4);
     for pair in parts.windows(2) {
-        assert_eq!(pair[0].start_bytes + pair[0].size_bytes, pair[1].start_bytes, "contiguous, aligned");
+        assert_eq!(
+            pair[0].start_bytes + pair[0].size_bytes,
+            pair[1].start_bytes,
+            "contiguous, aligned"
+        );
     }
-    assert!(parts.iter().all(|p| p.start_bytes % (1 << 20) == 0 && p.size_bytes % (1 << 20) == 0));
-    let last = parts.last().map(|p| p.start_bytes + p.size_bytes).unwrap_or_default();
+    assert!(parts
+        .iter()
+        .all(|p| p.start_bytes % (1 << 20) == 0 && p.size_bytes % (1 << 20) == 0));
+    let last = parts
+        .last()
+        .map(|p| p.start_bytes + p.size_bytes)
+        .unwrap_or_default();
     assert!(last <= 50 * GIB - (1 << 20));
     for (v, part) in gp.volumes.iter().zip(parts) {
         assert_eq!(v.capacity_bytes, 10 * GIB);
-        let fs = part.filesystem.as_ref().map(|f| (f.fs_type, f.mountpoint.clone()));
+        let fs = part
+            .filesystem
+            .as_ref()
+            .map(|f| (f.fs_type, f.mountpoint.clone()));
         assert_eq!(fs, Some((FsType::Ext4, v.path.clone())));
         assert!(capacity::fs_capacity(FsType::Ext4, part.size_bytes) >= v.capacity_bytes);
     }
     assert_eq!(count(&p, "make_filesystem"), parts.len());
-    assert_eq!(count(&p, "set_quota"), 0, "a filesystem of its own bounds the volume");
+    assert_eq!(
+        count(&p, "set_quota"),
+        0,
+        "a filesystem of its own bounds the volume"
+    );
 }
 
 #[test]
@@ -151,10 +207,17 @@ fn separate_block_volumes_are_raw_partitions_with_links() {
     g.layout = Layout::Separate;
     g.storage_class = "raw".into();
     g.sizing = VolumeSizing::Count(3);
-    let p = plan(&policy(vec![g]), &inventory(vec![disk("nvme0n1", 30 * GIB)]), &ctx());
+    let p = plan(
+        &policy(vec![g]),
+        &inventory(vec![disk("nvme0n1", 30 * GIB)]),
+        &ctx(),
+    );
     let gp = &p.groups[0];
     assert_eq!(gp.volumes.len(), 3);
-    assert!(gp.disks[0].partitions.iter().all(|p| p.filesystem.is_none()));
+    assert!(gp.disks[0]
+        .partitions
+        .iter()
+        .all(|p| p.filesystem.is_none()));
     assert_eq!(count(&p, "make_filesystem"), 0);
     assert_eq!(count(&p, "link_block_device"), 3);
     let v = &gp.volumes[0];
@@ -168,10 +231,17 @@ fn separate_block_volumes_are_raw_partitions_with_links() {
 fn max_disks_takes_disks_in_stable_order() {
     let mut g = group("g");
     g.max_disks = Some(2);
-    let disks = vec![disk("sdd", 10 * GIB), disk("sdb", 10 * GIB), disk("sdc", 10 * GIB)];
+    let disks = vec![
+        disk("sdd", 10 * GIB),
+        disk("sdb", 10 * GIB),
+        disk("sdc", 10 * GIB),
+    ];
     let p = plan(&policy(vec![g.clone()]), &inventory(disks.clone()), &ctx());
     let chosen: Vec<_> = p.groups[0].disks.iter().map(|d| d.disk.clone()).collect();
-    assert_eq!(chosen, vec![PathBuf::from("/dev/sdb"), PathBuf::from("/dev/sdc")]);
+    assert_eq!(
+        chosen,
+        vec![PathBuf::from("/dev/sdb"), PathBuf::from("/dev/sdc")]
+    );
     assert_eq!(p.refused.len(), 1);
     assert!(p.refused[0].reason.contains("max_disks"));
     // Enumeration order does not matter.
@@ -183,22 +253,42 @@ fn max_disks_takes_disks_in_stable_order() {
 #[test]
 fn refusals_of_every_kind_are_reported_with_reasons() {
     let mut ext4 = disk("sdb", 10 * GIB);
-    ext4.signatures = vec![Signature { kind: "ext4".into(), ..Default::default() }];
+    ext4.signatures = vec![Signature {
+        kind: "ext4".into(),
+        ..Default::default()
+    }];
     let mut mounted = disk("sdc", 10 * GIB);
-    mounted.in_use = vec![InUse::Mounted { mountpoint: "/srv".into() }];
+    mounted.in_use = vec![InUse::Mounted {
+        mountpoint: "/srv".into(),
+    }];
     let mut system = disk("vda", 10 * GIB);
-    system.in_use = vec![InUse::SystemDisk { detail: "holds /".into() }];
+    system.in_use = vec![InUse::SystemDisk {
+        detail: "holds /".into(),
+    }];
     let mut lvm = disk("sdd", 10 * GIB);
-    lvm.signatures = vec![Signature { kind: "LVM2_member".into(), ..Default::default() }];
+    lvm.signatures = vec![Signature {
+        kind: "LVM2_member".into(),
+        ..Default::default()
+    }];
     let mut lp = disk("loop0", 10 * GIB);
     lp.transport = "loop".into();
     let mut holder = disk("sde", 10 * GIB);
-    holder.in_use = vec![InUse::Holder { holder: "dm-0".into() }];
+    holder.in_use = vec![InUse::Holder {
+        holder: "dm-0".into(),
+    }];
     let mut tiny = disk("sdf", 100 << 20);
     tiny.serial = Some("tiny".into());
-    let p = plan(&policy(vec![group("g")]), &inventory(vec![ext4, mounted, system, lvm, lp, holder, tiny]), &ctx());
+    let p = plan(
+        &policy(vec![group("g")]),
+        &inventory(vec![ext4, mounted, system, lvm, lp, holder, tiny]),
+        &ctx(),
+    );
     assert!(p.steps.is_empty());
-    let reasons: Vec<String> = p.refused.iter().map(|r| format!("{} {}", r.disk.display(), r.reason)).collect();
+    let reasons: Vec<String> = p
+        .refused
+        .iter()
+        .map(|r| format!("{} {}", r.disk.display(), r.reason))
+        .collect();
     let expect = [
         ("/dev/sdb", "not empty: ext4"),
         ("/dev/sdc", "mounted at /srv"),
@@ -209,13 +299,22 @@ fn refusals_of_every_kind_are_reported_with_reasons() {
         ("/dev/sdf", "too small"),
     ];
     for (dev, why) in expect {
-        assert!(reasons.iter().any(|r| r.starts_with(dev) && r.contains(why)), "{dev}: {why} not in {reasons:?}");
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.starts_with(dev) && r.contains(why)),
+            "{dev}: {why} not in {reasons:?}"
+        );
     }
 }
 
 #[test]
 fn a_disk_two_groups_select_goes_to_neither() {
-    let p = plan(&policy(vec![group("a"), group("b")]), &inventory(vec![disk("sdb", 10 * GIB)]), &ctx());
+    let p = plan(
+        &policy(vec![group("a"), group("b")]),
+        &inventory(vec![disk("sdb", 10 * GIB)]),
+        &ctx(),
+    );
     assert!(p.steps.is_empty());
     assert!(p.refused[0].reason.contains("several groups (a, b)"));
 }
@@ -225,8 +324,13 @@ fn converged(p: &Plan, mut disks: Vec<Disk>) -> Inventory {
     let mut paths = std::collections::BTreeMap::new();
     for gp in &p.groups {
         for layout in &gp.disks {
-            let Some(d) = disks.iter_mut().find(|d| d.path == layout.disk) else { continue };
-            d.partition_table = Some(PartitionTable { kind: "gpt".into(), uuid: Some(layout.disk_guid.to_string()) });
+            let Some(d) = disks.iter_mut().find(|d| d.path == layout.disk) else {
+                continue;
+            };
+            d.partition_table = Some(PartitionTable {
+                kind: "gpt".into(),
+                uuid: Some(layout.disk_guid.to_string()),
+            });
             d.partitions = layout
                 .partitions
                 .iter()
@@ -248,7 +352,11 @@ fn converged(p: &Plan, mut disks: Vec<Disk>) -> Inventory {
                             uuid: Some(f.uuid.to_string()),
                         })
                         .collect(),
-                    mountpoints: part.filesystem.iter().map(|f| f.mountpoint.clone()).collect(),
+                    mountpoints: part
+                        .filesystem
+                        .iter()
+                        .map(|f| f.mountpoint.clone())
+                        .collect(),
                     in_kernel: true,
                     ..Default::default()
                 })
@@ -257,9 +365,13 @@ fn converged(p: &Plan, mut disks: Vec<Disk>) -> Inventory {
                 .partitions
                 .iter()
                 .flat_map(|p| p.mountpoints.iter())
-                .map(|m| InUse::Mounted { mountpoint: m.clone() })
+                .map(|m| InUse::Mounted {
+                    mountpoint: m.clone(),
+                })
                 .collect();
-            d.in_use.push(InUse::Busy { detail: "exclusive open failed".into() });
+            d.in_use.push(InUse::Busy {
+                detail: "exclusive open failed".into(),
+            });
         }
         for v in &gp.volumes {
             let facts = match (&v.owner, v.volume_mode) {
@@ -271,12 +383,18 @@ fn converged(p: &Plan, mut disks: Vec<Disk>) -> Inventory {
                     quota_bytes: v.project_id.map(|_| v.capacity_bytes),
                     devno: "8:17".into(),
                 },
-                _ => PathFacts::Symlink { target: v.device.clone() },
+                _ => PathFacts::Symlink {
+                    target: v.device.clone(),
+                },
             };
             paths.insert(v.path.clone(), facts);
         }
     }
-    Inventory { disks, paths, ..Inventory::default() }
+    Inventory {
+        disks,
+        paths,
+        ..Inventory::default()
+    }
 }
 
 fn mixed_policy() -> (Policy, Vec<Disk>) {
@@ -293,7 +411,11 @@ fn mixed_policy() -> (Policy, Vec<Disk>) {
     raw.layout = Layout::Separate;
     raw.storage_class = "raw".into();
     raw.sizing = VolumeSizing::Count(2);
-    let disks = vec![disk("sdb", 20 * GIB), disk("sdc", 20 * GIB), disk("sdd", 20 * GIB)];
+    let disks = vec![
+        disk("sdb", 20 * GIB),
+        disk("sdc", 20 * GIB),
+        disk("sdd", 20 * GIB),
+    ];
     (policy(vec![shared, sep, raw]), disks)
 }
 
@@ -305,7 +427,10 @@ fn converged_node_gives_an_empty_plan() {
     let again = plan(&pol, &converged(&first, disks), &ctx());
     assert_eq!(again.steps, vec![], "refused: {:?}", again.refused);
     assert!(again.refused.is_empty());
-    assert_eq!(again.groups, first.groups, "adopted disks publish the same volumes");
+    assert_eq!(
+        again.groups, first.groups,
+        "adopted disks publish the same volumes"
+    );
 }
 
 #[test]
@@ -319,13 +444,23 @@ fn adoption_finishes_an_interrupted_run_without_formatting_twice() {
         p.signatures.clear();
         p.mountpoints.clear();
     }
-    inv.paths.retain(|path, _| !path.to_string_lossy().contains("/sep/"));
+    inv.paths
+        .retain(|path, _| !path.to_string_lossy().contains("/sep/"));
     let again = plan(&pol, &inv, &ctx());
-    let actions: Vec<(&str, String)> =
-        again.steps.iter().map(|s| (s.action(), s.disk().display().to_string())).collect();
+    let actions: Vec<(&str, String)> = again
+        .steps
+        .iter()
+        .map(|s| (s.action(), s.disk().display().to_string()))
+        .collect();
     assert_eq!(count(&again, "write_partition_table"), 0);
     assert_eq!(count(&again, "make_filesystem"), 2, "{actions:?}");
-    assert!(again.steps.iter().all(|s| s.disk() == &PathBuf::from("/dev/sdc")), "{actions:?}");
+    assert!(
+        again
+            .steps
+            .iter()
+            .all(|s| s.disk() == &PathBuf::from("/dev/sdc")),
+        "{actions:?}"
+    );
 }
 
 #[test]
@@ -338,7 +473,10 @@ fn a_foreign_filesystem_on_our_partition_is_never_formatted() {
     sdc.partitions[1].mountpoints.clear();
     let again = plan(&pol, &inv, &ctx());
     assert_eq!(count(&again, "make_filesystem"), 0);
-    assert!(again.refused.iter().any(|r| r.reason.contains("left alone because it may hold data")));
+    assert!(again
+        .refused
+        .iter()
+        .any(|r| r.reason.contains("left alone because it may hold data")));
 }
 
 #[test]
@@ -353,7 +491,8 @@ fn a_kvstrap_disk_with_another_layout_is_refused_not_repartitioned() {
     assert!(again
         .refused
         .iter()
-        .any(|r| r.disk.as_path() == std::path::Path::new("/dev/sdc") && r.reason.contains("different layout")));
+        .any(|r| r.disk.as_path() == std::path::Path::new("/dev/sdc")
+            && r.reason.contains("different layout")));
 }
 
 #[test]
@@ -364,7 +503,14 @@ fn ownership_drift_and_missing_quota_are_repaired() {
     let v = first.groups[0].volumes[0].path.clone();
     inv.paths.insert(
         v.clone(),
-        PathFacts::Directory { uid: 0, gid: 0, mode: 0o755, project_id: None, quota_bytes: None, devno: "8:17".into() },
+        PathFacts::Directory {
+            uid: 0,
+            gid: 0,
+            mode: 0o755,
+            project_id: None,
+            quota_bytes: None,
+            devno: "8:17".into(),
+        },
     );
     let again = plan(&pol, &inv, &ctx());
     let actions: Vec<&str> = again.steps.iter().map(Step::action).collect();
@@ -377,11 +523,16 @@ fn wipe_force_wipes_a_foreign_disk_first() {
     g.wipe = Wipe::Force;
     g.matcher.serial = Some("SER-sdb".into());
     let mut d = disk("sdb", 10 * GIB);
-    d.signatures = vec![Signature { kind: "xfs".into(), ..Default::default() }];
+    d.signatures = vec![Signature {
+        kind: "xfs".into(),
+        ..Default::default()
+    }];
     let p = plan(&policy(vec![g]), &inventory(vec![d]), &ctx());
     let actions: Vec<&str> = p.steps.iter().map(Step::action).take(2).collect();
     assert_eq!(actions, vec!["wipe_disk", "write_partition_table"]);
-    assert!(matches!(&p.steps[0], Step::WipeDisk { signatures, .. } if signatures == &vec!["xfs".to_string()]));
+    assert!(
+        matches!(&p.steps[0], Step::WipeDisk { signatures, .. } if signatures == &vec!["xfs".to_string()])
+    );
 }
 
 #[test]
@@ -389,8 +540,13 @@ fn wipe_force_never_touches_a_disk_in_use() {
     let mut g = group("g");
     g.wipe = Wipe::Force;
     let mut d = disk("sdb", 10 * GIB);
-    d.signatures = vec![Signature { kind: "xfs".into(), ..Default::default() }];
-    d.in_use = vec![InUse::Mounted { mountpoint: "/data".into() }];
+    d.signatures = vec![Signature {
+        kind: "xfs".into(),
+        ..Default::default()
+    }];
+    d.in_use = vec![InUse::Mounted {
+        mountpoint: "/data".into(),
+    }];
     let p = plan(&policy(vec![g]), &inventory(vec![d]), &ctx());
     assert!(p.steps.is_empty());
 }
@@ -408,8 +564,14 @@ fn plans_are_deterministic_and_uuids_come_from_identity() {
     pol2.disk_groups[0].devices = vec!["/dev/sdz".into()];
     let p1 = plan(&pol, &inventory(disks), &ctx());
     let p2 = plan(&pol2, &inventory(renamed), &ctx());
-    assert_eq!(p1.groups[0].disks[0].disk_guid, p2.groups[0].disks[0].disk_guid);
-    assert_eq!(p1.groups[0].disks[0].partitions[0].part_uuid, p2.groups[0].disks[0].partitions[0].part_uuid);
+    assert_eq!(
+        p1.groups[0].disks[0].disk_guid,
+        p2.groups[0].disks[0].disk_guid
+    );
+    assert_eq!(
+        p1.groups[0].disks[0].partitions[0].part_uuid,
+        p2.groups[0].disks[0].partitions[0].part_uuid
+    );
 }
 
 #[test]
@@ -425,13 +587,16 @@ fn plan_json_has_a_steps_list() {
 #[test]
 fn shared_layout_needs_kernel_quotas_unless_the_group_accepts_less() {
     let mut inv = inventory(vec![disk("sdb", 20 * GIB)]);
-    inv.quota_unsupported.insert("xfs".into(), "CONFIG_XFS_QUOTA is not set".into());
+    inv.quota_unsupported
+        .insert("xfs".into(), "CONFIG_XFS_QUOTA is not set".into());
     let mut g = group("g");
     g.sizing = VolumeSizing::Count(2);
     let p = plan(&policy(vec![g.clone()]), &inv, &ctx());
     assert!(p.steps.is_empty());
     assert!(
-        p.refused[0].reason.contains("cannot enforce project quotas on xfs (CONFIG_XFS_QUOTA is not set)"),
+        p.refused[0]
+            .reason
+            .contains("cannot enforce project quotas on xfs (CONFIG_XFS_QUOTA is not set)"),
         "{:?}",
         p.refused
     );
@@ -440,7 +605,10 @@ fn shared_layout_needs_kernel_quotas_unless_the_group_accepts_less() {
     assert_eq!(count(&p, "set_quota"), 0);
     assert_eq!(count(&p, "create_directory"), 2);
     assert!(p.groups[0].volumes.iter().all(|v| v.project_id.is_none()));
-    assert!(p.groups[0].disks[0].partitions[0].filesystem.as_ref().is_some_and(|f| !f.project_quota));
+    assert!(p.groups[0].disks[0].partitions[0]
+        .filesystem
+        .as_ref()
+        .is_some_and(|f| !f.project_quota));
     assert!(p.warnings[0].contains("can outgrow"), "{:?}", p.warnings);
     // Separate filesystems bound their volumes without quotas.
     let mut sep = group("s");

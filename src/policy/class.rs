@@ -7,14 +7,24 @@ use super::names;
 use super::types::{AccessMode, ReclaimPolicy, StorageClass};
 use crate::model::{FsType, VolumeMode};
 
-pub const KEYS: &[&str] =
-    &["name", "volume_mode", "fs_type", "reclaim_policy", "access_modes", "mount_options", "binding_mode"];
+pub const KEYS: &[&str] = &[
+    "name",
+    "volume_mode",
+    "fs_type",
+    "reclaim_policy",
+    "access_modes",
+    "mount_options",
+    "binding_mode",
+];
 
 pub const BINDING_MODE: &str = "WaitForFirstConsumer";
 
 const VOLUME_MODE: Choice<'static, VolumeMode> = Choice {
     key: "volume_mode",
-    allowed: &[("Filesystem", VolumeMode::Filesystem), ("Block", VolumeMode::Block)],
+    allowed: &[
+        ("Filesystem", VolumeMode::Filesystem),
+        ("Block", VolumeMode::Block),
+    ],
     refused: &[(
         "None",
         "Kubernetes has only Filesystem and Block volumes",
@@ -23,7 +33,8 @@ const VOLUME_MODE: Choice<'static, VolumeMode> = Choice {
 };
 
 const NETWORK_FS: &str = "it is a network filesystem and kvstrap formats local disks";
-const USE_LOCAL_FS: &str = "write fs_type = \"xfs\" or \"ext4\"; network storage needs a CSI driver, not kvstrap";
+const USE_LOCAL_FS: &str =
+    "write fs_type = \"xfs\" or \"ext4\"; network storage needs a CSI driver, not kvstrap";
 
 const FS_TYPE: Choice<'static, FsType> = Choice {
     key: "fs_type",
@@ -41,8 +52,16 @@ const FS_TYPE: Choice<'static, FsType> = Choice {
             "vfat has no file ownership, permissions or project quotas, which VM volumes need",
             "write fs_type = \"xfs\" or \"ext4\"",
         ),
-        ("fat", "fat has no file ownership, permissions or quotas", "write fs_type = \"xfs\" or \"ext4\""),
-        ("exfat", "exfat has no file ownership, permissions or quotas", "write fs_type = \"xfs\" or \"ext4\""),
+        (
+            "fat",
+            "fat has no file ownership, permissions or quotas",
+            "write fs_type = \"xfs\" or \"ext4\"",
+        ),
+        (
+            "exfat",
+            "exfat has no file ownership, permissions or quotas",
+            "write fs_type = \"xfs\" or \"ext4\"",
+        ),
     ],
 };
 
@@ -85,12 +104,18 @@ pub fn parse(section: &Section, diags: &mut Diags) -> Option<StorageClass> {
     let name = class_name(section, diags);
     let volume_mode = match section.string("volume_mode", "\"Filesystem\"", diags) {
         Some(v) => VOLUME_MODE.pick(v, diags),
-        None => section.entry("volume_mode").is_none().then_some(VolumeMode::Filesystem),
+        None => section
+            .entry("volume_mode")
+            .is_none()
+            .then_some(VolumeMode::Filesystem),
     };
     let fs_type = fs_type(section, volume_mode, diags);
     let reclaim_policy = match section.string("reclaim_policy", "\"Delete\"", diags) {
         Some(v) => RECLAIM.pick(v, diags),
-        None => section.entry("reclaim_policy").is_none().then_some(ReclaimPolicy::Delete),
+        None => section
+            .entry("reclaim_policy")
+            .is_none()
+            .then_some(ReclaimPolicy::Delete),
     };
     let access_modes = access_modes(section, diags);
     let mount_options = mount_options(section, volume_mode, diags);
@@ -146,10 +171,17 @@ fn fs_type(section: &Section, mode: Option<VolumeMode>, diags: &mut Diags) -> Op
 fn access_modes(section: &Section, diags: &mut Diags) -> Option<Vec<AccessMode>> {
     let example = "[\"ReadWriteOnce\"]";
     let Some((items, at)) = section.strings("access_modes", example, diags) else {
-        return section.entry("access_modes").is_none().then(|| vec![AccessMode::ReadWriteOnce]);
+        return section
+            .entry("access_modes")
+            .is_none()
+            .then(|| vec![AccessMode::ReadWriteOnce]);
     };
     if items.is_empty() {
-        diags.error(at, "access_modes is empty", format!("write access_modes = {example}"));
+        diags.error(
+            at,
+            "access_modes is empty",
+            format!("write access_modes = {example}"),
+        );
         return None;
     }
     let mut modes = Vec::new();
@@ -164,7 +196,11 @@ fn access_modes(section: &Section, diags: &mut Diags) -> Option<Vec<AccessMode>>
     ok.then_some(modes)
 }
 
-fn mount_options(section: &Section, mode: Option<VolumeMode>, diags: &mut Diags) -> Option<Vec<String>> {
+fn mount_options(
+    section: &Section,
+    mode: Option<VolumeMode>,
+    diags: &mut Diags,
+) -> Option<Vec<String>> {
     let example = "[\"noatime\"]";
     let Some((items, at)) = section.strings("mount_options", example, diags) else {
         return section.entry("mount_options").is_none().then(Vec::new);

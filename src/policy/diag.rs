@@ -28,7 +28,9 @@ impl SourceMap {
     }
 
     pub fn path(&self, file: usize) -> &Path {
-        self.files.get(file).map_or(Path::new("<policy>"), |(p, _)| p.as_path())
+        self.files
+            .get(file)
+            .map_or(Path::new("<policy>"), |(p, _)| p.as_path())
     }
 
     pub fn paths(&self) -> Vec<PathBuf> {
@@ -99,7 +101,10 @@ impl Diags {
 
     /// The diagnostics in file order, then by position; whole-file problems first.
     pub fn into_diagnostics(self) -> Vec<Diagnostic> {
-        let Diags { sources, mut problems } = self;
+        let Diags {
+            sources,
+            mut problems,
+        } = self;
         problems.sort_by_key(|p| match &p.at {
             Where::File(_) => (0, 0, 0),
             Where::At(loc) => (1, loc.file, loc.offset),
@@ -116,7 +121,13 @@ fn render(sources: &SourceMap, problem: Problem) -> Diagnostic {
             (sources.path(loc.file).to_path_buf(), line, column)
         }
     };
-    Diagnostic { file, line, column, message: problem.message, hint: problem.hint }
+    Diagnostic {
+        file,
+        line,
+        column,
+        message: problem.message,
+        hint: problem.hint,
+    }
 }
 
 impl fmt::Display for Diagnostic {
@@ -126,7 +137,14 @@ impl fmt::Display for Diagnostic {
         if self.line == 0 {
             write!(f, "{}: error: {}", self.file.display(), self.message)?;
         } else {
-            write!(f, "{}:{}:{}: error: {}", self.file.display(), self.line, self.column, self.message)?;
+            write!(
+                f,
+                "{}:{}:{}: error: {}",
+                self.file.display(),
+                self.line,
+                self.column,
+                self.message
+            )?;
         }
         if let Some(hint) = &self.hint {
             write!(f, "\n  hint: {hint}")?;
@@ -147,16 +165,32 @@ mod tests {
         assert_eq!(map.line_col(Loc { file: f, offset: 0 }), (1, 1));
         assert_eq!(map.line_col(Loc { file: f, offset: 6 }), (2, 1));
         // "né" is 3 bytes but 2 characters: the '=' after it (byte 10) is column 4.
-        assert_eq!(map.line_col(Loc { file: f, offset: 10 }), (2, 4));
+        assert_eq!(
+            map.line_col(Loc {
+                file: f,
+                offset: 10
+            }),
+            (2, 4)
+        );
         assert_eq!(map.describe(Loc { file: f, offset: 6 }), "p.toml:2:1");
     }
 
     #[test]
     fn display_with_and_without_position() {
-        let d =
-            Diagnostic { file: "a.toml".into(), line: 3, column: 7, message: "bad".into(), hint: Some("good".into()) };
+        let d = Diagnostic {
+            file: "a.toml".into(),
+            line: 3,
+            column: 7,
+            message: "bad".into(),
+            hint: Some("good".into()),
+        };
         assert_eq!(d.to_string(), "a.toml:3:7: error: bad\n  hint: good");
-        let d = Diagnostic { line: 0, column: 0, hint: None, ..d };
+        let d = Diagnostic {
+            line: 0,
+            column: 0,
+            hint: None,
+            ..d
+        };
         assert_eq!(d.to_string(), "a.toml: error: bad");
     }
 }

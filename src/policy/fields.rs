@@ -18,7 +18,11 @@ pub struct Section<'t> {
 
 impl<'t> Section<'t> {
     pub fn new(table: &'t Table, at: Loc, name: impl Into<String>) -> Self {
-        Section { table, at, name: name.into() }
+        Section {
+            table,
+            at,
+            name: name.into(),
+        }
     }
 
     pub fn entry(&self, key: &str) -> Option<&'t Entry> {
@@ -32,10 +36,17 @@ impl<'t> Section<'t> {
                 continue;
             }
             let hint = match names::closest(&entry.key, known) {
-                Some(k) => format!("did you mean \"{k}\"? known keys here: {}", known.join(", ")),
+                Some(k) => format!(
+                    "did you mean \"{k}\"? known keys here: {}",
+                    known.join(", ")
+                ),
                 None => format!("known keys here: {}", known.join(", ")),
             };
-            diags.error(entry.key_at, format!("unknown key \"{}\" in {}", entry.key, self.name), hint);
+            diags.error(
+                entry.key_at,
+                format!("unknown key \"{}\" in {}", entry.key, self.name),
+                hint,
+            );
         }
     }
 
@@ -43,7 +54,11 @@ impl<'t> Section<'t> {
     pub fn required(&self, key: &str, example: &str, diags: &mut Diags) -> Option<&'t Entry> {
         let entry = self.entry(key);
         if entry.is_none() {
-            diags.error(self.at, format!("{} has no \"{key}\"", self.name), format!("add {key} = {example}"));
+            diags.error(
+                self.at,
+                format!("{} has no \"{key}\"", self.name),
+                format!("add {key} = {example}"),
+            );
         }
         entry
     }
@@ -69,7 +84,12 @@ impl<'t> Section<'t> {
     }
 
     /// An array of strings; every element that is not a string is reported.
-    pub fn strings(&self, key: &str, example: &str, diags: &mut Diags) -> Option<Located<Vec<Located<&'t str>>>> {
+    pub fn strings(
+        &self,
+        key: &str,
+        example: &str,
+        diags: &mut Diags,
+    ) -> Option<Located<Vec<Located<&'t str>>>> {
         let entry = self.entry(key)?;
         let Value::Array(items) = &entry.node.value else {
             return wrong_type(entry, "an array of strings", example, diags);
@@ -83,7 +103,11 @@ impl<'t> Section<'t> {
                     ok = false;
                     diags.error(
                         item.at,
-                        format!("\"{}\" must hold only strings, found {}", entry.key, other.kind()),
+                        format!(
+                            "\"{}\" must hold only strings, found {}",
+                            entry.key,
+                            other.kind()
+                        ),
                         format!("write {} = {example}", entry.key),
                     );
                 }
@@ -96,7 +120,11 @@ impl<'t> Section<'t> {
     pub fn table(&self, key: &str, example: &str, diags: &mut Diags) -> Option<Section<'t>> {
         let entry = self.entry(key)?;
         match &entry.node.value {
-            Value::Table(t) => Some(Section::new(t, entry.key_at, format!("{} of {}", entry.key, self.name))),
+            Value::Table(t) => Some(Section::new(
+                t,
+                entry.key_at,
+                format!("{} of {}", entry.key, self.name),
+            )),
             _ => wrong_type(entry, "a table", example, diags),
         }
     }
@@ -112,7 +140,11 @@ pub fn string<'t>(entry: &'t Entry, example: &str, diags: &mut Diags) -> Option<
 pub fn wrong_type<T>(entry: &Entry, expected: &str, example: &str, diags: &mut Diags) -> Option<T> {
     diags.error(
         entry.node.at,
-        format!("\"{}\" must be {expected}, found {}", entry.key, entry.node.value.kind()),
+        format!(
+            "\"{}\" must be {expected}, found {}",
+            entry.key,
+            entry.node.value.kind()
+        ),
         format!("write {} = {example}", entry.key),
     );
     None
@@ -131,18 +163,38 @@ impl<T: Copy> Choice<'_, T> {
         if let Some((_, value)) = self.allowed.iter().find(|(w, _)| *w == word) {
             return Some(*value);
         }
-        let words: Vec<String> = self.allowed.iter().map(|(w, _)| format!("\"{w}\"")).collect();
+        let words: Vec<String> = self
+            .allowed
+            .iter()
+            .map(|(w, _)| format!("\"{w}\""))
+            .collect();
         let words = words.join(" or ");
-        if let Some((_, why, instead)) = self.refused.iter().find(|(w, _, _)| w.eq_ignore_ascii_case(word)) {
-            diags.error(at, format!("{} = \"{word}\" is not allowed: {why}", self.key), (*instead).to_string());
-        } else if let Some((w, _)) = self.allowed.iter().find(|(w, _)| w.eq_ignore_ascii_case(word)) {
+        if let Some((_, why, instead)) = self
+            .refused
+            .iter()
+            .find(|(w, _, _)| w.eq_ignore_ascii_case(word))
+        {
+            diags.error(
+                at,
+                format!("{} = \"{word}\" is not allowed: {why}", self.key),
+                (*instead).to_string(),
+            );
+        } else if let Some((w, _)) = self
+            .allowed
+            .iter()
+            .find(|(w, _)| w.eq_ignore_ascii_case(word))
+        {
             diags.error(
                 at,
                 format!("{} = \"{word}\" is not spelled right", self.key),
                 format!("write {} = \"{w}\" (values are case-sensitive)", self.key),
             );
         } else {
-            diags.error(at, format!("unknown {} \"{word}\"", self.key), format!("write {} = {words}", self.key));
+            diags.error(
+                at,
+                format!("unknown {} \"{word}\"", self.key),
+                format!("write {} = {words}", self.key),
+            );
         }
         None
     }

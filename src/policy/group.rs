@@ -23,27 +23,50 @@ pub const KEYS: &[&str] = &[
     "allow_removable",
     "quota",
 ];
-const MATCH_KEYS: &[&str] = &["transport", "rotational", "min_size", "max_size", "model", "vendor", "serial", "wwn"];
+const MATCH_KEYS: &[&str] = &[
+    "transport",
+    "rotational",
+    "min_size",
+    "max_size",
+    "model",
+    "vendor",
+    "serial",
+    "wwn",
+];
 const OWNER_KEYS: &[&str] = &["uid", "gid", "mode"];
 
 /// Transports the inventory reports (`kvstrap disks` shows them).
-pub const TRANSPORTS: &[&str] =
-    &["nvme", "sata", "ata", "sas", "scsi", "fc", "iscsi", "virtio", "xen", "usb", "mmc", "loop"];
+pub const TRANSPORTS: &[&str] = &[
+    "nvme", "sata", "ata", "sas", "scsi", "fc", "iscsi", "virtio", "xen", "usb", "mmc", "loop",
+];
 
 /// KubeVirt's qemu runs as uid/gid 107.
-pub const DEFAULT_OWNER: Owner = Owner { uid: 107, gid: 107, mode: 0o750 };
+pub const DEFAULT_OWNER: Owner = Owner {
+    uid: 107,
+    gid: 107,
+    mode: 0o750,
+};
 
-const LAYOUT: Choice<'static, Layout> =
-    Choice { key: "layout", allowed: &[("shared", Layout::Shared), ("separate", Layout::Separate)], refused: &[] };
-
-const QUOTA: Choice<'static, QuotaMode> = Choice {
-    key: "quota",
-    allowed: &[("required", QuotaMode::Required), ("if-supported", QuotaMode::IfSupported)],
+const LAYOUT: Choice<'static, Layout> = Choice {
+    key: "layout",
+    allowed: &[("shared", Layout::Shared), ("separate", Layout::Separate)],
     refused: &[],
 };
 
-const WIPE: Choice<'static, Wipe> =
-    Choice { key: "wipe", allowed: &[("never", Wipe::Never), ("force", Wipe::Force)], refused: &[] };
+const QUOTA: Choice<'static, QuotaMode> = Choice {
+    key: "quota",
+    allowed: &[
+        ("required", QuotaMode::Required),
+        ("if-supported", QuotaMode::IfSupported),
+    ],
+    refused: &[],
+};
+
+const WIPE: Choice<'static, Wipe> = Choice {
+    key: "wipe",
+    allowed: &[("never", Wipe::Never), ("force", Wipe::Force)],
+    refused: &[],
+};
 
 /// A disk group as far as its values are valid: each field is None when its value was
 /// wrong (and reported), so checks across fields can still run on the valid ones.
@@ -229,7 +252,11 @@ fn devices(section: &Section, diags: &mut Diags) -> Option<Vec<String>> {
 
 fn device_ok(path: &str, at: Loc, diags: &mut Diags) -> bool {
     let odd = |c: char| c.is_control() || c.is_whitespace() || c == '"' || c == '\'';
-    if !path.starts_with("/dev/") || path.contains("/../") || path.ends_with('/') || path.contains(odd) {
+    if !path.starts_with("/dev/")
+        || path.contains("/../")
+        || path.ends_with('/')
+        || path.contains(odd)
+    {
         diags.error(
             at,
             format!("device \"{path}\" is not a device path under /dev"),
@@ -265,7 +292,8 @@ fn matcher(section: &Section, diags: &mut Diags) -> Option<DiskMatch> {
     };
     let min_size = size_key(&m, "min_size", "\"500G\"", diags);
     let max_size = size_key(&m, "max_size", "\"4T\"", diags);
-    let [model, vendor, serial, wwn] = ["model", "vendor", "serial", "wwn"].map(|k| pattern_key(&m, k, diags));
+    let [model, vendor, serial, wwn] =
+        ["model", "vendor", "serial", "wwn"].map(|k| pattern_key(&m, k, diags));
     let matcher = DiskMatch {
         transport: transport?,
         rotational: rotational?,
@@ -288,7 +316,10 @@ fn transport(m: &Section, diags: &mut Diags) -> Option<Option<String>> {
         return Some(Some(lower));
     }
     let hint = match names::closest(word, TRANSPORTS) {
-        Some(t) => format!("did you mean transport = \"{t}\"? known: {}", TRANSPORTS.join(", ")),
+        Some(t) => format!(
+            "did you mean transport = \"{t}\"? known: {}",
+            TRANSPORTS.join(", ")
+        ),
         None => format!("write one of {}", TRANSPORTS.join(", ")),
     };
     diags.error(at, format!("unknown transport \"{word}\""), hint);
@@ -296,7 +327,12 @@ fn transport(m: &Section, diags: &mut Diags) -> Option<Option<String>> {
 }
 
 /// An optional size; absent is Some(None).
-pub fn size_key(section: &Section, key: &str, example: &str, diags: &mut Diags) -> Option<Option<u64>> {
+pub fn size_key(
+    section: &Section,
+    key: &str,
+    example: &str,
+    diags: &mut Diags,
+) -> Option<Option<u64>> {
     let entry = section.entry(key);
     let Some(entry) = entry else {
         return Some(None);
@@ -305,7 +341,14 @@ pub fn size_key(section: &Section, key: &str, example: &str, diags: &mut Diags) 
     let parsed = match &entry.node.value {
         super::raw::Value::Str(s) => size::parse_size(s),
         super::raw::Value::Int { value, .. } => size::size_from_int(*value),
-        _ => return super::fields::wrong_type(entry, "a size string or a number of bytes", example, diags),
+        _ => {
+            return super::fields::wrong_type(
+                entry,
+                "a size string or a number of bytes",
+                example,
+                diags,
+            )
+        }
     };
     match parsed {
         Ok(bytes) => Some(Some(bytes)),
@@ -341,7 +384,11 @@ fn sizes_ordered(m: &Section, matcher: &DiskMatch, diags: &mut Diags) -> bool {
     let at = m.entry("min_size").map_or(m.at, |e| e.node.at);
     diags.error(
         at,
-        format!("min_size ({}) is larger than max_size ({}), so no disk can match", size::human(min), size::human(max)),
+        format!(
+            "min_size ({}) is larger than max_size ({}), so no disk can match",
+            size::human(min),
+            size::human(max)
+        ),
         "swap them, or remove one of the two",
     );
     false
@@ -355,7 +402,9 @@ fn sizing(section: &Section, diags: &mut Diags) -> Option<VolumeSizing> {
     let count = count(section, "volume_count", MAX_VOLUME_COUNT, diags);
     match (size?, count?) {
         (Some(_), Some(_)) => {
-            let at = section.entry("volume_count").map_or(section.at, |e| e.node.at);
+            let at = section
+                .entry("volume_count")
+                .map_or(section.at, |e| e.node.at);
             diags.error(
                 at,
                 "volume_size and volume_count are both set",
@@ -391,7 +440,11 @@ fn owner(section: &Section, diags: &mut Diags) -> Option<Owner> {
     let uid = id(&o, "uid", DEFAULT_OWNER.uid, diags);
     let gid = id(&o, "gid", DEFAULT_OWNER.gid, diags);
     let mode = mode(&o, diags);
-    Some(Owner { uid: uid?, gid: gid?, mode: mode? })
+    Some(Owner {
+        uid: uid?,
+        gid: gid?,
+        mode: mode?,
+    })
 }
 
 fn id(o: &Section, key: &str, default: u32, diags: &mut Diags) -> Option<u32> {
@@ -405,7 +458,10 @@ fn id(o: &Section, key: &str, default: u32, diags: &mut Diags) -> Option<u32> {
             diags.error(
                 at,
                 format!("{key} = {value} is not a valid user or group id"),
-                format!("write a number from 0 to {}, like {key} = 107", u32::MAX - 1),
+                format!(
+                    "write a number from 0 to {}, like {key} = 107",
+                    u32::MAX - 1
+                ),
             );
             None
         }
@@ -419,12 +475,13 @@ fn mode(o: &Section, diags: &mut Diags) -> Option<u32> {
     let at = entry.node.at;
     let result = match &entry.node.value {
         super::raw::Value::Str(s) => size::parse_mode(s),
-        super::raw::Value::Int { value, octal: true } => {
-            u32::try_from(*value).ok().filter(|m| *m <= 0o7777).ok_or_else(|| size::Refusal {
+        super::raw::Value::Int { value, octal: true } => u32::try_from(*value)
+            .ok()
+            .filter(|m| *m <= 0o7777)
+            .ok_or_else(|| size::Refusal {
                 message: format!("mode 0o{value:o} is not a file mode"),
                 hint: "write the mode as an octal string, like mode = \"0750\"".into(),
-            })
-        }
+            }),
         super::raw::Value::Int { value, .. } => Err(size::Refusal {
             message: format!("mode {value} is a decimal number, not an octal file mode"),
             hint: "write the mode as an octal string, like mode = \"0750\"".into(),

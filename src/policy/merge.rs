@@ -26,8 +26,15 @@ fn merge_fragment(base: &mut Table, next: Table, diags: &mut Diags) {
             Some(old) if named => merge_named_entry(old, entry, diags),
             Some(old) => merge_entry(old, entry),
             None if named => {
-                let empty = Node { at: entry.node.at, value: Value::Array(Vec::new()) };
-                let mut fresh = Entry { key: entry.key.clone(), key_at: entry.key_at, node: empty };
+                let empty = Node {
+                    at: entry.node.at,
+                    value: Value::Array(Vec::new()),
+                };
+                let mut fresh = Entry {
+                    key: entry.key.clone(),
+                    key_at: entry.key_at,
+                    node: empty,
+                };
                 merge_named_entry(&mut fresh, entry, diags);
                 base.entries.push(fresh);
             }
@@ -42,7 +49,10 @@ fn merge_entry(old: &mut Entry, new: Entry) {
         (Value::Table(old_table), Value::Table(new_table)) => merge_tables(old_table, new_table),
         (_, value) => {
             old.key_at = new.key_at;
-            old.node = Node { at: new.node.at, value };
+            old.node = Node {
+                at: new.node.at,
+                value,
+            };
         }
     }
 }
@@ -64,7 +74,10 @@ fn merge_named_entry(old: &mut Entry, new: Entry, diags: &mut Diags) {
         (_, value) => {
             // Not arrays of tables: validation reports the wrong type; the later value wins.
             old.key_at = new.key_at;
-            old.node = Node { at: new.node.at, value };
+            old.node = Node {
+                at: new.node.at,
+                value,
+            };
             return;
         }
     };
@@ -98,11 +111,22 @@ fn report_duplicate(seen: &[(String, Loc)], name: &str, at: Loc, what: &str, dia
 
 fn merge_named_item(items: &mut Vec<Node>, item: Node) {
     let name = name_of(&item).map(|(n, _)| n.to_string());
-    let target = name.and_then(|name| items.iter_mut().find(|n| name_of(n).is_some_and(|(m, _)| m == name)));
+    let target = name.and_then(|name| {
+        items
+            .iter_mut()
+            .find(|n| name_of(n).is_some_and(|(m, _)| m == name))
+    });
     match (target, item) {
-        (Some(Node { value: Value::Table(base), .. }), Node { value: Value::Table(next), .. }) => {
-            merge_tables(base, next)
-        }
+        (
+            Some(Node {
+                value: Value::Table(base),
+                ..
+            }),
+            Node {
+                value: Value::Table(next),
+                ..
+            },
+        ) => merge_tables(base, next),
         (_, item) => items.push(item),
     }
 }
@@ -137,7 +161,15 @@ mod tests {
     }
 
     fn groups(t: &Table) -> Vec<Table> {
-        let Some(Entry { node: Node { value: Value::Array(items), .. }, .. }) = t.get("disk_group") else {
+        let Some(Entry {
+            node:
+                Node {
+                    value: Value::Array(items),
+                    ..
+                },
+            ..
+        }) = t.get("disk_group")
+        else {
             panic!("no groups")
         };
         items
@@ -151,8 +183,13 @@ mod tests {
 
     #[test]
     fn tables_merge_key_by_key_later_wins() {
-        let (_, t) = merged(&["[node]\nname = \"a\"\nstorage_root = \"/x\"\n", "[node]\nname = \"b\"\n"]);
-        let Value::Table(node) = &t.get("node").expect("node").node.value else { panic!() };
+        let (_, t) = merged(&[
+            "[node]\nname = \"a\"\nstorage_root = \"/x\"\n",
+            "[node]\nname = \"b\"\n",
+        ]);
+        let Value::Table(node) = &t.get("node").expect("node").node.value else {
+            panic!()
+        };
         assert_eq!(node.str("name"), Some("b"));
         assert_eq!(node.str("storage_root"), Some("/x"));
         // The winning value remembers the file it came from.
@@ -170,7 +207,9 @@ mod tests {
         assert_eq!(g.len(), 2);
         assert_eq!(g[0].str("name"), Some("a"));
         assert!(g[0].get("allow_loop").is_some());
-        let Value::Array(devices) = &g[0].get("devices").expect("devices").node.value else { panic!() };
+        let Value::Array(devices) = &g[0].get("devices").expect("devices").node.value else {
+            panic!()
+        };
         assert_eq!(devices[0].value, Value::Str("/dev/loop7".into()));
         assert_eq!(g[1].str("name"), Some("b"));
     }

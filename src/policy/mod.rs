@@ -94,7 +94,10 @@ pub fn load_many(files: &[(PathBuf, String)]) -> Result<Policy, PolicyError> {
 }
 
 /// Like [`load_many`], with the hostname (default node name) given instead of read.
-pub fn load_many_with_hostname(files: &[(PathBuf, String)], hostname: Option<&str>) -> Result<Policy, PolicyError> {
+pub fn load_many_with_hostname(
+    files: &[(PathBuf, String)],
+    hostname: Option<&str>,
+) -> Result<Policy, PolicyError> {
     let hostname = hostname.map(str::to_string);
     build(files.to_vec(), Diags::default(), &move || hostname.clone())
 }
@@ -106,7 +109,11 @@ pub fn devices_dropin(groups: &[(&str, Vec<String>)]) -> String {
     let mut out = String::from("# Written by kvstrap: the devices of each disk group.\n");
     for (name, devices) in groups {
         let list: Vec<String> = devices.iter().map(|d| quote(d)).collect();
-        out.push_str(&format!("\n[[disk_group]]\nname = {}\ndevices = [{}]\n", quote(name), list.join(", ")));
+        out.push_str(&format!(
+            "\n[[disk_group]]\nname = {}\ndevices = [{}]\n",
+            quote(name),
+            list.join(", ")
+        ));
     }
     out
 }
@@ -134,7 +141,9 @@ fn build(
     };
     match policy {
         Some(policy) if diags.is_empty() => Ok(policy),
-        _ => Err(PolicyError { diagnostics: diags.into_diagnostics() }),
+        _ => Err(PolicyError {
+            diagnostics: diags.into_diagnostics(),
+        }),
     }
 }
 

@@ -12,9 +12,15 @@ pub fn label_problem(name: &str) -> Option<String> {
         return Some("is empty".into());
     }
     if name.len() > LABEL_MAX {
-        return Some(format!("is {} characters long, more than {LABEL_MAX}", name.len()));
+        return Some(format!(
+            "is {} characters long, more than {LABEL_MAX}",
+            name.len()
+        ));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')) {
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
         return Some(format!("contains '{c}'"));
     }
     if name.starts_with('-') || name.ends_with('-') {
@@ -27,15 +33,21 @@ pub fn label_problem(name: &str) -> Option<String> {
 /// characters), or None when it is one.
 pub fn subdomain_problem(name: &str) -> Option<String> {
     if name.len() > SUBDOMAIN_MAX {
-        return Some(format!("is {} characters long, more than {SUBDOMAIN_MAX}", name.len()));
+        return Some(format!(
+            "is {} characters long, more than {SUBDOMAIN_MAX}",
+            name.len()
+        ));
     }
     name.split('.').find_map(label_problem)
 }
 
 /// A name that follows the rules, close to what was written, for the hint.
 pub fn dns_suggestion(name: &str) -> String {
-    let mut out: String =
-        name.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let mut out: String = name
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
     while out.contains("--") {
         out = out.replace("--", "-");
     }
@@ -53,7 +65,12 @@ pub fn dns_suggestion(name: &str) -> String {
 pub fn closest<'a>(word: &str, known: &[&'a str]) -> Option<&'a str> {
     known
         .iter()
-        .map(|k| (strsim::damerau_levenshtein(&word.to_ascii_lowercase(), k), *k))
+        .map(|k| {
+            (
+                strsim::damerau_levenshtein(&word.to_ascii_lowercase(), k),
+                *k,
+            )
+        })
         .filter(|(distance, k)| *distance <= (k.len() / 3).max(2))
         .min_by_key(|(distance, _)| *distance)
         .map(|(_, k)| k)
@@ -85,7 +102,10 @@ mod tests {
     fn suggestions() {
         assert_eq!(dns_suggestion("Fast_NVMe"), "fast-nvme");
         assert_eq!(dns_suggestion("__"), "my-name");
-        assert_eq!(closest("transprot", &["transport", "rotational"]), Some("transport"));
+        assert_eq!(
+            closest("transprot", &["transport", "rotational"]),
+            Some("transport")
+        );
         assert_eq!(closest("zzzzzz", &["transport", "rotational"]), None);
     }
 }

@@ -11,7 +11,9 @@ use super::types::{DiskGroup, DiskMatch};
 pub fn may_overlap(a: &DiskGroup, b: &DiskGroup) -> bool {
     // Loop devices are eligible only in groups that allow them.
     let loops_apart = (only_loops(a) && !b.allow_loop) || (only_loops(b) && !a.allow_loop);
-    !loops_apart && devices_may_overlap(&a.devices, &b.devices) && matchers_may_overlap(&effective(a), &effective(b))
+    !loops_apart
+        && devices_may_overlap(&a.devices, &b.devices)
+        && matchers_may_overlap(&effective(a), &effective(b))
 }
 
 fn only_loops(g: &DiskGroup) -> bool {
@@ -25,11 +27,23 @@ pub fn only_loop_devices(devices: &[String]) -> bool {
 
 /// The transport every listed device must have, judged from its name.
 fn implied_transport(devices: &[String]) -> Option<&'static str> {
-    const KERNEL_NAMES: [(&str, &str); 4] =
-        [("/dev/loop", "loop"), ("/dev/nvme", "nvme"), ("/dev/disk/by-id/nvme-", "nvme"), ("/dev/vd", "virtio")];
-    let of = |d: &String| KERNEL_NAMES.iter().find(|(prefix, _)| d.starts_with(prefix)).map(|(_, t)| *t);
+    const KERNEL_NAMES: [(&str, &str); 4] = [
+        ("/dev/loop", "loop"),
+        ("/dev/nvme", "nvme"),
+        ("/dev/disk/by-id/nvme-", "nvme"),
+        ("/dev/vd", "virtio"),
+    ];
+    let of = |d: &String| {
+        KERNEL_NAMES
+            .iter()
+            .find(|(prefix, _)| d.starts_with(prefix))
+            .map(|(_, t)| *t)
+    };
     let first = of(devices.first()?)?;
-    devices.iter().all(|d| of(d) == Some(first)).then_some(first)
+    devices
+        .iter()
+        .all(|d| of(d) == Some(first))
+        .then_some(first)
 }
 
 /// The group's matcher, with the transport its device names imply when it has none.
@@ -46,7 +60,10 @@ fn devices_may_overlap(a: &[String], b: &[String]) -> bool {
     if a.is_empty() || b.is_empty() {
         return true;
     }
-    a.iter().any(|x| b.iter().any(|y| same_namespace(x, y) && globs_intersect(x, y)))
+    a.iter().any(|x| {
+        b.iter()
+            .any(|y| same_namespace(x, y) && globs_intersect(x, y))
+    })
 }
 
 /// by-id names and kernel names are different spellings that only the machine can
@@ -80,7 +97,10 @@ fn matchers_may_overlap(a: &DiskMatch, b: &DiskMatch) -> bool {
 
 fn sizes_overlap(a: &DiskMatch, b: &DiskMatch) -> bool {
     let low = a.min_size.unwrap_or(0).max(b.min_size.unwrap_or(0));
-    let high = a.max_size.unwrap_or(u64::MAX).min(b.max_size.unwrap_or(u64::MAX));
+    let high = a
+        .max_size
+        .unwrap_or(u64::MAX)
+        .min(b.max_size.unwrap_or(u64::MAX));
     low <= high
 }
 
@@ -196,7 +216,11 @@ mod tests {
             max_disks: None,
             sizing: crate::policy::VolumeSizing::OnePerDisk,
             reserve_percent: 0,
-            owner: crate::model::Owner { uid: 107, gid: 107, mode: 0o750 },
+            owner: crate::model::Owner {
+                uid: 107,
+                gid: 107,
+                mode: 0o750,
+            },
             wipe: crate::policy::Wipe::Never,
             allow_loop: false,
             allow_removable: false,
@@ -207,27 +231,63 @@ mod tests {
     #[test]
     fn groups_that_overlap_and_groups_that_do_not() {
         let any = DiskMatch::default();
-        assert!(may_overlap(&group(&[], any.clone()), &group(&[], any.clone())));
-        assert!(may_overlap(&group(&["/dev/sd*"], any.clone()), &group(&["/dev/sdc"], any.clone())));
-        assert!(!may_overlap(&group(&["/dev/sdb"], any.clone()), &group(&["/dev/sdc"], any.clone())));
-        let nvme = DiskMatch { transport: Some("nvme".into()), ..Default::default() };
-        let sata = DiskMatch { transport: Some("sata".into()), ..Default::default() };
+        assert!(may_overlap(
+            &group(&[], any.clone()),
+            &group(&[], any.clone())
+        ));
+        assert!(may_overlap(
+            &group(&["/dev/sd*"], any.clone()),
+            &group(&["/dev/sdc"], any.clone())
+        ));
+        assert!(!may_overlap(
+            &group(&["/dev/sdb"], any.clone()),
+            &group(&["/dev/sdc"], any.clone())
+        ));
+        let nvme = DiskMatch {
+            transport: Some("nvme".into()),
+            ..Default::default()
+        };
+        let sata = DiskMatch {
+            transport: Some("sata".into()),
+            ..Default::default()
+        };
         assert!(!may_overlap(&group(&[], nvme.clone()), &group(&[], sata)));
-        let small = DiskMatch { max_size: Some(100), ..Default::default() };
-        let big = DiskMatch { min_size: Some(101), ..Default::default() };
+        let small = DiskMatch {
+            max_size: Some(100),
+            ..Default::default()
+        };
+        let big = DiskMatch {
+            min_size: Some(101),
+            ..Default::default()
+        };
         assert!(!may_overlap(&group(&[], small.clone()), &group(&[], big)));
         assert!(may_overlap(&group(&[], small), &group(&[], nvme)));
-        let hdd = DiskMatch { rotational: Some(true), ..Default::default() };
-        let ssd = DiskMatch { rotational: Some(false), ..Default::default() };
+        let hdd = DiskMatch {
+            rotational: Some(true),
+            ..Default::default()
+        };
+        let ssd = DiskMatch {
+            rotational: Some(false),
+            ..Default::default()
+        };
         assert!(!may_overlap(&group(&[], hdd), &group(&[], ssd)));
-        let s1 = DiskMatch { serial: Some("AAA".into()), ..Default::default() };
-        let s2 = DiskMatch { serial: Some("BBB".into()), ..Default::default() };
+        let s1 = DiskMatch {
+            serial: Some("AAA".into()),
+            ..Default::default()
+        };
+        let s2 = DiskMatch {
+            serial: Some("BBB".into()),
+            ..Default::default()
+        };
         assert!(!may_overlap(&group(&[], s1), &group(&[], s2)));
     }
 
     #[test]
     fn loop_only_groups_stay_apart_from_groups_without_loops() {
-        let nvme = DiskMatch { transport: Some("nvme".into()), ..Default::default() };
+        let nvme = DiskMatch {
+            transport: Some("nvme".into()),
+            ..Default::default()
+        };
         let mut lab = group(&["/dev/loop*"], DiskMatch::default());
         assert!(!may_overlap(&group(&[], DiskMatch::default()), &lab));
         lab.allow_loop = true;

@@ -106,15 +106,24 @@ struct Converter<'a> {
 
 impl Converter<'_> {
     fn loc(&self, span: Option<std::ops::Range<usize>>, fallback: Loc) -> Loc {
-        span.map_or(fallback, |s| Loc { file: self.file, offset: s.start })
+        span.map_or(fallback, |s| Loc {
+            file: self.file,
+            offset: s.start,
+        })
     }
 
     fn table(&self, table: &toml_edit::Table, at: Loc) -> Table {
         let mut out = Table::default();
         for (key, item) in table.iter() {
-            let key_at = table.get_key_value(key).map_or(at, |(k, _)| self.loc(k.span(), at));
+            let key_at = table
+                .get_key_value(key)
+                .map_or(at, |(k, _)| self.loc(k.span(), at));
             if let Some(node) = self.item(item, key_at) {
-                out.entries.push(Entry { key: key.to_string(), key_at, node });
+                out.entries.push(Entry {
+                    key: key.to_string(),
+                    key_at,
+                    node,
+                });
             }
         }
         out
@@ -123,9 +132,15 @@ impl Converter<'_> {
     fn inline_table(&self, table: &toml_edit::InlineTable, at: Loc) -> Table {
         let mut out = Table::default();
         for (key, value) in table.iter() {
-            let key_at = table.get_key_value(key).map_or(at, |(k, _)| self.loc(k.span(), at));
+            let key_at = table
+                .get_key_value(key)
+                .map_or(at, |(k, _)| self.loc(k.span(), at));
             let node = self.value(value, key_at);
-            out.entries.push(Entry { key: key.to_string(), key_at, node });
+            out.entries.push(Entry {
+                key: key.to_string(),
+                key_at,
+                node,
+            });
         }
         out
     }
@@ -136,7 +151,10 @@ impl Converter<'_> {
             Item::Value(v) => Some(self.value(v, fallback)),
             Item::Table(t) => {
                 let at = self.loc(t.span(), fallback);
-                Some(Node { at, value: Value::Table(self.table(t, at)) })
+                Some(Node {
+                    at,
+                    value: Value::Table(self.table(t, at)),
+                })
             }
             Item::ArrayOfTables(a) => {
                 let at = self.loc(a.span(), fallback);
@@ -144,10 +162,16 @@ impl Converter<'_> {
                     .iter()
                     .map(|t| {
                         let t_at = self.loc(t.span(), at);
-                        Node { at: t_at, value: Value::Table(self.table(t, t_at)) }
+                        Node {
+                            at: t_at,
+                            value: Value::Table(self.table(t, t_at)),
+                        }
                     })
                     .collect();
-                Some(Node { at, value: Value::Array(tables) })
+                Some(Node {
+                    at,
+                    value: Value::Array(tables),
+                })
             }
         }
     }
@@ -158,7 +182,10 @@ impl Converter<'_> {
         let at = self.loc(span.clone(), fallback);
         let value = match value {
             V::String(s) => Value::Str(s.value().clone()),
-            V::Integer(i) => Value::Int { value: *i.value(), octal: self.is_octal(span) },
+            V::Integer(i) => Value::Int {
+                value: *i.value(),
+                octal: self.is_octal(span),
+            },
             V::Float(f) => Value::Float(*f.value()),
             V::Boolean(b) => Value::Bool(*b.value()),
             V::Datetime(d) => Value::Datetime(d.value().to_string()),
@@ -169,7 +196,8 @@ impl Converter<'_> {
     }
 
     fn is_octal(&self, span: Option<std::ops::Range<usize>>) -> bool {
-        span.and_then(|s| self.text.get(s)).is_some_and(|raw| raw.trim_start_matches('+').starts_with("0o"))
+        span.and_then(|s| self.text.get(s))
+            .is_some_and(|raw| raw.trim_start_matches('+').starts_with("0o"))
     }
 }
 
@@ -187,18 +215,33 @@ mod tests {
 
     #[test]
     fn keys_and_values_keep_their_positions() {
-        let text = "[node]\nname = \"a\"\n\n[[disk_group]]\nname = \"g\"\nowner = { mode = 0o750 }\n";
+        let text =
+            "[node]\nname = \"a\"\n\n[[disk_group]]\nname = \"g\"\nowner = { mode = 0o750 }\n";
         let (diags, t) = parse_ok(text);
         let node = t.get("node").expect("node");
-        let Value::Table(node) = &node.node.value else { panic!("table") };
+        let Value::Table(node) = &node.node.value else {
+            panic!("table")
+        };
         let name = node.get("name").expect("name");
         assert_eq!(diags.sources.line_col(name.key_at), (2, 1));
         assert_eq!(diags.sources.line_col(name.node.at), (2, 8));
-        let Value::Array(groups) = &t.get("disk_group").expect("groups").node.value else { panic!("array") };
-        let Value::Table(g) = &groups[0].value else { panic!("table") };
-        let Value::Table(owner) = &g.get("owner").expect("owner").node.value else { panic!() };
+        let Value::Array(groups) = &t.get("disk_group").expect("groups").node.value else {
+            panic!("array")
+        };
+        let Value::Table(g) = &groups[0].value else {
+            panic!("table")
+        };
+        let Value::Table(owner) = &g.get("owner").expect("owner").node.value else {
+            panic!()
+        };
         let mode = &owner.get("mode").expect("mode").node;
-        assert_eq!(mode.value, Value::Int { value: 0o750, octal: true });
+        assert_eq!(
+            mode.value,
+            Value::Int {
+                value: 0o750,
+                octal: true
+            }
+        );
         assert_eq!(diags.sources.line_col(mode.at), (6, 18));
     }
 
@@ -211,6 +254,10 @@ mod tests {
         let d = diags.into_diagnostics();
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].line, 2);
-        assert!(d[0].message.starts_with("TOML syntax error"), "{}", d[0].message);
+        assert!(
+            d[0].message.starts_with("TOML syntax error"),
+            "{}",
+            d[0].message
+        );
     }
 }

@@ -9,7 +9,10 @@ pub struct Refusal {
 }
 
 fn refuse(message: impl Into<String>, hint: impl Into<String>) -> Refusal {
-    Refusal { message: message.into(), hint: hint.into() }
+    Refusal {
+        message: message.into(),
+        hint: hint.into(),
+    }
 }
 
 const SIZE_HINT: &str = "write a size like \"500G\", \"1.5TiB\", \"100GB\" or a number of bytes; \
@@ -21,15 +24,25 @@ K M G T P E are powers of 1000, Ki Mi Gi Ti Pi Ei powers of 1024, a trailing B i
 /// Fractions are allowed ("1.5TiB") and rounded down to whole bytes.
 pub fn parse_size(text: &str) -> Result<u64, Refusal> {
     let trimmed = text.trim();
-    let split = trimmed.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(trimmed.len());
+    let split = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
     let (number, unit) = trimmed.split_at(split);
     if trimmed.starts_with('-') {
         return Err(refuse(format!("size \"{text}\" is negative"), SIZE_HINT));
     }
-    let multiplier = unit_multiplier(unit.trim())
-        .ok_or_else(|| refuse(format!("size \"{text}\" has an unknown unit \"{}\"", unit.trim()), SIZE_HINT))?;
-    let bytes = scaled(number, multiplier)
-        .ok_or_else(|| refuse(format!("size \"{text}\" is not a number with a unit"), SIZE_HINT))?;
+    let multiplier = unit_multiplier(unit.trim()).ok_or_else(|| {
+        refuse(
+            format!("size \"{text}\" has an unknown unit \"{}\"", unit.trim()),
+            SIZE_HINT,
+        )
+    })?;
+    let bytes = scaled(number, multiplier).ok_or_else(|| {
+        refuse(
+            format!("size \"{text}\" is not a number with a unit"),
+            SIZE_HINT,
+        )
+    })?;
     check_size(bytes, text)
 }
 
@@ -79,8 +92,16 @@ fn scaled(number: &str, multiplier: u128) -> Option<u128> {
     if fraction.len() > 18 || fraction.contains('.') || whole.len() > 30 {
         return None;
     }
-    let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
-    let digits: u128 = if fraction.is_empty() { 0 } else { fraction.parse().ok()? };
+    let whole: u128 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
+    let digits: u128 = if fraction.is_empty() {
+        0
+    } else {
+        fraction.parse().ok()?
+    };
     let denominator = 10u128.pow(u32::try_from(fraction.len()).ok()?);
     let whole_bytes = whole.checked_mul(multiplier)?;
     let fraction_bytes = digits.checked_mul(multiplier)? / denominator;
@@ -92,14 +113,22 @@ pub const MAX_RESERVE_PERCENT: u32 = 90;
 
 /// "10%" -> 10, within 0..=90.
 pub fn parse_percent(text: &str) -> Result<u32, Refusal> {
-    let hint = format!("write a whole percentage from 0 to {MAX_RESERVE_PERCENT}, like reserve = \"10%\"");
+    let hint =
+        format!("write a whole percentage from 0 to {MAX_RESERVE_PERCENT}, like reserve = \"10%\"");
     let Some(number) = text.trim().strip_suffix('%') else {
         return Err(refuse(format!("\"{text}\" is not a percentage"), hint));
     };
-    let value: u32 =
-        number.trim().parse().map_err(|_| refuse(format!("\"{text}\" is not a whole percentage"), hint.clone()))?;
+    let value: u32 = number.trim().parse().map_err(|_| {
+        refuse(
+            format!("\"{text}\" is not a whole percentage"),
+            hint.clone(),
+        )
+    })?;
     if value > MAX_RESERVE_PERCENT {
-        return Err(refuse(format!("{value}% is more than {MAX_RESERVE_PERCENT}%"), hint));
+        return Err(refuse(
+            format!("{value}% is more than {MAX_RESERVE_PERCENT}%"),
+            hint,
+        ));
     }
     Ok(value)
 }
@@ -110,9 +139,13 @@ pub fn parse_mode(text: &str) -> Result<u32, Refusal> {
     let digits = text.trim();
     let valid = (3..=4).contains(&digits.len()) && digits.chars().all(|c| ('0'..='7').contains(&c));
     if !valid {
-        return Err(refuse(format!("\"{text}\" is not an octal file mode"), hint));
+        return Err(refuse(
+            format!("\"{text}\" is not an octal file mode"),
+            hint,
+        ));
     }
-    u32::from_str_radix(digits, 8).map_err(|_| refuse(format!("\"{text}\" is not an octal file mode"), hint))
+    u32::from_str_radix(digits, 8)
+        .map_err(|_| refuse(format!("\"{text}\" is not an octal file mode"), hint))
 }
 
 /// "1.5 GiB"-style rendering for messages.
@@ -151,10 +184,24 @@ mod tests {
 
     #[test]
     fn bad_sizes_are_refused() {
-        for bad in ["10 parsecs", "-5G", "0", "0G", "G", "", "1.2.3G", "1iB", "99999999999E", "1e3"] {
+        for bad in [
+            "10 parsecs",
+            "-5G",
+            "0",
+            "0G",
+            "G",
+            "",
+            "1.2.3G",
+            "1iB",
+            "99999999999E",
+            "1e3",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad} should be refused");
         }
-        assert!(parse_size("10 parsecs").unwrap_err().message.contains("unknown unit \"parsecs\""));
+        assert!(parse_size("10 parsecs")
+            .unwrap_err()
+            .message
+            .contains("unknown unit \"parsecs\""));
         assert!(parse_size("-5G").unwrap_err().message.contains("negative"));
         assert!(size_from_int(-1).is_err());
         assert!(size_from_int(0).is_err());

@@ -39,7 +39,11 @@ pub fn system(root: &Path, diags: &mut Diags) -> Vec<Source> {
     if main.exists() {
         files.push(main.clone());
     }
-    files.extend(dropins(&root.join(VENDOR_DROPINS), &root.join(ADMIN_DROPINS), diags));
+    files.extend(dropins(
+        &root.join(VENDOR_DROPINS),
+        &root.join(ADMIN_DROPINS),
+        diags,
+    ));
     if files.is_empty() && diags.is_empty() {
         diags.file_error(
             &main,
@@ -49,7 +53,10 @@ pub fn system(root: &Path, diags: &mut Diags) -> Vec<Source> {
                 root.join(ADMIN_DROPINS).display(),
                 root.join(VENDOR_DROPINS).display()
             ),
-            Some("write a policy (see /usr/share/doc/kvstrap/example.toml) or pass --policy FILE".into()),
+            Some(
+                "write a policy (see /usr/share/doc/kvstrap/example.toml) or pass --policy FILE"
+                    .into(),
+            ),
         );
     }
     read_all(&files, diags)
@@ -88,7 +95,10 @@ fn toml_files(dir: &Path, diags: &mut Diags) -> Vec<PathBuf> {
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
         .filter(|p| !p.is_dir())
         .collect();
     files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
@@ -118,7 +128,15 @@ mod tests {
     }
 
     fn names(sources: &[Source], root: &Path) -> Vec<String> {
-        sources.iter().map(|(p, _)| p.strip_prefix(root).expect("under root").display().to_string()).collect()
+        sources
+            .iter()
+            .map(|(p, _)| {
+                p.strip_prefix(root)
+                    .expect("under root")
+                    .display()
+                    .to_string()
+            })
+            .collect()
     }
 
     #[test]
@@ -154,7 +172,8 @@ mod tests {
         let root = dir.path();
         write(root, "usr/lib/kvstrap/policy.d/50-x.toml", "a = 1");
         std::fs::create_dir_all(root.join(ADMIN_DROPINS)).expect("mkdir");
-        std::os::unix::fs::symlink("/dev/null", root.join(ADMIN_DROPINS).join("50-x.toml")).expect("symlink");
+        std::os::unix::fs::symlink("/dev/null", root.join(ADMIN_DROPINS).join("50-x.toml"))
+            .expect("symlink");
         write(root, "etc/kvstrap/policy.toml", "");
         let mut diags = Diags::default();
         let sources = system(root, &mut diags);

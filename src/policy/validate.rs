@@ -9,7 +9,10 @@ use super::names;
 use super::overlap;
 use super::raw::{Entry, Table, Value};
 use super::size;
-use super::types::{DiskGroup, DiskMatch, KubernetesSettings, NodeSettings, Policy, StorageClass, VolumeSizing, Wipe};
+use super::types::{
+    DiskGroup, DiskMatch, KubernetesSettings, NodeSettings, Policy, StorageClass, VolumeSizing,
+    Wipe,
+};
 use crate::model::{FsType, Layout, VolumeMode};
 use std::path::{Component, Path, PathBuf};
 
@@ -25,7 +28,11 @@ const XFS_MIN_BYTES: u64 = 300 << 20;
 const GPT_MAX_PARTITIONS: u32 = 128;
 
 /// Validate the merged policy. `hostname` supplies the default node name.
-pub fn validate(tree: &Table, diags: &mut Diags, hostname: &dyn Fn() -> Option<String>) -> Option<Policy> {
+pub fn validate(
+    tree: &Table,
+    diags: &mut Diags,
+    hostname: &dyn Fn() -> Option<String>,
+) -> Option<Policy> {
     let root = Section::new(tree, Loc { file: 0, offset: 0 }, "the policy");
     root.check_keys(TOP_KEYS, diags);
     let node = node(&root, diags, hostname);
@@ -46,7 +53,9 @@ pub fn validate(tree: &Table, diags: &mut Diags, hostname: &dyn Fn() -> Option<S
 
 /// A sub-table that may be absent (then it is empty).
 fn section<'t>(root: &Section<'t>, key: &str, diags: &mut Diags) -> Option<Section<'t>> {
-    static EMPTY: Table = Table { entries: Vec::new() };
+    static EMPTY: Table = Table {
+        entries: Vec::new(),
+    };
     match root.entry(key) {
         None => Some(Section::new(&EMPTY, root.at, format!("[{key}]"))),
         Some(Entry { node, key_at, .. }) => match &node.value {
@@ -63,28 +72,50 @@ fn section<'t>(root: &Section<'t>, key: &str, diags: &mut Diags) -> Option<Secti
     }
 }
 
-fn node(root: &Section, diags: &mut Diags, hostname: &dyn Fn() -> Option<String>) -> Option<NodeSettings> {
+fn node(
+    root: &Section,
+    diags: &mut Diags,
+    hostname: &dyn Fn() -> Option<String>,
+) -> Option<NodeSettings> {
     let s = section(root, "node", diags)?;
     s.check_keys(NODE_KEYS, diags);
     let name = node_name(&s, diags, hostname);
     let storage_root = match s.string("storage_root", "\"/var/lib/kvstrap/storage\"", diags) {
         Some(v) => storage_root(v, diags),
-        None => s.entry("storage_root").is_none().then(|| PathBuf::from(DEFAULT_STORAGE_ROOT)),
+        None => s
+            .entry("storage_root")
+            .is_none()
+            .then(|| PathBuf::from(DEFAULT_STORAGE_ROOT)),
     };
-    Some(NodeSettings { name: name?, storage_root: storage_root? })
+    Some(NodeSettings {
+        name: name?,
+        storage_root: storage_root?,
+    })
 }
 
-fn node_name(s: &Section, diags: &mut Diags, hostname: &dyn Fn() -> Option<String>) -> Option<String> {
+fn node_name(
+    s: &Section,
+    diags: &mut Diags,
+    hostname: &dyn Fn() -> Option<String>,
+) -> Option<String> {
     let (name, at, from_host) = match s.string("name", "\"worker-07\"", diags) {
         Some((name, at)) => (name.to_string(), at, false),
         None if s.entry("name").is_some() => return None,
         // kubelet registers the node under the lower-cased hostname.
-        None => (hostname().unwrap_or_default().trim().to_ascii_lowercase(), s.at, true),
+        None => (
+            hostname().unwrap_or_default().trim().to_ascii_lowercase(),
+            s.at,
+            true,
+        ),
     };
     let Some(problem) = names::subdomain_problem(&name) else {
         return Some(name);
     };
-    let origin = if from_host { "the hostname (the default node name)" } else { "node name" };
+    let origin = if from_host {
+        "the hostname (the default node name)"
+    } else {
+        "node name"
+    };
     diags.error(
         at,
         format!("{origin} \"{name}\" {problem}; Kubernetes node names are DNS-1123 subdomains"),
@@ -103,7 +134,9 @@ fn storage_root((text, at): Located<&str>, diags: &mut Diags) -> Option<PathBuf>
         );
         return None;
     }
-    for system in ["/dev", "/proc", "/sys", "/run", "/boot", "/etc", "/usr", "/bin", "/sbin", "/lib"] {
+    for system in [
+        "/dev", "/proc", "/sys", "/run", "/boot", "/etc", "/usr", "/bin", "/sbin", "/lib",
+    ] {
         if path.starts_with(system) {
             diags.error(
                 at,
@@ -123,7 +156,10 @@ fn absolute_path(key: &str, text: &str, at: Loc, diags: &mut Diags) -> Option<Pa
         diags.error(
             at,
             format!("{key} \"{text}\" is not an absolute path"),
-            format!("write a path that starts with /, like {key} = \"/{}\"", text.trim_start_matches("./")),
+            format!(
+                "write a path that starts with /, like {key} = \"/{}\"",
+                text.trim_start_matches("./")
+            ),
         );
         return None;
     }
@@ -149,7 +185,10 @@ fn kubernetes(root: &Section, diags: &mut Diags) -> Option<KubernetesSettings> {
         Some((text, at)) => absolute_path("kubeconfig", text, at, diags).map(Some),
         None => s.entry("kubeconfig").is_none().then_some(None),
     };
-    Some(KubernetesSettings { publish: publish?, kubeconfig: kubeconfig? })
+    Some(KubernetesSettings {
+        publish: publish?,
+        kubeconfig: kubeconfig?,
+    })
 }
 
 /// `[[key]]` entries, each parsed by `parse`, and whether all of them were valid.
@@ -165,7 +204,10 @@ fn list<T>(
     let Value::Array(items) = &entry.node.value else {
         diags.error(
             entry.key_at,
-            format!("\"{key}\" must be an array of tables, found {}", entry.node.value.kind()),
+            format!(
+                "\"{key}\" must be an array of tables, found {}",
+                entry.node.value.kind()
+            ),
             format!("write [[{key}]] (two brackets) before each entry"),
         );
         return (Vec::new(), false);
@@ -176,7 +218,10 @@ fn list<T>(
         let Value::Table(t) = &item.value else {
             diags.error(
                 item.at,
-                format!("each {key} entry must be a table, found {}", item.value.kind()),
+                format!(
+                    "each {key} entry must be a table, found {}",
+                    item.value.kind()
+                ),
                 format!("write [[{key}]] followed by its keys"),
             );
             ok = false;
@@ -196,23 +241,40 @@ fn list<T>(
 
 /// Checks that need several values: layouts, sizes, wipe, overlaps. Each runs on the
 /// values that are valid; returns the groups that are valid as a whole.
-fn check_groups(classes: &[StorageClass], drafts: &[group::Draft], diags: &mut Diags) -> Vec<DiskGroup> {
+fn check_groups(
+    classes: &[StorageClass],
+    drafts: &[group::Draft],
+    diags: &mut Diags,
+) -> Vec<DiskGroup> {
     for g in drafts {
-        if let Some(class) = classes.iter().find(|c| Some(&c.name) == g.storage_class.as_ref()) {
+        if let Some(class) = classes
+            .iter()
+            .find(|c| Some(&c.name) == g.storage_class.as_ref())
+        {
             check_group_class(g, class, diags);
         }
         check_wipe(g, diags);
         check_fit(g, diags);
         check_loops(g, diags);
     }
-    let groups: Vec<(DiskGroup, Loc)> = drafts.iter().filter_map(|d| Some((d.build()?, d.at.name))).collect();
+    let groups: Vec<(DiskGroup, Loc)> = drafts
+        .iter()
+        .filter_map(|d| Some((d.build()?, d.at.name)))
+        .collect();
     check_overlaps(&groups, diags);
     groups.into_iter().map(|(g, _)| g).collect()
 }
 
 /// The string `name`s of the entries of `[[key]]`, valid or not.
 fn raw_names<'t>(tree: &'t Table, key: &str) -> Vec<(&'t Table, &'t str)> {
-    let Some(Entry { node: super::raw::Node { value: Value::Array(items), .. }, .. }) = tree.get(key) else {
+    let Some(Entry {
+        node: super::raw::Node {
+            value: Value::Array(items),
+            ..
+        },
+        ..
+    }) = tree.get(key)
+    else {
         return Vec::new();
     };
     items
@@ -227,7 +289,10 @@ fn raw_names<'t>(tree: &'t Table, key: &str) -> Vec<(&'t Table, &'t str)> {
 /// Done on the raw tree, so a reference is checked even when its group or the class
 /// has other problems.
 fn check_class_references(tree: &Table, diags: &mut Diags) {
-    let defined: Vec<&str> = raw_names(tree, "storage_class").into_iter().map(|(_, n)| n).collect();
+    let defined: Vec<&str> = raw_names(tree, "storage_class")
+        .into_iter()
+        .map(|(_, n)| n)
+        .collect();
     for (group, name) in raw_names(tree, "disk_group") {
         let Some(entry) = group.get("storage_class") else {
             continue;
@@ -241,7 +306,10 @@ fn check_class_references(tree: &Table, diags: &mut Diags) {
         let hint = match names::closest(class, &defined) {
             Some(n) => format!("did you mean storage_class = \"{n}\"?"),
             None if defined.is_empty() => "define it in a [[storage_class]] section".to_string(),
-            None => format!("define it in a [[storage_class]] section, or use one of: {}", defined.join(", ")),
+            None => format!(
+                "define it in a [[storage_class]] section, or use one of: {}",
+                defined.join(", ")
+            ),
         };
         diags.error(
             entry.node.at,
@@ -295,7 +363,8 @@ fn check_partition_limits(g: &group::Draft, class: &StorageClass, diags: &mut Di
 /// Wiping a disk that holds something needs that disk named by its identity: a glob or
 /// a kernel name could point at another disk tomorrow.
 fn check_wipe(g: &group::Draft, diags: &mut Diags) {
-    let (Some(Wipe::Force), Some(devices), Some(matcher), Some(at)) = (g.wipe, &g.devices, &g.matcher, g.at.wipe)
+    let (Some(Wipe::Force), Some(devices), Some(matcher), Some(at)) =
+        (g.wipe, &g.devices, &g.matcher, g.at.wipe)
     else {
         return;
     };
@@ -319,11 +388,24 @@ fn names_disks_by_identity(devices: &[String], matcher: &DiskMatch) -> bool {
 
 /// `/dev/disk/by-id/` names that carry a WWN or a serial number.
 fn is_identity_path(path: &str) -> bool {
-    const PREFIXES: [&str; 9] = ["wwn-", "nvme-", "ata-", "scsi-", "virtio-", "usb-", "mmc-", "ieee1394-", "sas-"];
+    const PREFIXES: [&str; 9] = [
+        "wwn-",
+        "nvme-",
+        "ata-",
+        "scsi-",
+        "virtio-",
+        "usb-",
+        "mmc-",
+        "ieee1394-",
+        "sas-",
+    ];
     let Some(name) = path.strip_prefix("/dev/disk/by-id/") else {
         return false;
     };
-    !name.contains(['*', '?', '[', '/']) && PREFIXES.iter().any(|p| name.starts_with(p) && name.len() > p.len())
+    !name.contains(['*', '?', '[', '/'])
+        && PREFIXES
+            .iter()
+            .any(|p| name.starts_with(p) && name.len() > p.len())
 }
 
 /// A volume_size larger than every disk the group can select fits nowhere.

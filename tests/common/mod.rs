@@ -35,14 +35,25 @@ impl LoopDisk {
             .arg(&backing)
             .output()
             .expect("run losetup");
-        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        LoopDisk { path, backing, _dir: dir }
+        LoopDisk {
+            path,
+            backing,
+            _dir: dir,
+        }
     }
 
     /// `loop3` for `/dev/loop3`.
     pub fn name(&self) -> String {
-        self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     }
 
     /// Partition node path, e.g. `/dev/loop3p1`.
@@ -57,13 +68,24 @@ impl LoopDisk {
 }
 
 pub fn run_on(program: &str, args: &[&str], target: &Path) {
-    let out = Command::new(program).args(args).arg(target).output().expect("spawn");
-    assert!(out.status.success(), "{program} {args:?} {}: {}", target.display(), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(program)
+        .args(args)
+        .arg(target)
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{program} {args:?} {}: {}",
+        target.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Unmount every mount whose source is this disk or one of its partitions.
 pub fn unmount_all_from(disk: &Path) {
-    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
     let disk = disk.to_string_lossy().into_owned();
     let mut targets: Vec<String> = mountinfo
         .lines()
@@ -77,7 +99,10 @@ pub fn unmount_all_from(disk: &Path) {
     // Deepest first, so nested mounts go before their parents.
     targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
     for t in targets {
-        let _ = Command::new("umount").arg("-l").arg(t.replace("\\040", " ")).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(t.replace("\\040", " "))
+            .status();
     }
 }
 
