@@ -17,6 +17,7 @@ fn options(dev_root: PathBuf) -> ScanOptions {
         dev_root,
         proc_root: root.join("proc"),
         managed_roots: vec!["/var/lib/kvstrap/storage".into()],
+        quota_filesystems: Vec::new(),
     }
 }
 

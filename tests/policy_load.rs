@@ -6,7 +6,7 @@
 use kvstrap::model::{FsType, Layout, Owner, VolumeMode};
 use kvstrap::policy::{
     load, load_from_root, load_many, load_many_with_hostname, load_str, AccessMode, DiskGroup,
-    DiskMatch, Policy, ReclaimPolicy, VolumeSizing, Wipe, DEMO_POLICY, EXAMPLE_POLICY,
+    DiskMatch, Policy, QuotaMode, ReclaimPolicy, VolumeSizing, Wipe, DEMO_POLICY, EXAMPLE_POLICY,
 };
 use std::path::{Path, PathBuf};
 
@@ -66,6 +66,7 @@ fn example_policy_validates_and_uses_every_key() {
         "wipe",
         "allow_loop",
         "allow_removable",
+        "quota",
     ] {
         assert!(
             EXAMPLE_POLICY.contains(key),
@@ -118,6 +119,12 @@ fn demo_policy_is_exactly_the_demo() {
         wipe: Wipe::Never,
         allow_loop: true,
         allow_removable: false,
+        // The shared demo group provisions even where the kernel has no project quotas.
+        quota: if layout == Layout::Shared {
+            QuotaMode::IfSupported
+        } else {
+            QuotaMode::Required
+        },
     };
     assert_eq!(
         p.disk_groups,
