@@ -58,19 +58,36 @@ pub enum InventoryError {
 /// (/sys/block, mountinfo, /proc/swaps) cannot be read: without them no disk can be
 /// judged safe.
 /// Which of these filesystems' project quotas the kernel cannot enforce, and why.
-/// Only asked for the filesystems the policy uses: finding out reads /proc/kallsyms.
-fn quota_unsupported(
-    filesystems: &[crate::model::FsType],
-) -> std::collections::BTreeMap<String, String> {
+/// Finding out for ext4 reads /proc/kallsyms (~200 ms), so the answer is remembered in
+/// /run/kvstrap for the rest of this boot: a kernel's configuration cannot change
+/// while it runs.
+fn quota_unsupported(filesystems: &[crate::model::FsType]) -> std::collections::BTreeMap<String, String> {
     filesystems
         .iter()
-        .filter_map(|fs| match crate::host::quota::kernel_support(*fs) {
-            crate::host::quota::QuotaSupport::Unsupported(why) => {
-                Some((fs.as_str().to_string(), why))
-            }
-            _ => None,
-        })
+        .filter_map(|fs| quota_verdict(*fs).map(|why| (fs.as_str().to_string(), why)))
         .collect()
+}
+
+const QUOTA_CACHE_DIR: &str = "/run/kvstrap";
+
+fn quota_verdict(fs: crate::model::FsType) -> Option<String> {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let cache = Path::new(QUOTA_CACHE_DIR).join(format!("quota-support-{}", fs.as_str()));
+    if let Ok(text) = std::fs::read_to_string(&cache) {
+        if let Some((id, verdict)) = text.split_once('\n') {
+            if !boot_id.is_empty() && id == boot_id.trim() {
+                return (!verdict.is_empty()).then(|| verdict.to_string());
+            }
+        }
+    }
+    let verdict = match crate::host::quota::kernel_support(fs) {
+        crate::host::quota::QuotaSupport::Unsupported(why) => Some(why),
+        _ => None,
+    };
+    // Best effort: without the cache the next scan just asks the kernel again.
+    let _ = std::fs::create_dir_all(QUOTA_CACHE_DIR)
+        .and_then(|()| std::fs::write(&cache, format!("{}\n{}", boot_id.trim(), verdict.as_deref().unwrap_or(""))));
+    verdict
 }
 
 pub fn scan(opts: &ScanOptions) -> Result<Inventory, InventoryError> {
