@@ -9,7 +9,7 @@ BIN=$(kvstrap_bin)
 make_loops 32 1G
 # A realistic mix: some disks carry filesystems, a GPT, swap.
 mkfs.ext4 -q "${BENCH_LOOPS[0]}"; mkswap -q "${BENCH_LOOPS[1]}" >/dev/null
-sgdisk -q -n 1:0:+100M "${BENCH_LOOPS[2]}"
+sgdisk -n 1:0:+100M "${BENCH_LOOPS[2]}"
 write_policy "$BENCH_DIR/policy.toml" shared ext4 'volume_size = "100M"' "${BENCH_LOOPS[@]}"
 hyperfine --warmup 3 --min-runs 20 -N --export-json "$BENCH_DIR/inv.json" \
     -n lsblk "lsblk -J -O" \

@@ -45,8 +45,14 @@ layout = "$layout"
 devices = [${devs%, }]
 $sizing
 allow_loop = true
+quota = "$QUOTA"
 TOML
 }
+
+# Kernels without XFS quotas (this CI machine's) cannot mount with prjquota: both kvstrap
+# (quota = "if-supported") and the baseline script then mount without it.
+if [ -e /proc/fs/xfs/xqmstat ]; then QUOTA=required MOUNT_OPTS=prjquota; else QUOTA=if-supported MOUNT_OPTS=defaults; fi
+export MOUNT_OPTS
 
 need_root() {
     if [ "$(id -u)" != 0 ]; then echo "benchmark needs root (loop devices)" >&2; exit 1; fi
