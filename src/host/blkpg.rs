@@ -144,6 +144,61 @@ pub fn sync_partitions(disk: &Path, wanted: &[PartitionSpec]) -> Result<Outcome,
     Ok(Outcome::Changed(describe(disk, &delta, &mknods)))
 }
 
+/// Step::AddPartitionNodes: tell the kernel about partitions `numbers` of the GPT that is
+/// on `disk` (e.g. after a crash between the GPT write and BLKPG), leaving the others.
+pub fn add_partition_nodes(disk: &Path, numbers: &[u32]) -> Result<Outcome, BlkpgError> {
+    let unreadable = |detail: String| BlkpgError::NodeMissing {
+        node: disk.to_path_buf(),
+        detail,
+    };
+    let table = crate::host::gpt::read_partition_table(disk)
+        .map_err(|e| unreadable(e.to_string()))?
+        .ok_or_else(|| unreadable("the disk has no valid GPT".into()))?;
+    let kernel = kernel_partitions(disk)?;
+    let mut wanted: Vec<PartitionSpec> = Vec::new();
+    for &n in numbers {
+        let entry = table.entries.iter().find(|e| e.number == n);
+        let entry = entry.ok_or_else(|| unreadable(format!("the GPT has no partition {n}")))?;
+        wanted.push(PartitionSpec {
+            number: n,
+            start_bytes: entry.start_bytes,
+            size_bytes: entry.size_bytes,
+            part_uuid: entry.part_uuid,
+            name: entry.name.clone(),
+            device: partition_node(disk, n)?,
+            filesystem: None,
+        });
+    }
+    // Keep every kernel partition that is not being added.
+    let mut delta = partition_delta(&kernel, &wanted);
+    delta.delete.clear();
+    if !delta.is_empty() {
+        apply_delta(disk, &delta)?;
+    }
+    let created = wanted
+        .iter()
+        .map(|w| wait_for_node(&w.device))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mknods: Vec<String> = created.into_iter().flatten().collect();
+    if delta.is_empty() && mknods.is_empty() {
+        return Ok(Outcome::Unchanged);
+    }
+    crate::host::failpoint("sync_partitions");
+    Ok(Outcome::Changed(describe(disk, &delta, &mknods)))
+}
+
+/// The node of partition `n`: `/dev/sda1`, but `/dev/loop3p1` and `/dev/nvme0n1p1` when
+/// the disk name ends in a digit (the kernel's rule).
+pub fn partition_node(disk: &Path, n: u32) -> Result<PathBuf, BlkpgError> {
+    let name = kernel_name(disk)?;
+    let sep = if name.ends_with(|c: char| c.is_ascii_digit()) {
+        "p"
+    } else {
+        ""
+    };
+    Ok(disk.with_file_name(format!("{name}{sep}{n}")))
+}
+
 fn apply_delta(disk: &Path, delta: &PartitionDelta) -> Result<(), BlkpgError> {
     let file = open_disk(disk)?;
     for &n in &delta.delete {
@@ -414,6 +469,14 @@ mod tests {
         let d = partition_delta(&[kp(1, 1 << 20, 1 << 20), kp(2, 2 << 20, 1 << 20)], &[]);
         assert_eq!(d.delete, vec![1, 2]);
         assert!(d.add.is_empty() && d.resize.is_empty());
+    }
+
+    #[test]
+    fn partition_nodes_follow_the_kernel_naming_rule() {
+        let node = |d: &str, n| partition_node(Path::new(d), n).unwrap();
+        assert_eq!(node("/dev/sda", 1), Path::new("/dev/sda1"));
+        assert_eq!(node("/dev/loop3", 2), Path::new("/dev/loop3p2"));
+        assert_eq!(node("/dev/nvme0n1", 10), Path::new("/dev/nvme0n1p10"));
     }
 
     #[test]
