@@ -29,6 +29,9 @@ pub fn apply(g: &GlobalArgs, a: &ApplyArgs) -> Result<i32> {
     for r in &plan.refused {
         tracing::warn!(disk = %r.disk.display(), "left alone: {}", r.reason);
     }
+    for w in &plan.warnings {
+        tracing::warn!("{w}");
+    }
     let report = if plan.steps.is_empty() {
         ApplyReport::default()
     } else {
@@ -121,7 +124,7 @@ pub fn status(g: &GlobalArgs) -> Result<i32> {
             Some(s) => println!(
                 "last apply: {} ({}), {} disk(s), {} volume(s), {} step(s) changed, {} disk(s) left alone",
                 s.last_result.as_deref().unwrap_or("unknown"),
-                s.last_apply_unix.map(|t| format!("{t} s after the epoch")).unwrap_or_default(),
+                s.last_apply_unix.map(utc_timestamp).unwrap_or_default(),
                 s.disks,
                 s.volumes,
                 s.steps_changed,
@@ -208,4 +211,35 @@ pub fn volumes(g: &GlobalArgs) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// `2026-11-26T10:58:03Z` from seconds since the epoch (civil-from-days, no time zone).
+pub fn utc_timestamp(unix: u64) -> String {
+    let days = i64::try_from(unix / 86_400).unwrap_or(0);
+    let secs = unix % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamps_are_utc_rfc3339() {
+        assert_eq!(super::utc_timestamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::utc_timestamp(1_795_690_745), "2026-11-26T10:59:05Z");
+        assert_eq!(super::utc_timestamp(951_782_400), "2000-02-29T00:00:00Z");
+    }
 }

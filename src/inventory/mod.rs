@@ -61,7 +61,9 @@ pub enum InventoryError {
 /// Finding out for ext4 reads /proc/kallsyms (~200 ms), so the answer is remembered in
 /// /run/kvstrap for the rest of this boot: a kernel's configuration cannot change
 /// while it runs.
-fn quota_unsupported(filesystems: &[crate::model::FsType]) -> std::collections::BTreeMap<String, String> {
+fn quota_unsupported(
+    filesystems: &[crate::model::FsType],
+) -> std::collections::BTreeMap<String, String> {
     filesystems
         .iter()
         .filter_map(|fs| quota_verdict(*fs).map(|why| (fs.as_str().to_string(), why)))
@@ -85,8 +87,12 @@ fn quota_verdict(fs: crate::model::FsType) -> Option<String> {
         _ => None,
     };
     // Best effort: without the cache the next scan just asks the kernel again.
-    let _ = std::fs::create_dir_all(QUOTA_CACHE_DIR)
-        .and_then(|()| std::fs::write(&cache, format!("{}\n{}", boot_id.trim(), verdict.as_deref().unwrap_or(""))));
+    let _ = std::fs::create_dir_all(QUOTA_CACHE_DIR).and_then(|()| {
+        std::fs::write(
+            &cache,
+            format!("{}\n{}", boot_id.trim(), verdict.as_deref().unwrap_or("")),
+        )
+    });
     verdict
 }
 
