@@ -64,7 +64,7 @@ pub struct Options {
     pub retry: Duration,
     /// Serve D-Bus (`KVSTRAP_NO_DBUS=1` turns it off).
     pub dbus: bool,
-    /// Listen to kernel uevents.
+    /// Listen to kernel uevents (`KVSTRAP_UEVENTS=0` turns it off; tests do).
     pub uevents: bool,
 }
 
@@ -90,6 +90,7 @@ impl Options {
             o.resync = Duration::from_secs(secs.max(1));
         }
         o.dbus = std::env::var_os("KVSTRAP_NO_DBUS").is_none();
+        o.uevents = std::env::var("KVSTRAP_UEVENTS").map_or(true, |v| v != "0");
         Ok(o)
     }
 }
