@@ -1,6 +1,7 @@
 //! `kvstrap daemon` end to end on the simulated engine: a private system bus loading the
 //! project's bus policy, a test NOTIFY_SOCKET, signals, and clients as root and as nobody.
 //! Needs root (clients run as uid 65534) and dbus-daemon; skipped otherwise.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 mod daemon_support;

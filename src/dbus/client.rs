@@ -36,7 +36,7 @@ impl Client {
         // An apply can take minutes; read calls are answered in milliseconds.
         let conn = builder.method_timeout(Duration::from_secs(3600)).build().await.map_err(ClientError::NoBus)?;
         let dbus = zbus::fdo::DBusProxy::new(&conn).await.map_err(ClientError::NoBus)?;
-        let name = zbus::names::BusName::try_from(BUS_NAME).map_err(|e| ClientError::Call(BusError::ZBus(e.into())))?;
+        let name = zbus::names::BusName::try_from(BUS_NAME).map_err(|e| ClientError::Call(BusError::ZBus(e)))?;
         match dbus.name_has_owner(name).await {
             Ok(true) => Ok(Client { conn }),
             Ok(false) => Err(ClientError::NotRunning),

@@ -1,7 +1,7 @@
 //! Helpers for the daemon's tests: a private system-like bus that loads the project's
 //! bus policy, a NOTIFY_SOCKET to listen on, and `kvstrap daemon` as a child process.
 //! Everything is killed and removed on drop.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
