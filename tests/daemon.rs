@@ -193,3 +193,34 @@ fn a_new_block_device_triggers_a_run() {
     let ran = eventually(Duration::from_secs(2), || status(&bus)["runs"].as_u64() >= Some(2));
     assert!(ran, "no run after {} appeared", disk.path.display());
 }
+
+#[test]
+fn watchdog_is_fed_when_systemd_asks() {
+    if !can_run("watchdog_is_fed_when_systemd_asks") {
+        return;
+    }
+    let bus = TestBus::start();
+    let mut notify = NotifySocket::new();
+    let daemon = DaemonProcess::start_env(&bus, &notify, SIM, false, &[("WATCHDOG_USEC", "400000")]);
+    assert!(notify.wait_for("READY=1", Duration::from_secs(20)), "{}", daemon.stderr());
+    notify.seen.clear();
+    assert!(notify.wait_for("WATCHDOG=1", Duration::from_secs(2)), "{:?}\n{}", notify.seen, daemon.stderr());
+    notify.seen.clear();
+    assert!(notify.wait_for("WATCHDOG=1", Duration::from_secs(2)), "fed again: {:?}", notify.seen);
+}
+
+#[test]
+fn no_bus_does_not_hold_back_ready() {
+    if !can_run("no_bus_does_not_hold_back_ready") {
+        return;
+    }
+    // Disks come first: kubelet waits for READY, admin tools can wait for the bus.
+    let bus = TestBus::start();
+    let mut notify = NotifySocket::new();
+    let env = [("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/kvstrap-test-bus")];
+    let mut daemon = DaemonProcess::start_env(&bus, &notify, SIM, false, &env);
+    assert!(notify.wait_for("READY=1", Duration::from_secs(20)), "{:?}\n{}", notify.seen, daemon.stderr());
+    assert!(daemon.stderr().contains("cannot serve D-Bus, continuing without it"), "{}", daemon.stderr());
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(5)).expect("exits").success());
+}

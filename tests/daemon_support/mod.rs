@@ -164,6 +164,11 @@ impl DaemonProcess {
     }
 
     pub fn start_with(bus: &TestBus, notify: &NotifySocket, sim: &str, uevents: bool) -> DaemonProcess {
+        DaemonProcess::start_env(bus, notify, sim, uevents, &[])
+    }
+
+    /// Like `start_with`, with extra environment (set after the defaults).
+    pub fn start_env(bus: &TestBus, notify: &NotifySocket, sim: &str, uevents: bool, env: &[(&str, &str)]) -> DaemonProcess {
         let dir = tempfile::tempdir().unwrap();
         let sim_path = dir.path().join("sim.toml");
         std::fs::write(&sim_path, sim).unwrap();
@@ -172,11 +177,22 @@ impl DaemonProcess {
         if !uevents {
             cmd.env("KVSTRAP_UEVENTS", "0");
         }
-        DaemonProcess::spawn(cmd, dir, sim_path, bus, notify)
+        DaemonProcess::spawn_env(cmd, dir, sim_path, bus, notify, env)
     }
 
     /// Start any `kvstrap daemon` command line (the real engine's tests use this).
-    pub fn spawn(mut cmd: Command, dir: tempfile::TempDir, sim: PathBuf, bus: &TestBus, notify: &NotifySocket) -> DaemonProcess {
+    pub fn spawn(cmd: Command, dir: tempfile::TempDir, sim: PathBuf, bus: &TestBus, notify: &NotifySocket) -> DaemonProcess {
+        DaemonProcess::spawn_env(cmd, dir, sim, bus, notify, &[])
+    }
+
+    fn spawn_env(
+        mut cmd: Command,
+        dir: tempfile::TempDir,
+        sim: PathBuf,
+        bus: &TestBus,
+        notify: &NotifySocket,
+        env: &[(&str, &str)],
+    ) -> DaemonProcess {
         let stderr_path = dir.path().join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let child = cmd
@@ -187,6 +203,7 @@ impl DaemonProcess {
             .env("KVSTRAP_LOG", "debug")
             .env_remove("JOURNAL_STREAM")
             .env_remove("WATCHDOG_USEC")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
