@@ -180,8 +180,8 @@ async fn serve(object: Bootstrap, mut events: UnboundedReceiver<BusEvent>, ready
             return;
         }
     };
-    let _ = ready.send(Ok(()));
     tracing::info!("serving {BUS_NAME} on the system bus");
+    let _ = ready.send(Ok(()));
     let iface = match conn.object_server().interface::<_, Bootstrap>(OBJECT_PATH).await {
         Ok(i) => i,
         Err(e) => {
