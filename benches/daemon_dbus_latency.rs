@@ -6,10 +6,9 @@
 use kvstrap::dbus::client::Client;
 use std::time::{Duration, Instant};
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+fn percentile(sorted: &[Duration], percent: usize) -> Duration {
     let last = sorted.len().saturating_sub(1);
-    let index = ((last as f64) * p).round() as usize;
-    sorted[index.min(last)]
+    sorted[(last * percent).div_ceil(100).min(last)]
 }
 
 fn main() {
@@ -36,9 +35,9 @@ fn main() {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
         "Status round trip over {calls} calls: p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
-        ms(percentile(&times, 0.50)),
-        ms(percentile(&times, 0.90)),
-        ms(percentile(&times, 0.99)),
+        ms(percentile(&times, 50)),
+        ms(percentile(&times, 90)),
+        ms(percentile(&times, 99)),
         ms(times[times.len() - 1])
     );
 }

@@ -224,3 +224,29 @@ fn no_bus_does_not_hold_back_ready() {
     daemon.signal(Signal::SIGTERM);
     assert!(daemon.wait_exit(Duration::from_secs(5)).expect("exits").success());
 }
+
+#[test]
+fn a_run_waits_for_the_applier_lock_but_not_a_stop() {
+    let Some((bus, _notify, mut daemon)) = started("a_run_waits_for_the_applier_lock_but_not_a_stop", SIM) else { return };
+    // Someone runs `kvstrap apply` by hand: the daemon's next run waits for the lock.
+    let held = kvstrap::state::lock(&daemon.dir.path().join("lock"), Duration::ZERO).unwrap();
+    let address = bus.address.clone();
+    let apply = std::thread::spawn(move || {
+        zbus::block_on(async {
+            let client = Client::connect(Some(&address)).await.unwrap();
+            client.proxy().await.unwrap().apply().await
+        })
+    });
+    let waiting = eventually(Duration::from_secs(5), || {
+        String::from_utf8_lossy(&bus.property_as(0, "State").stdout).trim() == "s \"applying\""
+    });
+    assert!(waiting, "the Apply request started a run");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(status(&bus)["runs"], 1, "no run while the lock is held");
+    daemon.signal(Signal::SIGTERM);
+    let exit = daemon.wait_exit(Duration::from_secs(5)).expect("a stop is not held up by the lock");
+    assert!(exit.success(), "{exit:?}\n{}", daemon.stderr());
+    let reply = apply.join().unwrap();
+    assert!(reply.is_err(), "the waiting Apply is answered with an error, not left hanging");
+    drop(held);
+}

@@ -530,8 +530,24 @@ impl Reconciler {
     }
 
     fn run_once(&self) -> Result<ApplySummary, String> {
-        let _lock = state::lock(&state::lock_path(), self.options.lock_timeout).map_err(|e| e.to_string())?;
+        let _lock = self.take_lock()?;
         self.engine.apply(&self.stop).map_err(|e| e.to_string())
+    }
+
+    /// Wait for the applier lock in short slices, so a stop request is not held up by a
+    /// long `kvstrap apply` running by hand.
+    fn take_lock(&self) -> Result<state::ApplyLock, String> {
+        let path = state::lock_path();
+        let start = Instant::now();
+        loop {
+            let slice = self.options.lock_timeout.saturating_sub(start.elapsed()).min(Duration::from_secs(1));
+            match state::lock(&path, slice) {
+                Ok(lock) => return Ok(lock),
+                Err(state::StateError::LockBusy { .. }) if !self.stopping() && start.elapsed() < self.options.lock_timeout => {}
+                Err(state::StateError::LockBusy { .. }) if self.stopping() => return Err("stopping while another applier held the lock".into()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
     }
 
     fn log_outcome(&self, outcome: &Result<ApplySummary, String>) {

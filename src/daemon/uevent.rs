@@ -6,6 +6,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 /// The kernel's multicast group (udevd re-broadcasts on group 2; we do not need it).
 const KERNEL_GROUP: u32 = 1;
+const RECEIVE_BUFFER: usize = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -68,6 +69,9 @@ impl UeventSocket {
             SockFlag::SOCK_CLOEXEC,
             SockProtocol::NetlinkKObjectUEvent,
         )?;
+        // A node booting with 60 disks sends thousands of events at once; a bigger buffer
+        // means fewer ENOBUFS (which we survive, but by rescanning everything).
+        let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::RcvBuf, &RECEIVE_BUFFER);
         bind(fd.as_raw_fd(), &NetlinkAddr::new(0, KERNEL_GROUP))?;
         Ok(UeventSocket { fd })
     }
