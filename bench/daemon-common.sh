@@ -28,13 +28,19 @@ start_daemon() {
         KVSTRAP_UEVENTS=0 KVSTRAP_LOG=warn "$KVSTRAP" daemon 2>"$WORK/daemon.log" &
     DAEMON_PID=$!
     for _ in $(seq 200); do
-        busctl --address="$DBUS_SYSTEM_BUS_ADDRESS" get-property org.kvstrap.Bootstrap1 \
-            /org/kvstrap/Bootstrap1 org.kvstrap.Bootstrap1 State 2>/dev/null | grep -q idle && return 0
+        call org.freedesktop.DBus.Properties.Get string:org.kvstrap.Bootstrap1 string:State 2>/dev/null |
+            grep -q '"idle"' && return 0
         sleep 0.05
     done
     echo "the daemon did not become idle:" >&2
     cat "$WORK/daemon.log" >&2
     exit 1
+}
+
+# One call to the daemon's object with dbus-send (package dbus-bin, part of dbus).
+call() {
+    dbus-send --bus="$DBUS_SYSTEM_BUS_ADDRESS" --print-reply --dest=org.kvstrap.Bootstrap1 \
+        /org/kvstrap/Bootstrap1 "$@"
 }
 
 rss_kib() {

@@ -2,7 +2,7 @@
 # Idle RSS of `kvstrap daemon` (release build) serving D-Bus, simulated node with 32 disks
 # and 320 volumes; goal: under 15 MiB. Measured after the first apply, after 5 s idle,
 # and again after 1000 Status calls and a Volumes call (buffers grown by use).
-# Usage: bench/daemon-idle-rss.sh   (root, dbus-daemon and busctl installed)
+# Usage: bench/daemon-idle-rss.sh   (root, dbus installed)
 source "$(dirname "$0")/daemon-common.sh"
 cd "$ROOT"
 cargo build --release --quiet
@@ -12,11 +12,9 @@ start_daemon
 sleep 5
 idle=$(rss_kib)
 for _ in $(seq 1000); do
-    busctl --address="$DBUS_SYSTEM_BUS_ADDRESS" call org.kvstrap.Bootstrap1 /org/kvstrap/Bootstrap1 \
-        org.kvstrap.Bootstrap1 Status >/dev/null
+    call org.kvstrap.Bootstrap1.Status >/dev/null
 done
-busctl --address="$DBUS_SYSTEM_BUS_ADDRESS" call org.kvstrap.Bootstrap1 /org/kvstrap/Bootstrap1 \
-    org.kvstrap.Bootstrap1 Volumes >/dev/null
+call org.kvstrap.Bootstrap1.Volumes >/dev/null
 sleep 2
 used=$(rss_kib)
 awk -v idle="$idle" -v used="$used" 'BEGIN {

@@ -13,8 +13,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Pending publications, reported by the publisher (another part of the daemon).
+/// The publisher as the engine sees it: it is handed each run's plan and must return at
+/// once (publishing runs in the background and never holds up local work), and it counts
+/// what the API server has not accepted yet. It reports back through `daemon::Handle`
+/// (`volume_published`, `volume_removed`, `publications_changed`, `pv_changed`).
 pub trait Publications: Send + Sync {
+    /// Queue the plan's volumes (and their StorageClass) for publishing.
+    fn submit(&self, plan: &Plan);
+    /// PersistentVolumes rendered but not yet accepted by the API server.
     fn pending(&self) -> u32;
 }
 
@@ -63,6 +69,9 @@ impl Engine for HostEngine {
             tracing::warn!(disk = %r.disk.display(), "left alone: {}", r.reason);
         }
         let report = apply::execute(&plan, &effects, stop, &|_, _, _| {});
+        if let Some(p) = &self.publications {
+            p.submit(&plan);
+        }
         let failed = count(report.failed());
         let interrupted = stop.load(Ordering::SeqCst) && report.steps.iter().any(|s| s.result == StepResult::Skipped);
         let summary = ApplySummary {
