@@ -5,6 +5,8 @@
 
 pub mod apply;
 pub mod cli;
+pub mod daemon;
+pub mod dbus;
 pub mod host;
 pub mod inventory;
 pub mod model;

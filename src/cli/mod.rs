@@ -54,7 +54,7 @@ fn run(cli: &Cli) -> Result<i32> {
         Command::Apply(a) => crate::apply::cli::apply(g, a),
         Command::Status => crate::apply::cli::status(g),
         Command::Volumes => crate::apply::cli::volumes(g),
-        Command::Daemon => anyhow::bail!("the daemon is not implemented in this build yet"),
+        Command::Daemon => crate::daemon::main(g),
         Command::Demo(d) => demo::run(g, d),
         Command::GenerateAssets { out_dir } => Ok(assets::run_generate_assets(out_dir)),
     }

@@ -1,0 +1,147 @@
+//! The real engine: policy from disk, inventory from the machine, the pure planner, and
+//! the executor with host effects — the same functions `kvstrap apply` uses.
+
+use super::engine::{ApplySummary, Engine, EngineError};
+use crate::apply::{self, host_effects::HostEffects, StepResult};
+use crate::cli::args::GlobalArgs;
+use crate::cli::{plan_context, scan};
+use crate::model::Plan;
+use crate::policy::{self, Policy, PolicyError};
+use crate::state::{self, State};
+use serde_json::json;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The publisher as the engine sees it: it is handed each run's plan and must return at
+/// once (publishing runs in the background and never holds up local work), and it counts
+/// what the API server has not accepted yet. It reports back through `daemon::Handle`
+/// (`volume_published`, `volume_removed`, `publications_changed`, `pv_changed`).
+pub trait Publications: Send + Sync {
+    /// Queue the plan's volumes (and their StorageClass) for publishing.
+    fn submit(&self, plan: &Plan);
+    /// PersistentVolumes rendered but not yet accepted by the API server.
+    fn pending(&self) -> u32;
+}
+
+pub struct HostEngine {
+    global: GlobalArgs,
+    /// The policy in force; a failed reload leaves it as it is.
+    policy: Mutex<Arc<Policy>>,
+    publications: Option<Arc<dyn Publications>>,
+}
+
+impl HostEngine {
+    /// Load the policy once; the daemon refuses to start on a broken one.
+    pub fn new(global: &GlobalArgs, publications: Option<Arc<dyn Publications>>) -> Result<HostEngine, EngineError> {
+        let policy = policy::load(global.policy.as_deref()).map_err(|e| EngineError::Policy(diagnostics(&e)))?;
+        Ok(HostEngine { global: global.clone(), policy: Mutex::new(Arc::new(policy)), publications })
+    }
+
+    fn policy(&self) -> Arc<Policy> {
+        match self.policy.lock() {
+            Ok(p) => Arc::clone(&p),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    fn current_plan(&self, policy: &Policy) -> Result<Plan, EngineError> {
+        let inventory = scan(&self.global, Some(policy)).map_err(|e| EngineError::Observe(format!("{e:#}")))?;
+        Ok(crate::plan::plan(policy, &inventory, &plan_context(&self.global)))
+    }
+}
+
+/// Every diagnostic on its own line, `FILE:LINE:COL: error: ...`.
+pub fn diagnostics(e: &PolicyError) -> String {
+    e.diagnostics.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+impl Engine for HostEngine {
+    fn apply(&self, stop: &AtomicBool) -> Result<ApplySummary, EngineError> {
+        let policy = self.policy();
+        let effects = HostEffects::new(&self.global.state_dir).map_err(|e| EngineError::Execute(e.to_string()))?;
+        let plan = self.current_plan(&policy)?;
+        for r in &plan.refused {
+            tracing::warn!(disk = %r.disk.display(), "left alone: {}", r.reason);
+        }
+        let report = apply::execute(&plan, &effects, stop, &|_, _, _| {});
+        if let Some(p) = &self.publications {
+            p.submit(&plan);
+        }
+        let failed = count(report.failed());
+        let interrupted = stop.load(Ordering::SeqCst) && report.steps.iter().any(|s| s.result == StepResult::Skipped);
+        let summary = ApplySummary {
+            disks: count(plan.groups.iter().map(|g| g.disks.len()).sum()),
+            volumes: count(plan.volumes().count()),
+            steps_run: count(report.steps.iter().filter(|s| s.result != StepResult::Skipped).count()),
+            changed: count(report.changed()),
+            failed,
+            refused: count(plan.refused.len()),
+            interrupted,
+            result: ApplySummary::result_text(failed, interrupted),
+        };
+        record(&self.global, &summary)?;
+        Ok(summary)
+    }
+
+    fn disks_json(&self) -> Result<String, EngineError> {
+        let policy = self.policy();
+        let inventory = scan(&self.global, Some(&policy)).map_err(|e| EngineError::Observe(format!("{e:#}")))?;
+        let disks: Vec<_> = crate::plan::verdicts(Some(&policy), &inventory)
+            .iter()
+            .map(|(disk, group, verdict)| {
+                let mut v = serde_json::to_value(disk).unwrap_or_default();
+                if let Some(obj) = v.as_object_mut() {
+                    obj.insert("group".into(), json!(group));
+                    obj.insert("eligible".into(), json!(verdict.is_writable()));
+                    obj.insert("verdict".into(), serde_json::to_value(verdict).unwrap_or_default());
+                    obj.insert("reason".into(), json!(verdict.reason()));
+                }
+                v
+            })
+            .collect();
+        Ok(serde_json::to_string(&json!({ "disks": disks }))?)
+    }
+
+    fn volumes_json(&self) -> Result<String, EngineError> {
+        let plan = self.current_plan(&self.policy())?;
+        Ok(serde_json::to_string(&json!({ "volumes": apply::cli::volume_rows(&plan) }))?)
+    }
+
+    fn plan_json(&self) -> Result<String, EngineError> {
+        Ok(serde_json::to_string(&self.current_plan(&self.policy())?)?)
+    }
+
+    fn reload_policy(&self) -> Result<(), String> {
+        let fresh = policy::load(self.global.policy.as_deref()).map_err(|e| diagnostics(&e))?;
+        if let Ok(mut p) = self.policy.lock() {
+            *p = Arc::new(fresh);
+        }
+        Ok(())
+    }
+
+    fn pending_publications(&self) -> u32 {
+        self.publications.as_ref().map_or(0, |p| p.pending())
+    }
+}
+
+/// The same state record `kvstrap apply` writes, so `kvstrap status` agrees with the daemon.
+fn record(g: &GlobalArgs, s: &ApplySummary) -> Result<(), EngineError> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+    let st = State {
+        version: state::STATE_VERSION,
+        last_apply_unix: Some(now),
+        last_result: Some(s.result.clone()),
+        steps_run: s.steps_run as usize,
+        steps_changed: s.changed as usize,
+        disks: s.disks as usize,
+        volumes: s.volumes as usize,
+        refused: s.refused as usize,
+        in_flight: None,
+    };
+    state::save(&g.state_dir, &st).map_err(|e| EngineError::Execute(format!("cannot record the apply: {e}")))
+}

@@ -1,0 +1,641 @@
+//! `kvstrap daemon`: the wiring of the node's storage service. Triggers (uevents, SIGHUP,
+//! periodic resync, D-Bus, PV changes) are funnelled into one reconcile loop that runs one
+//! apply at a time with the applier lock held; sd_notify, signals and shutdown live here.
+//! No storage rules live here: the [`Engine`] decides what a run does.
+
+pub mod engine;
+pub mod host_engine;
+pub mod logging;
+pub mod schedule;
+pub mod sim;
+pub mod uevent;
+
+pub use engine::{ApplySummary, Engine, EngineError};
+pub use logging::init_logging;
+
+use crate::dbus::{server, BusEvent};
+use crate::state;
+use anyhow::Context;
+use futures_channel::{mpsc as bus_mpsc, oneshot};
+use logging::message_id;
+use schedule::Schedule;
+use sd_notify::NotifyState;
+use serde::Serialize;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// A reply to a D-Bus `Apply` call: the summary, or why no run happened.
+pub type ApplyReply = oneshot::Sender<Result<ApplySummary, String>>;
+/// A reply to a D-Bus `Reload` call: the diagnostics of a rejected policy.
+pub type ReloadReply = oneshot::Sender<Result<(), String>>;
+
+/// Why the reconcile loop should wake up.
+#[derive(Debug)]
+pub enum Trigger {
+    /// A block device appeared, changed or went away.
+    Uevent(uevent::BlockEvent),
+    /// Run now (D-Bus `Apply`); the reply, if any, gets that run's summary.
+    Apply(Option<ApplyReply>),
+    /// Re-read the policy (SIGHUP, D-Bus `Reload`), then run if it changed.
+    Reload(Option<ReloadReply>),
+    /// The API server reports a PersistentVolume change (released, deleted): reclaim.
+    PvChanged,
+    /// The publisher's count of pending publications changed.
+    PublicationsChanged,
+    /// SIGTERM/SIGINT: finish the step in flight and exit.
+    Stop,
+}
+
+/// How the daemon behaves; `from_env` reads the overrides.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Periodic resync, even when nothing was heard (`KVSTRAP_RESYNC_SECS`, default 300).
+    pub resync: Duration,
+    /// Quiet period after the last block uevent before a new disk is judged.
+    pub settle_quiet: Duration,
+    /// A burst of uevents never delays a run longer than this.
+    pub settle_max: Duration,
+    /// How long a run waits for the applier lock (`kvstrap apply` may hold it).
+    pub lock_timeout: Duration,
+    /// After a run that could not take the lock, try again this soon.
+    pub retry: Duration,
+    /// Serve D-Bus (`KVSTRAP_NO_DBUS=1` turns it off).
+    pub dbus: bool,
+    /// Listen to kernel uevents (`KVSTRAP_UEVENTS=0` turns it off; tests do).
+    pub uevents: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            resync: Duration::from_secs(300),
+            settle_quiet: Duration::from_millis(300),
+            settle_max: Duration::from_secs(3),
+            lock_timeout: Duration::from_secs(30),
+            retry: Duration::from_secs(30),
+            dbus: true,
+            uevents: true,
+        }
+    }
+}
+
+impl Options {
+    pub fn from_env() -> anyhow::Result<Options> {
+        let mut o = Options::default();
+        if let Ok(v) = std::env::var("KVSTRAP_RESYNC_SECS") {
+            let secs: u64 = v.parse().with_context(|| format!("KVSTRAP_RESYNC_SECS={v:?} is not a number of seconds"))?;
+            o.resync = Duration::from_secs(secs.max(1));
+        }
+        o.dbus = std::env::var_os("KVSTRAP_NO_DBUS").is_none();
+        o.uevents = std::env::var("KVSTRAP_UEVENTS").map_or(true, |v| v != "0");
+        Ok(o)
+    }
+}
+
+/// What the daemon is doing, as the `State` property shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Starting,
+    Applying,
+    Idle,
+    Stopping,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Applying => "applying",
+            Phase::Idle => "idle",
+            Phase::Stopping => "stopping",
+        }
+    }
+}
+
+/// The daemon's state as readers see it; the D-Bus properties and `Status` come from here.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub state: Phase,
+    pub version: &'static str,
+    /// Seconds since the epoch of the last finished run; 0 before the first.
+    pub last_apply_time: u64,
+    /// `success`, `failed: N step(s)`, `interrupted`, `error: ...`, or empty before the first run.
+    pub last_apply_result: String,
+    pub pending_publications: u32,
+    /// Counters of the last run that reached the engine.
+    pub last_apply: Option<ApplySummary>,
+    /// Runs since the daemon started.
+    pub runs: u64,
+}
+
+impl Default for Snapshot {
+    fn default() -> Snapshot {
+        Snapshot {
+            state: Phase::Starting,
+            version: env!("CARGO_PKG_VERSION"),
+            last_apply_time: 0,
+            last_apply_result: String::new(),
+            pending_publications: 0,
+            last_apply: None,
+            runs: 0,
+        }
+    }
+}
+
+pub type Shared = Arc<Mutex<Snapshot>>;
+
+/// Read the shared snapshot even if a panicking thread poisoned the lock.
+pub fn snapshot(shared: &Shared) -> Snapshot {
+    match shared.lock() {
+        Ok(s) => s.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    }
+}
+
+fn update(shared: &Shared, f: impl FnOnce(&mut Snapshot)) {
+    match shared.lock() {
+        Ok(mut s) => f(&mut s),
+        Err(poisoned) => f(&mut poisoned.into_inner()),
+    }
+}
+
+/// The `STATUS=` line: "4 disks, 40 volumes, 0 pending", plus the result when not a success.
+pub fn status_line(s: &Snapshot) -> String {
+    let Some(last) = &s.last_apply else {
+        return match s.last_apply_result.as_str() {
+            "" => "applying the policy for the first time".into(),
+            r => format!("no apply yet: {r}"),
+        };
+    };
+    let mut line = format!("{} disks, {} volumes, {} pending", last.disks, last.volumes, s.pending_publications);
+    if s.last_apply_result != "success" {
+        line.push_str("; last apply: ");
+        line.push_str(&s.last_apply_result);
+    }
+    line
+}
+
+/// How other parts of the daemon (the publisher, the D-Bus side) reach the reconcile loop.
+#[derive(Clone)]
+pub struct Handle {
+    triggers: Sender<Trigger>,
+    bus: bus_mpsc::UnboundedSender<BusEvent>,
+}
+
+impl Handle {
+    pub fn trigger(&self, t: Trigger) {
+        // A closed loop means the daemon is exiting; nothing left to tell.
+        let _ = self.triggers.send(t);
+    }
+    /// The API server reported a PersistentVolume change: reconcile (reclaim).
+    pub fn pv_changed(&self) {
+        self.trigger(Trigger::PvChanged);
+    }
+    /// The number of pending publications changed.
+    pub fn publications_changed(&self) {
+        self.trigger(Trigger::PublicationsChanged);
+    }
+    /// Emit `VolumePublished` on the bus.
+    pub fn volume_published(&self, volume: &str, pv: &str) {
+        tracing::info!(message_id = message_id::VOLUME_PUBLISHED, pv, volume, "published {pv}");
+        let _ = self.bus.unbounded_send(BusEvent::VolumePublished { volume: volume.into(), pv: pv.into() });
+    }
+    /// Emit `VolumeRemoved` on the bus.
+    pub fn volume_removed(&self, volume: &str, pv: &str) {
+        tracing::info!(message_id = message_id::VOLUME_REMOVED, pv, volume, "removed {pv}");
+        let _ = self.bus.unbounded_send(BusEvent::VolumeRemoved { volume: volume.into(), pv: pv.into() });
+    }
+    fn bus_event(&self, e: BusEvent) {
+        let _ = self.bus.unbounded_send(e);
+    }
+    pub(crate) fn triggers(&self) -> Sender<Trigger> {
+        self.triggers.clone()
+    }
+}
+
+/// The receiving ends, consumed by [`run`].
+pub struct Inbox {
+    triggers: Receiver<Trigger>,
+    bus: bus_mpsc::UnboundedReceiver<BusEvent>,
+}
+
+/// Make the channels first, so an engine (its publisher) can hold a [`Handle`].
+pub fn channel() -> (Handle, Inbox) {
+    let (t_tx, t_rx) = mpsc::channel();
+    let (b_tx, b_rx) = bus_mpsc::unbounded();
+    (Handle { triggers: t_tx, bus: b_tx }, Inbox { triggers: t_rx, bus: b_rx })
+}
+
+/// `kvstrap daemon`: the simulated engine when `KVSTRAP_SIM` names a file, else the host.
+pub fn main(g: &crate::cli::args::GlobalArgs) -> anyhow::Result<i32> {
+    let (handle, inbox) = channel();
+    let engine: Arc<dyn Engine> = match std::env::var_os(sim::SIM_ENV) {
+        Some(path) => {
+            tracing::warn!("running on the simulated engine from {}", Path::new(&path).display());
+            Arc::new(sim::SimEngine::load(Path::new(&path)).map_err(anyhow::Error::msg)?)
+        }
+        None => Arc::new(host_engine::HostEngine::new(g, None)?),
+    };
+    run(engine, &Options::from_env()?, handle, inbox)
+}
+
+/// Run the daemon until SIGTERM/SIGINT. Returns the exit status (0 after a clean stop).
+pub fn run(engine: Arc<dyn Engine>, options: &Options, handle: Handle, inbox: Inbox) -> anyhow::Result<i32> {
+    let stop = Arc::new(AtomicBool::new(false));
+    spawn_signal_thread(Arc::clone(&stop), handle.triggers())?;
+    let shared: Shared = Arc::new(Mutex::new(Snapshot::default()));
+    let bus = if options.dbus {
+        match server::spawn(Arc::clone(&shared), Arc::clone(&engine), handle.triggers(), inbox.bus) {
+            Ok(thread) => Some(thread),
+            Err(e) => {
+                // Disks come first: kubelet waits for us, admin tools can wait for the bus.
+                tracing::error!("cannot serve D-Bus, continuing without it: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    if options.uevents {
+        spawn_uevent_thread(handle.triggers());
+    }
+    let heartbeat = Heartbeat::new();
+    spawn_watchdog(&heartbeat);
+    let mut reconciler = Reconciler::new(engine, options, shared, handle, stop, heartbeat);
+    reconciler.run(&inbox.triggers);
+    reconciler.shut_down();
+    let _ = sd_notify::notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    if let Some(thread) = bus {
+        reconciler.handle.bus_event(BusEvent::Shutdown);
+        let _ = thread.join();
+    }
+    tracing::info!("stopped");
+    Ok(0)
+}
+
+fn spawn_signal_thread(stop: Arc<AtomicBool>, triggers: Sender<Trigger>) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).context("cannot install signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if signal == SIGHUP {
+                    tracing::info!("SIGHUP: reloading the policy");
+                    let _ = triggers.send(Trigger::Reload(None));
+                } else {
+                    // The engine sees the flag between steps: the step in flight finishes.
+                    tracing::info!("stop requested (signal {signal}): finishing the step in flight");
+                    stop.store(true, Ordering::SeqCst);
+                    let _ = triggers.send(Trigger::Stop);
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
+}
+
+fn spawn_uevent_thread(triggers: Sender<Trigger>) {
+    let socket = match uevent::UeventSocket::open() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot listen to kernel uevents ({e}); new disks are found by the periodic resync");
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new().name("uevents".into()).spawn(move || loop {
+        match socket.next() {
+            Ok(event) => {
+                if triggers.send(Trigger::Uevent(event)).is_err() {
+                    return;
+                }
+            }
+            // ENOBUFS: the kernel dropped events while we were slow; a run catches up.
+            Err(nix::errno::Errno::ENOBUFS) => {
+                let ev = uevent::BlockEvent { action: uevent::Action::Change, devname: String::new(), devtype: String::new() };
+                let _ = triggers.send(Trigger::Uevent(ev));
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                tracing::warn!("kernel uevents stopped ({e}); new disks are found by the periodic resync");
+                return;
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the uevent thread: {e}");
+    }
+}
+
+/// Proof of life for the watchdog: the loop beats when it waits; a run in progress counts
+/// as alive (steps have their own timeouts in the executor).
+#[derive(Clone)]
+struct Heartbeat {
+    start: Instant,
+    last_ms: Arc<AtomicU64>,
+    busy: Arc<AtomicBool>,
+}
+
+impl Heartbeat {
+    fn new() -> Heartbeat {
+        Heartbeat { start: Instant::now(), last_ms: Arc::new(AtomicU64::new(0)), busy: Arc::new(AtomicBool::new(false)) }
+    }
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+    fn beat(&self) {
+        self.last_ms.store(self.elapsed_ms(), Ordering::SeqCst);
+    }
+    fn alive_within(&self, period: Duration) -> bool {
+        let period_ms = u64::try_from(period.as_millis()).unwrap_or(u64::MAX);
+        self.busy.load(Ordering::SeqCst) || self.elapsed_ms().saturating_sub(self.last_ms.load(Ordering::SeqCst)) < period_ms
+    }
+}
+
+fn spawn_watchdog(heartbeat: &Heartbeat) {
+    let Some(period) = sd_notify::watchdog_enabled() else { return };
+    let hb = heartbeat.clone();
+    let spawned = std::thread::Builder::new().name("watchdog".into()).spawn(move || loop {
+        std::thread::sleep(period / 2);
+        if hb.alive_within(period) {
+            let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the watchdog thread: {e}");
+    }
+}
+
+/// The reconcile loop's state: what is wanted, who waits for it, what happened last.
+struct Reconciler {
+    engine: Arc<dyn Engine>,
+    options: Options,
+    shared: Shared,
+    handle: Handle,
+    stop: Arc<AtomicBool>,
+    heartbeat: Heartbeat,
+    schedule: Schedule,
+    apply_waiters: Vec<ApplyReply>,
+    reload_waiters: Vec<ReloadReply>,
+    reload_pending: bool,
+    next_resync: Instant,
+    ready_sent: bool,
+}
+
+impl Reconciler {
+    fn new(engine: Arc<dyn Engine>, options: &Options, shared: Shared, handle: Handle, stop: Arc<AtomicBool>, heartbeat: Heartbeat) -> Reconciler {
+        let mut schedule = Schedule::new(options.settle_quiet, options.settle_max);
+        schedule.request(); // the first apply, at boot
+        Reconciler {
+            engine,
+            options: options.clone(),
+            shared,
+            handle,
+            stop,
+            heartbeat,
+            schedule,
+            apply_waiters: Vec::new(),
+            reload_waiters: Vec::new(),
+            reload_pending: false,
+            next_resync: Instant::now() + options.resync,
+            ready_sent: false,
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn run(&mut self, triggers: &Receiver<Trigger>) {
+        while !self.stopping() {
+            self.heartbeat.beat();
+            if self.reload_pending {
+                self.reload();
+                continue;
+            }
+            if self.schedule.due(Instant::now()) {
+                self.reconcile();
+                continue;
+            }
+            match triggers.recv_timeout(self.wait_time()) {
+                Ok(t) => self.accept(t),
+                Err(RecvTimeoutError::Timeout) => {
+                    if Instant::now() >= self.next_resync {
+                        tracing::debug!("periodic resync");
+                        self.schedule.request();
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+    }
+
+    /// Until the next settle deadline or resync, and often enough to feed the watchdog.
+    fn wait_time(&self) -> Duration {
+        let now = Instant::now();
+        let mut until = self.next_resync;
+        if let Some(t) = self.schedule.wakeup() {
+            until = until.min(t);
+        }
+        let cap = sd_notify::watchdog_enabled().map_or(Duration::from_secs(60), |p| p / 4);
+        until.saturating_duration_since(now).min(cap)
+    }
+
+    fn accept(&mut self, trigger: Trigger) {
+        match trigger {
+            Trigger::Uevent(e) => {
+                tracing::debug!(device = %e.devname, devtype = %e.devtype, "block uevent: {:?}", e.action);
+                self.schedule.uevent(Instant::now());
+            }
+            Trigger::Apply(reply) => {
+                self.apply_waiters.extend(reply);
+                self.schedule.request();
+            }
+            Trigger::Reload(reply) => {
+                self.reload_waiters.extend(reply);
+                self.reload_pending = true;
+            }
+            Trigger::PvChanged => self.schedule.request(),
+            Trigger::PublicationsChanged => self.refresh_pending(),
+            Trigger::Stop => self.stop.store(true, Ordering::SeqCst),
+        }
+    }
+
+    fn reload(&mut self) {
+        self.reload_pending = false;
+        let outcome = self.engine.reload_policy();
+        match &outcome {
+            Ok(()) => {
+                tracing::info!("policy reloaded");
+                self.schedule.request();
+            }
+            Err(diagnostics) => tracing::error!(
+                message_id = message_id::POLICY_REJECTED,
+                "the new policy is broken; the old one stays in force:\n{diagnostics}"
+            ),
+        }
+        for w in self.reload_waiters.drain(..) {
+            let _ = w.send(outcome.clone());
+        }
+    }
+
+    fn refresh_pending(&mut self) {
+        let pending = self.engine.pending_publications();
+        update(&self.shared, |s| s.pending_publications = pending);
+        self.publish_status();
+        self.handle.bus_event(BusEvent::PropertiesChanged);
+    }
+
+    /// One run: lock, apply, record, tell systemd, the bus and whoever waited.
+    fn reconcile(&mut self) {
+        self.schedule.start();
+        let waiters = std::mem::take(&mut self.apply_waiters);
+        self.set_phase(Phase::Applying);
+        self.heartbeat.busy.store(true, Ordering::SeqCst);
+        let outcome = self.run_once();
+        self.heartbeat.busy.store(false, Ordering::SeqCst);
+        let pending = self.engine.pending_publications();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+        update(&self.shared, |s| {
+            s.runs += 1;
+            s.last_apply_time = now;
+            s.pending_publications = pending;
+            match &outcome {
+                Ok(summary) => {
+                    s.last_apply_result = summary.result.clone();
+                    s.last_apply = Some(summary.clone());
+                }
+                Err(e) => s.last_apply_result = format!("error: {e}"),
+            }
+            s.state = if self.stop.load(Ordering::SeqCst) { Phase::Stopping } else { Phase::Idle };
+        });
+        self.next_resync = Instant::now() + if outcome.is_ok() { self.options.resync } else { self.options.retry };
+        self.log_outcome(&outcome);
+        self.publish_status();
+        if !self.ready_sent {
+            // After the first run, whatever its result: kubelet must not wait on the API
+            // server, and a failed run is reported in STATUS= and on the bus.
+            let _ = sd_notify::notify(&[NotifyState::Ready]);
+            self.ready_sent = true;
+        }
+        self.handle.bus_event(finished_event(&outcome));
+        self.handle.bus_event(BusEvent::PropertiesChanged);
+        for w in waiters {
+            let _ = w.send(outcome.clone());
+        }
+    }
+
+    fn run_once(&self) -> Result<ApplySummary, String> {
+        let _lock = self.take_lock()?;
+        self.engine.apply(&self.stop).map_err(|e| e.to_string())
+    }
+
+    /// Wait for the applier lock in short slices, so a stop request is not held up by a
+    /// long `kvstrap apply` running by hand.
+    fn take_lock(&self) -> Result<state::ApplyLock, String> {
+        let path = state::lock_path();
+        let start = Instant::now();
+        loop {
+            let slice = self.options.lock_timeout.saturating_sub(start.elapsed()).min(Duration::from_secs(1));
+            match state::lock(&path, slice) {
+                Ok(lock) => return Ok(lock),
+                Err(state::StateError::LockBusy { .. }) if !self.stopping() && start.elapsed() < self.options.lock_timeout => {}
+                Err(state::StateError::LockBusy { .. }) if self.stopping() => return Err("stopping while another applier held the lock".into()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    fn log_outcome(&self, outcome: &Result<ApplySummary, String>) {
+        match outcome {
+            Ok(s) if s.succeeded() => tracing::info!(
+                message_id = message_id::APPLY_FINISHED,
+                result = %s.result, changed = s.changed, failed = s.failed,
+                "apply finished: {} disks, {} volumes, {} step(s) changed", s.disks, s.volumes, s.changed
+            ),
+            Ok(s) => tracing::warn!(
+                message_id = message_id::APPLY_FINISHED,
+                result = %s.result, changed = s.changed, failed = s.failed,
+                "apply finished: {}", s.result
+            ),
+            Err(e) => tracing::error!(message_id = message_id::APPLY_FINISHED, "apply did not run: {e}"),
+        }
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        update(&self.shared, |s| s.state = phase);
+        if phase == Phase::Applying {
+            let _ = sd_notify::notify(&[NotifyState::Status("applying the policy")]);
+        }
+        self.handle.bus_event(BusEvent::PropertiesChanged);
+    }
+
+    fn publish_status(&self) {
+        let line = status_line(&snapshot(&self.shared));
+        let _ = sd_notify::notify(&[NotifyState::Status(&line)]);
+    }
+
+    /// Answer everyone still waiting, so no D-Bus caller hangs on a stopping daemon.
+    fn shut_down(&mut self) {
+        self.set_phase(Phase::Stopping);
+        for w in self.apply_waiters.drain(..) {
+            let _ = w.send(Err("the daemon is stopping".into()));
+        }
+        for w in self.reload_waiters.drain(..) {
+            let _ = w.send(Err("the daemon is stopping".into()));
+        }
+    }
+}
+
+fn finished_event(outcome: &Result<ApplySummary, String>) -> BusEvent {
+    match outcome {
+        Ok(s) => BusEvent::ApplyFinished {
+            result: s.result.clone(),
+            changed: s.changed,
+            failed: s.failed,
+            summary_json: serde_json::to_string(s).unwrap_or_default(),
+        },
+        Err(e) => BusEvent::ApplyFinished { result: format!("error: {e}"), changed: 0, failed: 0, summary_json: "{}".into() },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_last(result: &str) -> Snapshot {
+        Snapshot {
+            last_apply_result: result.into(),
+            pending_publications: 2,
+            last_apply: Some(ApplySummary { disks: 4, volumes: 40, result: result.into(), ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn status_line_counts_disks_volumes_pending() {
+        assert_eq!(status_line(&with_last("success")), "4 disks, 40 volumes, 2 pending");
+    }
+
+    #[test]
+    fn status_line_names_a_failure() {
+        assert_eq!(status_line(&with_last("failed: 1 step(s)")), "4 disks, 40 volumes, 2 pending; last apply: failed: 1 step(s)");
+        let none = Snapshot { last_apply_result: "error: lock busy".into(), ..Default::default() };
+        assert_eq!(status_line(&none), "no apply yet: error: lock busy");
+    }
+
+    #[test]
+    fn heartbeat_goes_stale_unless_busy() {
+        let hb = Heartbeat::new();
+        hb.beat();
+        assert!(hb.alive_within(Duration::from_secs(10)));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!hb.alive_within(Duration::from_millis(10)));
+        hb.busy.store(true, Ordering::SeqCst);
+        assert!(hb.alive_within(Duration::from_millis(10)));
+    }
+}

@@ -1,0 +1,185 @@
+//! `kvstrap daemon` on the real engine, on loop devices this test creates and names
+//! explicitly in the policy. Skipped unless KVSTRAP_REAL_ENGINE=1 (set once the policy,
+//! inventory and host modules have landed) and running as root.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod daemon_support;
+
+use daemon_support::*;
+use nix::sys::signal::Signal;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn enabled(test: &str) -> bool {
+    if std::env::var_os("KVSTRAP_REAL_ENGINE").is_none() {
+        eprintln!("skipping {test}: set KVSTRAP_REAL_ENGINE=1 to run the daemon on the real engine");
+        return false;
+    }
+    common::require_root(test) && can_run(test)
+}
+
+/// A policy that selects exactly `devices`, with its storage under `root`.
+fn policy(root: &Path, devices: &[PathBuf]) -> String {
+    let list: Vec<String> = devices.iter().map(|d| format!("{:?}", d.display().to_string())).collect();
+    format!(
+        r#"[node]
+name = "daemon-test"
+storage_root = "{root}"
+
+[kubernetes]
+publish = false
+
+[[storage_class]]
+name = "daemon-test"
+volume_mode = "Filesystem"
+fs_type = "xfs"
+reclaim_policy = "Delete"
+access_modes = ["ReadWriteOnce"]
+
+[[disk_group]]
+name = "lab"
+storage_class = "daemon-test"
+layout = "shared"
+devices = [{list}]
+allow_loop = true
+volume_count = 4
+"#,
+        root = root.display(),
+        list = list.join(", ")
+    )
+}
+
+/// A loop device attached to a device node chosen before the daemon starts, so the policy
+/// can name it while it does not exist yet; detached (and unmounted) on drop.
+struct NamedLoop {
+    path: PathBuf,
+    backing: PathBuf,
+    attached: bool,
+}
+
+impl NamedLoop {
+    fn reserve(dir: &Path, size: u64) -> NamedLoop {
+        let backing = dir.join("hotplug.img");
+        std::fs::File::create(&backing).unwrap().set_len(size).unwrap();
+        let out = Command::new("losetup").arg("--find").output().unwrap();
+        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        NamedLoop { path, backing, attached: false }
+    }
+
+    fn attach(&mut self) {
+        let out = Command::new("losetup").arg("--partscan").arg(&self.path).arg(&self.backing).output().unwrap();
+        assert!(out.status.success(), "losetup {}: {}", self.path.display(), String::from_utf8_lossy(&out.stderr));
+        self.attached = true;
+    }
+}
+
+impl Drop for NamedLoop {
+    fn drop(&mut self) {
+        if self.attached {
+            common::unmount_all_from(&self.path);
+            let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+        }
+    }
+}
+
+fn real_daemon(bus: &TestBus, notify: &NotifySocket, policy_text: &str) -> DaemonProcess {
+    let dir = tempfile::tempdir().unwrap();
+    let policy_path = dir.path().join("policy.toml");
+    std::fs::write(&policy_path, policy_text).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvstrap"));
+    cmd.arg("--policy").arg(&policy_path).arg("daemon");
+    DaemonProcess::spawn(cmd, dir, policy_path, bus, notify)
+}
+
+fn volumes_on(bus: &TestBus, disk: &Path) -> Vec<serde_json::Value> {
+    let out = bus.send_as(0, &["org.kvstrap.Bootstrap1.Volumes"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let Some(json) = text.split_once('"').and_then(|(_, rest)| rest.rsplit_once('"')).map(|(j, _)| j.to_string()) else {
+        return Vec::new();
+    };
+    let value: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+    value["volumes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|v| v["disk"] == disk.display().to_string())
+        .collect()
+}
+
+#[test]
+fn hot_plugged_disk_is_provisioned_within_two_seconds() {
+    if !enabled("hot_plugged_disk_is_provisioned_within_two_seconds") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let mut disk = NamedLoop::reserve(work.path(), 1 << 30);
+    let bus = TestBus::start();
+    let mut notify = NotifySocket::new();
+    let daemon = real_daemon(&bus, &notify, &policy(&work.path().join("storage"), &[disk.path.clone()]));
+    assert!(notify.wait_for("READY=1", Duration::from_secs(30)), "{}", daemon.stderr());
+
+    let plugged = Instant::now();
+    disk.attach();
+    let ready = eventually(Duration::from_secs(2), || {
+        let v = volumes_on(&bus, &disk.path);
+        !v.is_empty() && v.iter().all(|v| v["state"] == "ready")
+    });
+    assert!(ready, "{} not provisioned {:?} after it appeared\n{}", disk.path.display(), plugged.elapsed(), daemon.stderr());
+    // The rendered manifests live in the state directory (publish = false renders only).
+    let state = daemon.dir.path().join("state");
+    let rendered = walk(&state).into_iter().any(|p| p.extension().is_some_and(|e| e == "yaml" || e == "json") && p.starts_with(state.join("manifests")));
+    assert!(rendered, "no manifest rendered under {}", state.display());
+}
+
+#[test]
+fn sigterm_during_apply_leaves_disks_the_next_run_adopts() {
+    if !enabled("sigterm_during_apply_leaves_disks_the_next_run_adopts") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let disks = [common::LoopDisk::new(1 << 30), common::LoopDisk::new(1 << 30)];
+    let paths: Vec<PathBuf> = disks.iter().map(|d| d.path.clone()).collect();
+    let policy_text = policy(&work.path().join("storage"), &paths);
+    let bus = TestBus::start();
+    let mut notify = NotifySocket::new();
+    let mut daemon = real_daemon(&bus, &notify, &policy_text);
+    assert!(notify.wait_for("STATUS=applying the policy", Duration::from_secs(30)), "{}", daemon.stderr());
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.signal(Signal::SIGTERM);
+    let status = daemon.wait_exit(Duration::from_secs(60)).expect("daemon did not stop");
+    assert!(status.success(), "{status:?}\n{}", daemon.stderr());
+
+    // The next run (the CLI, same lock and state) adopts what the interrupted one left.
+    let kvstrap = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kvstrap"))
+            .arg("--policy")
+            .arg(&daemon.sim)
+            .args(args)
+            .env("KVSTRAP_LOCK", daemon.dir.path().join("lock"))
+            .env("KVSTRAP_STATE_DIR", daemon.dir.path().join("state"))
+            .output()
+            .unwrap()
+    };
+    let apply = kvstrap(&["apply"]);
+    assert!(apply.status.success(), "{}", text(&apply));
+    let plan = kvstrap(&["plan", "--output", "json"]);
+    let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert_eq!(plan["steps"].as_array().map(Vec::len), Some(0), "converged: {plan}");
+    assert_eq!(plan["refused"].as_array().map(Vec::len), Some(0), "nothing left alone: {plan}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
