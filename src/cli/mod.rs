@@ -34,15 +34,7 @@ pub fn main() -> i32 {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KVSTRAP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // journald adds timestamps; a terminal user does not need them either.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .without_time()
-        .with_target(false)
-        .try_init();
+    crate::daemon::init_logging();
 }
 
 fn run(cli: &Cli) -> Result<i32> {
@@ -145,36 +137,67 @@ pub fn plan_context(g: &GlobalArgs) -> PlanContext {
     }
 }
 
+/// `{"disks": [...]}`: every disk with its verdict, as `disks -o json` and D-Bus print it.
+pub fn disks_document(policy: Option<&Policy>, inventory: &Inventory) -> serde_json::Value {
+    let disks: Vec<_> = plan::verdicts(policy, inventory)
+        .iter()
+        .map(|(disk, group, verdict)| {
+            let mut v = serde_json::to_value(disk).unwrap_or_default();
+            if let Some(obj) = v.as_object_mut() {
+                obj.insert("group".into(), json!(group));
+                obj.insert("eligible".into(), json!(verdict.is_writable()));
+                obj.insert("verdict".into(), serde_json::to_value(verdict).unwrap_or_default());
+                obj.insert("reason".into(), json!(verdict.reason()));
+            }
+            v
+        })
+        .collect();
+    json!({ "disks": disks })
+}
+
+/// A disk as the JSON document carries it, for rendering the daemon's answer.
+#[derive(serde::Deserialize)]
+struct DiskRow {
+    #[serde(flatten)]
+    disk: crate::model::Disk,
+    group: Option<String>,
+    verdict: crate::model::Verdict,
+}
+
+/// The running daemon's answer, when no explicit policy asks for a local evaluation.
+fn from_daemon(g: &GlobalArgs, ask: fn() -> Option<String>) -> Option<String> {
+    if g.policy.is_some() {
+        return None;
+    }
+    let answer = ask();
+    if answer.is_none() {
+        eprintln!("{}", crate::dbus::client::FALLBACK_NOTICE);
+    }
+    answer
+}
+
 fn disks(g: &GlobalArgs) -> Result<i32> {
-    // A broken policy given explicitly is an error; no policy at all still lists disks.
-    let policy = match (&g.policy, policy::load(g.policy.as_deref())) {
-        (_, Ok(p)) => Some(p),
-        (Some(_), Err(e)) => anyhow::bail!(diagnostics_text(&e)),
-        (None, Err(_)) => None,
-    };
-    let inv = scan(g, policy.as_ref())?;
-    let verdicts = plan::verdicts(policy.as_ref(), &inv);
-    match g.output {
-        OutputFormat::Json => {
-            let disks: Vec<_> = verdicts
-                .iter()
-                .map(|(disk, group, verdict)| {
-                    let mut v = serde_json::to_value(disk).unwrap_or_default();
-                    if let Some(obj) = v.as_object_mut() {
-                        obj.insert("group".into(), json!(group));
-                        obj.insert("eligible".into(), json!(verdict.is_writable()));
-                        obj.insert(
-                            "verdict".into(),
-                            serde_json::to_value(verdict).unwrap_or_default(),
-                        );
-                        obj.insert("reason".into(), json!(verdict.reason()));
-                    }
-                    v
-                })
-                .collect();
-            print_json(&json!({ "disks": disks }));
+    let document = match from_daemon(g, crate::dbus::client::client_disks) {
+        Some(text) => serde_json::from_str(&text).context("the daemon sent disks kvstrap cannot read")?,
+        None => {
+            // A broken policy given explicitly is an error; no policy at all still lists disks.
+            let policy = match (&g.policy, policy::load(g.policy.as_deref())) {
+                (_, Ok(p)) => Some(p),
+                (Some(_), Err(e)) => anyhow::bail!(diagnostics_text(&e)),
+                (None, Err(_)) => None,
+            };
+            let inv = scan(g, policy.as_ref())?;
+            disks_document(policy.as_ref(), &inv)
         }
-        OutputFormat::Human => print!("{}", disks_table::render(&verdicts)),
+    };
+    match g.output {
+        OutputFormat::Json => print_json(&document),
+        OutputFormat::Human => {
+            let rows: Vec<DiskRow> = serde_json::from_value(document["disks"].clone())
+                .context("cannot read the disk list")?;
+            let table: Vec<_> = rows.iter().map(|r| (&r.disk, r.group.clone(), r.verdict.clone())).collect();
+            print!("{}", disks_table::render(&table));
+        }
     }
     Ok(0)
 }

@@ -91,20 +91,7 @@ impl Engine for HostEngine {
     fn disks_json(&self) -> Result<String, EngineError> {
         let policy = self.policy();
         let inventory = scan(&self.global, Some(&policy)).map_err(|e| EngineError::Observe(format!("{e:#}")))?;
-        let disks: Vec<_> = crate::plan::verdicts(Some(&policy), &inventory)
-            .iter()
-            .map(|(disk, group, verdict)| {
-                let mut v = serde_json::to_value(disk).unwrap_or_default();
-                if let Some(obj) = v.as_object_mut() {
-                    obj.insert("group".into(), json!(group));
-                    obj.insert("eligible".into(), json!(verdict.is_writable()));
-                    obj.insert("verdict".into(), serde_json::to_value(verdict).unwrap_or_default());
-                    obj.insert("reason".into(), json!(verdict.reason()));
-                }
-                v
-            })
-            .collect();
-        Ok(serde_json::to_string(&json!({ "disks": disks }))?)
+        Ok(serde_json::to_string(&crate::cli::disks_document(Some(&policy), &inventory))?)
     }
 
     fn volumes_json(&self) -> Result<String, EngineError> {
