@@ -7,6 +7,7 @@ pub mod apply;
 pub mod cli;
 pub mod host;
 pub mod inventory;
+pub mod kube;
 pub mod model;
 pub mod plan;
 pub mod policy;
