@@ -184,13 +184,21 @@ impl Publisher {
     }
 
     pub fn status(&self) -> PublishStatus {
-        self.status.borrow().clone()
+        self.with_generation(&self.status.borrow())
+    }
+
+    /// The worker may not have seen the latest submit yet: the generation comes from here.
+    fn with_generation(&self, s: &PublishStatus) -> PublishStatus {
+        let mut s = s.clone();
+        s.submitted_generation = self.desired.borrow().0;
+        s
     }
 
     /// Waits until `pred` holds for the status, or `timeout` passes; returns whether it held.
     pub async fn wait_for(&self, timeout: Duration, pred: impl Fn(&PublishStatus) -> bool) -> bool {
         let mut rx = self.status.clone();
-        tokio::time::timeout(timeout, async move { rx.wait_for(|s| pred(s)).await.is_ok() })
+        let check = |s: &PublishStatus| pred(&self.with_generation(s));
+        tokio::time::timeout(timeout, async move { rx.wait_for(check).await.is_ok() })
             .await
             .unwrap_or(false)
     }
@@ -230,7 +238,6 @@ impl Worker {
         loop {
             let (generation, desired) = self.desired.borrow_and_update().clone();
             let Some(desired) = desired else { continue };
-            self.status.send_modify(|s| s.submitted_generation = generation);
             let result = match &client {
                 Some(c) => self.reconciler.pass(c, &desired).await.map_err(|e| e.to_string()),
                 None => match self.source.client().await {

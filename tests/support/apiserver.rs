@@ -47,6 +47,8 @@ struct Store {
     /// (name, phase at deletion, by whom)
     deletions: Vec<(String, Option<String>, &'static str)>,
     faults: VecDeque<u16>,
+    /// PV that a claim binds right before the next delete of it is handled.
+    race_bind: Option<String>,
     requests: u64,
     applies: u64,
 }
@@ -82,6 +84,11 @@ impl Double {
     /// The next requests (not watches) answer these status codes, in order.
     pub fn fail_next(&self, codes: &[u16]) {
         self.store.lock().unwrap().faults.extend(codes.iter().copied());
+    }
+
+    /// The PV controller binds `name` between kvstrap's list and its delete.
+    pub fn race_bind_on_delete(&self, name: &str) {
+        self.store.lock().unwrap().race_bind = Some(name.to_string());
     }
 
     /// Ends every open watch stream.
@@ -434,6 +441,10 @@ fn delete(d: Shared, kind: Kind, name: String, body: Bytes) -> Response {
         return r;
     }
     let opts: Value = if body.is_empty() { json!({}) } else { serde_json::from_slice(&body).unwrap_or(json!({})) };
+    let race = d.store.lock().unwrap().race_bind.take_if(|n| *n == name);
+    if race.is_some() {
+        d.bind(&name);
+    }
     let mut s = d.store.lock().unwrap();
     let Some(old) = s.objects.get(&(kind, name.clone())).cloned() else {
         return status(404, "NotFound", &format!("{} \"{name}\" not found", kind.kind()));
