@@ -74,7 +74,7 @@ pub struct Reconciler {
     /// Ledger was lost: every missing PV is treated as published before.
     conservative: bool,
     /// PV name -> fingerprint of what was last applied successfully.
-    applied: HashMap<String, String>,
+    applied: HashMap<String, u64>,
     /// (PV, reason) already reported as an Event.
     reported: HashSet<(String, &'static str)>,
 }
@@ -281,10 +281,10 @@ impl Reconciler {
             }
         }
         let phase = match (&outcome.applied, observed) {
-            (Some(pv), _) => {
+            (Some(applied_phase), _) => {
                 report.applied += 1;
                 self.applied.insert(name.clone(), fingerprint(&v.pv));
-                phase(pv)
+                applied_phase.clone()
             }
             (None, Some(pv)) => {
                 if outcome.retained {
@@ -329,8 +329,8 @@ struct Outcome {
     scrubbed: bool,
     deleted: bool,
     retained: bool,
-    /// The object the API server returned for the apply.
-    applied: Option<PersistentVolume>,
+    /// Applied; with the phase the API server returned.
+    applied: Option<Option<String>>,
 }
 
 async fn execute(client: &Client, scrubber: Arc<dyn Scrubber>, v: &DesiredVolume, action: Action) -> Result<Outcome, String> {
@@ -354,7 +354,7 @@ async fn execute(client: &Client, scrubber: Arc<dyn Scrubber>, v: &DesiredVolume
     }
     let pp = PatchParams::apply(MANAGER).force();
     let applied = api.patch(v.pv_name(), &pp, &Patch::Apply(&v.pv)).await.map_err(|e| describe(&e))?;
-    out.applied = Some(applied);
+    out.applied = Some(phase(&applied));
     Ok(out)
 }
 
@@ -391,9 +391,12 @@ fn phase(pv: &PersistentVolume) -> Option<String> {
     pv.status.as_ref().and_then(|s| s.phase.clone())
 }
 
-/// What a PV or class looked like when applied; JSON of the same value is identical.
-fn fingerprint<T: serde::Serialize>(object: &T) -> String {
-    serde_json::to_string(object).unwrap_or_default()
+/// What a PV or class looked like when applied (a hash of its JSON; in memory only).
+fn fingerprint<T: serde::Serialize>(object: &T) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    serde_json::to_vec(object).unwrap_or_default().hash(&mut h);
+    h.finish()
 }
 
 /// One line: API errors with their code and message, others as they print.
