@@ -1,6 +1,8 @@
 //! Benchmark: publish 1000 PVs to the API-server double. Ignored in normal runs;
 //! `bench/publish.sh` runs it in release mode and prints the figures.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "support/apiserver.rs"]
 mod apiserver;
 #[path = "support/fixtures.rs"]

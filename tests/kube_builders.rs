@@ -1,6 +1,8 @@
 //! Golden YAML of the built PVs and StorageClasses (compared in full), and the manifest
 //! directory: one file per object, stale files removed, unchanged files not rewritten.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "support/fixtures.rs"]
 mod fixtures;
 

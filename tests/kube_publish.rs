@@ -2,6 +2,8 @@
 //! watch restarts, reclaim (Delete and Retain), vanished volumes, PVs deleted by hand.
 //! Invariants checked throughout: published set == provisioned set, no Bound PV deleted.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "support/apiserver.rs"]
 mod apiserver;
 #[path = "support/fixtures.rs"]

@@ -1,6 +1,8 @@
 //! Directory scrub on a tempdir: contents removed, the volume directory kept, and a symlink
 //! that points outside the volume removed without touching its target.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use kvstrap::kube::scrub::scrub_directory;
 use std::os::unix::fs::symlink;
 

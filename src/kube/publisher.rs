@@ -391,6 +391,7 @@ pub fn recorded_publication(state_dir: &Path, node: &str, volumes: &[VolumeSpec]
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

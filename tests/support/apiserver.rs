@@ -4,6 +4,8 @@
 //! local.path, capacity, DNS-1123 names, immutable fields, delete preconditions) and
 //! records every deletion with the phase the PV had, so tests can prove no Bound PV died.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #![allow(dead_code)]
 
 use axum::body::{Body, Bytes};

@@ -1,5 +1,7 @@
 //! Volumes and storage classes shared by the kube tests and the publish benchmark.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #![allow(dead_code)]
 
 use kvstrap::model::{FsType, VolumeMode, VolumeSpec};
