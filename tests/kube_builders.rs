@@ -16,24 +16,38 @@ use std::path::Path;
 const ROOT: &str = "/var/lib/kvstrap/storage";
 
 fn golden(name: &str, actual: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kube").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/kube")
+        .join(name);
     if std::env::var_os("KVSTRAP_BLESS").is_some() {
         std::fs::write(&path, actual).unwrap();
     }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(actual, expected, "{name} differs (KVSTRAP_BLESS=1 rewrites it after review)");
+    let expected =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(
+        actual, expected,
+        "{name} differs (KVSTRAP_BLESS=1 rewrites it after review)"
+    );
 }
 
 #[test]
 fn shared_filesystem_pv() {
-    let c = class("kubevirt-local-nvme", VolumeMode::Filesystem, ReclaimPolicy::Delete);
+    let c = class(
+        "kubevirt-local-nvme",
+        VolumeMode::Filesystem,
+        ReclaimPolicy::Delete,
+    );
     let pv = builders::persistent_volume(NODE, &dir_volume(Path::new(ROOT), 3, &c.name), &c);
     golden("pv-shared-filesystem.yaml", &to_yaml("pv", &pv).unwrap());
 }
 
 #[test]
 fn separate_filesystem_pv() {
-    let c = class("kubevirt-local-ssd", VolumeMode::Filesystem, ReclaimPolicy::Retain);
+    let c = class(
+        "kubevirt-local-ssd",
+        VolumeMode::Filesystem,
+        ReclaimPolicy::Retain,
+    );
     let mut v = dir_volume(Path::new(ROOT), 1, &c.name);
     // A separate-layout volume: the whole filesystem of its own partition, ext4.
     v.name = "ssd-9e8d7c6b-p1".into();
@@ -49,28 +63,53 @@ fn separate_filesystem_pv() {
 
 #[test]
 fn separate_block_pv() {
-    let c = class("kubevirt-local-block", VolumeMode::Block, ReclaimPolicy::Delete);
+    let c = class(
+        "kubevirt-local-block",
+        VolumeMode::Block,
+        ReclaimPolicy::Delete,
+    );
     let pv = builders::persistent_volume(NODE, &block_volume(Path::new(ROOT), 2, &c.name), &c);
     golden("pv-separate-block.yaml", &to_yaml("pv", &pv).unwrap());
 }
 
 #[test]
 fn storage_classes() {
-    let fs = class("kubevirt-local-nvme", VolumeMode::Filesystem, ReclaimPolicy::Delete);
-    golden("storageclass-filesystem.yaml", &to_yaml("sc", &builders::storage_class(&fs)).unwrap());
-    let block = class("kubevirt-local-block", VolumeMode::Block, ReclaimPolicy::Retain);
-    golden("storageclass-block.yaml", &to_yaml("sc", &builders::storage_class(&block)).unwrap());
+    let fs = class(
+        "kubevirt-local-nvme",
+        VolumeMode::Filesystem,
+        ReclaimPolicy::Delete,
+    );
+    golden(
+        "storageclass-filesystem.yaml",
+        &to_yaml("sc", &builders::storage_class(&fs)).unwrap(),
+    );
+    let block = class(
+        "kubevirt-local-block",
+        VolumeMode::Block,
+        ReclaimPolicy::Retain,
+    );
+    golden(
+        "storageclass-block.yaml",
+        &to_yaml("sc", &builders::storage_class(&block)).unwrap(),
+    );
 }
 
 #[test]
 fn unknown_class_is_an_error_that_says_what_to_write() {
     let v = dir_volume(Path::new(ROOT), 1, "missing");
     let err = Desired::build(NODE, &[v], &[]).unwrap_err().to_string();
-    assert!(err.contains("add a [[storage_class]] named missing"), "{err}");
+    assert!(
+        err.contains("add a [[storage_class]] named missing"),
+        "{err}"
+    );
 }
 
 fn desired(n: usize) -> Desired {
-    let c = class("kubevirt-local-nvme", VolumeMode::Filesystem, ReclaimPolicy::Delete);
+    let c = class(
+        "kubevirt-local-nvme",
+        VolumeMode::Filesystem,
+        ReclaimPolicy::Delete,
+    );
     Desired::build(NODE, &dir_volumes(Path::new(ROOT), n, &c.name), &[c]).unwrap()
 }
 
@@ -85,17 +124,31 @@ fn manifests_are_one_object_per_file_and_stay_exact() {
     let first = write_manifests(state.path(), &desired(3)).unwrap();
     assert_eq!(first.written.len(), 4, "3 PVs + 1 StorageClass");
     assert!(dir.join("storageclass-kubevirt-local-nvme.yaml").exists());
-    assert!(dir.join("pv-kvstrap-worker-07-nvme-3f2a9c1b-v01.yaml").exists());
+    assert!(dir
+        .join("pv-kvstrap-worker-07-nvme-3f2a9c1b-v01.yaml")
+        .exists());
     assert_eq!(first.removed, vec![dir.join(".pv-x.yaml.tmp")]);
     assert!(dir.join("README.txt").exists(), "foreign files stay");
 
-    let before = std::fs::metadata(dir.join("pv-kvstrap-worker-07-nvme-3f2a9c1b-v01.yaml")).unwrap().modified().unwrap();
+    let before = std::fs::metadata(dir.join("pv-kvstrap-worker-07-nvme-3f2a9c1b-v01.yaml"))
+        .unwrap()
+        .modified()
+        .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(20));
     let second = write_manifests(state.path(), &desired(2)).unwrap();
-    assert!(second.written.is_empty(), "unchanged files are not rewritten");
+    assert!(
+        second.written.is_empty(),
+        "unchanged files are not rewritten"
+    );
     assert_eq!(second.unchanged, 3);
-    assert_eq!(second.removed, vec![dir.join("pv-kvstrap-worker-07-nvme-3f2a9c1b-v03.yaml")]);
-    let after = std::fs::metadata(dir.join("pv-kvstrap-worker-07-nvme-3f2a9c1b-v01.yaml")).unwrap().modified().unwrap();
+    assert_eq!(
+        second.removed,
+        vec![dir.join("pv-kvstrap-worker-07-nvme-3f2a9c1b-v03.yaml")]
+    );
+    let after = std::fs::metadata(dir.join("pv-kvstrap-worker-07-nvme-3f2a9c1b-v01.yaml"))
+        .unwrap()
+        .modified()
+        .unwrap();
     assert_eq!(before, after);
 
     // Each file parses back to exactly the object that was rendered.
@@ -103,6 +156,9 @@ fn manifests_are_one_object_per_file_and_stay_exact() {
     for (name, text) in files {
         assert_eq!(std::fs::read_to_string(dir.join(&name)).unwrap(), text);
         let v: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
-        assert!(v["kind"] == "PersistentVolume" || v["kind"] == "StorageClass", "{name}");
+        assert!(
+            v["kind"] == "PersistentVolume" || v["kind"] == "StorageClass",
+            "{name}"
+        );
     }
 }

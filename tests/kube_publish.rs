@@ -31,20 +31,36 @@ struct Recording {
 
 impl Recording {
     fn new() -> Arc<Recording> {
-        Arc::new(Recording { double: Mutex::new(None), calls: Mutex::new(vec![]), fail: AtomicBool::new(false) })
+        Arc::new(Recording {
+            double: Mutex::new(None),
+            calls: Mutex::new(vec![]),
+            fail: AtomicBool::new(false),
+        })
     }
     fn scrubbed(&self) -> Vec<String> {
-        self.calls.lock().unwrap().iter().map(|(n, _)| n.clone()).collect()
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 }
 
 impl Scrubber for Recording {
     fn scrub(&self, v: &VolumeSpec) -> Result<(), ScrubError> {
         if self.fail.load(Ordering::SeqCst) {
-            return Err(ScrubError::TooDeep { path: v.path.clone() });
+            return Err(ScrubError::TooDeep {
+                path: v.path.clone(),
+            });
         }
         let pv = kvstrap::kube::builders::pv_name(NODE, &v.name);
-        let present = self.double.lock().unwrap().as_ref().is_some_and(|d| d.pvs().contains_key(&pv));
+        let present = self
+            .double
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|d| d.pvs().contains_key(&pv));
         self.calls.lock().unwrap().push((v.name.clone(), present));
         Ok(())
     }
@@ -77,12 +93,24 @@ impl Env {
     fn with(double: Shared, port: u16) -> Env {
         let scrubber = Recording::new();
         *scrubber.double.lock().unwrap() = Some(double.clone());
-        Env { state: tempfile::tempdir().unwrap(), double, port, scrubber }
+        Env {
+            state: tempfile::tempdir().unwrap(),
+            double,
+            port,
+            scrubber,
+        }
     }
 
     fn publisher(&self, resync: Duration) -> Publisher {
         let source = ClientSource::Kubeconfig(kubeconfig(self.state.path(), self.port));
-        Publisher::start(source, NODE, self.state.path(), self.scrubber.clone(), fast(resync)).unwrap()
+        Publisher::start(
+            source,
+            NODE,
+            self.state.path(),
+            self.scrubber.clone(),
+            fast(resync),
+        )
+        .unwrap()
     }
 
     fn desired(&self, volumes: &[VolumeSpec], reclaim: ReclaimPolicy) -> Desired {
@@ -96,14 +124,27 @@ impl Env {
 
     /// No PV was ever deleted while Bound.
     fn assert_no_bound_deleted(&self) {
-        for (name, phase, by) in self.double.deletions().into_iter().filter(|d| d.2 == "kvstrap") {
-            assert_ne!(phase.as_deref(), Some("Bound"), "{by} deleted Bound PV {name}");
+        for (name, phase, by) in self
+            .double
+            .deletions()
+            .into_iter()
+            .filter(|d| d.2 == "kvstrap")
+        {
+            assert_ne!(
+                phase.as_deref(),
+                Some("Bound"),
+                "{by} deleted Bound PV {name}"
+            );
         }
     }
 
     fn assert_published(&self, desired: &Desired, extra: &[&str]) {
-        let want: BTreeSet<String> =
-            desired.volumes.iter().map(|v| v.pv_name().to_string()).chain(extra.iter().map(|s| s.to_string())).collect();
+        let want: BTreeSet<String> = desired
+            .volumes
+            .iter()
+            .map(|v| v.pv_name().to_string())
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect();
         let have: BTreeSet<String> = self.double.pvs().into_keys().collect();
         assert_eq!(have, want);
         self.assert_no_bound_deleted();
@@ -119,7 +160,11 @@ async fn eventually(what: &str, f: impl Fn() -> bool) {
 }
 
 async fn converge(p: &Publisher) {
-    assert!(p.wait_for(WAIT, |s| s.converged()).await, "not converged: {:?}", p.status());
+    assert!(
+        p.wait_for(WAIT, |s| s.converged()).await,
+        "not converged: {:?}",
+        p.status()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,33 +175,58 @@ async fn publishes_exactly_the_provisioned_volumes() {
     p.submit(desired.clone());
     converge(&p).await;
     env.assert_published(&desired, &[]);
-    assert!(env.double.storage_classes().contains_key("kubevirt-local-nvme"));
+    assert!(env
+        .double
+        .storage_classes()
+        .contains_key("kubevirt-local-nvme"));
     let s = p.status();
     assert_eq!(s.pending, 0);
     assert_eq!(s.volumes.len(), 5);
-    assert!(s.volumes.values().all(|v| v.published && v.phase.as_deref() == Some("Available")));
+    assert!(s
+        .volumes
+        .values()
+        .all(|v| v.published && v.phase.as_deref() == Some("Available")));
     // Applying again changes nothing on the server.
     let applies = env.double.applies();
     p.submit(desired.clone());
     converge(&p).await;
-    assert_eq!(env.double.applies(), applies, "unchanged objects are not re-applied");
+    assert_eq!(
+        env.double.applies(),
+        applies,
+        "unchanged objects are not re-applied"
+    );
     // What `kvstrap volumes` reads without the API server.
     let recorded = recorded_publication(env.state.path(), NODE, &env.volumes(5));
-    assert!(recorded.values().all(|v| v.published && v.phase.as_deref() == Some("Available")), "{recorded:?}");
-    assert!(env.scrubber.scrubbed().is_empty(), "fresh volumes need no scrub");
+    assert!(
+        recorded
+            .values()
+            .all(|v| v.published && v.phase.as_deref() == Some("Available")),
+        "{recorded:?}"
+    );
+    assert!(
+        env.scrubber.scrubbed().is_empty(),
+        "fresh volumes need no scrub"
+    );
     p.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_down_at_start_then_up() {
     // Reserve a port, then leave it closed: connections are refused.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let env = Env::with(Double::new(), port);
     let p = env.publisher(Duration::from_secs(60));
     let desired = env.desired(&env.volumes(3), ReclaimPolicy::Delete);
     let started = std::time::Instant::now();
     p.submit(desired.clone());
-    assert!(started.elapsed() < Duration::from_millis(50), "submit must not wait for the network");
+    assert!(
+        started.elapsed() < Duration::from_millis(50),
+        "submit must not wait for the network"
+    );
     assert!(p.wait_for(WAIT, |s| s.consecutive_failures >= 2).await);
     let s = p.status();
     assert_eq!(s.pending, 4, "3 PVs + 1 StorageClass pending: {s:?}");
@@ -172,11 +242,21 @@ async fn missing_kubeconfig_is_retried_until_it_appears() {
     let env = Env::up().await;
     let path = env.state.path().join("not-yet/kubelet.conf");
     let source = ClientSource::Kubeconfig(path.clone());
-    let p = Publisher::start(source, NODE, env.state.path(), env.scrubber.clone(), fast(Duration::from_secs(60))).unwrap();
+    let p = Publisher::start(
+        source,
+        NODE,
+        env.state.path(),
+        env.scrubber.clone(),
+        fast(Duration::from_secs(60)),
+    )
+    .unwrap();
     let desired = env.desired(&env.volumes(2), ReclaimPolicy::Delete);
     p.submit(desired.clone());
     assert!(p.wait_for(WAIT, |s| s.consecutive_failures >= 2).await);
-    assert!(p.status().last_error.unwrap().contains("kubeconfig"), "error names the kubeconfig");
+    assert!(
+        p.status().last_error.unwrap().contains("kubeconfig"),
+        "error names the kubeconfig"
+    );
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::rename(kubeconfig(env.state.path(), env.port), &path).unwrap();
     converge(&p).await;
@@ -193,7 +273,10 @@ async fn errors_500_and_409_are_retried() {
     p.submit(desired.clone());
     converge(&p).await;
     env.assert_published(&desired, &[]);
-    assert!(p.status().passes >= 2, "at least one failed pass before success");
+    assert!(
+        p.status().passes >= 2,
+        "at least one failed pass before success"
+    );
     p.shutdown().await;
 }
 
@@ -205,7 +288,11 @@ async fn invalid_objects_stay_pending_and_are_reported() {
     volumes[1].path = "relative/path".into();
     let desired = env.desired(&volumes, ReclaimPolicy::Delete);
     p.submit(desired);
-    assert!(p.wait_for(WAIT, |s| s.passes >= 1 && s.pending == 1).await, "{:?}", p.status());
+    assert!(
+        p.wait_for(WAIT, |s| s.passes >= 1 && s.pending == 1).await,
+        "{:?}",
+        p.status()
+    );
     let err = p.status().last_error.unwrap();
     assert!(err.contains("422") && err.contains("absolute"), "{err}");
     assert_eq!(env.double.pvs().len(), 1);
@@ -223,12 +310,20 @@ async fn released_with_delete_is_scrubbed_and_republished() {
     env.double.bind(&pv);
     env.double.release(&pv);
     eventually("released PV re-published as Available", || {
-        env.double.phase(&pv).as_deref() == Some("Available") && env.double.pvs()[&pv]["spec"]["claimRef"].is_null()
+        env.double.phase(&pv).as_deref() == Some("Available")
+            && env.double.pvs()[&pv]["spec"]["claimRef"].is_null()
     })
     .await;
     let calls = env.scrubber.calls.lock().unwrap().clone();
-    assert_eq!(calls, vec![(desired.volumes[0].spec.name.clone(), true)], "scrubbed once, while the Released PV still existed");
-    assert_eq!(env.double.deletions(), vec![(pv.clone(), Some("Released".into()), "kvstrap")]);
+    assert_eq!(
+        calls,
+        vec![(desired.volumes[0].spec.name.clone(), true)],
+        "scrubbed once, while the Released PV still existed"
+    );
+    assert_eq!(
+        env.double.deletions(),
+        vec![(pv.clone(), Some("Released".into()), "kvstrap")]
+    );
     env.assert_published(&desired, &[]);
     p.shutdown().await;
 }
@@ -244,13 +339,24 @@ async fn released_with_retain_is_left_and_reported() {
     env.double.bind(&pv);
     env.double.release(&pv);
     eventually("Retain reported as an Event", || {
-        env.double.events().iter().any(|e| e["reason"] == "ReleasedRetained" && e["involvedObject"]["name"] == pv.as_str())
+        env.double.events().iter().any(|e| {
+            e["reason"] == "ReleasedRetained" && e["involvedObject"]["name"] == pv.as_str()
+        })
     })
     .await;
     assert_eq!(env.double.phase(&pv).as_deref(), Some("Released"));
-    assert!(env.scrubber.scrubbed().is_empty(), "retained data is not scrubbed");
+    assert!(
+        env.scrubber.scrubbed().is_empty(),
+        "retained data is not scrubbed"
+    );
     assert!(env.double.deletions().is_empty());
-    assert!(p.wait_for(WAIT, |s| s.volumes.values().any(|v| v.phase.as_deref() == Some("Released"))).await);
+    assert!(
+        p.wait_for(WAIT, |s| s
+            .volumes
+            .values()
+            .any(|v| v.phase.as_deref() == Some("Released")))
+            .await
+    );
     p.shutdown().await;
 }
 
@@ -265,7 +371,13 @@ async fn admin_switch_to_retain_is_honoured() {
     env.double.bind(&pv);
     env.double.set_reclaim(&pv, "Retain");
     env.double.release(&pv);
-    eventually("Retain reported", || env.double.events().iter().any(|e| e["reason"] == "ReleasedRetained")).await;
+    eventually("Retain reported", || {
+        env.double
+            .events()
+            .iter()
+            .any(|e| e["reason"] == "ReleasedRetained")
+    })
+    .await;
     assert_eq!(env.double.phase(&pv).as_deref(), Some("Released"));
     assert!(env.scrubber.scrubbed().is_empty());
     p.shutdown().await;
@@ -289,15 +401,28 @@ async fn vanished_volumes_available_deleted_bound_kept() {
     p.submit(remaining.clone());
     converge(&p).await;
     env.assert_published(&remaining, &[&bound, &released]);
-    let deleted: Vec<String> = env.double.deletions().into_iter().map(|(n, _, _)| n).collect();
+    let deleted: Vec<String> = env
+        .double
+        .deletions()
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .collect();
     assert_eq!(deleted, vec![desired.volumes[1].pv_name().to_string()]);
     eventually("both kept PVs reported", || {
-        env.double.events().iter().filter(|e| e["reason"] == "VolumeMissing").count() == 2
+        env.double
+            .events()
+            .iter()
+            .filter(|e| e["reason"] == "VolumeMissing")
+            .count()
+            == 2
     })
     .await;
     let kept = p.status().last_pass.unwrap().kept;
     assert_eq!(kept, vec![bound.clone(), released.clone()]);
-    assert!(env.scrubber.scrubbed().is_empty(), "a vanished volume cannot be scrubbed: its data stays reported");
+    assert!(
+        env.scrubber.scrubbed().is_empty(),
+        "a vanished volume cannot be scrubbed: its data stays reported"
+    );
     p.shutdown().await;
 }
 
@@ -314,7 +439,13 @@ async fn bind_racing_a_delete_is_refused_by_the_precondition() {
     // arrives: the uid + resourceVersion precondition makes the API server refuse it.
     env.double.race_bind_on_delete(&pv);
     p.submit(env.desired(&all[..1], ReclaimPolicy::Delete));
-    eventually("the kept Bound PV is reported", || env.double.events().iter().any(|e| e["reason"] == "VolumeMissing")).await;
+    eventually("the kept Bound PV is reported", || {
+        env.double
+            .events()
+            .iter()
+            .any(|e| e["reason"] == "VolumeMissing")
+    })
+    .await;
     assert_eq!(env.double.phase(&pv).as_deref(), Some("Bound"));
     assert!(env.double.deletions().is_empty());
     converge(&p).await;
@@ -333,13 +464,24 @@ async fn pv_deleted_by_hand_is_republished_only_after_a_scrub() {
     env.scrubber.fail.store(true, Ordering::SeqCst);
     env.double.bind(&pv);
     env.double.delete_by_hand(&pv);
-    assert!(p.wait_for(WAIT, |s| s.pending == 1 && s.last_error.as_deref().is_some_and(|e| e.contains("scrub"))).await);
-    assert!(!env.double.pvs().contains_key(&pv), "not re-published while the scrub fails");
+    assert!(
+        p.wait_for(WAIT, |s| s.pending == 1
+            && s.last_error.as_deref().is_some_and(|e| e.contains("scrub")))
+            .await
+    );
+    assert!(
+        !env.double.pvs().contains_key(&pv),
+        "not re-published while the scrub fails"
+    );
 
     env.scrubber.fail.store(false, Ordering::SeqCst);
     converge(&p).await;
     env.assert_published(&desired, &[]);
-    assert_eq!(*env.scrubber.calls.lock().unwrap(), vec![(desired.volumes[1].spec.name.clone(), false)], "scrubbed before the PV came back");
+    assert_eq!(
+        *env.scrubber.calls.lock().unwrap(),
+        vec![(desired.volumes[1].spec.name.clone(), false)],
+        "scrubbed before the PV came back"
+    );
     p.shutdown().await;
 }
 
@@ -358,7 +500,10 @@ async fn deletion_by_hand_while_kvstrap_was_down_is_caught_from_the_ledger() {
     p.submit(desired.clone());
     converge(&p).await;
     env.assert_published(&desired, &[]);
-    assert_eq!(env.scrubber.scrubbed(), vec![desired.volumes[0].spec.name.clone()]);
+    assert_eq!(
+        env.scrubber.scrubbed(),
+        vec![desired.volumes[0].spec.name.clone()]
+    );
     p.shutdown().await;
 }
 
@@ -377,7 +522,8 @@ async fn watch_restarts_still_catch_releases() {
         env.double.bind(&pv);
         env.double.release(&pv);
         eventually("release noticed through the restarted watch", || {
-            env.double.phase(&pv).as_deref() == Some("Available") && env.scrubber.scrubbed().len() == round + 1
+            env.double.phase(&pv).as_deref() == Some("Available")
+                && env.scrubber.scrubbed().len() == round + 1
         })
         .await;
     }
@@ -389,7 +535,11 @@ async fn watch_restarts_still_catch_releases() {
 async fn block_volumes_publish_with_their_class() {
     let env = Env::up().await;
     let p = env.publisher(Duration::from_secs(60));
-    let c = class("kubevirt-local-block", VolumeMode::Block, ReclaimPolicy::Delete);
+    let c = class(
+        "kubevirt-local-block",
+        VolumeMode::Block,
+        ReclaimPolicy::Delete,
+    );
     let v = block_volume(env.state.path(), 1, &c.name);
     let desired = Desired::build(NODE, &[v], &[c]).unwrap();
     p.submit(desired.clone());

@@ -25,8 +25,15 @@ fn scrub_removes_contents_without_following_symlinks() {
     scrub_directory(&vol).unwrap();
 
     assert!(vol.is_dir(), "the volume directory itself stays");
-    assert_eq!(std::fs::read_dir(&vol).unwrap().count(), 0, "empty afterwards");
-    assert_eq!(std::fs::read_to_string(outside.join("precious")).unwrap(), "keep me");
+    assert_eq!(
+        std::fs::read_dir(&vol).unwrap().count(),
+        0,
+        "empty afterwards"
+    );
+    assert_eq!(
+        std::fs::read_to_string(outside.join("precious")).unwrap(),
+        "keep me"
+    );
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
 }
 
@@ -38,7 +45,10 @@ fn scrub_refuses_a_volume_path_that_is_a_symlink() {
     std::fs::write(real.join("data"), "x").unwrap();
     let link = tmp.path().join("link");
     symlink(&real, &link).unwrap();
-    assert!(scrub_directory(&link).is_err(), "O_NOFOLLOW refuses the link");
+    assert!(
+        scrub_directory(&link).is_err(),
+        "O_NOFOLLOW refuses the link"
+    );
     assert!(real.join("data").exists());
 }
 
@@ -59,13 +69,22 @@ fn scrub_does_not_descend_into_another_filesystem() {
     let vol = tmp.path().join("volume");
     let mnt = vol.join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
-    let mounted = nix::mount::mount(Some("tmpfs"), &mnt, Some("tmpfs"), nix::mount::MsFlags::empty(), None::<&str>);
+    let mounted = nix::mount::mount(
+        Some("tmpfs"),
+        &mnt,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    );
     if mounted.is_err() {
         return; // no mount privilege in this sandbox
     }
     std::fs::write(mnt.join("other-fs-file"), "x").unwrap();
     let err = scrub_directory(&vol).unwrap_err().to_string();
-    assert!(mnt.join("other-fs-file").exists(), "nothing removed on the other filesystem");
+    assert!(
+        mnt.join("other-fs-file").exists(),
+        "nothing removed on the other filesystem"
+    );
     nix::mount::umount(&mnt).unwrap();
     assert!(err.contains("another filesystem"), "{err}");
 }

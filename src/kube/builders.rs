@@ -55,8 +55,14 @@ pub fn label_value(value: &str) -> String {
     let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
     let valid = value.len() <= MAX_LABEL_VALUE
         && value.chars().all(ok)
-        && value.chars().next().is_none_or(|c| c.is_ascii_alphanumeric())
-        && value.chars().last().is_none_or(|c| c.is_ascii_alphanumeric());
+        && value
+            .chars()
+            .next()
+            .is_none_or(|c| c.is_ascii_alphanumeric())
+        && value
+            .chars()
+            .last()
+            .is_none_or(|c| c.is_ascii_alphanumeric());
     if valid {
         return value.to_string();
     }
@@ -74,7 +80,10 @@ pub fn label_value(value: &str) -> String {
 
 /// The label selector that finds this node's kvstrap PVs.
 pub fn node_selector(node: &str) -> String {
-    format!("{LABEL_MANAGED_BY}={MANAGER},{LABEL_NODE}={}", label_value(node))
+    format!(
+        "{LABEL_MANAGED_BY}={MANAGER},{LABEL_NODE}={}",
+        label_value(node)
+    )
 }
 
 /// The PersistentVolume that publishes `v`, provisioned on `node` for `class`.
@@ -85,7 +94,10 @@ pub fn persistent_volume(node: &str, v: &VolumeSpec, class: &StorageClass) -> Pe
             name: Some(pv_name(node, &v.name)),
             labels: Some(pv_labels(node, v)),
             annotations: Some(BTreeMap::from([
-                (ANNOTATION_DISK_IDENTITY.to_string(), v.disk_identity.clone()),
+                (
+                    ANNOTATION_DISK_IDENTITY.to_string(),
+                    v.disk_identity.clone(),
+                ),
                 (ANNOTATION_VOLUME.to_string(), v.name.clone()),
             ])),
             ..ObjectMeta::default()
@@ -95,7 +107,13 @@ pub fn persistent_volume(node: &str, v: &VolumeSpec, class: &StorageClass) -> Pe
                 "storage".to_string(),
                 Quantity(quantity(v.capacity_bytes)),
             )])),
-            access_modes: Some(class.access_modes.iter().map(|m| m.as_str().to_string()).collect()),
+            access_modes: Some(
+                class
+                    .access_modes
+                    .iter()
+                    .map(|m| m.as_str().to_string())
+                    .collect(),
+            ),
             volume_mode: Some(volume_mode(v.volume_mode).to_string()),
             persistent_volume_reclaim_policy: Some(reclaim(class.reclaim_policy).to_string()),
             storage_class_name: Some(class.name.clone()),
@@ -122,7 +140,10 @@ pub fn storage_class(c: &StorageClass) -> K8sStorageClass {
     K8sStorageClass {
         metadata: ObjectMeta {
             name: Some(c.name.clone()),
-            labels: Some(BTreeMap::from([(LABEL_MANAGED_BY.to_string(), MANAGER.to_string())])),
+            labels: Some(BTreeMap::from([(
+                LABEL_MANAGED_BY.to_string(),
+                MANAGER.to_string(),
+            )])),
             ..ObjectMeta::default()
         },
         provisioner: NO_PROVISIONER.to_string(),
@@ -135,8 +156,13 @@ pub fn storage_class(c: &StorageClass) -> K8sStorageClass {
 
 /// Kubernetes quantity for a byte count: exact binary suffix when one fits, else bytes.
 pub fn quantity(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 5] =
-        [("Pi", 1 << 50), ("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)];
+    const UNITS: [(&str, u64); 5] = [
+        ("Pi", 1 << 50),
+        ("Ti", 1 << 40),
+        ("Gi", 1 << 30),
+        ("Mi", 1 << 20),
+        ("Ki", 1 << 10),
+    ];
     for (suffix, unit) in UNITS {
         if bytes >= unit && bytes % unit == 0 {
             return format!("{}{suffix}", bytes / unit);
@@ -216,7 +242,8 @@ pub fn is_dns1123_subdomain(name: &str) -> bool {
     let label_ok = |l: &str| {
         !l.is_empty()
             && l.len() <= 63
-            && l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && l.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
             && !l.starts_with('-')
             && !l.ends_with('-')
     };
@@ -231,14 +258,20 @@ mod tests {
 
     #[test]
     fn readable_names_stay_readable() {
-        assert_eq!(pv_name("worker-07", "nvme-3f2a9c1b-v03"), "kvstrap-worker-07-nvme-3f2a9c1b-v03");
+        assert_eq!(
+            pv_name("worker-07", "nvme-3f2a9c1b-v03"),
+            "kvstrap-worker-07-nvme-3f2a9c1b-v03"
+        );
     }
 
     #[test]
     fn odd_names_are_cleaned_and_hashed() {
         let a = pv_name("Worker_07.example.com", "v1");
         let b = pv_name("worker-07-example-com", "v1");
-        assert_ne!(a, b, "case/character folding must not make two volumes collide");
+        assert_ne!(
+            a, b,
+            "case/character folding must not make two volumes collide"
+        );
         assert!(a.starts_with("kvstrap-worker-07-example-com-v1-"), "{a}");
         assert!(is_dns1123_subdomain(&a));
     }

@@ -12,9 +12,15 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("cannot render {name} as YAML: {source}")]
-    Render { name: String, source: serde_saphyr::SerializeError },
+    Render {
+        name: String,
+        source: serde_saphyr::SerializeError,
+    },
     #[error("cannot write manifest {path}: {source} (check that the state directory is writable)")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// What `write_manifests` changed.
@@ -47,16 +53,27 @@ pub fn render(desired: &Desired) -> Result<BTreeMap<String, String>, ManifestErr
 
 /// One object as YAML.
 pub fn to_yaml<T: Serialize>(name: &str, object: &T) -> Result<String, ManifestError> {
-    serde_saphyr::to_string(object)
-        .map_err(|source| ManifestError::Render { name: name.to_string(), source })
+    serde_saphyr::to_string(object).map_err(|source| ManifestError::Render {
+        name: name.to_string(),
+        source,
+    })
 }
 
 /// Writes the manifests of `desired` below `state_dir`, so the directory holds exactly them.
-pub fn write_manifests(state_dir: &Path, desired: &Desired) -> Result<ManifestReport, ManifestError> {
+pub fn write_manifests(
+    state_dir: &Path,
+    desired: &Desired,
+) -> Result<ManifestReport, ManifestError> {
     let files = render(desired)?;
     let dir = manifest_dir(state_dir);
-    fs::create_dir_all(&dir).map_err(|source| ManifestError::Io { path: dir.clone(), source })?;
-    let mut report = ManifestReport { dir: dir.clone(), ..ManifestReport::default() };
+    fs::create_dir_all(&dir).map_err(|source| ManifestError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    let mut report = ManifestReport {
+        dir: dir.clone(),
+        ..ManifestReport::default()
+    };
     for (name, text) in &files {
         let path = dir.join(name);
         if fs::read(&path).is_ok_and(|old| old == text.as_bytes()) {
@@ -75,8 +92,14 @@ pub fn write_manifests(state_dir: &Path, desired: &Desired) -> Result<ManifestRe
 
 /// temp file + fsync + rename + directory fsync: a crash leaves the old or the new file.
 fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), ManifestError> {
-    let io = |source| ManifestError::Io { path: path.to_path_buf(), source };
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let io = |source| ManifestError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp"));
     let mut f = File::create(&tmp).map_err(io)?;
     f.write_all(bytes).map_err(io)?;
@@ -88,19 +111,35 @@ fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), ManifestErr
 fn sync_dir(dir: &Path) -> Result<(), ManifestError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|source| ManifestError::Io { path: dir.to_path_buf(), source })
+        .map_err(|source| ManifestError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
 }
 
 /// Removes our files (and temp files of an interrupted write) that are not wanted any more;
 /// files of other names are someone else's and stay.
-fn remove_stale(dir: &Path, wanted: &BTreeMap<String, String>) -> Result<Vec<PathBuf>, ManifestError> {
-    let io = |source| ManifestError::Io { path: dir.to_path_buf(), source };
+fn remove_stale(
+    dir: &Path,
+    wanted: &BTreeMap<String, String>,
+) -> Result<Vec<PathBuf>, ManifestError> {
+    let io = |source| ManifestError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
     let mut removed = Vec::new();
     for entry in fs::read_dir(dir).map_err(io)? {
-        let name = entry.map_err(io)?.file_name().to_string_lossy().into_owned();
+        let name = entry
+            .map_err(io)?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
         if is_ours(&name) && !wanted.contains_key(&name) {
             let path = dir.join(&name);
-            fs::remove_file(&path).map_err(|source| ManifestError::Io { path: path.clone(), source })?;
+            fs::remove_file(&path).map_err(|source| ManifestError::Io {
+                path: path.clone(),
+                source,
+            })?;
             removed.push(path);
         }
     }

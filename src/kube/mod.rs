@@ -26,7 +26,11 @@ pub enum BuildError {
     )]
     UnknownClass { volume: String, class: String },
     #[error("volumes {first} and {second} would both be published as PersistentVolume {pv}")]
-    DuplicateName { first: String, second: String, pv: String },
+    DuplicateName {
+        first: String,
+        second: String,
+        pv: String,
+    },
 }
 
 /// Everything this node should have in the cluster: the classes and one PV per volume.
@@ -54,7 +58,11 @@ impl DesiredVolume {
 impl Desired {
     /// Builds the objects for `volumes` (what exists on the node, no more, no less) and
     /// every storage class of the policy.
-    pub fn build(node: &str, volumes: &[VolumeSpec], classes: &[StorageClass]) -> Result<Desired, BuildError> {
+    pub fn build(
+        node: &str,
+        volumes: &[VolumeSpec],
+        classes: &[StorageClass],
+    ) -> Result<Desired, BuildError> {
         let mut out = Desired {
             node: node.to_string(),
             storage_classes: classes.iter().map(builders::storage_class).collect(),
@@ -62,14 +70,25 @@ impl Desired {
         };
         let mut seen = std::collections::BTreeMap::new();
         for v in volumes {
-            let class = classes.iter().find(|c| c.name == v.storage_class).ok_or_else(|| {
-                BuildError::UnknownClass { volume: v.name.clone(), class: v.storage_class.clone() }
-            })?;
+            let class = classes
+                .iter()
+                .find(|c| c.name == v.storage_class)
+                .ok_or_else(|| BuildError::UnknownClass {
+                    volume: v.name.clone(),
+                    class: v.storage_class.clone(),
+                })?;
             let pv = builders::persistent_volume(node, v, class);
-            let dv = DesiredVolume { spec: v.clone(), pv };
+            let dv = DesiredVolume {
+                spec: v.clone(),
+                pv,
+            };
             if let Some(first) = seen.insert(dv.pv_name().to_string(), v.name.clone()) {
                 let pv = dv.pv_name().to_string();
-                return Err(BuildError::DuplicateName { first, second: v.name.clone(), pv });
+                return Err(BuildError::DuplicateName {
+                    first,
+                    second: v.name.clone(),
+                    pv,
+                });
             }
             out.volumes.push(dv);
         }

@@ -8,11 +8,11 @@ use super::scrub::{Ledger, Scrubber};
 use super::Desired;
 use crate::model::VolumeSpec;
 use crate::policy::types::KubernetesSettings;
-use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::PersistentVolume;
 use ::kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use ::kube::config::{KubeConfigOptions, Kubeconfig};
 use ::kube::{Client, Config};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::PersistentVolume;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
@@ -50,7 +50,9 @@ impl ClientSource {
     pub fn from_policy(k: &KubernetesSettings) -> ClientSource {
         match &k.kubeconfig {
             Some(path) => ClientSource::Kubeconfig(path.clone()),
-            None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => ClientSource::InCluster,
+            None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+                ClientSource::InCluster
+            }
             None => ClientSource::Kubeconfig(PathBuf::from(DEFAULT_KUBECONFIG)),
         }
     }
@@ -58,16 +60,23 @@ impl ClientSource {
     pub async fn client(&self) -> Result<Client, PublishError> {
         let config = match self {
             ClientSource::Kubeconfig(path) => kubeconfig(path).await?,
-            ClientSource::InCluster => Config::incluster().map_err(|e| PublishError::InCluster(e.to_string()))?,
+            ClientSource::InCluster => {
+                Config::incluster().map_err(|e| PublishError::InCluster(e.to_string()))?
+            }
         };
         Client::try_from(config).map_err(|e| PublishError::Client(describe(&e)))
     }
 }
 
 async fn kubeconfig(path: &Path) -> Result<Config, PublishError> {
-    let err = |detail: String| PublishError::Kubeconfig { path: path.to_path_buf(), detail };
+    let err = |detail: String| PublishError::Kubeconfig {
+        path: path.to_path_buf(),
+        detail,
+    };
     let kc = Kubeconfig::read_from(path).map_err(|e| err(e.to_string()))?;
-    Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.map_err(|e| err(e.to_string()))
+    Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| err(e.to_string()))
 }
 
 /// Tuning; the defaults suit production, tests shorten the times.
@@ -140,7 +149,9 @@ pub struct PassSummary {
 impl PublishStatus {
     /// True when everything submitted last is in the cluster.
     pub fn converged(&self) -> bool {
-        self.submitted_generation > 0 && self.published_generation == self.submitted_generation && self.pending == 0
+        self.submitted_generation > 0
+            && self.published_generation == self.submitted_generation
+            && self.pending == 0
     }
 }
 
@@ -166,10 +177,23 @@ impl Publisher {
         let (desired_tx, desired_rx) = watch::channel((0, None));
         let (status_tx, status_rx) = watch::channel(PublishStatus::default());
         let stop = Arc::new(Notify::new());
-        let reconciler = Reconciler::new(node, state_dir.to_path_buf(), scrubber, options.concurrency);
-        let worker = Worker { source, options, reconciler, desired: desired_rx, status: status_tx, stop: stop.clone() };
+        let reconciler =
+            Reconciler::new(node, state_dir.to_path_buf(), scrubber, options.concurrency);
+        let worker = Worker {
+            source,
+            options,
+            reconciler,
+            desired: desired_rx,
+            status: status_tx,
+            stop: stop.clone(),
+        };
         let task = handle.spawn(worker.run());
-        Ok(Publisher { desired: desired_tx, status: status_rx, stop, task })
+        Ok(Publisher {
+            desired: desired_tx,
+            status: status_rx,
+            stop,
+            task,
+        })
     }
 
     /// Hands over what should be published now; returns at once.
@@ -180,7 +204,11 @@ impl Publisher {
             *d = Some(Arc::new(desired));
         });
         let generation = self.desired.borrow().0;
-        tracing::debug!(generation, objects, "desired objects submitted for publication");
+        tracing::debug!(
+            generation,
+            objects,
+            "desired objects submitted for publication"
+        );
     }
 
     pub fn status(&self) -> PublishStatus {
@@ -239,10 +267,19 @@ impl Worker {
             let (generation, desired) = self.desired.borrow_and_update().clone();
             let Some(desired) = desired else { continue };
             let result = match &client {
-                Some(c) => self.reconciler.pass(c, &desired).await.map_err(|e| e.to_string()),
+                Some(c) => self
+                    .reconciler
+                    .pass(c, &desired)
+                    .await
+                    .map_err(|e| e.to_string()),
                 None => match self.source.client().await {
                     Ok(c) => {
-                        watcher = Some(tokio::spawn(watch_pvs(c.clone(), desired.node.clone(), kick.clone(), self.options.clone())));
+                        watcher = Some(tokio::spawn(watch_pvs(
+                            c.clone(),
+                            desired.node.clone(),
+                            kick.clone(),
+                            self.options.clone(),
+                        )));
                         client = Some(c);
                         continue;
                     }
@@ -257,7 +294,11 @@ impl Worker {
                     w.abort();
                 }
             }
-            let wait = if clean { None } else { Some(backoff(&self.options, failures)) };
+            let wait = if clean {
+                None
+            } else {
+                Some(backoff(&self.options, failures))
+            };
             let wake = self.next_change_or(wait, &kick).await;
             if let Wake::Stop = wake {
                 break;
@@ -269,11 +310,24 @@ impl Worker {
     }
 
     /// Publishes the result of a pass in the status; returns true when nothing failed.
-    fn record(&mut self, generation: u64, desired: &Desired, result: Result<PassReport, String>, failures: &mut u32) -> bool {
+    fn record(
+        &mut self,
+        generation: u64,
+        desired: &Desired,
+        result: Result<PassReport, String>,
+        failures: &mut u32,
+    ) -> bool {
         let total = desired.volumes.len() + desired.storage_classes.len();
         let (clean, error) = match &result {
             Ok(r) if r.errors.is_empty() => (true, None),
-            Ok(r) => (false, Some(format!("{} error(s), first: {}", r.errors.len(), r.errors[0]))),
+            Ok(r) => (
+                false,
+                Some(format!(
+                    "{} error(s), first: {}",
+                    r.errors.len(),
+                    r.errors[0]
+                )),
+            ),
             Err(e) => (false, Some(e.clone())),
         };
         *failures = if clean { 0 } else { failures.saturating_add(1) };
@@ -291,7 +345,13 @@ impl Worker {
                 Ok(r) => {
                     s.pending = r.pending;
                     s.volumes = r.volumes;
-                    s.last_pass = Some(PassSummary { applied: r.applied, deleted: r.deleted, scrubbed: r.scrubbed, kept: r.kept, retained: r.retained });
+                    s.last_pass = Some(PassSummary {
+                        applied: r.applied,
+                        deleted: r.deleted,
+                        scrubbed: r.scrubbed,
+                        kept: r.kept,
+                        retained: r.retained,
+                    });
                 }
                 Err(_) => s.pending = total,
             }
@@ -345,16 +405,30 @@ async fn watch_pvs(client: Client, node: String, kick: Arc<Notify>, options: Pub
     }
 }
 
-async fn watch_once(api: &Api<PersistentVolume>, selector: &str, kick: &Notify) -> Result<(), String> {
-    let list = api.list(&ListParams::default().labels(selector).limit(1)).await.map_err(|e| describe(&e))?;
+async fn watch_once(
+    api: &Api<PersistentVolume>,
+    selector: &str,
+    kick: &Notify,
+) -> Result<(), String> {
+    let list = api
+        .list(&ListParams::default().labels(selector).limit(1))
+        .await
+        .map_err(|e| describe(&e))?;
     let rv = list.metadata.resource_version.unwrap_or_default();
     let wp = WatchParams::default().labels(selector).timeout(290);
     let mut stream = api.watch(&wp, &rv).await.map_err(|e| describe(&e))?.boxed();
     while let Some(event) = stream.try_next().await.map_err(|e| describe(&e))? {
         match event {
-            WatchEvent::Added(_) | WatchEvent::Modified(_) | WatchEvent::Deleted(_) => kick.notify_one(),
+            WatchEvent::Added(_) | WatchEvent::Modified(_) | WatchEvent::Deleted(_) => {
+                kick.notify_one()
+            }
             WatchEvent::Bookmark(_) => {}
-            WatchEvent::Error(e) => return Err(format!("watch error {} {}: {}", e.code, e.reason, e.message)),
+            WatchEvent::Error(e) => {
+                return Err(format!(
+                    "watch error {} {}: {}",
+                    e.code, e.reason, e.message
+                ))
+            }
         }
     }
     Ok(())
@@ -363,20 +437,28 @@ async fn watch_once(api: &Api<PersistentVolume>, selector: &str, kick: &Notify) 
 /// Exponential backoff from `backoff_base`, capped at `backoff_max`.
 fn backoff_cap(o: &PublishOptions, failures: u32) -> Duration {
     let exp = failures.saturating_sub(1).min(20);
-    o.backoff_base.saturating_mul(1u32 << exp).min(o.backoff_max)
+    o.backoff_base
+        .saturating_mul(1u32 << exp)
+        .min(o.backoff_max)
 }
 
 /// The capped backoff with jitter: a random time between half and all of it, so that
 /// a thousand nodes that lost the API server together do not come back in step.
 fn backoff(o: &PublishOptions, failures: u32) -> Duration {
     let cap = backoff_cap(o, failures);
-    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
     let fraction = 0.5 + (random % 1000) as f64 / 2000.0;
     cap.mul_f64(fraction)
 }
 
 /// Last known publication of `volumes` from the ledger (works without the API server).
-pub fn recorded_publication(state_dir: &Path, node: &str, volumes: &[VolumeSpec]) -> BTreeMap<String, VolumePublication> {
+pub fn recorded_publication(
+    state_dir: &Path,
+    node: &str,
+    volumes: &[VolumeSpec],
+) -> BTreeMap<String, VolumePublication> {
     let (ledger, _) = Ledger::load(state_dir);
     volumes
         .iter()
@@ -385,7 +467,14 @@ pub fn recorded_publication(state_dir: &Path, node: &str, volumes: &[VolumeSpec]
             let entry = ledger.volumes.get(&pv_name);
             let published = entry.is_some_and(|e| e.in_cluster);
             let phase = entry.and_then(|e| e.phase.clone());
-            (v.name.clone(), VolumePublication { pv_name, published, phase })
+            (
+                v.name.clone(),
+                VolumePublication {
+                    pv_name,
+                    published,
+                    phase,
+                },
+            )
         })
         .collect()
 }
@@ -397,18 +486,30 @@ mod tests {
 
     #[test]
     fn backoff_grows_is_capped_and_jittered() {
-        let o = PublishOptions { backoff_base: Duration::from_millis(100), backoff_max: Duration::from_secs(2), ..Default::default() };
+        let o = PublishOptions {
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            ..Default::default()
+        };
         assert_eq!(backoff_cap(&o, 1), Duration::from_millis(100));
         assert_eq!(backoff_cap(&o, 3), Duration::from_millis(400));
         assert_eq!(backoff_cap(&o, 50), Duration::from_secs(2));
         let samples: Vec<Duration> = (0..50).map(|_| backoff(&o, 4)).collect();
-        assert!(samples.iter().all(|d| *d >= Duration::from_millis(400) && *d <= Duration::from_millis(800)));
+        assert!(samples
+            .iter()
+            .all(|d| *d >= Duration::from_millis(400) && *d <= Duration::from_millis(800)));
         assert!(samples.iter().any(|d| *d != samples[0]), "jitter must vary");
     }
 
     #[test]
     fn policy_kubeconfig_wins() {
-        let k = KubernetesSettings { publish: true, kubeconfig: Some("/etc/k.conf".into()) };
-        assert_eq!(ClientSource::from_policy(&k), ClientSource::Kubeconfig("/etc/k.conf".into()));
+        let k = KubernetesSettings {
+            publish: true,
+            kubeconfig: Some("/etc/k.conf".into()),
+        };
+        assert_eq!(
+            ClientSource::from_policy(&k),
+            ClientSource::Kubeconfig("/etc/k.conf".into())
+        );
     }
 }

@@ -9,12 +9,12 @@ use super::builders::{node_selector, MANAGER};
 use super::publisher::VolumePublication;
 use super::scrub::{Ledger, LedgerEntry, LedgerError, Scrubber};
 use super::{Desired, DesiredVolume};
+use ::kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use ::kube::Client;
 use futures::{stream, StreamExt};
 use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference, PersistentVolume};
 use k8s_openapi::api::storage::v1::StorageClass as K8sStorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
-use ::kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
-use ::kube::Client;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -59,7 +59,10 @@ enum Action {
     ScrubThenApply,
     /// Released with reclaim Delete: scrub, delete (claimRef cannot be cleared by apply),
     /// then apply.
-    Recycle { uid: Option<String>, rv: Option<String> },
+    Recycle {
+        uid: Option<String>,
+        rv: Option<String>,
+    },
     /// Released with reclaim Retain: left alone.
     Retain,
 }
@@ -80,7 +83,12 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    pub fn new(node: &str, state_dir: PathBuf, scrubber: Arc<dyn Scrubber>, concurrency: usize) -> Self {
+    pub fn new(
+        node: &str,
+        state_dir: PathBuf,
+        scrubber: Arc<dyn Scrubber>,
+        concurrency: usize,
+    ) -> Self {
         let (ledger, conservative) = Ledger::load(&state_dir);
         Reconciler {
             node: node.to_string(),
@@ -96,24 +104,37 @@ impl Reconciler {
 
     /// One full pass. Fails as a whole only when the cluster cannot be listed or the
     /// ledger cannot be written; per-object failures are in `errors` and `pending`.
-    pub async fn pass(&mut self, client: &Client, desired: &Desired) -> Result<PassReport, ReconcileError> {
+    pub async fn pass(
+        &mut self,
+        client: &Client,
+        desired: &Desired,
+    ) -> Result<PassReport, ReconcileError> {
         let mut report = PassReport::default();
         self.apply_classes(client, desired, &mut report).await;
         let pvs: Api<PersistentVolume> = Api::all(client.clone());
         let lp = ListParams::default().labels(&node_selector(&self.node));
-        let observed = pvs.list(&lp).await.map_err(|source| {
-            ReconcileError::List { node: self.node.clone(), source }
+        let observed = pvs.list(&lp).await.map_err(|source| ReconcileError::List {
+            node: self.node.clone(),
+            source,
         })?;
-        let observed: BTreeMap<String, PersistentVolume> =
-            observed.items.into_iter().map(|pv| (pv.metadata.name.clone().unwrap_or_default(), pv)).collect();
+        let observed: BTreeMap<String, PersistentVolume> = observed
+            .items
+            .into_iter()
+            .map(|pv| (pv.metadata.name.clone().unwrap_or_default(), pv))
+            .collect();
         let wanted: HashSet<&str> = desired.volumes.iter().map(DesiredVolume::pv_name).collect();
-        self.handle_vanished(client, &observed, &wanted, &mut report).await;
+        self.handle_vanished(client, &observed, &wanted, &mut report)
+            .await;
 
-        let actions: Vec<(&DesiredVolume, Action)> =
-            desired.volumes.iter().map(|v| (v, self.decide(v, observed.get(v.pv_name())))).collect();
+        let actions: Vec<(&DesiredVolume, Action)> = desired
+            .volumes
+            .iter()
+            .map(|v| (v, self.decide(v, observed.get(v.pv_name()))))
+            .collect();
         self.record_intent(&actions)?;
         // Owned jobs: the stream's futures must not borrow from this stack frame.
-        let jobs: Vec<(DesiredVolume, Action)> = actions.into_iter().map(|(v, a)| (v.clone(), a)).collect();
+        let jobs: Vec<(DesiredVolume, Action)> =
+            actions.into_iter().map(|(v, a)| (v.clone(), a)).collect();
         let results: Vec<(String, Result<Outcome, String>)> = stream::iter(jobs)
             .map(|(v, action)| {
                 let client = client.clone();
@@ -126,8 +147,11 @@ impl Reconciler {
             .buffer_unordered(self.concurrency)
             .collect()
             .await;
-        self.record_outcomes(client, desired, &observed, results, &mut report).await;
-        self.ledger.volumes.retain(|pv, _| wanted.contains(pv.as_str()) || observed.contains_key(pv));
+        self.record_outcomes(client, desired, &observed, results, &mut report)
+            .await;
+        self.ledger
+            .volumes
+            .retain(|pv, _| wanted.contains(pv.as_str()) || observed.contains_key(pv));
         self.ledger.save(&self.state_dir)?;
         Ok(report)
     }
@@ -149,7 +173,9 @@ impl Reconciler {
                 }
                 Err(e) => {
                     report.pending += 1;
-                    report.errors.push(format!("StorageClass {name}: {}", describe(&e)));
+                    report
+                        .errors
+                        .push(format!("StorageClass {name}: {}", describe(&e)));
                 }
             }
         }
@@ -164,7 +190,10 @@ impl Reconciler {
         report: &mut PassReport,
     ) {
         let api: Api<PersistentVolume> = Api::all(client.clone());
-        for (name, pv) in observed.iter().filter(|(n, _)| !wanted.contains(n.as_str())) {
+        for (name, pv) in observed
+            .iter()
+            .filter(|(n, _)| !wanted.contains(n.as_str()))
+        {
             let phase = phase(pv);
             let claimed = pv.spec.as_ref().is_some_and(|s| s.claim_ref.is_some());
             if claimed || matches!(phase.as_deref(), Some("Bound" | "Released")) {
@@ -184,7 +213,9 @@ impl Reconciler {
                     report.deleted.push(name.clone());
                     self.applied.remove(name);
                 }
-                Err(e) => report.errors.push(format!("delete PersistentVolume {name}: {e}")),
+                Err(e) => report
+                    .errors
+                    .push(format!("delete PersistentVolume {name}: {e}")),
             }
         }
     }
@@ -194,13 +225,23 @@ impl Reconciler {
         let Some(pv) = observed else {
             let entry = self.ledger.volumes.get(name);
             let exposed = entry.map_or(self.conservative, |e| e.published);
-            return if exposed { Action::ScrubThenApply } else { Action::Apply };
+            return if exposed {
+                Action::ScrubThenApply
+            } else {
+                Action::Apply
+            };
         };
         if phase(pv).as_deref() == Some("Released") {
-            let reclaim = pv.spec.as_ref().and_then(|s| s.persistent_volume_reclaim_policy.as_deref());
+            let reclaim = pv
+                .spec
+                .as_ref()
+                .and_then(|s| s.persistent_volume_reclaim_policy.as_deref());
             return if reclaim == Some("Delete") {
                 let meta = &pv.metadata;
-                Action::Recycle { uid: meta.uid.clone(), rv: meta.resource_version.clone() }
+                Action::Recycle {
+                    uid: meta.uid.clone(),
+                    rv: meta.resource_version.clone(),
+                }
             } else {
                 Action::Retain
             };
@@ -220,10 +261,17 @@ impl Reconciler {
             if matches!(action, Action::Retain) {
                 continue;
             }
-            let entry = self.ledger.volumes.entry(v.pv_name().to_string()).or_insert_with(|| {
-                changed = true;
-                LedgerEntry { volume: v.spec.name.clone(), ..LedgerEntry::default() }
-            });
+            let entry = self
+                .ledger
+                .volumes
+                .entry(v.pv_name().to_string())
+                .or_insert_with(|| {
+                    changed = true;
+                    LedgerEntry {
+                        volume: v.spec.name.clone(),
+                        ..LedgerEntry::default()
+                    }
+                });
             if !entry.published {
                 entry.published = true;
                 changed = true;
@@ -243,18 +291,26 @@ impl Reconciler {
         results: Vec<(String, Result<Outcome, String>)>,
         report: &mut PassReport,
     ) {
-        let by_name: HashMap<&str, &DesiredVolume> = desired.volumes.iter().map(|v| (v.pv_name(), v)).collect();
+        let by_name: HashMap<&str, &DesiredVolume> =
+            desired.volumes.iter().map(|v| (v.pv_name(), v)).collect();
         let mut results: HashMap<String, Result<Outcome, String>> = results.into_iter().collect();
         for v in &desired.volumes {
             let name = v.pv_name();
             let result = results.remove(name).unwrap_or(Err("not attempted".into()));
             let old_phase = observed.get(name).and_then(phase);
             let view = match result {
-                Ok(outcome) => self.apply_outcome(client, by_name[name], observed.get(name), outcome, report).await,
+                Ok(outcome) => {
+                    self.apply_outcome(client, by_name[name], observed.get(name), outcome, report)
+                        .await
+                }
                 Err(e) => {
                     report.pending += 1;
                     report.errors.push(format!("PersistentVolume {name}: {e}"));
-                    VolumePublication { pv_name: name.to_string(), published: observed.contains_key(name), phase: old_phase }
+                    VolumePublication {
+                        pv_name: name.to_string(),
+                        published: observed.contains_key(name),
+                        phase: old_phase,
+                    }
                 }
             };
             if let Some(entry) = self.ledger.volumes.get_mut(name) {
@@ -300,18 +356,31 @@ impl Reconciler {
             (None, None) => None,
         };
         let published = outcome.applied.is_some() || (observed.is_some() && !outcome.deleted);
-        VolumePublication { pv_name: name, published, phase }
+        VolumePublication {
+            pv_name: name,
+            published,
+            phase,
+        }
     }
 
     /// Logs and posts an Event about `pv`, once per PV and reason while the process lives.
-    async fn report_once(&mut self, client: &Client, pv: &PersistentVolume, reason: &'static str, msg: &str) {
+    async fn report_once(
+        &mut self,
+        client: &Client,
+        pv: &PersistentVolume,
+        reason: &'static str,
+        msg: &str,
+    ) {
         let name = pv.metadata.name.clone().unwrap_or_default();
         if !self.reported.insert((name.clone(), reason)) {
             return;
         }
         tracing::warn!(pv = %name, reason, "{msg}");
         let api: Api<Event> = Api::namespaced(client.clone(), EVENT_NAMESPACE);
-        if let Err(e) = api.create(&PostParams::default(), &event(&self.node, pv, reason, msg)).await {
+        if let Err(e) = api
+            .create(&PostParams::default(), &event(&self.node, pv, reason, msg))
+            .await
+        {
             tracing::warn!(pv = %name, error = %describe(&e), "cannot post Event");
             self.reported.remove(&(name, reason));
         }
@@ -333,7 +402,12 @@ struct Outcome {
     applied: Option<Option<String>>,
 }
 
-async fn execute(client: &Client, scrubber: Arc<dyn Scrubber>, v: &DesiredVolume, action: Action) -> Result<Outcome, String> {
+async fn execute(
+    client: &Client,
+    scrubber: Arc<dyn Scrubber>,
+    v: &DesiredVolume,
+    action: Action,
+) -> Result<Outcome, String> {
     let api: Api<PersistentVolume> = Api::all(client.clone());
     let mut out = Outcome::default();
     match action {
@@ -346,14 +420,23 @@ async fn execute(client: &Client, scrubber: Arc<dyn Scrubber>, v: &DesiredVolume
         Action::ScrubThenApply => out.scrubbed = scrub(scrubber, v).await?,
         Action::Recycle { uid, rv } => {
             out.scrubbed = scrub(scrubber, v).await?;
-            let dp = DeleteParams { preconditions: Some(Preconditions { uid, resource_version: rv }), ..DeleteParams::default() };
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid,
+                    resource_version: rv,
+                }),
+                ..DeleteParams::default()
+            };
             delete(&api, v.pv_name(), &dp).await?;
             out.deleted = true;
             tracing::info!(pv = %v.pv_name(), "released volume scrubbed; re-publishing it as Available");
         }
     }
     let pp = PatchParams::apply(MANAGER).force();
-    let applied = api.patch(v.pv_name(), &pp, &Patch::Apply(&v.pv)).await.map_err(|e| describe(&e))?;
+    let applied = api
+        .patch(v.pv_name(), &pp, &Patch::Apply(&v.pv))
+        .await
+        .map_err(|e| describe(&e))?;
     out.applied = Some(phase(&applied));
     Ok(out)
 }
@@ -366,7 +449,9 @@ async fn scrub(scrubber: Arc<dyn Scrubber>, v: &DesiredVolume) -> Result<bool, S
             tracing::info!(volume = %name, "volume scrubbed");
             Ok(true)
         }
-        Ok(Err(e)) => Err(format!("scrub of volume {name} failed, not publishing it: {e}")),
+        Ok(Err(e)) => Err(format!(
+            "scrub of volume {name} failed, not publishing it: {e}"
+        )),
         Err(e) => Err(format!("scrub of volume {name} did not finish: {e}")),
     }
 }
@@ -374,8 +459,14 @@ async fn scrub(scrubber: Arc<dyn Scrubber>, v: &DesiredVolume) -> Result<bool, S
 /// Deletes a PV only in the exact version seen unbound (uid + resourceVersion preconditions).
 async fn delete_unbound(api: &Api<PersistentVolume>, pv: &PersistentVolume) -> Result<(), String> {
     let meta = &pv.metadata;
-    let pre = Preconditions { uid: meta.uid.clone(), resource_version: meta.resource_version.clone() };
-    let dp = DeleteParams { preconditions: Some(pre), ..DeleteParams::default() };
+    let pre = Preconditions {
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+    };
+    let dp = DeleteParams {
+        preconditions: Some(pre),
+        ..DeleteParams::default()
+    };
     delete(api, meta.name.as_deref().unwrap_or_default(), &dp).await
 }
 
@@ -402,7 +493,9 @@ fn fingerprint<T: serde::Serialize>(object: &T) -> u64 {
 /// One line: API errors with their code and message, others as they print.
 pub fn describe(e: &::kube::Error) -> String {
     match e {
-        ::kube::Error::Api(s) => format!("API server answered {} {}: {}", s.code, s.reason, s.message),
+        ::kube::Error::Api(s) => {
+            format!("API server answered {} {}: {}", s.code, s.reason, s.message)
+        }
         other => {
             let mut text = other.to_string();
             let mut source = std::error::Error::source(other);
@@ -436,7 +529,10 @@ fn event(node: &str, pv: &PersistentVolume, reason: &str, message: &str) -> Even
         reason: Some(reason.to_string()),
         message: Some(message.to_string()),
         type_: Some("Warning".to_string()),
-        source: Some(EventSource { component: Some(MANAGER.to_string()), host: Some(node.to_string()) }),
+        source: Some(EventSource {
+            component: Some(MANAGER.to_string()),
+            host: Some(node.to_string()),
+        }),
         reporting_component: Some(MANAGER.to_string()),
         reporting_instance: Some(node.to_string()),
         first_timestamp: Some(Time(now)),
@@ -448,11 +544,15 @@ fn event(node: &str, pv: &PersistentVolume, reason: &str, message: &str) -> Even
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn unix_nanos() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
 }
 
 fn jiff_now() -> k8s_openapi::jiff::Timestamp {

@@ -26,7 +26,10 @@ const WIPE_BYTES: u64 = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum ScrubError {
     #[error("cannot scrub {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot scrub {path}: {source}")]
     Sys { path: PathBuf, source: nix::Error },
     #[error(
@@ -39,7 +42,11 @@ pub enum ScrubError {
     #[error("{path} is not a block device: refusing to wipe it")]
     NotBlockDevice { path: PathBuf },
     #[error("block link {link} points to {target}, not to the volume's partition {device}")]
-    LinkMismatch { link: PathBuf, target: PathBuf, device: PathBuf },
+    LinkMismatch {
+        link: PathBuf,
+        target: PathBuf,
+        device: PathBuf,
+    },
 }
 
 /// Makes a volume safe to hand to a new claim.
@@ -71,7 +78,9 @@ pub fn scrub_directory(root: &Path) -> Result<(), ScrubError> {
 
 fn empty_dir(mut dir: Dir, path: &Path, dev: u64, depth: usize) -> Result<(), ScrubError> {
     if depth > MAX_DEPTH {
-        return Err(ScrubError::TooDeep { path: path.to_path_buf() });
+        return Err(ScrubError::TooDeep {
+            path: path.to_path_buf(),
+        });
     }
     // Names first: unlinking while readdir walks the same directory may skip entries.
     let names: Vec<CString> = dir
@@ -86,7 +95,12 @@ fn empty_dir(mut dir: Dir, path: &Path, dev: u64, depth: usize) -> Result<(), Sc
         let st = match fstatat(Some(fd), name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(nix::Error::ENOENT) => continue,
-            Err(e) => return Err(ScrubError::Sys { path: child, source: e }),
+            Err(e) => {
+                return Err(ScrubError::Sys {
+                    path: child,
+                    source: e,
+                })
+            }
         };
         if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
             remove_subdir(fd, &name, &child, dev, depth)?;
@@ -97,13 +111,22 @@ fn empty_dir(mut dir: Dir, path: &Path, dev: u64, depth: usize) -> Result<(), Sc
     Ok(())
 }
 
-fn remove_subdir(parent: i32, name: &CString, path: &Path, dev: u64, depth: usize) -> Result<(), ScrubError> {
+fn remove_subdir(
+    parent: i32,
+    name: &CString,
+    path: &Path,
+    dev: u64,
+    depth: usize,
+) -> Result<(), ScrubError> {
     let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
     // O_NOFOLLOW: if the entry was swapped for a symlink since fstatat, this fails.
-    let sub = Dir::openat(Some(parent), name.as_c_str(), flags, Mode::empty()).map_err(sys(path))?;
+    let sub =
+        Dir::openat(Some(parent), name.as_c_str(), flags, Mode::empty()).map_err(sys(path))?;
     // Checked on the opened directory itself, so a racing rename cannot fool it.
     if fstat(sub.as_raw_fd()).map_err(sys(path))?.st_dev != dev {
-        return Err(ScrubError::OtherFilesystem { path: path.to_path_buf() });
+        return Err(ScrubError::OtherFilesystem {
+            path: path.to_path_buf(),
+        });
     }
     empty_dir(sub, path, dev, depth + 1)?;
     unlink(parent, name, path, UnlinkatFlags::RemoveDir)
@@ -112,16 +135,25 @@ fn remove_subdir(parent: i32, name: &CString, path: &Path, dev: u64, depth: usiz
 fn unlink(dirfd: i32, name: &CString, path: &Path, flag: UnlinkatFlags) -> Result<(), ScrubError> {
     match unlinkat(Some(dirfd), name.as_c_str(), flag) {
         Ok(()) | Err(nix::Error::ENOENT) => Ok(()),
-        Err(e) => Err(ScrubError::Sys { path: path.to_path_buf(), source: e }),
+        Err(e) => Err(ScrubError::Sys {
+            path: path.to_path_buf(),
+            source: e,
+        }),
     }
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> ScrubError + '_ {
-    move |source| ScrubError::Io { path: path.to_path_buf(), source }
+    move |source| ScrubError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn sys(path: &Path) -> impl Fn(nix::Error) -> ScrubError + '_ {
-    move |source| ScrubError::Sys { path: path.to_path_buf(), source }
+    move |source| ScrubError::Sys {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Wipes a Block volume: `link` must resolve to `device`, which must be a block device
@@ -131,14 +163,23 @@ pub fn scrub_block(link: &Path, device: &Path) -> Result<(), ScrubError> {
     let real = std::fs::canonicalize(device).map_err(io(device))?;
     if target != real {
         let (link, device) = (link.to_path_buf(), device.to_path_buf());
-        return Err(ScrubError::LinkMismatch { link, target, device });
+        return Err(ScrubError::LinkMismatch {
+            link,
+            target,
+            device,
+        });
     }
     let mut f = OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
         .open(&real)
         .map_err(io(&real))?;
-    if !f.metadata().map_err(io(&real))?.file_type().is_block_device() {
+    if !f
+        .metadata()
+        .map_err(io(&real))?
+        .file_type()
+        .is_block_device()
+    {
         return Err(ScrubError::NotBlockDevice { path: real });
     }
     let size = f.seek(SeekFrom::End(0)).map_err(io(&real))?;
@@ -181,9 +222,15 @@ const LEDGER_VERSION: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     #[error("cannot write {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot encode {path}: {source}")]
-    Encode { path: PathBuf, source: serde_json::Error },
+    Encode {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 /// What kvstrap knows about each PV of this node, keyed by PV name.
@@ -238,15 +285,23 @@ impl Ledger {
     }
 
     pub fn new() -> Ledger {
-        Ledger { version: LEDGER_VERSION, volumes: BTreeMap::new() }
+        Ledger {
+            version: LEDGER_VERSION,
+            volumes: BTreeMap::new(),
+        }
     }
 
     /// temp + fsync + rename + directory fsync.
     pub fn save(&self, state_dir: &Path) -> Result<(), LedgerError> {
         let path = Self::path(state_dir);
-        let io = |source| LedgerError::Io { path: path.clone(), source };
-        let text = serde_json::to_vec_pretty(self)
-            .map_err(|source| LedgerError::Encode { path: path.clone(), source })?;
+        let io = |source| LedgerError::Io {
+            path: path.clone(),
+            source,
+        };
+        let text = serde_json::to_vec_pretty(self).map_err(|source| LedgerError::Encode {
+            path: path.clone(),
+            source,
+        })?;
         std::fs::create_dir_all(state_dir).map_err(io)?;
         let tmp = state_dir.join(format!(".{LEDGER_FILE}.tmp"));
         let mut f = File::create(&tmp).map_err(io)?;
@@ -266,7 +321,8 @@ mod tests {
     fn zero_ends_clears_both_ends_only() {
         let mut f = tempfile::tempfile().unwrap();
         let size = 3 * WIPE_BYTES;
-        f.write_all(&vec![0xAB; usize::try_from(size).unwrap()]).unwrap();
+        f.write_all(&vec![0xAB; usize::try_from(size).unwrap()])
+            .unwrap();
         zero_ends(&mut f, size).unwrap();
         let bytes = {
             use std::io::Read;
@@ -296,7 +352,11 @@ mod tests {
         std::fs::write(&file, [7u8; 4096]).unwrap();
         let err = scrub_block(&file, &file).unwrap_err();
         assert!(matches!(err, ScrubError::NotBlockDevice { .. }), "{err}");
-        assert_eq!(std::fs::read(&file).unwrap(), vec![7u8; 4096], "nothing written");
+        assert_eq!(
+            std::fs::read(&file).unwrap(),
+            vec![7u8; 4096],
+            "nothing written"
+        );
     }
 
     #[test]
@@ -316,7 +376,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(Ledger::load(dir.path()), (Ledger::new(), false));
         let mut l = Ledger::new();
-        l.volumes.insert("pv-a".into(), LedgerEntry { volume: "a".into(), published: true, ..Default::default() });
+        l.volumes.insert(
+            "pv-a".into(),
+            LedgerEntry {
+                volume: "a".into(),
+                published: true,
+                ..Default::default()
+            },
+        );
         l.save(dir.path()).unwrap();
         assert_eq!(Ledger::load(dir.path()), (l, false));
         std::fs::write(Ledger::path(dir.path()), b"{not json").unwrap();

@@ -5,7 +5,6 @@
 //! records every deletion with the phase the PV had, so tests can prove no Bound PV died.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-
 #![allow(dead_code)]
 
 use axum::body::{Body, Bytes};
@@ -67,12 +66,18 @@ impl Double {
     pub fn new() -> Shared {
         let (events, _) = broadcast::channel(65536);
         let (restart, _) = watch::channel(0);
-        Arc::new(Double { store: Mutex::new(Store::default()), events, restart })
+        Arc::new(Double {
+            store: Mutex::new(Store::default()),
+            events,
+            restart,
+        })
     }
 
     /// Serves on 127.0.0.1:`port` (0: any free port); returns the port.
     pub async fn serve(self: &Shared, port: u16) -> u16 {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
         let port = listener.local_addr().unwrap().port();
         let app = router(self.clone());
         tokio::spawn(async move {
@@ -85,7 +90,11 @@ impl Double {
 
     /// The next requests (not watches) answer these status codes, in order.
     pub fn fail_next(&self, codes: &[u16]) {
-        self.store.lock().unwrap().faults.extend(codes.iter().copied());
+        self.store
+            .lock()
+            .unwrap()
+            .faults
+            .extend(codes.iter().copied());
     }
 
     /// The PV controller binds `name` between kvstrap's list and its delete.
@@ -119,12 +128,18 @@ impl Double {
     }
 
     pub fn phase(&self, name: &str) -> Option<String> {
-        self.pvs().get(name).and_then(|pv| pv["status"]["phase"].as_str().map(String::from))
+        self.pvs()
+            .get(name)
+            .and_then(|pv| pv["status"]["phase"].as_str().map(String::from))
     }
 
     fn list_kind(&self, kind: Kind) -> BTreeMap<String, Value> {
         let s = self.store.lock().unwrap();
-        s.objects.iter().filter(|((k, _), _)| *k == kind).map(|((_, n), v)| (n.clone(), v.clone())).collect()
+        s.objects
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .map(|((_, n), v)| (n.clone(), v.clone()))
+            .collect()
     }
 
     /// What the PV controller does when a claim binds the PV.
@@ -142,7 +157,9 @@ impl Double {
 
     /// `kubectl patch pv ... persistentVolumeReclaimPolicy`.
     pub fn set_reclaim(&self, name: &str, policy: &str) {
-        self.mutate_pv(name, |pv| pv["spec"]["persistentVolumeReclaimPolicy"] = json!(policy));
+        self.mutate_pv(name, |pv| {
+            pv["spec"]["persistentVolumeReclaimPolicy"] = json!(policy)
+        });
     }
 
     /// `kubectl delete pv`.
@@ -159,7 +176,10 @@ impl Double {
         let mut s = self.store.lock().unwrap();
         s.rv += 1;
         let rv = s.rv.to_string();
-        let pv = s.objects.get_mut(&(Kind::Pv, name.to_string())).unwrap_or_else(|| panic!("no PV {name}"));
+        let pv = s
+            .objects
+            .get_mut(&(Kind::Pv, name.to_string()))
+            .unwrap_or_else(|| panic!("no PV {name}"));
         f(pv);
         pv["metadata"]["resourceVersion"] = json!(rv);
         let pv = pv.clone();
@@ -177,10 +197,19 @@ impl Double {
 fn router(d: Shared) -> Router {
     Router::new()
         .route("/api/v1/persistentvolumes", get(list_pv).post(create_pv))
-        .route("/api/v1/persistentvolumes/{name}", get(get_pv).patch(patch_pv).delete(delete_pv))
+        .route(
+            "/api/v1/persistentvolumes/{name}",
+            get(get_pv).patch(patch_pv).delete(delete_pv),
+        )
         .route("/apis/storage.k8s.io/v1/storageclasses", get(list_sc))
-        .route("/apis/storage.k8s.io/v1/storageclasses/{name}", get(get_sc).patch(patch_sc).delete(delete_sc))
-        .route("/api/v1/namespaces/{ns}/events", post(create_event).get(list_events))
+        .route(
+            "/apis/storage.k8s.io/v1/storageclasses/{name}",
+            get(get_sc).patch(patch_sc).delete(delete_sc),
+        )
+        .route(
+            "/api/v1/namespaces/{ns}/events",
+            post(create_event).get(list_events),
+        )
         .with_state(d)
 }
 
@@ -201,10 +230,22 @@ async fn get_pv(State(d): State<Shared>, Path(n): Path<String>) -> Response {
 async fn get_sc(State(d): State<Shared>, Path(n): Path<String>) -> Response {
     get_one(d, Kind::Sc, n)
 }
-async fn patch_pv(State(d): State<Shared>, Path(n): Path<String>, q: Q, h: HeaderMap, b: Bytes) -> Response {
+async fn patch_pv(
+    State(d): State<Shared>,
+    Path(n): Path<String>,
+    q: Q,
+    h: HeaderMap,
+    b: Bytes,
+) -> Response {
     apply(d, Kind::Pv, n, q.0, h, b)
 }
-async fn patch_sc(State(d): State<Shared>, Path(n): Path<String>, q: Q, h: HeaderMap, b: Bytes) -> Response {
+async fn patch_sc(
+    State(d): State<Shared>,
+    Path(n): Path<String>,
+    q: Q,
+    h: HeaderMap,
+    b: Bytes,
+) -> Response {
     apply(d, Kind::Sc, n, q.0, h, b)
 }
 async fn delete_pv(State(d): State<Shared>, Path(n): Path<String>, b: Bytes) -> Response {
@@ -214,15 +255,24 @@ async fn delete_sc(State(d): State<Shared>, Path(n): Path<String>, b: Bytes) -> 
     delete(d, Kind::Sc, n, b)
 }
 async fn create_pv(State(_d): State<Shared>) -> Response {
-    status(405, "MethodNotAllowed", "kvstrap must use server-side apply")
+    status(
+        405,
+        "MethodNotAllowed",
+        "kvstrap must use server-side apply",
+    )
 }
 
 async fn create_event(State(d): State<Shared>, Path(ns): Path<String>, b: Bytes) -> Response {
     if let Some(r) = d.take_fault() {
         return r;
     }
-    let Ok(mut ev) = serde_json::from_slice::<Value>(&b) else { return status(400, "BadRequest", "not JSON") };
-    let name = ev["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    let Ok(mut ev) = serde_json::from_slice::<Value>(&b) else {
+        return status(400, "BadRequest", "not JSON");
+    };
+    let name = ev["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     if ev["involvedObject"]["name"].as_str().is_none() || ev["reason"].as_str().is_none() {
         return status(422, "Invalid", "event needs involvedObject.name and reason");
     }
@@ -243,7 +293,9 @@ fn status(code: u16, reason: &str, message: &str) -> Response {
 }
 
 fn matches_selector(obj: &Value, selector: Option<&String>) -> bool {
-    let Some(sel) = selector.filter(|s| !s.is_empty()) else { return true };
+    let Some(sel) = selector.filter(|s| !s.is_empty()) else {
+        return true;
+    };
     sel.split(',').all(|term| {
         let (k, v) = term.split_once('=').unwrap();
         obj["metadata"]["labels"][k].as_str() == Some(v)
@@ -251,7 +303,9 @@ fn matches_selector(obj: &Value, selector: Option<&String>) -> bool {
 }
 
 async fn list(d: Shared, kind: Kind, q: HashMap<String, String>) -> Response {
-    if q.get("watch").map(String::as_str) == Some("true") || q.get("watch").map(String::as_str) == Some("1") {
+    if q.get("watch").map(String::as_str) == Some("true")
+        || q.get("watch").map(String::as_str) == Some("1")
+    {
         return watch_stream(d, kind, q.get("labelSelector").cloned());
     }
     if let Some(r) = d.take_fault() {
@@ -273,23 +327,26 @@ fn watch_stream(d: Shared, kind: Kind, selector: Option<String>) -> Response {
     let rx = d.events.subscribe();
     let mut restart = d.restart.subscribe();
     restart.mark_unchanged();
-    let stream = futures::stream::unfold((rx, restart, selector), move |(mut rx, mut restart, sel)| async move {
-        loop {
-            tokio::select! {
-                _ = restart.changed() => return None,
-                ev = rx.recv() => match ev {
-                    Ok((k, ty, obj)) if k == kind && matches_selector(&obj, sel.as_ref()) => {
-                        let mut line = serde_json::to_vec(&json!({"type": ty, "object": obj})).unwrap();
-                        line.push(b'\n');
-                        return Some((Ok::<_, std::convert::Infallible>(Bytes::from(line)), (rx, restart, sel)));
+    let stream = futures::stream::unfold(
+        (rx, restart, selector),
+        move |(mut rx, mut restart, sel)| async move {
+            loop {
+                tokio::select! {
+                    _ = restart.changed() => return None,
+                    ev = rx.recv() => match ev {
+                        Ok((k, ty, obj)) if k == kind && matches_selector(&obj, sel.as_ref()) => {
+                            let mut line = serde_json::to_vec(&json!({"type": ty, "object": obj})).unwrap();
+                            line.push(b'\n');
+                            return Some((Ok::<_, std::convert::Infallible>(Bytes::from(line)), (rx, restart, sel)));
+                        }
+                        Ok(_) => continue,
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => return None,
                     }
-                    Ok(_) => continue,
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(_) => return None,
                 }
             }
-        }
-    });
+        },
+    );
     Response::builder()
         .header("content-type", "application/json")
         .body(Body::from_stream(stream))
@@ -302,22 +359,48 @@ fn get_one(d: Shared, kind: Kind, name: String) -> Response {
     }
     match d.store.lock().unwrap().objects.get(&(kind, name.clone())) {
         Some(o) => axum::Json(o.clone()).into_response(),
-        None => status(404, "NotFound", &format!("{} \"{name}\" not found", kind.kind())),
+        None => status(
+            404,
+            "NotFound",
+            &format!("{} \"{name}\" not found", kind.kind()),
+        ),
     }
 }
 
-fn apply(d: Shared, kind: Kind, name: String, q: HashMap<String, String>, h: HeaderMap, body: Bytes) -> Response {
+fn apply(
+    d: Shared,
+    kind: Kind,
+    name: String,
+    q: HashMap<String, String>,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
     if let Some(r) = d.take_fault() {
         return r;
     }
-    let ct = h.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let ct = h
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
     if ct != "application/apply-patch+yaml" {
-        return status(415, "UnsupportedMediaType", &format!("only server-side apply is served, got {ct}"));
+        return status(
+            415,
+            "UnsupportedMediaType",
+            &format!("only server-side apply is served, got {ct}"),
+        );
     }
-    if q.get("fieldManager").map(String::as_str) != Some("kvstrap") || q.get("force").map(String::as_str) != Some("true") {
-        return status(422, "Invalid", "fieldManager=kvstrap and force=true expected");
+    if q.get("fieldManager").map(String::as_str) != Some("kvstrap")
+        || q.get("force").map(String::as_str) != Some("true")
+    {
+        return status(
+            422,
+            "Invalid",
+            "fieldManager=kvstrap and force=true expected",
+        );
     }
-    let Ok(applied) = serde_json::from_slice::<Value>(&body) else { return status(400, "BadRequest", "body is not JSON") };
+    let Ok(applied) = serde_json::from_slice::<Value>(&body) else {
+        return status(400, "BadRequest", "body is not JSON");
+    };
     if applied["kind"] != kind.kind() || applied["apiVersion"] != kind.api_version() {
         return status(400, "BadRequest", "kind/apiVersion missing or wrong");
     }
@@ -325,7 +408,11 @@ fn apply(d: Shared, kind: Kind, name: String, q: HashMap<String, String>, h: Hea
         return status(400, "BadRequest", "name in body differs from URL");
     }
     if !is_dns1123_subdomain(&name) {
-        return status(422, "Invalid", &format!("metadata.name {name:?}: a lowercase RFC 1123 subdomain must ..."));
+        return status(
+            422,
+            "Invalid",
+            &format!("metadata.name {name:?}: a lowercase RFC 1123 subdomain must ..."),
+        );
     }
     let mut s = d.store.lock().unwrap();
     s.applies += 1;
@@ -334,7 +421,9 @@ fn apply(d: Shared, kind: Kind, name: String, q: HashMap<String, String>, h: Hea
         None => create_from(kind, &applied, s.rv + 1),
         Some(old) => merge(kind, old, &applied),
     };
-    if let Err(msg) = validate(kind, &merged).and_then(|()| immutable(kind, existing.as_ref(), &merged)) {
+    if let Err(msg) =
+        validate(kind, &merged).and_then(|()| immutable(kind, existing.as_ref(), &merged))
+    {
         return status(422, "Invalid", &msg);
     }
     if existing.as_ref() == Some(&merged) {
@@ -344,7 +433,11 @@ fn apply(d: Shared, kind: Kind, name: String, q: HashMap<String, String>, h: Hea
     let mut merged = merged;
     merged["metadata"]["resourceVersion"] = json!(s.rv.to_string());
     s.objects.insert((kind, name), merged.clone());
-    let ty = if existing.is_some() { "MODIFIED" } else { "ADDED" };
+    let ty = if existing.is_some() {
+        "MODIFIED"
+    } else {
+        "ADDED"
+    };
     let _ = d.events.send((kind, ty, merged.clone()));
     axum::Json(merged).into_response()
 }
@@ -393,13 +486,19 @@ fn validate(kind: Kind, o: &Value) -> Result<(), String> {
     match kind {
         Kind::Pv => {
             let spec = &o["spec"];
-            let path = spec["local"]["path"].as_str().ok_or("spec.local.path: Required value")?;
+            let path = spec["local"]["path"]
+                .as_str()
+                .ok_or("spec.local.path: Required value")?;
             if !path.starts_with('/') {
-                return Err(format!("spec.local.path: Invalid value: {path:?}: must be an absolute path"));
+                return Err(format!(
+                    "spec.local.path: Invalid value: {path:?}: must be an absolute path"
+                ));
             }
             let terms = spec["nodeAffinity"]["required"]["nodeSelectorTerms"].as_array();
             if terms.is_none_or(|t| t.is_empty()) {
-                return Err("spec.nodeAffinity: Required value: Local volume requires node affinity".into());
+                return Err(
+                    "spec.nodeAffinity: Required value: Local volume requires node affinity".into(),
+                );
             }
             if spec["capacity"]["storage"].as_str().is_none() {
                 return Err("spec.capacity: Required value".into());
@@ -425,14 +524,26 @@ fn validate(kind: Kind, o: &Value) -> Result<(), String> {
 fn immutable(kind: Kind, old: Option<&Value>, new: &Value) -> Result<(), String> {
     let Some(old) = old else { return Ok(()) };
     let fields: &[&[&str]] = match kind {
-        Kind::Pv => &[&["spec", "local"], &["spec", "nodeAffinity"], &["spec", "volumeMode"]],
-        Kind::Sc => &[&["provisioner"], &["parameters"], &["reclaimPolicy"], &["volumeBindingMode"]],
+        Kind::Pv => &[
+            &["spec", "local"],
+            &["spec", "nodeAffinity"],
+            &["spec", "volumeMode"],
+        ],
+        Kind::Sc => &[
+            &["provisioner"],
+            &["parameters"],
+            &["reclaimPolicy"],
+            &["volumeBindingMode"],
+        ],
         Kind::Event => &[],
     };
     for path in fields {
         let get = |v: &Value| path.iter().fold(v.clone(), |acc, k| acc[*k].clone());
         if get(old) != get(new) {
-            return Err(format!("{}: Invalid value: field is immutable", path.join(".")));
+            return Err(format!(
+                "{}: Invalid value: field is immutable",
+                path.join(".")
+            ));
         }
     }
     Ok(())
@@ -442,20 +553,35 @@ fn delete(d: Shared, kind: Kind, name: String, body: Bytes) -> Response {
     if let Some(r) = d.take_fault() {
         return r;
     }
-    let opts: Value = if body.is_empty() { json!({}) } else { serde_json::from_slice(&body).unwrap_or(json!({})) };
+    let opts: Value = if body.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(&body).unwrap_or(json!({}))
+    };
     let race = d.store.lock().unwrap().race_bind.take_if(|n| *n == name);
     if race.is_some() {
         d.bind(&name);
     }
     let mut s = d.store.lock().unwrap();
     let Some(old) = s.objects.get(&(kind, name.clone())).cloned() else {
-        return status(404, "NotFound", &format!("{} \"{name}\" not found", kind.kind()));
+        return status(
+            404,
+            "NotFound",
+            &format!("{} \"{name}\" not found", kind.kind()),
+        );
     };
     let pre = &opts["preconditions"];
     for (field, meta) in [("uid", "uid"), ("resourceVersion", "resourceVersion")] {
         if let Some(want) = pre[field].as_str() {
             if old["metadata"][meta].as_str() != Some(want) {
-                return status(409, "Conflict", &format!("Precondition failed: {field} in precondition: {want}, in object meta: {}", old["metadata"][meta]));
+                return status(
+                    409,
+                    "Conflict",
+                    &format!(
+                        "Precondition failed: {field} in precondition: {want}, in object meta: {}",
+                        old["metadata"][meta]
+                    ),
+                );
             }
         }
     }
@@ -474,7 +600,8 @@ fn is_dns1123_subdomain(name: &str) -> bool {
         && name.split('.').all(|l| {
             !l.is_empty()
                 && l.len() <= 63
-                && l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && l.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
                 && !l.starts_with('-')
                 && !l.ends_with('-')
         })

@@ -1,7 +1,6 @@
 //! Volumes and storage classes shared by the kube tests and the publish benchmark.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-
 #![allow(dead_code)]
 
 use kvstrap::model::{FsType, VolumeMode, VolumeSpec};
@@ -17,7 +16,11 @@ pub fn class(name: &str, mode: VolumeMode, reclaim: ReclaimPolicy) -> StorageCla
         fs_type: FsType::Xfs,
         reclaim_policy: reclaim,
         access_modes: vec![AccessMode::ReadWriteOnce],
-        mount_options: if mode == VolumeMode::Filesystem { vec!["noatime".into()] } else { vec![] },
+        mount_options: if mode == VolumeMode::Filesystem {
+            vec!["noatime".into()]
+        } else {
+            vec![]
+        },
         binding_mode: "WaitForFirstConsumer".into(),
     }
 }
