@@ -549,3 +549,65 @@ async fn block_volumes_publish_with_their_class() {
     assert!(pv["spec"]["local"]["fsType"].is_null());
     p.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminating_pv_is_waited_for_then_scrubbed_and_republished() {
+    let env = Env::up().await;
+    let p = env.publisher(Duration::from_secs(60));
+    let desired = env.desired(&env.volumes(2), ReclaimPolicy::Delete);
+    p.submit(desired.clone());
+    converge(&p).await;
+    let pv = desired.volumes[0].pv_name().to_string();
+    env.double.bind(&pv);
+    env.double.mark_terminating(&pv);
+    assert!(
+        p.wait_for(WAIT, |s| s.pending == 1
+            && s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("being deleted")))
+            .await
+    );
+    assert!(
+        env.scrubber.scrubbed().is_empty(),
+        "nothing scrubbed while a pod may still use it"
+    );
+    env.double.delete_by_hand(&pv);
+    converge(&p).await;
+    env.assert_published(&desired, &[]);
+    assert_eq!(
+        env.scrubber.scrubbed(),
+        vec![desired.volumes[0].spec.name.clone()]
+    );
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_once_for_the_cli() {
+    let env = Env::up().await;
+    let desired = env.desired(&env.volumes(3), ReclaimPolicy::Delete);
+    let source = ClientSource::Kubeconfig(kubeconfig(env.state.path(), env.port));
+    let report = kvstrap::kube::publisher::publish_once(
+        &source,
+        &desired,
+        env.state.path(),
+        env.scrubber.clone(),
+        4,
+    )
+    .await
+    .unwrap();
+    assert_eq!((report.applied, report.pending), (4, 0));
+    assert!(report.errors.is_empty());
+    env.assert_published(&desired, &[]);
+    // Offline: the client cannot connect, the error says so and nothing is half-done.
+    let offline = ClientSource::Kubeconfig(env.state.path().join("missing.conf"));
+    let err = kvstrap::kube::publisher::publish_once(
+        &offline,
+        &desired,
+        env.state.path(),
+        env.scrubber.clone(),
+        4,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("missing.conf"), "{err}");
+}

@@ -33,6 +33,8 @@ pub enum PublishError {
     InCluster(String),
     #[error("cannot build a Kubernetes client: {0}")]
     Client(String),
+    #[error("publication failed: {0}")]
+    Pass(String),
     #[error("the publisher needs a tokio runtime; start it from async code")]
     NoRuntime,
 }
@@ -451,6 +453,29 @@ fn backoff(o: &PublishOptions, failures: u32) -> Duration {
         .finish();
     let fraction = 0.5 + (random % 1000) as f64 / 2000.0;
     cap.mul_f64(fraction)
+}
+
+/// One pass in the foreground, for a CLI `apply` without a daemon: builds a client,
+/// publishes `desired` once and returns what happened. Give it a deadline with
+/// `tokio::time::timeout`; whatever is left is published by the daemon later.
+pub async fn publish_once(
+    source: &ClientSource,
+    desired: &Desired,
+    state_dir: &Path,
+    scrubber: Arc<dyn Scrubber>,
+    concurrency: usize,
+) -> Result<PassReport, PublishError> {
+    let client = source.client().await?;
+    let mut reconciler = Reconciler::new(
+        &desired.node,
+        state_dir.to_path_buf(),
+        scrubber,
+        concurrency,
+    );
+    reconciler
+        .pass(&client, desired)
+        .await
+        .map_err(|e| PublishError::Pass(e.to_string()))
 }
 
 /// Last known publication of `volumes` from the ledger (works without the API server).

@@ -65,6 +65,8 @@ enum Action {
     },
     /// Released with reclaim Retain: left alone.
     Retain,
+    /// Being deleted (by an admin): re-created, after a scrub, once it is gone.
+    Terminating,
 }
 
 /// The state a publisher keeps between passes.
@@ -149,9 +151,12 @@ impl Reconciler {
             .await;
         self.record_outcomes(client, desired, &observed, results, &mut report)
             .await;
-        self.ledger
-            .volumes
-            .retain(|pv, _| wanted.contains(pv.as_str()) || observed.contains_key(pv));
+        // Entries of published volumes stay even when the volume vanished: if its disk
+        // comes back, the volume is scrubbed before it is published again.
+        let keep = |pv: &String, e: &mut LedgerEntry| {
+            e.published || wanted.contains(pv.as_str()) || observed.contains_key(pv)
+        };
+        self.ledger.volumes.retain(keep);
         self.ledger.save(&self.state_dir)?;
         Ok(report)
     }
@@ -192,7 +197,10 @@ impl Reconciler {
         let api: Api<PersistentVolume> = Api::all(client.clone());
         for (name, pv) in observed
             .iter()
-            .filter(|(n, _)| !wanted.contains(n.as_str()))
+            // Terminating PVs are on their way out already.
+            .filter(|(n, pv)| {
+                !wanted.contains(n.as_str()) && pv.metadata.deletion_timestamp.is_none()
+            })
         {
             let phase = phase(pv);
             let claimed = pv.spec.as_ref().is_some_and(|s| s.claim_ref.is_some());
@@ -222,6 +230,9 @@ impl Reconciler {
 
     fn decide(&self, v: &DesiredVolume, observed: Option<&PersistentVolume>) -> Action {
         let name = v.pv_name();
+        if observed.is_some_and(|pv| pv.metadata.deletion_timestamp.is_some()) {
+            return Action::Terminating;
+        }
         let Some(pv) = observed else {
             let entry = self.ledger.volumes.get(name);
             let exposed = entry.map_or(self.conservative, |e| e.published);
@@ -412,6 +423,12 @@ async fn execute(
     let mut out = Outcome::default();
     match action {
         Action::Keep => return Ok(out),
+        Action::Terminating => {
+            let name = v.pv_name();
+            return Err(format!(
+                "PersistentVolume {name} is being deleted; re-published once gone"
+            ));
+        }
         Action::Retain => {
             out.retained = true;
             return Ok(out);
@@ -437,6 +454,13 @@ async fn execute(
         .patch(v.pv_name(), &pp, &Patch::Apply(&v.pv))
         .await
         .map_err(|e| describe(&e))?;
+    if applied.metadata.deletion_timestamp.is_some() {
+        // The delete of a recycled PV has not finished: the next pass re-creates it.
+        return Err(format!(
+            "PersistentVolume {} is still being deleted; retrying",
+            v.pv_name()
+        ));
+    }
     out.applied = Some(phase(&applied));
     Ok(out)
 }

@@ -162,6 +162,13 @@ impl Double {
         });
     }
 
+    /// `kubectl delete pv` held by the pv-protection finalizer: the PV stays, terminating.
+    pub fn mark_terminating(&self, name: &str) {
+        self.mutate_pv(name, |pv| {
+            pv["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z")
+        });
+    }
+
     /// `kubectl delete pv`.
     pub fn delete_by_hand(&self, name: &str) {
         let mut s = self.store.lock().unwrap();
