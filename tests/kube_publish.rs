@@ -611,3 +611,43 @@ async fn publish_once_for_the_cli() {
     .unwrap_err();
     assert!(err.to_string().contains("missing.conf"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bound_pv_that_lost_its_labels_is_not_scrubbed() {
+    let env = Env::up().await;
+    let p = env.publisher(Duration::from_secs(60));
+    let desired = env.desired(&env.volumes(2), ReclaimPolicy::Delete);
+    p.submit(desired.clone());
+    converge(&p).await;
+    let pv = desired.volumes[0].pv_name().to_string();
+    env.double.bind(&pv);
+    env.double.remove_label(&pv, "kvstrap.io/node");
+    eventually("labels restored", || {
+        env.double.pvs()[&pv]["metadata"]["labels"]["kvstrap.io/node"] == NODE
+    })
+    .await;
+    assert!(
+        env.scrubber.scrubbed().is_empty(),
+        "a Bound volume in use must never be scrubbed"
+    );
+    assert_eq!(env.double.phase(&pv).as_deref(), Some("Bound"));
+    env.assert_published(&desired, &[]);
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_class_deleted_by_hand_comes_back() {
+    let env = Env::up().await;
+    let p = env.publisher(Duration::from_millis(200));
+    let desired = env.desired(&env.volumes(1), ReclaimPolicy::Delete);
+    p.submit(desired.clone());
+    converge(&p).await;
+    env.double.delete_storage_class("kubevirt-local-nvme");
+    eventually("StorageClass re-created", || {
+        env.double
+            .storage_classes()
+            .contains_key("kubevirt-local-nvme")
+    })
+    .await;
+    p.shutdown().await;
+}

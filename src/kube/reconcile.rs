@@ -5,7 +5,7 @@
 //! A Bound PV is never deleted: every delete carries the uid and resourceVersion of a PV
 //! seen unbound, so a bind in between makes the API server refuse the delete.
 
-use super::builders::{node_selector, MANAGER};
+use super::builders::{node_selector, LABEL_MANAGED_BY, MANAGER};
 use super::publisher::VolumePublication;
 use super::scrub::{Ledger, LedgerEntry, LedgerError, Scrubber};
 use super::{Desired, DesiredVolume};
@@ -164,11 +164,21 @@ impl Reconciler {
     async fn apply_classes(&mut self, client: &Client, desired: &Desired, report: &mut PassReport) {
         let api: Api<K8sStorageClass> = Api::all(client.clone());
         let pp = PatchParams::apply(MANAGER).force();
+        // One cheap list, so a class deleted by hand is noticed and re-created.
+        let lp = ListParams::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));
+        let present: HashSet<String> = match api.list_metadata(&lp).await {
+            Ok(list) => list
+                .items
+                .into_iter()
+                .filter_map(|o| o.metadata.name)
+                .collect(),
+            Err(_) => HashSet::new(),
+        };
         for sc in &desired.storage_classes {
             let name = sc.metadata.name.clone().unwrap_or_default();
             let key = format!("storageclass/{name}");
             let fp = fingerprint(sc);
-            if self.applied.get(&key) == Some(&fp) {
+            if present.contains(&name) && self.applied.get(&key) == Some(&fp) {
                 continue;
             }
             match api.patch(&name, &pp, &Patch::Apply(sc)).await {
@@ -434,7 +444,16 @@ async fn execute(
             return Ok(out);
         }
         Action::Apply => {}
-        Action::ScrubThenApply => out.scrubbed = scrub(scrubber, v).await?,
+        Action::ScrubThenApply => {
+            // Missing from the labelled list is not proof of absence: a PV whose labels were
+            // edited away may still be Bound and in use. Scrub only what truly is gone.
+            match api.get_opt(v.pv_name()).await.map_err(|e| describe(&e))? {
+                None => out.scrubbed = scrub(scrubber, v).await?,
+                Some(_) => {
+                    tracing::warn!(pv = %v.pv_name(), "PV lost kvstrap's labels; restoring them, no scrub")
+                }
+            }
+        }
         Action::Recycle { uid, rv } => {
             out.scrubbed = scrub(scrubber, v).await?;
             let dp = DeleteParams {

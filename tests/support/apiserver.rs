@@ -162,6 +162,25 @@ impl Double {
         });
     }
 
+    /// `kubectl label pv NAME kvstrap.io/node-`.
+    pub fn remove_label(&self, name: &str, label: &str) {
+        self.mutate_pv(name, |pv| {
+            pv["metadata"]["labels"]
+                .as_object_mut()
+                .unwrap()
+                .remove(label);
+        });
+    }
+
+    /// `kubectl delete sc`.
+    pub fn delete_storage_class(&self, name: &str) {
+        self.store
+            .lock()
+            .unwrap()
+            .objects
+            .remove(&(Kind::Sc, name.to_string()));
+    }
+
     /// `kubectl delete pv` held by the pv-protection finalizer: the PV stays, terminating.
     pub fn mark_terminating(&self, name: &str) {
         self.mutate_pv(name, |pv| {
