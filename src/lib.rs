@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod dbus;
 pub mod host;
 pub mod inventory;
+pub mod kube;
 pub mod model;
 pub mod plan;
 pub mod policy;

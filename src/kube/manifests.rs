@@ -1,0 +1,155 @@
+//! Rendered manifests on disk: `<state-dir>/manifests/`, one object per YAML file,
+//! atomically replaced, stale files removed, unchanged files left alone.
+//! They exist even before the cluster does, for `kubectl apply -f`.
+
+use super::Desired;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("cannot render {name} as YAML: {source}")]
+    Render {
+        name: String,
+        source: serde_saphyr::SerializeError,
+    },
+    #[error("cannot write manifest {path}: {source} (check that the state directory is writable)")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What `write_manifests` changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ManifestReport {
+    pub dir: PathBuf,
+    pub written: Vec<PathBuf>,
+    pub unchanged: usize,
+    pub removed: Vec<PathBuf>,
+}
+
+/// The manifest directory below a state directory.
+pub fn manifest_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("manifests")
+}
+
+/// Renders every object of `desired` to YAML, keyed by file name.
+pub fn render(desired: &Desired) -> Result<BTreeMap<String, String>, ManifestError> {
+    let mut files = BTreeMap::new();
+    for sc in &desired.storage_classes {
+        let name = sc.metadata.name.clone().unwrap_or_default();
+        files.insert(format!("storageclass-{name}.yaml"), to_yaml(&name, sc)?);
+    }
+    for v in &desired.volumes {
+        let name = v.pv_name().to_string();
+        files.insert(format!("pv-{name}.yaml"), to_yaml(&name, &v.pv)?);
+    }
+    Ok(files)
+}
+
+/// One object as YAML.
+pub fn to_yaml<T: Serialize>(name: &str, object: &T) -> Result<String, ManifestError> {
+    serde_saphyr::to_string(object).map_err(|source| ManifestError::Render {
+        name: name.to_string(),
+        source,
+    })
+}
+
+/// Writes the manifests of `desired` below `state_dir`, so the directory holds exactly them.
+pub fn write_manifests(
+    state_dir: &Path,
+    desired: &Desired,
+) -> Result<ManifestReport, ManifestError> {
+    let files = render(desired)?;
+    let dir = manifest_dir(state_dir);
+    fs::create_dir_all(&dir).map_err(|source| ManifestError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    let mut report = ManifestReport {
+        dir: dir.clone(),
+        ..ManifestReport::default()
+    };
+    for (name, text) in &files {
+        let path = dir.join(name);
+        if fs::read(&path).is_ok_and(|old| old == text.as_bytes()) {
+            report.unchanged += 1;
+            continue;
+        }
+        write_atomic(&dir, &path, text.as_bytes())?;
+        report.written.push(path);
+    }
+    report.removed = remove_stale(&dir, &files)?;
+    if !report.written.is_empty() || !report.removed.is_empty() {
+        sync_dir(&dir)?;
+    }
+    Ok(report)
+}
+
+/// temp file + fsync + rename + directory fsync: a crash leaves the old or the new file.
+fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), ManifestError> {
+    let io = |source| ManifestError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp"));
+    let mut f = File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    fs::rename(&tmp, path).map_err(io)?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), ManifestError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| ManifestError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// Removes our files (and temp files of an interrupted write) that are not wanted any more;
+/// files of other names are someone else's and stay.
+fn remove_stale(
+    dir: &Path,
+    wanted: &BTreeMap<String, String>,
+) -> Result<Vec<PathBuf>, ManifestError> {
+    let io = |source| ManifestError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io)? {
+        let name = entry
+            .map_err(io)?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        if is_ours(&name) && !wanted.contains_key(&name) {
+            let path = dir.join(&name);
+            fs::remove_file(&path).map_err(|source| ManifestError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            removed.push(path);
+        }
+    }
+    removed.sort();
+    Ok(removed)
+}
+
+fn is_ours(name: &str) -> bool {
+    let yaml = name.ends_with(".yaml");
+    let kind = name.starts_with("pv-") || name.starts_with("storageclass-");
+    let tmp = name.starts_with(".pv-") || name.starts_with(".storageclass-");
+    (yaml && kind) || (tmp && name.ends_with(".yaml.tmp"))
+}

@@ -1,0 +1,393 @@
+//! Scrubbing a volume before it is handed to a new claim, and the ledger (`<state>/scrub.json`)
+//! that remembers which volumes were published since their last scrub.
+//! Directory: remove the contents without following symlinks or leaving the filesystem.
+//! Block: zero the first and last MiB (where signatures live), then discard the rest.
+
+use crate::model::{VolumeMode, VolumeSpec};
+use nix::dir::Dir;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{fstat, fstatat, Mode, SFlag};
+use nix::unistd::{unlinkat, UnlinkatFlags};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::ffi::{CString, OsStr};
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Deeper trees than this are refused (each level holds a file descriptor open).
+const MAX_DEPTH: usize = 256;
+/// Bytes zeroed at each end of a Block volume: GPT, md, LVM and filesystem signatures.
+const WIPE_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScrubError {
+    #[error("cannot scrub {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot scrub {path}: {source}")]
+    Sys { path: PathBuf, source: nix::Error },
+    #[error(
+        "{path} is on another filesystem (a mount point inside the volume): unmount it, \
+         kvstrap does not leave the volume's filesystem"
+    )]
+    OtherFilesystem { path: PathBuf },
+    #[error("{path} is nested deeper than {MAX_DEPTH} levels: remove it by hand")]
+    TooDeep { path: PathBuf },
+    #[error("{path} is not a block device: refusing to wipe it")]
+    NotBlockDevice { path: PathBuf },
+    #[error("block link {link} points to {target}, not to the volume's partition {device}")]
+    LinkMismatch {
+        link: PathBuf,
+        target: PathBuf,
+        device: PathBuf,
+    },
+}
+
+/// Makes a volume safe to hand to a new claim.
+pub trait Scrubber: Send + Sync {
+    fn scrub(&self, v: &VolumeSpec) -> Result<(), ScrubError>;
+}
+
+/// The real scrubber: directories and block devices.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DirectoryAndBlockScrubber;
+
+impl Scrubber for DirectoryAndBlockScrubber {
+    fn scrub(&self, v: &VolumeSpec) -> Result<(), ScrubError> {
+        match v.volume_mode {
+            VolumeMode::Filesystem => scrub_directory(&v.path),
+            VolumeMode::Block => scrub_block(&v.path, &v.device),
+        }
+    }
+}
+
+/// Removes everything inside `root` (keeping `root` itself, its owner, mode and quota).
+/// Symlinks are removed, never followed; other filesystems mounted inside are refused.
+pub fn scrub_directory(root: &Path) -> Result<(), ScrubError> {
+    let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+    let dir = Dir::open(root, flags, Mode::empty()).map_err(sys(root))?;
+    let dev = fstat(dir.as_raw_fd()).map_err(sys(root))?.st_dev;
+    empty_dir(dir, root, dev, 0)
+}
+
+fn empty_dir(mut dir: Dir, path: &Path, dev: u64, depth: usize) -> Result<(), ScrubError> {
+    if depth > MAX_DEPTH {
+        return Err(ScrubError::TooDeep {
+            path: path.to_path_buf(),
+        });
+    }
+    // Names first: unlinking while readdir walks the same directory may skip entries.
+    let names: Vec<CString> = dir
+        .iter()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_owned())
+        .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
+        .collect();
+    let fd = dir.as_raw_fd();
+    for name in names {
+        let child = path.join(OsStr::from_bytes(name.as_bytes()));
+        let st = match fstatat(Some(fd), name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(nix::Error::ENOENT) => continue,
+            Err(e) => {
+                return Err(ScrubError::Sys {
+                    path: child,
+                    source: e,
+                })
+            }
+        };
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
+            remove_subdir(fd, &name, &child, dev, depth)?;
+        } else {
+            unlink(fd, &name, &child, UnlinkatFlags::NoRemoveDir)?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_subdir(
+    parent: i32,
+    name: &CString,
+    path: &Path,
+    dev: u64,
+    depth: usize,
+) -> Result<(), ScrubError> {
+    let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+    // O_NOFOLLOW: if the entry was swapped for a symlink since fstatat, this fails.
+    let sub =
+        Dir::openat(Some(parent), name.as_c_str(), flags, Mode::empty()).map_err(sys(path))?;
+    // Checked on the opened directory itself, so a racing rename cannot fool it.
+    if fstat(sub.as_raw_fd()).map_err(sys(path))?.st_dev != dev {
+        return Err(ScrubError::OtherFilesystem {
+            path: path.to_path_buf(),
+        });
+    }
+    empty_dir(sub, path, dev, depth + 1)?;
+    unlink(parent, name, path, UnlinkatFlags::RemoveDir)
+}
+
+fn unlink(dirfd: i32, name: &CString, path: &Path, flag: UnlinkatFlags) -> Result<(), ScrubError> {
+    match unlinkat(Some(dirfd), name.as_c_str(), flag) {
+        Ok(()) | Err(nix::Error::ENOENT) => Ok(()),
+        Err(e) => Err(ScrubError::Sys {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+    }
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> ScrubError + '_ {
+    move |source| ScrubError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn sys(path: &Path) -> impl Fn(nix::Error) -> ScrubError + '_ {
+    move |source| ScrubError::Sys {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Wipes a Block volume: `link` must resolve to `device`, which must be a block device
+/// nobody holds (opened O_EXCL, so a mounted or held partition is refused).
+pub fn scrub_block(link: &Path, device: &Path) -> Result<(), ScrubError> {
+    let target = std::fs::canonicalize(link).map_err(io(link))?;
+    let real = std::fs::canonicalize(device).map_err(io(device))?;
+    if target != real {
+        let (link, device) = (link.to_path_buf(), device.to_path_buf());
+        return Err(ScrubError::LinkMismatch {
+            link,
+            target,
+            device,
+        });
+    }
+    let mut f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+        .open(&real)
+        .map_err(io(&real))?;
+    if !f
+        .metadata()
+        .map_err(io(&real))?
+        .file_type()
+        .is_block_device()
+    {
+        return Err(ScrubError::NotBlockDevice { path: real });
+    }
+    let size = f.seek(SeekFrom::End(0)).map_err(io(&real))?;
+    zero_ends(&mut f, size).map_err(io(&real))?;
+    discard_between(&f, WIPE_BYTES, size.saturating_sub(WIPE_BYTES));
+    f.sync_all().map_err(io(&real))
+}
+
+/// Zeroes the first and the last `WIPE_BYTES` of a file or device of `size` bytes.
+pub fn zero_ends(f: &mut File, size: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; usize::try_from(WIPE_BYTES.min(size)).unwrap_or(0)];
+    f.seek(SeekFrom::Start(0))?;
+    f.write_all(&zeros)?;
+    let tail = size.saturating_sub(WIPE_BYTES);
+    f.seek(SeekFrom::Start(tail))?;
+    f.write_all(&zeros[..usize::try_from(size - tail).unwrap_or(0)])?;
+    f.flush()
+}
+
+nix::ioctl_write_ptr_bad!(blkdiscard, 0x1277, [u64; 2]);
+
+/// Best effort: devices without discard keep their middle (the signatures are gone already).
+fn discard_between(f: &File, start: u64, end: u64) {
+    if end <= start {
+        return;
+    }
+    let range = [start, end - start];
+    // SAFETY: BLKDISCARD reads two u64 (offset, length) from the pointer we pass.
+    if let Err(e) = unsafe { blkdiscard(f.as_raw_fd(), &range) } {
+        tracing::debug!(error = %e, "BLKDISCARD not done");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The ledger.
+
+pub const LEDGER_FILE: &str = "scrub.json";
+const LEDGER_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("cannot write {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot encode {path}: {source}")]
+    Encode {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// What kvstrap knows about each PV of this node, keyed by PV name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    pub version: u32,
+    pub volumes: BTreeMap<String, LedgerEntry>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    pub volume: String,
+    /// The PV existed in the cluster since the volume was last scrubbed (or created):
+    /// a claim may have written to it, so it must be scrubbed before it is published again.
+    pub published: bool,
+    /// The PV was in the cluster after the last pass.
+    #[serde(default)]
+    pub in_cluster: bool,
+    /// Last phase seen in the cluster.
+    pub phase: Option<String>,
+    /// Unix seconds of the last scrub.
+    pub last_scrub: Option<u64>,
+}
+
+impl Ledger {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join(LEDGER_FILE)
+    }
+
+    /// Loads the ledger. A missing file is an empty ledger; an unreadable one is moved
+    /// aside and `conservative` is returned true: then every volume is treated as published,
+    /// so none is re-published without a scrub.
+    pub fn load(state_dir: &Path) -> (Ledger, bool) {
+        let path = Self::path(state_dir);
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (Ledger::new(), false),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "scrub ledger unreadable");
+                return (Ledger::new(), true);
+            }
+        };
+        match serde_json::from_slice::<Ledger>(&text) {
+            Ok(l) if l.version == LEDGER_VERSION => (l, false),
+            _ => {
+                let aside = path.with_extension("json.corrupt");
+                let _ = std::fs::rename(&path, &aside);
+                tracing::warn!(path = %path.display(), "scrub ledger corrupt: moved aside, scrubbing before any re-publication");
+                (Ledger::new(), true)
+            }
+        }
+    }
+
+    pub fn new() -> Ledger {
+        Ledger {
+            version: LEDGER_VERSION,
+            volumes: BTreeMap::new(),
+        }
+    }
+
+    /// temp + fsync + rename + directory fsync.
+    pub fn save(&self, state_dir: &Path) -> Result<(), LedgerError> {
+        let path = Self::path(state_dir);
+        let io = |source| LedgerError::Io {
+            path: path.clone(),
+            source,
+        };
+        let text = serde_json::to_vec_pretty(self).map_err(|source| LedgerError::Encode {
+            path: path.clone(),
+            source,
+        })?;
+        std::fs::create_dir_all(state_dir).map_err(io)?;
+        let tmp = state_dir.join(format!(".{LEDGER_FILE}.tmp"));
+        let mut f = File::create(&tmp).map_err(io)?;
+        f.write_all(&text).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        File::open(state_dir).and_then(|d| d.sync_all()).map_err(io)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_ends_clears_both_ends_only() {
+        let mut f = tempfile::tempfile().unwrap();
+        let size = 3 * WIPE_BYTES;
+        f.write_all(&vec![0xAB; usize::try_from(size).unwrap()])
+            .unwrap();
+        zero_ends(&mut f, size).unwrap();
+        let bytes = {
+            use std::io::Read;
+            let mut b = Vec::new();
+            f.seek(SeekFrom::Start(0)).unwrap();
+            f.read_to_end(&mut b).unwrap();
+            b
+        };
+        let mib = usize::try_from(WIPE_BYTES).unwrap();
+        assert!(bytes[..mib].iter().all(|&b| b == 0));
+        assert!(bytes[2 * mib..].iter().all(|&b| b == 0));
+        assert!(bytes[mib..2 * mib].iter().all(|&b| b == 0xAB));
+    }
+
+    #[test]
+    fn zero_ends_handles_tiny_files() {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&[1u8; 100]).unwrap();
+        zero_ends(&mut f, 100).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), 100);
+    }
+
+    #[test]
+    fn block_scrub_refuses_a_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("disk.img");
+        std::fs::write(&file, [7u8; 4096]).unwrap();
+        let err = scrub_block(&file, &file).unwrap_err();
+        assert!(matches!(err, ScrubError::NotBlockDevice { .. }), "{err}");
+        assert_eq!(
+            std::fs::read(&file).unwrap(),
+            vec![7u8; 4096],
+            "nothing written"
+        );
+    }
+
+    #[test]
+    fn block_scrub_refuses_a_link_to_another_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, b"a").unwrap();
+        std::fs::write(&b, b"b").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&a, &link).unwrap();
+        let err = scrub_block(&link, &b).unwrap_err();
+        assert!(matches!(err, ScrubError::LinkMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn ledger_round_trips_and_survives_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Ledger::load(dir.path()), (Ledger::new(), false));
+        let mut l = Ledger::new();
+        l.volumes.insert(
+            "pv-a".into(),
+            LedgerEntry {
+                volume: "a".into(),
+                published: true,
+                ..Default::default()
+            },
+        );
+        l.save(dir.path()).unwrap();
+        assert_eq!(Ledger::load(dir.path()), (l, false));
+        std::fs::write(Ledger::path(dir.path()), b"{not json").unwrap();
+        assert_eq!(Ledger::load(dir.path()), (Ledger::new(), true));
+        assert!(dir.path().join("scrub.json.corrupt").exists());
+    }
+}
