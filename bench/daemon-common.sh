@@ -2,7 +2,7 @@
 # `kvstrap daemon` on the simulated engine (32 disks, 320 volumes), both killed on exit.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BUS_POLICY=${BUS_POLICY:-$ROOT/tests/fixtures/dbus/org.kvstrap.Bootstrap1.conf}
+BUS_POLICY=${BUS_POLICY:-$ROOT/packaging/dbus/org.kvstrap.Bootstrap1.conf}
 WORK=$(mktemp -d)
 chmod 755 "$WORK"
 cleanup() {

@@ -13,13 +13,20 @@ fn percentile(sorted: &[Duration], percent: usize) -> Duration {
 
 fn main() {
     // `cargo bench` passes --bench; only the count matters here.
-    let calls: usize = std::env::var("CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let calls: usize = std::env::var("CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
     let Ok(address) = std::env::var("DBUS_SYSTEM_BUS_ADDRESS") else {
-        eprintln!("daemon_dbus_latency: set DBUS_SYSTEM_BUS_ADDRESS (run bench/daemon-dbus-latency.sh)");
+        eprintln!(
+            "daemon_dbus_latency: set DBUS_SYSTEM_BUS_ADDRESS (run bench/daemon-dbus-latency.sh)"
+        );
         return;
     };
     let mut times = zbus::block_on(async {
-        let client = Client::connect(Some(&address)).await.expect("daemon on the bus");
+        let client = Client::connect(Some(&address))
+            .await
+            .expect("daemon on the bus");
         let proxy = client.proxy().await.unwrap();
         proxy.status().await.unwrap(); // warm-up: introspection caches, first allocations
         let mut times = Vec::with_capacity(calls);

@@ -26,7 +26,7 @@ if [ "$(id -u)" != 0 ]; then
     echo "note: not root: tests that need loop devices will skip themselves"
 fi
 # Bounded fuzzing of load+validate rides along in the proptest cases.
-PROPTEST_CASES=${PROPTEST_CASES:-4096} cargo nextest run --locked --no-fail-fast
+PROPTEST_CASES=${PROPTEST_CASES:-4096} KVSTRAP_REAL_ENGINE=1 cargo nextest run --locked --no-fail-fast
 
 if [ -x packaging/test-packages ]; then
     log "packages (deb, rpm, lintian, systemd-analyze verify, install into a fresh root)"

@@ -369,7 +369,7 @@ fn write_md_superblock(dev: &Path) {
     for chunk in sb.chunks(4) {
         sum += u64::from(u32::from_le_bytes(chunk.try_into().unwrap()));
     }
-    let csum = ((sum & 0xffff_ffff) + (sum >> 32)) as u32;
+    let csum = u32::try_from((sum & 0xffff_ffff) + (sum >> 32)).unwrap_or(u32::MAX);
     put32(&mut sb, 216, csum);
     use std::io::{Seek, SeekFrom, Write};
     let mut f = std::fs::OpenOptions::new().write(true).open(dev).unwrap();
@@ -532,7 +532,7 @@ fn interrupted_runs_converge_without_formatting_twice() {
             .iter()
             .any(|s| s["action"] == "make_filesystem");
         assert!(
-            !(mkfs_again && !formatted_before.is_empty()),
+            !mkfs_again || formatted_before.is_empty(),
             "{failpoint}: formatted twice: {report:#}"
         );
         assert_eq!(report["failed"], 0, "{failpoint}: {report:#}");

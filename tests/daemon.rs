@@ -12,7 +12,8 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
-const SIM: &str = "disks = 4\nvolumes = 40\nsteps = 5\nstep_millis = 100\npending_publications = 3\n";
+const SIM: &str =
+    "disks = 4\nvolumes = 40\nsteps = 5\nstep_millis = 100\npending_publications = 3\n";
 
 fn status(bus: &TestBus) -> Value {
     let json = zbus::block_on(async {
@@ -26,7 +27,11 @@ fn started(test: &str, sim: &str) -> Option<(TestBus, NotifySocket, DaemonProces
     started_with(test, sim, false)
 }
 
-fn started_with(test: &str, sim: &str, uevents: bool) -> Option<(TestBus, NotifySocket, DaemonProcess)> {
+fn started_with(
+    test: &str,
+    sim: &str,
+    uevents: bool,
+) -> Option<(TestBus, NotifySocket, DaemonProcess)> {
     if !can_run(test) {
         return None;
     }
@@ -34,7 +39,12 @@ fn started_with(test: &str, sim: &str, uevents: bool) -> Option<(TestBus, Notify
     let mut notify = NotifySocket::new();
     let mut daemon = DaemonProcess::start_with(&bus, &notify, sim, uevents);
     let ready = notify.wait_for("READY=1", Duration::from_secs(20));
-    assert!(ready, "no READY=1; saw {:?}; daemon stderr:\n{}", notify.seen, daemon.stderr());
+    assert!(
+        ready,
+        "no READY=1; saw {:?}; daemon stderr:\n{}",
+        notify.seen,
+        daemon.stderr()
+    );
     assert!(daemon.is_running());
     Some((bus, notify, daemon))
 }
@@ -48,14 +58,33 @@ fn ready_comes_after_the_first_apply_without_an_api_server() {
     let mut notify = NotifySocket::new();
     let started = Instant::now();
     let daemon = DaemonProcess::start(&bus, &notify, SIM);
-    assert!(notify.wait_for("READY=1", Duration::from_secs(20)), "saw {:?}\n{}", notify.seen, daemon.stderr());
+    assert!(
+        notify.wait_for("READY=1", Duration::from_secs(20)),
+        "saw {:?}\n{}",
+        notify.seen,
+        daemon.stderr()
+    );
     // Five simulated steps of 100 ms ran before READY; 3 publications are still pending
     // (nothing accepts them), and READY did not wait for them.
-    assert!(started.elapsed() >= Duration::from_millis(500), "READY before the apply finished");
-    let applying = notify.seen.iter().position(|l| l == "STATUS=applying the policy").expect("applying status");
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "READY before the apply finished"
+    );
+    let applying = notify
+        .seen
+        .iter()
+        .position(|l| l == "STATUS=applying the policy")
+        .expect("applying status");
     let ready = notify.seen.iter().position(|l| l == "READY=1").unwrap();
     assert!(applying < ready, "{:?}", notify.seen);
-    assert!(notify.seen.iter().any(|l| l == "STATUS=4 disks, 40 volumes, 3 pending"), "{:?}", notify.seen);
+    assert!(
+        notify
+            .seen
+            .iter()
+            .any(|l| l == "STATUS=4 disks, 40 volumes, 3 pending"),
+        "{:?}",
+        notify.seen
+    );
     let s = status(&bus);
     assert_eq!(s["runs"], 1);
     assert_eq!(s["last_apply_result"], "success");
@@ -65,21 +94,56 @@ fn ready_comes_after_the_first_apply_without_an_api_server() {
 
 #[test]
 fn nobody_reads_but_cannot_apply_and_root_can() {
-    let Some((bus, _notify, _daemon)) = started("nobody_reads_but_cannot_apply_and_root_can", SIM) else { return };
-    for prop in ["State", "Version", "LastApplyTime", "LastApplyResult", "PendingPublications"] {
+    let Some((bus, _notify, _daemon)) = started("nobody_reads_but_cannot_apply_and_root_can", SIM)
+    else {
+        return;
+    };
+    for prop in [
+        "State",
+        "Version",
+        "LastApplyTime",
+        "LastApplyResult",
+        "PendingPublications",
+    ] {
         let out = bus.property_as(NOBODY, prop);
-        assert!(out.status.success(), "nobody reading {prop}: {}", text(&out));
+        assert!(
+            out.status.success(),
+            "nobody reading {prop}: {}",
+            text(&out)
+        );
     }
     let out = bus.property_as(NOBODY, "LastApplyResult");
-    assert!(text(&out).contains("variant       string \"success\""), "{}", text(&out));
-    let all = bus.send_as(NOBODY, &["org.freedesktop.DBus.Properties.GetAll", "string:org.kvstrap.Bootstrap1"]);
+    assert!(
+        text(&out).contains("variant       string \"success\""),
+        "{}",
+        text(&out)
+    );
+    let all = bus.send_as(
+        NOBODY,
+        &[
+            "org.freedesktop.DBus.Properties.GetAll",
+            "string:org.kvstrap.Bootstrap1",
+        ],
+    );
     assert!(all.status.success(), "{}", text(&all));
     let intro = bus.send_as(NOBODY, &["org.freedesktop.DBus.Introspectable.Introspect"]);
-    assert!(text(&intro).contains("<method name=\"Apply\">"), "{}", text(&intro));
+    assert!(
+        text(&intro).contains("<method name=\"Apply\">"),
+        "{}",
+        text(&intro)
+    );
     for method in ["Status", "Disks", "Volumes", "Plan"] {
         let out = bus.send_as(NOBODY, &[&format!("org.kvstrap.Bootstrap1.{method}")]);
-        assert!(out.status.success(), "nobody calling {method}: {}", text(&out));
-        assert!(text(&out).contains("string \"{"), "{method} returns JSON: {}", text(&out));
+        assert!(
+            out.status.success(),
+            "nobody calling {method}: {}",
+            text(&out)
+        );
+        assert!(
+            text(&out).contains("string \"{"),
+            "{method} returns JSON: {}",
+            text(&out)
+        );
     }
     let disks = bus.send_as(NOBODY, &["org.kvstrap.Bootstrap1.Disks"]);
     assert_eq!(text(&disks).matches("\"path\"").count(), 4);
@@ -87,7 +151,11 @@ fn nobody_reads_but_cannot_apply_and_root_can() {
     for method in ["Apply", "Reload"] {
         let refused = bus.send_as(NOBODY, &[&format!("org.kvstrap.Bootstrap1.{method}")]);
         assert!(!refused.status.success());
-        assert!(text(&refused).contains("org.freedesktop.DBus.Error.AccessDenied"), "{method}: {}", text(&refused));
+        assert!(
+            text(&refused).contains("org.freedesktop.DBus.Error.AccessDenied"),
+            "{method}: {}",
+            text(&refused)
+        );
     }
     assert_eq!(status(&bus)["runs"], 1, "a refused Apply must not run");
 
@@ -100,9 +168,16 @@ fn nobody_reads_but_cannot_apply_and_root_can() {
         let reply = proxy.apply().await.unwrap();
         let signal = futures_util::StreamExt::next(&mut finished).await.unwrap();
         let args = signal.args().unwrap();
-        ((args.result().to_string(), *args.changed(), *args.failed()), reply)
+        (
+            (args.result().to_string(), *args.changed(), *args.failed()),
+            reply,
+        )
     });
-    assert_eq!(signal, ("success".to_string(), 0, 0), "the node had converged");
+    assert_eq!(
+        signal,
+        ("success".to_string(), 0, 0),
+        "the node had converged"
+    );
     let summary: Value = serde_json::from_str(&reply).unwrap();
     assert_eq!(summary["disks"], 4);
     assert_eq!(status(&bus)["runs"], 2);
@@ -118,10 +193,18 @@ fn daemon_checks_the_callers_uid_itself() {
     let bus = TestBus::with_policy(PERMISSIVE_POLICY);
     let mut notify = NotifySocket::new();
     let daemon = DaemonProcess::start(&bus, &notify, SIM);
-    assert!(notify.wait_for("READY=1", Duration::from_secs(20)), "{}", daemon.stderr());
+    assert!(
+        notify.wait_for("READY=1", Duration::from_secs(20)),
+        "{}",
+        daemon.stderr()
+    );
     let refused = bus.send_as(NOBODY, &["org.kvstrap.Bootstrap1.Apply"]);
     assert!(!refused.status.success());
-    assert!(text(&refused).contains("org.kvstrap.Bootstrap1.Error.AccessDenied"), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("org.kvstrap.Bootstrap1.Error.AccessDenied"),
+        "{}",
+        text(&refused)
+    );
     assert!(text(&refused).contains("uid 65534"), "{}", text(&refused));
     let allowed = bus.send_as(0, &["org.kvstrap.Bootstrap1.Apply"]);
     assert!(allowed.status.success(), "{}", text(&allowed));
@@ -129,26 +212,55 @@ fn daemon_checks_the_callers_uid_itself() {
 
 #[test]
 fn sighup_with_a_broken_policy_keeps_the_old_one() {
-    let Some((bus, mut notify, mut daemon)) = started("sighup_with_a_broken_policy_keeps_the_old_one", SIM) else { return };
+    let Some((bus, mut notify, mut daemon)) =
+        started("sighup_with_a_broken_policy_keeps_the_old_one", SIM)
+    else {
+        return;
+    };
     std::fs::write(&daemon.sim, "disks = 4\nvolumes = \"many\"\n").unwrap();
     daemon.signal(Signal::SIGHUP);
     let log = daemon.stderr_path.clone();
-    let rejected = eventually(Duration::from_secs(5), || std::fs::read_to_string(&log).unwrap_or_default().contains("the old one stays in force"));
+    let rejected = eventually(Duration::from_secs(5), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("the old one stays in force")
+    });
     assert!(rejected, "{}", daemon.stderr());
-    assert!(daemon.stderr().contains("sim.toml:2:11: error:"), "diagnostic names file:line:col:\n{}", daemon.stderr());
+    assert!(
+        daemon.stderr().contains("sim.toml:2:11: error:"),
+        "diagnostic names file:line:col:\n{}",
+        daemon.stderr()
+    );
     assert!(daemon.is_running());
     assert_eq!(status(&bus)["last_apply"]["disks"], 4);
 
     // Reload over D-Bus reports the same problem as a typed error.
     let reload = bus.send_as(0, &["org.kvstrap.Bootstrap1.Reload"]);
-    assert!(text(&reload).contains("org.kvstrap.Bootstrap1.Error.InvalidPolicy"), "{}", text(&reload));
-    assert!(text(&reload).contains("sim.toml:2:11: error:"), "{}", text(&reload));
+    assert!(
+        text(&reload).contains("org.kvstrap.Bootstrap1.Error.InvalidPolicy"),
+        "{}",
+        text(&reload)
+    );
+    assert!(
+        text(&reload).contains("sim.toml:2:11: error:"),
+        "{}",
+        text(&reload)
+    );
 
     // A fixed policy is taken on the next SIGHUP, and a run follows.
     std::fs::write(&daemon.sim, "disks = 6\nvolumes = 60\n").unwrap();
     daemon.signal(Signal::SIGHUP);
-    assert!(eventually(Duration::from_secs(5), || status(&bus)["last_apply"]["disks"] == 6));
-    assert!(notify.wait_for("STATUS=6 disks, 60 volumes, 0 pending", Duration::from_secs(5)), "{:?}", notify.seen);
+    assert!(eventually(Duration::from_secs(5), || status(&bus)
+        ["last_apply"]["disks"]
+        == 6));
+    assert!(
+        notify.wait_for(
+            "STATUS=6 disks, 60 volumes, 0 pending",
+            Duration::from_secs(5)
+        ),
+        "{:?}",
+        notify.seen
+    );
 }
 
 #[test]
@@ -159,25 +271,57 @@ fn sigterm_during_an_apply_finishes_the_step_and_exits_zero() {
     let bus = TestBus::start();
     let mut notify = NotifySocket::new();
     let mut daemon = DaemonProcess::start(&bus, &notify, "steps = 100\nstep_millis = 200\n");
-    assert!(notify.wait_for("STATUS=applying the policy", Duration::from_secs(20)), "{}", daemon.stderr());
+    assert!(
+        notify.wait_for("STATUS=applying the policy", Duration::from_secs(20)),
+        "{}",
+        daemon.stderr()
+    );
     std::thread::sleep(Duration::from_millis(500));
     let asked = Instant::now();
     daemon.signal(Signal::SIGTERM);
-    let status = daemon.wait_exit(Duration::from_secs(10)).expect("daemon did not exit");
-    assert!(status.success(), "exit status {status:?}\n{}", daemon.stderr());
-    assert!(asked.elapsed() < Duration::from_secs(2), "took {:?}", asked.elapsed());
-    assert!(notify.wait_for("STOPPING=1", Duration::from_secs(1)), "{:?}", notify.seen);
-    assert!(daemon.stderr().contains("apply finished: interrupted"), "{}", daemon.stderr());
+    let status = daemon
+        .wait_exit(Duration::from_secs(10))
+        .expect("daemon did not exit");
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        daemon.stderr()
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        asked.elapsed()
+    );
+    assert!(
+        notify.wait_for("STOPPING=1", Duration::from_secs(1)),
+        "{:?}",
+        notify.seen
+    );
+    assert!(
+        daemon.stderr().contains("apply finished: interrupted"),
+        "{}",
+        daemon.stderr()
+    );
 }
 
 #[test]
 fn sigint_when_idle_exits_zero_and_releases_the_name() {
-    let Some((bus, _notify, mut daemon)) = started("sigint_when_idle_exits_zero_and_releases_the_name", SIM) else { return };
+    let Some((bus, _notify, mut daemon)) =
+        started("sigint_when_idle_exits_zero_and_releases_the_name", SIM)
+    else {
+        return;
+    };
     daemon.signal(Signal::SIGINT);
-    let status = daemon.wait_exit(Duration::from_secs(5)).expect("daemon did not exit");
+    let status = daemon
+        .wait_exit(Duration::from_secs(5))
+        .expect("daemon did not exit");
     assert!(status.success(), "{status:?}");
     let gone = zbus::block_on(Client::connect(Some(&bus.address)));
-    assert!(matches!(gone, Err(ClientError::NotRunning)), "{:?}", gone.err());
+    assert!(
+        matches!(gone, Err(ClientError::NotRunning)),
+        "{:?}",
+        gone.err()
+    );
 }
 
 #[test]
@@ -185,12 +329,18 @@ fn a_new_block_device_triggers_a_run() {
     if !common::require_root("a_new_block_device_triggers_a_run") {
         return;
     }
-    let Some((bus, _notify, _daemon)) = started_with("a_new_block_device_triggers_a_run", SIM, true) else { return };
+    let Some((bus, _notify, _daemon)) =
+        started_with("a_new_block_device_triggers_a_run", SIM, true)
+    else {
+        return;
+    };
     assert_eq!(status(&bus)["runs"], 1);
     // Attaching a loop device makes the kernel send a block uevent; after the quiet
     // period the daemon reconciles once for the whole burst.
     let disk = common::LoopDisk::new(64 << 20);
-    let ran = eventually(Duration::from_secs(2), || status(&bus)["runs"].as_u64() >= Some(2));
+    let ran = eventually(Duration::from_secs(2), || {
+        status(&bus)["runs"].as_u64() >= Some(2)
+    });
     assert!(ran, "no run after {} appeared", disk.path.display());
 }
 
@@ -201,12 +351,26 @@ fn watchdog_is_fed_when_systemd_asks() {
     }
     let bus = TestBus::start();
     let mut notify = NotifySocket::new();
-    let daemon = DaemonProcess::start_env(&bus, &notify, SIM, false, &[("WATCHDOG_USEC", "400000")]);
-    assert!(notify.wait_for("READY=1", Duration::from_secs(20)), "{}", daemon.stderr());
+    let daemon =
+        DaemonProcess::start_env(&bus, &notify, SIM, false, &[("WATCHDOG_USEC", "400000")]);
+    assert!(
+        notify.wait_for("READY=1", Duration::from_secs(20)),
+        "{}",
+        daemon.stderr()
+    );
     notify.seen.clear();
-    assert!(notify.wait_for("WATCHDOG=1", Duration::from_secs(2)), "{:?}\n{}", notify.seen, daemon.stderr());
+    assert!(
+        notify.wait_for("WATCHDOG=1", Duration::from_secs(2)),
+        "{:?}\n{}",
+        notify.seen,
+        daemon.stderr()
+    );
     notify.seen.clear();
-    assert!(notify.wait_for("WATCHDOG=1", Duration::from_secs(2)), "fed again: {:?}", notify.seen);
+    assert!(
+        notify.wait_for("WATCHDOG=1", Duration::from_secs(2)),
+        "fed again: {:?}",
+        notify.seen
+    );
 }
 
 #[test]
@@ -217,17 +381,38 @@ fn no_bus_does_not_hold_back_ready() {
     // Disks come first: kubelet waits for READY, admin tools can wait for the bus.
     let bus = TestBus::start();
     let mut notify = NotifySocket::new();
-    let env = [("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/kvstrap-test-bus")];
+    let env = [(
+        "DBUS_SYSTEM_BUS_ADDRESS",
+        "unix:path=/nonexistent/kvstrap-test-bus",
+    )];
     let mut daemon = DaemonProcess::start_env(&bus, &notify, SIM, false, &env);
-    assert!(notify.wait_for("READY=1", Duration::from_secs(20)), "{:?}\n{}", notify.seen, daemon.stderr());
-    assert!(daemon.stderr().contains("cannot serve D-Bus, continuing without it"), "{}", daemon.stderr());
+    assert!(
+        notify.wait_for("READY=1", Duration::from_secs(20)),
+        "{:?}\n{}",
+        notify.seen,
+        daemon.stderr()
+    );
+    assert!(
+        daemon
+            .stderr()
+            .contains("cannot serve D-Bus, continuing without it"),
+        "{}",
+        daemon.stderr()
+    );
     daemon.signal(Signal::SIGTERM);
-    assert!(daemon.wait_exit(Duration::from_secs(5)).expect("exits").success());
+    assert!(daemon
+        .wait_exit(Duration::from_secs(5))
+        .expect("exits")
+        .success());
 }
 
 #[test]
 fn a_run_waits_for_the_applier_lock_but_not_a_stop() {
-    let Some((bus, _notify, mut daemon)) = started("a_run_waits_for_the_applier_lock_but_not_a_stop", SIM) else { return };
+    let Some((bus, _notify, mut daemon)) =
+        started("a_run_waits_for_the_applier_lock_but_not_a_stop", SIM)
+    else {
+        return;
+    };
     // Someone runs `kvstrap apply` by hand: the daemon's next run waits for the lock.
     let held = kvstrap::state::lock(&daemon.dir.path().join("lock"), Duration::ZERO).unwrap();
     let address = bus.address.clone();
@@ -244,9 +429,14 @@ fn a_run_waits_for_the_applier_lock_but_not_a_stop() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(status(&bus)["runs"], 1, "no run while the lock is held");
     daemon.signal(Signal::SIGTERM);
-    let exit = daemon.wait_exit(Duration::from_secs(5)).expect("a stop is not held up by the lock");
+    let exit = daemon
+        .wait_exit(Duration::from_secs(5))
+        .expect("a stop is not held up by the lock");
     assert!(exit.success(), "{exit:?}\n{}", daemon.stderr());
     let reply = apply.join().unwrap();
-    assert!(reply.is_err(), "the waiting Apply is answered with an error, not left hanging");
+    assert!(
+        reply.is_err(),
+        "the waiting Apply is answered with an error, not left hanging"
+    );
     drop(held);
 }

@@ -22,7 +22,12 @@ struct CountingEngine {
 impl Engine for CountingEngine {
     fn apply(&self, _stop: &AtomicBool) -> Result<ApplySummary, EngineError> {
         self.applies.fetch_add(1, Ordering::SeqCst);
-        Ok(ApplySummary { disks: 1, volumes: 2, result: "success".into(), ..Default::default() })
+        Ok(ApplySummary {
+            disks: 1,
+            volumes: 2,
+            result: "success".into(),
+            ..Default::default()
+        })
     }
     fn disks_json(&self) -> Result<String, EngineError> {
         Err(EngineError::Observe("sysfs is not mounted".into()))
@@ -52,13 +57,19 @@ fn publisher_hooks_reach_the_loop_and_the_bus() {
     std::env::remove_var("NOTIFY_SOCKET");
     let engine = Arc::new(CountingEngine::default());
     let (handle, inbox) = daemon::channel();
-    let options = Options { uevents: false, ..Options::default() };
+    let options = Options {
+        uevents: false,
+        ..Options::default()
+    };
     let daemon_thread = {
         let engine: Arc<dyn Engine> = engine.clone();
         let handle = handle.clone();
         std::thread::spawn(move || daemon::run(engine, &options, handle, inbox).unwrap())
     };
-    assert!(eventually(Duration::from_secs(10), || engine.applies.load(Ordering::SeqCst) == 1));
+    assert!(eventually(Duration::from_secs(10), || engine
+        .applies
+        .load(Ordering::SeqCst)
+        == 1));
 
     // Signals from the publisher's hooks, seen by a client.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -73,23 +84,39 @@ fn publisher_hooks_reach_the_loop_and_the_bus() {
             subscribed_tx.send(()).unwrap();
             let p = published.next().await.unwrap();
             let a = p.args().unwrap();
-            tx.send(("published", a.volume().to_string(), a.pv().to_string())).unwrap();
+            tx.send(("published", a.volume().to_string(), a.pv().to_string()))
+                .unwrap();
             let r = removed.next().await.unwrap();
             let a = r.args().unwrap();
-            tx.send(("removed", a.volume().to_string(), a.pv().to_string())).unwrap();
+            tx.send(("removed", a.volume().to_string(), a.pv().to_string()))
+                .unwrap();
         })
     });
     subscribed_rx.recv_timeout(Duration::from_secs(10)).unwrap();
     handle.volume_published("lab-00-001", "kvstrap-worker-07-lab-00-001");
     handle.volume_removed("lab-00-001", "kvstrap-worker-07-lab-00-001");
-    let first = rx.recv_timeout(Duration::from_secs(5)).expect("VolumePublished");
-    assert_eq!(first, ("published", "lab-00-001".to_string(), "kvstrap-worker-07-lab-00-001".to_string()));
-    let second = rx.recv_timeout(Duration::from_secs(5)).expect("VolumeRemoved");
+    let first = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("VolumePublished");
+    assert_eq!(
+        first,
+        (
+            "published",
+            "lab-00-001".to_string(),
+            "kvstrap-worker-07-lab-00-001".to_string()
+        )
+    );
+    let second = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("VolumeRemoved");
     assert_eq!(second.0, "removed");
 
     // A PV change from the API server asks for a run.
     handle.pv_changed();
-    assert!(eventually(Duration::from_secs(5), || engine.applies.load(Ordering::SeqCst) == 2));
+    assert!(eventually(Duration::from_secs(5), || engine
+        .applies
+        .load(Ordering::SeqCst)
+        == 2));
 
     // The pending count is re-read when the publisher says it changed.
     engine.pending.store(5, Ordering::SeqCst);
@@ -100,11 +127,24 @@ fn publisher_hooks_reach_the_loop_and_the_bus() {
 
     // Engine errors become typed D-Bus errors with the engine's words.
     let disks = bus.send_as(0, &["org.kvstrap.Bootstrap1.Disks"]);
-    assert!(text(&disks).contains("org.kvstrap.Bootstrap1.Error.ReadFailed"), "{}", text(&disks));
-    assert!(text(&disks).contains("sysfs is not mounted"), "{}", text(&disks));
+    assert!(
+        text(&disks).contains("org.kvstrap.Bootstrap1.Error.ReadFailed"),
+        "{}",
+        text(&disks)
+    );
+    assert!(
+        text(&disks).contains("sysfs is not mounted"),
+        "{}",
+        text(&disks)
+    );
 
     handle.trigger(Trigger::Stop);
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || done_tx.send(daemon_thread.join().unwrap()).unwrap());
-    assert_eq!(done_rx.recv_timeout(Duration::from_secs(5)).expect("daemon stops"), 0);
+    assert_eq!(
+        done_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("daemon stops"),
+        0
+    );
 }

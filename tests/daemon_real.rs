@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 fn enabled(test: &str) -> bool {
     if std::env::var_os("KVSTRAP_REAL_ENGINE").is_none() {
-        eprintln!("skipping {test}: set KVSTRAP_REAL_ENGINE=1 to run the daemon on the real engine");
+        eprintln!(
+            "skipping {test}: set KVSTRAP_REAL_ENGINE=1 to run the daemon on the real engine"
+        );
         return false;
     }
     common::require_root(test) && can_run(test)
@@ -22,7 +24,10 @@ fn enabled(test: &str) -> bool {
 
 /// A policy that selects exactly `devices`, with its storage under `root`.
 fn policy(root: &Path, devices: &[PathBuf]) -> String {
-    let list: Vec<String> = devices.iter().map(|d| format!("{:?}", d.display().to_string())).collect();
+    let list: Vec<String> = devices
+        .iter()
+        .map(|d| format!("{:?}", d.display().to_string()))
+        .collect();
     format!(
         r#"[node]
 name = "daemon-test"
@@ -45,6 +50,8 @@ layout = "shared"
 devices = [{list}]
 allow_loop = true
 volume_count = 4
+# This CI machine's kernel has no XFS quotas; provision without them there.
+quota = "if-supported"
 "#,
         root = root.display(),
         list = list.join(", ")
@@ -62,15 +69,34 @@ struct NamedLoop {
 impl NamedLoop {
     fn reserve(dir: &Path, size: u64) -> NamedLoop {
         let backing = dir.join("hotplug.img");
-        std::fs::File::create(&backing).unwrap().set_len(size).unwrap();
-        let out = Command::new("losetup").arg("--find").output().unwrap();
-        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        NamedLoop { path, backing, attached: false }
+        std::fs::File::create(&backing)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        // A high number no other test's `losetup --find` will pick in the meantime.
+        let free = |n: &u32| !Path::new(&format!("/sys/block/loop{n}/loop/backing_file")).exists();
+        let n = (200 + std::process::id() % 50..=255).find(free).unwrap();
+        let path = PathBuf::from(format!("/dev/loop{n}"));
+        NamedLoop {
+            path,
+            backing,
+            attached: false,
+        }
     }
 
     fn attach(&mut self) {
-        let out = Command::new("losetup").arg("--partscan").arg(&self.path).arg(&self.backing).output().unwrap();
-        assert!(out.status.success(), "losetup {}: {}", self.path.display(), String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("losetup")
+            .arg("--partscan")
+            .arg(&self.path)
+            .arg(&self.backing)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup {}: {}",
+            self.path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         self.attached = true;
     }
 }
@@ -96,7 +122,11 @@ fn real_daemon(bus: &TestBus, notify: &NotifySocket, policy_text: &str) -> Daemo
 fn volumes_on(bus: &TestBus, disk: &Path) -> Vec<serde_json::Value> {
     let out = bus.send_as(0, &["org.kvstrap.Bootstrap1.Volumes"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let Some(json) = text.split_once('"').and_then(|(_, rest)| rest.rsplit_once('"')).map(|(j, _)| j.to_string()) else {
+    let Some(json) = text
+        .split_once('"')
+        .and_then(|(_, rest)| rest.rsplit_once('"'))
+        .map(|(j, _)| j.to_string())
+    else {
         return Vec::new();
     };
     let value: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
@@ -118,8 +148,16 @@ fn hot_plugged_disk_is_provisioned_within_two_seconds() {
     let mut disk = NamedLoop::reserve(work.path(), 1 << 30);
     let bus = TestBus::start();
     let mut notify = NotifySocket::new();
-    let daemon = real_daemon(&bus, &notify, &policy(&work.path().join("storage"), &[disk.path.clone()]));
-    assert!(notify.wait_for("READY=1", Duration::from_secs(30)), "{}", daemon.stderr());
+    let daemon = real_daemon(
+        &bus,
+        &notify,
+        &policy(&work.path().join("storage"), &[disk.path.clone()]),
+    );
+    assert!(
+        notify.wait_for("READY=1", Duration::from_secs(30)),
+        "{}",
+        daemon.stderr()
+    );
 
     let plugged = Instant::now();
     disk.attach();
@@ -127,10 +165,19 @@ fn hot_plugged_disk_is_provisioned_within_two_seconds() {
         let v = volumes_on(&bus, &disk.path);
         !v.is_empty() && v.iter().all(|v| v["state"] == "ready")
     });
-    assert!(ready, "{} not provisioned {:?} after it appeared\n{}", disk.path.display(), plugged.elapsed(), daemon.stderr());
+    assert!(
+        ready,
+        "{} not provisioned {:?} after it appeared\n{}",
+        disk.path.display(),
+        plugged.elapsed(),
+        daemon.stderr()
+    );
     // The rendered manifests live in the state directory (publish = false renders only).
     let state = daemon.dir.path().join("state");
-    let rendered = walk(&state).into_iter().any(|p| p.extension().is_some_and(|e| e == "yaml" || e == "json") && p.starts_with(state.join("manifests")));
+    let rendered = walk(&state).into_iter().any(|p| {
+        p.extension().is_some_and(|e| e == "yaml" || e == "json")
+            && p.starts_with(state.join("manifests"))
+    });
     assert!(rendered, "no manifest rendered under {}", state.display());
 }
 
@@ -140,16 +187,25 @@ fn sigterm_during_apply_leaves_disks_the_next_run_adopts() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let disks = [common::LoopDisk::new(1 << 30), common::LoopDisk::new(1 << 30)];
+    let disks = [
+        common::LoopDisk::new(1 << 30),
+        common::LoopDisk::new(1 << 30),
+    ];
     let paths: Vec<PathBuf> = disks.iter().map(|d| d.path.clone()).collect();
     let policy_text = policy(&work.path().join("storage"), &paths);
     let bus = TestBus::start();
     let mut notify = NotifySocket::new();
     let mut daemon = real_daemon(&bus, &notify, &policy_text);
-    assert!(notify.wait_for("STATUS=applying the policy", Duration::from_secs(30)), "{}", daemon.stderr());
+    assert!(
+        notify.wait_for("STATUS=applying the policy", Duration::from_secs(30)),
+        "{}",
+        daemon.stderr()
+    );
     std::thread::sleep(Duration::from_millis(300));
     daemon.signal(Signal::SIGTERM);
-    let status = daemon.wait_exit(Duration::from_secs(60)).expect("daemon did not stop");
+    let status = daemon
+        .wait_exit(Duration::from_secs(60))
+        .expect("daemon did not stop");
     assert!(status.success(), "{status:?}\n{}", daemon.stderr());
 
     // The next run (the CLI, same lock and state) adopts what the interrupted one left.
@@ -167,8 +223,16 @@ fn sigterm_during_apply_leaves_disks_the_next_run_adopts() {
     assert!(apply.status.success(), "{}", text(&apply));
     let plan = kvstrap(&["plan", "--output", "json"]);
     let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
-    assert_eq!(plan["steps"].as_array().map(Vec::len), Some(0), "converged: {plan}");
-    assert_eq!(plan["refused"].as_array().map(Vec::len), Some(0), "nothing left alone: {plan}");
+    assert_eq!(
+        plan["steps"].as_array().map(Vec::len),
+        Some(0),
+        "converged: {plan}"
+    );
+    assert_eq!(
+        plan["refused"].as_array().map(Vec::len),
+        Some(0),
+        "nothing left alone: {plan}"
+    );
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {

@@ -51,6 +51,18 @@ pub fn apply(g: &GlobalArgs, a: &ApplyArgs) -> Result<i32> {
         "success".into()
     };
     record_state(g, &plan, &report, &result)?;
+    // Publish what exists now, no more and no less: look again after any change.
+    let after = if report.steps.is_empty() {
+        plan.clone()
+    } else {
+        crate::plan::plan(&policy, &scan(g, Some(&policy))?, &plan_context(g))
+    };
+    let desired = crate::kube::node::render(&policy, &after, &g.state_dir)
+        .context("cannot render the manifests")?;
+    if policy.kubernetes.publish {
+        let outcome = crate::kube::node::publish_now(&policy, &desired, &g.state_dir);
+        tracing::info!("{outcome}");
+    }
     print_report(g, &plan, &report);
     Ok(if report.failed() > 0 {
         crate::cli::EXIT_FAILURE
@@ -148,6 +160,13 @@ pub struct VolumeRow {
     pub device: std::path::PathBuf,
     /// `ready` when provisioned, `pending` while apply still has steps for it.
     pub state: &'static str,
+    /// The PersistentVolume that publishes it, once one was published.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pv_name: Option<String>,
+    /// Whether the PV was in the cluster at the last publish pass.
+    pub published: bool,
+    /// Its phase there: Available, Bound, Released, Failed.
+    pub phase: Option<String>,
 }
 
 /// Volumes of the plan with their state; a volume is ready when no step touches it.
@@ -175,6 +194,9 @@ pub fn volume_rows(plan: &Plan) -> Vec<VolumeRow> {
                 disk: v.disk.clone(),
                 device: v.device.clone(),
                 state: if pending { "pending" } else { "ready" },
+                pv_name: None,
+                published: false,
+                phase: None,
             }
         })
         .collect()
@@ -184,22 +206,38 @@ pub fn volumes(g: &GlobalArgs) -> Result<i32> {
     let policy = load_policy(g)?;
     let inventory = scan(g, Some(&policy))?;
     let plan = crate::plan::plan(&policy, &inventory, &plan_context(g));
-    let rows = volume_rows(&plan);
+    let mut rows = volume_rows(&plan);
+    let volumes: Vec<_> = plan.volumes().cloned().collect();
+    let recorded =
+        crate::kube::publisher::recorded_publication(&g.state_dir, &policy.node.name, &volumes);
+    for r in &mut rows {
+        if let Some(p) = recorded.get(&r.name) {
+            r.pv_name = Some(p.pv_name.clone());
+            r.published = p.published;
+            r.phase = p.phase.clone();
+        }
+    }
     match g.output {
         OutputFormat::Json => print_json(&json!({ "volumes": rows })),
         OutputFormat::Human => {
             println!(
-                "{:<28} {:>10} {:<10} {:<24} {:<8} {}",
-                "NAME", "CAPACITY", "MODE", "STORAGECLASS", "STATE", "PATH"
+                "{:<28} {:>10} {:<10} {:<24} {:<8} {:<10} PATH",
+                "NAME", "CAPACITY", "MODE", "STORAGECLASS", "STATE", "PV"
             );
             for r in &rows {
+                let pv = match (&r.phase, r.published) {
+                    (Some(phase), _) => phase.clone(),
+                    (None, true) => "published".into(),
+                    (None, false) => "-".into(),
+                };
                 println!(
-                    "{:<28} {:>10} {:<10} {:<24} {:<8} {}",
+                    "{:<28} {:>10} {:<10} {:<24} {:<8} {:<10} {}",
                     r.name,
                     human(r.capacity_bytes),
                     format!("{:?}", r.volume_mode),
                     r.storage_class,
                     r.state,
+                    pv,
                     r.path.display()
                 );
             }

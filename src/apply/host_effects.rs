@@ -29,9 +29,7 @@ impl HostEffects {
                 FsType::Ext4 => Program::MkfsExt4,
             })
             .collect();
-        self.programs
-            .check(&needed)
-            .map_err(|e| ApplyError::Host(e.into()))
+        self.programs.check(&needed).map_err(ApplyError::from)
     }
 }
 

@@ -21,10 +21,17 @@ pub const MAX_PARALLEL_DISKS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
+    // Boxed: host errors carry paths and stderr, and every step returns this type.
     #[error(transparent)]
-    Host(#[from] crate::host::Error),
+    Host(Box<crate::host::Error>),
     #[error("refusing {step}: {why}")]
     Refused { step: String, why: String },
+}
+
+impl<E: Into<crate::host::Error>> From<E> for ApplyError {
+    fn from(e: E) -> Self {
+        ApplyError::Host(Box::new(e.into()))
+    }
 }
 
 /// What happened to one step.

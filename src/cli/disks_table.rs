@@ -9,8 +9,8 @@ pub fn render(rows: &[(&Disk, Option<String>, Verdict)]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {}",
-        "NAME", "SIZE", "TRAN", "ROT", "MODEL", "SERIAL", "CONTENT", "VERDICT"
+        "{:<16} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} VERDICT",
+        "NAME", "SIZE", "TRAN", "ROT", "MODEL", "SERIAL", "CONTENT"
     );
     for (disk, group, verdict) in rows {
         let disk_content = content(

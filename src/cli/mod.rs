@@ -146,7 +146,10 @@ pub fn disks_document(policy: Option<&Policy>, inventory: &Inventory) -> serde_j
             if let Some(obj) = v.as_object_mut() {
                 obj.insert("group".into(), json!(group));
                 obj.insert("eligible".into(), json!(verdict.is_writable()));
-                obj.insert("verdict".into(), serde_json::to_value(verdict).unwrap_or_default());
+                obj.insert(
+                    "verdict".into(),
+                    serde_json::to_value(verdict).unwrap_or_default(),
+                );
                 obj.insert("reason".into(), json!(verdict.reason()));
             }
             v
@@ -178,7 +181,9 @@ fn from_daemon(g: &GlobalArgs, ask: fn() -> Option<String>) -> Option<String> {
 
 fn disks(g: &GlobalArgs) -> Result<i32> {
     let document = match from_daemon(g, crate::dbus::client::client_disks) {
-        Some(text) => serde_json::from_str(&text).context("the daemon sent disks kvstrap cannot read")?,
+        Some(text) => {
+            serde_json::from_str(&text).context("the daemon sent disks kvstrap cannot read")?
+        }
         None => {
             // A broken policy given explicitly is an error; no policy at all still lists disks.
             let policy = match (&g.policy, policy::load(g.policy.as_deref())) {
@@ -195,7 +200,10 @@ fn disks(g: &GlobalArgs) -> Result<i32> {
         OutputFormat::Human => {
             let rows: Vec<DiskRow> = serde_json::from_value(document["disks"].clone())
                 .context("cannot read the disk list")?;
-            let table: Vec<_> = rows.iter().map(|r| (&r.disk, r.group.clone(), r.verdict.clone())).collect();
+            let table: Vec<_> = rows
+                .iter()
+                .map(|r| (&r.disk, r.group.clone(), r.verdict.clone()))
+                .collect();
             print!("{}", disks_table::render(&table));
         }
     }

@@ -18,8 +18,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// what the API server has not accepted yet. It reports back through `daemon::Handle`
 /// (`volume_published`, `volume_removed`, `publications_changed`, `pv_changed`).
 pub trait Publications: Send + Sync {
-    /// Queue the plan's volumes (and their StorageClass) for publishing.
-    fn submit(&self, plan: &Plan);
+    /// Render and queue the volumes that exist after a run (and the policy's classes).
+    fn submit(&self, policy: &Policy, plan: &Plan);
     /// PersistentVolumes rendered but not yet accepted by the API server.
     fn pending(&self) -> u32;
 }
@@ -33,9 +33,17 @@ pub struct HostEngine {
 
 impl HostEngine {
     /// Load the policy once; the daemon refuses to start on a broken one.
-    pub fn new(global: &GlobalArgs, publications: Option<Arc<dyn Publications>>) -> Result<HostEngine, EngineError> {
-        let policy = policy::load(global.policy.as_deref()).map_err(|e| EngineError::Policy(diagnostics(&e)))?;
-        Ok(HostEngine { global: global.clone(), policy: Mutex::new(Arc::new(policy)), publications })
+    pub fn new(
+        global: &GlobalArgs,
+        publications: Option<Arc<dyn Publications>>,
+    ) -> Result<HostEngine, EngineError> {
+        let policy = policy::load(global.policy.as_deref())
+            .map_err(|e| EngineError::Policy(diagnostics(&e)))?;
+        Ok(HostEngine {
+            global: global.clone(),
+            policy: Mutex::new(Arc::new(policy)),
+            publications,
+        })
     }
 
     fn policy(&self) -> Arc<Policy> {
@@ -46,14 +54,23 @@ impl HostEngine {
     }
 
     fn current_plan(&self, policy: &Policy) -> Result<Plan, EngineError> {
-        let inventory = scan(&self.global, Some(policy)).map_err(|e| EngineError::Observe(format!("{e:#}")))?;
-        Ok(crate::plan::plan(policy, &inventory, &plan_context(&self.global)))
+        let inventory =
+            scan(&self.global, Some(policy)).map_err(|e| EngineError::Observe(format!("{e:#}")))?;
+        Ok(crate::plan::plan(
+            policy,
+            &inventory,
+            &plan_context(&self.global),
+        ))
     }
 }
 
 /// Every diagnostic on its own line, `FILE:LINE:COL: error: ...`.
 pub fn diagnostics(e: &PolicyError) -> String {
-    e.diagnostics.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+    e.diagnostics
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn count(n: usize) -> u32 {
@@ -63,21 +80,35 @@ fn count(n: usize) -> u32 {
 impl Engine for HostEngine {
     fn apply(&self, stop: &AtomicBool) -> Result<ApplySummary, EngineError> {
         let policy = self.policy();
-        let effects = HostEffects::new(&self.global.state_dir).map_err(|e| EngineError::Execute(e.to_string()))?;
+        let effects = HostEffects::new(&self.global.state_dir)
+            .map_err(|e| EngineError::Execute(e.to_string()))?;
         let plan = self.current_plan(&policy)?;
         for r in &plan.refused {
             tracing::warn!(disk = %r.disk.display(), "left alone: {}", r.reason);
         }
         let report = apply::execute(&plan, &effects, stop, &|_, _, _| {});
+        // Publish what exists now: look again after any change.
+        let after = if report.steps.is_empty() {
+            plan.clone()
+        } else {
+            self.current_plan(&policy)?
+        };
         if let Some(p) = &self.publications {
-            p.submit(&plan);
+            p.submit(&policy, &after);
         }
         let failed = count(report.failed());
-        let interrupted = stop.load(Ordering::SeqCst) && report.steps.iter().any(|s| s.result == StepResult::Skipped);
+        let interrupted = stop.load(Ordering::SeqCst)
+            && report.steps.iter().any(|s| s.result == StepResult::Skipped);
         let summary = ApplySummary {
             disks: count(plan.groups.iter().map(|g| g.disks.len()).sum()),
             volumes: count(plan.volumes().count()),
-            steps_run: count(report.steps.iter().filter(|s| s.result != StepResult::Skipped).count()),
+            steps_run: count(
+                report
+                    .steps
+                    .iter()
+                    .filter(|s| s.result != StepResult::Skipped)
+                    .count(),
+            ),
             changed: count(report.changed()),
             failed,
             refused: count(plan.refused.len()),
@@ -90,13 +121,19 @@ impl Engine for HostEngine {
 
     fn disks_json(&self) -> Result<String, EngineError> {
         let policy = self.policy();
-        let inventory = scan(&self.global, Some(&policy)).map_err(|e| EngineError::Observe(format!("{e:#}")))?;
-        Ok(serde_json::to_string(&crate::cli::disks_document(Some(&policy), &inventory))?)
+        let inventory = scan(&self.global, Some(&policy))
+            .map_err(|e| EngineError::Observe(format!("{e:#}")))?;
+        Ok(serde_json::to_string(&crate::cli::disks_document(
+            Some(&policy),
+            &inventory,
+        ))?)
     }
 
     fn volumes_json(&self) -> Result<String, EngineError> {
         let plan = self.current_plan(&self.policy())?;
-        Ok(serde_json::to_string(&json!({ "volumes": apply::cli::volume_rows(&plan) }))?)
+        Ok(serde_json::to_string(
+            &json!({ "volumes": apply::cli::volume_rows(&plan) }),
+        )?)
     }
 
     fn plan_json(&self) -> Result<String, EngineError> {
@@ -118,7 +155,10 @@ impl Engine for HostEngine {
 
 /// The same state record `kvstrap apply` writes, so `kvstrap status` agrees with the daemon.
 fn record(g: &GlobalArgs, s: &ApplySummary) -> Result<(), EngineError> {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
     let st = State {
         version: state::STATE_VERSION,
         last_apply_unix: Some(now),
@@ -130,5 +170,84 @@ fn record(g: &GlobalArgs, s: &ApplySummary) -> Result<(), EngineError> {
         refused: s.refused as usize,
         in_flight: None,
     };
-    state::save(&g.state_dir, &st).map_err(|e| EngineError::Execute(format!("cannot record the apply: {e}")))
+    state::save(&g.state_dir, &st)
+        .map_err(|e| EngineError::Execute(format!("cannot record the apply: {e}")))
+}
+
+/// The daemon's publisher: manifests after every run, and server-side apply in the
+/// background when the policy says `publish = true`. Never blocks a run or READY.
+pub struct KubePublications {
+    state_dir: std::path::PathBuf,
+    publisher: Option<crate::kube::Publisher>,
+    // Owns the publisher's tasks; dropped last.
+    _runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl KubePublications {
+    pub fn start(global: &GlobalArgs, handle: Option<crate::daemon::Handle>) -> KubePublications {
+        let mut me = KubePublications {
+            state_dir: global.state_dir.clone(),
+            publisher: None,
+            _runtime: None,
+        };
+        let Ok(policy) = policy::load(global.policy.as_deref()) else {
+            return me;
+        };
+        if !policy.kubernetes.publish {
+            tracing::info!("kubernetes.publish = false: rendering manifests only");
+            return me;
+        }
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!("cannot start the publisher, rendering manifests only: {e}");
+                return me;
+            }
+        };
+        let started = {
+            let _guard = runtime.enter();
+            crate::kube::Publisher::start(
+                crate::kube::ClientSource::from_policy(&policy.kubernetes),
+                &policy.node.name,
+                &global.state_dir,
+                Arc::new(crate::kube::DirectoryAndBlockScrubber),
+                crate::kube::PublishOptions::default(),
+            )
+        };
+        match started {
+            Ok(p) => {
+                if let Some(h) = handle {
+                    h.publications_changed();
+                }
+                me.publisher = Some(p);
+                me._runtime = Some(runtime);
+            }
+            Err(e) => tracing::error!("cannot start the publisher, rendering manifests only: {e}"),
+        }
+        me
+    }
+}
+
+impl Publications for KubePublications {
+    fn submit(&self, policy: &Policy, plan: &Plan) {
+        match crate::kube::node::render(policy, plan, &self.state_dir) {
+            Ok(desired) => {
+                if let Some(p) = &self.publisher {
+                    p.submit(desired);
+                }
+            }
+            Err(e) => tracing::error!("cannot render the manifests: {e:#}"),
+        }
+    }
+
+    fn pending(&self) -> u32 {
+        self.publisher
+            .as_ref()
+            .map(|p| count(p.status().pending))
+            .unwrap_or(0)
+    }
 }

@@ -39,8 +39,15 @@ pub fn init_logging() {
     if stderr_is_journal() {
         if let Ok(layer) = tracing_journald::layer() {
             // No prefix: our fields are meant to be journal fields as they are (MESSAGE_ID).
-            let layer = layer.with_field_prefix(None).with_syslog_identifier("kvstrap".into());
-            if tracing_subscriber::registry().with(filter()).with(layer).try_init().is_ok() {
+            let layer = layer
+                .with_field_prefix(None)
+                .with_syslog_identifier("kvstrap".into());
+            if tracing_subscriber::registry()
+                .with(filter())
+                .with(layer)
+                .try_init()
+                .is_ok()
+            {
                 return;
             }
         }
@@ -57,13 +64,20 @@ pub fn init_logging() {
 /// systemd sets `JOURNAL_STREAM=DEV:INODE` for the stream it connected; it is only ours
 /// if stderr still is that stream (a child with redirected stderr inherits the variable).
 fn stderr_is_journal() -> bool {
-    let Some(value) = std::env::var_os("JOURNAL_STREAM") else { return false };
-    let Ok(stat) = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&std::io::stderr())) else { return false };
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(stat) = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&std::io::stderr()))
+    else {
+        return false;
+    };
     journal_stream_matches(&value.to_string_lossy(), stat.st_dev, stat.st_ino)
 }
 
 fn journal_stream_matches(value: &str, dev: u64, ino: u64) -> bool {
-    let Some((d, i)) = value.split_once(':') else { return false };
+    let Some((d, i)) = value.split_once(':') else {
+        return false;
+    };
     d.parse::<u64>().ok() == Some(dev) && i.parse::<u64>().ok() == Some(ino)
 }
 
@@ -93,7 +107,11 @@ mod tests {
         ];
         for id in ids {
             assert_eq!(id.len(), 32, "{id}");
-            assert!(id.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()), "{id}");
+            assert!(
+                id.chars()
+                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+                "{id}"
+            );
         }
         let unique: std::collections::HashSet<_> = ids.iter().collect();
         assert_eq!(unique.len(), ids.len());

@@ -86,7 +86,9 @@ impl Options {
     pub fn from_env() -> anyhow::Result<Options> {
         let mut o = Options::default();
         if let Ok(v) = std::env::var("KVSTRAP_RESYNC_SECS") {
-            let secs: u64 = v.parse().with_context(|| format!("KVSTRAP_RESYNC_SECS={v:?} is not a number of seconds"))?;
+            let secs: u64 = v
+                .parse()
+                .with_context(|| format!("KVSTRAP_RESYNC_SECS={v:?} is not a number of seconds"))?;
             o.resync = Duration::from_secs(secs.max(1));
         }
         o.dbus = std::env::var_os("KVSTRAP_NO_DBUS").is_none();
@@ -171,7 +173,10 @@ pub fn status_line(s: &Snapshot) -> String {
             r => format!("no apply yet: {r}"),
         };
     };
-    let mut line = format!("{} disks, {} volumes, {} pending", last.disks, last.volumes, s.pending_publications);
+    let mut line = format!(
+        "{} disks, {} volumes, {} pending",
+        last.disks, last.volumes, s.pending_publications
+    );
     if s.last_apply_result != "success" {
         line.push_str("; last apply: ");
         line.push_str(&s.last_apply_result);
@@ -201,13 +206,29 @@ impl Handle {
     }
     /// Emit `VolumePublished` on the bus.
     pub fn volume_published(&self, volume: &str, pv: &str) {
-        tracing::info!(message_id = message_id::VOLUME_PUBLISHED, pv, volume, "published {pv}");
-        let _ = self.bus.unbounded_send(BusEvent::VolumePublished { volume: volume.into(), pv: pv.into() });
+        tracing::info!(
+            message_id = message_id::VOLUME_PUBLISHED,
+            pv,
+            volume,
+            "published {pv}"
+        );
+        let _ = self.bus.unbounded_send(BusEvent::VolumePublished {
+            volume: volume.into(),
+            pv: pv.into(),
+        });
     }
     /// Emit `VolumeRemoved` on the bus.
     pub fn volume_removed(&self, volume: &str, pv: &str) {
-        tracing::info!(message_id = message_id::VOLUME_REMOVED, pv, volume, "removed {pv}");
-        let _ = self.bus.unbounded_send(BusEvent::VolumeRemoved { volume: volume.into(), pv: pv.into() });
+        tracing::info!(
+            message_id = message_id::VOLUME_REMOVED,
+            pv,
+            volume,
+            "removed {pv}"
+        );
+        let _ = self.bus.unbounded_send(BusEvent::VolumeRemoved {
+            volume: volume.into(),
+            pv: pv.into(),
+        });
     }
     fn bus_event(&self, e: BusEvent) {
         let _ = self.bus.unbounded_send(e);
@@ -227,7 +248,16 @@ pub struct Inbox {
 pub fn channel() -> (Handle, Inbox) {
     let (t_tx, t_rx) = mpsc::channel();
     let (b_tx, b_rx) = bus_mpsc::unbounded();
-    (Handle { triggers: t_tx, bus: b_tx }, Inbox { triggers: t_rx, bus: b_rx })
+    (
+        Handle {
+            triggers: t_tx,
+            bus: b_tx,
+        },
+        Inbox {
+            triggers: t_rx,
+            bus: b_rx,
+        },
+    )
 }
 
 /// `kvstrap daemon`: the simulated engine when `KVSTRAP_SIM` names a file, else the host.
@@ -235,21 +265,40 @@ pub fn main(g: &crate::cli::args::GlobalArgs) -> anyhow::Result<i32> {
     let (handle, inbox) = channel();
     let engine: Arc<dyn Engine> = match std::env::var_os(sim::SIM_ENV) {
         Some(path) => {
-            tracing::warn!("running on the simulated engine from {}", Path::new(&path).display());
+            tracing::warn!(
+                "running on the simulated engine from {}",
+                Path::new(&path).display()
+            );
             Arc::new(sim::SimEngine::load(Path::new(&path)).map_err(anyhow::Error::msg)?)
         }
-        None => Arc::new(host_engine::HostEngine::new(g, None)?),
+        None => {
+            let publications = host_engine::KubePublications::start(g, Some(handle.clone()));
+            Arc::new(host_engine::HostEngine::new(
+                g,
+                Some(Arc::new(publications)),
+            )?)
+        }
     };
     run(engine, &Options::from_env()?, handle, inbox)
 }
 
 /// Run the daemon until SIGTERM/SIGINT. Returns the exit status (0 after a clean stop).
-pub fn run(engine: Arc<dyn Engine>, options: &Options, handle: Handle, inbox: Inbox) -> anyhow::Result<i32> {
+pub fn run(
+    engine: Arc<dyn Engine>,
+    options: &Options,
+    handle: Handle,
+    inbox: Inbox,
+) -> anyhow::Result<i32> {
     let stop = Arc::new(AtomicBool::new(false));
     spawn_signal_thread(Arc::clone(&stop), handle.triggers())?;
     let shared: Shared = Arc::new(Mutex::new(Snapshot::default()));
     let bus = if options.dbus {
-        match server::spawn(Arc::clone(&shared), Arc::clone(&engine), handle.triggers(), inbox.bus) {
+        match server::spawn(
+            Arc::clone(&shared),
+            Arc::clone(&engine),
+            handle.triggers(),
+            inbox.bus,
+        ) {
             Ok(thread) => Some(thread),
             Err(e) => {
                 // Disks come first: kubelet waits for us, admin tools can wait for the bus.
@@ -279,7 +328,8 @@ pub fn run(engine: Arc<dyn Engine>, options: &Options, handle: Handle, inbox: In
 
 fn spawn_signal_thread(stop: Arc<AtomicBool>, triggers: Sender<Trigger>) -> anyhow::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).context("cannot install signal handlers")?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("cannot install signal handlers")?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -289,7 +339,9 @@ fn spawn_signal_thread(stop: Arc<AtomicBool>, triggers: Sender<Trigger>) -> anyh
                     let _ = triggers.send(Trigger::Reload(None));
                 } else {
                     // The engine sees the flag between steps: the step in flight finishes.
-                    tracing::info!("stop requested (signal {signal}): finishing the step in flight");
+                    tracing::info!(
+                        "stop requested (signal {signal}): finishing the step in flight"
+                    );
                     stop.store(true, Ordering::SeqCst);
                     let _ = triggers.send(Trigger::Stop);
                 }
@@ -303,29 +355,39 @@ fn spawn_uevent_thread(triggers: Sender<Trigger>) {
     let socket = match uevent::UeventSocket::open() {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!("cannot listen to kernel uevents ({e}); new disks are found by the periodic resync");
+            tracing::warn!(
+                "cannot listen to kernel uevents ({e}); new disks are found by the periodic resync"
+            );
             return;
         }
     };
-    let spawned = std::thread::Builder::new().name("uevents".into()).spawn(move || loop {
-        match socket.next() {
-            Ok(event) => {
-                if triggers.send(Trigger::Uevent(event)).is_err() {
+    let spawned = std::thread::Builder::new()
+        .name("uevents".into())
+        .spawn(move || loop {
+            match socket.next() {
+                Ok(event) => {
+                    if triggers.send(Trigger::Uevent(event)).is_err() {
+                        return;
+                    }
+                }
+                // ENOBUFS: the kernel dropped events while we were slow; a run catches up.
+                Err(nix::errno::Errno::ENOBUFS) => {
+                    let ev = uevent::BlockEvent {
+                        action: uevent::Action::Change,
+                        devname: String::new(),
+                        devtype: String::new(),
+                    };
+                    let _ = triggers.send(Trigger::Uevent(ev));
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    tracing::warn!(
+                        "kernel uevents stopped ({e}); new disks are found by the periodic resync"
+                    );
                     return;
                 }
             }
-            // ENOBUFS: the kernel dropped events while we were slow; a run catches up.
-            Err(nix::errno::Errno::ENOBUFS) => {
-                let ev = uevent::BlockEvent { action: uevent::Action::Change, devname: String::new(), devtype: String::new() };
-                let _ = triggers.send(Trigger::Uevent(ev));
-            }
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => {
-                tracing::warn!("kernel uevents stopped ({e}); new disks are found by the periodic resync");
-                return;
-            }
-        }
-    });
+        });
     if let Err(e) = spawned {
         tracing::warn!("cannot start the uevent thread: {e}");
     }
@@ -342,7 +404,11 @@ struct Heartbeat {
 
 impl Heartbeat {
     fn new() -> Heartbeat {
-        Heartbeat { start: Instant::now(), last_ms: Arc::new(AtomicU64::new(0)), busy: Arc::new(AtomicBool::new(false)) }
+        Heartbeat {
+            start: Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+            busy: Arc::new(AtomicBool::new(false)),
+        }
     }
     fn elapsed_ms(&self) -> u64 {
         u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
@@ -352,19 +418,27 @@ impl Heartbeat {
     }
     fn alive_within(&self, period: Duration) -> bool {
         let period_ms = u64::try_from(period.as_millis()).unwrap_or(u64::MAX);
-        self.busy.load(Ordering::SeqCst) || self.elapsed_ms().saturating_sub(self.last_ms.load(Ordering::SeqCst)) < period_ms
+        self.busy.load(Ordering::SeqCst)
+            || self
+                .elapsed_ms()
+                .saturating_sub(self.last_ms.load(Ordering::SeqCst))
+                < period_ms
     }
 }
 
 fn spawn_watchdog(heartbeat: &Heartbeat) {
-    let Some(period) = sd_notify::watchdog_enabled() else { return };
+    let Some(period) = sd_notify::watchdog_enabled() else {
+        return;
+    };
     let hb = heartbeat.clone();
-    let spawned = std::thread::Builder::new().name("watchdog".into()).spawn(move || loop {
-        std::thread::sleep(period / 2);
-        if hb.alive_within(period) {
-            let _ = sd_notify::notify(&[NotifyState::Watchdog]);
-        }
-    });
+    let spawned = std::thread::Builder::new()
+        .name("watchdog".into())
+        .spawn(move || loop {
+            std::thread::sleep(period / 2);
+            if hb.alive_within(period) {
+                let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+            }
+        });
     if let Err(e) = spawned {
         tracing::warn!("cannot start the watchdog thread: {e}");
     }
@@ -387,7 +461,14 @@ struct Reconciler {
 }
 
 impl Reconciler {
-    fn new(engine: Arc<dyn Engine>, options: &Options, shared: Shared, handle: Handle, stop: Arc<AtomicBool>, heartbeat: Heartbeat) -> Reconciler {
+    fn new(
+        engine: Arc<dyn Engine>,
+        options: &Options,
+        shared: Shared,
+        handle: Handle,
+        stop: Arc<AtomicBool>,
+        heartbeat: Heartbeat,
+    ) -> Reconciler {
         let mut schedule = Schedule::new(options.settle_quiet, options.settle_max);
         schedule.request(); // the first apply, at boot
         Reconciler {
@@ -499,7 +580,10 @@ impl Reconciler {
         let outcome = self.run_once();
         self.heartbeat.busy.store(false, Ordering::SeqCst);
         let pending = self.engine.pending_publications();
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
         update(&self.shared, |s| {
             s.runs += 1;
             s.last_apply_time = now;
@@ -511,9 +595,18 @@ impl Reconciler {
                 }
                 Err(e) => s.last_apply_result = format!("error: {e}"),
             }
-            s.state = if self.stop.load(Ordering::SeqCst) { Phase::Stopping } else { Phase::Idle };
+            s.state = if self.stop.load(Ordering::SeqCst) {
+                Phase::Stopping
+            } else {
+                Phase::Idle
+            };
         });
-        self.next_resync = Instant::now() + if outcome.is_ok() { self.options.resync } else { self.options.retry };
+        self.next_resync = Instant::now()
+            + if outcome.is_ok() {
+                self.options.resync
+            } else {
+                self.options.retry
+            };
         self.log_outcome(&outcome);
         self.publish_status();
         if !self.ready_sent {
@@ -540,11 +633,18 @@ impl Reconciler {
         let path = state::lock_path();
         let start = Instant::now();
         loop {
-            let slice = self.options.lock_timeout.saturating_sub(start.elapsed()).min(Duration::from_secs(1));
+            let slice = self
+                .options
+                .lock_timeout
+                .saturating_sub(start.elapsed())
+                .min(Duration::from_secs(1));
             match state::lock(&path, slice) {
                 Ok(lock) => return Ok(lock),
-                Err(state::StateError::LockBusy { .. }) if !self.stopping() && start.elapsed() < self.options.lock_timeout => {}
-                Err(state::StateError::LockBusy { .. }) if self.stopping() => return Err("stopping while another applier held the lock".into()),
+                Err(state::StateError::LockBusy { .. })
+                    if !self.stopping() && start.elapsed() < self.options.lock_timeout => {}
+                Err(state::StateError::LockBusy { .. }) if self.stopping() => {
+                    return Err("stopping while another applier held the lock".into())
+                }
                 Err(e) => return Err(e.to_string()),
             }
         }
@@ -562,7 +662,10 @@ impl Reconciler {
                 result = %s.result, changed = s.changed, failed = s.failed,
                 "apply finished: {}", s.result
             ),
-            Err(e) => tracing::error!(message_id = message_id::APPLY_FINISHED, "apply did not run: {e}"),
+            Err(e) => tracing::error!(
+                message_id = message_id::APPLY_FINISHED,
+                "apply did not run: {e}"
+            ),
         }
     }
 
@@ -599,7 +702,12 @@ fn finished_event(outcome: &Result<ApplySummary, String>) -> BusEvent {
             failed: s.failed,
             summary_json: serde_json::to_string(s).unwrap_or_default(),
         },
-        Err(e) => BusEvent::ApplyFinished { result: format!("error: {e}"), changed: 0, failed: 0, summary_json: "{}".into() },
+        Err(e) => BusEvent::ApplyFinished {
+            result: format!("error: {e}"),
+            changed: 0,
+            failed: 0,
+            summary_json: "{}".into(),
+        },
     }
 }
 
@@ -611,20 +719,34 @@ mod tests {
         Snapshot {
             last_apply_result: result.into(),
             pending_publications: 2,
-            last_apply: Some(ApplySummary { disks: 4, volumes: 40, result: result.into(), ..Default::default() }),
+            last_apply: Some(ApplySummary {
+                disks: 4,
+                volumes: 40,
+                result: result.into(),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
 
     #[test]
     fn status_line_counts_disks_volumes_pending() {
-        assert_eq!(status_line(&with_last("success")), "4 disks, 40 volumes, 2 pending");
+        assert_eq!(
+            status_line(&with_last("success")),
+            "4 disks, 40 volumes, 2 pending"
+        );
     }
 
     #[test]
     fn status_line_names_a_failure() {
-        assert_eq!(status_line(&with_last("failed: 1 step(s)")), "4 disks, 40 volumes, 2 pending; last apply: failed: 1 step(s)");
-        let none = Snapshot { last_apply_result: "error: lock busy".into(), ..Default::default() };
+        assert_eq!(
+            status_line(&with_last("failed: 1 step(s)")),
+            "4 disks, 40 volumes, 2 pending; last apply: failed: 1 step(s)"
+        );
+        let none = Snapshot {
+            last_apply_result: "error: lock busy".into(),
+            ..Default::default()
+        };
         assert_eq!(status_line(&none), "no apply yet: error: lock busy");
     }
 

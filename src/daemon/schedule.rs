@@ -17,7 +17,13 @@ pub struct Schedule {
 
 impl Schedule {
     pub fn new(quiet: Duration, max_settle: Duration) -> Schedule {
-        Schedule { quiet, max_settle, wanted: false, burst_start: None, settle_until: None }
+        Schedule {
+            quiet,
+            max_settle,
+            wanted: false,
+            burst_start: None,
+            settle_until: None,
+        }
     }
 
     /// Something asked for a run (startup, resync, D-Bus Apply, reload, PV change).
@@ -76,7 +82,10 @@ mod tests {
         let mut s = Schedule::new(ms(300), ms(3000));
         s.uevent(t);
         s.uevent(t + ms(200));
-        assert!(!s.due(t + ms(400)), "the second event extended the quiet period");
+        assert!(
+            !s.due(t + ms(400)),
+            "the second event extended the quiet period"
+        );
         assert!(s.due(t + ms(500)));
         assert_eq!(s.wakeup(), Some(t + ms(500)));
     }

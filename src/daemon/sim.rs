@@ -47,7 +47,8 @@ fn default_steps() -> u32 {
 
 /// Parse a simulation file; errors carry `file:line:col` like policy diagnostics.
 pub fn load_config(path: &Path) -> Result<SimConfig, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: error: cannot read: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: error: cannot read: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| {
         let (line, col) = e.span().map(|s| line_col(&text, s.start)).unwrap_or((1, 1));
         format!("{}:{line}:{col}: error: {}", path.display(), e.message())
@@ -73,7 +74,11 @@ impl SimEngine {
     pub fn load(path: &Path) -> Result<SimEngine, String> {
         let config = load_config(path)?;
         let remaining = Mutex::new(config.steps);
-        Ok(SimEngine { path: path.to_path_buf(), config: Mutex::new(config), remaining })
+        Ok(SimEngine {
+            path: path.to_path_buf(),
+            config: Mutex::new(config),
+            remaining,
+        })
     }
 
     fn config(&self) -> SimConfig {
@@ -87,7 +92,10 @@ impl SimEngine {
 impl Engine for SimEngine {
     fn apply(&self, stop: &AtomicBool) -> Result<ApplySummary, EngineError> {
         let config = self.config();
-        let mut remaining = self.remaining.lock().map_err(|_| EngineError::Execute("simulator state poisoned".into()))?;
+        let mut remaining = self
+            .remaining
+            .lock()
+            .map_err(|_| EngineError::Execute("simulator state poisoned".into()))?;
         let (mut run, mut changed, mut failed, mut interrupted) = (0, 0, 0, false);
         while *remaining > 0 {
             if stop.load(Ordering::SeqCst) {
@@ -139,8 +147,12 @@ impl Engine for SimEngine {
 
     fn plan_json(&self) -> Result<String, EngineError> {
         let remaining = self.remaining.lock().map(|r| *r).unwrap_or_default();
-        let steps: Vec<_> = (0..remaining).map(|i| json!({"action": "simulated", "index": i})).collect();
-        Ok(serde_json::to_string(&json!({ "steps": steps, "refused": [] }))?)
+        let steps: Vec<_> = (0..remaining)
+            .map(|i| json!({"action": "simulated", "index": i}))
+            .collect();
+        Ok(serde_json::to_string(
+            &json!({ "steps": steps, "refused": [] }),
+        )?)
     }
 
     fn reload_policy(&self) -> Result<(), String> {

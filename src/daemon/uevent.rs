@@ -1,7 +1,9 @@
 //! Kernel block-device uevents from a `NETLINK_KOBJECT_UEVENT` socket. This works without
 //! udevd: the kernel multicasts every uevent to group 1, and we read only block ones.
 
-use nix::sys::socket::{bind, recv, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType};
+use nix::sys::socket::{
+    bind, recv, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
+};
 use std::os::fd::{AsRawFd, OwnedFd};
 
 /// The kernel's multicast group (udevd re-broadcasts on group 2; we do not need it).
@@ -28,7 +30,9 @@ pub struct BlockEvent {
 /// Parse a kernel uevent datagram: `ACTION@DEVPATH\0KEY=VALUE\0...`. Returns `None` for
 /// anything but add/remove/change of a block device.
 pub fn parse(datagram: &[u8]) -> Option<BlockEvent> {
-    let mut fields = datagram.split(|b| *b == 0).filter_map(|f| std::str::from_utf8(f).ok());
+    let mut fields = datagram
+        .split(|b| *b == 0)
+        .filter_map(|f| std::str::from_utf8(f).ok());
     let header = fields.next()?;
     if !header.contains('@') {
         return None; // udevd's "libudev" messages, should one ever arrive
@@ -53,7 +57,11 @@ pub fn parse(datagram: &[u8]) -> Option<BlockEvent> {
         _ => return None,
     };
     let devname = devname?.trim_start_matches("/dev/").to_string();
-    Some(BlockEvent { action, devname, devtype })
+    Some(BlockEvent {
+        action,
+        devname,
+        devtype,
+    })
 }
 
 /// A bound uevent socket.
@@ -71,7 +79,8 @@ impl UeventSocket {
         )?;
         // A node booting with 60 disks sends thousands of events at once; a bigger buffer
         // means fewer ENOBUFS (which we survive, but by rescanning everything).
-        let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::RcvBuf, &RECEIVE_BUFFER);
+        let _ =
+            nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::RcvBuf, &RECEIVE_BUFFER);
         bind(fd.as_raw_fd(), &NetlinkAddr::new(0, KERNEL_GROUP))?;
         Ok(UeventSocket { fd })
     }
@@ -109,14 +118,31 @@ mod tests {
             "SEQNUM=4242",
         ]);
         let e = parse(&d).unwrap();
-        assert_eq!(e, BlockEvent { action: Action::Add, devname: "loop3p1".into(), devtype: "partition".into() });
+        assert_eq!(
+            e,
+            BlockEvent {
+                action: Action::Add,
+                devname: "loop3p1".into(),
+                devtype: "partition".into()
+            }
+        );
     }
 
     #[test]
     fn ignores_other_subsystems_and_actions() {
-        let net = datagram(&["add@/devices/net/x", "ACTION=add", "SUBSYSTEM=net", "DEVNAME=x"]);
+        let net = datagram(&[
+            "add@/devices/net/x",
+            "ACTION=add",
+            "SUBSYSTEM=net",
+            "DEVNAME=x",
+        ]);
         assert_eq!(parse(&net), None);
-        let bind = datagram(&["bind@/devices/x", "ACTION=bind", "SUBSYSTEM=block", "DEVNAME=sda"]);
+        let bind = datagram(&[
+            "bind@/devices/x",
+            "ACTION=bind",
+            "SUBSYSTEM=block",
+            "DEVNAME=sda",
+        ]);
         assert_eq!(parse(&bind), None);
     }
 
@@ -129,9 +155,24 @@ mod tests {
 
     #[test]
     fn remove_and_change_are_kept() {
-        let r = datagram(&["remove@/x", "ACTION=remove", "SUBSYSTEM=block", "DEVNAME=/dev/sdc", "DEVTYPE=disk"]);
-        assert_eq!(parse(&r).map(|e| (e.action, e.devname)), Some((Action::Remove, "sdc".to_string())));
-        let c = datagram(&["change@/x", "ACTION=change", "SUBSYSTEM=block", "DEVNAME=loop0", "DEVTYPE=disk"]);
+        let r = datagram(&[
+            "remove@/x",
+            "ACTION=remove",
+            "SUBSYSTEM=block",
+            "DEVNAME=/dev/sdc",
+            "DEVTYPE=disk",
+        ]);
+        assert_eq!(
+            parse(&r).map(|e| (e.action, e.devname)),
+            Some((Action::Remove, "sdc".to_string()))
+        );
+        let c = datagram(&[
+            "change@/x",
+            "ACTION=change",
+            "SUBSYSTEM=block",
+            "DEVNAME=loop0",
+            "DEVTYPE=disk",
+        ]);
         assert_eq!(parse(&c).map(|e| e.action), Some(Action::Change));
     }
 }

@@ -34,9 +34,16 @@ impl Client {
             None => zbus::connection::Builder::system(),
         };
         // An apply can take minutes; read calls are answered in milliseconds.
-        let conn = builder.method_timeout(Duration::from_secs(3600)).build().await.map_err(ClientError::NoBus)?;
-        let dbus = zbus::fdo::DBusProxy::new(&conn).await.map_err(ClientError::NoBus)?;
-        let name = zbus::names::BusName::try_from(BUS_NAME).map_err(|e| ClientError::Call(BusError::ZBus(e)))?;
+        let conn = builder
+            .method_timeout(Duration::from_secs(3600))
+            .build()
+            .await
+            .map_err(ClientError::NoBus)?;
+        let dbus = zbus::fdo::DBusProxy::new(&conn)
+            .await
+            .map_err(ClientError::NoBus)?;
+        let name = zbus::names::BusName::try_from(BUS_NAME)
+            .map_err(|e| ClientError::Call(BusError::ZBus(e)))?;
         match dbus.name_has_owner(name).await {
             Ok(true) => Ok(Client { conn }),
             Ok(false) => Err(ClientError::NotRunning),
@@ -45,11 +52,15 @@ impl Client {
     }
 
     pub async fn proxy(&self) -> Result<BootstrapProxy<'static>, ClientError> {
-        BootstrapProxy::new(&self.conn).await.map_err(|e| ClientError::Call(BusError::ZBus(e)))
+        BootstrapProxy::new(&self.conn)
+            .await
+            .map_err(|e| ClientError::Call(BusError::ZBus(e)))
     }
 }
 
-fn ask<T>(call: impl AsyncFnOnce(BootstrapProxy<'static>) -> Result<T, BusError>) -> Result<T, ClientError> {
+fn ask<T>(
+    call: impl AsyncFnOnce(BootstrapProxy<'static>) -> Result<T, BusError>,
+) -> Result<T, ClientError> {
     zbus::block_on(async {
         let client = Client::connect(None).await?;
         let proxy = client.proxy().await?;

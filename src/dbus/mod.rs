@@ -36,7 +36,12 @@ pub enum BusEvent {
     /// The daemon's state or counters changed: refresh the properties.
     PropertiesChanged,
     /// One apply run ended.
-    ApplyFinished { result: String, changed: u32, failed: u32, summary_json: String },
+    ApplyFinished {
+        result: String,
+        changed: u32,
+        failed: u32,
+        summary_json: String,
+    },
     /// The publisher made a PersistentVolume for a volume.
     VolumePublished { volume: String, pv: String },
     /// The publisher removed a PersistentVolume (released and reclaimed, or gone from policy).

@@ -25,13 +25,17 @@ pub fn authorize(uid: u32, method: &str) -> Result<(), BusError> {
     if uid == 0 {
         Ok(())
     } else {
-        Err(BusError::AccessDenied(format!("{method} changes the node's disks and is only allowed for root (caller uid {uid})")))
+        Err(BusError::AccessDenied(format!(
+            "{method} changes the node's disks and is only allowed for root (caller uid {uid})"
+        )))
     }
 }
 
 /// The uid of the connection that sent this message, as the bus daemon knows it.
 async fn sender_uid(conn: &Connection, header: &Header<'_>) -> Result<u32, BusError> {
-    let sender = header.sender().ok_or_else(|| BusError::AccessDenied("the call carries no sender".into()))?;
+    let sender = header
+        .sender()
+        .ok_or_else(|| BusError::AccessDenied("the call carries no sender".into()))?;
     let bus = zbus::fdo::DBusProxy::new(conn).await?;
     bus.get_connection_unix_user(sender.clone().into())
         .await
@@ -39,7 +43,9 @@ async fn sender_uid(conn: &Connection, header: &Header<'_>) -> Result<u32, BusEr
 }
 
 /// Run blocking engine work off the bus's thread, so one slow scan does not stall the bus.
-async fn off_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, BusError> {
+async fn off_thread<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, BusError> {
     let (tx, rx) = oneshot::channel();
     std::thread::Builder::new()
         .name("dbus-read".into())
@@ -47,7 +53,8 @@ async fn off_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static
             let _ = tx.send(work());
         })
         .map_err(|e| BusError::ReadFailed(format!("cannot start a worker thread: {e}")))?;
-    rx.await.map_err(|_| BusError::ReadFailed("the worker thread died".into()))
+    rx.await
+        .map_err(|_| BusError::ReadFailed("the worker thread died".into()))
 }
 
 fn read_error(e: EngineError) -> BusError {
@@ -56,7 +63,10 @@ fn read_error(e: EngineError) -> BusError {
 
 #[interface(
     name = "org.kvstrap.Bootstrap1",
-    proxy(default_service = "org.kvstrap.Bootstrap1", default_path = "/org/kvstrap/Bootstrap1")
+    proxy(
+        default_service = "org.kvstrap.Bootstrap1",
+        default_path = "/org/kvstrap/Bootstrap1"
+    )
 )]
 impl Bootstrap {
     /// `starting`, `applying`, `idle` or `stopping`.
@@ -91,34 +101,51 @@ impl Bootstrap {
 
     /// The daemon's state and the last apply's counters, as JSON.
     fn status(&self) -> Result<String, BusError> {
-        serde_json::to_string(&snapshot(&self.shared)).map_err(|e| BusError::ReadFailed(e.to_string()))
+        serde_json::to_string(&snapshot(&self.shared))
+            .map_err(|e| BusError::ReadFailed(e.to_string()))
     }
 
     /// The node's disks with identity and verdict, as JSON (`kvstrap disks -o json`).
     async fn disks(&self) -> Result<String, BusError> {
         let engine = Arc::clone(&self.engine);
-        off_thread(move || engine.disks_json()).await?.map_err(read_error)
+        off_thread(move || engine.disks_json())
+            .await?
+            .map_err(read_error)
     }
 
     /// The volumes kvstrap provides, as JSON (`kvstrap volumes -o json`).
     async fn volumes(&self) -> Result<String, BusError> {
         let engine = Arc::clone(&self.engine);
-        off_thread(move || engine.volumes_json()).await?.map_err(read_error)
+        off_thread(move || engine.volumes_json())
+            .await?
+            .map_err(read_error)
     }
 
     /// What a run would do now, as JSON (`kvstrap plan -o json`).
     async fn plan(&self) -> Result<String, BusError> {
         let engine = Arc::clone(&self.engine);
-        off_thread(move || engine.plan_json()).await?.map_err(read_error)
+        off_thread(move || engine.plan_json())
+            .await?
+            .map_err(read_error)
     }
 
     /// Run an apply now (root only) and return its summary as JSON when it has finished.
-    async fn apply(&self, #[zbus(header)] header: Header<'_>, #[zbus(connection)] conn: &Connection) -> Result<String, BusError> {
+    async fn apply(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<String, BusError> {
         authorize(sender_uid(conn, &header).await?, "Apply")?;
         let (tx, rx) = oneshot::channel();
-        self.triggers.send(Trigger::Apply(Some(tx))).map_err(|_| stopping())?;
-        let summary = rx.await.map_err(|_| stopping())?.map_err(BusError::ApplyFailed)?;
-        let json = serde_json::to_string(&summary).map_err(|e| BusError::ApplyFailed(e.to_string()))?;
+        self.triggers
+            .send(Trigger::Apply(Some(tx)))
+            .map_err(|_| stopping())?;
+        let summary = rx
+            .await
+            .map_err(|_| stopping())?
+            .map_err(BusError::ApplyFailed)?;
+        let json =
+            serde_json::to_string(&summary).map_err(|e| BusError::ApplyFailed(e.to_string()))?;
         if summary.failed > 0 {
             return Err(BusError::ApplyFailed(json));
         }
@@ -126,24 +153,46 @@ impl Bootstrap {
     }
 
     /// Re-read the policy (root only); a broken one is refused with every diagnostic.
-    async fn reload(&self, #[zbus(header)] header: Header<'_>, #[zbus(connection)] conn: &Connection) -> Result<(), BusError> {
+    async fn reload(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), BusError> {
         authorize(sender_uid(conn, &header).await?, "Reload")?;
         let (tx, rx) = oneshot::channel();
-        self.triggers.send(Trigger::Reload(Some(tx))).map_err(|_| stopping())?;
-        rx.await.map_err(|_| stopping())?.map_err(BusError::InvalidPolicy)
+        self.triggers
+            .send(Trigger::Reload(Some(tx)))
+            .map_err(|_| stopping())?;
+        rx.await
+            .map_err(|_| stopping())?
+            .map_err(BusError::InvalidPolicy)
     }
 
     /// An apply run ended; `summary` is the JSON of its counters.
     #[zbus(signal)]
-    async fn apply_finished(emitter: &SignalEmitter<'_>, result: &str, changed: u32, failed: u32, summary: &str) -> zbus::Result<()>;
+    async fn apply_finished(
+        emitter: &SignalEmitter<'_>,
+        result: &str,
+        changed: u32,
+        failed: u32,
+        summary: &str,
+    ) -> zbus::Result<()>;
 
     /// A PersistentVolume was published for a volume.
     #[zbus(signal)]
-    async fn volume_published(emitter: &SignalEmitter<'_>, volume: &str, pv: &str) -> zbus::Result<()>;
+    async fn volume_published(
+        emitter: &SignalEmitter<'_>,
+        volume: &str,
+        pv: &str,
+    ) -> zbus::Result<()>;
 
     /// A PersistentVolume was removed.
     #[zbus(signal)]
-    async fn volume_removed(emitter: &SignalEmitter<'_>, volume: &str, pv: &str) -> zbus::Result<()>;
+    async fn volume_removed(
+        emitter: &SignalEmitter<'_>,
+        volume: &str,
+        pv: &str,
+    ) -> zbus::Result<()>;
 }
 
 fn stopping() -> BusError {
@@ -159,7 +208,11 @@ pub fn spawn(
     events: UnboundedReceiver<BusEvent>,
 ) -> Result<JoinHandle<()>, zbus::Error> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let object = Bootstrap { shared, engine, triggers };
+    let object = Bootstrap {
+        shared,
+        engine,
+        triggers,
+    };
     let thread = std::thread::Builder::new()
         .name("dbus".into())
         .spawn(move || zbus::block_on(serve(object, events, ready_tx)))
@@ -167,12 +220,22 @@ pub fn spawn(
     match ready_rx.recv() {
         Ok(Ok(())) => Ok(thread),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(zbus::Error::Failure("the D-Bus thread died while connecting".into())),
+        Err(_) => Err(zbus::Error::Failure(
+            "the D-Bus thread died while connecting".into(),
+        )),
     }
 }
 
-async fn serve(object: Bootstrap, mut events: UnboundedReceiver<BusEvent>, ready: std::sync::mpsc::Sender<Result<(), zbus::Error>>) {
-    let built = zbus::connection::Builder::system().name(BUS_NAME).serve_at(OBJECT_PATH, object).build().await;
+async fn serve(
+    object: Bootstrap,
+    mut events: UnboundedReceiver<BusEvent>,
+    ready: std::sync::mpsc::Sender<Result<(), zbus::Error>>,
+) {
+    let built = zbus::connection::Builder::system()
+        .name(BUS_NAME)
+        .serve_at(OBJECT_PATH, object)
+        .build()
+        .await;
     let conn = match built {
         Ok(c) => c,
         Err(e) => {
@@ -182,7 +245,11 @@ async fn serve(object: Bootstrap, mut events: UnboundedReceiver<BusEvent>, ready
     };
     tracing::info!("serving {BUS_NAME} on the system bus");
     let _ = ready.send(Ok(()));
-    let iface = match conn.object_server().interface::<_, Bootstrap>(OBJECT_PATH).await {
+    let iface = match conn
+        .object_server()
+        .interface::<_, Bootstrap>(OBJECT_PATH)
+        .await
+    {
         Ok(i) => i,
         Err(e) => {
             tracing::error!("cannot find the served object: {e}");
@@ -200,7 +267,10 @@ async fn serve(object: Bootstrap, mut events: UnboundedReceiver<BusEvent>, ready
     let _ = conn.release_name(BUS_NAME).await;
 }
 
-async fn emit(iface: &zbus::object_server::InterfaceRef<Bootstrap>, event: BusEvent) -> zbus::Result<()> {
+async fn emit(
+    iface: &zbus::object_server::InterfaceRef<Bootstrap>,
+    event: BusEvent,
+) -> zbus::Result<()> {
     let emitter = iface.signal_emitter();
     match event {
         BusEvent::PropertiesChanged => {
@@ -210,11 +280,18 @@ async fn emit(iface: &zbus::object_server::InterfaceRef<Bootstrap>, event: BusEv
             object.last_apply_result_changed(emitter).await?;
             object.pending_publications_changed(emitter).await
         }
-        BusEvent::ApplyFinished { result, changed, failed, summary_json } => {
-            Bootstrap::apply_finished(emitter, &result, changed, failed, &summary_json).await
+        BusEvent::ApplyFinished {
+            result,
+            changed,
+            failed,
+            summary_json,
+        } => Bootstrap::apply_finished(emitter, &result, changed, failed, &summary_json).await,
+        BusEvent::VolumePublished { volume, pv } => {
+            Bootstrap::volume_published(emitter, &volume, &pv).await
         }
-        BusEvent::VolumePublished { volume, pv } => Bootstrap::volume_published(emitter, &volume, &pv).await,
-        BusEvent::VolumeRemoved { volume, pv } => Bootstrap::volume_removed(emitter, &volume, &pv).await,
+        BusEvent::VolumeRemoved { volume, pv } => {
+            Bootstrap::volume_removed(emitter, &volume, &pv).await
+        }
         BusEvent::Shutdown => Ok(()),
     }
 }
@@ -235,7 +312,13 @@ mod tests {
     #[test]
     fn errors_have_typed_names() {
         use zbus::DBusError;
-        assert_eq!(BusError::AccessDenied(String::new()).name().as_str(), "org.kvstrap.Bootstrap1.Error.AccessDenied");
-        assert_eq!(BusError::InvalidPolicy(String::new()).name().as_str(), "org.kvstrap.Bootstrap1.Error.InvalidPolicy");
+        assert_eq!(
+            BusError::AccessDenied(String::new()).name().as_str(),
+            "org.kvstrap.Bootstrap1.Error.AccessDenied"
+        );
+        assert_eq!(
+            BusError::InvalidPolicy(String::new()).name().as_str(),
+            "org.kvstrap.Bootstrap1.Error.InvalidPolicy"
+        );
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod builders;
 pub mod manifests;
+pub mod node;
 pub mod publisher;
 pub mod reconcile;
 pub mod scrub;
@@ -14,7 +15,9 @@ use k8s_openapi::api::core::v1::PersistentVolume;
 use k8s_openapi::api::storage::v1::StorageClass as K8sStorageClass;
 
 pub use manifests::{write_manifests, ManifestError, ManifestReport};
-pub use publisher::{ClientSource, PublishOptions, PublishStatus, Publisher, VolumePublication};
+pub use publisher::{
+    publish_once, ClientSource, PublishOptions, PublishStatus, Publisher, VolumePublication,
+};
 pub use reconcile::PassReport;
 pub use scrub::{DirectoryAndBlockScrubber, ScrubError, Scrubber};
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 /// The bus policy the tests load. At merge time this becomes the packaged file,
 /// `packaging/dbus/org.kvstrap.Bootstrap1.conf`.
-pub const BUS_POLICY: &str = "tests/fixtures/dbus/org.kvstrap.Bootstrap1.conf";
+pub const BUS_POLICY: &str = "packaging/dbus/org.kvstrap.Bootstrap1.conf";
 /// A policy that lets anyone call anything: only for showing the daemon's own uid check.
 pub const PERMISSIVE_POLICY: &str = "tests/fixtures/dbus/permissive.conf";
 const BUS_TEMPLATE: &str = "tests/fixtures/dbus/system-bus.conf.in";
@@ -30,7 +30,11 @@ pub fn can_run(test: &str) -> bool {
         eprintln!("skipping {test}: needs root (a private system bus and clients as nobody)");
         return false;
     }
-    if Command::new("dbus-daemon").arg("--version").output().is_err() {
+    if Command::new("dbus-daemon")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("skipping {test}: dbus-daemon is not installed (apt-get install dbus)");
         return false;
     }
@@ -69,16 +73,27 @@ impl TestBus {
             .spawn()
             .expect("start dbus-daemon");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         assert!(line.starts_with("unix:"), "dbus-daemon printed {line:?}");
-        TestBus { child, address: line.trim().to_string(), dir }
+        TestBus {
+            child,
+            address: line.trim().to_string(),
+            dir,
+        }
     }
 
     /// `dbus-send` as `uid` to the daemon's object; returns its output.
     pub fn send_as(&self, uid: u32, args: &[&str]) -> Output {
         let mut cmd = Command::new("dbus-send");
         cmd.arg(format!("--bus={}", self.address))
-            .args(["--print-reply", "--reply-timeout=20000", "--dest=org.kvstrap.Bootstrap1", "/org/kvstrap/Bootstrap1"])
+            .args([
+                "--print-reply",
+                "--reply-timeout=20000",
+                "--dest=org.kvstrap.Bootstrap1",
+                "/org/kvstrap/Bootstrap1",
+            ])
             .args(args);
         if uid != 0 {
             cmd.uid(uid).gid(uid);
@@ -88,14 +103,23 @@ impl TestBus {
 
     /// A property read as `uid` with `dbus-send`; the output holds e.g. `string "idle"`.
     pub fn property_as(&self, uid: u32, name: &str) -> Output {
-        self.send_as(uid, &["org.freedesktop.DBus.Properties.Get", "string:org.kvstrap.Bootstrap1", &format!("string:{name}")])
+        self.send_as(
+            uid,
+            &[
+                "org.freedesktop.DBus.Properties.Get",
+                "string:org.kvstrap.Bootstrap1",
+                &format!("string:{name}"),
+            ],
+        )
     }
 
     /// The property's value as dbus-send prints it after `variant`, e.g. `uint32 5`.
     pub fn property(&self, name: &str) -> String {
         let out = self.property_as(0, name);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.split_once("variant").map(|(_, v)| v.trim().to_string()).unwrap_or(text)
+        text.split_once("variant")
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or(text)
     }
 }
 
@@ -119,7 +143,12 @@ impl NotifySocket {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");
         let socket = UnixDatagram::bind(&path).unwrap();
-        NotifySocket { socket, path, seen: Vec::new(), _dir: dir }
+        NotifySocket {
+            socket,
+            path,
+            seen: Vec::new(),
+            _dir: dir,
+        }
     }
 
     /// Wait until a message containing `line` (e.g. `READY=1`) arrives; every message
@@ -131,11 +160,22 @@ impl NotifySocket {
         }
         let mut buf = [0u8; 4096];
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            self.socket.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
+            self.socket
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
             let n = match self.socket.recv(&mut buf) {
                 Ok(n) => n,
                 // Timeouts and interruptions: look at the clock again.
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue
+                }
                 Err(e) => panic!("notify socket: {e}"),
             };
             let text = String::from_utf8_lossy(&buf[..n]).into_owned();
@@ -166,12 +206,23 @@ impl DaemonProcess {
         DaemonProcess::start_with(bus, notify, sim, false)
     }
 
-    pub fn start_with(bus: &TestBus, notify: &NotifySocket, sim: &str, uevents: bool) -> DaemonProcess {
+    pub fn start_with(
+        bus: &TestBus,
+        notify: &NotifySocket,
+        sim: &str,
+        uevents: bool,
+    ) -> DaemonProcess {
         DaemonProcess::start_env(bus, notify, sim, uevents, &[])
     }
 
     /// Like `start_with`, with extra environment (set after the defaults).
-    pub fn start_env(bus: &TestBus, notify: &NotifySocket, sim: &str, uevents: bool, env: &[(&str, &str)]) -> DaemonProcess {
+    pub fn start_env(
+        bus: &TestBus,
+        notify: &NotifySocket,
+        sim: &str,
+        uevents: bool,
+        env: &[(&str, &str)],
+    ) -> DaemonProcess {
         let dir = tempfile::tempdir().unwrap();
         let sim_path = dir.path().join("sim.toml");
         std::fs::write(&sim_path, sim).unwrap();
@@ -184,7 +235,13 @@ impl DaemonProcess {
     }
 
     /// Start any `kvstrap daemon` command line (the real engine's tests use this).
-    pub fn spawn(cmd: Command, dir: tempfile::TempDir, sim: PathBuf, bus: &TestBus, notify: &NotifySocket) -> DaemonProcess {
+    pub fn spawn(
+        cmd: Command,
+        dir: tempfile::TempDir,
+        sim: PathBuf,
+        bus: &TestBus,
+        notify: &NotifySocket,
+    ) -> DaemonProcess {
         DaemonProcess::spawn_env(cmd, dir, sim, bus, notify, &[])
     }
 
@@ -211,7 +268,12 @@ impl DaemonProcess {
             .stderr(stderr)
             .spawn()
             .expect("start kvstrap daemon");
-        DaemonProcess { child, dir, sim, stderr_path }
+        DaemonProcess {
+            child,
+            dir,
+            sim,
+            stderr_path,
+        }
     }
 
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
@@ -259,5 +321,9 @@ pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
 }
 
 pub fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }

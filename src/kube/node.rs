@@ -1,0 +1,68 @@
+//! The node's side of publication: which volumes exist after an apply, their manifests
+//! (always), and a bounded publish attempt for the CLI. The daemon keeps a `Publisher`
+//! running instead and only submits.
+
+use super::{publish_once, Desired, DirectoryAndBlockScrubber};
+use crate::model::{Plan, VolumeSpec};
+use crate::policy::Policy;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long `kvstrap apply` tries to reach the API server before leaving it to the daemon.
+pub const CLI_PUBLISH_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Volumes that exist now: those of the plan with no step left for them.
+pub fn provisioned(plan: &Plan) -> Vec<VolumeSpec> {
+    let ready: std::collections::BTreeSet<String> = crate::apply::cli::volume_rows(plan)
+        .into_iter()
+        .filter(|r| r.state == "ready")
+        .map(|r| r.name)
+        .collect();
+    plan.volumes()
+        .filter(|v| ready.contains(&v.name))
+        .cloned()
+        .collect()
+}
+
+/// Build the objects for what exists and write them to `<state-dir>/manifests/`.
+pub fn render(policy: &Policy, plan: &Plan, state_dir: &Path) -> anyhow::Result<Desired> {
+    let desired = Desired::build(
+        &policy.node.name,
+        &provisioned(plan),
+        &policy.storage_classes,
+    )?;
+    let report = super::write_manifests(state_dir, &desired)?;
+    tracing::info!(
+        manifests = %report.dir.display(),
+        "manifests: {} written, {} unchanged, {} removed",
+        report.written.len(),
+        report.unchanged,
+        report.removed.len()
+    );
+    Ok(desired)
+}
+
+/// One publish pass for `kvstrap apply`, bounded in time. Failure is reported, never fatal:
+/// local provisioning is done, the manifests are on disk, and the daemon keeps retrying.
+pub fn publish_now(policy: &Policy, desired: &Desired, state_dir: &Path) -> String {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return format!("not published: cannot start the publisher: {e}"),
+    };
+    let source = super::ClientSource::from_policy(&policy.kubernetes);
+    let scrubber = Arc::new(DirectoryAndBlockScrubber);
+    let objects = desired.volumes.len() + desired.storage_classes.len();
+    let attempt = publish_once(&source, desired, state_dir, scrubber, 16);
+    match runtime.block_on(async { tokio::time::timeout(CLI_PUBLISH_TIMEOUT, attempt).await }) {
+        Ok(Ok(_)) => format!("published {objects} object(s) to the API server"),
+        Ok(Err(e)) => format!("{objects} object(s) pending: {e}; kvstrap.service keeps retrying"),
+        Err(_) => format!(
+            "{objects} object(s) pending: the API server did not answer within {}s; kvstrap.service keeps retrying",
+            CLI_PUBLISH_TIMEOUT.as_secs()
+        ),
+    }
+}
