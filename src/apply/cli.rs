@@ -126,6 +126,20 @@ fn print_report(g: &GlobalArgs, plan: &Plan, report: &ApplyReport) {
 }
 
 pub fn status(g: &GlobalArgs) -> Result<i32> {
+    if let Some(text) = crate::cli::from_daemon(g, crate::dbus::client::client_status) {
+        let doc: serde_json::Value =
+            serde_json::from_str(&text).context("the daemon sent a status kvstrap cannot read")?;
+        match g.output {
+            OutputFormat::Json => print_json(&json!({ "daemon": doc })),
+            OutputFormat::Human => {
+                println!("kvstrap.service is running:");
+                for (key, value) in doc.as_object().into_iter().flatten() {
+                    println!("  {key}: {value}");
+                }
+            }
+        }
+        return Ok(0);
+    }
     let st = state::load(&g.state_dir)?;
     match g.output {
         OutputFormat::Json => print_json(&json!({ "state": st })),
@@ -148,7 +162,7 @@ pub fn status(g: &GlobalArgs) -> Result<i32> {
 }
 
 /// One provided volume, as `kvstrap volumes` shows it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VolumeRow {
     pub name: String,
     pub path: std::path::PathBuf,
@@ -159,7 +173,7 @@ pub struct VolumeRow {
     pub disk: std::path::PathBuf,
     pub device: std::path::PathBuf,
     /// `ready` when provisioned, `pending` while apply still has steps for it.
-    pub state: &'static str,
+    pub state: String,
     /// The PersistentVolume that publishes it, once one was published.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pv_name: Option<String>,
@@ -193,7 +207,7 @@ pub fn volume_rows(plan: &Plan) -> Vec<VolumeRow> {
                 group: v.group.clone(),
                 disk: v.disk.clone(),
                 device: v.device.clone(),
-                state: if pending { "pending" } else { "ready" },
+                state: if pending { "pending" } else { "ready" }.into(),
                 pv_name: None,
                 published: false,
                 phase: None,
@@ -203,6 +217,20 @@ pub fn volume_rows(plan: &Plan) -> Vec<VolumeRow> {
 }
 
 pub fn volumes(g: &GlobalArgs) -> Result<i32> {
+    let rows = match crate::cli::from_daemon(g, crate::dbus::client::client_volumes) {
+        Some(text) => {
+            let doc: serde_json::Value = serde_json::from_str(&text)
+                .context("the daemon sent volumes kvstrap cannot read")?;
+            serde_json::from_value(doc["volumes"].clone()).context("cannot read the volume list")?
+        }
+        None => local_volume_rows(g)?,
+    };
+    print_volumes(g, &rows);
+    Ok(0)
+}
+
+/// Volumes of the node under the policy, with their last recorded publication.
+fn local_volume_rows(g: &GlobalArgs) -> Result<Vec<VolumeRow>> {
     let policy = load_policy(g)?;
     let inventory = scan(g, Some(&policy))?;
     let plan = crate::plan::plan(&policy, &inventory, &plan_context(g));
@@ -217,6 +245,10 @@ pub fn volumes(g: &GlobalArgs) -> Result<i32> {
             r.phase = p.phase.clone();
         }
     }
+    Ok(rows)
+}
+
+fn print_volumes(g: &GlobalArgs, rows: &[VolumeRow]) {
     match g.output {
         OutputFormat::Json => print_json(&json!({ "volumes": rows })),
         OutputFormat::Human => {
@@ -224,7 +256,7 @@ pub fn volumes(g: &GlobalArgs) -> Result<i32> {
                 "{:<28} {:>10} {:<10} {:<24} {:<8} {:<10} PATH",
                 "NAME", "CAPACITY", "MODE", "STORAGECLASS", "STATE", "PV"
             );
-            for r in &rows {
+            for r in rows {
                 let pv = match (&r.phase, r.published) {
                     (Some(phase), _) => phase.clone(),
                     (None, true) => "published".into(),
@@ -248,7 +280,6 @@ pub fn volumes(g: &GlobalArgs) -> Result<i32> {
             );
         }
     }
-    Ok(0)
 }
 
 /// `2026-11-26T10:58:03Z` from seconds since the epoch (civil-from-days, no time zone).

@@ -168,7 +168,7 @@ struct DiskRow {
 }
 
 /// The running daemon's answer, when no explicit policy asks for a local evaluation.
-fn from_daemon(g: &GlobalArgs, ask: fn() -> Option<String>) -> Option<String> {
+pub fn from_daemon(g: &GlobalArgs, ask: fn() -> Option<String>) -> Option<String> {
     if g.policy.is_some() {
         return None;
     }
