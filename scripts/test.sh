@@ -28,6 +28,11 @@ fi
 # Bounded fuzzing of load+validate rides along in the proptest cases.
 PROPTEST_CASES=${PROPTEST_CASES:-4096} KVSTRAP_REAL_ENGINE=1 cargo nextest run --locked --no-fail-fast
 
+if [ "$(id -u)" = 0 ]; then
+    log "quotas on a kernel that has them (Debian's kernel under qemu; this machine's lacks them)"
+    tests/vm/quota-in-vm.sh target/debug/kvstrap
+fi
+
 if [ -x packaging/test-packages ]; then
     log "packages (deb, rpm, lintian, systemd-analyze verify, install into a fresh root)"
     packaging/test-packages

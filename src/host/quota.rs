@@ -61,7 +61,8 @@ const FS_XFLAG_PROJINHERIT: u32 = 0x0000_0200;
 const PRJQUOTA: c_int = 2;
 const FS_DQUOT_VERSION: i8 = 1;
 const FS_PROJ_QUOTA: i8 = 2;
-const FS_DQ_BHARD: u16 = 1 << 1;
+// <linux/dqblk_xfs.h>: ISOFT 1<<0, IHARD 1<<1, BSOFT 1<<2, BHARD 1<<3.
+const FS_DQ_BHARD: u16 = 1 << 3;
 /// XFS quota units are 512-byte "basic blocks", on ext4 too through this interface.
 const BASIC_BLOCK: u64 = 512;
 
@@ -138,7 +139,8 @@ fn ext4_support(kallsyms: &Path, modules: &[PathBuf]) -> QuotaSupport {
     };
     let (mut quota, mut v2) = (false, false);
     for line in std::io::BufReader::new(file).lines().map_while(Result::ok) {
-        match line.rsplit(' ').next() {
+        // "ffffffff81234560 T name" or, for a loaded module, "... t name\t[quota_v2]".
+        match line.split_whitespace().nth(2) {
             Some("dquot_initialize") => quota = true,
             Some("v2_read_file_info") => v2 = true,
             _ => continue,
@@ -392,6 +394,9 @@ mod tests {
         };
         assert!(why.contains("CONFIG_QFMT_V2"), "{why}");
         std::fs::write(&ks, "0 T dquot_initialize\n0 t v2_read_file_info\n").unwrap();
+        assert_eq!(ext4_support(&ks, &[]), QuotaSupport::Supported);
+        // A loaded module's symbols carry its name in brackets after a tab.
+        std::fs::write(&ks, "0 T dquot_initialize\n0 t v2_read_file_info\t[quota_v2]\n").unwrap();
         assert_eq!(ext4_support(&ks, &[]), QuotaSupport::Supported);
         std::fs::write(&ks, "0 t other\n").unwrap();
         let module = d.path().join("quota_v2.ko");
