@@ -19,7 +19,9 @@ if ! need qemu-system-x86_64 || ! need busybox || ! need depmod || ! need cpio; 
 fi
 
 # Debian's current kernel, unpacked (no install hooks), modules indexed with depmod.
-PKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
+kernel_package() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}'; }
+PKG=$(kernel_package)
+if [ -z "$PKG" ]; then apt-get update -qq; PKG=$(kernel_package); fi
 KVER=${PKG#linux-image-}
 KROOT=$WORK/kernel-$KVER
 if [ ! -e "$KROOT/boot/vmlinuz-$KVER" ]; then
