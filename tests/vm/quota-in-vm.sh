@@ -3,7 +3,9 @@
 # published capacity, on xfs and on ext4. The CI machine's own kernel is built without
 # CONFIG_XFS_QUOTA and CONFIG_QFMT_V2, so this boots Debian's kernel under qemu with an
 # initramfs that holds kvstrap, mkfs and setpriv, and two blank virtual disks made here.
-# Prints "quota-in-vm: N passed, M failed"; exits non-zero on any failure.
+# It also proves wipe = "force" end to end on a disk named by serial, which loop devices
+# (no serial, no WWN) cannot be. Prints "quota-in-vm: N passed, M failed"; exits
+# non-zero on any failure.
 # Usage (root): tests/vm/quota-in-vm.sh [path/to/kvstrap]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -73,11 +75,11 @@ cat >"$INITRD/init" <<'INIT'
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp; mount -t tmpfs run /run
 for m in $(cat /mod/order); do insmod /mod/$m; done
-for i in $(seq 50); do [ -b /dev/vdb ] && break; sleep 0.1; done
+for i in $(seq 50); do [ -b /dev/vdc ] && break; sleep 0.1; done
 export KVSTRAP_LOCK=/run/lock KVSTRAP_LOG=warn PATH=/bin:/usr/sbin
 passed=0 failed=0
-check() { # fs device
-    fs=$1 dev=$2 root=/tmp/storage-$1
+check() { # fs serial: disks are named by serial, PCI order decides /dev/vdX
+    fs=$1 serial=$2 root=/tmp/storage-$1
     cat >/tmp/$fs.toml <<POLICY
 [node]
 name = "vm"
@@ -89,7 +91,7 @@ fs_type = "$fs"
 name = "g"
 storage_class = "c"
 layout = "shared"
-devices = ["$dev"]
+match = { serial = "$serial" }
 volume_size = "32Mi"
 POLICY
     k="kvstrap --policy /tmp/$fs.toml --state-dir /tmp/state-$fs"
@@ -110,26 +112,66 @@ POLICY
         failed=$((failed + 1))
     fi
 }
-check xfs /dev/vda
-check ext4 /dev/vdb
+check_wipe() { # a disk with ext4 on it, named by serial (virtio disks have one)
+    old=6b767374-dead-4bad-8bad-000000000001
+    for wipe in never force; do
+        cat >/tmp/wipe-$wipe.toml <<POLICY
+[node]
+name = "vm"
+storage_root = "/tmp/storage-wipe"
+[[storage_class]]
+name = "w"
+fs_type = "ext4"
+[[disk_group]]
+name = "w"
+storage_class = "w"
+layout = "separate"
+match = { serial = "KVSWIPE1" }
+volume_count = 2
+wipe = "$wipe"
+POLICY
+    done
+    k="kvstrap --state-dir /tmp/state-wipe --policy"
+    refused=$($k /tmp/wipe-never.toml plan -o json | grep -c 'not empty: ext4')
+    KVSTRAP_LOG=info $k /tmp/wipe-force.toml apply >/tmp/wipe.log 2>&1
+    rc=$?
+    gone=$($k /tmp/wipe-force.toml disks -o json | grep -c "$old")
+    steps=$($k /tmp/wipe-force.toml plan -o json | grep -c '"steps": \[\]')
+    logged=$(grep -c "$old" /tmp/wipe.log)
+    if [ "$refused" -ge 1 ] && [ "$rc" = 0 ] && [ "$gone" = 0 ] && [ "$steps" = 1 ] && [ "$logged" -ge 1 ]; then
+        echo "VMTEST wipe PASS: refused without wipe = force; wiped (and logged) with it; converged"
+        passed=$((passed + 1))
+    else
+        echo "VMTEST wipe FAIL: refused=$refused apply=$rc old-uuid-seen=$gone converged=$steps logged=$logged"
+        cat /tmp/wipe.log
+        failed=$((failed + 1))
+    fi
+}
+check xfs KVSXFS
+check ext4 KVSEXT4
+check_wipe
 echo "VMTEST done: $passed passed, $failed failed"
 poweroff -f
 INIT
 chmod +x "$INITRD/init"
 (cd "$INITRD" && find . | cpio -o -H newc --quiet | gzip -1) >"$WORK/initrd.gz"
 
-rm -f "$WORK/xfs.img" "$WORK/ext4.img"
+rm -f "$WORK/xfs.img" "$WORK/ext4.img" "$WORK/wipe.img"
 truncate -s 512M "$WORK/xfs.img" "$WORK/ext4.img"
+truncate -s 256M "$WORK/wipe.img"
+mkfs.ext4 -q -F -U 6b767374-dead-4bad-8bad-000000000001 "$WORK/wipe.img"
 # Software emulation: nested KVM hangs on some hosts (this CI machine's among them), and
 # the whole test takes well under a minute without it.
 timeout 600 qemu-system-x86_64 -accel tcg -cpu max -m 1024 -smp 2 -nographic -no-reboot \
     -kernel "$KROOT/boot/vmlinuz-$KVER" -initrd "$WORK/initrd.gz" \
     -append "console=ttyS0 panic=-1 quiet" \
-    -drive file="$WORK/xfs.img",format=raw,if=virtio -drive file="$WORK/ext4.img",format=raw,if=virtio \
+    -drive file="$WORK/xfs.img",format=raw,if=none,id=xfs -device virtio-blk-pci,drive=xfs,serial=KVSXFS \
+    -drive file="$WORK/ext4.img",format=raw,if=none,id=ext4 -device virtio-blk-pci,drive=ext4,serial=KVSEXT4 \
+    -drive file="$WORK/wipe.img",format=raw,if=none,id=wipe -device virtio-blk-pci,drive=wipe,serial=KVSWIPE1 \
     >"$WORK/console.log" 2>&1 || true
 grep VMTEST "$WORK/console.log" || { tail -n 40 "$WORK/console.log"; }
-rm -f "$WORK/xfs.img" "$WORK/ext4.img"
+rm -f "$WORK/xfs.img" "$WORK/ext4.img" "$WORK/wipe.img"
 passed=$(grep -c 'VMTEST .* PASS' "$WORK/console.log" || true)
-failed=$((2 - passed))
+failed=$((3 - passed))
 echo "quota-in-vm: $passed passed, $failed failed"
 [ "$failed" = 0 ]
