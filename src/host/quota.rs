@@ -396,7 +396,11 @@ mod tests {
         std::fs::write(&ks, "0 T dquot_initialize\n0 t v2_read_file_info\n").unwrap();
         assert_eq!(ext4_support(&ks, &[]), QuotaSupport::Supported);
         // A loaded module's symbols carry its name in brackets after a tab.
-        std::fs::write(&ks, "0 T dquot_initialize\n0 t v2_read_file_info\t[quota_v2]\n").unwrap();
+        std::fs::write(
+            &ks,
+            "0 T dquot_initialize\n0 t v2_read_file_info\t[quota_v2]\n",
+        )
+        .unwrap();
         assert_eq!(ext4_support(&ks, &[]), QuotaSupport::Supported);
         std::fs::write(&ks, "0 t other\n").unwrap();
         let module = d.path().join("quota_v2.ko");
