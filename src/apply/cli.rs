@@ -5,13 +5,13 @@ use crate::cli::args::{ApplyArgs, GlobalArgs, OutputFormat};
 use crate::cli::{load_policy, plan_context, print_json, scan};
 use crate::model::{Plan, VolumeMode};
 use crate::plan::capacity::human;
-use crate::state::{self, State};
+use crate::state;
 use anyhow::{Context, Result};
 use serde_json::json;
 use std::io::IsTerminal;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 pub fn apply(g: &GlobalArgs, a: &ApplyArgs) -> Result<i32> {
     let policy = load_policy(g)?;
@@ -50,7 +50,8 @@ pub fn apply(g: &GlobalArgs, a: &ApplyArgs) -> Result<i32> {
     } else {
         "success".into()
     };
-    record_state(g, &plan, &report, &result)?;
+    state::save(&g.state_dir, &super::run_record(&plan, &report, &result))
+        .context("cannot record the apply in the state directory")?;
     // Publish what exists now, no more and no less: look again after any change.
     let after = if report.steps.is_empty() {
         plan.clone()
@@ -69,29 +70,6 @@ pub fn apply(g: &GlobalArgs, a: &ApplyArgs) -> Result<i32> {
     } else {
         0
     })
-}
-
-fn record_state(g: &GlobalArgs, plan: &Plan, report: &ApplyReport, result: &str) -> Result<()> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default();
-    let st = State {
-        version: state::STATE_VERSION,
-        last_apply_unix: Some(now),
-        last_result: Some(result.to_string()),
-        steps_run: report
-            .steps
-            .iter()
-            .filter(|s| s.result != StepResult::Skipped)
-            .count(),
-        steps_changed: report.changed(),
-        disks: plan.groups.iter().map(|g| g.disks.len()).sum(),
-        volumes: plan.volumes().count(),
-        refused: plan.refused.len(),
-        in_flight: None,
-    };
-    state::save(&g.state_dir, &st).context("cannot record the apply in the state directory")
 }
 
 fn print_report(g: &GlobalArgs, plan: &Plan, report: &ApplyReport) {

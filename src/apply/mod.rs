@@ -79,6 +79,30 @@ impl ApplyReport {
     }
 }
 
+/// The state record of a finished run, written by `kvstrap apply` and the daemon alike so
+/// `kvstrap status` tells the same story whoever applied.
+pub fn run_record(plan: &Plan, report: &ApplyReport, result: &str) -> crate::state::State {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    crate::state::State {
+        version: crate::state::STATE_VERSION,
+        last_apply_unix: Some(now),
+        last_result: Some(result.to_string()),
+        steps_run: report
+            .steps
+            .iter()
+            .filter(|s| s.result != StepResult::Skipped)
+            .count(),
+        steps_changed: report.changed(),
+        disks: plan.groups.iter().map(|g| g.disks.len()).sum(),
+        volumes: plan.volumes().count(),
+        refused: plan.refused.len(),
+        in_flight: None,
+    }
+}
+
 /// Called after every step, for progress displays.
 pub type Progress<'a> = &'a (dyn Fn(usize, usize, &StepReport) + Sync);
 

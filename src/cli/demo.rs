@@ -104,25 +104,18 @@ fn write_policy(root: &Path, disks: &[PathBuf]) -> Result<PathBuf> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::write(dir.join("10-demo.toml"), crate::policy::DEMO_POLICY)
         .context("cannot write the demo policy")?;
-    let quoted = |ds: &[PathBuf]| {
-        ds.iter()
-            .map(|d| format!("{:?}", d.display().to_string()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     let n = disks.len();
     let split = [&disks[..n - 2], &disks[n - 2..n - 1], &disks[n - 1..]];
-    let mut text = format!(
-        "# Written by `kvstrap demo`: the loop devices it attached, and a storage root of its own.\n\
-         [node]\nstorage_root = {:?}\n",
-        root.join("storage").display().to_string()
+    let groups: Vec<(&str, Vec<String>)> = GROUPS
+        .iter()
+        .zip(split)
+        .map(|(g, ds)| (*g, ds.iter().map(|d| d.display().to_string()).collect()))
+        .collect();
+    let storage_root = toml::Value::String(root.join("storage").display().to_string());
+    let text = format!(
+        "# Written by `kvstrap demo`: a storage root of its own.\n[node]\nstorage_root = {storage_root}\n\n{}",
+        crate::policy::devices_dropin(&groups)
     );
-    for (group, devices) in GROUPS.iter().zip(split) {
-        text.push_str(&format!(
-            "\n[[disk_group]]\nname = {group:?}\ndevices = [{}]\n",
-            quoted(devices)
-        ));
-    }
     std::fs::write(dir.join("20-demo-devices.toml"), text)
         .context("cannot write the demo device drop-in")?;
     Ok(dir)

@@ -7,11 +7,10 @@ use crate::cli::args::GlobalArgs;
 use crate::cli::{plan_context, scan};
 use crate::model::Plan;
 use crate::policy::{self, Policy, PolicyError};
-use crate::state::{self, State};
+use crate::state;
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The publisher as the engine sees it: it is handed each run's plan and must return at
 /// once (publishing runs in the background and never holds up local work), and it counts
@@ -115,7 +114,11 @@ impl Engine for HostEngine {
             interrupted,
             result: ApplySummary::result_text(failed, interrupted),
         };
-        record(&self.global, &summary)?;
+        state::save(
+            &self.global.state_dir,
+            &apply::run_record(&plan, &report, &summary.result),
+        )
+        .map_err(|e| EngineError::Execute(format!("cannot record the apply: {e}")))?;
         Ok(summary)
     }
 
@@ -151,27 +154,6 @@ impl Engine for HostEngine {
     fn pending_publications(&self) -> u32 {
         self.publications.as_ref().map_or(0, |p| p.pending())
     }
-}
-
-/// The same state record `kvstrap apply` writes, so `kvstrap status` agrees with the daemon.
-fn record(g: &GlobalArgs, s: &ApplySummary) -> Result<(), EngineError> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default();
-    let st = State {
-        version: state::STATE_VERSION,
-        last_apply_unix: Some(now),
-        last_result: Some(s.result.clone()),
-        steps_run: s.steps_run as usize,
-        steps_changed: s.changed as usize,
-        disks: s.disks as usize,
-        volumes: s.volumes as usize,
-        refused: s.refused as usize,
-        in_flight: None,
-    };
-    state::save(&g.state_dir, &st)
-        .map_err(|e| EngineError::Execute(format!("cannot record the apply: {e}")))
 }
 
 /// The daemon's publisher: manifests after every run, and server-side apply in the
