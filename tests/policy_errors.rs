@@ -896,3 +896,24 @@ fn checks_across_values_still_run_when_other_values_of_the_group_are_wrong() {
     assert_eq!(at, [(7, 11), (8, 8)], "{found:#?}");
     assert!(found[1].message.contains("wipe = \"force\""));
 }
+
+#[test]
+fn quota_unknown_word() {
+    one_error(
+        &group("quota = \"sometimes\"\n"),
+        7,
+        9,
+        "unknown quota \"sometimes\"",
+        "quota = \"required\" or \"if-supported\"",
+    );
+}
+
+#[test]
+fn quota_words_are_accepted() {
+    for word in ["required", "if-supported"] {
+        assert!(
+            diagnostics(&group(&format!("quota = \"{word}\"\n"))).is_empty(),
+            "{word}"
+        );
+    }
+}
