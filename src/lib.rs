@@ -10,6 +10,7 @@ pub mod dbus;
 pub mod host;
 pub mod inventory;
 pub mod kube;
+pub mod logging;
 pub mod model;
 pub mod plan;
 pub mod policy;

@@ -294,6 +294,18 @@ pub struct Owner {
     pub mode: u32,
 }
 
+/// The largest unit a filesystem rounds a quota limit up to: xfs keeps limits in whole
+/// filesystem blocks (up to 64 KiB), ext4's quota file in 1 KiB units.
+pub const QUOTA_LIMIT_GRANULE: u64 = 64 * 1024;
+
+/// Whether a hard limit the filesystem reports (`stored`) is what it keeps when asked for
+/// `wanted`: never below it (the published capacity must hold), above it only by the
+/// filesystem's rounding. A 1 GB limit on xfs with 4 KiB blocks reads back as
+/// 1,000,001,536 bytes; comparing for equality would re-set it on every run.
+pub fn quota_limit_holds(wanted: u64, stored: Option<u64>) -> bool {
+    stored.is_some_and(|s| s >= wanted && s - wanted < QUOTA_LIMIT_GRANULE)
+}
+
 /// One volume kvstrap provides, and publishes as a PersistentVolume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeSpec {

@@ -196,6 +196,34 @@ fn blkpg_creates_resizes_and_deletes_partition_nodes() {
 }
 
 #[test]
+fn blkpg_add_of_a_partition_the_kernel_already_has() {
+    if !common::require_root("blkpg_add_of_a_partition_the_kernel_already_has") {
+        return;
+    }
+    // What udev re-reading the table under us looks like: the partition is there first.
+    let disk = LoopDisk::new(64 * MIB);
+    let add = |len: u64| blkpg::PartitionDelta {
+        add: vec![(1, MIB, len)],
+        ..Default::default()
+    };
+    blkpg::apply_delta(&disk.path, &add(10 * MIB)).unwrap();
+    // The same partition again: success, not EBUSY.
+    blkpg::apply_delta(&disk.path, &add(10 * MIB)).unwrap();
+    // Another length: an error that says what the kernel has and what was wanted.
+    let err = blkpg::apply_delta(&disk.path, &add(20 * MIB))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("already has partition 1")
+            && err.contains(&format!("start {MIB} length {}", 10 * MIB))
+            && err.contains(&format!("wants start {MIB} length {}", 20 * MIB))
+            && !err.contains("unmount"),
+        "{err}"
+    );
+    blkpg::sync_partitions(&disk.path, &[]).unwrap();
+}
+
+#[test]
 fn mkfs_xfs_and_ext4_with_chosen_uuid_and_label() {
     if !common::require_root("mkfs_xfs_and_ext4_with_chosen_uuid_and_label") {
         return;

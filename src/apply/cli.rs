@@ -82,7 +82,7 @@ fn print_report(g: &GlobalArgs, plan: &Plan, report: &ApplyReport) {
         })),
         OutputFormat::Human => {
             if report.steps.is_empty() {
-                println!("Nothing to do: the node matches the policy.");
+                println!("{}", crate::plan::render::nothing_to_do(plan));
             }
             for s in &report.steps {
                 if let StepResult::Failed { error } = &s.result {

@@ -6,7 +6,14 @@ use crate::host::Outcome;
 use crate::model::{DiskLayout, FsType, Owner};
 use std::path::Path;
 
+/// Held while a disk is being written; what it holds is up to the implementation (the
+/// real one: `flock(LOCK_EX)` on the whole-disk node). Released when dropped.
+pub type DiskGuard = Box<dyn std::any::Any + Send>;
+
 pub trait Effects: Sync {
+    /// Keep udev and other tools off `disk` while its partition table, partitions and
+    /// filesystems are written.
+    fn lock_disk(&self, disk: &Path) -> Result<DiskGuard, ApplyError>;
     /// Destroy every signature on a disk named by serial/WWN with wipe = "force".
     fn wipe_disk(&self, disk: &Path, identity: &str) -> Result<Outcome, ApplyError>;
     /// Re-check the disk is still blank, write the GPT, and create the partition nodes.

@@ -1,7 +1,7 @@
 //! The real effects: each step re-checks the machine right before it acts (same disk
 //! identity, still blank, nothing holding it) and then calls `crate::host`.
 
-use super::effects::Effects;
+use super::effects::{DiskGuard, Effects};
 use super::ApplyError;
 use crate::host::cmd::{Program, Programs};
 use crate::host::{self, Outcome};
@@ -70,6 +70,11 @@ fn check_identity(step: &str, disk: &Path, planned: &str) -> Result<(), ApplyErr
 }
 
 impl Effects for HostEffects {
+    fn lock_disk(&self, disk: &Path) -> Result<DiskGuard, ApplyError> {
+        let lock = host::disklock::lock_whole_disk(disk).map_err(host::Error::from)?;
+        Ok(Box::new(lock))
+    }
+
     fn wipe_disk(&self, disk: &Path, identity: &str) -> Result<Outcome, ApplyError> {
         check_identity("wipe", disk, identity)?;
         Ok(host::wipe::wipe_disk(disk).map_err(host::Error::from)?)
@@ -142,6 +147,8 @@ impl Effects for HostEffects {
             PathBuf::new(),
             Vec::new(),
         );
+        // The partition's node may still be on its way (devtmpfs, udev): wait, bounded.
+        host::blkpg::wait_for_node(device).map_err(host::Error::from)?;
         Ok(
             host::mkfs::make_filesystem(&self.programs, device, &spec)
                 .map_err(host::Error::from)?,

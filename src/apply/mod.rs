@@ -7,6 +7,7 @@ pub mod effects;
 pub mod host_effects;
 
 use crate::host::Outcome;
+use crate::logging::message_id;
 use crate::model::{Plan, Step};
 use crate::plan::render::describe;
 use effects::Effects;
@@ -163,13 +164,27 @@ fn run_queue(
     stop: &AtomicBool,
     record: &dyn Fn(usize, StepReport),
 ) {
+    let Some(&(_, first)) = queue.first() else {
+        return;
+    };
+    let ids = JournalIds::of(first.disk());
+    // The disk stays locked from its first write to its last (wipe, GPT, partitions,
+    // mkfs), so udev cannot re-read the partition table in between.
+    let last_write = queue.iter().rposition(|(_, s)| writes_disk(s));
+    let mut guard = None;
     let mut blocked = false;
-    for &(index, step) in queue {
+    for (position, &(index, step)) in queue.iter().enumerate() {
         let started = Instant::now();
         let result = if blocked || stop.load(Ordering::SeqCst) {
             StepResult::Skipped
         } else {
-            match run_step(step, effects) {
+            let locked = match (&guard, last_write) {
+                (None, Some(last)) if position <= last => {
+                    effects.lock_disk(step.disk()).map(|g| guard = Some(g))
+                }
+                _ => Ok(()),
+            };
+            match locked.and_then(|()| run_step(step, effects)) {
                 Ok(Outcome::Unchanged) => StepResult::Unchanged,
                 Ok(Outcome::Changed(what)) => StepResult::Changed { what },
                 Err(e) => {
@@ -180,6 +195,9 @@ fn run_queue(
                 }
             }
         };
+        if last_write == Some(position) {
+            guard = None;
+        }
         let report = StepReport {
             action: step.action(),
             disk: step.disk().clone(),
@@ -187,9 +205,64 @@ fn run_queue(
             result,
             millis: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         };
-        log_step(&report, started.elapsed());
+        log_step(&report, step, &ids, started.elapsed());
         record(index, report);
     }
+    drop(guard);
+}
+
+/// Steps that write the disk's blocks (as opposed to mounting or working in a filesystem).
+fn writes_disk(step: &Step) -> bool {
+    matches!(
+        step,
+        Step::WipeDisk { .. }
+            | Step::WritePartitionTable { .. }
+            | Step::AddPartitionNodes { .. }
+            | Step::MakeFilesystem { .. }
+    )
+}
+
+/// The disk's identity as journal fields (`DISK_WWN`, `DISK_SERIAL`), read from sysfs once
+/// per disk, so `journalctl DISK_SERIAL=...` finds a disk whatever its kernel name was.
+struct JournalIds {
+    wwn: Option<String>,
+    serial: Option<String>,
+}
+
+impl JournalIds {
+    fn of(disk: &std::path::Path) -> JournalIds {
+        let name = disk
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let sys = crate::inventory::sysfs::read_disk(std::path::Path::new("/sys"), &name);
+        JournalIds {
+            wwn: sys.wwn,
+            serial: sys.serial,
+        }
+    }
+}
+
+/// The stable journal id of a step that changed something, where one is documented.
+fn step_message_id(step: &Step) -> Option<&'static str> {
+    match step {
+        Step::WipeDisk { .. } => Some(message_id::DISK_WIPED),
+        Step::WritePartitionTable { .. } => Some(message_id::PARTITION_TABLE_WRITTEN),
+        Step::MakeFilesystem { .. } => Some(message_id::FILESYSTEM_CREATED),
+        _ => None,
+    }
+}
+
+/// The volume a step works on, for the `VOLUME` journal field.
+fn step_volume(step: &Step) -> Option<String> {
+    let path = match step {
+        Step::CreateDirectory { path, .. }
+        | Step::SetOwnership { path, .. }
+        | Step::SetQuota { path, .. } => path,
+        Step::LinkBlockDevice { link, .. } => link,
+        _ => return None,
+    };
+    path.file_name().map(|n| n.to_string_lossy().into_owned())
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -206,37 +279,52 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn log_step(r: &StepReport, took: Duration) {
+fn log_step(r: &StepReport, step: &Step, ids: &JournalIds, took: Duration) {
     let disk = r.disk.display().to_string();
+    let (wwn, serial) = (ids.wwn.as_deref(), ids.serial.as_deref());
+    let volume = step_volume(step);
+    let volume = volume.as_deref();
     match &r.result {
-        StepResult::Failed { error } => {
-            tracing::error!(
-                step = r.action,
-                disk,
-                took_ms = r.millis,
-                "{} failed after {took:.2?}: {error}",
-                r.description
-            )
-        }
-        StepResult::Skipped => tracing::warn!(step = r.action, disk, "{} skipped", r.description),
-        StepResult::Changed { .. } => {
-            tracing::info!(
-                step = r.action,
-                disk,
-                took_ms = r.millis,
-                "{} done in {took:.2?}",
-                r.description
-            )
-        }
-        StepResult::Unchanged => {
-            tracing::info!(
-                step = r.action,
-                disk,
-                took_ms = r.millis,
-                "{} already done ({took:.2?})",
-                r.description
-            )
-        }
+        StepResult::Failed { error } => tracing::error!(
+            step = r.action,
+            disk,
+            disk_wwn = wwn,
+            disk_serial = serial,
+            volume,
+            took_ms = r.millis,
+            "{} failed after {took:.2?}: {error}",
+            r.description
+        ),
+        StepResult::Skipped => tracing::warn!(
+            step = r.action,
+            disk,
+            disk_wwn = wwn,
+            disk_serial = serial,
+            volume,
+            "{} skipped",
+            r.description
+        ),
+        StepResult::Changed { .. } => tracing::info!(
+            message_id = step_message_id(step),
+            step = r.action,
+            disk,
+            disk_wwn = wwn,
+            disk_serial = serial,
+            volume,
+            took_ms = r.millis,
+            "{} done in {took:.2?}",
+            r.description
+        ),
+        StepResult::Unchanged => tracing::info!(
+            step = r.action,
+            disk,
+            disk_wwn = wwn,
+            disk_serial = serial,
+            volume,
+            took_ms = r.millis,
+            "{} already done ({took:.2?})",
+            r.description
+        ),
     }
 }
 

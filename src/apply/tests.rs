@@ -6,8 +6,23 @@ use std::path::Path;
 
 #[derive(Default)]
 struct Recorder {
-    calls: Mutex<Vec<String>>,
+    /// Every effect in order, disk locks ("lock X", "unlock X") included.
+    calls: std::sync::Arc<Mutex<Vec<String>>>,
     fail_on: Option<String>,
+}
+
+/// The recorder's disk lock: notes when it is let go.
+struct Unlock {
+    calls: std::sync::Arc<Mutex<Vec<String>>>,
+    disk: String,
+}
+
+impl Drop for Unlock {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.calls.lock() {
+            c.push(format!("unlock {}", self.disk));
+        }
+    }
 }
 
 impl Recorder {
@@ -23,12 +38,29 @@ impl Recorder {
         }
         Ok(Outcome::Changed(what))
     }
+    /// The effects, without the locks.
     fn calls(&self) -> Vec<String> {
+        self.all()
+            .into_iter()
+            .filter(|c| !c.starts_with("lock ") && !c.starts_with("unlock "))
+            .collect()
+    }
+    fn all(&self) -> Vec<String> {
         self.calls.lock().map(|c| c.clone()).unwrap_or_default()
     }
 }
 
 impl Effects for Recorder {
+    fn lock_disk(&self, disk: &Path) -> Result<effects::DiskGuard, ApplyError> {
+        let disk = disk.display().to_string();
+        if let Ok(mut c) = self.calls.lock() {
+            c.push(format!("lock {disk}"));
+        }
+        Ok(Box::new(Unlock {
+            calls: self.calls.clone(),
+            disk,
+        }))
+    }
     fn wipe_disk(&self, disk: &Path, _: &str) -> Result<Outcome, ApplyError> {
         self.call(format!("wipe {}", disk.display()))
     }
@@ -209,4 +241,35 @@ fn progress_counts_every_step() {
         seen.fetch_max(n, Ordering::SeqCst);
     });
     assert_eq!(seen.load(Ordering::SeqCst), 8);
+}
+
+#[test]
+fn a_disk_is_locked_from_its_first_write_to_its_last_mkfs_only() {
+    let fx = Recorder::default();
+    let plan = plan_of(&["/dev/a"]);
+    execute(&plan, &fx, &AtomicBool::new(false), &|_, _, _| {});
+    assert_eq!(
+        fx.all(),
+        vec![
+            "lock /dev/a",
+            "gpt /dev/a",
+            "mkfs /dev/ap1",
+            "unlock /dev/a",
+            "mount /dev/ap1",
+            "dir /mnt/dev/a/v1",
+        ]
+    );
+}
+
+#[test]
+fn a_disk_with_nothing_to_write_is_not_locked() {
+    let fx = Recorder::default();
+    let mut plan = plan_of(&["/dev/a"]);
+    plan.steps.retain(|s| !writes_disk(s));
+    execute(&plan, &fx, &AtomicBool::new(false), &|_, _, _| {});
+    assert!(
+        fx.all().iter().all(|c| !c.contains("lock")),
+        "{:?}",
+        fx.all()
+    );
 }

@@ -34,7 +34,7 @@ pub fn main() -> i32 {
 }
 
 fn init_logging() {
-    crate::daemon::init_logging();
+    crate::logging::init_logging();
 }
 
 fn run(cli: &Cli) -> Result<i32> {

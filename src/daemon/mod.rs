@@ -5,19 +5,18 @@
 
 pub mod engine;
 pub mod host_engine;
-pub mod logging;
 pub mod schedule;
 pub mod sim;
 pub mod uevent;
 
+pub use crate::logging::init_logging;
 pub use engine::{ApplySummary, Engine, EngineError};
-pub use logging::init_logging;
 
 use crate::dbus::{server, BusEvent};
+use crate::logging::message_id;
 use crate::state;
 use anyhow::Context;
 use futures_channel::{mpsc as bus_mpsc, oneshot};
-use logging::message_id;
 use schedule::Schedule;
 use sd_notify::NotifyState;
 use serde::Serialize;

@@ -71,10 +71,28 @@ pub enum BlkpgError {
         sysfs: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "the kernel already has partition {number} of {} at {}, where kvstrap wants start {} \
+         length {}: another program changed the partitions; check `lsblk {}` and run plan again",
+        disk.display(), describe_found(*found), wanted.0, wanted.1, disk.display()
+    )]
+    Conflict {
+        disk: PathBuf,
+        number: u32,
+        wanted: (u64, u64),
+        found: Option<(u64, u64)>,
+    },
     #[error("{} is not a device name kvstrap understands", path.display())]
     BadName { path: PathBuf },
     #[error("partition node {} did not appear and could not be created: {detail}", node.display())]
     NodeMissing { node: PathBuf, detail: String },
+}
+
+fn describe_found(found: Option<(u64, u64)>) -> String {
+    match found {
+        Some((start, len)) => format!("start {start} length {len}"),
+        None => "a place it no longer reports (it was busy, then went away)".into(),
+    }
 }
 
 /// A partition as the kernel currently sees it (`/sys/class/block/<disk>/<part>`).
@@ -199,7 +217,8 @@ pub fn partition_node(disk: &Path, n: u32) -> Result<PathBuf, BlkpgError> {
     Ok(disk.with_file_name(format!("{name}{sep}{n}")))
 }
 
-fn apply_delta(disk: &Path, delta: &PartitionDelta) -> Result<(), BlkpgError> {
+/// Make the kernel apply `delta` to `disk` with BLKPG ioctls (no node waiting).
+pub fn apply_delta(disk: &Path, delta: &PartitionDelta) -> Result<(), BlkpgError> {
     let file = open_disk(disk)?;
     for &n in &delta.delete {
         blkpg(&file, disk, BLKPG_DEL_PARTITION, n, 0, 0)?;
@@ -208,9 +227,33 @@ fn apply_delta(disk: &Path, delta: &PartitionDelta) -> Result<(), BlkpgError> {
         blkpg(&file, disk, BLKPG_RESIZE_PARTITION, n, start, len)?;
     }
     for &(n, start, len) in &delta.add {
-        blkpg(&file, disk, BLKPG_ADD_PARTITION, n, start, len)?;
+        match blkpg(&file, disk, BLKPG_ADD_PARTITION, n, start, len) {
+            // Someone (udev re-reading the table) added it first: fine if it is the one
+            // we want, a clear error if it is not.
+            Err(BlkpgError::Ioctl {
+                source: nix::Error::EBUSY,
+                ..
+            }) => already_there(disk, n, start, len)?,
+            other => other?,
+        }
     }
     Ok(())
+}
+
+/// After an EBUSY from BLKPG add: the kernel already has partition `number`. Success when
+/// it has the wanted start and length, otherwise an error that says what differs.
+fn already_there(disk: &Path, number: u32, start: u64, len: u64) -> Result<(), BlkpgError> {
+    let kernel = kernel_partitions(disk)?;
+    let found = kernel.iter().find(|k| k.number == number);
+    match found {
+        Some(k) if k.start_bytes == start && k.size_bytes == len => Ok(()),
+        found => Err(BlkpgError::Conflict {
+            disk: disk.to_path_buf(),
+            number,
+            wanted: (start, len),
+            found: found.map(|k| (k.start_bytes, k.size_bytes)),
+        }),
+    }
 }
 
 fn describe(disk: &Path, delta: &PartitionDelta, mknods: &[String]) -> String {
@@ -284,8 +327,9 @@ fn blkpg(
             disk: disk.to_path_buf(),
             number,
             source,
-            hint: if source == nix::Error::EBUSY {
-                " (the partition is in use: unmount it first)"
+            hint: if source == nix::Error::EBUSY && op != BLKPG_ADD_PARTITION {
+                " (the kernel holds the partition: it is mounted, or a device such as LVM or \
+                 dm-crypt sits on it; see `lsblk` and /sys/class/block/*/holders)"
             } else {
                 ""
             },
@@ -339,7 +383,7 @@ fn kernel_name(dev: &Path) -> Result<String, BlkpgError> {
 /// Wait until `node` is a block device with the number sysfs gives it. devtmpfs makes
 /// the node asynchronously; poll with a growing backoff, then fall back to mknod.
 /// Returns the node name when it had to be created here.
-fn wait_for_node(node: &Path) -> Result<Option<String>, BlkpgError> {
+pub fn wait_for_node(node: &Path) -> Result<Option<String>, BlkpgError> {
     let name = kernel_name(node)?;
     let dev_file = Path::new("/sys/class/block").join(&name).join("dev");
     let deadline = Instant::now() + NODE_WAIT;

@@ -7,6 +7,7 @@
 pub mod blkpg;
 pub mod cmd;
 pub mod dirs;
+pub mod disklock;
 pub mod failpoint;
 pub mod gpt;
 pub mod mkfs;
@@ -70,6 +71,8 @@ pub enum Error {
     Quota(#[from] quota::QuotaError),
     #[error(transparent)]
     Wipe(#[from] wipe::WipeError),
+    #[error(transparent)]
+    Lock(#[from] disklock::LockError),
 }
 
 #[cfg(test)]

@@ -89,6 +89,17 @@ pub enum QuotaError {
         source: nix::Error,
         hint: &'static str,
     },
+    #[error(
+        "the filesystem of {} kept a project limit of {} bytes when asked for {wanted}: \
+         the limit would not hold the volume's capacity; check `xfs_quota -x -c 'report -p'` \
+         (or `repquota -P`) on its mount point",
+        path.display(), kept.map_or_else(|| "no".to_string(), |k| k.to_string())
+    )]
+    NotKept {
+        path: PathBuf,
+        wanted: u64,
+        kept: Option<u64>,
+    },
     #[error("project id 0 is the default project and cannot carry a volume's limit ({})", path.display())]
     ProjectZero { path: PathBuf },
     #[error(transparent)]
@@ -205,10 +216,25 @@ pub fn set_quota(path: &Path, project_id: u32, bytes: u64) -> Result<Outcome, Qu
     }
     let device = mount::mount_of(path)?.source;
     let limit_bb = bytes.div_ceil(BASIC_BLOCK);
+    let stored = |dq: Option<FsDiskQuota>| dq.map(|q| q.blk_hardlimit.saturating_mul(BASIC_BLOCK));
     let current = get_dquot(&device, path, project_id)?;
-    if current.map(|q| q.blk_hardlimit) != Some(limit_bb) {
+    if !crate::model::quota_limit_holds(bytes, stored(current)) {
         set_hard_limit(&device, path, project_id, limit_bb)?;
-        changes.push(format!("hard limit {} bytes", limit_bb * BASIC_BLOCK));
+        // Read back what the filesystem kept (xfs rounds up to its block size): it must
+        // hold the capacity, or the next run would try again forever.
+        let kept = stored(get_dquot(&device, path, project_id)?);
+        if !crate::model::quota_limit_holds(bytes, kept) {
+            return Err(QuotaError::NotKept {
+                path: path.to_path_buf(),
+                wanted: bytes,
+                kept,
+            });
+        }
+        changes.push(format!(
+            "hard limit {} bytes (stored as {})",
+            bytes,
+            kept.unwrap_or_default()
+        ));
     }
     if changes.is_empty() {
         return Ok(Outcome::Unchanged);

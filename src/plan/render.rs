@@ -59,7 +59,7 @@ pub fn plan_text(plan: &Plan) -> String {
         let _ = writeln!(out, "\nWarning: {w}");
     }
     if plan.steps.is_empty() {
-        let _ = writeln!(out, "\nNothing to do: the node matches the policy.");
+        let _ = writeln!(out, "\n{}", nothing_to_do(plan));
     } else {
         let _ = writeln!(out, "\nSteps ({}):", plan.steps.len());
         for (i, step) in plan.steps.iter().enumerate() {
@@ -171,4 +171,22 @@ pub fn describe(step: &Step) -> String {
             format!("link {} -> {}", link.display(), target.display())
         }
     }
+}
+
+/// The sentence for a plan without steps. It only claims the node matches the policy when
+/// no disk the policy selects was refused; otherwise it names them.
+pub fn nothing_to_do(plan: &Plan) -> String {
+    if plan.refused.is_empty() {
+        return "Nothing to do: the node matches the policy.".into();
+    }
+    let disks: Vec<String> = plan
+        .refused
+        .iter()
+        .map(|r| format!("{} ({})", r.disk.display(), r.reason))
+        .collect();
+    format!(
+        "Nothing more to do, but the node does not match the policy: {} selected disk(s) refused: {}",
+        disks.len(),
+        disks.join("; ")
+    )
 }

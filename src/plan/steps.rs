@@ -251,7 +251,7 @@ fn directory_steps(
             }
             (
                 *project_id == v.project_id,
-                *quota_bytes == Some(v.capacity_bytes),
+                crate::model::quota_limit_holds(v.capacity_bytes, *quota_bytes),
             )
         }
         _ => {

@@ -616,3 +616,78 @@ fn shared_layout_needs_kernel_quotas_unless_the_group_accepts_less() {
     sep.sizing = VolumeSizing::Count(2);
     assert!(plan(&policy(vec![sep]), &inv, &ctx()).refused.is_empty());
 }
+
+/// What xfs keeps for a wanted limit: whole filesystem blocks (4 KiB here), rounded up.
+fn xfs_stored(bytes: u64) -> u64 {
+    bytes.div_ceil(4096) * 4096
+}
+
+#[test]
+fn quota_limits_rounded_by_the_filesystem_converge_for_every_size_spelling() {
+    // "1G", "1Gi", "100G", "300Mi" and a size that is no multiple of 4 KiB.
+    for size in [
+        1_000_000_000,
+        GIB,
+        100_000_000_000,
+        300 << 20,
+        (300 << 20) + 123,
+    ] {
+        let mut shared = group("shared");
+        shared.devices = vec!["/dev/sdb".into()];
+        shared.sizing = VolumeSizing::Size(size);
+        let disks = vec![disk("sdb", 400 * GIB)];
+        let pol = policy(vec![shared]);
+        let first = plan(&pol, &inventory(disks.clone()), &ctx());
+        let mut inv = converged(&first, disks);
+        for facts in inv.paths.values_mut() {
+            if let PathFacts::Directory { quota_bytes, .. } = facts {
+                *quota_bytes = quota_bytes.map(xfs_stored);
+            }
+        }
+        let again = plan(&pol, &inv, &ctx());
+        assert_eq!(again.steps, vec![], "volume_size {size}");
+        // The published capacity never exceeds the limit that holds.
+        for v in again.volumes() {
+            assert!(v.capacity_bytes <= xfs_stored(v.capacity_bytes));
+        }
+    }
+}
+
+#[test]
+fn a_quota_limit_below_the_capacity_or_far_above_it_is_set_again() {
+    let (pol, disks) = mixed_policy();
+    let first = plan(&pol, &inventory(disks.clone()), &ctx());
+    for wrong in [GIB - 4096, GIB + (1 << 20)] {
+        let mut inv = converged(&first, disks.clone());
+        let v = first.groups[0].volumes[0].clone();
+        if let Some(PathFacts::Directory { quota_bytes, .. }) = inv.paths.get_mut(&v.path) {
+            *quota_bytes = Some(wrong);
+        }
+        let again = plan(&pol, &inv, &ctx());
+        let actions: Vec<&str> = again.steps.iter().map(Step::action).collect();
+        assert_eq!(actions, vec!["set_quota"], "stored limit {wrong}");
+    }
+}
+
+#[test]
+fn an_empty_plan_with_refused_disks_does_not_claim_the_node_matches() {
+    let p = plan(
+        &policy(vec![group("a"), group("b")]),
+        &inventory(vec![disk("sdb", 10 * GIB)]),
+        &ctx(),
+    );
+    assert!(p.steps.is_empty());
+    let text = crate::plan::render::nothing_to_do(&p);
+    assert!(!text.contains("matches the policy"), "{text}");
+    assert!(
+        text.contains("/dev/sdb (") && text.contains("1 selected disk(s) refused"),
+        "{text}"
+    );
+    let (pol, disks) = mixed_policy();
+    let first = plan(&pol, &inventory(disks.clone()), &ctx());
+    let again = plan(&pol, &converged(&first, disks), &ctx());
+    assert_eq!(
+        crate::plan::render::nothing_to_do(&again),
+        "Nothing to do: the node matches the policy."
+    );
+}

@@ -1,10 +1,11 @@
-//! Logging: the journal's native protocol when stderr is connected to journald (structured
+//! Logging for the CLI and the daemon: the journal's native protocol when stderr is connected to journald (structured
 //! fields, no timestamps), a plain formatter on stderr otherwise.
 //!
 //! Field names become journal fields in upper case: `disk_wwn` → `DISK_WWN`, `disk_serial`,
 //! `step`, `pv`, `message_id` → `MESSAGE_ID`. Destructive events carry one of the stable
 //! [`message_id`]s so `journalctl MESSAGE_ID=...` finds them across releases.
 
+use std::io::IsTerminal;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
@@ -29,9 +30,14 @@ pub mod message_id {
     pub const POLICY_REJECTED: &str = "429db97c6e3e4c9b9743cb68b4b2d10e";
 }
 
-/// Filter from `KVSTRAP_LOG` (tracing's env-filter syntax), `info` by default.
+/// Filter from `KVSTRAP_LOG` (tracing's env-filter syntax). By default `info`, without
+/// the Kubernetes client's own error lines ("failed with error client error (Connect)"):
+/// they carry no context, and kvstrap logs every failed publication itself, with the
+/// server, what failed and when it retries.
+const DEFAULT_FILTER: &str = "info,kube_client=off";
+
 fn filter() -> EnvFilter {
-    EnvFilter::try_from_env("KVSTRAP_LOG").unwrap_or_else(|_| EnvFilter::new("info"))
+    EnvFilter::try_from_env("KVSTRAP_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER))
 }
 
 /// Install the process's subscriber. Safe to call more than once: later calls do nothing.
@@ -56,6 +62,8 @@ pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter())
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never into files or the journal.
+        .with_ansi(std::io::stderr().is_terminal())
         .without_time()
         .with_target(false)
         .try_init();
