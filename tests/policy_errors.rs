@@ -917,3 +917,31 @@ fn quota_words_are_accepted() {
         );
     }
 }
+
+#[test]
+fn volume_size_of_one_byte_is_refused_at_its_value() {
+    one_error(
+        &group("volume_size = 1\n"),
+        7,
+        15,
+        "volume_size 1 B is smaller than 1 MiB",
+        "at least \"1Mi\"",
+    );
+}
+
+#[test]
+fn volume_size_beyond_any_disk_is_refused_at_its_value() {
+    for huge in [
+        "\"18446744073709551615\"",
+        "\"18400000000000000000\"",
+        "\"2Ei\"",
+    ] {
+        one_error(
+            &group(&format!("volume_size = {huge}\n")),
+            7,
+            15,
+            "larger than any disk",
+            "the size of one volume",
+        );
+    }
+}

@@ -356,12 +356,23 @@ pub fn kernel_partitions(disk: &Path) -> Result<Vec<KernelPartition>, BlkpgError
             number: u32::try_from(number).unwrap_or(u32::MAX),
             name: entry.file_name().to_string_lossy().into_owned(),
             // sysfs counts in 512-byte sectors whatever the logical block size.
-            start_bytes: read_sysfs_u64(&dir.join("start")).map_err(err)? * 512,
-            size_bytes: read_sysfs_u64(&dir.join("size")).map_err(err)? * 512,
+            start_bytes: sectors_to_bytes(read_sysfs_u64(&dir.join("start")).map_err(err)?)
+                .map_err(err)?,
+            size_bytes: sectors_to_bytes(read_sysfs_u64(&dir.join("size")).map_err(err)?)
+                .map_err(err)?,
         });
     }
     parts.sort_by_key(|p| p.number);
     Ok(parts)
+}
+
+fn sectors_to_bytes(sectors: u64) -> std::io::Result<u64> {
+    sectors.checked_mul(512).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{sectors} sectors is more bytes than a u64 holds"),
+        )
+    })
 }
 
 fn read_sysfs_u64(path: &Path) -> std::io::Result<u64> {

@@ -49,12 +49,17 @@ pub fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
+        // `\ooo` with a value that fits a byte (the kernel never writes more than \377).
         let octal = bytes
             .get(i + 1..i + 4)
-            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .and_then(|d| {
+                let value = d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'));
+                u8::try_from(value).ok()
+            });
         match octal {
-            Some(d) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+            Some(byte) => {
+                out.push(byte);
                 i += 4;
             }
             None => {
@@ -125,5 +130,7 @@ garbage line
     fn unescape_octal() {
         assert_eq!(unescape("a\\040b\\011c\\134d"), "a b\tc\\d");
         assert_eq!(unescape("trailing\\04"), "trailing\\04");
+        // More than a byte holds: not an escape, kept as written (and no overflow).
+        assert_eq!(unescape("a\\477b"), "a\\477b");
     }
 }

@@ -122,7 +122,7 @@ pub fn project_quota(device: &Path, id: u32) -> Option<u64> {
     // SAFETY: `special` is NUL-terminated and `dq` is a valid if_dqblk for Q_GETQUOTA.
     let rc =
         unsafe { libc::quotactl(cmd, special.as_ptr(), id, std::ptr::addr_of_mut!(dq).cast()) };
-    (rc == 0 && dq.bhardlimit > 0).then(|| dq.bhardlimit * QUOTA_BLOCK)
+    (rc == 0 && dq.bhardlimit > 0).then(|| dq.bhardlimit.saturating_mul(QUOTA_BLOCK))
 }
 
 #[cfg(test)]

@@ -198,7 +198,7 @@ fn part_type(part: &libblkid_rs::BlkidPartition<'_>, table_kind: &str) -> Option
 
 /// libblkid counts partition offsets in 512-byte sectors whatever the device's sector size.
 fn sectors_to_bytes(sectors: i64) -> u64 {
-    u64::try_from(sectors).unwrap_or(0) * 512
+    u64::try_from(sectors).unwrap_or(0).saturating_mul(512)
 }
 
 fn to_loff(bytes: u64) -> libblkid_rs::blkid_loff_t {

@@ -2,6 +2,7 @@
 
 use super::capacity::{
     self, fs_capacity, partition_for_capacity, reserve_of, round_down, ALIGN, MAX_PARTITIONS,
+    MAX_VOLUMES_PER_DISK,
 };
 use super::identity;
 use crate::model::{
@@ -129,9 +130,19 @@ impl Ctx<'_> {
         let fs_type = self.input.class.fs_type;
         let area = round_down(usable.saturating_sub(reserve));
         // Partition size needed for a volume of the given capacity.
-        let part_for = |cap: u64| match mode {
-            VolumeMode::Block => capacity::round_up(cap),
-            VolumeMode::Filesystem => partition_for_capacity(fs_type, cap),
+        let part_for = |cap: u64| {
+            match mode {
+                VolumeMode::Block => capacity::round_up(cap),
+                VolumeMode::Filesystem => partition_for_capacity(fs_type, cap),
+            }
+            .filter(|&part| part > 0 && part <= area)
+            .ok_or_else(|| {
+                format!(
+                    "a volume of {} does not fit in the {} left after reserve",
+                    capacity::human(cap),
+                    capacity::human(area)
+                )
+            })
         };
         let cap_of = |part: u64| match mode {
             VolumeMode::Block => part,
@@ -139,7 +150,7 @@ impl Ctx<'_> {
         };
         let sizes: Vec<(u64, u64)> = match self.group().sizing {
             VolumeSizing::Size(cap) => {
-                let part = part_for(cap);
+                let part = part_for(cap)?;
                 let count = (area / part).min(u64::from(MAX_PARTITIONS));
                 (0..count).map(|_| (part, cap)).collect()
             }
@@ -206,9 +217,11 @@ impl Ctx<'_> {
         let sizes: Vec<u64> = match self.group().sizing {
             VolumeSizing::Size(cap) => {
                 let count = available / cap.max(1);
+                too_many(count)?;
                 (0..count).map(|_| cap).collect()
             }
             VolumeSizing::Count(n) => {
+                too_many(u64::from(n))?;
                 let cap = round_down(available / u64::from(n.max(1)));
                 (0..n).map(|_| cap).collect()
             }
@@ -283,6 +296,18 @@ impl Ctx<'_> {
             fs_type: partition.filesystem.as_ref().map(|f| f.fs_type),
         }
     }
+}
+
+/// A shared filesystem carries at most MAX_VOLUMES_PER_DISK directory volumes: the policy
+/// cannot ask for more, and a small volume_size on a big disk must not make millions.
+fn too_many(count: u64) -> Result<(), String> {
+    if count > MAX_VOLUMES_PER_DISK {
+        return Err(format!(
+            "this disk would yield {count} volumes, more than the {MAX_VOLUMES_PER_DISK} one disk may carry; \
+             use a larger volume_size or volume_count = {MAX_VOLUMES_PER_DISK} or less"
+        ));
+    }
+    Ok(())
 }
 
 /// GPT names hold 36 UTF-16 units: `kvstrap-<group>-<n>`, the group cut to fit.

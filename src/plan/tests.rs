@@ -691,3 +691,63 @@ fn an_empty_plan_with_refused_disks_does_not_claim_the_node_matches() {
         "Nothing to do: the node matches the policy."
     );
 }
+
+#[test]
+fn sizes_the_validator_would_refuse_are_refusals_here_too_never_a_panic_or_a_spin() {
+    // The planner is a library too: whatever sizes reach it, it answers quickly.
+    let cases = [
+        (
+            "fast",
+            Layout::Shared,
+            VolumeSizing::Size(1),
+            "volumes, more than the 4096",
+        ),
+        (
+            "fast",
+            Layout::Shared,
+            VolumeSizing::Count(100_000),
+            "more than the 4096",
+        ),
+        (
+            "raw",
+            Layout::Separate,
+            VolumeSizing::Size(u64::MAX),
+            "does not fit",
+        ),
+        (
+            "ext",
+            Layout::Separate,
+            VolumeSizing::Size(18_400_000_000_000_000_000),
+            "does not fit",
+        ),
+        (
+            "fast",
+            Layout::Separate,
+            VolumeSizing::Size(u64::MAX - 1),
+            "does not fit",
+        ),
+    ];
+    for (class, layout, sizing, why) in cases {
+        let mut g = group("g");
+        g.devices = vec!["/dev/sdb".into()];
+        g.storage_class = class.into();
+        g.layout = layout;
+        g.sizing = sizing;
+        let started = std::time::Instant::now();
+        let p = plan(
+            &policy(vec![g]),
+            &inventory(vec![disk("sdb", 8 * GIB)]),
+            &ctx(),
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "{sizing:?}"
+        );
+        assert!(p.steps.is_empty(), "{sizing:?}");
+        assert!(
+            p.refused.iter().any(|r| r.reason.contains(why)),
+            "{sizing:?}: {:?}",
+            p.refused
+        );
+    }
+}

@@ -397,8 +397,17 @@ fn sizes_ordered(m: &Section, matcher: &DiskMatch, diags: &mut Diags) -> bool {
 /// GPT holds 128 partitions; directory volumes are limited only by common sense.
 pub const MAX_VOLUME_COUNT: u32 = 4096;
 
+/// The smallest volume worth publishing: a quota, a partition and a filesystem all work
+/// in MiB; a smaller size would only make a disk yield millions of useless volumes.
+pub const MIN_VOLUME_SIZE: u64 = 1 << 20;
+/// Larger than any disk: 1 EiB. Bounds the planner's arithmetic far from overflow.
+pub const MAX_VOLUME_SIZE: u64 = 1 << 60;
+
 fn sizing(section: &Section, diags: &mut Diags) -> Option<VolumeSizing> {
-    let size = size_key(section, "volume_size", "\"100G\"", diags);
+    let size = match size_key(section, "volume_size", "\"100G\"", diags) {
+        Some(Some(bytes)) if !volume_size_in_bounds(section, bytes, diags) => None,
+        size => size,
+    };
     let count = count(section, "volume_count", MAX_VOLUME_COUNT, diags);
     match (size?, count?) {
         (Some(_), Some(_)) => {
@@ -416,6 +425,33 @@ fn sizing(section: &Section, diags: &mut Diags) -> Option<VolumeSizing> {
         (None, Some(n)) => Some(VolumeSizing::Count(n)),
         (None, None) => Some(VolumeSizing::OnePerDisk),
     }
+}
+
+/// Report a volume_size outside [MIN_VOLUME_SIZE, MAX_VOLUME_SIZE] at its value.
+fn volume_size_in_bounds(section: &Section, bytes: u64, diags: &mut Diags) -> bool {
+    if (MIN_VOLUME_SIZE..=MAX_VOLUME_SIZE).contains(&bytes) {
+        return true;
+    }
+    let at = section
+        .entry("volume_size")
+        .map_or(section.at, |e| e.node.at);
+    let (what, hint) = if bytes < MIN_VOLUME_SIZE {
+        (
+            "smaller than 1 MiB",
+            "write a size of at least \"1Mi\", e.g. \"10G\"",
+        )
+    } else {
+        (
+            "larger than any disk (1 EiB)",
+            "write the size of one volume, e.g. \"100G\"",
+        )
+    };
+    diags.error(
+        at,
+        format!("volume_size {} is {what}", super::size::human(bytes)),
+        hint,
+    );
+    false
 }
 
 fn reserve(section: &Section, diags: &mut Diags) -> Option<u32> {

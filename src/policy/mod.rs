@@ -18,6 +18,7 @@ pub mod sources;
 pub mod types;
 mod validate;
 
+pub use group::{MAX_VOLUME_COUNT, MAX_VOLUME_SIZE, MIN_VOLUME_SIZE};
 pub use types::*;
 pub use validate::DEFAULT_STORAGE_ROOT;
 
