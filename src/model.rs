@@ -108,7 +108,16 @@ pub struct Signature {
     pub usage: Option<String>,
     pub label: Option<String>,
     pub uuid: Option<String>,
+    /// A filesystem whose mkfs did not finish (see [`MKFS_IN_PROGRESS_LABEL`]): it holds
+    /// no data and is made again when it carries the planned UUID.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unfinished: bool,
 }
+
+/// The label kvstrap gives a filesystem while mkfs runs; the planned label replaces it only
+/// after mkfs succeeded. A filesystem still labelled so (or an xfs superblock still marked
+/// `sb_inprogress`) was interrupted: it is made again, never adopted or mounted.
+pub const MKFS_IN_PROGRESS_LABEL: &str = "kvs-mkfs";
 
 /// A machine fact that rules a disk out regardless of policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -597,3 +597,79 @@ fn two_appliers_at_once_do_not_collide() {
     );
     assert_eq!(steps(&node.plan()), 0);
 }
+
+/// The make_filesystem steps of a plan, with their reasons.
+fn mkfs_steps(plan: &Value) -> Vec<Value> {
+    plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["action"] == "make_filesystem")
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn a_filesystem_whose_mkfs_did_not_finish_is_made_again_never_adopted() {
+    if !require_root("a_filesystem_whose_mkfs_did_not_finish_is_made_again_never_adopted") {
+        return;
+    }
+    for fs in ["xfs", "ext4"] {
+        let disk = LoopDisk::new(640 * MIB);
+        let node = Node::new(&format!(
+            "{}{}",
+            class("c", fs, "Filesystem"),
+            group("g", "c", "separate", &[&disk], "volume_count = 1"),
+        ));
+        // Killed after mkfs wrote the filesystem, before the planned label marked it complete.
+        let crashed = node.kvstrap(&["apply"], &[("KVSTRAP_FAILPOINT", "mkfs_unfinished")]);
+        assert_eq!(crashed.status.code(), Some(137), "{fs}");
+        assert_eq!(blkid(&disk.partition(1), "LABEL"), "kvs-mkfs", "{fs}");
+        let plan = node.plan();
+        let mkfs = mkfs_steps(&plan);
+        assert_eq!(mkfs.len(), 1, "{fs}: {plan:#}");
+        assert_eq!(mkfs[0]["reason"], "an earlier mkfs did not finish", "{fs}");
+        let report = node.apply_ok();
+        assert_eq!(report["failed"], 0, "{fs}: {report:#}");
+        assert_eq!(blkid(&disk.partition(1), "LABEL"), mkfs[0]["label"], "{fs}");
+        assert_eq!(steps(&node.plan()), 0, "{fs}");
+        assert!(node.volumes().iter().all(|v| v["state"] == "ready"));
+    }
+}
+
+#[test]
+fn an_xfs_superblock_left_in_progress_is_made_again() {
+    if !require_root("an_xfs_superblock_left_in_progress_is_made_again") {
+        return;
+    }
+    let disk = LoopDisk::new(640 * MIB);
+    let node = Node::new(&format!(
+        "{}{}",
+        class("c", "xfs", "Filesystem"),
+        group("g", "c", "separate", &[&disk], "volume_count = 1"),
+    ));
+    let planned = mkfs_steps(&node.plan()).remove(0);
+    // The GPT is there, then a mkfs.xfs with the planned UUID and label (what a version
+    // that labelled at mkfs time made) killed before it cleared sb_inprogress.
+    let crashed = node.kvstrap(&["apply"], &[("KVSTRAP_FAILPOINT", "sync_partitions")]);
+    assert_eq!(crashed.status.code(), Some(137));
+    let part = disk.partition(1);
+    let uuid = format!("uuid={}", planned["uuid"].as_str().unwrap());
+    let label = planned["label"].as_str().unwrap();
+    common::run_on("mkfs.xfs", &["-q", "-f", "-m", &uuid, "-L", label], &part);
+    common::run_on(
+        "xfs_db",
+        &["-x", "-c", "sb 0", "-c", "write -d inprogress 1"],
+        &part,
+    );
+    // libblkid still reports the planned TYPE, UUID and LABEL; kvstrap must not adopt it.
+    assert_eq!(blkid(&part, "LABEL"), label);
+    let plan = node.plan();
+    let mkfs = mkfs_steps(&plan);
+    assert_eq!(mkfs.len(), 1, "{plan:#}");
+    assert_eq!(mkfs[0]["reason"], "an earlier mkfs did not finish");
+    let report = node.apply_ok();
+    assert_eq!(report["failed"], 0, "{report:#}");
+    assert_eq!(steps(&node.plan()), 0);
+    assert!(node.volumes().iter().all(|v| v["state"] == "ready"));
+}

@@ -15,24 +15,36 @@ pub enum Program {
     MkfsXfs,
     MkfsExt4,
     XfsQuota,
+    /// Writes the planned label once mkfs.xfs has finished.
+    XfsAdmin,
+    /// Writes the planned label once mkfs.ext4 has finished.
+    E2label,
 }
 
 impl Program {
-    pub const ALL: [Program; 3] = [Program::MkfsXfs, Program::MkfsExt4, Program::XfsQuota];
+    pub const ALL: [Program; 5] = [
+        Program::MkfsXfs,
+        Program::MkfsExt4,
+        Program::XfsQuota,
+        Program::XfsAdmin,
+        Program::E2label,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Program::MkfsXfs => "mkfs.xfs",
             Program::MkfsExt4 => "mkfs.ext4",
             Program::XfsQuota => "xfs_quota",
+            Program::XfsAdmin => "xfs_admin",
+            Program::E2label => "e2label",
         }
     }
 
     /// The distribution package that ships the program, for error messages.
     pub fn package(self) -> &'static str {
         match self {
-            Program::MkfsXfs | Program::XfsQuota => "xfsprogs",
-            Program::MkfsExt4 => "e2fsprogs",
+            Program::MkfsXfs | Program::XfsQuota | Program::XfsAdmin => "xfsprogs",
+            Program::MkfsExt4 | Program::E2label => "e2fsprogs",
         }
     }
 }

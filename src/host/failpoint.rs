@@ -12,6 +12,7 @@ pub const FAILPOINTS: &[&str] = &[
     "wipe_disk",
     "write_partition_table",
     "sync_partitions",
+    "mkfs_unfinished",
     "make_filesystem",
     "mount",
     "create_directory",

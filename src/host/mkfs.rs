@@ -4,7 +4,7 @@
 use crate::host::cmd::{CmdError, Program, Programs};
 use crate::host::probe::{self, FsIdentity, ProbeError};
 use crate::host::Outcome;
-use crate::model::{FsSpec, FsType};
+use crate::model::{FsSpec, FsType, MKFS_IN_PROGRESS_LABEL};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
@@ -44,7 +44,8 @@ pub enum MkfsError {
 
 /// True when `found` is exactly the filesystem `fs` asks for (Ignition's reuse rule).
 pub fn matches_spec(found: &FsIdentity, fs: &FsSpec) -> bool {
-    found.fs_type == fs.fs_type.as_str()
+    !found.unfinished
+        && found.fs_type == fs.fs_type.as_str()
         && found.uuid.as_deref().map(str::to_ascii_lowercase) == Some(fs.uuid.to_string())
         && found.label.as_deref() == Some(fs.label.as_str())
 }
@@ -63,14 +64,17 @@ pub fn make_filesystem(
     };
     programs.require(program)?;
     let found = probe::signatures(device)?;
+    let mut redo = false;
     if let Some(existing) = probe::filesystem_of(&found) {
         // Reused only when it is the one signature there: a filesystem plus, say, an md
         // superblock is not kvstrap's alone.
         if matches_spec(&existing, fs) && found.len() == 1 {
             return Ok(Outcome::Unchanged);
         }
+        // Our own mkfs, interrupted: it never held data (it was never mounted).
+        redo = found.len() == 1 && is_our_unfinished(&existing, fs);
     }
-    if !found.is_empty() {
+    if !found.is_empty() && !redo {
         let list: Vec<String> = found.iter().map(describe_signature).collect();
         return Err(MkfsError::NotBlank {
             device: device.to_path_buf(),
@@ -80,16 +84,56 @@ pub fn make_filesystem(
     check_quota_support(device, fs)?;
     // Prove nothing holds the device, then let go: mkfs opens it O_EXCL itself.
     drop(probe::exclusive_open(device)?);
-    programs.run(program, &mkfs_args(device, fs))?;
+    // Made under the in-progress label; the planned label, written only once mkfs has
+    // succeeded, is the mark that the filesystem is complete.
+    let unfinished = FsSpec {
+        label: MKFS_IN_PROGRESS_LABEL.to_string(),
+        ..fs.clone()
+    };
+    programs.run(program, &mkfs_args(device, &unfinished))?;
+    crate::host::failpoint("mkfs_unfinished");
+    set_label(programs, device, fs)?;
     verify(device, fs)?;
     crate::host::failpoint("make_filesystem");
     Ok(Outcome::Changed(format!(
-        "{}: made {} uuid={} label={}",
+        "{}: {} {} uuid={} label={}",
         device.display(),
+        if redo {
+            "made again (an earlier mkfs did not finish)"
+        } else {
+            "made"
+        },
         fs.fs_type.as_str(),
         fs.uuid,
         fs.label
     )))
+}
+
+/// The filesystem kvstrap planned, left by a mkfs that did not finish.
+fn is_our_unfinished(found: &FsIdentity, fs: &FsSpec) -> bool {
+    found.unfinished
+        && found.fs_type == fs.fs_type.as_str()
+        && found.uuid.as_deref().map(str::to_ascii_lowercase) == Some(fs.uuid.to_string())
+}
+
+/// Write the planned label on a filesystem mkfs just made (unmounted).
+fn set_label(programs: &Programs, device: &Path, fs: &FsSpec) -> Result<(), MkfsError> {
+    let (program, args): (Program, Vec<OsString>) = match fs.fs_type {
+        FsType::Xfs => (
+            Program::XfsAdmin,
+            vec![
+                "-L".into(),
+                fs.label.clone().into(),
+                device.as_os_str().to_owned(),
+            ],
+        ),
+        FsType::Ext4 => (
+            Program::E2label,
+            vec![device.as_os_str().to_owned(), fs.label.clone().into()],
+        ),
+    };
+    programs.run(program, &args)?;
+    Ok(())
 }
 
 fn check_label(fs: &FsSpec) -> Result<(), MkfsError> {
@@ -261,8 +305,17 @@ mod tests {
             fs_type: "xfs".into(),
             uuid: Some("ABCD0000-0000-0000-0000-000000000001".into()),
             label: Some("kvs-0123abcd".into()),
+            unfinished: false,
         };
         assert!(matches_spec(&good, &fs));
+        // The same identity from a mkfs that did not finish is never reused.
+        let cut_short = FsIdentity {
+            unfinished: true,
+            ..good.clone()
+        };
+        assert!(!matches_spec(&cut_short, &fs));
+        assert!(is_our_unfinished(&cut_short, &fs));
+        assert!(!is_our_unfinished(&good, &fs));
         assert!(!matches_spec(
             &FsIdentity {
                 fs_type: "ext4".into(),

@@ -29,6 +29,8 @@ pub struct FsIdentity {
     pub fs_type: String,
     pub uuid: Option<String>,
     pub label: Option<String>,
+    /// mkfs did not finish (see `model::MKFS_IN_PROGRESS_LABEL`).
+    pub unfinished: bool,
 }
 
 /// One signature found by the wipe probe loop, with where it sits.
@@ -134,6 +136,7 @@ impl Probe {
                 usage,
                 label: self.value("LABEL"),
                 uuid: self.value("UUID").or_else(|| self.value("PTUUID")),
+                unfinished: false,
             },
             offset: offset.and_then(|o| o.parse().ok()),
         }
@@ -194,7 +197,25 @@ pub fn signatures(device: &Path) -> Result<Vec<Signature>, ProbeError> {
     while let Some(f) = probe.next()? {
         found.push(f.signature);
     }
+    mark_unfinished(&mut found, &open_read(device)?, 0);
     Ok(found)
+}
+
+/// Flag the filesystems among `signatures` (probed at `offset` of `file`) whose mkfs did
+/// not finish: kvstrap's in-progress label, or an xfs superblock with `sb_inprogress` set
+/// (mkfs.xfs clears it last; libblkid does not look at it).
+pub fn mark_unfinished(signatures: &mut [Signature], file: &File, offset: u64) {
+    for s in signatures.iter_mut() {
+        s.unfinished = s.label.as_deref() == Some(crate::model::MKFS_IN_PROGRESS_LABEL)
+            || (s.kind == "xfs" && xfs_in_progress(file, offset));
+    }
+}
+
+/// `sb_inprogress` of the primary xfs superblock (byte 126 of `struct xfs_dsb`).
+fn xfs_in_progress(file: &File, offset: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut sb = [0u8; 127];
+    file.read_exact_at(&mut sb, offset).is_ok() && sb.starts_with(b"XFSB") && sb[126] != 0
 }
 
 /// The filesystem on `device`, if libblkid recognises one (usage `filesystem`).
@@ -211,6 +232,7 @@ pub fn filesystem_of(signatures: &[Signature]) -> Option<FsIdentity> {
             fs_type: s.kind.clone(),
             uuid: s.uuid.clone(),
             label: s.label.clone(),
+            unfinished: s.unfinished,
         })
 }
 

@@ -90,7 +90,8 @@ pub fn probe_disk(file: &File, what: &str) -> Result<DiskContents, ProbeError> {
     };
     // One probe for both passes: libblkid keeps the blocks it read in its buffers.
     let mut probe = new_probe(file, 0, 0).map_err(err)?;
-    let signatures = list_signatures(&mut probe).map_err(err)?;
+    let mut signatures = list_signatures(&mut probe).map_err(err)?;
+    crate::host::probe::mark_unfinished(&mut signatures, file, 0);
     let (table, entries) = read_table(&mut probe).map_err(err)?;
     Ok(DiskContents {
         signatures,
@@ -111,7 +112,9 @@ pub fn signatures_at(
         source,
     };
     let mut probe = new_probe(file, offset, size).map_err(err)?;
-    list_signatures(&mut probe).map_err(err)
+    let mut signatures = list_signatures(&mut probe).map_err(err)?;
+    crate::host::probe::mark_unfinished(&mut signatures, file, offset);
+    Ok(signatures)
 }
 
 fn new_probe(file: &File, offset: u64, size: u64) -> libblkid_rs::Result<BlkidProbe> {
@@ -142,6 +145,7 @@ fn list_signatures(probe: &mut BlkidProbe) -> libblkid_rs::Result<Vec<Signature>
                 usage: value("USAGE"),
                 label: value("LABEL"),
                 uuid: value("UUID"),
+                unfinished: false,
             });
         }
     }

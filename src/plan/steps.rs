@@ -67,6 +67,11 @@ pub fn adopt_disk(plan: &DiskPlan, disk: &Disk, inventory: &Inventory) -> Result
                         .push(mkfs(plan, part, fs, "partition has no filesystem yet"));
                     out.steps.push(mount(plan, part, fs, "new filesystem"));
                 }
+                [sig] if sig.unfinished && is_planned(fs, sig) => {
+                    out.steps
+                        .push(mkfs(plan, part, fs, "an earlier mkfs did not finish"));
+                    out.steps.push(mount(plan, part, fs, "new filesystem"));
+                }
                 [sig] if fs_matches(fs, sig) => {
                     if !mountpoints.contains(&fs.mountpoint) {
                         out.steps
@@ -134,10 +139,15 @@ fn check_same_layout(plan: &DiskPlan, disk: &Disk) -> Result<(), String> {
     ))
 }
 
+/// The complete filesystem the plan asks for (Ignition's reuse rule: type, UUID, label).
 fn fs_matches(fs: &FsSpec, sig: &crate::model::Signature) -> bool {
+    !sig.unfinished && is_planned(fs, sig) && sig.label.as_deref() == Some(fs.label.as_str())
+}
+
+/// Type and UUID of the planned filesystem (kvstrap's UUIDs are derived from the disk).
+fn is_planned(fs: &FsSpec, sig: &crate::model::Signature) -> bool {
     sig.kind == fs.fs_type.as_str()
         && sig.uuid.as_deref().map(str::to_ascii_lowercase) == Some(fs.uuid.to_string())
-        && sig.label.as_deref() == Some(fs.label.as_str())
 }
 
 fn foreign_partition(part: &PartitionSpec, sigs: &[crate::model::Signature]) -> String {

@@ -350,6 +350,7 @@ fn converged(p: &Plan, mut disks: Vec<Disk>) -> Inventory {
                             usage: Some("filesystem".into()),
                             label: Some(f.label.clone()),
                             uuid: Some(f.uuid.to_string()),
+                            unfinished: false,
                         })
                         .collect(),
                     mountpoints: part
