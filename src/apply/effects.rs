@@ -11,6 +11,8 @@ use std::path::Path;
 pub type DiskGuard = Box<dyn std::any::Any + Send>;
 
 pub trait Effects: Sync {
+    /// Before anything is written: is everything the plan's steps need there (programs)?
+    fn preflight(&self, plan: &crate::model::Plan) -> Result<(), ApplyError>;
     /// Keep udev and other tools off `disk` while its partition table, partitions and
     /// filesystems are written.
     fn lock_disk(&self, disk: &Path) -> Result<DiskGuard, ApplyError>;

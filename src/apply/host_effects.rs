@@ -5,7 +5,7 @@ use super::effects::{DiskGuard, Effects};
 use super::ApplyError;
 use crate::host::cmd::{Program, Programs};
 use crate::host::{self, Outcome};
-use crate::model::{Disk, DiskLayout, FsSpec, FsType, Owner};
+use crate::model::{Disk, DiskLayout, FsSpec, FsType, Owner, Plan, Step};
 use std::path::{Path, PathBuf};
 
 pub struct HostEffects {
@@ -20,13 +20,13 @@ impl HostEffects {
         })
     }
 
-    /// Fail early when a needed program is missing.
+    /// Fail early when a needed program is missing: before a GPT is written, not after.
     pub fn check_programs(&self, fs_types: &[FsType]) -> Result<(), ApplyError> {
         let needed: Vec<Program> = fs_types
             .iter()
-            .map(|f| match f {
-                FsType::Xfs => Program::MkfsXfs,
-                FsType::Ext4 => Program::MkfsExt4,
+            .flat_map(|f| match f {
+                FsType::Xfs => [Program::MkfsXfs, Program::XfsAdmin],
+                FsType::Ext4 => [Program::MkfsExt4, Program::E2label],
             })
             .collect();
         self.programs.check(&needed).map_err(ApplyError::from)
@@ -70,6 +70,18 @@ fn check_identity(step: &str, disk: &Path, planned: &str) -> Result<(), ApplyErr
 }
 
 impl Effects for HostEffects {
+    fn preflight(&self, plan: &Plan) -> Result<(), ApplyError> {
+        let fs_types: Vec<FsType> = plan
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::MakeFilesystem { fs_type, .. } => Some(*fs_type),
+                _ => None,
+            })
+            .collect();
+        self.check_programs(&fs_types)
+    }
+
     fn lock_disk(&self, disk: &Path) -> Result<DiskGuard, ApplyError> {
         let lock = host::disklock::lock_whole_disk(disk).map_err(host::Error::from)?;
         Ok(Box::new(lock))

@@ -115,6 +115,9 @@ pub fn execute(
     stop: &AtomicBool,
     progress: Progress,
 ) -> ApplyReport {
+    if let Err(e) = effects.preflight(plan) {
+        return not_started(plan, &e);
+    }
     let queues = per_disk(&plan.steps);
     let total = plan.steps.len();
     let done = AtomicUsize::new(0);
@@ -140,6 +143,27 @@ pub fn execute(
     steps.sort_by_key(|(i, _)| *i);
     ApplyReport {
         steps: steps.into_iter().map(|(_, r)| r).collect(),
+    }
+}
+
+/// The report of a run that could not start: every step failed with the reason.
+fn not_started(plan: &Plan, e: &ApplyError) -> ApplyReport {
+    let error = format!("not started: {}", error_chain(e));
+    tracing::error!("nothing was changed: {error}");
+    ApplyReport {
+        steps: plan
+            .steps
+            .iter()
+            .map(|step| StepReport {
+                action: step.action(),
+                disk: step.disk().clone(),
+                description: describe(step),
+                result: StepResult::Failed {
+                    error: error.clone(),
+                },
+                millis: 0,
+            })
+            .collect(),
     }
 }
 

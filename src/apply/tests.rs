@@ -51,6 +51,15 @@ impl Recorder {
 }
 
 impl Effects for Recorder {
+    fn preflight(&self, _: &Plan) -> Result<(), ApplyError> {
+        match &self.fail_on {
+            Some(what) if what == "preflight" => Err(ApplyError::Refused {
+                step: "apply".into(),
+                why: "mkfs.xfs not found".into(),
+            }),
+            _ => Ok(()),
+        }
+    }
     fn lock_disk(&self, disk: &Path) -> Result<effects::DiskGuard, ApplyError> {
         let disk = disk.display().to_string();
         if let Ok(mut c) = self.calls.lock() {
@@ -272,4 +281,18 @@ fn a_disk_with_nothing_to_write_is_not_locked() {
         "{:?}",
         fx.all()
     );
+}
+
+#[test]
+fn a_missing_program_fails_the_run_before_anything_is_written() {
+    let fx = Recorder {
+        fail_on: Some("preflight".into()),
+        ..Recorder::default()
+    };
+    let plan = plan_of(&["/dev/a", "/dev/b"]);
+    let report = execute(&plan, &fx, &AtomicBool::new(false), &|_, _, _| {});
+    assert!(fx.all().is_empty(), "{:?}", fx.all());
+    assert_eq!(report.failed(), plan.steps.len());
+    assert!(report.steps.iter().all(|s| matches!(&s.result,
+        StepResult::Failed { error } if error.contains("not started") && error.contains("mkfs.xfs not found"))));
 }

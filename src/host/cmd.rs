@@ -2,8 +2,11 @@
 //! once at start-up, failures that carry argv, exit status and stderr.
 
 use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
 /// Directories searched for programs, in order. PATH is deliberately not used: a daemon
 /// that formats disks must not run whatever `mkfs.xfs` comes first in someone's PATH.
@@ -62,6 +65,8 @@ pub enum CmdError {
         argv: String,
         source: std::io::Error,
     },
+    #[error("`{argv}` did not finish within {limit:?} and was killed: the device may be failing; check `dmesg`")]
+    TimedOut { argv: String, limit: Duration },
     #[error("`{argv}` failed ({status}): {stderr}")]
     Failed {
         argv: String,
@@ -116,20 +121,70 @@ impl Programs {
     }
 }
 
+/// No program kvstrap runs should take longer (mkfs of a large disk without discard
+/// takes seconds); one that hangs on a dying disk is killed so the run can go on.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Run an absolute path with arguments; stdin is closed so a program never waits for a
-/// confirmation that no one will type.
+/// confirmation that no one will type. Killed after [`COMMAND_TIMEOUT`].
 pub fn run_path(path: &Path, args: &[OsString]) -> Result<String, CmdError> {
+    run_path_within(path, args, COMMAND_TIMEOUT)
+}
+
+/// [`run_path`] with another time limit.
+pub fn run_path_within(
+    path: &Path,
+    args: &[OsString],
+    timeout: Duration,
+) -> Result<String, CmdError> {
     let argv = render_argv(path, args);
     tracing::debug!(%argv, "running");
-    let out = Command::new(path)
+    let child = Command::new(path)
         .args(args)
-        .stdin(std::process::Stdio::null())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .env("LC_ALL", "C")
-        .output()
+        // Its own process group, so a kill reaches what it started too (and their
+        // hold on the output pipes).
+        .process_group(0)
+        .spawn()
         .map_err(|source| CmdError::Spawn {
             argv: argv.clone(),
             source,
         })?;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+    // A thread collects the output and the exit status; this one keeps the clock.
+    let (done, finished) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let out = child.wait_with_output();
+        let _ = done.send(());
+        out
+    });
+    let timed_out = match finished.recv_timeout(timeout) {
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            // Not reaped yet (the waiter reaps, then signals), so the group is still ours.
+            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+            true
+        }
+        _ => false,
+    };
+    let out = waiter
+        .join()
+        .map_err(|_| CmdError::Spawn {
+            argv: argv.clone(),
+            source: std::io::Error::other("the thread waiting for the program panicked"),
+        })?
+        .map_err(|source| CmdError::Spawn {
+            argv: argv.clone(),
+            source,
+        })?;
+    if timed_out {
+        return Err(CmdError::TimedOut {
+            argv,
+            limit: timeout,
+        });
+    }
     if !out.status.success() {
         return Err(CmdError::Failed {
             argv,
@@ -201,6 +256,25 @@ mod tests {
         assert!(msg.contains("mkfs.xfs -f /dev/x"), "{msg}");
         assert!(msg.contains("exit status: 3"), "{msg}");
         assert!(msg.contains("no such device"), "{msg}");
+    }
+
+    #[test]
+    fn a_program_that_hangs_is_killed_at_the_time_limit() {
+        let d = tempfile::tempdir().unwrap();
+        fake_program(d.path(), "mkfs.xfs", "sleep 30");
+        let started = std::time::Instant::now();
+        let err = run_path_within(
+            &d.path().join("mkfs.xfs"),
+            &["/dev/x".into()],
+            Duration::from_millis(300),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(started.elapsed() < Duration::from_secs(10), "{err}");
+        assert!(
+            err.contains("did not finish within 300ms and was killed"),
+            "{err}"
+        );
     }
 
     #[test]
