@@ -7,6 +7,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -61,15 +62,18 @@ pub fn lock_path() -> PathBuf {
 /// Take the applier lock, waiting up to `timeout` for another applier to finish.
 pub fn lock(path: &Path, timeout: Duration) -> Result<ApplyLock, StateError> {
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(|source| StateError::LockOpen {
+        create_private_dir(dir, 0o755).map_err(|source| StateError::LockOpen {
             path: path.into(),
             source,
         })?;
     }
+    // Only root takes the lock: 0600, and never through a symlink planted at its name.
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(|source| StateError::LockOpen {
             path: path.into(),
@@ -114,17 +118,68 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), StateError> {
         source,
     };
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(err)?;
+    create_private_dir(dir, 0o755).map_err(err)?;
+    let (tmp, mut file) = create_temp(dir, path, 0o644).map_err(err)?;
+    let written = file
+        .write_all(contents)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written.map_err(err)?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(err)
+}
+
+/// Create `dir` (and its parents) with `mode`, whatever the umask.
+pub fn create_private_dir(dir: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)?;
+    // DirBuilder's mode passes through the umask; set it exactly.
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+}
+
+/// A new temp file beside `path`, with a name nobody can have prepared: created with
+/// O_EXCL|O_NOFOLLOW, so a symlink or file planted there is never written through.
+fn create_temp(dir: &Path, path: &Path, mode: u32) -> std::io::Result<(PathBuf, File)> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
-    let mut file = File::create(&tmp).map_err(err)?;
-    file.write_all(contents).map_err(err)?;
-    file.sync_all().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(err)
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    loop {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!(
+            ".{file_name}.{}.{n}.{nanos:x}.tmp",
+            std::process::id()
+        ));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+        {
+            Ok(file) => {
+                file.set_permissions(fs::Permissions::from_mode(mode))?;
+                return Ok((tmp, file));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// What the last apply did, for `status` and D-Bus.
@@ -167,6 +222,7 @@ pub fn save(state_dir: &Path, state: &State) -> Result<(), StateError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -199,5 +255,28 @@ mod tests {
             .filter_map(Result::ok)
             .collect();
         assert_eq!(leftovers.len(), 1, "no temp files left behind");
+    }
+
+    #[test]
+    fn state_files_and_dirs_have_their_modes_whatever_the_umask_and_follow_no_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        // umask is per process (nextest runs each test in its own); restored below.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        save(&state, &State::default()).unwrap();
+        let held = lock(&dir.path().join("run/lock"), Duration::ZERO).unwrap();
+        nix::sys::stat::umask(old);
+        assert_eq!(mode(&state), 0o755);
+        assert_eq!(mode(&state_file(&state)), 0o644);
+        assert_eq!(mode(&dir.path().join("run")), 0o755);
+        assert_eq!(mode(&dir.path().join("run/lock")), 0o600);
+        drop(held);
+        // A symlink planted at the lock's name is not followed.
+        let target = dir.path().join("elsewhere");
+        std::os::unix::fs::symlink(&target, dir.path().join("evil")).unwrap();
+        assert!(lock(&dir.path().join("evil"), Duration::ZERO).is_err());
+        assert!(!target.exists());
     }
 }

@@ -160,7 +160,9 @@ pub fn mount_of(path: &Path) -> Result<MountEntry, MountError> {
 
 /// The mount flags and data string for `options`, plus what quotas need.
 pub fn mount_flags(options: &[String], project_quota: bool) -> (MsFlags, String) {
-    let mut flags = MsFlags::empty();
+    // Tenants write to these filesystems: a device node or a setuid binary a VM's pod
+    // leaves there must not work for anyone else on the node.
+    let mut flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
     let mut data: Vec<&str> = Vec::new();
     for opt in options {
         match flag_of(opt) {
@@ -355,7 +357,8 @@ mod tests {
         let (_, data) = mount_flags(&["prjquota".to_string()], true);
         assert_eq!(data, "prjquota");
         let (flags, data) = mount_flags(&[], false);
-        assert!(flags.is_empty() && data.is_empty());
+        assert_eq!(flags, MsFlags::MS_NODEV | MsFlags::MS_NOSUID, "always");
+        assert!(data.is_empty());
     }
 
     #[test]
