@@ -673,3 +673,41 @@ fn an_xfs_superblock_left_in_progress_is_made_again() {
     assert_eq!(steps(&node.plan()), 0);
     assert!(node.volumes().iter().all(|v| v["state"] == "ready"));
 }
+
+#[test]
+fn a_block_link_is_never_pointed_at_another_disks_partition() {
+    if !require_root("a_block_link_is_never_pointed_at_another_disks_partition") {
+        return;
+    }
+    use kvstrap::apply::effects::Effects;
+    let a = LoopDisk::new(64 * MIB);
+    let b = LoopDisk::new(64 * MIB);
+    let node = Node::new(&format!(
+        "{}{}",
+        class("raw", "xfs", "Block"),
+        group("r", "raw", "separate", &[&a, &b], "volume_count = 1"),
+    ));
+    let plan = node.plan();
+    let link_of_a = plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["action"] == "link_block_device" && s["disk"] == a.path.display().to_string())
+        .cloned()
+        .unwrap();
+    node.apply_ok();
+    let part_uuid: uuid::Uuid = link_of_a["part_uuid"].as_str().unwrap().parse().unwrap();
+    let fx = kvstrap::apply::host_effects::HostEffects::new(&node.state()).unwrap();
+    let link = node.dir.path().join("a-link");
+    // After a reboot that swapped kernel names, "a's partition" could be b's node.
+    let err = fx
+        .link_block_device(&a.path, &link, &b.partition(1), &part_uuid)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is not its partition 1"), "{err}");
+    assert!(std::fs::symlink_metadata(&link).is_err(), "no link made");
+    // Its own partition is accepted.
+    fx.link_block_device(&a.path, &link, &a.partition(1), &part_uuid)
+        .unwrap();
+    assert_eq!(std::fs::read_link(&link).unwrap(), a.partition(1));
+}

@@ -47,8 +47,10 @@ pub trait Effects: Sync {
         project_id: u32,
         bytes: u64,
     ) -> Result<Outcome, ApplyError>;
+    /// Point `link` at `target` after proving `target` is the partition `part_uuid` of `disk`.
     fn link_block_device(
         &self,
+        disk: &Path,
         link: &Path,
         target: &Path,
         part_uuid: &uuid::Uuid,

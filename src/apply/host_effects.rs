@@ -211,12 +211,46 @@ impl Effects for HostEffects {
 
     fn link_block_device(
         &self,
+        disk: &Path,
         link: &Path,
         target: &Path,
-        _part_uuid: &uuid::Uuid,
+        part_uuid: &uuid::Uuid,
     ) -> Result<Outcome, ApplyError> {
+        is_partition(disk, target, part_uuid)?;
         Ok(host::dirs::link_block_device(link, target).map_err(host::Error::from)?)
     }
+}
+
+/// A Block volume's link must never point at another disk's partition (kernel names move
+/// between boots): `target` must be the kernel partition that the GPT on `disk` lists
+/// with `part_uuid`, at the same start and length.
+fn is_partition(disk: &Path, target: &Path, part_uuid: &uuid::Uuid) -> Result<(), ApplyError> {
+    let step = "link block volume";
+    let table = host::gpt::read_partition_table(disk).map_err(host::Error::from)?;
+    let entry = table
+        .as_ref()
+        .and_then(|t| t.entries.iter().find(|e| e.part_uuid == *part_uuid))
+        .ok_or_else(|| refused(step, disk, format!("its GPT has no partition {part_uuid}")))?;
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned());
+    let kernel = host::blkpg::kernel_partitions(disk).map_err(host::Error::from)?;
+    let same = kernel.iter().any(|k| {
+        Some(&k.name) == name.as_ref()
+            && k.number == entry.number
+            && k.start_bytes == entry.start_bytes
+            && k.size_bytes == entry.size_bytes
+    });
+    if !same {
+        return Err(refused(
+            step,
+            disk,
+            format!(
+                "{} is not its partition {} ({part_uuid}); run plan again",
+                target.display(),
+                entry.number
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn fs_spec(

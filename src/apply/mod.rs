@@ -384,11 +384,12 @@ fn run_step(step: &Step, fx: &dyn Effects) -> Result<Outcome, ApplyError> {
             ..
         } => fx.quota(path, mountpoint, *project_id, *bytes),
         Step::LinkBlockDevice {
+            disk,
             link,
             target,
             part_uuid,
             ..
-        } => fx.link_block_device(link, target, part_uuid),
+        } => fx.link_block_device(disk, link, target, part_uuid),
     }
 }
 

@@ -107,6 +107,7 @@ impl Effects for Recorder {
     }
     fn link_block_device(
         &self,
+        _: &Path,
         link: &Path,
         _: &Path,
         _: &uuid::Uuid,
