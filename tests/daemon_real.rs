@@ -104,8 +104,7 @@ impl NamedLoop {
 impl Drop for NamedLoop {
     fn drop(&mut self) {
         if self.attached {
-            common::unmount_all_from(&self.path);
-            let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+            common::detach_loop(&self.path);
         }
     }
 }

@@ -56,6 +56,10 @@ pub struct StepReport {
     pub description: String,
     #[serde(flatten)]
     pub result: StepResult,
+    /// The step failed with an error that may pass on a retry (EBUSY, EAGAIN, a partition
+    /// node not there yet): the daemon retries its first run on these before READY.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub transient: bool,
     pub millis: u64,
 }
 
@@ -166,6 +170,7 @@ fn run_queue(
     let mut blocked = false;
     for &(index, step) in queue {
         let started = Instant::now();
+        let mut transient = false;
         let result = if blocked || stop.load(Ordering::SeqCst) {
             StepResult::Skipped
         } else {
@@ -174,6 +179,7 @@ fn run_queue(
                 Ok(Outcome::Changed(what)) => StepResult::Changed { what },
                 Err(e) => {
                     blocked = true;
+                    transient = is_transient(&e);
                     StepResult::Failed {
                         error: error_chain(&e),
                     }
@@ -185,11 +191,46 @@ fn run_queue(
             disk: step.disk().clone(),
             description: describe(step),
             result,
+            transient,
             millis: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         };
         log_step(&report, started.elapsed());
         record(index, report);
     }
+}
+
+/// Errors that a device still settling produces (udev re-reading a partition table, a
+/// partition node not created yet): EBUSY, EAGAIN, ENOENT, in the chain or in the
+/// stderr of a program (run with LC_ALL=C), or a partition node that never appeared.
+pub fn is_transient(e: &ApplyError) -> bool {
+    use nix::errno::Errno;
+    const TRANSIENT: [Errno; 3] = [Errno::EBUSY, Errno::EAGAIN, Errno::ENOENT];
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(errno) = err.downcast_ref::<Errno>() {
+            return TRANSIENT.contains(errno);
+        }
+        if let Some(code) = err.downcast_ref::<std::io::Error>().and_then(|io| io.raw_os_error()) {
+            return TRANSIENT.contains(&Errno::from_raw(code));
+        }
+        cur = err.source();
+    }
+    let ApplyError::Host(host) = e else {
+        return false;
+    };
+    let stderr = match host.as_ref() {
+        crate::host::Error::Blkpg(crate::host::blkpg::BlkpgError::NodeMissing { .. }) => {
+            return true
+        }
+        crate::host::Error::Cmd(crate::host::cmd::CmdError::Failed { stderr, .. })
+        | crate::host::Error::Mkfs(crate::host::mkfs::MkfsError::Cmd(
+            crate::host::cmd::CmdError::Failed { stderr, .. },
+        )) => stderr,
+        _ => return false,
+    };
+    ["No such file or directory", "Device or resource busy"]
+        .iter()
+        .any(|m| stderr.contains(m))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

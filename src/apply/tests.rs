@@ -210,3 +210,38 @@ fn progress_counts_every_step() {
     });
     assert_eq!(seen.load(Ordering::SeqCst), 8);
 }
+
+#[test]
+fn transient_errors_are_told_apart() {
+    use crate::host::blkpg::BlkpgError;
+    use crate::host::cmd::CmdError;
+    use nix::errno::Errno;
+    let blkpg = |source| -> ApplyError {
+        BlkpgError::Ioctl {
+            op: "add",
+            disk: "/dev/vdc".into(),
+            number: 1,
+            source,
+            hint: "",
+        }
+        .into()
+    };
+    assert!(is_transient(&blkpg(Errno::EBUSY)));
+    assert!(is_transient(&blkpg(Errno::ENOENT)));
+    assert!(!is_transient(&blkpg(Errno::EINVAL)));
+    let mkfs = |stderr: &str| -> ApplyError {
+        CmdError::Failed {
+            argv: "mkfs.xfs /dev/vdc1".into(),
+            status: "exit status: 1".into(),
+            stderr: stderr.into(),
+        }
+        .into()
+    };
+    assert!(is_transient(&mkfs("/dev/vdc1: No such file or directory")));
+    assert!(!is_transient(&mkfs("agsize too small")));
+    let refused = ApplyError::Refused {
+        step: "mkfs".into(),
+        why: "not blank".into(),
+    };
+    assert!(!is_transient(&refused));
+}

@@ -1,7 +1,7 @@
 //! The real engine: policy from disk, inventory from the machine, the pure planner, and
 //! the executor with host effects — the same functions `kvstrap apply` uses.
 
-use super::engine::{ApplySummary, Engine, EngineError};
+use super::engine::{ApplySummary, Engine, EngineError, FailedDisk};
 use crate::apply::{self, host_effects::HostEffects, StepResult};
 use crate::cli::args::GlobalArgs;
 use crate::cli::{plan_context, scan};
@@ -72,6 +72,32 @@ pub fn diagnostics(e: &PolicyError) -> String {
         .join("\n")
 }
 
+/// Disks of the plan with no step left for them.
+fn ready_disks(plan: &Plan) -> usize {
+    plan.groups
+        .iter()
+        .flat_map(|g| g.disks.iter())
+        .filter(|d| !plan.steps.iter().any(|s| *s.disk() == d.disk))
+        .count()
+}
+
+/// Each disk with a failed step, with the first error it met.
+fn failed_disks(report: &apply::ApplyReport) -> Vec<FailedDisk> {
+    let mut out: Vec<FailedDisk> = Vec::new();
+    for s in &report.steps {
+        if let StepResult::Failed { error } = &s.result {
+            let disk = s.disk.display().to_string();
+            if !out.iter().any(|f| f.disk == disk) {
+                out.push(FailedDisk {
+                    disk,
+                    error: error.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
 fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
@@ -113,6 +139,10 @@ impl Engine for HostEngine {
             refused: count(plan.refused.len()),
             interrupted,
             result: ApplySummary::result_text(failed, interrupted),
+            transient: count(report.steps.iter().filter(|s| s.transient).count()),
+            disks_ready: count(ready_disks(&after)),
+            volumes_ready: count(crate::kube::node::provisioned(&after).len()),
+            failed_disks: failed_disks(&report),
         };
         state::save(
             &self.global.state_dir,
@@ -153,83 +183,5 @@ impl Engine for HostEngine {
 
     fn pending_publications(&self) -> u32 {
         self.publications.as_ref().map_or(0, |p| p.pending())
-    }
-}
-
-/// The daemon's publisher: manifests after every run, and server-side apply in the
-/// background when the policy says `publish = true`. Never blocks a run or READY.
-pub struct KubePublications {
-    state_dir: std::path::PathBuf,
-    publisher: Option<crate::kube::Publisher>,
-    // Owns the publisher's tasks; dropped last.
-    _runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl KubePublications {
-    pub fn start(global: &GlobalArgs, handle: Option<crate::daemon::Handle>) -> KubePublications {
-        let mut me = KubePublications {
-            state_dir: global.state_dir.clone(),
-            publisher: None,
-            _runtime: None,
-        };
-        let Ok(policy) = policy::load(global.policy.as_deref()) else {
-            return me;
-        };
-        if !policy.kubernetes.publish {
-            tracing::info!("kubernetes.publish = false: rendering manifests only");
-            return me;
-        }
-        let runtime = match tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                tracing::error!("cannot start the publisher, rendering manifests only: {e}");
-                return me;
-            }
-        };
-        let started = {
-            let _guard = runtime.enter();
-            crate::kube::Publisher::start(
-                crate::kube::ClientSource::from_policy(&policy.kubernetes),
-                &policy.node.name,
-                &global.state_dir,
-                Arc::new(crate::kube::DirectoryAndBlockScrubber),
-                crate::kube::PublishOptions::default(),
-            )
-        };
-        match started {
-            Ok(p) => {
-                if let Some(h) = handle {
-                    h.publications_changed();
-                }
-                me.publisher = Some(p);
-                me._runtime = Some(runtime);
-            }
-            Err(e) => tracing::error!("cannot start the publisher, rendering manifests only: {e}"),
-        }
-        me
-    }
-}
-
-impl Publications for KubePublications {
-    fn submit(&self, policy: &Policy, plan: &Plan) {
-        match crate::kube::node::render(policy, plan, &self.state_dir) {
-            Ok(desired) => {
-                if let Some(p) = &self.publisher {
-                    p.submit(desired);
-                }
-            }
-            Err(e) => tracing::error!("cannot render the manifests: {e:#}"),
-        }
-    }
-
-    fn pending(&self) -> u32 {
-        self.publisher
-            .as_ref()
-            .map(|p| count(p.status().pending))
-            .unwrap_or(0)
     }
 }
