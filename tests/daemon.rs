@@ -118,7 +118,9 @@ fn a_settling_disk_is_retried_before_ready() {
     let failed = before
         .iter()
         .filter(|l| {
-            l.starts_with("STATUS=ready: 3 disk(s), 30 volume(s); failed: 1 disk(s) (/dev/sim0: BLKPG add")
+            l.starts_with(
+                "STATUS=ready: 3 disk(s), 30 volume(s); failed: 1 disk(s) (/dev/sim0: BLKPG add",
+            )
         })
         .count();
     assert!(failed >= 2, "{:?}", notify.seen);
@@ -159,7 +161,10 @@ fn a_lasting_failure_is_not_retried_and_status_names_the_disk() {
         notify.seen
     );
     assert!(
-        !notify.seen.iter().any(|l| l.starts_with("EXTEND_TIMEOUT_USEC=")),
+        !notify
+            .seen
+            .iter()
+            .any(|l| l.starts_with("EXTEND_TIMEOUT_USEC=")),
         "{:?}",
         notify.seen
     );

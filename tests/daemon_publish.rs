@@ -3,9 +3,9 @@
 //! signal on the bus. One test function: it sets DBUS_SYSTEM_BUS_ADDRESS for the process.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod daemon_support;
 #[path = "support/apiserver.rs"]
 mod apiserver;
+mod daemon_support;
 #[path = "support/fixtures.rs"]
 mod fixtures;
 

@@ -210,7 +210,10 @@ pub fn is_transient(e: &ApplyError) -> bool {
         if let Some(errno) = err.downcast_ref::<Errno>() {
             return TRANSIENT.contains(errno);
         }
-        if let Some(code) = err.downcast_ref::<std::io::Error>().and_then(|io| io.raw_os_error()) {
+        if let Some(code) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.raw_os_error())
+        {
             return TRANSIENT.contains(&Errno::from_raw(code));
         }
         cur = err.source();

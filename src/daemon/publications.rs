@@ -8,8 +8,8 @@ use super::Handle;
 use crate::cli::args::GlobalArgs;
 use crate::kube::scrub::Ledger;
 use crate::kube::{ClientSource, Desired, PublishStatus, Publisher};
-use crate::policy::{self, Policy};
 use crate::model::Plan;
+use crate::policy::{self, Policy};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -88,7 +88,9 @@ impl KubePublications {
             Ok(rt) => {
                 rt.spawn(report(Arc::clone(&publisher), source, handle, announced));
             }
-            Err(_) => tracing::warn!("no runtime to watch the publisher on: no VolumePublished signals"),
+            Err(_) => {
+                tracing::warn!("no runtime to watch the publisher on: no VolumePublished signals")
+            }
         }
         KubePublications {
             state_dir: state_dir.to_path_buf(),
@@ -220,7 +222,7 @@ fn log_pass(server: &str, last: &PublishStatus, now: &PublishStatus) {
                 server,
                 attempt = now.consecutive_failures,
                 pending = now.pending,
-                "cannot publish {} object(s) to the API server at {server}: {error}; attempt {}, next attempt in {:.1?} (at {})",
+                "cannot publish {} object(s) to the API server at {server}: {error}; attempt {}, next attempt within {:.1?} (by {})",
                 now.pending,
                 now.consecutive_failures,
                 retry,
