@@ -927,10 +927,12 @@ mod tests {
     #[test]
     fn first_run_retries_back_off_and_are_capped() {
         let base = Duration::from_millis(500);
-        let delays: Vec<u64> = (0..6)
-            .map(|n| first_retry_delay(base, n).as_millis() as u64)
-            .collect();
-        assert_eq!(delays, [500, 1000, 2000, 4000, 8000, 8000]);
+        let delays: Vec<Duration> = (0..6).map(|n| first_retry_delay(base, n)).collect();
+        let ms = Duration::from_millis;
+        assert_eq!(
+            delays,
+            [ms(500), ms(1000), ms(2000), ms(4000), ms(8000), ms(8000)]
+        );
     }
 
     #[test]
