@@ -19,20 +19,21 @@ use kvstrap::model::VolumeMode;
 use kvstrap::policy::types::ReclaimPolicy;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Submits `desired` on every run once `go` is set, like the host engine after an apply.
 struct PublishingEngine {
     publications: KubePublications,
-    desired: Desired,
+    desired: Mutex<Desired>,
     go: AtomicBool,
 }
 
 impl Engine for PublishingEngine {
     fn apply(&self, _stop: &AtomicBool) -> Result<ApplySummary, EngineError> {
         if self.go.load(Ordering::SeqCst) {
-            self.publications.submit_desired(self.desired.clone());
+            let desired = self.desired.lock().unwrap().clone();
+            self.publications.submit_desired(desired);
         }
         Ok(ApplySummary {
             result: "success".into(),
@@ -83,14 +84,19 @@ fn a_published_volume_is_announced_on_the_bus() {
     let class = fixtures::class("local", VolumeMode::Filesystem, ReclaimPolicy::Delete);
     let volumes = fixtures::dir_volumes(state.path(), 2, "local");
     let desired = Desired::build(fixtures::NODE, &volumes, &[class]).unwrap();
-    let wanted: BTreeSet<(String, String)> = desired
+    let wanted: BTreeSet<(&str, String, String)> = desired
         .volumes
         .iter()
-        .map(|v| (v.spec.name.clone(), v.pv_name().to_string()))
+        .map(|v| ("published", v.spec.name.clone(), v.pv_name().to_string()))
         .collect();
+    let second = desired.volumes[1].clone();
+    let class_only = Desired {
+        volumes: vec![desired.volumes[0].clone()],
+        ..desired.clone()
+    };
     let engine = Arc::new(PublishingEngine {
         publications,
-        desired,
+        desired: Mutex::new(desired),
         go: AtomicBool::new(false),
     });
     let options = Options {
@@ -113,12 +119,20 @@ fn a_published_volume_is_announced_on_the_bus() {
         zbus::block_on(async {
             let client = Client::connect(Some(&address)).await.unwrap();
             let proxy = client.proxy().await.unwrap();
-            let mut published = proxy.receive_volume_published().await.unwrap();
+            let published = proxy.receive_volume_published().await.unwrap();
+            let removed = proxy.receive_volume_removed().await.unwrap();
             subscribed_tx.send(()).unwrap();
-            while let Some(signal) = published.next().await {
-                let a = signal.args().unwrap();
-                tx.send((a.volume().to_string(), a.pv().to_string()))
-                    .unwrap();
+            let published = published.map(|s| {
+                let a = s.args().unwrap();
+                ("published", a.volume().to_string(), a.pv().to_string())
+            });
+            let removed = removed.map(|s| {
+                let a = s.args().unwrap();
+                ("removed", a.volume().to_string(), a.pv().to_string())
+            });
+            let mut both = futures_util::stream::select(published, removed);
+            while let Some(signal) = both.next().await {
+                tx.send(signal).unwrap();
             }
         })
     });
@@ -140,6 +154,22 @@ fn a_published_volume_is_announced_on_the_bus() {
     handle.trigger(Trigger::Apply(None));
     std::thread::sleep(Duration::from_secs(1));
     assert!(rx.try_recv().is_err(), "a PV is announced once");
+
+    // The second volume goes away: its Available PV is deleted, and that is announced.
+    *engine.desired.lock().unwrap() = class_only;
+    handle.trigger(Trigger::Apply(None));
+    let removed = rx
+        .recv_timeout(Duration::from_secs(15))
+        .expect("VolumeRemoved");
+    assert_eq!(
+        removed,
+        (
+            "removed",
+            second.spec.name.clone(),
+            second.pv_name().to_string()
+        )
+    );
+    assert_eq!(double.pvs().len(), 1);
 
     handle.trigger(Trigger::Stop);
     let (done_tx, done_rx) = std::sync::mpsc::channel();

@@ -200,21 +200,27 @@ fn run_queue(
 }
 
 /// Errors that a device still settling produces (udev re-reading a partition table, a
-/// partition node not created yet): EBUSY, EAGAIN, ENOENT, in the chain or in the
-/// stderr of a program (run with LC_ALL=C), or a partition node that never appeared.
+/// partition node not created yet): EBUSY, EAGAIN, ENOENT on a /dev node, in the chain or
+/// in the stderr of a program (run with LC_ALL=C), or a partition node that never appeared.
 pub fn is_transient(e: &ApplyError) -> bool {
     use nix::errno::Errno;
-    const TRANSIENT: [Errno; 3] = [Errno::EBUSY, Errno::EAGAIN, Errno::ENOENT];
+    // ENOENT only counts for a device node: a missing directory does not come by waiting.
+    let on_dev = || e.to_string().contains("/dev/");
+    let settling = |errno: Errno| match errno {
+        Errno::EBUSY | Errno::EAGAIN => true,
+        Errno::ENOENT => on_dev(),
+        _ => false,
+    };
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(errno) = err.downcast_ref::<Errno>() {
-            return TRANSIENT.contains(errno);
+            return settling(*errno);
         }
         if let Some(code) = err
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.raw_os_error())
         {
-            return TRANSIENT.contains(&Errno::from_raw(code));
+            return settling(Errno::from_raw(code));
         }
         cur = err.source();
     }
@@ -231,9 +237,8 @@ pub fn is_transient(e: &ApplyError) -> bool {
         )) => stderr,
         _ => return false,
     };
-    ["No such file or directory", "Device or resource busy"]
-        .iter()
-        .any(|m| stderr.contains(m))
+    stderr.contains("Device or resource busy")
+        || (stderr.contains("No such file or directory") && on_dev())
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

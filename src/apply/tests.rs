@@ -239,6 +239,16 @@ fn transient_errors_are_told_apart() {
     };
     assert!(is_transient(&mkfs("/dev/vdc1: No such file or directory")));
     assert!(!is_transient(&mkfs("agsize too small")));
+    let missing_dir: ApplyError = crate::host::dirs::DirError::Io {
+        what: "create",
+        path: "/var/lib/kvstrap/storage/x".into(),
+        source: std::io::Error::from_raw_os_error(libc::ENOENT),
+    }
+    .into();
+    assert!(
+        !is_transient(&missing_dir),
+        "ENOENT off /dev is not settling"
+    );
     let refused = ApplyError::Refused {
         step: "mkfs".into(),
         why: "not blank".into(),

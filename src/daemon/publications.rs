@@ -10,7 +10,7 @@ use crate::kube::scrub::Ledger;
 use crate::kube::{ClientSource, Desired, PublishStatus, Publisher};
 use crate::model::Plan;
 use crate::policy::{self, Policy};
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -128,9 +128,9 @@ impl Publications for KubePublications {
     }
 }
 
-/// PVs the last pass before this start found in the cluster: not announced again.
-/// Read-only: the publisher owns the ledger (and moves a broken one aside itself).
-fn recorded_in_cluster(state_dir: &Path) -> BTreeSet<String> {
+/// PVs (and their volumes) the last pass before this start found in the cluster: not
+/// announced again. Read-only: the publisher owns the ledger and moves a broken one aside.
+fn recorded_in_cluster(state_dir: &Path) -> BTreeMap<String, String> {
     std::fs::read(Ledger::path(state_dir))
         .ok()
         .and_then(|text| serde_json::from_slice::<Ledger>(&text).ok())
@@ -138,7 +138,7 @@ fn recorded_in_cluster(state_dir: &Path) -> BTreeSet<String> {
             l.volumes
                 .into_iter()
                 .filter(|(_, e)| e.in_cluster)
-                .map(|(pv, _)| pv)
+                .map(|(pv, e)| (pv, e.volume))
                 .collect()
         })
         .unwrap_or_default()
@@ -152,7 +152,7 @@ async fn report(
     publisher: Arc<Publisher>,
     source: ClientSource,
     handle: Option<Handle>,
-    mut announced: BTreeSet<String>,
+    mut announced: BTreeMap<String, String>,
 ) {
     let server = server_address(&source).await;
     let mut last = publisher.status();
@@ -171,9 +171,13 @@ async fn report(
             continue;
         }
         let now = publisher.status();
-        for (volume, pv) in newly_published(&now, &mut announced) {
-            if let Some(h) = &handle {
-                h.volume_published(&volume, &pv);
+        let changed = changes(&now, &mut announced);
+        if let Some(h) = &handle {
+            for (volume, pv) in &changed.published {
+                h.volume_published(volume, pv);
+            }
+            for (volume, pv) in &changed.removed {
+                h.volume_removed(volume, pv);
             }
         }
         if now.pending != last.pending {
@@ -188,28 +192,41 @@ async fn report(
     }
 }
 
-/// Volumes whose PV is in the cluster and was not announced yet; forgets those that left,
-/// so a volume taken back and published again is announced again.
-pub fn newly_published(
-    status: &PublishStatus,
-    announced: &mut BTreeSet<String>,
-) -> Vec<(String, String)> {
+/// What changed in the cluster since the last look, per volume: `(volume, pv)` pairs.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub published: Vec<(String, String)>,
+    pub removed: Vec<(String, String)>,
+}
+
+/// Volumes whose PV is in the cluster and was not announced yet, and announced ones whose
+/// PV left it (so a volume taken back and published again is announced again). Only a
+/// pass that reached the API server says anything.
+pub fn changes(status: &PublishStatus, announced: &mut BTreeMap<String, String>) -> Changes {
+    let mut out = Changes::default();
     if !status.connected {
-        return Vec::new();
+        return out;
     }
-    let published: BTreeSet<&str> = status
-        .volumes
-        .values()
-        .filter(|p| p.published)
-        .map(|p| p.pv_name.as_str())
-        .collect();
-    announced.retain(|pv| published.contains(pv.as_str()));
-    status
+    let published: BTreeMap<&str, &str> = status
         .volumes
         .iter()
-        .filter(|(_, p)| p.published && announced.insert(p.pv_name.clone()))
-        .map(|(volume, p)| (volume.clone(), p.pv_name.clone()))
-        .collect()
+        .filter(|(_, p)| p.published)
+        .map(|(v, p)| (p.pv_name.as_str(), v.as_str()))
+        .collect();
+    announced.retain(|pv, volume| {
+        let kept = published.contains_key(pv.as_str());
+        if !kept {
+            out.removed.push((volume.clone(), pv.clone()));
+        }
+        kept
+    });
+    for (pv, volume) in published {
+        if !announced.contains_key(pv) {
+            announced.insert(pv.to_string(), volume.to_string());
+            out.published.push((volume.to_string(), pv.to_string()));
+        }
+    }
+    out
 }
 
 /// One line per failed attempt, ours: what failed, where, and when the next try is;
@@ -295,24 +312,40 @@ mod tests {
         }
     }
 
+    fn pair(v: &str) -> (String, String) {
+        (v.to_string(), format!("pv-{v}"))
+    }
+
     #[test]
-    fn each_publication_is_announced_once() {
-        let mut announced = BTreeSet::from(["pv-old".to_string()]);
-        let first = newly_published(
+    fn each_publication_is_announced_once_and_removals_too() {
+        let mut announced = BTreeMap::from([("pv-old".to_string(), "old".to_string())]);
+        let first = changes(
             &status(true, &[("old", true), ("a", true), ("b", false)]),
             &mut announced,
         );
-        assert_eq!(first, vec![("a".to_string(), "pv-a".to_string())]);
-        let again = newly_published(
+        assert_eq!(first.published, vec![pair("a")]);
+        assert!(first.removed.is_empty());
+        let again = changes(
             &status(true, &[("old", true), ("a", true), ("b", true)]),
             &mut announced,
         );
-        assert_eq!(again, vec![("b".to_string(), "pv-b".to_string())]);
-        assert!(newly_published(&status(false, &[]), &mut announced).is_empty());
-        // Taken back (deleted), then published again: announced again.
-        newly_published(&status(true, &[("a", false)]), &mut announced);
-        let back = newly_published(&status(true, &[("a", true)]), &mut announced);
-        assert_eq!(back, vec![("a".to_string(), "pv-a".to_string())]);
+        assert_eq!(again.published, vec![pair("b")]);
+        // A pass that did not reach the server says nothing.
+        assert_eq!(
+            changes(&status(false, &[]), &mut announced),
+            Changes::default()
+        );
+        // Taken back (deleted), then published again: both are announced.
+        let gone = changes(
+            &status(true, &[("old", true), ("a", false), ("b", true)]),
+            &mut announced,
+        );
+        assert_eq!((gone.published, gone.removed), (vec![], vec![pair("a")]));
+        let back = changes(
+            &status(true, &[("old", true), ("a", true), ("b", true)]),
+            &mut announced,
+        );
+        assert_eq!(back.published, vec![pair("a")]);
     }
 
     #[test]
