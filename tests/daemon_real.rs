@@ -8,6 +8,7 @@ mod daemon_support;
 
 use daemon_support::*;
 use nix::sys::signal::Signal;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -353,4 +354,57 @@ fn a_failed_disk_is_named_in_status_and_its_volumes_are_never_rendered() {
             "{pv} rendered for a volume that is not ready"
         );
     }
+}
+
+#[test]
+fn a_disk_held_busy_at_start_is_retried_before_ready() {
+    if !enabled("a_disk_held_busy_at_start_is_retried_before_ready") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let disk = common::LoopDisk::new(1 << 30);
+    // Something (udev's blkid, say) holds the whole disk exclusively while the daemon
+    // starts: its partition cannot be opened O_EXCL for mkfs (EBUSY) until it lets go.
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(&disk.path)
+        .unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(held);
+    });
+    let bus = TestBus::start();
+    let mut notify = NotifySocket::new();
+    let daemon = real_daemon(
+        &bus,
+        &notify,
+        &policy(
+            &work.path().join("storage"),
+            std::slice::from_ref(&disk.path),
+        ),
+    );
+    let got_ready = notify.wait_for("READY=1", Duration::from_secs(60));
+    release.join().unwrap();
+    assert!(got_ready, "{:?}\n{}", notify.seen, daemon.stderr());
+    let ready = notify.seen.iter().position(|l| l == "READY=1").unwrap();
+    let before = &notify.seen[..ready];
+    assert!(
+        before.iter().any(|l| l.starts_with("EXTEND_TIMEOUT_USEC=")),
+        "the busy disk was retried: {before:?}\n{}",
+        daemon.stderr()
+    );
+    assert_eq!(
+        before
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("STATUS=ready:"))
+            .map(String::as_str),
+        Some("STATUS=ready: 1 disk(s), 4 volume(s)"),
+        "READY only once the storage is there: {before:?}\n{}",
+        daemon.stderr()
+    );
+    let v = volumes_on(&bus, &disk.path);
+    assert_eq!(v.len(), 4);
+    assert!(v.iter().all(|v| v["state"] == "ready"), "{v:?}");
 }

@@ -201,7 +201,8 @@ fn run_queue(
 
 /// Errors that a device still settling produces (udev re-reading a partition table, a
 /// partition node not created yet): EBUSY, EAGAIN, ENOENT on a /dev node, in the chain or
-/// in the stderr of a program (run with LC_ALL=C), or a partition node that never appeared.
+/// in the stderr of a program (run with LC_ALL=C), a device held open exclusively, or a
+/// partition node that never appeared.
 pub fn is_transient(e: &ApplyError) -> bool {
     use nix::errno::Errno;
     // ENOENT only counts for a device node: a missing directory does not come by waiting.
@@ -227,10 +228,13 @@ pub fn is_transient(e: &ApplyError) -> bool {
     let ApplyError::Host(host) = e else {
         return false;
     };
+    use crate::host::probe::ProbeError;
     let stderr = match host.as_ref() {
-        crate::host::Error::Blkpg(crate::host::blkpg::BlkpgError::NodeMissing { .. }) => {
-            return true
-        }
+        crate::host::Error::Blkpg(crate::host::blkpg::BlkpgError::NodeMissing { .. })
+        | crate::host::Error::Probe(ProbeError::Busy { .. })
+        | crate::host::Error::Mkfs(crate::host::mkfs::MkfsError::Probe(ProbeError::Busy {
+            ..
+        })) => return true,
         crate::host::Error::Cmd(crate::host::cmd::CmdError::Failed { stderr, .. })
         | crate::host::Error::Mkfs(crate::host::mkfs::MkfsError::Cmd(
             crate::host::cmd::CmdError::Failed { stderr, .. },

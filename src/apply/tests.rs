@@ -249,6 +249,12 @@ fn transient_errors_are_told_apart() {
         !is_transient(&missing_dir),
         "ENOENT off /dev is not settling"
     );
+    let held: ApplyError =
+        crate::host::mkfs::MkfsError::Probe(crate::host::probe::ProbeError::Busy {
+            device: "/dev/vdc1".into(),
+        })
+        .into();
+    assert!(is_transient(&held), "held open exclusively by udev's blkid");
     let refused = ApplyError::Refused {
         step: "mkfs".into(),
         why: "not blank".into(),

@@ -5,7 +5,7 @@ use super::engine::{ApplySummary, Engine, EngineError, FailedDisk};
 use crate::apply::{self, host_effects::HostEffects, StepResult};
 use crate::cli::args::GlobalArgs;
 use crate::cli::{plan_context, scan};
-use crate::model::Plan;
+use crate::model::{InUse, Inventory, Plan};
 use crate::policy::{self, Policy, PolicyError};
 use crate::state;
 use serde_json::json;
@@ -53,13 +53,14 @@ impl HostEngine {
     }
 
     fn current_plan(&self, policy: &Policy) -> Result<Plan, EngineError> {
+        Ok(self.observe(policy)?.1)
+    }
+
+    fn observe(&self, policy: &Policy) -> Result<(Inventory, Plan), EngineError> {
         let inventory =
             scan(&self.global, Some(policy)).map_err(|e| EngineError::Observe(format!("{e:#}")))?;
-        Ok(crate::plan::plan(
-            policy,
-            &inventory,
-            &plan_context(&self.global),
-        ))
+        let plan = crate::plan::plan(policy, &inventory, &plan_context(&self.global));
+        Ok((inventory, plan))
     }
 }
 
@@ -79,6 +80,26 @@ fn ready_disks(plan: &Plan) -> usize {
         .flat_map(|g| g.disks.iter())
         .filter(|d| !plan.steps.iter().any(|s| *s.disk() == d.disk))
         .count()
+}
+
+/// Disks a group selects that were left alone only because something held them open
+/// exclusively at that moment (a prober, a settling device): worth another look.
+fn busy_disks(inventory: &Inventory, plan: &Plan) -> Vec<FailedDisk> {
+    plan.refused
+        .iter()
+        .filter(|r| r.group.is_some())
+        .filter(|r| {
+            inventory.disks.iter().any(|d| {
+                d.path == r.disk
+                    && !d.in_use.is_empty()
+                    && d.in_use.iter().all(|u| matches!(u, InUse::Busy { .. }))
+            })
+        })
+        .map(|r| FailedDisk {
+            disk: r.disk.display().to_string(),
+            error: format!("left alone: {}", r.reason),
+        })
+        .collect()
 }
 
 /// Each disk with a failed step, with the first error it met.
@@ -107,7 +128,8 @@ impl Engine for HostEngine {
         let policy = self.policy();
         let effects = HostEffects::new(&self.global.state_dir)
             .map_err(|e| EngineError::Execute(e.to_string()))?;
-        let plan = self.current_plan(&policy)?;
+        let (inventory, plan) = self.observe(&policy)?;
+        let busy = busy_disks(&inventory, &plan);
         for r in &plan.refused {
             tracing::warn!(disk = %r.disk.display(), "left alone: {}", r.reason);
         }
@@ -139,10 +161,10 @@ impl Engine for HostEngine {
             refused: count(plan.refused.len()),
             interrupted,
             result: ApplySummary::result_text(failed, interrupted),
-            transient: count(report.steps.iter().filter(|s| s.transient).count()),
+            transient: count(report.steps.iter().filter(|s| s.transient).count() + busy.len()),
             disks_ready: count(ready_disks(&after)),
             volumes_ready: count(crate::kube::node::provisioned(&after).len()),
-            failed_disks: failed_disks(&report),
+            failed_disks: failed_disks(&report).into_iter().chain(busy).collect(),
         };
         state::save(
             &self.global.state_dir,
