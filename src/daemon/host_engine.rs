@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 /// The publisher as the engine sees it: it is handed each run's plan and must return at
 /// once (publishing runs in the background and never holds up local work), and it counts
 /// what the API server has not accepted yet. It reports back through `daemon::Handle`
-/// (`volume_published`, `volume_removed`, `publications_changed`, `pv_changed`).
+/// (`volume_published`, `volume_removed`, `publications_changed`): see
+/// [`super::publications`].
 pub trait Publications: Send + Sync {
     /// Render and queue the volumes that exist after a run (and the policy's classes).
     fn submit(&self, policy: &Policy, plan: &Plan);

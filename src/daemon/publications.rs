@@ -1,7 +1,7 @@
 //! The daemon's side of publication: manifests after every run, the background publisher
-//! when the policy says `publish = true`, and what it reports back — `VolumePublished`
-//! signals (and their journal entries), the pending count, and one line with the server's
-//! address and the next retry time for each failed attempt.
+//! when the policy says `publish = true`, and what it reports back — `VolumePublished` and
+//! `VolumeRemoved` signals (and their journal entries), the pending count, and one line
+//! with the server's address and the next retry time for each failed attempt.
 
 use super::host_engine::Publications;
 use super::Handle;
@@ -62,8 +62,10 @@ impl KubePublications {
         };
         match started {
             Ok(p) => {
-                let _guard = runtime.enter();
-                me = KubePublications::with_publisher(&global.state_dir, p, source, handle);
+                me = {
+                    let _guard = runtime.enter();
+                    KubePublications::with_publisher(&global.state_dir, p, source, handle)
+                };
                 me._runtime = Some(runtime);
             }
             Err(e) => tracing::error!("cannot start the publisher, rendering manifests only: {e}"),
