@@ -48,10 +48,25 @@ impl Engine for PublishingEngine {
     }
 }
 
-/// A loopback port nothing listens on: connections are refused at once.
-fn refused_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+/// A loopback port bound but not listening: connections are refused at once, and no
+/// other test can take the port while the returned socket lives.
+fn refused_port() -> (std::os::fd::OwnedFd, u16) {
+    use nix::sys::socket::SockaddrIn;
+    use nix::sys::socket::{bind, getsockname, socket, AddressFamily, SockFlag, SockType};
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::new(127, 0, 0, 1, 0),
+    )
+    .unwrap();
+    let addr: SockaddrIn = getsockname(std::os::fd::AsRawFd::as_raw_fd(&fd)).unwrap();
+    (fd, addr.port())
 }
 
 #[test]
@@ -60,7 +75,8 @@ fn every_trigger_respects_the_publication_backoff() {
     std::env::set_var("KVSTRAP_LOCK", state.path().join("lock"));
     std::env::remove_var("NOTIFY_SOCKET");
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let source = ClientSource::Kubeconfig(apiserver::kubeconfig(state.path(), refused_port()));
+    let (_refusing, port) = refused_port();
+    let source = ClientSource::Kubeconfig(apiserver::kubeconfig(state.path(), port));
     let options = PublishOptions {
         backoff_base: Duration::from_millis(200),
         backoff_max: Duration::from_millis(800),

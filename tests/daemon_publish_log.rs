@@ -15,9 +15,25 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn refused_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+/// A loopback port bound but not listening: connections are refused at once, and no
+/// other test can take the port while the returned socket lives.
+fn refused_port() -> (std::os::fd::OwnedFd, u16) {
+    use nix::sys::socket::SockaddrIn;
+    use nix::sys::socket::{bind, getsockname, socket, AddressFamily, SockFlag, SockType};
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::new(127, 0, 0, 1, 0),
+    )
+    .unwrap();
+    let addr: SockaddrIn = getsockname(std::os::fd::AsRawFd::as_raw_fd(&fd)).unwrap();
+    (fd, addr.port())
 }
 
 fn policy(dir: &Path, kubeconfig: &Path) -> String {
@@ -77,7 +93,7 @@ fn failed_publication_is_one_line_with_server_and_retry_and_sighup_keeps_the_bac
     if !can_run(test) {
         return;
     }
-    let port = refused_port();
+    let (_refusing, port) = refused_port();
     let bus = TestBus::start();
     let mut notify = NotifySocket::new();
     let mut daemon = daemon(&bus, &notify, port);
@@ -131,7 +147,8 @@ fn the_client_librarys_bare_error_lines_are_filtered_out() {
     }
     let bus = TestBus::start();
     let mut notify = NotifySocket::new();
-    let mut daemon = daemon(&bus, &notify, refused_port());
+    let (_refusing, port) = refused_port();
+    let mut daemon = daemon(&bus, &notify, port);
     assert!(
         notify.wait_for("READY=1", Duration::from_secs(20)),
         "{}",
