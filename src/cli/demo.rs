@@ -193,7 +193,7 @@ fn cleanup(root: &Path) -> Result<i32> {
 /// added with BLKPG outlive `losetup -d` on a loop device attached without partition
 /// scanning, and the next image attached to that number would show them.
 fn detach(losetup: &Path, dev: &Path) -> Result<()> {
-    crate::host::blkpg::sync_partitions(dev, &[])
+    crate::host::blkpg::delete_partitions(dev)
         .with_context(|| format!("cannot delete the partitions of {}", dev.display()))?;
     run_path(losetup, &["--detach".into(), dev.into()])
         .with_context(|| format!("cannot detach {}", dev.display()))?;

@@ -112,7 +112,7 @@ pub fn unmount_all_from(disk: &Path) {
 pub fn detach_loop(dev: &Path) {
     unmount_all_from(dev);
     let _ = Command::new("swapoff").arg(dev).status();
-    if let Err(e) = kvstrap::host::blkpg::sync_partitions(dev, &[]) {
+    if let Err(e) = kvstrap::host::blkpg::delete_partitions(dev) {
         eprintln!("cannot delete the partitions of {}: {e}", dev.display());
     }
     let _ = Command::new("losetup").arg("-d").arg(dev).status();
