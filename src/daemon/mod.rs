@@ -651,6 +651,8 @@ impl Reconciler {
         if !self.ready_sent && self.first_started.is_none() {
             self.first_started = Some(Instant::now());
         }
+        // A run asked for meanwhile (D-Bus Apply, a uevent) is the retry.
+        self.retry_at = None;
         let outcome = self.run_once();
         self.heartbeat.busy.store(false, Ordering::SeqCst);
         let pending = self.engine.pending_publications();
