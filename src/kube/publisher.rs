@@ -334,7 +334,7 @@ impl Worker {
         };
         *failures = if clean { 0 } else { failures.saturating_add(1) };
         if let Some(e) = &error {
-            // The daemon reports it with the server and the retry time (daemon::host_engine).
+            // The daemon reports it with the server and the retry time (daemon::publications).
             tracing::debug!(error = %e, attempt = *failures, "publication incomplete, will retry");
         }
         let retry_in = (!clean).then(|| backoff_cap(&self.options, *failures));
@@ -376,7 +376,7 @@ impl Worker {
                 if r.is_ok() { Wake::Work } else { Wake::Stop }
             }
             () = tokio::time::sleep(timer) => Wake::Work,
-            // After a failure only the backoff timer or a new submit wakes us.
+            // After a failure only the backoff timer (or stop) wakes us.
             () = kick.notified(), if retry.is_none() => {
                 tokio::time::sleep(self.options.debounce).await;
                 Wake::Work
