@@ -81,7 +81,7 @@ fn ready_comes_after_the_first_apply_without_an_api_server() {
         notify
             .seen
             .iter()
-            .any(|l| l == "STATUS=4 disks, 40 volumes, 3 pending"),
+            .any(|l| l == "STATUS=ready: 4 disk(s), 40 volume(s); 3 publication(s) pending"),
         "{:?}",
         notify.seen
     );
@@ -90,6 +90,85 @@ fn ready_comes_after_the_first_apply_without_an_api_server() {
     assert_eq!(s["last_apply_result"], "success");
     assert_eq!(s["last_apply"]["changed"], 5);
     assert_eq!(s["pending_publications"], 3);
+}
+
+#[test]
+fn a_settling_disk_is_retried_before_ready() {
+    if !can_run("a_settling_disk_is_retried_before_ready") {
+        return;
+    }
+    // The first two runs fail on /dev/sim0 with EBUSY (udev re-reading its partition
+    // table); the third finds it settled. READY comes after that one, not before.
+    let bus = TestBus::start();
+    let mut notify = NotifySocket::new();
+    let started = Instant::now();
+    let daemon = DaemonProcess::start(&bus, &notify, "steps = 3\ntransient_failures = 2\n");
+    assert!(
+        notify.wait_for("READY=1", Duration::from_secs(20)),
+        "saw {:?}\n{}",
+        notify.seen,
+        daemon.stderr()
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "waited 0.5 s then 1 s before the retries"
+    );
+    let ready = notify.seen.iter().position(|l| l == "READY=1").unwrap();
+    let before = &notify.seen[..ready];
+    let failed = before
+        .iter()
+        .filter(|l| {
+            l.starts_with(
+                "STATUS=ready: 3 disk(s), 30 volume(s); failed: 1 disk(s) (/dev/sim0: BLKPG add",
+            )
+        })
+        .count();
+    assert!(failed >= 2, "{:?}", notify.seen);
+    let extended = before
+        .iter()
+        .filter(|l| l.starts_with("EXTEND_TIMEOUT_USEC="))
+        .count();
+    assert_eq!(extended, 2, "{:?}", notify.seen);
+    assert_eq!(
+        before.last().map(String::as_str),
+        Some("STATUS=ready: 4 disk(s), 40 volume(s)"),
+        "{:?}",
+        notify.seen
+    );
+    let s = status(&bus);
+    assert_eq!(s["runs"], 3);
+    assert_eq!(s["last_apply_result"], "success");
+}
+
+#[test]
+fn a_lasting_failure_is_not_retried_and_status_names_the_disk() {
+    if !can_run("a_lasting_failure_is_not_retried_and_status_names_the_disk") {
+        return;
+    }
+    let bus = TestBus::start();
+    let mut notify = NotifySocket::new();
+    let daemon = DaemonProcess::start(&bus, &notify, "steps = 3\nfail = true\n");
+    assert!(
+        notify.wait_for("READY=1", Duration::from_secs(20)),
+        "saw {:?}\n{}",
+        notify.seen,
+        daemon.stderr()
+    );
+    assert!(
+        notify.seen.iter().any(|l| l
+            == "STATUS=ready: 3 disk(s), 30 volume(s); failed: 1 disk(s) (/dev/sim0: simulated failure)"),
+        "{:?}",
+        notify.seen
+    );
+    assert!(
+        !notify
+            .seen
+            .iter()
+            .any(|l| l.starts_with("EXTEND_TIMEOUT_USEC=")),
+        "{:?}",
+        notify.seen
+    );
+    assert_eq!(status(&bus)["runs"], 1);
 }
 
 #[test]
@@ -255,7 +334,7 @@ fn sighup_with_a_broken_policy_keeps_the_old_one() {
         == 6));
     assert!(
         notify.wait_for(
-            "STATUS=6 disks, 60 volumes, 0 pending",
+            "STATUS=ready: 6 disk(s), 60 volume(s)",
             Duration::from_secs(5)
         ),
         "{:?}",

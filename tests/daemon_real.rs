@@ -8,6 +8,7 @@ mod daemon_support;
 
 use daemon_support::*;
 use nix::sys::signal::Signal;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -104,8 +105,7 @@ impl NamedLoop {
 impl Drop for NamedLoop {
     fn drop(&mut self) {
         if self.attached {
-            common::unmount_all_from(&self.path);
-            let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+            common::detach_loop(&self.path);
         }
     }
 }
@@ -246,4 +246,165 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+#[test]
+fn a_failed_disk_is_named_in_status_and_its_volumes_are_never_rendered() {
+    if !enabled("a_failed_disk_is_named_in_status_and_its_volumes_are_never_rendered") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let disks = [
+        common::LoopDisk::new(1 << 30),
+        common::LoopDisk::new(1 << 30),
+    ];
+    let (good, bad) = (&disks[0].path, &disks[1].path);
+    let policy_path = work.path().join("policy.toml");
+    std::fs::write(
+        &policy_path,
+        policy(&work.path().join("storage"), &[good.clone(), bad.clone()]),
+    )
+    .unwrap();
+    // Where the planner will mount the second disk, a file: its mount step fails (EEXIST,
+    // not a device settling, so no retry) and its volumes are never ready.
+    let plan = Command::new(env!("CARGO_BIN_EXE_kvstrap"))
+        .arg("--policy")
+        .arg(&policy_path)
+        .args(["plan", "--output", "json"])
+        .output()
+        .unwrap();
+    let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let mountpoint = plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["action"] == "mount" && s["disk"] == bad.display().to_string())
+        .and_then(|s| s["mountpoint"].as_str())
+        .map(PathBuf::from)
+        .expect("a mount step for the second disk");
+    std::fs::create_dir_all(mountpoint.parent().unwrap()).unwrap();
+    std::fs::write(&mountpoint, "in the way\n").unwrap();
+    let volumes_of = |disk: &Path| -> Vec<String> {
+        plan["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["volumes"].as_array().cloned().unwrap_or_default())
+            .filter(|v| v["disk"] == disk.display().to_string())
+            .map(|v| v["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (good_volumes, bad_volumes) = (volumes_of(good), volumes_of(bad));
+    assert_eq!((good_volumes.len(), bad_volumes.len()), (4, 4), "{plan}");
+
+    let bus = TestBus::start();
+    let mut notify = NotifySocket::new();
+    let daemon = real_daemon(
+        &bus,
+        &notify,
+        &std::fs::read_to_string(&policy_path).unwrap(),
+    );
+    assert!(
+        notify.wait_for("READY=1", Duration::from_secs(60)),
+        "{:?}\n{}",
+        notify.seen,
+        daemon.stderr()
+    );
+    let ready = notify.seen.iter().position(|l| l == "READY=1").unwrap();
+    let status = notify.seen[..ready]
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("STATUS=ready:"))
+        .cloned()
+        .unwrap_or_default();
+    let expected = format!(
+        "STATUS=ready: 1 disk(s), 4 volume(s); failed: 1 disk(s) ({}: ",
+        bad.display()
+    );
+    assert!(status.starts_with(&expected), "{status}\n{:?}", notify.seen);
+    assert!(
+        !notify
+            .seen
+            .iter()
+            .any(|l| l.starts_with("EXTEND_TIMEOUT_USEC=")),
+        "a lasting failure is not retried: {:?}",
+        notify.seen
+    );
+
+    let manifests = daemon.dir.path().join("state/manifests");
+    let rendered: Vec<String> = std::fs::read_dir(&manifests)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    for v in &good_volumes {
+        let pv = format!(
+            "pv-{}.yaml",
+            kvstrap::kube::builders::pv_name("daemon-test", v)
+        );
+        assert!(rendered.contains(&pv), "{pv} not in {rendered:?}");
+    }
+    for v in &bad_volumes {
+        let pv = format!(
+            "pv-{}.yaml",
+            kvstrap::kube::builders::pv_name("daemon-test", v)
+        );
+        assert!(
+            !rendered.contains(&pv),
+            "{pv} rendered for a volume that is not ready"
+        );
+    }
+}
+
+#[test]
+fn a_disk_held_busy_at_start_is_retried_before_ready() {
+    if !enabled("a_disk_held_busy_at_start_is_retried_before_ready") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let disk = common::LoopDisk::new(1 << 30);
+    // Something (udev's blkid, say) holds the whole disk exclusively while the daemon
+    // starts: its partition cannot be opened O_EXCL for mkfs (EBUSY) until it lets go.
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(&disk.path)
+        .unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(held);
+    });
+    let bus = TestBus::start();
+    let mut notify = NotifySocket::new();
+    let daemon = real_daemon(
+        &bus,
+        &notify,
+        &policy(
+            &work.path().join("storage"),
+            std::slice::from_ref(&disk.path),
+        ),
+    );
+    let got_ready = notify.wait_for("READY=1", Duration::from_secs(60));
+    release.join().unwrap();
+    assert!(got_ready, "{:?}\n{}", notify.seen, daemon.stderr());
+    let ready = notify.seen.iter().position(|l| l == "READY=1").unwrap();
+    let before = &notify.seen[..ready];
+    assert!(
+        before.iter().any(|l| l.starts_with("EXTEND_TIMEOUT_USEC=")),
+        "the busy disk was retried: {before:?}\n{}",
+        daemon.stderr()
+    );
+    assert_eq!(
+        before
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("STATUS=ready:"))
+            .map(String::as_str),
+        Some("STATUS=ready: 1 disk(s), 4 volume(s)"),
+        "READY only once the storage is there: {before:?}\n{}",
+        daemon.stderr()
+    );
+    let v = volumes_on(&bus, &disk.path);
+    assert_eq!(v.len(), 4);
+    assert!(v.iter().all(|v| v["state"] == "ready"), "{v:?}");
 }

@@ -57,6 +57,10 @@ pub struct StepReport {
     pub description: String,
     #[serde(flatten)]
     pub result: StepResult,
+    /// The step failed with an error that may pass on a retry (EBUSY, EAGAIN, a partition
+    /// node not there yet): the daemon retries its first run on these before READY.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub transient: bool,
     pub millis: u64,
 }
 
@@ -161,6 +165,8 @@ fn not_started(plan: &Plan, e: &ApplyError) -> ApplyReport {
                 result: StepResult::Failed {
                     error: error.clone(),
                 },
+                // A missing program does not come by waiting.
+                transient: false,
                 millis: 0,
             })
             .collect(),
@@ -199,6 +205,7 @@ fn run_queue(
     let mut blocked = false;
     for (position, &(index, step)) in queue.iter().enumerate() {
         let started = Instant::now();
+        let mut transient = false;
         let result = if blocked || stop.load(Ordering::SeqCst) {
             StepResult::Skipped
         } else {
@@ -213,6 +220,7 @@ fn run_queue(
                 Ok(Outcome::Changed(what)) => StepResult::Changed { what },
                 Err(e) => {
                     blocked = true;
+                    transient = is_transient(&e);
                     StepResult::Failed {
                         error: error_chain(&e),
                     }
@@ -227,6 +235,7 @@ fn run_queue(
             disk: step.disk().clone(),
             description: describe(step),
             result,
+            transient,
             millis: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         };
         log_step(&report, step, &ids, started.elapsed());
@@ -287,6 +296,53 @@ fn step_volume(step: &Step) -> Option<String> {
         _ => return None,
     };
     path.file_name().map(|n| n.to_string_lossy().into_owned())
+}
+
+/// Errors that a device still settling produces (udev re-reading a partition table, a
+/// partition node not created yet): EBUSY, EAGAIN, ENOENT on a /dev node, in the chain or
+/// in the stderr of a program (run with LC_ALL=C), a device held open exclusively, or a
+/// partition node that never appeared.
+pub fn is_transient(e: &ApplyError) -> bool {
+    use nix::errno::Errno;
+    // ENOENT only counts for a device node: a missing directory does not come by waiting.
+    let on_dev = || e.to_string().contains("/dev/");
+    let settling = |errno: Errno| match errno {
+        Errno::EBUSY | Errno::EAGAIN => true,
+        Errno::ENOENT => on_dev(),
+        _ => false,
+    };
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(errno) = err.downcast_ref::<Errno>() {
+            return settling(*errno);
+        }
+        if let Some(code) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.raw_os_error())
+        {
+            return settling(Errno::from_raw(code));
+        }
+        cur = err.source();
+    }
+    let ApplyError::Host(host) = e else {
+        return false;
+    };
+    use crate::host::probe::ProbeError;
+    let stderr = match host.as_ref() {
+        crate::host::Error::Blkpg(crate::host::blkpg::BlkpgError::NodeMissing { .. })
+        | crate::host::Error::Probe(ProbeError::Busy { .. })
+        | crate::host::Error::Lock(crate::host::disklock::LockError::Held { .. })
+        | crate::host::Error::Mkfs(crate::host::mkfs::MkfsError::Probe(ProbeError::Busy {
+            ..
+        })) => return true,
+        crate::host::Error::Cmd(crate::host::cmd::CmdError::Failed { stderr, .. })
+        | crate::host::Error::Mkfs(crate::host::mkfs::MkfsError::Cmd(
+            crate::host::cmd::CmdError::Failed { stderr, .. },
+        )) => stderr,
+        _ => return false,
+    };
+    stderr.contains("Device or resource busy")
+        || (stderr.contains("No such file or directory") && on_dev())
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

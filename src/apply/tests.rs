@@ -297,3 +297,54 @@ fn a_missing_program_fails_the_run_before_anything_is_written() {
     assert!(report.steps.iter().all(|s| matches!(&s.result,
         StepResult::Failed { error } if error.contains("not started") && error.contains("mkfs.xfs not found"))));
 }
+
+#[test]
+fn transient_errors_are_told_apart() {
+    use crate::host::blkpg::BlkpgError;
+    use crate::host::cmd::CmdError;
+    use nix::errno::Errno;
+    let blkpg = |source| -> ApplyError {
+        BlkpgError::Ioctl {
+            op: "add",
+            disk: "/dev/vdc".into(),
+            number: 1,
+            source,
+            hint: "",
+        }
+        .into()
+    };
+    assert!(is_transient(&blkpg(Errno::EBUSY)));
+    assert!(is_transient(&blkpg(Errno::ENOENT)));
+    assert!(!is_transient(&blkpg(Errno::EINVAL)));
+    let mkfs = |stderr: &str| -> ApplyError {
+        CmdError::Failed {
+            argv: "mkfs.xfs /dev/vdc1".into(),
+            status: "exit status: 1".into(),
+            stderr: stderr.into(),
+        }
+        .into()
+    };
+    assert!(is_transient(&mkfs("/dev/vdc1: No such file or directory")));
+    assert!(!is_transient(&mkfs("agsize too small")));
+    let missing_dir: ApplyError = crate::host::dirs::DirError::Io {
+        what: "create",
+        path: "/var/lib/kvstrap/storage/x".into(),
+        source: std::io::Error::from_raw_os_error(libc::ENOENT),
+    }
+    .into();
+    assert!(
+        !is_transient(&missing_dir),
+        "ENOENT off /dev is not settling"
+    );
+    let held: ApplyError =
+        crate::host::mkfs::MkfsError::Probe(crate::host::probe::ProbeError::Busy {
+            device: "/dev/vdc1".into(),
+        })
+        .into();
+    assert!(is_transient(&held), "held open exclusively by udev's blkid");
+    let refused = ApplyError::Refused {
+        step: "mkfs".into(),
+        why: "not blank".into(),
+    };
+    assert!(!is_transient(&refused));
+}

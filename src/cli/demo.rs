@@ -74,7 +74,14 @@ fn attach_disks(root: &Path, count: u32) -> Result<Vec<PathBuf>> {
             if let Some(dev) = attached_loop(&image) {
                 return Ok(dev);
             }
-            let args: Vec<OsString> = vec!["--find".into(), "--show".into(), image.clone().into()];
+            // --partscan: the kernel reads the new image's partition table and drops any
+            // partition an earlier user of this loop number left behind.
+            let args: Vec<OsString> = vec![
+                "--find".into(),
+                "--show".into(),
+                "--partscan".into(),
+                image.clone().into(),
+            ];
             let out = run_path(&losetup, &args).context("cannot attach a loop device")?;
             Ok(PathBuf::from(out.trim()))
         })
@@ -171,8 +178,7 @@ fn cleanup(root: &Path) -> Result<i32> {
     }
     let losetup = losetup()?;
     for dev in &loops {
-        run_path(&losetup, &["--detach".into(), dev.clone().into()])
-            .with_context(|| format!("cannot detach {}", dev.display()))?;
+        detach(&losetup, dev)?;
         println!("detached {}", dev.display());
     }
     if root.exists() {
@@ -181,6 +187,17 @@ fn cleanup(root: &Path) -> Result<i32> {
         println!("removed {}", root.display());
     }
     Ok(0)
+}
+
+/// Delete the loop device's partitions (BLKPG, like `partx -d`), then detach it. Partitions
+/// added with BLKPG outlive `losetup -d` on a loop device attached without partition
+/// scanning, and the next image attached to that number would show them.
+fn detach(losetup: &Path, dev: &Path) -> Result<()> {
+    crate::host::blkpg::delete_partitions(dev)
+        .with_context(|| format!("cannot delete the partitions of {}", dev.display()))?;
+    run_path(losetup, &["--detach".into(), dev.into()])
+        .with_context(|| format!("cannot detach {}", dev.display()))?;
+    Ok(())
 }
 
 fn mounts_below(dir: &Path) -> Vec<PathBuf> {

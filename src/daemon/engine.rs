@@ -20,11 +20,32 @@ pub struct ApplySummary {
     pub interrupted: bool,
     /// `success`, `failed: N step(s)` or `interrupted`.
     pub result: String,
+    /// Failed steps whose error may pass on a retry (EBUSY, a partition node not there
+    /// yet): the first run after start is retried on these before READY.
+    pub transient: u32,
+    /// Disks with nothing left to do after the run.
+    pub disks_ready: u32,
+    /// Volumes that exist after the run: the only ones rendered and published.
+    pub volumes_ready: u32,
+    /// Each disk with a failed step, and that step's error.
+    pub failed_disks: Vec<FailedDisk>,
+}
+
+/// A disk whose run stopped at a failed step.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct FailedDisk {
+    pub disk: String,
+    pub error: String,
 }
 
 impl ApplySummary {
     pub fn succeeded(&self) -> bool {
         self.failed == 0 && !self.interrupted
+    }
+
+    /// Worth running again at once: some step failed only because a device was settling.
+    pub fn transient_failure(&self) -> bool {
+        self.transient > 0 && !self.interrupted
     }
 
     /// The result word for a run with these counters.

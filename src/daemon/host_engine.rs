@@ -1,11 +1,11 @@
 //! The real engine: policy from disk, inventory from the machine, the pure planner, and
 //! the executor with host effects — the same functions `kvstrap apply` uses.
 
-use super::engine::{ApplySummary, Engine, EngineError};
+use super::engine::{ApplySummary, Engine, EngineError, FailedDisk};
 use crate::apply::{self, host_effects::HostEffects, StepResult};
 use crate::cli::args::GlobalArgs;
 use crate::cli::{plan_context, scan};
-use crate::model::Plan;
+use crate::model::{InUse, Inventory, Plan};
 use crate::policy::{self, Policy, PolicyError};
 use crate::state;
 use serde_json::json;
@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 /// The publisher as the engine sees it: it is handed each run's plan and must return at
 /// once (publishing runs in the background and never holds up local work), and it counts
 /// what the API server has not accepted yet. It reports back through `daemon::Handle`
-/// (`volume_published`, `volume_removed`, `publications_changed`, `pv_changed`).
+/// (`volume_published`, `volume_removed`, `publications_changed`): see
+/// [`super::publications`].
 pub trait Publications: Send + Sync {
     /// Render and queue the volumes that exist after a run (and the policy's classes).
     fn submit(&self, policy: &Policy, plan: &Plan);
@@ -53,13 +54,14 @@ impl HostEngine {
     }
 
     fn current_plan(&self, policy: &Policy) -> Result<Plan, EngineError> {
+        Ok(self.observe(policy)?.1)
+    }
+
+    fn observe(&self, policy: &Policy) -> Result<(Inventory, Plan), EngineError> {
         let inventory =
             scan(&self.global, Some(policy)).map_err(|e| EngineError::Observe(format!("{e:#}")))?;
-        Ok(crate::plan::plan(
-            policy,
-            &inventory,
-            &plan_context(&self.global),
-        ))
+        let plan = crate::plan::plan(policy, &inventory, &plan_context(&self.global));
+        Ok((inventory, plan))
     }
 }
 
@@ -72,6 +74,52 @@ pub fn diagnostics(e: &PolicyError) -> String {
         .join("\n")
 }
 
+/// Disks of the plan with no step left for them.
+fn ready_disks(plan: &Plan) -> usize {
+    plan.groups
+        .iter()
+        .flat_map(|g| g.disks.iter())
+        .filter(|d| !plan.steps.iter().any(|s| *s.disk() == d.disk))
+        .count()
+}
+
+/// Disks a group selects that were left alone only because something held them open
+/// exclusively at that moment (a prober, a settling device): worth another look.
+fn busy_disks(inventory: &Inventory, plan: &Plan) -> Vec<FailedDisk> {
+    plan.refused
+        .iter()
+        .filter(|r| r.group.is_some())
+        .filter(|r| {
+            inventory.disks.iter().any(|d| {
+                d.path == r.disk
+                    && !d.in_use.is_empty()
+                    && d.in_use.iter().all(|u| matches!(u, InUse::Busy { .. }))
+            })
+        })
+        .map(|r| FailedDisk {
+            disk: r.disk.display().to_string(),
+            error: format!("left alone: {}", r.reason),
+        })
+        .collect()
+}
+
+/// Each disk with a failed step, with the first error it met.
+fn failed_disks(report: &apply::ApplyReport) -> Vec<FailedDisk> {
+    let mut out: Vec<FailedDisk> = Vec::new();
+    for s in &report.steps {
+        if let StepResult::Failed { error } = &s.result {
+            let disk = s.disk.display().to_string();
+            if !out.iter().any(|f| f.disk == disk) {
+                out.push(FailedDisk {
+                    disk,
+                    error: error.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
 fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
@@ -81,7 +129,8 @@ impl Engine for HostEngine {
         let policy = self.policy();
         let effects = HostEffects::new(&self.global.state_dir)
             .map_err(|e| EngineError::Execute(e.to_string()))?;
-        let plan = self.current_plan(&policy)?;
+        let (inventory, plan) = self.observe(&policy)?;
+        let busy = busy_disks(&inventory, &plan);
         for r in &plan.refused {
             tracing::warn!(disk = %r.disk.display(), "left alone: {}", r.reason);
         }
@@ -113,6 +162,10 @@ impl Engine for HostEngine {
             refused: count(plan.refused.len()),
             interrupted,
             result: ApplySummary::result_text(failed, interrupted),
+            transient: count(report.steps.iter().filter(|s| s.transient).count() + busy.len()),
+            disks_ready: count(ready_disks(&after)),
+            volumes_ready: count(crate::kube::node::provisioned(&after).len()),
+            failed_disks: failed_disks(&report).into_iter().chain(busy).collect(),
         };
         state::save(
             &self.global.state_dir,
@@ -153,83 +206,5 @@ impl Engine for HostEngine {
 
     fn pending_publications(&self) -> u32 {
         self.publications.as_ref().map_or(0, |p| p.pending())
-    }
-}
-
-/// The daemon's publisher: manifests after every run, and server-side apply in the
-/// background when the policy says `publish = true`. Never blocks a run or READY.
-pub struct KubePublications {
-    state_dir: std::path::PathBuf,
-    publisher: Option<crate::kube::Publisher>,
-    // Owns the publisher's tasks; dropped last.
-    _runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl KubePublications {
-    pub fn start(global: &GlobalArgs, handle: Option<crate::daemon::Handle>) -> KubePublications {
-        let mut me = KubePublications {
-            state_dir: global.state_dir.clone(),
-            publisher: None,
-            _runtime: None,
-        };
-        let Ok(policy) = policy::load(global.policy.as_deref()) else {
-            return me;
-        };
-        if !policy.kubernetes.publish {
-            tracing::info!("kubernetes.publish = false: rendering manifests only");
-            return me;
-        }
-        let runtime = match tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                tracing::error!("cannot start the publisher, rendering manifests only: {e}");
-                return me;
-            }
-        };
-        let started = {
-            let _guard = runtime.enter();
-            crate::kube::Publisher::start(
-                crate::kube::ClientSource::from_policy(&policy.kubernetes),
-                &policy.node.name,
-                &global.state_dir,
-                Arc::new(crate::kube::DirectoryAndBlockScrubber),
-                crate::kube::PublishOptions::default(),
-            )
-        };
-        match started {
-            Ok(p) => {
-                if let Some(h) = handle {
-                    h.publications_changed();
-                }
-                me.publisher = Some(p);
-                me._runtime = Some(runtime);
-            }
-            Err(e) => tracing::error!("cannot start the publisher, rendering manifests only: {e}"),
-        }
-        me
-    }
-}
-
-impl Publications for KubePublications {
-    fn submit(&self, policy: &Policy, plan: &Plan) {
-        match crate::kube::node::render(policy, plan, &self.state_dir) {
-            Ok(desired) => {
-                if let Some(p) = &self.publisher {
-                    p.submit(desired);
-                }
-            }
-            Err(e) => tracing::error!("cannot render the manifests: {e:#}"),
-        }
-    }
-
-    fn pending(&self) -> u32 {
-        self.publisher
-            .as_ref()
-            .map(|p| count(p.status().pending))
-            .unwrap_or(0)
     }
 }

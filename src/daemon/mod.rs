@@ -5,12 +5,13 @@
 
 pub mod engine;
 pub mod host_engine;
+pub mod publications;
 pub mod schedule;
 pub mod sim;
 pub mod uevent;
 
 pub use crate::logging::init_logging;
-pub use engine::{ApplySummary, Engine, EngineError};
+pub use engine::{ApplySummary, Engine, EngineError, FailedDisk};
 
 use crate::dbus::{server, BusEvent};
 use crate::logging::message_id;
@@ -65,6 +66,11 @@ pub struct Options {
     pub dbus: bool,
     /// Listen to kernel uevents (`KVSTRAP_UEVENTS=0` turns it off; tests do).
     pub uevents: bool,
+    /// The first run after start is retried on transient failures (a disk still settling)
+    /// for at most this long before READY, well within the unit's `TimeoutStartSec=`.
+    pub first_run_retry: Duration,
+    /// The first of those retries waits this long; each next one twice as long.
+    pub first_retry_delay: Duration,
 }
 
 impl Default for Options {
@@ -77,6 +83,8 @@ impl Default for Options {
             retry: Duration::from_secs(30),
             dbus: true,
             uevents: true,
+            first_run_retry: Duration::from_secs(30),
+            first_retry_delay: Duration::from_millis(500),
         }
     }
 }
@@ -164,7 +172,8 @@ fn update(shared: &Shared, f: impl FnOnce(&mut Snapshot)) {
     }
 }
 
-/// The `STATUS=` line: "4 disks, 40 volumes, 0 pending", plus the result when not a success.
+/// The `STATUS=` line: what is ready, what failed and why, what waits for the API server;
+/// e.g. `ready: 4 disk(s), 12 volume(s); failed: 1 disk(s) (/dev/vdc: ...)`.
 pub fn status_line(s: &Snapshot) -> String {
     let Some(last) = &s.last_apply else {
         return match s.last_apply_result.as_str() {
@@ -173,14 +182,59 @@ pub fn status_line(s: &Snapshot) -> String {
         };
     };
     let mut line = format!(
-        "{} disks, {} volumes, {} pending",
-        last.disks, last.volumes, s.pending_publications
+        "ready: {} disk(s), {} volume(s)",
+        last.disks_ready, last.volumes_ready
     );
-    if s.last_apply_result != "success" {
+    if !last.failed_disks.is_empty() {
+        let shown: Vec<String> = last
+            .failed_disks
+            .iter()
+            .take(STATUS_FAILED_DISKS)
+            .map(|f| format!("{}: {}", f.disk, shorten(&f.error, STATUS_ERROR_CHARS)))
+            .collect();
+        let more = last.failed_disks.len().saturating_sub(STATUS_FAILED_DISKS);
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        line.push_str(&format!(
+            "; failed: {} disk(s) ({}{more})",
+            last.failed_disks.len(),
+            shown.join("; ")
+        ));
+    } else if s.last_apply_result != "success" {
         line.push_str("; last apply: ");
         line.push_str(&s.last_apply_result);
     }
+    if s.pending_publications > 0 {
+        line.push_str(&format!(
+            "; {} publication(s) pending",
+            s.pending_publications
+        ));
+    }
     line
+}
+
+/// systemctl shows one line: name a few failed disks, each error cut short.
+const STATUS_FAILED_DISKS: usize = 3;
+const STATUS_ERROR_CHARS: usize = 160;
+
+/// One line of at most `max` characters.
+fn shorten(text: &str, max: usize) -> String {
+    let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() <= max {
+        return flat;
+    }
+    let cut: String = flat.chars().take(max.saturating_sub(3)).collect();
+    format!("{cut}...")
+}
+
+/// The wait before retry number `attempt` (0-based) of the first run: 0.5 s, 1 s, 2 s, ...
+/// doubling from `base`, never more than 8 s.
+pub fn first_retry_delay(base: Duration, attempt: u32) -> Duration {
+    base.saturating_mul(1u32 << attempt.min(16))
+        .min(Duration::from_secs(8))
 }
 
 /// How other parts of the daemon (the publisher, the D-Bus side) reach the reconcile loop.
@@ -272,7 +326,7 @@ pub fn main(g: &crate::cli::args::GlobalArgs) -> anyhow::Result<i32> {
             Arc::new(sim::SimEngine::load(Path::new(&path)).map_err(anyhow::Error::msg)?)
         }
         None => {
-            let publications = host_engine::KubePublications::start(g, Some(handle.clone()));
+            let publications = publications::KubePublications::start(g, Some(handle.clone()));
             Arc::new(host_engine::HostEngine::new(
                 g,
                 Some(Arc::new(publications)),
@@ -458,6 +512,12 @@ struct Reconciler {
     reload_pending: bool,
     next_resync: Instant,
     ready_sent: bool,
+    /// When the first run started (READY is held while it is retried).
+    first_started: Option<Instant>,
+    /// Retries of the first run so far.
+    first_retries: u32,
+    /// A retry of the first run is due then.
+    retry_at: Option<Instant>,
 }
 
 impl Reconciler {
@@ -484,6 +544,9 @@ impl Reconciler {
             reload_pending: false,
             next_resync: Instant::now() + options.resync,
             ready_sent: false,
+            first_started: None,
+            first_retries: 0,
+            retry_at: None,
         }
     }
 
@@ -497,6 +560,10 @@ impl Reconciler {
             if self.reload_pending {
                 self.reload();
                 continue;
+            }
+            if self.retry_at.is_some_and(|t| Instant::now() >= t) {
+                self.retry_at = None;
+                self.schedule.request();
             }
             if self.schedule.due(Instant::now()) {
                 self.reconcile();
@@ -520,6 +587,9 @@ impl Reconciler {
         let now = Instant::now();
         let mut until = self.next_resync;
         if let Some(t) = self.schedule.wakeup() {
+            until = until.min(t);
+        }
+        if let Some(t) = self.retry_at {
             until = until.min(t);
         }
         let cap = sd_notify::watchdog_enabled().map_or(Duration::from_secs(60), |p| p / 4);
@@ -577,6 +647,11 @@ impl Reconciler {
         let waiters = std::mem::take(&mut self.apply_waiters);
         self.set_phase(Phase::Applying);
         self.heartbeat.busy.store(true, Ordering::SeqCst);
+        if !self.ready_sent && self.first_started.is_none() {
+            self.first_started = Some(Instant::now());
+        }
+        // A run asked for meanwhile (D-Bus Apply, a uevent) is the retry.
+        self.retry_at = None;
         let outcome = self.run_once();
         self.heartbeat.busy.store(false, Ordering::SeqCst);
         let pending = self.engine.pending_publications();
@@ -610,16 +685,63 @@ impl Reconciler {
         self.log_outcome(&outcome);
         self.publish_status();
         if !self.ready_sent {
-            // After the first run, whatever its result: kubelet must not wait on the API
-            // server, and a failed run is reported in STATUS= and on the bus.
-            let _ = sd_notify::notify(&[NotifyState::Ready]);
-            self.ready_sent = true;
+            match self.first_run_retry(&outcome) {
+                Some(delay) => self.retry_first_run(delay),
+                None => {
+                    // After the first run (and its retries), whatever its result: kubelet
+                    // must not wait on the API server, and a failure is in STATUS= and on
+                    // the bus.
+                    let _ = sd_notify::notify(&[NotifyState::Ready]);
+                    self.ready_sent = true;
+                }
+            }
         }
         self.handle.bus_event(finished_event(&outcome));
         self.handle.bus_event(BusEvent::PropertiesChanged);
         for w in waiters {
             let _ = w.send(outcome.clone());
         }
+    }
+
+    /// Before READY, a run whose failures were all or partly transient (a disk udev is
+    /// still re-reading, a partition node not there yet) is tried again after a short
+    /// backoff, so READY means the storage is there. Bounded by `first_run_retry`.
+    fn first_run_retry(&mut self, outcome: &Result<ApplySummary, String>) -> Option<Duration> {
+        let Ok(summary) = outcome else { return None };
+        if !summary.transient_failure() || self.stopping() {
+            return None;
+        }
+        let delay = first_retry_delay(self.options.first_retry_delay, self.first_retries);
+        let spent = self.first_started.map_or(Duration::ZERO, |t| t.elapsed());
+        if spent + delay > self.options.first_run_retry {
+            tracing::warn!(
+                "disks still failing after {spent:.1?} of retries; telling systemd READY with {} failed step(s)",
+                summary.failed
+            );
+            return None;
+        }
+        self.first_retries += 1;
+        Some(delay)
+    }
+
+    fn retry_first_run(&mut self, delay: Duration) {
+        tracing::info!(
+            retry = self.first_retries,
+            "a device was still settling: retrying the first run in {delay:.1?} before READY"
+        );
+        // The unit's TimeoutStartSec= is ample, but a retried run may be long (mkfs):
+        // ask for the wait plus room for one more run; systemd never shortens it.
+        let extend = delay + FIRST_RUN_EXTEND;
+        let usec = u32::try_from(extend.as_micros()).unwrap_or(u32::MAX);
+        let line = format!(
+            "{}; retrying in {delay:.1?}",
+            status_line(&snapshot(&self.shared))
+        );
+        let _ = sd_notify::notify(&[
+            NotifyState::ExtendTimeoutUsec(usec),
+            NotifyState::Status(&line),
+        ]);
+        self.retry_at = Some(Instant::now() + delay);
     }
 
     fn run_once(&self) -> Result<ApplySummary, String> {
@@ -696,6 +818,9 @@ impl Reconciler {
     }
 }
 
+/// How much longer than a retry's wait the start timeout is extended by.
+const FIRST_RUN_EXTEND: Duration = Duration::from_secs(90);
+
 fn finished_event(outcome: &Result<ApplySummary, String>) -> BusEvent {
     match outcome {
         Ok(s) => BusEvent::ApplyFinished {
@@ -741,6 +866,8 @@ mod tests {
             last_apply: Some(ApplySummary {
                 disks: 4,
                 volumes: 40,
+                disks_ready: 4,
+                volumes_ready: 40,
                 result: result.into(),
                 ..Default::default()
             }),
@@ -749,24 +876,64 @@ mod tests {
     }
 
     #[test]
-    fn status_line_counts_disks_volumes_pending() {
+    fn status_line_counts_ready_disks_volumes_pending() {
+        let mut s = with_last("success");
         assert_eq!(
-            status_line(&with_last("success")),
-            "4 disks, 40 volumes, 2 pending"
+            status_line(&s),
+            "ready: 4 disk(s), 40 volume(s); 2 publication(s) pending"
+        );
+        s.pending_publications = 0;
+        assert_eq!(status_line(&s), "ready: 4 disk(s), 40 volume(s)");
+    }
+
+    #[test]
+    fn status_line_names_failed_disks_and_why() {
+        let mut s = with_last("failed: 1 step(s)");
+        s.pending_publications = 0;
+        if let Some(last) = s.last_apply.as_mut() {
+            last.disks_ready = 3;
+            last.volumes_ready = 30;
+            last.failed_disks = vec![FailedDisk {
+                disk: "/dev/vdc".into(),
+                error: "write GPT on /dev/vdc failed:\nEBUSY".into(),
+            }];
+        }
+        assert_eq!(
+            status_line(&s),
+            "ready: 3 disk(s), 30 volume(s); failed: 1 disk(s) (/dev/vdc: write GPT on /dev/vdc failed: EBUSY)"
         );
     }
 
     #[test]
-    fn status_line_names_a_failure() {
+    fn status_line_names_a_failure_without_disks() {
         assert_eq!(
-            status_line(&with_last("failed: 1 step(s)")),
-            "4 disks, 40 volumes, 2 pending; last apply: failed: 1 step(s)"
+            status_line(&with_last("interrupted")),
+            "ready: 4 disk(s), 40 volume(s); last apply: interrupted; 2 publication(s) pending"
         );
         let none = Snapshot {
             last_apply_result: "error: lock busy".into(),
             ..Default::default()
         };
         assert_eq!(status_line(&none), "no apply yet: error: lock busy");
+    }
+
+    #[test]
+    fn long_errors_are_cut_to_one_short_line() {
+        let long = "x".repeat(500);
+        let short = shorten(&long, 20);
+        assert_eq!(short.chars().count(), 20);
+        assert!(short.ends_with("..."));
+    }
+
+    #[test]
+    fn first_run_retries_back_off_and_are_capped() {
+        let base = Duration::from_millis(500);
+        let delays: Vec<Duration> = (0..6).map(|n| first_retry_delay(base, n)).collect();
+        let ms = Duration::from_millis;
+        assert_eq!(
+            delays,
+            [ms(500), ms(1000), ms(2000), ms(4000), ms(8000), ms(8000)]
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! a disk. Selected with `KVSTRAP_SIM=FILE`, where FILE is a small TOML description of the
 //! node; used by the daemon's tests and benchmarks.
 
-use super::engine::{ApplySummary, Engine, EngineError};
+use super::engine::{ApplySummary, Engine, EngineError, FailedDisk};
 use serde::Deserialize;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -33,6 +33,10 @@ pub struct SimConfig {
     /// Make every step fail, to exercise the failure paths.
     #[serde(default)]
     pub fail: bool,
+    /// The first N applies fail on `/dev/sim0` with an error that passes on a retry
+    /// (EBUSY while udev re-reads the partition table), like a disk that is settling.
+    #[serde(default)]
+    pub transient_failures: u32,
 }
 
 fn default_disks() -> u32 {
@@ -55,6 +59,10 @@ pub fn load_config(path: &Path) -> Result<SimConfig, String> {
     })
 }
 
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 /// 1-based line and column of a byte offset.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
@@ -68,6 +76,8 @@ pub struct SimEngine {
     config: Mutex<SimConfig>,
     /// Steps still to run before the simulated node has converged.
     remaining: Mutex<u32>,
+    /// Applies so far, for `transient_failures`.
+    applies: Mutex<u32>,
 }
 
 impl SimEngine {
@@ -78,6 +88,7 @@ impl SimEngine {
             path: path.to_path_buf(),
             config: Mutex::new(config),
             remaining,
+            applies: Mutex::new(0),
         })
     }
 
@@ -96,6 +107,15 @@ impl Engine for SimEngine {
             .remaining
             .lock()
             .map_err(|_| EngineError::Execute("simulator state poisoned".into()))?;
+        let attempt = {
+            let mut applies = self
+                .applies
+                .lock()
+                .map_err(|_| EngineError::Execute("simulator state poisoned".into()))?;
+            *applies += 1;
+            *applies
+        };
+        let transient = attempt <= config.transient_failures;
         let (mut run, mut changed, mut failed, mut interrupted) = (0, 0, 0, false);
         while *remaining > 0 {
             if stop.load(Ordering::SeqCst) {
@@ -105,13 +125,31 @@ impl Engine for SimEngine {
             tracing::info!(step = run, "simulated step");
             std::thread::sleep(Duration::from_millis(config.step_millis));
             run += 1;
-            if config.fail {
+            if config.fail || transient {
                 failed += 1;
                 break;
             }
             changed += 1;
             *remaining -= 1;
         }
+        if transient && failed == 0 && !interrupted {
+            // Converged already: the settling disk still fails its check.
+            run += 1;
+            failed = 1;
+        }
+        let failed_disks: Vec<FailedDisk> = (failed > 0)
+            .then(|| FailedDisk {
+                disk: "/dev/sim0".into(),
+                error: if transient {
+                    "BLKPG add of partition 1 on /dev/sim0: EBUSY: Device or resource busy".into()
+                } else {
+                    "simulated failure".into()
+                },
+            })
+            .into_iter()
+            .collect();
+        let broken = count(failed_disks.len());
+        let per_disk = config.volumes / config.disks.max(1);
         Ok(ApplySummary {
             disks: config.disks,
             volumes: config.volumes,
@@ -121,6 +159,10 @@ impl Engine for SimEngine {
             refused: 0,
             interrupted,
             result: ApplySummary::result_text(failed, interrupted),
+            transient: if transient { failed } else { 0 },
+            disks_ready: config.disks.saturating_sub(broken),
+            volumes_ready: config.volumes.saturating_sub(broken * per_disk),
+            failed_disks,
         })
     }
 
@@ -195,6 +237,22 @@ mod tests {
         assert_eq!((first.changed, first.result.as_str()), (3, "success"));
         let second = engine.apply(&stop).unwrap();
         assert_eq!((second.steps_run, second.changed), (0, 0));
+    }
+
+    #[test]
+    fn transient_failures_pass_after_n_applies() {
+        let (_d, path) = write("steps = 2\ntransient_failures = 2\ndisks = 2\nvolumes = 4\n");
+        let engine = SimEngine::load(&path).unwrap();
+        let stop = AtomicBool::new(false);
+        for _ in 0..2 {
+            let s = engine.apply(&stop).unwrap();
+            assert!(s.transient_failure(), "{s:?}");
+            assert_eq!((s.disks_ready, s.volumes_ready), (1, 2));
+            assert_eq!(s.failed_disks[0].disk, "/dev/sim0");
+        }
+        let third = engine.apply(&stop).unwrap();
+        assert!(third.succeeded() && !third.transient_failure(), "{third:?}");
+        assert_eq!((third.disks_ready, third.volumes_ready), (2, 4));
     }
 
     #[test]

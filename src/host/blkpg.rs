@@ -162,6 +162,20 @@ pub fn sync_partitions(disk: &Path, wanted: &[PartitionSpec]) -> Result<Outcome,
     Ok(Outcome::Changed(describe(disk, &delta, &mknods)))
 }
 
+/// Delete every partition the kernel has for `disk` (what `partx -d` does) and return their
+/// numbers. A loop device keeps partitions added with BLKPG after `losetup -d`.
+pub fn delete_partitions(disk: &Path) -> Result<Vec<u32>, BlkpgError> {
+    let numbers: Vec<u32> = kernel_partitions(disk)?.iter().map(|p| p.number).collect();
+    if !numbers.is_empty() {
+        let delta = PartitionDelta {
+            delete: numbers.clone(),
+            ..PartitionDelta::default()
+        };
+        apply_delta(disk, &delta)?;
+    }
+    Ok(numbers)
+}
+
 /// Step::AddPartitionNodes: tell the kernel about partitions `numbers` of the GPT that is
 /// on `disk` (e.g. after a crash between the GPT write and BLKPG), leaving the others.
 pub fn add_partition_nodes(disk: &Path, numbers: &[u32]) -> Result<Outcome, BlkpgError> {

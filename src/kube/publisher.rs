@@ -334,7 +334,8 @@ impl Worker {
         };
         *failures = if clean { 0 } else { failures.saturating_add(1) };
         if let Some(e) = &error {
-            tracing::warn!(error = %e, attempt = *failures, "publication incomplete, will retry");
+            // The daemon reports it with the server and the retry time (daemon::publications).
+            tracing::debug!(error = %e, attempt = *failures, "publication incomplete, will retry");
         }
         let retry_in = (!clean).then(|| backoff_cap(&self.options, *failures));
         self.status.send_modify(|s| {
@@ -369,9 +370,13 @@ impl Worker {
         let timer = retry.unwrap_or(self.options.resync);
         tokio::select! {
             () = self.stop.notified() => Wake::Stop,
-            r = self.desired.changed() => if r.is_ok() { Wake::Work } else { Wake::Stop },
+            // During a backoff a new submit waits for the timer too (every daemon run
+            // submits: uevents, D-Bus Apply, SIGHUP); the pass then takes the newest.
+            r = self.desired.changed(), if retry.is_none() => {
+                if r.is_ok() { Wake::Work } else { Wake::Stop }
+            }
             () = tokio::time::sleep(timer) => Wake::Work,
-            // After a failure only the backoff timer or a new submit wakes us.
+            // After a failure only the backoff timer (or stop) wakes us.
             () = kick.notified(), if retry.is_none() => {
                 tokio::time::sleep(self.options.debounce).await;
                 Wake::Work

@@ -106,10 +106,20 @@ pub fn unmount_all_from(disk: &Path) {
     }
 }
 
+/// Unmount what came from `dev`, delete its partitions from the kernel (BLKPG, like
+/// `partx -d`: partitions added with BLKPG can outlive `losetup -d`, and the next file
+/// attached to that loop number would show them), then detach it.
+pub fn detach_loop(dev: &Path) {
+    unmount_all_from(dev);
+    let _ = Command::new("swapoff").arg(dev).status();
+    if let Err(e) = kvstrap::host::blkpg::delete_partitions(dev) {
+        eprintln!("cannot delete the partitions of {}: {e}", dev.display());
+    }
+    let _ = Command::new("losetup").arg("-d").arg(dev).status();
+}
+
 impl Drop for LoopDisk {
     fn drop(&mut self) {
-        unmount_all_from(&self.path);
-        let _ = Command::new("swapoff").arg(&self.path).status();
-        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+        detach_loop(&self.path);
     }
 }

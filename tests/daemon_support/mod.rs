@@ -246,24 +246,41 @@ impl DaemonProcess {
     }
 
     fn spawn_env(
-        mut cmd: Command,
+        cmd: Command,
         dir: tempfile::TempDir,
         sim: PathBuf,
         bus: &TestBus,
         notify: &NotifySocket,
         env: &[(&str, &str)],
     ) -> DaemonProcess {
+        DaemonProcess::spawn_full(cmd, dir, sim, bus, notify, env, &[])
+    }
+
+    /// Like `spawn`, with extra environment, and without the variables in `unset` (e.g.
+    /// `KVSTRAP_LOG`, to see the daemon's default log filter).
+    pub fn spawn_full(
+        mut cmd: Command,
+        dir: tempfile::TempDir,
+        sim: PathBuf,
+        bus: &TestBus,
+        notify: &NotifySocket,
+        env: &[(&str, &str)],
+        unset: &[&str],
+    ) -> DaemonProcess {
         let stderr_path = dir.path().join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let child = cmd
-            .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        cmd.env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
             .env("NOTIFY_SOCKET", &notify.path)
             .env("KVSTRAP_LOCK", dir.path().join("lock"))
             .env("KVSTRAP_STATE_DIR", dir.path().join("state"))
             .env("KVSTRAP_LOG", "debug")
             .env_remove("JOURNAL_STREAM")
             .env_remove("WATCHDOG_USEC")
-            .envs(env.iter().copied())
+            .envs(env.iter().copied());
+        for var in unset {
+            cmd.env_remove(var);
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()

@@ -1,0 +1,358 @@
+//! The daemon's side of publication: manifests after every run, the background publisher
+//! when the policy says `publish = true`, and what it reports back — `VolumePublished` and
+//! `VolumeRemoved` signals (and their journal entries), the pending count, and one line
+//! with the server's address and the next retry time for each failed attempt.
+
+use super::host_engine::Publications;
+use super::Handle;
+use crate::cli::args::GlobalArgs;
+use crate::kube::scrub::Ledger;
+use crate::kube::{ClientSource, Desired, PublishStatus, Publisher};
+use crate::model::Plan;
+use crate::policy::{self, Policy};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// The daemon's publisher: manifests after every run, and server-side apply in the
+/// background when the policy says `publish = true`. Never blocks a run or READY.
+pub struct KubePublications {
+    state_dir: PathBuf,
+    publisher: Option<Arc<Publisher>>,
+    // Owns the publisher's tasks; dropped last.
+    _runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl KubePublications {
+    pub fn start(global: &GlobalArgs, handle: Option<Handle>) -> KubePublications {
+        let mut me = KubePublications {
+            state_dir: global.state_dir.clone(),
+            publisher: None,
+            _runtime: None,
+        };
+        let Ok(policy) = policy::load(global.policy.as_deref()) else {
+            return me;
+        };
+        if !policy.kubernetes.publish {
+            tracing::info!("kubernetes.publish = false: rendering manifests only");
+            return me;
+        }
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!("cannot start the publisher, rendering manifests only: {e}");
+                return me;
+            }
+        };
+        let source = ClientSource::from_policy(&policy.kubernetes);
+        let started = {
+            let _guard = runtime.enter();
+            Publisher::start(
+                source.clone(),
+                &policy.node.name,
+                &global.state_dir,
+                Arc::new(crate::kube::DirectoryAndBlockScrubber),
+                crate::kube::PublishOptions::default(),
+            )
+        };
+        match started {
+            Ok(p) => {
+                me = {
+                    let _guard = runtime.enter();
+                    KubePublications::with_publisher(&global.state_dir, p, source, handle)
+                };
+                me._runtime = Some(runtime);
+            }
+            Err(e) => tracing::error!("cannot start the publisher, rendering manifests only: {e}"),
+        }
+        me
+    }
+
+    /// Wrap a running publisher and report what it does through `handle`. Call it inside
+    /// the tokio runtime the publisher runs on (the daemon's own, or a test's).
+    pub fn with_publisher(
+        state_dir: &Path,
+        publisher: Publisher,
+        source: ClientSource,
+        handle: Option<Handle>,
+    ) -> KubePublications {
+        let publisher = Arc::new(publisher);
+        if let Some(h) = &handle {
+            h.publications_changed();
+        }
+        let announced = recorded_in_cluster(state_dir);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(report(Arc::clone(&publisher), source, handle, announced));
+            }
+            Err(_) => {
+                tracing::warn!("no runtime to watch the publisher on: no VolumePublished signals")
+            }
+        }
+        KubePublications {
+            state_dir: state_dir.to_path_buf(),
+            publisher: Some(publisher),
+            _runtime: None,
+        }
+    }
+
+    /// Queue objects built elsewhere (tests; `submit` renders them from a plan).
+    pub fn submit_desired(&self, desired: Desired) {
+        if let Some(p) = &self.publisher {
+            p.submit(desired);
+        }
+    }
+
+    /// The publisher's status, when one runs.
+    pub fn status(&self) -> Option<PublishStatus> {
+        self.publisher.as_ref().map(|p| p.status())
+    }
+}
+
+impl Publications for KubePublications {
+    fn submit(&self, policy: &Policy, plan: &Plan) {
+        // Only volumes with no step left are rendered (kube::node::provisioned).
+        match crate::kube::node::render(policy, plan, &self.state_dir) {
+            Ok(desired) => self.submit_desired(desired),
+            Err(e) => tracing::error!("cannot render the manifests: {e:#}"),
+        }
+    }
+
+    fn pending(&self) -> u32 {
+        self.status()
+            .map(|s| u32::try_from(s.pending).unwrap_or(u32::MAX))
+            .unwrap_or(0)
+    }
+}
+
+/// PVs (and their volumes) the last pass before this start found in the cluster: not
+/// announced again. Read-only: the publisher owns the ledger and moves a broken one aside.
+fn recorded_in_cluster(state_dir: &Path) -> BTreeMap<String, String> {
+    std::fs::read(Ledger::path(state_dir))
+        .ok()
+        .and_then(|text| serde_json::from_slice::<Ledger>(&text).ok())
+        .map(|l| {
+            l.volumes
+                .into_iter()
+                .filter(|(_, e)| e.in_cluster)
+                .map(|(pv, e)| (pv, e.volume))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// How long one wait for a status change lasts before it is simply started again.
+const WATCH_SLICE: Duration = Duration::from_secs(600);
+
+/// Follow the publisher's status for the daemon's lifetime.
+async fn report(
+    publisher: Arc<Publisher>,
+    source: ClientSource,
+    handle: Option<Handle>,
+    mut announced: BTreeMap<String, String>,
+) {
+    let server = server_address(&source).await;
+    let mut last = publisher.status();
+    loop {
+        let (passes, pending) = (last.passes, last.pending);
+        let asked = Instant::now();
+        let changed = publisher
+            .wait_for(WATCH_SLICE, move |s| {
+                s.passes != passes || s.pending != pending
+            })
+            .await;
+        if !changed {
+            if asked.elapsed() < WATCH_SLICE {
+                return; // the publisher stopped
+            }
+            continue;
+        }
+        let now = publisher.status();
+        let changed = changes(&now, &mut announced);
+        if let Some(h) = &handle {
+            for (volume, pv) in &changed.published {
+                h.volume_published(volume, pv);
+            }
+            for (volume, pv) in &changed.removed {
+                h.volume_removed(volume, pv);
+            }
+        }
+        if now.pending != last.pending {
+            if let Some(h) = &handle {
+                h.publications_changed();
+            }
+        }
+        if now.passes != last.passes {
+            log_pass(&server, &last, &now);
+        }
+        last = now;
+    }
+}
+
+/// What changed in the cluster since the last look, per volume: `(volume, pv)` pairs.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub published: Vec<(String, String)>,
+    pub removed: Vec<(String, String)>,
+}
+
+/// Volumes whose PV is in the cluster and was not announced yet, and announced ones whose
+/// PV left it (so a volume taken back and published again is announced again). Only a
+/// pass that reached the API server says anything.
+pub fn changes(status: &PublishStatus, announced: &mut BTreeMap<String, String>) -> Changes {
+    let mut out = Changes::default();
+    if !status.connected {
+        return out;
+    }
+    let published: BTreeMap<&str, &str> = status
+        .volumes
+        .iter()
+        .filter(|(_, p)| p.published)
+        .map(|(v, p)| (p.pv_name.as_str(), v.as_str()))
+        .collect();
+    announced.retain(|pv, volume| {
+        let kept = published.contains_key(pv.as_str());
+        if !kept {
+            out.removed.push((volume.clone(), pv.clone()));
+        }
+        kept
+    });
+    for (pv, volume) in published {
+        if !announced.contains_key(pv) {
+            announced.insert(pv.to_string(), volume.to_string());
+            out.published.push((volume.to_string(), pv.to_string()));
+        }
+    }
+    out
+}
+
+/// One line per failed attempt, ours: what failed, where, and when the next try is;
+/// and one when publication works again.
+fn log_pass(server: &str, last: &PublishStatus, now: &PublishStatus) {
+    match &now.last_error {
+        Some(error) => {
+            let retry = now.retry_in.unwrap_or_default();
+            tracing::warn!(
+                server,
+                attempt = now.consecutive_failures,
+                pending = now.pending,
+                "cannot publish {} object(s) to the API server at {server}: {error}; attempt {}, next attempt within {:.1?} (by {})",
+                now.pending,
+                now.consecutive_failures,
+                retry,
+                clock_in(retry)
+            );
+        }
+        None if last.consecutive_failures > 0 || last.passes == 0 => tracing::info!(
+            server,
+            "publishing to the API server at {server}: every object is in the cluster"
+        ),
+        None => {}
+    }
+}
+
+/// `HH:MM:SS` UTC of now + `d`, as the journal shows times.
+fn clock_in(d: Duration) -> String {
+    let at = SystemTime::now() + d;
+    let secs = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|t| t.as_secs())
+        .unwrap_or_default();
+    format!(
+        "{:02}:{:02}:{:02} UTC",
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// The API server's URL from the same kubeconfig the publisher reads.
+async fn server_address(source: &ClientSource) -> String {
+    let config = match source {
+        ClientSource::Kubeconfig(path) => match ::kube::config::Kubeconfig::read_from(path) {
+            Ok(kc) => ::kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        ClientSource::InCluster => ::kube::Config::incluster().map_err(|e| e.to_string()),
+    };
+    match (config, source) {
+        (Ok(c), _) => c.cluster_url.to_string(),
+        (Err(_), ClientSource::Kubeconfig(path)) => format!("(named in {})", path.display()),
+        (Err(_), ClientSource::InCluster) => "(in-cluster)".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kube::VolumePublication;
+
+    fn status(connected: bool, published: &[(&str, bool)]) -> PublishStatus {
+        PublishStatus {
+            connected,
+            volumes: published
+                .iter()
+                .map(|(v, p)| {
+                    (
+                        v.to_string(),
+                        VolumePublication {
+                            pv_name: format!("pv-{v}"),
+                            published: *p,
+                            phase: None,
+                        },
+                    )
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn pair(v: &str) -> (String, String) {
+        (v.to_string(), format!("pv-{v}"))
+    }
+
+    #[test]
+    fn each_publication_is_announced_once_and_removals_too() {
+        let mut announced = BTreeMap::from([("pv-old".to_string(), "old".to_string())]);
+        let first = changes(
+            &status(true, &[("old", true), ("a", true), ("b", false)]),
+            &mut announced,
+        );
+        assert_eq!(first.published, vec![pair("a")]);
+        assert!(first.removed.is_empty());
+        let again = changes(
+            &status(true, &[("old", true), ("a", true), ("b", true)]),
+            &mut announced,
+        );
+        assert_eq!(again.published, vec![pair("b")]);
+        // A pass that did not reach the server says nothing.
+        assert_eq!(
+            changes(&status(false, &[]), &mut announced),
+            Changes::default()
+        );
+        // Taken back (deleted), then published again: both are announced.
+        let gone = changes(
+            &status(true, &[("old", true), ("a", false), ("b", true)]),
+            &mut announced,
+        );
+        assert_eq!((gone.published, gone.removed), (vec![], vec![pair("a")]));
+        let back = changes(
+            &status(true, &[("old", true), ("a", true), ("b", true)]),
+            &mut announced,
+        );
+        assert_eq!(back.published, vec![pair("a")]);
+    }
+
+    #[test]
+    fn clock_is_hh_mm_ss() {
+        let c = clock_in(Duration::from_secs(1));
+        assert_eq!(c.len(), "00:00:00 UTC".len(), "{c}");
+    }
+}
