@@ -80,23 +80,9 @@ pub fn reserve_of(bytes: u64, reserve_percent: u32) -> u64 {
     round_up(u64::try_from(exact).unwrap_or(u64::MAX)).unwrap_or(bytes)
 }
 
-/// Human-readable binary size: `3.6 TiB`, `512 MiB`.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else if value.fract() == 0.0 {
-        format!("{value:.0} {}", UNITS[unit])
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
+/// Human-readable binary size (`3.6 TiB`, `512 MiB`): the one formatter, shared with policy
+/// messages.
+pub use crate::policy::size::human;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

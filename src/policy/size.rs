@@ -150,7 +150,7 @@ pub fn parse_mode(text: &str) -> Result<u32, Refusal> {
 
 /// "1.5 GiB"-style rendering for messages.
 pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     let mut value = bytes as f64;
     let mut unit = 0;
     while value >= 1024.0 && unit + 1 < UNITS.len() {
@@ -159,6 +159,8 @@ pub fn human(bytes: u64) -> String {
     }
     if unit == 0 {
         format!("{bytes} B")
+    } else if value.fract() == 0.0 {
+        format!("{value:.0} {}", UNITS[unit])
     } else {
         format!("{value:.1} {}", UNITS[unit])
     }
