@@ -38,8 +38,6 @@ nix::ioctl_write_ptr_bad!(
     nix::request_code_none!(0x12, 105),
     BlkpgIoctlArg
 );
-nix::ioctl_read_bad!(blksszget, nix::request_code_none!(0x12, 104), c_int);
-nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
 
 /// How long to wait for a partition node to appear before falling back to mknod.
 const NODE_WAIT: Duration = Duration::from_secs(2);
@@ -58,12 +56,6 @@ pub enum BlkpgError {
         number: u32,
         source: nix::Error,
         hint: &'static str,
-    },
-    #[error("{} ioctl on {}: {source}", what, path.display())]
-    Query {
-        what: &'static str,
-        path: PathBuf,
-        source: nix::Error,
     },
     #[error("cannot read the kernel's partitions of {} from {}: {source}", disk.display(), sysfs.display())]
     Sysfs {
@@ -457,30 +449,6 @@ pub fn parse_devno(text: &str) -> Option<u64> {
         maj.parse().ok()?,
         min.parse().ok()?,
     ))
-}
-
-/// Logical sector size of a block device (BLKSSZGET).
-pub fn logical_sector_size(file: &File, path: &Path) -> Result<u32, BlkpgError> {
-    let mut size: c_int = 0;
-    // SAFETY: BLKSSZGET writes one int through the pointer.
-    unsafe { blksszget(file.as_raw_fd(), &mut size) }.map_err(|source| BlkpgError::Query {
-        what: "BLKSSZGET",
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(u32::try_from(size).unwrap_or(512))
-}
-
-/// Size in bytes of a block device (BLKGETSIZE64).
-pub fn device_size(file: &File, path: &Path) -> Result<u64, BlkpgError> {
-    let mut size: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
-    unsafe { blkgetsize64(file.as_raw_fd(), &mut size) }.map_err(|source| BlkpgError::Query {
-        what: "BLKGETSIZE64",
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(size)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Writing and reading GPT partition tables (gpt crate): protective MBR, primary and
 //! backup headers, kvstrap's partition type, the UUIDs and names the planner chose.
 
-use crate::host::{blkpg, Outcome};
+use crate::host::{blockdev, Outcome};
 use crate::model::{DiskLayout, KVSTRAP_PART_TYPE};
 use gpt::disk::LogicalBlockSize;
 use gpt::mbr::ProtectiveMBR;
@@ -34,7 +34,7 @@ pub enum GptError {
     #[error("reading the partition table of {}: {detail}", disk.display())]
     Read { disk: PathBuf, detail: String },
     #[error(transparent)]
-    Device(#[from] blkpg::BlkpgError),
+    Device(#[from] blockdev::QueryError),
 }
 
 /// One entry of a GPT as read from disk.
@@ -79,7 +79,7 @@ impl GptTable {
 
 /// Write the GPT of `layout` to `layout.disk` unless the disk already carries exactly that
 /// table. The caller has decided the disk is ours or empty; the kernel is not told here
-/// (see [`blkpg::sync_partitions`]).
+/// (see `blkpg::sync_partitions`).
 pub fn write_partition_table(layout: &DiskLayout) -> Result<Outcome, GptError> {
     let lb = validate_layout(layout)?;
     let disk = &layout.disk;
@@ -91,7 +91,7 @@ pub fn write_partition_table(layout: &DiskLayout) -> Result<Outcome, GptError> {
             disk: disk.clone(),
             source,
         })?;
-    let actual = blkpg::device_size(&file, disk).or_else(|_| file_len(&file, disk))?;
+    let actual = blockdev::device_size(&file, disk).or_else(|_| file_len(&file, disk))?;
     if actual != layout.size_bytes {
         return Err(GptError::SizeChanged {
             disk: disk.clone(),
@@ -222,7 +222,7 @@ pub fn read_partition_table(disk: &Path) -> Result<Option<GptTable>, GptError> {
         disk: disk.to_path_buf(),
         source,
     })?;
-    let lb = match blkpg::logical_sector_size(&file, disk) {
+    let lb = match blockdev::logical_sector_size(&file, disk) {
         Ok(4096) => LogicalBlockSize::Lb4096,
         _ => LogicalBlockSize::Lb512,
     };

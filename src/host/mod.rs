@@ -5,11 +5,13 @@
 //! with the same arguments answers `Unchanged`.
 
 pub mod blkpg;
+pub mod blockdev;
 pub mod cmd;
 pub mod dirs;
 pub mod disklock;
 pub mod failpoint;
 pub mod gpt;
+pub mod kernel_quota;
 pub mod mkfs;
 pub mod mount;
 pub mod probe;

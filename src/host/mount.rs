@@ -237,8 +237,8 @@ fn mount_hint(fs: &FsSpec, err: nix::Error) -> String {
     if err != nix::Error::EINVAL || !fs.project_quota {
         return String::new();
     }
-    match crate::host::quota::kernel_support(fs.fs_type) {
-        crate::host::quota::QuotaSupport::Unsupported(reason) => format!(" ({reason})"),
+    match crate::host::kernel_quota::kernel_support(fs.fs_type) {
+        crate::host::kernel_quota::QuotaSupport::Unsupported(reason) => format!(" ({reason})"),
         _ => " (check dmesg: the kernel may lack quota support)".into(),
     }
 }
