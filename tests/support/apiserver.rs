@@ -3,6 +3,11 @@
 //! JSON. It enforces what a real API server checks for local PVs (node affinity, absolute
 //! local.path, capacity, DNS-1123 names, immutable fields, delete preconditions) and
 //! records every deletion with the phase the PV had, so tests can prove no Bound PV died.
+//! Where the real control plane was seen to behave in a way that matters to kvstrap, the
+//! double does the same (pinned by tests/kube_real.rs): a Released PV with reclaim Delete
+//! and no external `pv.kubernetes.io/provisioned-by` goes `Failed`; Events with
+//! `eventTime` need `action`, `reportingComponent` and `reportingInstance`; an Event name
+//! that exists already is a 409.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
@@ -52,6 +57,8 @@ struct Store {
     race_bind: Option<String>,
     requests: u64,
     applies: u64,
+    /// Events accepted.
+    event_posts: u64,
 }
 
 pub struct Double {
@@ -127,6 +134,10 @@ impl Double {
         self.store.lock().unwrap().applies
     }
 
+    pub fn event_posts(&self) -> u64 {
+        self.store.lock().unwrap().event_posts
+    }
+
     pub fn phase(&self, name: &str) -> Option<String> {
         self.pvs()
             .get(name)
@@ -150,15 +161,33 @@ impl Double {
         });
     }
 
-    /// What the PV controller does when the bound claim is deleted.
+    /// What kube-controller-manager's PV controller does when the bound claim is deleted:
+    /// Released; then, for reclaim Delete, it looks for the deleter: an in-tree plugin for
+    /// a `kubernetes.io/` provisioner name or none at all (none matches a local PV, so the PV
+    /// goes Failed), otherwise the external provisioner named, which it leaves the PV to.
     pub fn release(&self, name: &str) {
-        self.mutate_pv(name, |pv| pv["status"] = json!({"phase": "Released"}));
+        self.mutate_pv(name, |pv| {
+            let by = pv["metadata"]["annotations"]["pv.kubernetes.io/provisioned-by"]
+                .as_str()
+                .unwrap_or_default();
+            let external = !by.is_empty() && !by.starts_with("kubernetes.io/");
+            if pv["spec"]["persistentVolumeReclaimPolicy"] == "Delete" && !external {
+                pv["status"] = json!({"phase": "Failed", "message":
+                    format!("error getting deleter volume plugin for volume \"{}\": no volume plugin matched", pv["metadata"]["name"].as_str().unwrap_or_default())});
+            } else {
+                pv["status"] = json!({"phase": "Released"});
+            }
+        });
     }
 
-    /// `kubectl patch pv ... persistentVolumeReclaimPolicy`.
+    /// `kubectl patch pv ... persistentVolumeReclaimPolicy`: the field now belongs to
+    /// another field manager, as on the real server.
     pub fn set_reclaim(&self, name: &str, policy: &str) {
         self.mutate_pv(name, |pv| {
-            pv["spec"]["persistentVolumeReclaimPolicy"] = json!(policy)
+            pv["spec"]["persistentVolumeReclaimPolicy"] = json!(policy);
+            pv["metadata"]["managedFields"] = json!([{"manager": "kubectl-patch", "operation": "Update",
+                "apiVersion": "v1", "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:spec": {"f:persistentVolumeReclaimPolicy": {}}}}]);
         });
     }
 
@@ -302,10 +331,30 @@ async fn create_event(State(d): State<Shared>, Path(ns): Path<String>, b: Bytes)
     if ev["involvedObject"]["name"].as_str().is_none() || ev["reason"].as_str().is_none() {
         return status(422, "Invalid", "event needs involvedObject.name and reason");
     }
+    // What the real server says (seen on v1.32) for a "new" Event missing these fields.
+    if !ev["eventTime"].is_null() {
+        for field in ["action", "reportingComponent", "reportingInstance"] {
+            if ev[field].as_str().is_none_or(str::is_empty) {
+                return status(
+                    422,
+                    "Invalid",
+                    &format!("Event \"{name}\" is invalid: {field}: Required value"),
+                );
+            }
+        }
+    }
     if ev["metadata"]["namespace"].as_str() != Some(ns.as_str()) {
         return status(422, "Invalid", "namespace mismatch");
     }
     let mut s = d.store.lock().unwrap();
+    if s.objects.contains_key(&(Kind::Event, name.clone())) {
+        return status(
+            409,
+            "AlreadyExists",
+            &format!("events \"{name}\" already exists"),
+        );
+    }
+    s.event_posts += 1;
     s.rv += 1;
     ev["metadata"]["resourceVersion"] = json!(s.rv.to_string());
     s.objects.insert((Kind::Event, name), ev.clone());
