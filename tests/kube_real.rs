@@ -362,7 +362,7 @@ async fn no_op_pass(ctx: &Ctx<'_>) {
     let before = kvstrap_writes(ctx.cp);
     let mut fresh = n.reconciler(Arc::new(Counting::default()));
     let report = pass(&mut fresh, ctx, &desired).await;
-    assert_eq!(report.applied, 0, "{report:?}");
+    assert_eq!(report.applied, 0, "a fresh process re-applied unchanged objects");
     let p = n.publisher(ctx, Arc::new(Counting::default()));
     p.submit(desired.clone());
     assert!(p.wait_for(WAIT, |s| s.converged() && s.passes >= 2).await);

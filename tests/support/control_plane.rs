@@ -181,11 +181,13 @@ impl Proc {
         if !self.alive() {
             return;
         }
+        let began = Instant::now();
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(60) {
             if !self.alive() {
+                eprintln!("{} stopped in {:.1} s", self.name, began.elapsed().as_secs_f64());
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
