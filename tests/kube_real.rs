@@ -28,8 +28,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::Client;
 use kvstrap::kube::reconcile::Reconciler;
 use kvstrap::kube::{
-    Desired, DirectoryAndBlockScrubber, PassReport, PublishOptions, Publisher, ScrubError,
-    Scrubber,
+    Desired, DirectoryAndBlockScrubber, PassReport, PublishOptions, Publisher, ScrubError, Scrubber,
 };
 use kvstrap::model::{VolumeMode, VolumeSpec};
 use kvstrap::policy::types::ReclaimPolicy;
@@ -183,7 +182,12 @@ impl Scrubber for Counting {
 
 impl Counting {
     fn count(&self, volume: &str) -> usize {
-        self.0.lock().unwrap().iter().filter(|n| *n == volume).count()
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|n| *n == volume)
+            .count()
     }
 }
 
@@ -274,7 +278,8 @@ async fn events(ctx: &Ctx<'_>, pv: &str, reason: &str) -> Vec<Event> {
 /// kvstrap's writes since the server started: server-side applies and deletes of PVs and
 /// StorageClasses, Event posts. (The controller manager writes with PUT: not counted.)
 fn kvstrap_writes(cp: &ControlPlane) -> u64 {
-    let of = |resource: &str, verb: &str| cp.request_total(&[("resource", resource), ("verb", verb)]);
+    let of =
+        |resource: &str, verb: &str| cp.request_total(&[("resource", resource), ("verb", verb)]);
     of("persistentvolumes", "APPLY")
         + of("persistentvolumes", "DELETE")
         + of("storageclasses", "APPLY")
@@ -288,7 +293,11 @@ fn kvstrap_writes(cp: &ControlPlane) -> u64 {
 /// with SSA (field manager kvstrap) and a second pass changes no resourceVersion.
 async fn manifests_accepted(ctx: &Ctx<'_>) {
     let fs = Site::new("real-manifests", "kvstrap-real-fs", ReclaimPolicy::Delete);
-    let block_class = class("kvstrap-real-block", VolumeMode::Block, ReclaimPolicy::Retain);
+    let block_class = class(
+        "kvstrap-real-block",
+        VolumeMode::Block,
+        ReclaimPolicy::Retain,
+    );
     let mut volumes = fs.volumes(2);
     volumes.push(fixtures::block_volume(fs.dir.path(), 1, &block_class.name));
     let desired = Desired::build(&fs.name, &volumes, &[fs.class.clone(), block_class]).unwrap();
@@ -320,7 +329,10 @@ async fn manifests_accepted(ctx: &Ctx<'_>) {
                 .unwrap_or_else(|e| panic!("{name} refused by the dry run: {e}"));
         }
     }
-    assert!(get_pv(ctx, desired.volumes[0].pv_name()).await.is_none(), "dry run only");
+    assert!(
+        get_pv(ctx, desired.volumes[0].pv_name()).await.is_none(),
+        "dry run only"
+    );
 
     let mut r = fs.reconciler(Arc::new(Counting::default()));
     let first = pass(&mut r, ctx, &desired).await;
@@ -333,7 +345,12 @@ async fn manifests_accepted(ctx: &Ctx<'_>) {
             .managed_fields
             .iter()
             .flatten()
-            .map(|m| (m.manager.clone().unwrap_or_default(), m.operation.clone().unwrap_or_default()))
+            .map(|m| {
+                (
+                    m.manager.clone().unwrap_or_default(),
+                    m.operation.clone().unwrap_or_default(),
+                )
+            })
             .collect();
         assert!(
             managers.contains(&("kvstrap".into(), "Apply".into())),
@@ -362,7 +379,10 @@ async fn no_op_pass(ctx: &Ctx<'_>) {
     let before = kvstrap_writes(ctx.cp);
     let mut fresh = n.reconciler(Arc::new(Counting::default()));
     let report = pass(&mut fresh, ctx, &desired).await;
-    assert_eq!(report.applied, 0, "a fresh process re-applied unchanged objects");
+    assert_eq!(
+        report.applied, 0,
+        "a fresh process re-applied unchanged objects"
+    );
     let p = n.publisher(ctx, Arc::new(Counting::default()));
     p.submit(desired.clone());
     assert!(p.wait_for(WAIT, |s| s.converged() && s.passes >= 2).await);
@@ -383,7 +403,11 @@ async fn reclaim_delete(ctx: &Ctx<'_>) {
     let scrubber = Arc::new(Counting::default());
     let p = n.publisher(ctx, scrubber.clone());
     p.submit(desired.clone());
-    assert!(p.wait_for(WAIT, |s| s.converged()).await, "{:?}", p.status());
+    assert!(
+        p.wait_for(WAIT, |s| s.converged()).await,
+        "{:?}",
+        p.status()
+    );
     let pv = desired.volumes[0].pv_name().to_string();
     wait_phase(ctx, &pv, "Available").await;
     let claim_name = claim(ctx, &pv, &n.class.name).await;
@@ -418,15 +442,26 @@ async fn reclaim_delete(ctx: &Ctx<'_>) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    eprintln!("reclaim took {:.1} s, phases {phases:?}", start.elapsed().as_secs_f64());
+    eprintln!(
+        "reclaim took {:.1} s, phases {phases:?}",
+        start.elapsed().as_secs_f64()
+    );
     assert!(
         !phases.iter().any(|p| p.as_deref() == Some("Failed")),
         "kube-controller-manager marked the PV Failed: {phases:?}"
     );
-    assert!(volumes[0].path.is_dir(), "the volume directory itself stays");
+    assert!(
+        volumes[0].path.is_dir(),
+        "the volume directory itself stays"
+    );
     assert!(p.wait_for(WAIT, |s| s.converged()).await);
     assert_eq!(scrubber.count(&volumes[0].name), 1, "scrubbed exactly once");
-    assert_eq!(failures, 0, "the pv-protection delay is no failure: {:?}", p.status());
+    assert_eq!(
+        failures,
+        0,
+        "the pv-protection delay is no failure: {:?}",
+        p.status()
+    );
     p.shutdown().await;
 }
 
@@ -503,13 +538,20 @@ async fn retain_keeps_data(ctx: &Ctx<'_>) {
     assert_eq!(ev.reporting_component.as_deref(), Some("kvstrap"));
     assert_eq!(ev.type_.as_deref(), Some("Warning"));
     // Neither the next pass nor a restarted kvstrap posts it again.
-    let before = ctx.cp.request_total(&[("resource", "events"), ("verb", "POST"), ("code", "201")]);
+    let before = ctx
+        .cp
+        .request_total(&[("resource", "events"), ("verb", "POST"), ("code", "201")]);
     pass(&mut r, ctx, &desired).await;
     pass(&mut n.reconciler(scrubber.clone()), ctx, &desired).await;
-    let after = ctx.cp.request_total(&[("resource", "events"), ("verb", "POST"), ("code", "201")]);
+    let after = ctx
+        .cp
+        .request_total(&[("resource", "events"), ("verb", "POST"), ("code", "201")]);
     assert_eq!(after - before, 0, "Event posted again");
     assert_eq!(events(ctx, &pv, "ReleasedRetained").await.len(), 1);
-    assert_eq!(phase(&get_pv(ctx, &pv).await.unwrap()).as_deref(), Some("Released"));
+    assert_eq!(
+        phase(&get_pv(ctx, &pv).await.unwrap()).as_deref(),
+        Some("Released")
+    );
     assert!(data.exists(), "Retain keeps the data");
     assert_eq!(scrubber.count(&volumes[0].name), 0);
 
@@ -547,7 +589,11 @@ async fn bound_never_deleted(ctx: &Ctx<'_>) {
     let report = pass(&mut r, ctx, &n.desired(&volumes[2..])).await;
     assert_eq!(report.kept, vec![bound.clone()]);
     assert!(report.deleted.contains(&free), "{report:?}");
-    assert_eq!(events(ctx, &bound, "VolumeMissing").await.len(), 1, "Event accepted");
+    assert_eq!(
+        events(ctx, &bound, "VolumeMissing").await.len(),
+        1,
+        "Event accepted"
+    );
     assert!(get_pv(ctx, &free).await.is_none());
     // `kvstrap volumes` can list the kept PV from the ledger.
     let kept = kvstrap::kube::publisher::kept_publications(&n.state());
@@ -570,7 +616,11 @@ async fn bound_never_deleted(ctx: &Ctx<'_>) {
     let pv = get_pv(ctx, &bound).await.expect("Bound PV still there");
     assert_eq!(pv.metadata.uid, uid);
     assert_eq!(phase(&pv).as_deref(), Some("Bound"));
-    assert_eq!(events(ctx, &bound, "VolumeMissing").await.len(), 1, "posted once");
+    assert_eq!(
+        events(ctx, &bound, "VolumeMissing").await.len(),
+        1,
+        "posted once"
+    );
 }
 
 /// The Node object is deleted and re-created under the same name (a reinstall): PVs of
@@ -582,12 +632,18 @@ async fn node_recreated(ctx: &Ctx<'_>) {
     let node_object = Node {
         metadata: ObjectMeta {
             name: Some(n.name.clone()),
-            labels: Some(BTreeMap::from([("kubernetes.io/hostname".into(), n.name.clone())])),
+            labels: Some(BTreeMap::from([(
+                "kubernetes.io/hostname".into(),
+                n.name.clone(),
+            )])),
             ..ObjectMeta::default()
         },
         ..Node::default()
     };
-    nodes.create(&PostParams::default(), &node_object).await.unwrap();
+    nodes
+        .create(&PostParams::default(), &node_object)
+        .await
+        .unwrap();
     let volumes = n.volumes(3);
     let desired = n.desired(&volumes);
     let mut r = n.reconciler(Arc::new(Counting::default()));
@@ -595,35 +651,50 @@ async fn node_recreated(ctx: &Ctx<'_>) {
     let bound = desired.volumes[0].pv_name().to_string();
     wait_phase(ctx, &bound, "Available").await;
     claim(ctx, &bound, &n.class.name).await;
-    let uids: BTreeMap<String, Option<String>> = futures::future::join_all(
-        desired.volumes.iter().map(|v| get_pv(ctx, v.pv_name())),
-    )
-    .await
-    .into_iter()
-    .map(|pv| {
-        let pv = pv.unwrap();
-        (pv.metadata.name.unwrap(), pv.metadata.uid)
-    })
-    .collect();
+    let uids: BTreeMap<String, Option<String>> =
+        futures::future::join_all(desired.volumes.iter().map(|v| get_pv(ctx, v.pv_name())))
+            .await
+            .into_iter()
+            .map(|pv| {
+                let pv = pv.unwrap();
+                (pv.metadata.name.unwrap(), pv.metadata.uid)
+            })
+            .collect();
 
-    nodes.delete(&n.name, &DeleteParams::default()).await.unwrap();
-    nodes.create(&PostParams::default(), &node_object).await.unwrap();
+    nodes
+        .delete(&n.name, &DeleteParams::default())
+        .await
+        .unwrap();
+    nodes
+        .create(&PostParams::default(), &node_object)
+        .await
+        .unwrap();
     // kvstrap on the re-created node (a fresh process, same state directory).
     let before = kvstrap_writes(ctx.cp);
     let mut again = n.reconciler(Arc::new(Counting::default()));
     pass(&mut again, ctx, &desired).await;
     assert_eq!(kvstrap_writes(ctx.cp) - before, 0, "nothing to change");
     for (name, uid) in &uids {
-        assert_eq!(&get_pv(ctx, name).await.unwrap().metadata.uid, uid, "{name} replaced");
+        assert_eq!(
+            &get_pv(ctx, name).await.unwrap().metadata.uid,
+            uid,
+            "{name} replaced"
+        );
     }
-    assert_eq!(phase(&get_pv(ctx, &bound).await.unwrap()).as_deref(), Some("Bound"));
+    assert_eq!(
+        phase(&get_pv(ctx, &bound).await.unwrap()).as_deref(),
+        Some("Bound")
+    );
 
     // Reinstalled with its disks wiped: no volume came back. Available PVs go, the Bound
     // one stays (its claim still points at it) and is reported.
-    let mut wiped = Site::new(&n.name, &n.class.name, ReclaimPolicy::Delete).reconciler(Arc::new(Counting::default()));
+    let mut wiped = Site::new(&n.name, &n.class.name, ReclaimPolicy::Delete)
+        .reconciler(Arc::new(Counting::default()));
     let report = pass(&mut wiped, ctx, &n.desired(&[])).await;
     assert_eq!(report.kept, vec![bound.clone()]);
     assert_eq!(report.deleted.len(), 2, "{report:?}");
-    assert_eq!(phase(&get_pv(ctx, &bound).await.unwrap()).as_deref(), Some("Bound"));
+    assert_eq!(
+        phase(&get_pv(ctx, &bound).await.unwrap()).as_deref(),
+        Some("Bound")
+    );
 }
-

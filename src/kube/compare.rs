@@ -107,8 +107,14 @@ mod tests {
     #[test]
     fn quantities_compare_by_value() {
         let want = json!({"spec": {"capacity": {"storage": "1000"}}});
-        assert!(covers(&json!({"spec": {"capacity": {"storage": "1k"}}}), &want));
-        assert!(!covers(&json!({"spec": {"capacity": {"storage": "1Ki"}}}), &want));
+        assert!(covers(
+            &json!({"spec": {"capacity": {"storage": "1k"}}}),
+            &want
+        ));
+        assert!(!covers(
+            &json!({"spec": {"capacity": {"storage": "1Ki"}}}),
+            &want
+        ));
         assert_eq!(parse_quantity("100Gi"), Some(100 << 30));
         assert_eq!(parse_quantity("1.5Gi"), None);
     }

@@ -268,8 +268,7 @@ impl Reconciler {
         let phase = phase(pv);
         let claimed = pv.spec.as_ref().is_some_and(|s| s.claim_ref.is_some());
         // Failed comes only from a reclaim that failed: the claim is gone as for Released.
-        if phase.as_deref() == Some("Released") || (phase.as_deref() == Some("Failed") && claimed)
-        {
+        if phase.as_deref() == Some("Released") || (phase.as_deref() == Some("Failed") && claimed) {
             let reclaim = pv
                 .spec
                 .as_ref()

@@ -201,6 +201,22 @@ impl Double {
         });
     }
 
+    /// What an earlier kvstrap's PV (no provisioned-by annotation) went through when its
+    /// claim was deleted: in one step, so no publisher pass sees it in between.
+    pub fn release_unannotated(&self, name: &str) {
+        self.remove_annotation(name, "pv.kubernetes.io/provisioned-by");
+        self.release(name);
+    }
+
+    /// `kubectl annotate pv NAME KEY-`.
+    pub fn remove_annotation(&self, name: &str, key: &str) {
+        self.mutate_pv_quietly(name, |pv| {
+            if let Some(a) = pv["metadata"]["annotations"].as_object_mut() {
+                a.remove(key);
+            }
+        });
+    }
+
     /// `kubectl delete sc`.
     pub fn delete_storage_class(&self, name: &str) {
         self.store
@@ -224,6 +240,14 @@ impl Double {
             let phase = old["status"]["phase"].as_str().map(String::from);
             s.deletions.push((name.to_string(), phase, "admin"));
             let _ = self.events.send((Kind::Pv, "DELETED", old));
+        }
+    }
+
+    /// A change no watcher hears of (the next one it makes is seen with it).
+    fn mutate_pv_quietly(&self, name: &str, f: impl FnOnce(&mut Value)) {
+        let mut s = self.store.lock().unwrap();
+        if let Some(pv) = s.objects.get_mut(&(Kind::Pv, name.to_string())) {
+            f(pv);
         }
     }
 

@@ -88,7 +88,11 @@ fn binary(dir: &Path, cache: &Path, name: &str) -> Result<PathBuf, String> {
     }
     let xz = dir.join(format!("{name}.xz"));
     if !xz.is_file() {
-        return Err(format!("neither {} nor {} exists", plain.display(), xz.display()));
+        return Err(format!(
+            "neither {} nor {} exists",
+            plain.display(),
+            xz.display()
+        ));
     }
     std::fs::create_dir_all(cached.parent().unwrap()).map_err(|e| e.to_string())?;
     let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
@@ -98,7 +102,12 @@ fn binary(dir: &Path, cache: &Path, name: &str) -> Result<PathBuf, String> {
         .arg(&xz)
         .stdout(out)
         .status()
-        .map_err(|e| format!("cannot run xz to decompress {} (apt-get install xz-utils): {e}", xz.display()))?;
+        .map_err(|e| {
+            format!(
+                "cannot run xz to decompress {} (apt-get install xz-utils): {e}",
+                xz.display()
+            )
+        })?;
     if !status.success() {
         return Err(format!("xz -dc {} failed: {status}", xz.display()));
     }
@@ -187,7 +196,11 @@ impl Proc {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(60) {
             if !self.alive() {
-                eprintln!("{} stopped in {:.1} s", self.name, began.elapsed().as_secs_f64());
+                eprintln!(
+                    "{} stopped in {:.1} s",
+                    self.name,
+                    began.elapsed().as_secs_f64()
+                );
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -281,19 +294,43 @@ impl ControlPlane {
     fn start_apiserver(&mut self) {
         let d = self.dir.path();
         let mut cmd = Command::new(&self.assets.apiserver);
-        cmd.arg(format!("--etcd-servers=http://127.0.0.1:{}", self.etcd_port))
-            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
-            .arg(format!("--secure-port={}", self.secure_port))
-            .arg(format!("--tls-cert-file={}", d.join("server.crt").display()))
-            .arg(format!("--tls-private-key-file={}", d.join("server.key").display()))
-            .arg(format!("--client-ca-file={}", d.join("ca.crt").display()))
-            .arg(format!("--token-auth-file={}", d.join("tokens.csv").display()))
-            .arg("--authorization-mode=RBAC")
-            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-            .arg(format!("--service-account-key-file={}", d.join("sa.pub").display()))
-            .arg(format!("--service-account-signing-key-file={}", d.join("sa.key").display()))
-            .args(["--service-cluster-ip-range=10.0.0.0/24", "--endpoint-reconciler-type=none"])
-            .arg(format!("--cert-dir={}", d.join("apiserver-certs").display()));
+        cmd.arg(format!(
+            "--etcd-servers=http://127.0.0.1:{}",
+            self.etcd_port
+        ))
+        .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+        .arg(format!("--secure-port={}", self.secure_port))
+        .arg(format!(
+            "--tls-cert-file={}",
+            d.join("server.crt").display()
+        ))
+        .arg(format!(
+            "--tls-private-key-file={}",
+            d.join("server.key").display()
+        ))
+        .arg(format!("--client-ca-file={}", d.join("ca.crt").display()))
+        .arg(format!(
+            "--token-auth-file={}",
+            d.join("tokens.csv").display()
+        ))
+        .arg("--authorization-mode=RBAC")
+        .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+        .arg(format!(
+            "--service-account-key-file={}",
+            d.join("sa.pub").display()
+        ))
+        .arg(format!(
+            "--service-account-signing-key-file={}",
+            d.join("sa.key").display()
+        ))
+        .args([
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--endpoint-reconciler-type=none",
+        ])
+        .arg(format!(
+            "--cert-dir={}",
+            d.join("apiserver-certs").display()
+        ));
         let mut apiserver = Proc::spawn("kube-apiserver", d, &mut cmd);
         let ca = d.join("ca.crt");
         let port = self.secure_port;
@@ -362,17 +399,30 @@ impl ControlPlane {
                     .iter()
                     .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
             })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .map(|v| v as u64)
+            // Counters print as integers, or as floats like `1e+06` past a million.
+            .filter_map(|l| {
+                let v = l.rsplit(' ').next()?;
+                v.parse::<u64>().ok().or_else(|| {
+                    let f = v.parse::<f64>().ok()?;
+                    format!("{f:.0}").parse().ok()
+                })
+            })
             .sum()
     }
 
     /// Writes (create, update, patch, apply, delete) to `resource` since the server started.
     pub fn writes(&self, resource: &str) -> u64 {
-        ["POST", "PUT", "PATCH", "APPLY", "DELETE", "DELETECOLLECTION"]
-            .iter()
-            .map(|verb| self.request_total(&[("resource", resource), ("verb", verb)]))
-            .sum()
+        [
+            "POST",
+            "PUT",
+            "PATCH",
+            "APPLY",
+            "DELETE",
+            "DELETECOLLECTION",
+        ]
+        .iter()
+        .map(|verb| self.request_total(&[("resource", resource), ("verb", verb)]))
+        .sum()
     }
 }
 
@@ -440,7 +490,13 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// A CA, a server certificate for 127.0.0.1 signed by it, and the service-account key pair.
 fn certificates(dir: &Path) {
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
     let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=kvstrap-test-ca"];
     ca.extend(ec);
     ca.extend(["-keyout", "ca.key", "-out", "ca.crt"]);
@@ -458,11 +514,35 @@ fn certificates(dir: &Path) {
     openssl(
         dir,
         &[
-            "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-extfile", "server.ext", "-out", "server.crt",
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.crt",
         ],
     );
-    openssl(dir, &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "sa.key"]);
+    openssl(
+        dir,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "sa.key",
+        ],
+    );
     openssl(dir, &["ec", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
 }
 
