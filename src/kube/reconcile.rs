@@ -118,6 +118,7 @@ impl Reconciler {
         desired: &Desired,
     ) -> Result<PassReport, ReconcileError> {
         let mut report = PassReport::default();
+        let ledger_before = self.ledger.clone();
         self.apply_classes(client, desired, &mut report).await;
         let pvs: Api<PersistentVolume> = Api::all(client.clone());
         let lp = ListParams::default().labels(&node_selector(&self.node));
@@ -171,7 +172,10 @@ impl Reconciler {
             e.published || wanted.contains(pv.as_str()) || observed.contains_key(pv)
         };
         self.ledger.volumes.retain(keep);
-        self.ledger.save(&self.state_dir)?;
+        // A pass that changed nothing costs no fsync either.
+        if self.ledger != ledger_before || !super::scrub::Ledger::path(&self.state_dir).exists() {
+            self.ledger.save(&self.state_dir)?;
+        }
         Ok(report)
     }
 
