@@ -74,6 +74,10 @@ fn real_control_plane() {
         }),
         ("bound_pv_never_deleted", |c| bound_never_deleted(c).boxed()),
         ("node_deleted_and_recreated", |c| node_recreated(c).boxed()),
+        // Last: it restarts the apiserver (and resets its counters).
+        ("apiserver_stopped_and_started_under_a_publisher", |c| {
+            apiserver_restart(c).boxed()
+        }),
     ];
     let only = std::env::var("KVSTRAP_REAL_CASE").ok();
     let mut failures = Vec::new();
@@ -697,4 +701,62 @@ async fn node_recreated(ctx: &Ctx<'_>) {
         phase(&get_pv(ctx, &bound).await.unwrap()).as_deref(),
         Some("Bound")
     );
+}
+
+/// The apiserver goes away under a running publisher and comes back: what was submitted
+/// meanwhile is published, nothing already there is re-created or re-applied, and while
+/// the server was down the publisher backed off.
+async fn apiserver_restart(ctx: &Ctx<'_>) {
+    let n = Site::new(
+        "real-restart",
+        "kvstrap-real-restart",
+        ReclaimPolicy::Delete,
+    );
+    let volumes = n.volumes(4);
+    let scrubber = Arc::new(Counting::default());
+    let p = n.publisher(ctx, scrubber.clone());
+    p.submit(n.desired(&volumes[..3]));
+    assert!(
+        p.wait_for(WAIT, |s| s.converged()).await,
+        "{:?}",
+        p.status()
+    );
+    let mut uids = BTreeMap::new();
+    for v in &n.desired(&volumes[..3]).volumes {
+        let pv = wait_phase(ctx, v.pv_name(), "Available").await;
+        uids.insert(v.pv_name().to_string(), pv.metadata.uid);
+    }
+
+    tokio::task::block_in_place(|| ctx.cp.stop_apiserver());
+    let all = n.desired(&volumes);
+    p.submit(all.clone());
+    let down = Duration::from_secs(4);
+    tokio::time::sleep(down).await;
+    let status = p.status();
+    assert!(status.consecutive_failures >= 2, "{status:?}");
+    assert_eq!(status.pending, 5, "4 PVs and the class pending: {status:?}");
+    // 100 ms doubling to a 2 s cap (with jitter): about 5 attempts in 4 s.
+    assert!(
+        status.consecutive_failures <= 8,
+        "backoff not held: {} attempts in {down:?}",
+        status.consecutive_failures
+    );
+
+    tokio::task::block_in_place(|| ctx.cp.start_apiserver_again());
+    assert!(
+        p.wait_for(WAIT, |s| s.converged()).await,
+        "{:?}",
+        p.status()
+    );
+    for (name, uid) in &uids {
+        let pv = get_pv(ctx, name).await.expect("PV still there");
+        assert_eq!(&pv.metadata.uid, uid, "{name} was re-created");
+    }
+    wait_phase(ctx, all.volumes[3].pv_name(), "Available").await;
+    let applies = ctx
+        .cp
+        .request_total(&[("resource", "persistentvolumes"), ("verb", "APPLY")]);
+    assert_eq!(applies, 1, "only the new PV is applied after the restart");
+    assert!(scrubber.0.lock().unwrap().is_empty(), "nothing scrubbed");
+    p.shutdown().await;
 }

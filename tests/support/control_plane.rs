@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const ASSETS_ENV: &str = "KVSTRAP_KUBE_ASSETS";
@@ -224,9 +225,10 @@ pub struct ControlPlane {
     pub secure_port: u16,
     assets: Assets,
     etcd_port: u16,
-    // Dropped in this order: controller manager, apiserver, etcd.
-    controller_manager: Option<Proc>,
-    apiserver: Option<Proc>,
+    // Dropped in this order: controller manager, apiserver, etcd. Behind locks so a test
+    // holding `&ControlPlane` can stop and start the apiserver.
+    controller_manager: Mutex<Option<Proc>>,
+    apiserver: Mutex<Option<Proc>>,
     etcd: Option<Proc>,
 }
 
@@ -252,8 +254,8 @@ impl ControlPlane {
             kubeconfig,
             secure_port,
             assets,
-            controller_manager: None,
-            apiserver: None,
+            controller_manager: Mutex::new(None),
+            apiserver: Mutex::new(None),
             etcd: None,
         };
         cp.start_etcd();
@@ -291,7 +293,7 @@ impl ControlPlane {
         self.etcd = Some(etcd);
     }
 
-    fn start_apiserver(&mut self) {
+    fn start_apiserver(&self) {
         let d = self.dir.path();
         let mut cmd = Command::new(&self.assets.apiserver);
         cmd.arg(format!(
@@ -337,10 +339,10 @@ impl ControlPlane {
         wait_until("kube-apiserver /readyz", &mut apiserver, || {
             curl(&ca, port, "/readyz").is_some_and(|b| b.trim() == "ok")
         });
-        self.apiserver = Some(apiserver);
+        *self.apiserver.lock().unwrap() = Some(apiserver);
     }
 
-    fn start_controller_manager(&mut self) {
+    fn start_controller_manager(&self) {
         let mut cmd = Command::new(&self.assets.controller_manager);
         cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
             .arg(
@@ -354,7 +356,7 @@ impl ControlPlane {
                 // Faster periodic syncs than the 15 s default, so tests wait less.
                 "--pvclaimbinder-sync-period=2s",
             ]);
-        self.controller_manager = Some(Proc::spawn(
+        *self.controller_manager.lock().unwrap() = Some(Proc::spawn(
             "kube-controller-manager",
             self.dir.path(),
             &mut cmd,
@@ -362,13 +364,15 @@ impl ControlPlane {
     }
 
     /// Stops the apiserver (and the controller manager, which must be restarted with it).
-    pub fn stop_apiserver(&mut self) {
-        self.controller_manager.take();
-        self.apiserver.take();
+    pub fn stop_apiserver(&self) {
+        let cm = self.controller_manager.lock().unwrap().take();
+        drop(cm);
+        let api = self.apiserver.lock().unwrap().take();
+        drop(api);
     }
 
     /// Starts the apiserver again on the same port, then a fresh controller manager.
-    pub fn restart_apiserver(&mut self) {
+    pub fn start_apiserver_again(&self) {
         self.stop_apiserver();
         self.start_apiserver();
         self.start_controller_manager();
@@ -376,12 +380,11 @@ impl ControlPlane {
 
     /// The tail of every log, for a failure message.
     pub fn logs(&self) -> String {
-        [&self.etcd, &self.apiserver, &self.controller_manager]
-            .into_iter()
-            .flatten()
-            .map(|p| format!("--- {} ({})\n{}", p.name, p.log.display(), p.tail()))
-            .collect::<Vec<_>>()
-            .join("\n")
+        let tail = |p: &Proc| format!("--- {} ({})\n{}", p.name, p.log.display(), p.tail());
+        let mut out: Vec<String> = self.etcd.iter().map(tail).collect();
+        out.extend(self.apiserver.lock().unwrap().iter().map(tail));
+        out.extend(self.controller_manager.lock().unwrap().iter().map(tail));
+        out.join("\n")
     }
 
     /// `GET path` on the apiserver as admin (curl: no second TLS stack in the tests).
@@ -423,6 +426,16 @@ impl ControlPlane {
         .iter()
         .map(|verb| self.request_total(&[("resource", resource), ("verb", verb)]))
         .sum()
+    }
+}
+
+impl Drop for ControlPlane {
+    /// Controller manager, apiserver, etcd, in that order; then the directory goes.
+    fn drop(&mut self) {
+        self.stop_apiserver();
+        if let Some(mut etcd) = self.etcd.take() {
+            etcd.stop();
+        }
     }
 }
 
