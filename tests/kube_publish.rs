@@ -737,3 +737,33 @@ async fn events_are_valid_and_posted_once() {
     assert_eq!(env.double.events().len(), 1);
     p.shutdown().await;
 }
+
+/// On a real cluster the recycled PV lingers, terminating, until kube-controller-manager
+/// removes its pv-protection finalizer: kvstrap waits for it, scrubs once, and no pass
+/// fails (no WARN for the normal delay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recycle_waits_out_pv_protection_and_scrubs_once() {
+    let env = Env::up().await;
+    env.double.pv_protection(Duration::from_millis(300));
+    let p = env.publisher(Duration::from_secs(60));
+    let desired = env.desired(&env.volumes(1), ReclaimPolicy::Delete);
+    p.submit(desired.clone());
+    converge(&p).await;
+    let pv = desired.volumes[0].pv_name().to_string();
+    let uid = env.double.pvs()[&pv]["metadata"]["uid"].clone();
+    env.double.bind(&pv);
+    env.double.release(&pv);
+    let failed_passes = std::sync::atomic::AtomicU32::new(0);
+    eventually("re-published after the finalizer went", || {
+        failed_passes.fetch_max(p.status().consecutive_failures, Ordering::SeqCst);
+        env.double
+            .pvs()
+            .get(&pv)
+            .is_some_and(|o| o["metadata"]["uid"] != uid && o["status"]["phase"] == "Available")
+    })
+    .await;
+    converge(&p).await;
+    assert_eq!(env.scrubber.scrubbed().len(), 1, "scrubbed once");
+    assert_eq!(failed_passes.load(Ordering::SeqCst), 0, "a pass failed");
+    p.shutdown().await;
+}

@@ -55,6 +55,9 @@ struct Store {
     faults: VecDeque<u16>,
     /// PV that a claim binds right before the next delete of it is handled.
     race_bind: Option<String>,
+    /// Like the real server's `kubernetes.io/pv-protection` finalizer: a deleted PV stays,
+    /// terminating, this long before it goes (None: gone at once).
+    pv_protection: Option<std::time::Duration>,
     requests: u64,
     applies: u64,
     /// Events accepted.
@@ -102,6 +105,12 @@ impl Double {
             .unwrap()
             .faults
             .extend(codes.iter().copied());
+    }
+
+    /// Deleted PVs linger, terminating, for `delay` (kube-controller-manager removes the
+    /// pv-protection finalizer of an unbound PV within about a second).
+    pub fn pv_protection(&self, delay: std::time::Duration) {
+        self.store.lock().unwrap().pv_protection = Some(delay);
     }
 
     /// The PV controller binds `name` between kvstrap's list and its delete.
@@ -684,11 +693,35 @@ fn delete(d: Shared, kind: Kind, name: String, body: Bytes) -> Response {
             }
         }
     }
-    s.objects.remove(&(kind, name.clone()));
     if kind == Kind::Pv {
         let phase = old["status"]["phase"].as_str().map(String::from);
-        s.deletions.push((name, phase, "kvstrap"));
+        s.deletions.push((name.clone(), phase, "kvstrap"));
+        if let Some(delay) = s.pv_protection {
+            s.rv += 1;
+            let rv = s.rv.to_string();
+            let pv = s.objects.get_mut(&(kind, name.clone())).unwrap();
+            pv["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+            pv["metadata"]["resourceVersion"] = json!(rv);
+            let terminating = pv.clone();
+            let _ = d.events.send((kind, "MODIFIED", terminating.clone()));
+            let uid = old["metadata"]["uid"].clone();
+            let d2 = d.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let mut s = d2.store.lock().unwrap();
+                let key = (Kind::Pv, name);
+                if s.objects
+                    .get(&key)
+                    .is_some_and(|o| o["metadata"]["uid"] == uid)
+                {
+                    let gone = s.objects.remove(&key).unwrap();
+                    let _ = d2.events.send((Kind::Pv, "DELETED", gone));
+                }
+            });
+            return axum::Json(terminating).into_response();
+        }
     }
+    s.objects.remove(&(kind, name.clone()));
     let _ = d.events.send((kind, "DELETED", old.clone()));
     axum::Json(old).into_response()
 }
