@@ -119,10 +119,14 @@ impl Reconciler {
     ) -> Result<PassReport, ReconcileError> {
         let mut report = PassReport::default();
         let ledger_before = self.ledger.clone();
-        self.apply_classes(client, desired, &mut report).await;
         let pvs: Api<PersistentVolume> = Api::all(client.clone());
         let lp = ListParams::default().labels(&node_selector(&self.node));
-        let observed = pvs.list(&lp).await.map_err(|source| ReconcileError::List {
+        // The classes and the PV list in parallel: a pass with nothing to do is two lists.
+        let (observed, ()) = tokio::join!(
+            pvs.list(&lp),
+            self.apply_classes(client, desired, &mut report)
+        );
+        let observed = observed.map_err(|source| ReconcileError::List {
             node: self.node.clone(),
             source,
         })?;
@@ -179,7 +183,7 @@ impl Reconciler {
         Ok(report)
     }
 
-    async fn apply_classes(&mut self, client: &Client, desired: &Desired, report: &mut PassReport) {
+    async fn apply_classes(&self, client: &Client, desired: &Desired, report: &mut PassReport) {
         let api: Api<K8sStorageClass> = Api::all(client.clone());
         let pp = PatchParams::apply(MANAGER).force();
         // One list, so a class deleted or edited by hand is noticed and put back, and an
