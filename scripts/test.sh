@@ -25,6 +25,10 @@ log "tests (unit, policy, planner, root tests on loop devices, D-Bus, publisher)
 if [ "$(id -u)" != 0 ]; then
     echo "note: not root: tests that need loop devices will skip themselves"
 fi
+# tests/kube_real.rs starts a real etcd + kube-apiserver + kube-controller-manager from
+# KVSTRAP_KUBE_ASSETS (default ../shared/kube-control-plane); under CI it fails, not skips,
+# when they are missing.
+echo "kube control plane assets: ${KVSTRAP_KUBE_ASSETS:-$(cd .. && pwd)/shared/kube-control-plane}"
 # Bounded fuzzing of load+validate rides along in the proptest cases.
 PROPTEST_CASES=${PROPTEST_CASES:-4096} KVSTRAP_REAL_ENGINE=1 cargo nextest run --locked --no-fail-fast
 

@@ -651,3 +651,119 @@ async fn storage_class_deleted_by_hand_comes_back() {
     .await;
     p.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_publisher_sends_no_writes_when_nothing_changed() {
+    let env = Env::up().await;
+    let desired = env.desired(&env.volumes(5), ReclaimPolicy::Delete);
+    let p = env.publisher(Duration::from_secs(60));
+    p.submit(desired.clone());
+    converge(&p).await;
+    p.shutdown().await;
+    let applies = env.double.applies();
+    // A new process (daemon restart, `kvstrap apply`): compares with what it lists.
+    let p = env.publisher(Duration::from_secs(60));
+    p.submit(desired.clone());
+    converge(&p).await;
+    assert_eq!(
+        env.double.applies(),
+        applies,
+        "no write for unchanged objects"
+    );
+    // A real change is still applied, and only that one object.
+    let mut changed = env.volumes(5);
+    changed[2].capacity_bytes = 50 << 30;
+    p.submit(env.desired(&changed, ReclaimPolicy::Delete));
+    converge(&p).await;
+    assert_eq!(env.double.applies(), applies + 1);
+    let pv = desired.volumes[2].pv_name();
+    assert_eq!(env.double.pvs()[pv]["spec"]["capacity"]["storage"], "50Gi");
+    p.shutdown().await;
+}
+
+/// The real server (tests/kube_real.rs) marks a Released PV with reclaim Delete `Failed`
+/// when it lacks kvstrap's provisioned-by annotation: so does the double, and kvstrap
+/// takes such a PV back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_pv_without_the_annotation_is_taken_back() {
+    let env = Env::up().await;
+    let p = env.publisher(Duration::from_secs(60));
+    let desired = env.desired(&env.volumes(1), ReclaimPolicy::Delete);
+    p.submit(desired.clone());
+    converge(&p).await;
+    let pv = desired.volumes[0].pv_name().to_string();
+    env.double.bind(&pv);
+    env.double.release_unannotated(&pv);
+    eventually("Failed PV scrubbed and re-published", || {
+        env.double.phase(&pv).as_deref() == Some("Available")
+    })
+    .await;
+    assert_eq!(
+        env.scrubber.scrubbed(),
+        vec![desired.volumes[0].spec.name.clone()]
+    );
+    assert_eq!(
+        env.double.deletions(),
+        vec![(pv.clone(), Some("Failed".into()), "kvstrap")]
+    );
+    p.shutdown().await;
+}
+
+/// Events as the real server wants them (`action` and reporting fields with `eventTime`),
+/// posted once, also across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_valid_and_posted_once() {
+    let env = Env::up().await;
+    let desired = env.desired(&env.volumes(1), ReclaimPolicy::Retain);
+    let p = env.publisher(Duration::from_millis(100));
+    p.submit(desired.clone());
+    converge(&p).await;
+    let pv = desired.volumes[0].pv_name().to_string();
+    env.double.bind(&pv);
+    env.double.release(&pv);
+    eventually("Event posted", || env.double.event_posts() == 1).await;
+    let ev = env.double.events()[0].clone();
+    assert_eq!(ev["action"], "RetainVolume");
+    assert_eq!(ev["reportingComponent"], "kvstrap");
+    assert_eq!(ev["reportingInstance"], NODE);
+    // Several resync passes, then a restart: no second Event.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    p.shutdown().await;
+    let p = env.publisher(Duration::from_millis(100));
+    p.submit(desired.clone());
+    converge(&p).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(env.double.event_posts(), 1);
+    assert_eq!(env.double.events().len(), 1);
+    p.shutdown().await;
+}
+
+/// On a real cluster the recycled PV lingers, terminating, until kube-controller-manager
+/// removes its pv-protection finalizer: kvstrap waits for it, scrubs once, and no pass
+/// fails (no WARN for the normal delay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recycle_waits_out_pv_protection_and_scrubs_once() {
+    let env = Env::up().await;
+    env.double.pv_protection(Duration::from_millis(300));
+    let p = env.publisher(Duration::from_secs(60));
+    let desired = env.desired(&env.volumes(1), ReclaimPolicy::Delete);
+    p.submit(desired.clone());
+    converge(&p).await;
+    let pv = desired.volumes[0].pv_name().to_string();
+    let uid = env.double.pvs()[&pv]["metadata"]["uid"].clone();
+    env.double.bind(&pv);
+    env.double.release(&pv);
+    let failed_passes = std::sync::atomic::AtomicU32::new(0);
+    eventually("re-published after the finalizer went", || {
+        failed_passes.fetch_max(p.status().consecutive_failures, Ordering::SeqCst);
+        env.double
+            .pvs()
+            .get(&pv)
+            .is_some_and(|o| o["metadata"]["uid"] != uid && o["status"]["phase"] == "Available")
+    })
+    .await;
+    converge(&p).await;
+    assert_eq!(env.scrubber.scrubbed().len(), 1, "scrubbed once");
+    assert_eq!(failed_passes.load(Ordering::SeqCst), 0, "a pass failed");
+    p.shutdown().await;
+}

@@ -107,20 +107,23 @@ pub fn status(g: &GlobalArgs) -> Result<i32> {
     if let Some(text) = crate::cli::from_daemon(g, crate::dbus::client::client_status) {
         let doc: serde_json::Value =
             serde_json::from_str(&text).context("the daemon sent a status kvstrap cannot read")?;
+        let kept = crate::kube::publisher::kept_publications(&g.state_dir);
         match g.output {
-            OutputFormat::Json => print_json(&json!({ "daemon": doc })),
+            OutputFormat::Json => print_json(&json!({ "daemon": doc, "kept_pvs": kept })),
             OutputFormat::Human => {
                 println!("kvstrap.service is running:");
                 for (key, value) in doc.as_object().into_iter().flatten() {
                     println!("  {key}: {value}");
                 }
+                print_kept(&kept);
             }
         }
         return Ok(0);
     }
     let st = state::load(&g.state_dir)?;
+    let kept = crate::kube::publisher::kept_publications(&g.state_dir);
     match g.output {
-        OutputFormat::Json => print_json(&json!({ "state": st })),
+        OutputFormat::Json => print_json(&json!({ "state": st, "kept_pvs": kept })),
         OutputFormat::Human => match st {
             None => {
                 println!("kvstrap has not applied a policy on this node yet ({} has no state).", g.state_dir.display())
@@ -136,7 +139,23 @@ pub fn status(g: &GlobalArgs) -> Result<i32> {
             ),
         },
     }
+    if g.output == OutputFormat::Human {
+        print_kept(&kept);
+    }
     Ok(0)
+}
+
+/// PVs kept in the cluster for volumes gone from this node (from the publisher's ledger).
+fn print_kept(kept: &[crate::kube::publisher::KeptPublication]) {
+    for k in kept {
+        println!(
+            "kept PersistentVolume {} ({}): volume {} is gone from this node; delete the claim \
+             and the PV when its data is not needed",
+            k.pv_name,
+            k.phase.as_deref().unwrap_or("phase unknown"),
+            k.volume
+        );
+    }
 }
 
 /// One provided volume, as `kvstrap volumes` shows it.
@@ -203,7 +222,8 @@ pub fn volumes(g: &GlobalArgs) -> Result<i32> {
         }
         None => local_volume_rows(g)?,
     };
-    print_volumes(g, &rows);
+    let kept = crate::kube::publisher::kept_publications(&g.state_dir);
+    print_volumes(g, &rows, &kept);
     Ok(0)
 }
 
@@ -226,9 +246,13 @@ fn local_volume_rows(g: &GlobalArgs) -> Result<Vec<VolumeRow>> {
     Ok(rows)
 }
 
-fn print_volumes(g: &GlobalArgs, rows: &[VolumeRow]) {
+fn print_volumes(
+    g: &GlobalArgs,
+    rows: &[VolumeRow],
+    kept: &[crate::kube::publisher::KeptPublication],
+) {
     match g.output {
-        OutputFormat::Json => print_json(&json!({ "volumes": rows })),
+        OutputFormat::Json => print_json(&json!({ "volumes": rows, "kept_pvs": kept })),
         OutputFormat::Human => {
             println!(
                 "{:<28} {:>10} {:<10} {:<24} {:<8} {:<10} PATH",
@@ -256,6 +280,7 @@ fn print_volumes(g: &GlobalArgs, rows: &[VolumeRow]) {
                 rows.len(),
                 human(rows.iter().map(|r| r.capacity_bytes).sum())
             );
+            print_kept(kept);
         }
     }
 }

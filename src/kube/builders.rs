@@ -28,6 +28,12 @@ pub const ANNOTATION_VOLUME: &str = "kvstrap.io/volume";
 pub const ANNOTATION_DISK_IDENTITY: &str = "kvstrap.io/disk-identity";
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 pub const NO_PROVISIONER: &str = "kubernetes.io/no-provisioner";
+/// The annotation the PV controller reads to find who deletes a Released volume.
+pub const ANNOTATION_PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
+/// kvstrap's provisioner name in that annotation. Not under `kubernetes.io/`: for such a
+/// name kube-controller-manager looks for an in-tree plugin, finds none and marks the PV
+/// `Failed`; any other name is an external provisioner, and the Released PV is left to it.
+pub const PROVISIONER: &str = "kvstrap.io/local-volume";
 
 /// Longest PV name we generate: fits a label value too, and stays readable in `kubectl get pv`.
 const MAX_NAME: usize = 63;
@@ -99,6 +105,10 @@ pub fn persistent_volume(node: &str, v: &VolumeSpec, class: &StorageClass) -> Pe
                     v.disk_identity.clone(),
                 ),
                 (ANNOTATION_VOLUME.to_string(), v.name.clone()),
+                (
+                    ANNOTATION_PROVISIONED_BY.to_string(),
+                    PROVISIONER.to_string(),
+                ),
             ])),
             ..ObjectMeta::default()
         },
@@ -232,7 +242,8 @@ fn dns1123_label(s: &str) -> String {
     out.trim_end_matches('-').to_string()
 }
 
-fn short_hash(s: &str) -> String {
+/// First 8 hex digits of the SHA-256 of `s`.
+pub fn short_hash(s: &str) -> String {
     let digest = Sha256::digest(s.as_bytes());
     digest.iter().take(4).map(|b| format!("{b:02x}")).collect()
 }

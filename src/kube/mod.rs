@@ -3,6 +3,7 @@
 //! Never touches disks except to scrub a released volume; never blocks local provisioning.
 
 pub mod builders;
+pub mod compare;
 pub mod manifests;
 pub mod node;
 pub mod publisher;

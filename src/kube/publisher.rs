@@ -509,6 +509,32 @@ pub fn recorded_publication(
         .collect()
 }
 
+/// PVs kept in the cluster although their volume is gone from the node (Bound, Released
+/// or Failed when it vanished), as the last pass recorded them: `kvstrap volumes` lists
+/// them, since the plan no longer knows their volume.
+pub fn kept_publications(state_dir: &Path) -> Vec<KeptPublication> {
+    let (ledger, _) = Ledger::load(state_dir);
+    ledger
+        .volumes
+        .into_iter()
+        .filter(|(_, e)| e.kept && e.in_cluster)
+        .map(|(pv_name, e)| KeptPublication {
+            pv_name,
+            volume: e.volume,
+            phase: e.phase,
+        })
+        .collect()
+}
+
+/// A PV kept for a vanished volume.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct KeptPublication {
+    pub pv_name: String,
+    /// The volume's name on the node (from the PV's `kvstrap.io/volume` annotation).
+    pub volume: String,
+    pub phase: Option<String>,
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

@@ -1,11 +1,16 @@
 //! One reconcile pass: make this node's kvstrap PVs in the cluster equal what is provisioned.
 //! Vanished volumes: PV deleted if Available, kept and reported if Bound or Released.
 //! Released + Delete: scrub, then delete and re-create Available. Retain: left, reported.
+//! Failed + Delete (left so by kube-controller-manager before PVs carried kvstrap's
+//! provisioned-by annotation): taken back like Released.
+//! Nothing is written when the cluster already holds what is wanted: the listed objects
+//! are compared with the wanted ones field by field (server defaults ignored).
 //! A PV that disappeared while its volume exists is re-created only after a scrub.
 //! A Bound PV is never deleted: every delete carries the uid and resourceVersion of a PV
 //! seen unbound, so a bind in between makes the API server refuse the delete.
 
 use super::builders::{node_selector, LABEL_MANAGED_BY, MANAGER};
+use super::compare::covers;
 use super::publisher::VolumePublication;
 use super::scrub::{Ledger, LedgerEntry, LedgerError, Scrubber};
 use super::{Desired, DesiredVolume};
@@ -18,9 +23,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Namespace of the Events kvstrap reports about (cluster-scoped) PVs, as kubelet does.
 pub const EVENT_NAMESPACE: &str = "default";
+/// How long a recycled PV may stay terminating (the pv-protection finalizer is removed
+/// within a second or two by kube-controller-manager) before the pass reports it.
+const DELETE_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -57,8 +66,8 @@ enum Action {
     Apply,
     /// The PV vanished after it was published: scrub, then apply.
     ScrubThenApply,
-    /// Released with reclaim Delete: scrub, delete (claimRef cannot be cleared by apply),
-    /// then apply.
+    /// Released (or Failed) with reclaim Delete: scrub, delete (claimRef cannot be
+    /// cleared by apply), wait until it is gone, then apply.
     Recycle {
         uid: Option<String>,
         rv: Option<String>,
@@ -78,8 +87,6 @@ pub struct Reconciler {
     ledger: Ledger,
     /// Ledger was lost: every missing PV is treated as published before.
     conservative: bool,
-    /// PV name -> fingerprint of what was last applied successfully.
-    applied: HashMap<String, u64>,
     /// (PV, reason) already reported as an Event.
     reported: HashSet<(String, &'static str)>,
 }
@@ -99,7 +106,6 @@ impl Reconciler {
             concurrency: concurrency.max(1),
             ledger,
             conservative,
-            applied: HashMap::new(),
             reported: HashSet::new(),
         }
     }
@@ -112,10 +118,15 @@ impl Reconciler {
         desired: &Desired,
     ) -> Result<PassReport, ReconcileError> {
         let mut report = PassReport::default();
-        self.apply_classes(client, desired, &mut report).await;
+        let ledger_before = self.ledger.clone();
         let pvs: Api<PersistentVolume> = Api::all(client.clone());
         let lp = ListParams::default().labels(&node_selector(&self.node));
-        let observed = pvs.list(&lp).await.map_err(|source| ReconcileError::List {
+        // The classes and the PV list in parallel: a pass with nothing to do is two lists.
+        let (observed, ()) = tokio::join!(
+            pvs.list(&lp),
+            self.apply_classes(client, desired, &mut report)
+        );
+        let observed = observed.map_err(|source| ReconcileError::List {
             node: self.node.clone(),
             source,
         })?;
@@ -135,8 +146,10 @@ impl Reconciler {
             .collect();
         self.record_intent(&actions)?;
         // Owned jobs: the stream's futures must not borrow from this stack frame.
-        let jobs: Vec<(DesiredVolume, Action)> =
-            actions.into_iter().map(|(v, a)| (v.clone(), a)).collect();
+        let jobs: Vec<(DesiredVolume, Action)> = actions
+            .into_iter()
+            .map(|(v, a)| (honour_admin_reclaim(v, observed.get(v.pv_name())), a))
+            .collect();
         let results: Vec<(String, Result<Outcome, String>)> = stream::iter(jobs)
             .map(|(v, action)| {
                 let client = client.clone();
@@ -154,37 +167,44 @@ impl Reconciler {
         // Entries of published volumes stay even when the volume vanished: if its disk
         // comes back, the volume is scrubbed before it is published again.
         let keep = |pv: &String, e: &mut LedgerEntry| {
+            if e.kept && !observed.contains_key(pv) {
+                // A kept PV deleted by hand: nothing of it is left in the cluster.
+                e.kept = false;
+                e.in_cluster = false;
+                e.phase = None;
+            }
             e.published || wanted.contains(pv.as_str()) || observed.contains_key(pv)
         };
         self.ledger.volumes.retain(keep);
-        self.ledger.save(&self.state_dir)?;
+        // A pass that changed nothing costs no fsync either.
+        if self.ledger != ledger_before || !super::scrub::Ledger::path(&self.state_dir).exists() {
+            self.ledger.save(&self.state_dir)?;
+        }
         Ok(report)
     }
 
-    async fn apply_classes(&mut self, client: &Client, desired: &Desired, report: &mut PassReport) {
+    async fn apply_classes(&self, client: &Client, desired: &Desired, report: &mut PassReport) {
         let api: Api<K8sStorageClass> = Api::all(client.clone());
         let pp = PatchParams::apply(MANAGER).force();
-        // One cheap list, so a class deleted by hand is noticed and re-created.
+        // One list, so a class deleted or edited by hand is noticed and put back, and an
+        // unchanged class costs no write. A failed list only means applying them all.
         let lp = ListParams::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));
-        let present: HashSet<String> = match api.list_metadata(&lp).await {
+        let present: HashMap<String, K8sStorageClass> = match api.list(&lp).await {
             Ok(list) => list
                 .items
                 .into_iter()
-                .filter_map(|o| o.metadata.name)
+                .map(|o| (o.metadata.name.clone().unwrap_or_default(), o))
                 .collect(),
-            Err(_) => HashSet::new(),
+            Err(_) => HashMap::new(),
         };
         for sc in &desired.storage_classes {
             let name = sc.metadata.name.clone().unwrap_or_default();
-            let key = format!("storageclass/{name}");
-            let fp = fingerprint(sc);
-            if present.contains(&name) && self.applied.get(&key) == Some(&fp) {
+            if present.get(&name).is_some_and(|have| covers(have, sc)) {
                 continue;
             }
             match api.patch(&name, &pp, &Patch::Apply(sc)).await {
                 Ok(_) => {
                     report.applied += 1;
-                    self.applied.insert(key, fp);
                 }
                 Err(e) => {
                     report.pending += 1;
@@ -214,22 +234,23 @@ impl Reconciler {
         {
             let phase = phase(pv);
             let claimed = pv.spec.as_ref().is_some_and(|s| s.claim_ref.is_some());
-            if claimed || matches!(phase.as_deref(), Some("Bound" | "Released")) {
+            if claimed || matches!(phase.as_deref(), Some("Bound" | "Released" | "Failed")) {
                 report.kept.push(name.clone());
+                self.record_kept(name, pv);
                 let msg = format!(
                     "the volume of PersistentVolume {name} no longer exists on node {}, but the PV \
                      is {}: kvstrap keeps it; delete the claim and the PV when the data is not needed",
                     self.node,
                     phase.as_deref().unwrap_or("claimed")
                 );
-                self.report_once(client, pv, "VolumeMissing", &msg).await;
+                self.report_once(client, pv, "VolumeMissing", "KeepVolume", &msg)
+                    .await;
                 continue;
             }
             match delete_unbound(&api, pv).await {
                 Ok(()) => {
                     tracing::info!(pv = %name, "deleted PersistentVolume whose volume no longer exists");
                     report.deleted.push(name.clone());
-                    self.applied.remove(name);
                 }
                 Err(e) => report
                     .errors
@@ -252,11 +273,19 @@ impl Reconciler {
                 Action::Apply
             };
         };
-        if phase(pv).as_deref() == Some("Released") {
+        let phase = phase(pv);
+        let claimed = pv.spec.as_ref().is_some_and(|s| s.claim_ref.is_some());
+        // Failed comes only from a reclaim that failed: the claim is gone as for Released.
+        if phase.as_deref() == Some("Released") || (phase.as_deref() == Some("Failed") && claimed) {
             let reclaim = pv
                 .spec
                 .as_ref()
                 .and_then(|s| s.persistent_volume_reclaim_policy.as_deref());
+            if reclaim == Some("Delete") && phase.as_deref() == Some("Failed") {
+                let why = pv.status.as_ref().and_then(|s| s.message.as_deref());
+                tracing::info!(pv = %name, reason = why.unwrap_or("none given"),
+                    "taking back a PersistentVolume that kube-controller-manager marked Failed");
+            }
             return if reclaim == Some("Delete") {
                 let meta = &pv.metadata;
                 Action::Recycle {
@@ -267,7 +296,7 @@ impl Reconciler {
                 Action::Retain
             };
         }
-        if self.applied.get(name) == Some(&fingerprint(&v.pv)) {
+        if covers(pv, &honour_admin_reclaim(v, Some(pv)).pv) {
             Action::Keep
         } else {
             Action::Apply
@@ -293,8 +322,14 @@ impl Reconciler {
                         ..LedgerEntry::default()
                     }
                 });
-            if !entry.published {
+            // A terminating PV is not applied now: its entry stays as it is (false after
+            // kvstrap scrubbed it for a recycle), so the volume is not scrubbed twice.
+            if !entry.published && !matches!(action, Action::Terminating) {
                 entry.published = true;
+                changed = true;
+            }
+            if entry.kept {
+                entry.kept = false;
                 changed = true;
             }
         }
@@ -355,12 +390,21 @@ impl Reconciler {
             report.scrubbed.push(v.spec.name.clone());
             if let Some(e) = self.ledger.volumes.get_mut(&name) {
                 e.last_scrub = Some(unix_now());
+                // Scrubbed and not yet re-published: no claim can reach it meanwhile (the
+                // old PV is Released or being deleted), so the next pass publishes it
+                // without a second scrub.
+                if outcome.applied.is_none() {
+                    e.published = false;
+                }
             }
+        }
+        if let Some(e) = &outcome.error {
+            report.pending += 1;
+            report.errors.push(format!("PersistentVolume {name}: {e}"));
         }
         let phase = match (&outcome.applied, observed) {
             (Some(applied_phase), _) => {
                 report.applied += 1;
-                self.applied.insert(name.clone(), fingerprint(&v.pv));
                 applied_phase.clone()
             }
             (None, Some(pv)) => {
@@ -370,7 +414,8 @@ impl Reconciler {
                         "PersistentVolume {name} is Released with reclaim policy Retain: kvstrap leaves \
                          it and its data; delete the PV to have the volume scrubbed and published again"
                     );
-                    self.report_once(client, pv, "ReleasedRetained", &msg).await;
+                    self.report_once(client, pv, "ReleasedRetained", "RetainVolume", &msg)
+                        .await;
                 }
                 phase(pv)
             }
@@ -385,26 +430,56 @@ impl Reconciler {
     }
 
     /// Logs and posts an Event about `pv`, once per PV and reason while the process lives.
+    /// The Event's name is derived from the PV, its claim and the reason, so a restarted
+    /// kvstrap (or another `kvstrap apply`) finds it there (409) and posts no second one.
     async fn report_once(
         &mut self,
         client: &Client,
         pv: &PersistentVolume,
         reason: &'static str,
+        action: &str,
         msg: &str,
     ) {
         let name = pv.metadata.name.clone().unwrap_or_default();
         if !self.reported.insert((name.clone(), reason)) {
             return;
         }
-        tracing::warn!(pv = %name, reason, "{msg}");
         let api: Api<Event> = Api::namespaced(client.clone(), EVENT_NAMESPACE);
-        if let Err(e) = api
-            .create(&PostParams::default(), &event(&self.node, pv, reason, msg))
-            .await
-        {
-            tracing::warn!(pv = %name, error = %describe(&e), "cannot post Event");
-            self.reported.remove(&(name, reason));
+        let ev = event(&self.node, pv, reason, action, msg);
+        match api.create(&PostParams::default(), &ev).await {
+            Ok(_) => tracing::warn!(pv = %name, reason, "{msg}"),
+            Err(::kube::Error::Api(s)) if s.code == 409 => {
+                tracing::debug!(pv = %name, reason, "Event already posted")
+            }
+            Err(e) => {
+                tracing::warn!(pv = %name, reason, "{msg}");
+                tracing::warn!(pv = %name, error = %describe(&e),
+                    "cannot post the Event about it to namespace {EVENT_NAMESPACE}; retrying on the next pass");
+                self.reported.remove(&(name, reason));
+            }
         }
+    }
+
+    /// The ledger remembers a PV kept for a vanished volume, for `kvstrap volumes`.
+    fn record_kept(&mut self, name: &str, pv: &PersistentVolume) {
+        let volume = pv
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(super::builders::ANNOTATION_VOLUME).cloned())
+            .unwrap_or_default();
+        let entry = self
+            .ledger
+            .volumes
+            .entry(name.to_string())
+            .or_insert_with(|| LedgerEntry {
+                volume,
+                published: true,
+                ..LedgerEntry::default()
+            });
+        entry.kept = true;
+        entry.in_cluster = true;
+        entry.phase = phase(pv);
     }
 
     /// Publication state of every volume as last recorded (for `kvstrap volumes`).
@@ -421,6 +496,8 @@ struct Outcome {
     retained: bool,
     /// Applied; with the phase the API server returned.
     applied: Option<Option<String>>,
+    /// Why the volume is still pending after a partial success (scrubbed, not applied).
+    error: Option<String>,
 }
 
 async fn execute(
@@ -463,25 +540,93 @@ async fn execute(
                 }),
                 ..DeleteParams::default()
             };
-            delete(&api, v.pv_name(), &dp).await?;
+            let old_uid = dp.preconditions.as_ref().and_then(|p| p.uid.clone());
+            if let Err(e) = delete(&api, v.pv_name(), &dp).await {
+                out.error = Some(e);
+                return Ok(out);
+            }
             out.deleted = true;
+            // The pv-protection finalizer holds the old PV a moment: applying now would
+            // only find it terminating.
+            if let Err(e) = wait_gone(&api, v.pv_name(), old_uid.as_deref()).await {
+                out.error = Some(e);
+                return Ok(out);
+            }
             tracing::info!(pv = %v.pv_name(), "released volume scrubbed; re-publishing it as Available");
         }
     }
     let pp = PatchParams::apply(MANAGER).force();
-    let applied = api
-        .patch(v.pv_name(), &pp, &Patch::Apply(&v.pv))
-        .await
-        .map_err(|e| describe(&e))?;
+    let applied = match api.patch(v.pv_name(), &pp, &Patch::Apply(&v.pv)).await {
+        Ok(pv) => pv,
+        Err(e) if out.scrubbed => {
+            out.error = Some(describe(&e));
+            return Ok(out);
+        }
+        Err(e) => return Err(describe(&e)),
+    };
     if applied.metadata.deletion_timestamp.is_some() {
-        // The delete of a recycled PV has not finished: the next pass re-creates it.
-        return Err(format!(
-            "PersistentVolume {} is still being deleted; retrying",
+        // Deleted by someone else meanwhile: the next pass re-creates it.
+        out.error = Some(format!(
+            "PersistentVolume {} is being deleted; re-published once gone",
             v.pv_name()
         ));
+        return Ok(out);
     }
     out.applied = Some(phase(&applied));
     Ok(out)
+}
+
+/// Waits until the PV `name` with `uid` no longer exists (a new PV of that name counts).
+async fn wait_gone(
+    api: &Api<PersistentVolume>,
+    name: &str,
+    uid: Option<&str>,
+) -> Result<(), String> {
+    let start = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match api.get_opt(name).await {
+            Ok(None) => return Ok(()),
+            Ok(Some(pv)) if uid.is_some() && pv.metadata.uid.as_deref() != uid => return Ok(()),
+            Ok(Some(pv)) if start.elapsed() >= DELETE_WAIT => {
+                let finalizers = pv.metadata.finalizers.unwrap_or_default().join(", ");
+                return Err(format!(
+                    "deleted PersistentVolume {name} still exists after {}s (finalizers: {finalizers}); \
+                     is kube-controller-manager running? Re-published once it is gone",
+                    DELETE_WAIT.as_secs()
+                ));
+            }
+            Ok(Some(_)) => {}
+            Err(e) => return Err(describe(&e)),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// `v`, with the reclaim policy the PV has in the cluster when someone other than kvstrap
+/// set it there (`kubectl patch pv ... Retain`): an admin's choice is kept.
+fn honour_admin_reclaim(v: &DesiredVolume, observed: Option<&PersistentVolume>) -> DesiredVolume {
+    let mut v = v.clone();
+    let Some(pv) = observed else { return v };
+    let theirs = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.persistent_volume_reclaim_policy.clone());
+    let owned_by_other = pv.metadata.managed_fields.iter().flatten().any(|m| {
+        m.manager.as_deref() != Some(MANAGER)
+            && m.fields_v1.as_ref().is_some_and(|f| {
+                f.0.get("f:spec")
+                    .and_then(|s| s.get("f:persistentVolumeReclaimPolicy"))
+                    .is_some()
+            })
+    });
+    if owned_by_other && theirs.is_some() {
+        if let Some(spec) = v.pv.spec.as_mut() {
+            spec.persistent_volume_reclaim_policy = theirs;
+        }
+    }
+    v
 }
 
 async fn scrub(scrubber: Arc<dyn Scrubber>, v: &DesiredVolume) -> Result<bool, String> {
@@ -525,14 +670,6 @@ fn phase(pv: &PersistentVolume) -> Option<String> {
     pv.status.as_ref().and_then(|s| s.phase.clone())
 }
 
-/// What a PV or class looked like when applied (a hash of its JSON; in memory only).
-fn fingerprint<T: serde::Serialize>(object: &T) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::hash::DefaultHasher::new();
-    serde_json::to_vec(object).unwrap_or_default().hash(&mut h);
-    h.finish()
-}
-
 /// One line: API errors with their code and message, others as they print.
 pub fn describe(e: &::kube::Error) -> String {
     match e {
@@ -552,12 +689,22 @@ pub fn describe(e: &::kube::Error) -> String {
     }
 }
 
-fn event(node: &str, pv: &PersistentVolume, reason: &str, message: &str) -> Event {
+/// A core/v1 Event about `pv`. With `eventTime` set the API server also demands `action`,
+/// `reportingComponent` and `reportingInstance` (422 otherwise).
+fn event(node: &str, pv: &PersistentVolume, reason: &str, action: &str, message: &str) -> Event {
     let now = jiff_now();
     let name = pv.metadata.name.clone().unwrap_or_default();
+    let claim = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.claim_ref.as_ref())
+        .and_then(|c| c.uid.clone())
+        .unwrap_or_default();
+    let uid = pv.metadata.uid.clone().unwrap_or_default();
+    let id = super::builders::short_hash(&format!("{uid}\0{claim}\0{reason}"));
     Event {
         metadata: ObjectMeta {
-            name: Some(format!("{name}.{:x}", unix_nanos())),
+            name: Some(format!("{name}.{}.{id}", reason.to_ascii_lowercase())),
             namespace: Some(EVENT_NAMESPACE.to_string()),
             ..ObjectMeta::default()
         },
@@ -576,6 +723,7 @@ fn event(node: &str, pv: &PersistentVolume, reason: &str, message: &str) -> Even
             component: Some(MANAGER.to_string()),
             host: Some(node.to_string()),
         }),
+        action: Some(action.to_string()),
         reporting_component: Some(MANAGER.to_string()),
         reporting_instance: Some(node.to_string()),
         first_timestamp: Some(Time(now)),
@@ -590,12 +738,6 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-fn unix_nanos() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos())
 }
 
 fn jiff_now() -> k8s_openapi::jiff::Timestamp {

@@ -253,6 +253,9 @@ pub struct LedgerEntry {
     pub phase: Option<String>,
     /// Unix seconds of the last scrub.
     pub last_scrub: Option<u64>,
+    /// The volume is gone from the node but its PV (Bound, Released or Failed) is kept.
+    #[serde(default)]
+    pub kept: bool,
 }
 
 impl Ledger {

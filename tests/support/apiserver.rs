@@ -3,6 +3,11 @@
 //! JSON. It enforces what a real API server checks for local PVs (node affinity, absolute
 //! local.path, capacity, DNS-1123 names, immutable fields, delete preconditions) and
 //! records every deletion with the phase the PV had, so tests can prove no Bound PV died.
+//! Where the real control plane was seen to behave in a way that matters to kvstrap, the
+//! double does the same (pinned by tests/kube_real.rs): a Released PV with reclaim Delete
+//! and no external `pv.kubernetes.io/provisioned-by` goes `Failed`; Events with
+//! `eventTime` need `action`, `reportingComponent` and `reportingInstance`; an Event name
+//! that exists already is a 409.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
@@ -50,8 +55,13 @@ struct Store {
     faults: VecDeque<u16>,
     /// PV that a claim binds right before the next delete of it is handled.
     race_bind: Option<String>,
+    /// Like the real server's `kubernetes.io/pv-protection` finalizer: a deleted PV stays,
+    /// terminating, this long before it goes (None: gone at once).
+    pv_protection: Option<std::time::Duration>,
     requests: u64,
     applies: u64,
+    /// Events accepted.
+    event_posts: u64,
 }
 
 pub struct Double {
@@ -97,6 +107,12 @@ impl Double {
             .extend(codes.iter().copied());
     }
 
+    /// Deleted PVs linger, terminating, for `delay` (kube-controller-manager removes the
+    /// pv-protection finalizer of an unbound PV within about a second).
+    pub fn pv_protection(&self, delay: std::time::Duration) {
+        self.store.lock().unwrap().pv_protection = Some(delay);
+    }
+
     /// The PV controller binds `name` between kvstrap's list and its delete.
     pub fn race_bind_on_delete(&self, name: &str) {
         self.store.lock().unwrap().race_bind = Some(name.to_string());
@@ -127,6 +143,10 @@ impl Double {
         self.store.lock().unwrap().applies
     }
 
+    pub fn event_posts(&self) -> u64 {
+        self.store.lock().unwrap().event_posts
+    }
+
     pub fn phase(&self, name: &str) -> Option<String> {
         self.pvs()
             .get(name)
@@ -150,15 +170,33 @@ impl Double {
         });
     }
 
-    /// What the PV controller does when the bound claim is deleted.
+    /// What kube-controller-manager's PV controller does when the bound claim is deleted:
+    /// Released; then, for reclaim Delete, it looks for the deleter: an in-tree plugin for
+    /// a `kubernetes.io/` provisioner name or none at all (none matches a local PV, so the PV
+    /// goes Failed), otherwise the external provisioner named, which it leaves the PV to.
     pub fn release(&self, name: &str) {
-        self.mutate_pv(name, |pv| pv["status"] = json!({"phase": "Released"}));
+        self.mutate_pv(name, |pv| {
+            let by = pv["metadata"]["annotations"]["pv.kubernetes.io/provisioned-by"]
+                .as_str()
+                .unwrap_or_default();
+            let external = !by.is_empty() && !by.starts_with("kubernetes.io/");
+            if pv["spec"]["persistentVolumeReclaimPolicy"] == "Delete" && !external {
+                pv["status"] = json!({"phase": "Failed", "message":
+                    format!("error getting deleter volume plugin for volume \"{}\": no volume plugin matched", pv["metadata"]["name"].as_str().unwrap_or_default())});
+            } else {
+                pv["status"] = json!({"phase": "Released"});
+            }
+        });
     }
 
-    /// `kubectl patch pv ... persistentVolumeReclaimPolicy`.
+    /// `kubectl patch pv ... persistentVolumeReclaimPolicy`: the field now belongs to
+    /// another field manager, as on the real server.
     pub fn set_reclaim(&self, name: &str, policy: &str) {
         self.mutate_pv(name, |pv| {
-            pv["spec"]["persistentVolumeReclaimPolicy"] = json!(policy)
+            pv["spec"]["persistentVolumeReclaimPolicy"] = json!(policy);
+            pv["metadata"]["managedFields"] = json!([{"manager": "kubectl-patch", "operation": "Update",
+                "apiVersion": "v1", "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:spec": {"f:persistentVolumeReclaimPolicy": {}}}}]);
         });
     }
 
@@ -169,6 +207,22 @@ impl Double {
                 .as_object_mut()
                 .unwrap()
                 .remove(label);
+        });
+    }
+
+    /// What an earlier kvstrap's PV (no provisioned-by annotation) went through when its
+    /// claim was deleted: in one step, so no publisher pass sees it in between.
+    pub fn release_unannotated(&self, name: &str) {
+        self.remove_annotation(name, "pv.kubernetes.io/provisioned-by");
+        self.release(name);
+    }
+
+    /// `kubectl annotate pv NAME KEY-`.
+    pub fn remove_annotation(&self, name: &str, key: &str) {
+        self.mutate_pv_quietly(name, |pv| {
+            if let Some(a) = pv["metadata"]["annotations"].as_object_mut() {
+                a.remove(key);
+            }
         });
     }
 
@@ -195,6 +249,14 @@ impl Double {
             let phase = old["status"]["phase"].as_str().map(String::from);
             s.deletions.push((name.to_string(), phase, "admin"));
             let _ = self.events.send((Kind::Pv, "DELETED", old));
+        }
+    }
+
+    /// A change no watcher hears of (the next one it makes is seen with it).
+    fn mutate_pv_quietly(&self, name: &str, f: impl FnOnce(&mut Value)) {
+        let mut s = self.store.lock().unwrap();
+        if let Some(pv) = s.objects.get_mut(&(Kind::Pv, name.to_string())) {
+            f(pv);
         }
     }
 
@@ -302,10 +364,30 @@ async fn create_event(State(d): State<Shared>, Path(ns): Path<String>, b: Bytes)
     if ev["involvedObject"]["name"].as_str().is_none() || ev["reason"].as_str().is_none() {
         return status(422, "Invalid", "event needs involvedObject.name and reason");
     }
+    // What the real server says (seen on v1.32) for a "new" Event missing these fields.
+    if !ev["eventTime"].is_null() {
+        for field in ["action", "reportingComponent", "reportingInstance"] {
+            if ev[field].as_str().is_none_or(str::is_empty) {
+                return status(
+                    422,
+                    "Invalid",
+                    &format!("Event \"{name}\" is invalid: {field}: Required value"),
+                );
+            }
+        }
+    }
     if ev["metadata"]["namespace"].as_str() != Some(ns.as_str()) {
         return status(422, "Invalid", "namespace mismatch");
     }
     let mut s = d.store.lock().unwrap();
+    if s.objects.contains_key(&(Kind::Event, name.clone())) {
+        return status(
+            409,
+            "AlreadyExists",
+            &format!("events \"{name}\" already exists"),
+        );
+    }
+    s.event_posts += 1;
     s.rv += 1;
     ev["metadata"]["resourceVersion"] = json!(s.rv.to_string());
     s.objects.insert((Kind::Event, name), ev.clone());
@@ -611,11 +693,35 @@ fn delete(d: Shared, kind: Kind, name: String, body: Bytes) -> Response {
             }
         }
     }
-    s.objects.remove(&(kind, name.clone()));
     if kind == Kind::Pv {
         let phase = old["status"]["phase"].as_str().map(String::from);
-        s.deletions.push((name, phase, "kvstrap"));
+        s.deletions.push((name.clone(), phase, "kvstrap"));
+        if let Some(delay) = s.pv_protection {
+            s.rv += 1;
+            let rv = s.rv.to_string();
+            let pv = s.objects.get_mut(&(kind, name.clone())).unwrap();
+            pv["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+            pv["metadata"]["resourceVersion"] = json!(rv);
+            let terminating = pv.clone();
+            let _ = d.events.send((kind, "MODIFIED", terminating.clone()));
+            let uid = old["metadata"]["uid"].clone();
+            let d2 = d.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let mut s = d2.store.lock().unwrap();
+                let key = (Kind::Pv, name);
+                if s.objects
+                    .get(&key)
+                    .is_some_and(|o| o["metadata"]["uid"] == uid)
+                {
+                    let gone = s.objects.remove(&key).unwrap();
+                    let _ = d2.events.send((Kind::Pv, "DELETED", gone));
+                }
+            });
+            return axum::Json(terminating).into_response();
+        }
     }
+    s.objects.remove(&(kind, name.clone()));
     let _ = d.events.send((kind, "DELETED", old.clone()));
     axum::Json(old).into_response()
 }

@@ -1,0 +1,762 @@
+//! kvstrap's publication against a real control plane: etcd + kube-apiserver +
+//! kube-controller-manager (its PV controllers), started once by
+//! `tests/support/control_plane.rs` for all the cases below, which run one after the other
+//! (each on its own node name, state directory and storage classes) and are reported
+//! together. Volumes are plain directories in a tempdir: no disk, no root needed.
+//!
+//! Without the binaries the test is skipped with a message; with `CI` set it fails.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/control_plane.rs"]
+mod control_plane;
+#[path = "support/fixtures.rs"]
+mod fixtures;
+
+use control_plane::ControlPlane;
+use fixtures::{class, dir_volumes};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use k8s_openapi::api::core::v1::{
+    Event, Node, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    VolumeResourceRequirements,
+};
+use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::Client;
+use kvstrap::kube::reconcile::Reconciler;
+use kvstrap::kube::{
+    Desired, DirectoryAndBlockScrubber, PassReport, PublishOptions, Publisher, ScrubError, Scrubber,
+};
+use kvstrap::model::{VolumeMode, VolumeSpec};
+use kvstrap::policy::types::ReclaimPolicy;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Reclaim end to end must finish within this (the controller manager syncs every 2 s).
+const RECLAIM_BOUND: Duration = Duration::from_secs(30);
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Ctx<'a> {
+    cp: &'a ControlPlane,
+    client: Client,
+}
+
+type Case = for<'a> fn(&'a Ctx<'a>) -> BoxFuture<'a, ()>;
+
+#[test]
+fn real_control_plane() {
+    let Some(cp) = control_plane::start_or_skip("real_control_plane") else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt.block_on(client(&cp.kubeconfig));
+    let ctx = Ctx { cp: &cp, client };
+    let cases: &[(&str, Case)] = &[
+        ("manifests_accepted_by_dry_run_and_applied_with_ssa", |c| {
+            manifests_accepted(c).boxed()
+        }),
+        ("no_op_pass_makes_no_writes", |c| no_op_pass(c).boxed()),
+        ("reclaim_delete_end_to_end", |c| reclaim_delete(c).boxed()),
+        ("failed_pv_of_an_earlier_version_is_recovered", |c| {
+            failed_recovered(c).boxed()
+        }),
+        ("retain_keeps_data_until_the_pv_is_deleted", |c| {
+            retain_keeps_data(c).boxed()
+        }),
+        ("bound_pv_never_deleted", |c| bound_never_deleted(c).boxed()),
+        ("node_deleted_and_recreated", |c| node_recreated(c).boxed()),
+        // Last: it restarts the apiserver (and resets its counters).
+        ("apiserver_stopped_and_started_under_a_publisher", |c| {
+            apiserver_restart(c).boxed()
+        }),
+    ];
+    let only = std::env::var("KVSTRAP_REAL_CASE").ok();
+    let mut failures = Vec::new();
+    for (name, case) in cases {
+        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
+        let start = Instant::now();
+        let result = rt.block_on(std::panic::AssertUnwindSafe(case(&ctx)).catch_unwind());
+        let secs = start.elapsed().as_secs_f64();
+        match result {
+            Ok(()) => eprintln!("case {name}: ok ({secs:.1} s)"),
+            Err(e) => {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                eprintln!("case {name}: FAILED ({secs:.1} s): {msg}");
+                failures.push(format!("{name}: {msg}"));
+            }
+        }
+    }
+    drop(ctx);
+    rt.shutdown_timeout(Duration::from_secs(5));
+    if !failures.is_empty() {
+        panic!(
+            "{} case(s) failed:\n{}\n\ncontrol plane logs:\n{}",
+            failures.len(),
+            failures.join("\n"),
+            cp.logs()
+        );
+    }
+}
+
+async fn client(kubeconfig: &Path) -> Client {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    Client::try_from(config).unwrap()
+}
+
+// ---- helpers ----------------------------------------------------------------------------
+
+/// One node's worth of test inputs: a state directory and volume directories below it.
+struct Site {
+    name: String,
+    dir: tempfile::TempDir,
+    class: kvstrap::policy::types::StorageClass,
+}
+
+impl Site {
+    fn new(name: &str, class_name: &str, reclaim: ReclaimPolicy) -> Site {
+        Site {
+            name: name.to_string(),
+            dir: tempfile::tempdir().unwrap(),
+            class: class(class_name, VolumeMode::Filesystem, reclaim),
+        }
+    }
+
+    fn volumes(&self, n: usize) -> Vec<VolumeSpec> {
+        let root = self.dir.path().join("storage");
+        let v = dir_volumes(&root, n, &self.class.name);
+        for v in &v {
+            std::fs::create_dir_all(&v.path).unwrap();
+        }
+        v
+    }
+
+    fn desired(&self, volumes: &[VolumeSpec]) -> Desired {
+        Desired::build(&self.name, volumes, std::slice::from_ref(&self.class)).unwrap()
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn reconciler(&self, scrubber: Arc<dyn Scrubber>) -> Reconciler {
+        Reconciler::new(&self.name, self.state(), scrubber, 16)
+    }
+
+    fn publisher(&self, ctx: &Ctx<'_>, scrubber: Arc<dyn Scrubber>) -> Publisher {
+        let source = kvstrap::kube::ClientSource::Kubeconfig(ctx.cp.kubeconfig.clone());
+        let options = PublishOptions {
+            concurrency: 16,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            resync: Duration::from_secs(3),
+            debounce: Duration::from_millis(50),
+        };
+        Publisher::start(source, &self.name, &self.state(), scrubber, options).unwrap()
+    }
+}
+
+/// The real scrubber, counting what it scrubs.
+#[derive(Default)]
+struct Counting(Mutex<Vec<String>>);
+
+impl Scrubber for Counting {
+    fn scrub(&self, v: &VolumeSpec) -> Result<(), ScrubError> {
+        self.0.lock().unwrap().push(v.name.clone());
+        DirectoryAndBlockScrubber.scrub(v)
+    }
+}
+
+impl Counting {
+    fn count(&self, volume: &str) -> usize {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|n| *n == volume)
+            .count()
+    }
+}
+
+async fn pass(r: &mut Reconciler, ctx: &Ctx<'_>, d: &Desired) -> PassReport {
+    let report = r.pass(&ctx.client, d).await.unwrap();
+    assert!(report.errors.is_empty(), "pass errors: {:?}", report.errors);
+    report
+}
+
+async fn get_pv(ctx: &Ctx<'_>, name: &str) -> Option<PersistentVolume> {
+    Api::<PersistentVolume>::all(ctx.client.clone())
+        .get_opt(name)
+        .await
+        .unwrap()
+}
+
+fn phase(pv: &PersistentVolume) -> Option<String> {
+    pv.status.as_ref().and_then(|s| s.phase.clone())
+}
+
+async fn wait_phase(ctx: &Ctx<'_>, name: &str, want: &str) -> PersistentVolume {
+    let start = Instant::now();
+    loop {
+        if let Some(pv) = get_pv(ctx, name).await {
+            if phase(&pv).as_deref() == Some(want) {
+                return pv;
+            }
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "PV {name} not {want} after {WAIT:?}: {:?}",
+            get_pv(ctx, name).await.map(|p| p.status)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A claim pre-bound to `pv` (static binding: `volumeName` and the class), in `default`.
+async fn claim(ctx: &Ctx<'_>, pv: &str, class: &str) -> String {
+    let name = format!("claim-{pv}");
+    let pvc = PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: Some(class.into()),
+            volume_name: Some(pv.into()),
+            volume_mode: Some("Filesystem".into()),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".into(), Quantity("1Gi".into()))])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), "default")
+        .create(&PostParams::default(), &pvc)
+        .await
+        .unwrap();
+    wait_phase(ctx, pv, "Bound").await;
+    name
+}
+
+async fn delete_claim(ctx: &Ctx<'_>, name: &str) {
+    Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), "default")
+        .delete(name, &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+/// Events in `default` about PV `pv` with `reason`.
+async fn events(ctx: &Ctx<'_>, pv: &str, reason: &str) -> Vec<Event> {
+    Api::<Event>::namespaced(ctx.client.clone(), "default")
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.involved_object.name.as_deref() == Some(pv) && e.reason.as_deref() == Some(reason)
+        })
+        .collect()
+}
+
+/// kvstrap's writes since the server started: server-side applies and deletes of PVs and
+/// StorageClasses, Event posts. (The controller manager writes with PUT: not counted.)
+fn kvstrap_writes(cp: &ControlPlane) -> u64 {
+    let of =
+        |resource: &str, verb: &str| cp.request_total(&[("resource", resource), ("verb", verb)]);
+    of("persistentvolumes", "APPLY")
+        + of("persistentvolumes", "DELETE")
+        + of("storageclasses", "APPLY")
+        + of("storageclasses", "DELETE")
+        + of("events", "POST")
+}
+
+// ---- cases ------------------------------------------------------------------------------
+
+/// Every manifest kvstrap renders passes a server-side dry run; then a pass applies them
+/// with SSA (field manager kvstrap) and a second pass changes no resourceVersion.
+async fn manifests_accepted(ctx: &Ctx<'_>) {
+    let fs = Site::new("real-manifests", "kvstrap-real-fs", ReclaimPolicy::Delete);
+    let block_class = class(
+        "kvstrap-real-block",
+        VolumeMode::Block,
+        ReclaimPolicy::Retain,
+    );
+    let mut volumes = fs.volumes(2);
+    volumes.push(fixtures::block_volume(fs.dir.path(), 1, &block_class.name));
+    let desired = Desired::build(&fs.name, &volumes, &[fs.class.clone(), block_class]).unwrap();
+    kvstrap::kube::write_manifests(&fs.state(), &desired).unwrap();
+
+    let dry = PatchParams::apply("kvstrap").force().dry_run();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(fs.state().join("manifests"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 5, "{files:?}");
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("storageclass-") {
+            let sc: StorageClass = serde_saphyr::from_str(&text).unwrap();
+            let n = sc.metadata.name.clone().unwrap();
+            Api::<StorageClass>::all(ctx.client.clone())
+                .patch(&n, &dry, &Patch::Apply(&sc))
+                .await
+                .unwrap_or_else(|e| panic!("{name} refused by the dry run: {e}"));
+        } else {
+            let pv: PersistentVolume = serde_saphyr::from_str(&text).unwrap();
+            let n = pv.metadata.name.clone().unwrap();
+            Api::<PersistentVolume>::all(ctx.client.clone())
+                .patch(&n, &dry, &Patch::Apply(&pv))
+                .await
+                .unwrap_or_else(|e| panic!("{name} refused by the dry run: {e}"));
+        }
+    }
+    assert!(
+        get_pv(ctx, desired.volumes[0].pv_name()).await.is_none(),
+        "dry run only"
+    );
+
+    let mut r = fs.reconciler(Arc::new(Counting::default()));
+    let first = pass(&mut r, ctx, &desired).await;
+    assert_eq!(first.applied, 5);
+    let mut versions = BTreeMap::new();
+    for v in &desired.volumes {
+        let pv = wait_phase(ctx, v.pv_name(), "Available").await;
+        let managers: Vec<(String, String)> = pv
+            .metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .map(|m| {
+                (
+                    m.manager.clone().unwrap_or_default(),
+                    m.operation.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert!(
+            managers.contains(&("kvstrap".into(), "Apply".into())),
+            "{managers:?}"
+        );
+        versions.insert(v.pv_name().to_string(), pv.metadata.resource_version);
+    }
+    let second = pass(&mut r, ctx, &desired).await;
+    assert_eq!(second.applied, 0);
+    for v in &desired.volumes {
+        let pv = get_pv(ctx, v.pv_name()).await.unwrap();
+        assert_eq!(versions[v.pv_name()], pv.metadata.resource_version);
+    }
+}
+
+/// Nothing changed: neither a new process's first pass (CLI `apply`, daemon restart) nor
+/// the daemon's own passes send a write.
+async fn no_op_pass(ctx: &Ctx<'_>) {
+    let n = Site::new("real-noop", "kvstrap-real-noop", ReclaimPolicy::Delete);
+    let desired = n.desired(&n.volumes(50));
+    let mut r = n.reconciler(Arc::new(Counting::default()));
+    pass(&mut r, ctx, &desired).await;
+    for v in &desired.volumes {
+        wait_phase(ctx, v.pv_name(), "Available").await;
+    }
+    let before = kvstrap_writes(ctx.cp);
+    let mut fresh = n.reconciler(Arc::new(Counting::default()));
+    let report = pass(&mut fresh, ctx, &desired).await;
+    assert_eq!(
+        report.applied, 0,
+        "a fresh process re-applied unchanged objects"
+    );
+    let p = n.publisher(ctx, Arc::new(Counting::default()));
+    p.submit(desired.clone());
+    assert!(p.wait_for(WAIT, |s| s.converged() && s.passes >= 2).await);
+    p.shutdown().await;
+    assert_eq!(
+        kvstrap_writes(ctx.cp) - before,
+        0,
+        "a pass with nothing to change wrote to the API server"
+    );
+}
+
+/// PVC bound, data written, PVC deleted: the controller manager leaves the Released PV to
+/// kvstrap (never Failed), which scrubs the volume once and publishes it Available again.
+async fn reclaim_delete(ctx: &Ctx<'_>) {
+    let n = Site::new("real-reclaim", "kvstrap-real-delete", ReclaimPolicy::Delete);
+    let volumes = n.volumes(2);
+    let desired = n.desired(&volumes);
+    let scrubber = Arc::new(Counting::default());
+    let p = n.publisher(ctx, scrubber.clone());
+    p.submit(desired.clone());
+    assert!(
+        p.wait_for(WAIT, |s| s.converged()).await,
+        "{:?}",
+        p.status()
+    );
+    let pv = desired.volumes[0].pv_name().to_string();
+    wait_phase(ctx, &pv, "Available").await;
+    let claim_name = claim(ctx, &pv, &n.class.name).await;
+    let data = volumes[0].path.join("vm-disk.img");
+    std::fs::write(&data, b"tenant data").unwrap();
+    let old_uid = get_pv(ctx, &pv).await.unwrap().metadata.uid;
+
+    let start = Instant::now();
+    delete_claim(ctx, &claim_name).await;
+    let mut phases = vec![];
+    let mut failures = 0;
+    loop {
+        let now = get_pv(ctx, &pv).await;
+        let ph = now.as_ref().and_then(phase);
+        if phases.last() != Some(&ph) {
+            phases.push(ph.clone());
+        }
+        failures = failures.max(p.status().consecutive_failures);
+        let back = now.as_ref().is_some_and(|pv| {
+            pv.metadata.uid != old_uid
+                && ph.as_deref() == Some("Available")
+                && pv.spec.as_ref().is_some_and(|s| s.claim_ref.is_none())
+        });
+        if back && !data.exists() {
+            break;
+        }
+        assert!(
+            start.elapsed() < RECLAIM_BOUND,
+            "not reclaimed within {RECLAIM_BOUND:?}: phases {phases:?}, data exists: {}, status {:?}",
+            data.exists(),
+            p.status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "reclaim took {:.1} s, phases {phases:?}",
+        start.elapsed().as_secs_f64()
+    );
+    assert!(
+        !phases.iter().any(|p| p.as_deref() == Some("Failed")),
+        "kube-controller-manager marked the PV Failed: {phases:?}"
+    );
+    assert!(
+        volumes[0].path.is_dir(),
+        "the volume directory itself stays"
+    );
+    assert!(p.wait_for(WAIT, |s| s.converged()).await);
+    assert_eq!(scrubber.count(&volumes[0].name), 1, "scrubbed exactly once");
+    assert_eq!(
+        failures,
+        0,
+        "the pv-protection delay is no failure: {:?}",
+        p.status()
+    );
+    p.shutdown().await;
+}
+
+/// A PV published without the provisioned-by annotation (an earlier kvstrap) is marked
+/// Failed by the controller manager when its claim goes; kvstrap now takes it back.
+async fn failed_recovered(ctx: &Ctx<'_>) {
+    let n = Site::new("real-failed", "kvstrap-real-failed", ReclaimPolicy::Delete);
+    let volumes = n.volumes(1);
+    let desired = n.desired(&volumes);
+    let pv = desired.volumes[0].pv_name().to_string();
+    // What an earlier version applied: the same PV without the annotation.
+    let mut old = desired.volumes[0].pv.clone();
+    old.metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .remove("pv.kubernetes.io/provisioned-by");
+    let sc = &desired.storage_classes[0];
+    let pp = PatchParams::apply("kvstrap").force();
+    Api::<StorageClass>::all(ctx.client.clone())
+        .patch(&n.class.name, &pp, &Patch::Apply(sc))
+        .await
+        .unwrap();
+    Api::<PersistentVolume>::all(ctx.client.clone())
+        .patch(&pv, &pp, &Patch::Apply(&old))
+        .await
+        .unwrap();
+    wait_phase(ctx, &pv, "Available").await;
+    let claim_name = claim(ctx, &pv, &n.class.name).await;
+    std::fs::write(volumes[0].path.join("data"), b"old tenant").unwrap();
+    delete_claim(ctx, &claim_name).await;
+    let failed = wait_phase(ctx, &pv, "Failed").await;
+    eprintln!(
+        "controller manager says: {:?}",
+        failed.status.and_then(|s| s.message)
+    );
+
+    let scrubber = Arc::new(Counting::default());
+    let mut r = n.reconciler(scrubber.clone());
+    let report = pass(&mut r, ctx, &desired).await;
+    assert_eq!(report.scrubbed, vec![volumes[0].name.clone()]);
+    let now = get_pv(ctx, &pv).await.unwrap();
+    assert!(now.spec.as_ref().unwrap().claim_ref.is_none());
+    wait_phase(ctx, &pv, "Available").await;
+    assert!(!volumes[0].path.join("data").exists(), "old data scrubbed");
+    assert_eq!(
+        now.metadata.annotations.unwrap()["pv.kubernetes.io/provisioned-by"],
+        kvstrap::kube::builders::PROVISIONER
+    );
+}
+
+/// Retain: Released PV and its data stay; one Warning Event, accepted by the server and
+/// not posted again; deleting the PV by hand has the volume scrubbed and re-published.
+async fn retain_keeps_data(ctx: &Ctx<'_>) {
+    let n = Site::new("real-retain", "kvstrap-real-retain", ReclaimPolicy::Retain);
+    let volumes = n.volumes(1);
+    let desired = n.desired(&volumes);
+    let pv = desired.volumes[0].pv_name().to_string();
+    let scrubber = Arc::new(Counting::default());
+    let mut r = n.reconciler(scrubber.clone());
+    pass(&mut r, ctx, &desired).await;
+    wait_phase(ctx, &pv, "Available").await;
+    let claim_name = claim(ctx, &pv, &n.class.name).await;
+    let data = volumes[0].path.join("keep-me");
+    std::fs::write(&data, b"retained").unwrap();
+    delete_claim(ctx, &claim_name).await;
+    wait_phase(ctx, &pv, "Released").await;
+
+    let report = pass(&mut r, ctx, &desired).await;
+    assert_eq!(report.retained, vec![pv.clone()]);
+    let posted = events(ctx, &pv, "ReleasedRetained").await;
+    assert_eq!(posted.len(), 1, "the Event is in the events list");
+    let ev = &posted[0];
+    assert_eq!(ev.reporting_component.as_deref(), Some("kvstrap"));
+    assert_eq!(ev.type_.as_deref(), Some("Warning"));
+    // Neither the next pass nor a restarted kvstrap posts it again.
+    let before = ctx
+        .cp
+        .request_total(&[("resource", "events"), ("verb", "POST"), ("code", "201")]);
+    pass(&mut r, ctx, &desired).await;
+    pass(&mut n.reconciler(scrubber.clone()), ctx, &desired).await;
+    let after = ctx
+        .cp
+        .request_total(&[("resource", "events"), ("verb", "POST"), ("code", "201")]);
+    assert_eq!(after - before, 0, "Event posted again");
+    assert_eq!(events(ctx, &pv, "ReleasedRetained").await.len(), 1);
+    assert_eq!(
+        phase(&get_pv(ctx, &pv).await.unwrap()).as_deref(),
+        Some("Released")
+    );
+    assert!(data.exists(), "Retain keeps the data");
+    assert_eq!(scrubber.count(&volumes[0].name), 0);
+
+    // The admin deletes the PV: then the volume is scrubbed and published again.
+    Api::<PersistentVolume>::all(ctx.client.clone())
+        .delete(&pv, &DeleteParams::default())
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while get_pv(ctx, &pv).await.is_some() {
+        assert!(start.elapsed() < WAIT, "PV deletion held");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let report = pass(&mut r, ctx, &desired).await;
+    assert_eq!(report.scrubbed, vec![volumes[0].name.clone()]);
+    assert!(!data.exists());
+    wait_phase(ctx, &pv, "Available").await;
+}
+
+/// A Bound PV survives its volume vanishing, the policy dropping its group, and a node
+/// rename; the server accepts the VolumeMissing Event.
+async fn bound_never_deleted(ctx: &Ctx<'_>) {
+    let n = Site::new("real-bound", "kvstrap-real-bound", ReclaimPolicy::Delete);
+    let volumes = n.volumes(3);
+    let desired = n.desired(&volumes);
+    let mut r = n.reconciler(Arc::new(Counting::default()));
+    pass(&mut r, ctx, &desired).await;
+    let bound = desired.volumes[0].pv_name().to_string();
+    let free = desired.volumes[1].pv_name().to_string();
+    wait_phase(ctx, &bound, "Available").await;
+    claim(ctx, &bound, &n.class.name).await;
+    let uid = get_pv(ctx, &bound).await.unwrap().metadata.uid;
+
+    // The disk vanished: only volume 3 remains.
+    let report = pass(&mut r, ctx, &n.desired(&volumes[2..])).await;
+    assert_eq!(report.kept, vec![bound.clone()]);
+    assert!(report.deleted.contains(&free), "{report:?}");
+    assert_eq!(
+        events(ctx, &bound, "VolumeMissing").await.len(),
+        1,
+        "Event accepted"
+    );
+    assert!(get_pv(ctx, &free).await.is_none());
+    // `kvstrap volumes` can list the kept PV from the ledger.
+    let kept = kvstrap::kube::publisher::kept_publications(&n.state());
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(kept[0].pv_name, bound);
+    assert_eq!(kept[0].phase.as_deref(), Some("Bound"));
+
+    // The policy drops the group altogether.
+    let empty = Desired::build(&n.name, &[], &[]).unwrap();
+    let report = pass(&mut r, ctx, &empty).await;
+    assert_eq!(report.kept, vec![bound.clone()]);
+    // The node is renamed: the old name's PVs are not this node's business any more.
+    let renamed = Site {
+        name: "real-bound-renamed".into(),
+        dir: tempfile::tempdir().unwrap(),
+        class: n.class.clone(),
+    };
+    let mut r2 = renamed.reconciler(Arc::new(Counting::default()));
+    pass(&mut r2, ctx, &renamed.desired(&volumes)).await;
+    let pv = get_pv(ctx, &bound).await.expect("Bound PV still there");
+    assert_eq!(pv.metadata.uid, uid);
+    assert_eq!(phase(&pv).as_deref(), Some("Bound"));
+    assert_eq!(
+        events(ctx, &bound, "VolumeMissing").await.len(),
+        1,
+        "posted once"
+    );
+}
+
+/// The Node object is deleted and re-created under the same name (a reinstall): PVs of
+/// volumes still there stay as they are (no write); a Bound one stays Bound; PVs of
+/// volumes that did not come back go if Available.
+async fn node_recreated(ctx: &Ctx<'_>) {
+    let n = Site::new("real-zombie", "kvstrap-real-zombie", ReclaimPolicy::Delete);
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let node_object = Node {
+        metadata: ObjectMeta {
+            name: Some(n.name.clone()),
+            labels: Some(BTreeMap::from([(
+                "kubernetes.io/hostname".into(),
+                n.name.clone(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        ..Node::default()
+    };
+    nodes
+        .create(&PostParams::default(), &node_object)
+        .await
+        .unwrap();
+    let volumes = n.volumes(3);
+    let desired = n.desired(&volumes);
+    let mut r = n.reconciler(Arc::new(Counting::default()));
+    pass(&mut r, ctx, &desired).await;
+    let bound = desired.volumes[0].pv_name().to_string();
+    wait_phase(ctx, &bound, "Available").await;
+    claim(ctx, &bound, &n.class.name).await;
+    let uids: BTreeMap<String, Option<String>> =
+        futures::future::join_all(desired.volumes.iter().map(|v| get_pv(ctx, v.pv_name())))
+            .await
+            .into_iter()
+            .map(|pv| {
+                let pv = pv.unwrap();
+                (pv.metadata.name.unwrap(), pv.metadata.uid)
+            })
+            .collect();
+
+    nodes
+        .delete(&n.name, &DeleteParams::default())
+        .await
+        .unwrap();
+    nodes
+        .create(&PostParams::default(), &node_object)
+        .await
+        .unwrap();
+    // kvstrap on the re-created node (a fresh process, same state directory).
+    let before = kvstrap_writes(ctx.cp);
+    let mut again = n.reconciler(Arc::new(Counting::default()));
+    pass(&mut again, ctx, &desired).await;
+    assert_eq!(kvstrap_writes(ctx.cp) - before, 0, "nothing to change");
+    for (name, uid) in &uids {
+        assert_eq!(
+            &get_pv(ctx, name).await.unwrap().metadata.uid,
+            uid,
+            "{name} replaced"
+        );
+    }
+    assert_eq!(
+        phase(&get_pv(ctx, &bound).await.unwrap()).as_deref(),
+        Some("Bound")
+    );
+
+    // Reinstalled with its disks wiped: no volume came back. Available PVs go, the Bound
+    // one stays (its claim still points at it) and is reported.
+    let mut wiped = Site::new(&n.name, &n.class.name, ReclaimPolicy::Delete)
+        .reconciler(Arc::new(Counting::default()));
+    let report = pass(&mut wiped, ctx, &n.desired(&[])).await;
+    assert_eq!(report.kept, vec![bound.clone()]);
+    assert_eq!(report.deleted.len(), 2, "{report:?}");
+    assert_eq!(
+        phase(&get_pv(ctx, &bound).await.unwrap()).as_deref(),
+        Some("Bound")
+    );
+}
+
+/// The apiserver goes away under a running publisher and comes back: what was submitted
+/// meanwhile is published, nothing already there is re-created or re-applied, and while
+/// the server was down the publisher backed off.
+async fn apiserver_restart(ctx: &Ctx<'_>) {
+    let n = Site::new(
+        "real-restart",
+        "kvstrap-real-restart",
+        ReclaimPolicy::Delete,
+    );
+    let volumes = n.volumes(4);
+    let scrubber = Arc::new(Counting::default());
+    let p = n.publisher(ctx, scrubber.clone());
+    p.submit(n.desired(&volumes[..3]));
+    assert!(
+        p.wait_for(WAIT, |s| s.converged()).await,
+        "{:?}",
+        p.status()
+    );
+    let mut uids = BTreeMap::new();
+    for v in &n.desired(&volumes[..3]).volumes {
+        let pv = wait_phase(ctx, v.pv_name(), "Available").await;
+        uids.insert(v.pv_name().to_string(), pv.metadata.uid);
+    }
+
+    tokio::task::block_in_place(|| ctx.cp.stop_apiserver());
+    let all = n.desired(&volumes);
+    p.submit(all.clone());
+    let down = Duration::from_secs(4);
+    tokio::time::sleep(down).await;
+    let status = p.status();
+    assert!(status.consecutive_failures >= 2, "{status:?}");
+    assert_eq!(status.pending, 5, "4 PVs and the class pending: {status:?}");
+    // 100 ms doubling to a 2 s cap (with jitter): about 5 attempts in 4 s.
+    assert!(
+        status.consecutive_failures <= 8,
+        "backoff not held: {} attempts in {down:?}",
+        status.consecutive_failures
+    );
+
+    tokio::task::block_in_place(|| ctx.cp.start_apiserver_again());
+    assert!(
+        p.wait_for(WAIT, |s| s.converged()).await,
+        "{:?}",
+        p.status()
+    );
+    for (name, uid) in &uids {
+        let pv = get_pv(ctx, name).await.expect("PV still there");
+        assert_eq!(&pv.metadata.uid, uid, "{name} was re-created");
+    }
+    wait_phase(ctx, all.volumes[3].pv_name(), "Available").await;
+    let applies = ctx
+        .cp
+        .request_total(&[("resource", "persistentvolumes"), ("verb", "APPLY")]);
+    assert_eq!(applies, 1, "only the new PV is applied after the restart");
+    assert!(scrubber.0.lock().unwrap().is_empty(), "nothing scrubbed");
+    p.shutdown().await;
+}
