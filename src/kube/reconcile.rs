@@ -634,7 +634,12 @@ async fn scrub(scrubber: Arc<dyn Scrubber>, v: &DesiredVolume) -> Result<bool, S
     let name = spec.name.clone();
     match tokio::task::spawn_blocking(move || scrubber.scrub(&spec)).await {
         Ok(Ok(())) => {
-            tracing::info!(volume = %name, "volume scrubbed");
+            tracing::info!(
+                message_id = crate::logging::message_id::VOLUME_SCRUBBED,
+                volume = %name,
+                pv = %v.pv_name(),
+                "volume {name} scrubbed"
+            );
             Ok(true)
         }
         Ok(Err(e)) => Err(format!(
