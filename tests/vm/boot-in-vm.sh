@@ -162,6 +162,8 @@ run_vm() {
     local run=$WORK/$name
     mkdir -p "$run"
     rm -f "$run/console.log" "$run/vmtest.log" "$run/monitor.sock"
+    # The OS disk's -device comes first, so it is /dev/vda (if=virtio drives would be
+    # created after every -device, behind the data disks).
     local args=()
     mapfile -t args < <(disk_args "$@")
     local start=$SECONDS
@@ -169,8 +171,8 @@ run_vm() {
     timeout --kill-after=10 "$VM_TIMEOUT" qemu-system-x86_64 \
         -accel tcg -cpu max -smp "$SMP" -m 1024 -nodefaults -no-user-config -display none \
         -kernel "$base/vmlinuz" -initrd "$WORK/initrd.img" \
-        -append "root=/dev/vda rw console=ttyS0 panic=-1 systemd.show_status=1 net.ifnames=0" \
-        -drive "file=$img,format=raw,if=virtio,cache=unsafe" \
+        -append "root=/dev/vda rw console=ttyS0 panic=-1 systemd.show_status=error net.ifnames=0" \
+        -drive "file=$img,format=raw,if=none,id=os,cache=unsafe" -device virtio-blk-pci,drive=os \
         "${args[@]}" \
         -serial "file:$run/console.log" -serial "file:$run/vmtest.log" \
         -monitor "unix:$run/monitor.sock,server,nowait" &
@@ -178,6 +180,13 @@ run_vm() {
     QEMU_PIDS+=("$pid")
     local hotplugged=0
     while kill -0 "$pid" 2>/dev/null; do
+        # The guest reboots once on purpose, so qemu may not exit on a reset: a panic would
+        # loop until the timeout. Stop at the first one instead.
+        if grep -q 'Kernel panic' "$run/console.log" 2>/dev/null; then
+            result "$name-kernel" FAIL "kernel panic: $(grep -m1 -B2 'Kernel panic' "$run/console.log" | tr -d '\r' | tr '\n' ' ' | cut -c1-300)"
+            kill "$pid" 2>/dev/null || true
+            break
+        fi
         if [ "$hotplugged" = 0 ] && grep -q 'VMTEST-HOTPLUG ready' "$run/vmtest.log" 2>/dev/null; then
             hotplug_disk "$run/monitor.sock" && hotplugged=1 || hotplugged=2
         fi
@@ -214,6 +223,7 @@ report_guest() {
             result "${line%% *}" "$(echo "$line" | awk '{print $2}' | tr -d :)" "${line#* * }"
             ;;
         "VMTEST-BENCH "*) printf 'boot-in-vm: bench %s\n' "${line#VMTEST-BENCH }" ;;
+        "VMTEST-NOTE "*) printf 'boot-in-vm: note %s\n' "${line#VMTEST-NOTE }" ;;
         esac
     done <"$log.txt"
     for phase in "$@"; do
@@ -268,3 +278,4 @@ main() {
 }
 
 main "$@"
+exit
