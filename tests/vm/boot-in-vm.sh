@@ -59,6 +59,7 @@ EOF
 
 find_deb() {
     local deb=${1:-}
+    # shellcheck disable=SC2012 # newest first; the names are ours
     [ -n "$deb" ] || deb=$(ls -t "$REPO"/target/packages/kvstrap_*_amd64.deb 2>/dev/null | head -n1)
     [ -f "$deb" ] || { echo "no .deb: run packaging/build-packages first, or pass its path" >&2; return 1; }
     echo "$deb"
