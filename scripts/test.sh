@@ -41,3 +41,10 @@ if [ -x packaging/test-packages ]; then
     log "packages (deb, rpm, lintian, systemd-analyze verify, install into a fresh root)"
     packaging/test-packages
 fi
+
+if [ "$(id -u)" = 0 ]; then
+    log "full boot of a Debian 12 node with the .deb (systemd, udev, dbus, Debian's kernel; qemu)"
+    # Uses the .deb the packaging step just built; the base image is cached outside the
+    # checkout (KVSTRAP_VM_CACHE, default /var/cache/kvstrap-vm).
+    tests/vm/boot-in-vm.sh
+fi
