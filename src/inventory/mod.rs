@@ -372,9 +372,12 @@ fn stacked_devices(sys_root: &Path, mut pending: Vec<String>) -> Vec<(String, St
 }
 
 fn disk_by_id(sys: &SysDisk, machine: &Machine) -> Vec<String> {
-    let names = match &machine.by_id_links {
-        Some(links) => links.get(&sys.name).cloned().unwrap_or_default(),
-        None => byid::compute(&sys.ids),
+    // udev's links when it made them; computed ones for a disk it has not got to yet (a
+    // hot-plugged disk is judged on its kernel uevent, before udev's links exist, and
+    // udev making them raises no uevent that would trigger another run).
+    let names = match machine.by_id_links.as_ref().and_then(|l| l.get(&sys.name)) {
+        Some(linked) if !linked.is_empty() => linked.clone(),
+        _ => byid::compute(&sys.ids),
     };
     names
         .into_iter()
@@ -420,12 +423,13 @@ fn partition(
         ),
         None => (Vec::new(), false),
     };
-    let by_id = match &machine.by_id_links {
-        Some(links) => links
-            .get(&name)
-            .map(|v| v.iter().map(|n| format!("/dev/disk/by-id/{n}")).collect())
-            .unwrap_or_default(),
-        None => byid::partition_names(disk_ids, number),
+    // As for disks: udev's links, or computed ones while udev has not made them.
+    let by_id = match machine.by_id_links.as_ref().and_then(|l| l.get(&name)) {
+        Some(linked) if !linked.is_empty() => linked
+            .iter()
+            .map(|n| format!("/dev/disk/by-id/{n}"))
+            .collect(),
+        _ => byid::partition_names(disk_ids, number),
     };
     // The on-disk table is what the planner compares its layout with; the kernel's
     // view only fills in when the table could not be read.

@@ -14,10 +14,13 @@ WORK=target/vm
 mkdir -p "$WORK"
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need qemu-system-x86_64 || ! need busybox || ! need depmod || ! need cpio; then
-    apt-get -o DPkg::Lock::Timeout=300 update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends \
-        qemu-system-x86 busybox-static kmod cpio >/dev/null
+# qemu comes the way the full-boot test installs it (from bookworm-backports where the
+# machine's qemu-utils does: bookworm's own qemu would remove it).
+# shellcheck source=tests/vm/boot/lib.sh
+. tests/vm/boot/lib.sh
+need qemu-system-x86_64 || install_host_tools
+if ! need busybox || ! need depmod || ! need cpio; then
+    apt_install busybox-static kmod cpio || { apt-get -o DPkg::Lock::Timeout=300 update -qq && apt_install busybox-static kmod cpio; }
 fi
 
 # Debian's current kernel, unpacked (no install hooks), modules indexed with depmod.
