@@ -1,5 +1,6 @@
-//! Logging for the CLI and the daemon: the journal's native protocol when stderr is connected to journald (structured
-//! fields, no timestamps), a plain formatter on stderr otherwise.
+//! Logging for the CLI and the daemon: the journal's native protocol when stderr is
+//! connected to journald (structured fields, no timestamps), a plain formatter on stderr
+//! otherwise.
 //!
 //! Field names become journal fields in upper case: `disk_wwn` → `DISK_WWN`, `disk_serial`,
 //! `step`, `pv`, `message_id` → `MESSAGE_ID`. Destructive events carry one of the stable

@@ -2,7 +2,7 @@
 # Full-boot VM test: kvstrap's .deb on a plain Debian 12 node, with systemd as PID 1, udev,
 # dbus and Debian's own kernel (which has XFS and ext4 project quotas), under qemu.
 #
-# What it proves, on every run (README, "Tests"):
+# What it proves, on every run (docs/testing.md, "The full-boot VM test"):
 #   first boot on blank virtio disks: one apply, no failed step, every mount there when
 #   (a stand-in) kubelet starts, READY=1 before kubelet, a PV manifest for every volume;
 #   quotas hold at the published capacity for uid 107 on xfs and ext4; a foreign ext4 disk
