@@ -751,6 +751,11 @@ impl Reconciler {
 
     fn run_once(&self) -> Result<ApplySummary, String> {
         let _lock = self.take_lock()?;
+        // The first run may take minutes (mkfs of every disk): until it ends, readers get
+        // the node as it was when the run began rather than nothing.
+        if snapshot(&self.shared).reads.is_none() {
+            self.refresh_reads();
+        }
         let outcome = self.engine.apply(&self.stop).map_err(|e| e.to_string());
         // Still under the lock: the look at the node never overlaps an apply.
         self.refresh_reads();
