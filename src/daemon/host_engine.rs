@@ -230,10 +230,14 @@ impl Engine for HostEngine {
                 plan: serde_json::to_string(&look.plan).map_err(EngineError::from),
             },
             Err(e) => {
-                let text = e.to_string();
+                // One failure, said the same way by every document.
+                let text = match e {
+                    EngineError::Observe(text) => text,
+                    other => other.to_string(),
+                };
                 Observation {
                     time: SystemTime::now(),
-                    disks: Err(e),
+                    disks: Err(EngineError::Observe(text.clone())),
                     volumes: Err(EngineError::Observe(text.clone())),
                     plan: Err(EngineError::Observe(text)),
                 }
