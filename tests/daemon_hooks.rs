@@ -17,6 +17,8 @@ use std::time::Duration;
 struct CountingEngine {
     applies: AtomicU32,
     pending: AtomicU32,
+    /// Calls that read the node (on the real engine: a scan that opens every disk).
+    reads: AtomicU32,
 }
 
 impl Engine for CountingEngine {
@@ -30,9 +32,11 @@ impl Engine for CountingEngine {
         })
     }
     fn disks_json(&self) -> Result<String, EngineError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
         Err(EngineError::Observe("sysfs is not mounted".into()))
     }
     fn volumes_json(&self) -> Result<String, EngineError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
         Ok("{\"volumes\":[]}".into())
     }
     fn plan_json(&self) -> Result<String, EngineError> {
@@ -117,6 +121,22 @@ fn publisher_hooks_reach_the_loop_and_the_bus() {
         .applies
         .load(Ordering::SeqCst)
         == 2));
+
+    // Reads answer from the look the loop took after the last run: no caller makes the
+    // engine read the node, however often it asks.
+    assert!(eventually(Duration::from_secs(5), || bus
+        .property("State")
+        .contains("idle")));
+    let before = engine.reads.load(Ordering::SeqCst);
+    for _ in 0..20 {
+        let volumes = bus.send_as(NOBODY, &["org.kvstrap.Bootstrap1.Volumes"]);
+        assert!(
+            text(&volumes).contains("inventory_time"),
+            "{}",
+            text(&volumes)
+        );
+    }
+    assert_eq!(engine.reads.load(Ordering::SeqCst), before);
 
     // The pending count is re-read when the publisher says it changed.
     engine.pending.store(5, Ordering::SeqCst);

@@ -408,3 +408,256 @@ fn a_disk_held_busy_at_start_is_retried_before_ready() {
     assert_eq!(v.len(), 4);
     assert!(v.iter().all(|v| v["state"] == "ready"), "{v:?}");
 }
+
+/// The real daemon without kernel uevents (loop devices other tests attach must not cause
+/// runs here), its lock and state in `dir`.
+fn quiet_daemon(
+    bus: &TestBus,
+    notify: &NotifySocket,
+    dir: tempfile::TempDir,
+    policy_text: &str,
+) -> DaemonProcess {
+    let policy_path = dir.path().join("policy.toml");
+    std::fs::write(&policy_path, policy_text).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvstrap"));
+    cmd.arg("--policy").arg(&policy_path).arg("daemon");
+    DaemonProcess::spawn_full(
+        cmd,
+        dir,
+        policy_path,
+        bus,
+        notify,
+        &[("KVSTRAP_UEVENTS", "0")],
+        &[],
+    )
+}
+
+/// One read over the bus as a client library would make it: the JSON, or the error text.
+async fn read(
+    proxy: &kvstrap::dbus::client::BootstrapProxy<'_>,
+    method: &str,
+) -> Result<String, String> {
+    let answer = if method == "Disks" {
+        proxy.disks().await
+    } else {
+        proxy.volumes().await
+    };
+    answer.map_err(|e| e.to_string())
+}
+
+/// What the hammering clients saw.
+#[derive(Default)]
+struct Hammered {
+    calls: u64,
+    /// Answers that carried data (JSON with the time of the inventory).
+    answers: u64,
+    errors: Vec<String>,
+    slowest: Duration,
+}
+
+/// `threads` clients calling `Disks` and `Volumes` back to back until `stop` is set.
+fn hammer(
+    address: &str,
+    threads: usize,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<Hammered>> {
+    (0..threads)
+        .map(|i| {
+            let (address, stop) = (address.to_string(), std::sync::Arc::clone(stop));
+            std::thread::spawn(move || {
+                zbus::block_on(async move {
+                    let client = kvstrap::dbus::client::Client::connect(Some(&address))
+                        .await
+                        .unwrap();
+                    let proxy = client.proxy().await.unwrap();
+                    let mut seen = Hammered::default();
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        let method = if (seen.calls + i as u64) % 2 == 0 {
+                            "Disks"
+                        } else {
+                            "Volumes"
+                        };
+                        let started = Instant::now();
+                        let answer = read(&proxy, method).await;
+                        seen.slowest = seen.slowest.max(started.elapsed());
+                        seen.calls += 1;
+                        match answer {
+                            Ok(json) if json.contains("\"inventory_time\"") => seen.answers += 1,
+                            Ok(_) => seen
+                                .errors
+                                .push(format!("{method}: an answer without inventory_time")),
+                            // Before the first run has read the node: an answer, not data.
+                            Err(e) if e.contains("has not read the node yet") => {}
+                            Err(e) => seen.errors.push(format!("{method}: {e}")),
+                        }
+                    }
+                    seen
+                })
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn clients_hammering_reads_never_fail_or_delay_an_apply() {
+    if !enabled("clients_hammering_reads_never_fail_or_delay_an_apply") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let disks = [
+        common::LoopDisk::new(4 << 30),
+        common::LoopDisk::new(4 << 30),
+        common::LoopDisk::new(4 << 30),
+    ];
+    let paths: Vec<PathBuf> = disks.iter().map(|d| d.path.clone()).collect();
+    let bus = TestBus::start();
+    let mut notify = NotifySocket::new();
+    // Hold the applier lock (as `kvstrap apply` by hand would), so the daemon's first run
+    // waits until the clients are hammering.
+    let dir = tempfile::tempdir().unwrap();
+    let lock = kvstrap::state::lock(&dir.path().join("lock"), Duration::from_secs(5)).unwrap();
+    let daemon = quiet_daemon(
+        &bus,
+        &notify,
+        dir,
+        &policy(&work.path().join("storage"), &paths)
+            .replace("layout = \"shared\"", "layout = \"separate\"")
+            .replace("volume_count = 4", "volume_count = 8"),
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    assert!(
+        eventually(Duration::from_secs(10), || bus
+            .property("State")
+            .contains("applying")),
+        "{}",
+        daemon.stderr()
+    );
+    let clients = hammer(&bus.address, 8, &stop);
+    std::thread::sleep(Duration::from_millis(500));
+    drop(lock);
+    let got_ready = notify.wait_for("READY=1", Duration::from_secs(120));
+    // Keep reading a little after the run, when there is data to answer with.
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen: Vec<Hammered> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    assert!(got_ready, "{:?}\n{}", notify.seen, daemon.stderr());
+
+    let ready = notify.seen.iter().position(|l| l == "READY=1").unwrap();
+    let before = &notify.seen[..ready];
+    assert!(
+        !before.iter().any(|l| l.starts_with("EXTEND_TIMEOUT_USEC=")),
+        "the first run had to be retried: {before:?}\n{}",
+        daemon.stderr()
+    );
+    assert_eq!(
+        before
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("STATUS=ready:"))
+            .map(String::as_str),
+        Some("STATUS=ready: 3 disk(s), 24 volume(s)"),
+        "{before:?}\n{}",
+        daemon.stderr()
+    );
+    let status = bus.send_as(0, &["org.kvstrap.Bootstrap1.Status"]);
+    let status = text(&status);
+    assert!(status.contains("\"failed\":0"), "{status}");
+    assert!(status.contains("\"failed_disks\":[]"), "{status}");
+    assert!(status.contains("\"runs\":1"), "{status}");
+
+    let calls: u64 = seen.iter().map(|s| s.calls).sum();
+    let answers: u64 = seen.iter().map(|s| s.answers).sum();
+    let errors: Vec<&String> = seen.iter().flat_map(|s| &s.errors).collect();
+    let slowest = seen.iter().map(|s| s.slowest).max().unwrap_or_default();
+    eprintln!("{calls} reads during and after the apply, {answers} with data, slowest {slowest:?}");
+    assert!(errors.is_empty(), "reads failed: {errors:?}");
+    assert!(answers > 0, "no read answered with data after the run");
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a read took {slowest:?} during the apply"
+    );
+    for d in &paths {
+        let v = volumes_on(&bus, d);
+        assert_eq!(v.len(), 8, "{}: {v:?}", d.display());
+        assert!(v.iter().all(|v| v["state"] == "ready"), "{v:?}");
+    }
+}
+
+#[test]
+fn a_read_opens_no_disk_and_answers_with_the_last_inventory() {
+    if !enabled("a_read_opens_no_disk_and_answers_with_the_last_inventory") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let managed = common::LoopDisk::new(1 << 30);
+    // A disk the policy does not select: the inventory still lists it.
+    let other = common::LoopDisk::new(256 << 20);
+    let bus = TestBus::start();
+    let mut notify = NotifySocket::new();
+    let daemon = quiet_daemon(
+        &bus,
+        &notify,
+        tempfile::tempdir().unwrap(),
+        &policy(
+            &work.path().join("storage"),
+            std::slice::from_ref(&managed.path),
+        ),
+    );
+    assert!(
+        notify.wait_for("READY=1", Duration::from_secs(60)),
+        "{:?}\n{}",
+        notify.seen,
+        daemon.stderr()
+    );
+    let disks_of = |answer: &str| -> serde_json::Value {
+        serde_json::from_str(answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
+    };
+    let ask = || {
+        zbus::block_on(async {
+            let client = kvstrap::dbus::client::Client::connect(Some(&bus.address))
+                .await
+                .unwrap();
+            let proxy = client.proxy().await.unwrap();
+            let started = Instant::now();
+            let answer = read(&proxy, "Disks").await.unwrap();
+            (answer, started.elapsed())
+        })
+    };
+    let (first, _) = ask();
+    let first = disks_of(&first);
+
+    // Held exclusively from here on: a read that opened it would see it busy (EBUSY).
+    // Another prober on this machine may hold it for a moment: try for a while.
+    let mut held = None;
+    assert!(eventually(Duration::from_secs(5), || {
+        held = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(&other.path)
+            .ok();
+        held.is_some()
+    }));
+    let (answer, took) = ask();
+    drop(held);
+    let answer = disks_of(&answer);
+    let row = answer["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["path"] == other.path.display().to_string())
+        .cloned()
+        .unwrap_or_else(|| panic!("{} not listed: {answer}", other.path.display()));
+    assert!(
+        !row.to_string().contains("\"busy\""),
+        "the read opened the disk: {row}"
+    );
+    assert!(took < Duration::from_millis(500), "Disks took {took:?}");
+    assert_eq!(answer, first, "the same look at the node, not a new one");
+    let time = answer["inventory_time"].as_u64().expect("inventory_time");
+    assert!(time > 0, "{answer}");
+    let status = text(&bus.send_as(0, &["org.kvstrap.Bootstrap1.Status"]));
+    assert!(
+        status.contains(&format!("\"inventory_time\":{time}")),
+        "{status}"
+    );
+}

@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 use std::sync::atomic::AtomicBool;
+use std::time::SystemTime;
 
 /// What one apply run did, as the daemon reports it (STATUS=, D-Bus, journal).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -71,9 +72,21 @@ pub enum EngineError {
     Json(#[from] serde_json::Error),
 }
 
-/// Everything the daemon needs from the storage side. Implementations must be cheap to
-/// call concurrently for the read methods; `apply` and `reload_policy` are only ever
-/// called from the daemon's reconcile loop, one at a time, with the applier lock held.
+/// The read documents of one look at the node, as D-Bus reads answer with them until the
+/// next look. Each may have failed on its own (sysfs unreadable, say).
+#[derive(Debug)]
+pub struct Observation {
+    /// When the inventory behind the documents was read.
+    pub time: SystemTime,
+    pub disks: Result<String, EngineError>,
+    pub volumes: Result<String, EngineError>,
+    pub plan: Result<String, EngineError>,
+}
+
+/// Everything the daemon needs from the storage side. Every method is called only from
+/// the daemon's reconcile loop, one at a time, with the applier lock held: reading the
+/// node probes disks (an `O_EXCL` open), which must never overlap an apply, so D-Bus
+/// reads are answered from the last [`Observation`], never by calling the engine.
 pub trait Engine: Send + Sync {
     /// Observe, plan and execute. When `stop` turns true, finish the step in flight,
     /// start nothing new, and return with `interrupted` set.
@@ -84,6 +97,17 @@ pub trait Engine: Send + Sync {
     fn volumes_json(&self) -> Result<String, EngineError>;
     /// The plan a run would execute now, as `kvstrap plan --output json` prints it.
     fn plan_json(&self) -> Result<String, EngineError>;
+    /// Look at the node once and render every read document; called right after each run.
+    /// The default asks the three document methods; an engine that already looked at the
+    /// node at the end of its run answers from that look.
+    fn observe(&self) -> Observation {
+        Observation {
+            time: SystemTime::now(),
+            disks: self.disks_json(),
+            volumes: self.volumes_json(),
+            plan: self.plan_json(),
+        }
+    }
     /// Re-read the policy. On error the old policy stays in force and the text lists
     /// every problem as `FILE:LINE:COL: error: ...`, one per line.
     fn reload_policy(&self) -> Result<(), String>;

@@ -1,7 +1,7 @@
 //! The real engine: policy from disk, inventory from the machine, the pure planner, and
 //! the executor with host effects — the same functions `kvstrap apply` uses.
 
-use super::engine::{ApplySummary, Engine, EngineError, FailedDisk};
+use super::engine::{ApplySummary, Engine, EngineError, FailedDisk, Observation};
 use crate::apply::{self, host_effects::HostEffects, StepResult};
 use crate::cli::args::GlobalArgs;
 use crate::cli::{plan_context, scan};
@@ -11,6 +11,7 @@ use crate::state;
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 /// The publisher as the engine sees it: it is handed each run's plan and must return at
 /// once (publishing runs in the background and never holds up local work), and it counts
@@ -29,6 +30,17 @@ pub struct HostEngine {
     /// The policy in force; a failed reload leaves it as it is.
     policy: Mutex<Arc<Policy>>,
     publications: Option<Arc<dyn Publications>>,
+    /// What the last run saw at its end, kept for [`Engine::observe`] so the read
+    /// documents cost no second scan.
+    last_look: Mutex<Option<Look>>,
+}
+
+/// One scan of the node and the plan made from it.
+struct Look {
+    time: SystemTime,
+    policy: Arc<Policy>,
+    inventory: Inventory,
+    plan: Plan,
 }
 
 impl HostEngine {
@@ -43,6 +55,7 @@ impl HostEngine {
             global: global.clone(),
             policy: Mutex::new(Arc::new(policy)),
             publications,
+            last_look: Mutex::new(None),
         })
     }
 
@@ -54,10 +67,10 @@ impl HostEngine {
     }
 
     fn current_plan(&self, policy: &Policy) -> Result<Plan, EngineError> {
-        Ok(self.observe(policy)?.1)
+        Ok(self.scan_and_plan(policy)?.1)
     }
 
-    fn observe(&self, policy: &Policy) -> Result<(Inventory, Plan), EngineError> {
+    fn scan_and_plan(&self, policy: &Policy) -> Result<(Inventory, Plan), EngineError> {
         let inventory =
             scan(&self.global, Some(policy)).map_err(|e| EngineError::Observe(format!("{e:#}")))?;
         let plan = crate::plan::plan(policy, &inventory, &plan_context(&self.global));
@@ -120,6 +133,19 @@ fn failed_disks(report: &apply::ApplyReport) -> Vec<FailedDisk> {
     out
 }
 
+fn disks_document(policy: &Policy, inventory: &Inventory) -> Result<String, EngineError> {
+    Ok(serde_json::to_string(&crate::cli::disks_document(
+        Some(policy),
+        inventory,
+    ))?)
+}
+
+fn volumes_document(plan: &Plan) -> Result<String, EngineError> {
+    Ok(serde_json::to_string(
+        &json!({ "volumes": apply::cli::volume_rows(plan) }),
+    )?)
+}
+
 fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
@@ -129,18 +155,19 @@ impl Engine for HostEngine {
         let policy = self.policy();
         let effects = HostEffects::new(&self.global.state_dir)
             .map_err(|e| EngineError::Execute(e.to_string()))?;
-        let (inventory, plan) = self.observe(&policy)?;
+        let (inventory, plan) = self.scan_and_plan(&policy)?;
         let busy = busy_disks(&inventory, &plan);
         for r in &plan.refused {
             tracing::warn!(disk = %r.disk.display(), "left alone: {}", r.reason);
         }
         let report = apply::execute(&plan, &effects, stop, &|_, _, _| {});
         // Publish what exists now: look again after any change.
-        let after = if report.steps.is_empty() {
-            plan.clone()
+        let (after_inventory, after) = if report.steps.is_empty() {
+            (inventory, plan.clone())
         } else {
-            self.current_plan(&policy)?
+            self.scan_and_plan(&policy)?
         };
+        let scanned = SystemTime::now();
         if let Some(p) = &self.publications {
             p.submit(&policy, &after);
         }
@@ -167,6 +194,12 @@ impl Engine for HostEngine {
             volumes_ready: count(crate::kube::node::provisioned(&after).len()),
             failed_disks: failed_disks(&report).into_iter().chain(busy).collect(),
         };
+        self.keep_look(Look {
+            time: scanned,
+            policy: Arc::clone(&policy),
+            inventory: after_inventory,
+            plan: after,
+        });
         state::save(
             &self.global.state_dir,
             &apply::run_record(&plan, &report, &summary.result),
@@ -175,21 +208,52 @@ impl Engine for HostEngine {
         Ok(summary)
     }
 
+    fn observe(&self) -> Observation {
+        let look = match self.take_look() {
+            Some(look) => Ok(look),
+            None => {
+                let policy = self.policy();
+                let time = SystemTime::now();
+                self.scan_and_plan(&policy).map(|(inventory, plan)| Look {
+                    time,
+                    policy,
+                    inventory,
+                    plan,
+                })
+            }
+        };
+        match look {
+            Ok(look) => Observation {
+                time: look.time,
+                disks: disks_document(&look.policy, &look.inventory),
+                volumes: volumes_document(&look.plan),
+                plan: serde_json::to_string(&look.plan).map_err(EngineError::from),
+            },
+            Err(e) => {
+                // One failure, said the same way by every document.
+                let text = match e {
+                    EngineError::Observe(text) => text,
+                    other => other.to_string(),
+                };
+                Observation {
+                    time: SystemTime::now(),
+                    disks: Err(EngineError::Observe(text.clone())),
+                    volumes: Err(EngineError::Observe(text.clone())),
+                    plan: Err(EngineError::Observe(text)),
+                }
+            }
+        }
+    }
+
     fn disks_json(&self) -> Result<String, EngineError> {
         let policy = self.policy();
         let inventory = scan(&self.global, Some(&policy))
             .map_err(|e| EngineError::Observe(format!("{e:#}")))?;
-        Ok(serde_json::to_string(&crate::cli::disks_document(
-            Some(&policy),
-            &inventory,
-        ))?)
+        disks_document(&policy, &inventory)
     }
 
     fn volumes_json(&self) -> Result<String, EngineError> {
-        let plan = self.current_plan(&self.policy())?;
-        Ok(serde_json::to_string(
-            &json!({ "volumes": apply::cli::volume_rows(&plan) }),
-        )?)
+        volumes_document(&self.current_plan(&self.policy())?)
     }
 
     fn plan_json(&self) -> Result<String, EngineError> {
@@ -206,5 +270,21 @@ impl Engine for HostEngine {
 
     fn pending_publications(&self) -> u32 {
         self.publications.as_ref().map_or(0, |p| p.pending())
+    }
+}
+
+impl HostEngine {
+    fn keep_look(&self, look: Look) {
+        match self.last_look.lock() {
+            Ok(mut l) => *l = Some(look),
+            Err(poisoned) => *poisoned.into_inner() = Some(look),
+        }
+    }
+
+    fn take_look(&self) -> Option<Look> {
+        match self.last_look.lock() {
+            Ok(mut l) => l.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        }
     }
 }

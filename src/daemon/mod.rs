@@ -6,12 +6,14 @@
 pub mod engine;
 pub mod host_engine;
 pub mod publications;
+pub mod reads;
 pub mod schedule;
 pub mod sim;
 pub mod uevent;
 
 pub use crate::logging::init_logging;
-pub use engine::{ApplySummary, Engine, EngineError, FailedDisk};
+pub use engine::{ApplySummary, Engine, EngineError, FailedDisk, Observation};
+pub use reads::Reads;
 
 use crate::dbus::{server, BusEvent};
 use crate::logging::message_id;
@@ -139,6 +141,12 @@ pub struct Snapshot {
     pub last_apply: Option<ApplySummary>,
     /// Runs since the daemon started.
     pub runs: u64,
+    /// Seconds since the epoch when the daemon last read the node (the time of the
+    /// inventory `Disks`, `Volumes` and `Plan` answer from); 0 before the first read.
+    pub inventory_time: u64,
+    /// The documents D-Bus reads answer with, made after the last run.
+    #[serde(skip)]
+    pub reads: Option<Arc<Reads>>,
 }
 
 impl Default for Snapshot {
@@ -151,6 +159,8 @@ impl Default for Snapshot {
             pending_publications: 0,
             last_apply: None,
             runs: 0,
+            inventory_time: 0,
+            reads: None,
         }
     }
 }
@@ -347,12 +357,7 @@ pub fn run(
     spawn_signal_thread(Arc::clone(&stop), handle.triggers())?;
     let shared: Shared = Arc::new(Mutex::new(Snapshot::default()));
     let bus = if options.dbus {
-        match server::spawn(
-            Arc::clone(&shared),
-            Arc::clone(&engine),
-            handle.triggers(),
-            inbox.bus,
-        ) {
+        match server::spawn(Arc::clone(&shared), handle.triggers(), inbox.bus) {
             Ok(thread) => Some(thread),
             Err(e) => {
                 // Disks come first: kubelet waits for us, admin tools can wait for the bus.
@@ -746,9 +751,25 @@ impl Reconciler {
 
     fn run_once(&self) -> Result<ApplySummary, String> {
         let _lock = self.take_lock()?;
+        // The first run may take minutes (mkfs of every disk): until it ends, readers get
+        // the node as it was when the run began rather than nothing.
+        if snapshot(&self.shared).reads.is_none() {
+            self.refresh_reads();
+        }
         let outcome = self.engine.apply(&self.stop).map_err(|e| e.to_string());
+        // Still under the lock: the look at the node never overlaps an apply.
+        self.refresh_reads();
         trim_heap();
         outcome
+    }
+
+    /// Make the documents D-Bus reads answer with until the next run.
+    fn refresh_reads(&self) {
+        let reads = Arc::new(Reads::from_observation(self.engine.observe()));
+        update(&self.shared, |s| {
+            s.inventory_time = reads.time;
+            s.reads = Some(reads);
+        });
     }
 
     /// Wait for the applier lock in short slices, so a stop request is not held up by a

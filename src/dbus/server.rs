@@ -1,13 +1,13 @@
-//! The served object: properties and read methods answer from the daemon's snapshot or
-//! the engine; `Apply` and `Reload` are checked against the uid of the message's sender
-//! (asked of the bus) and handed to the reconcile loop.
+//! The served object: properties and read methods answer from the daemon's snapshot (the
+//! documents its reconcile loop made after the last run: a read never opens a disk);
+//! `Apply` and `Reload` are checked against the uid of the message's sender (asked of the
+//! bus) and handed to the reconcile loop.
 
 use super::{BusError, BusEvent, BUS_NAME, OBJECT_PATH};
-use crate::daemon::{snapshot, Engine, EngineError, Shared, Trigger};
+use crate::daemon::{reads, snapshot, Reads, Shared, Trigger};
 use futures_channel::{mpsc::UnboundedReceiver, oneshot};
 use futures_util::StreamExt;
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
@@ -16,7 +16,6 @@ use zbus::{interface, Connection};
 /// The object at `/org/kvstrap/Bootstrap1`.
 pub struct Bootstrap {
     shared: Shared,
-    engine: Arc<dyn Engine>,
     triggers: Sender<Trigger>,
 }
 
@@ -42,23 +41,15 @@ async fn sender_uid(conn: &Connection, header: &Header<'_>) -> Result<u32, BusEr
         .map_err(|e| BusError::AccessDenied(format!("cannot ask the bus who sent the call: {e}")))
 }
 
-/// Run blocking engine work off the bus's thread, so one slow scan does not stall the bus.
-async fn off_thread<T: Send + 'static>(
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, BusError> {
-    let (tx, rx) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("dbus-read".into())
-        .spawn(move || {
-            let _ = tx.send(work());
-        })
-        .map_err(|e| BusError::ReadFailed(format!("cannot start a worker thread: {e}")))?;
-    rx.await
-        .map_err(|_| BusError::ReadFailed("the worker thread died".into()))
-}
-
-fn read_error(e: EngineError) -> BusError {
-    BusError::ReadFailed(e.to_string())
+/// One of the last run's documents, or why there is none.
+fn last_read(
+    shared: &Shared,
+    pick: fn(&Reads) -> &Result<String, String>,
+) -> Result<String, BusError> {
+    match snapshot(shared).reads {
+        Some(r) => pick(&r).clone().map_err(BusError::ReadFailed),
+        None => Err(BusError::ReadFailed(reads::NOT_YET.into())),
+    }
 }
 
 #[interface(
@@ -105,28 +96,22 @@ impl Bootstrap {
             .map_err(|e| BusError::ReadFailed(e.to_string()))
     }
 
-    /// The node's disks with identity and verdict, as JSON (`kvstrap disks -o json`).
-    async fn disks(&self) -> Result<String, BusError> {
-        let engine = Arc::clone(&self.engine);
-        off_thread(move || engine.disks_json())
-            .await?
-            .map_err(read_error)
+    /// The node's disks with identity and verdict, as JSON (`kvstrap disks -o json`), as
+    /// the daemon saw them after its last run (`inventory_time`: seconds since the epoch).
+    fn disks(&self) -> Result<String, BusError> {
+        last_read(&self.shared, |r| &r.disks)
     }
 
-    /// The volumes kvstrap provides, as JSON (`kvstrap volumes -o json`).
-    async fn volumes(&self) -> Result<String, BusError> {
-        let engine = Arc::clone(&self.engine);
-        off_thread(move || engine.volumes_json())
-            .await?
-            .map_err(read_error)
+    /// The volumes kvstrap provides, as JSON (`kvstrap volumes -o json`), as of the last
+    /// run (`inventory_time`).
+    fn volumes(&self) -> Result<String, BusError> {
+        last_read(&self.shared, |r| &r.volumes)
     }
 
-    /// What a run would do now, as JSON (`kvstrap plan -o json`).
-    async fn plan(&self) -> Result<String, BusError> {
-        let engine = Arc::clone(&self.engine);
-        off_thread(move || engine.plan_json())
-            .await?
-            .map_err(read_error)
+    /// What a run would do, as JSON (`kvstrap plan -o json`), planned from the inventory
+    /// read after the last run (`inventory_time`).
+    fn plan(&self) -> Result<String, BusError> {
+        last_read(&self.shared, |r| &r.plan)
     }
 
     /// Run an apply now (root only) and return its summary as JSON when it has finished.
@@ -203,16 +188,11 @@ fn stopping() -> BusError {
 /// on a thread of its own until a `BusEvent::Shutdown`. Returns once the name is owned.
 pub fn spawn(
     shared: Shared,
-    engine: Arc<dyn Engine>,
     triggers: Sender<Trigger>,
     events: UnboundedReceiver<BusEvent>,
 ) -> Result<JoinHandle<()>, zbus::Error> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let object = Bootstrap {
-        shared,
-        engine,
-        triggers,
-    };
+    let object = Bootstrap { shared, triggers };
     let thread = std::thread::Builder::new()
         .name("dbus".into())
         .spawn(move || zbus::block_on(serve(object, events, ready_tx)))
