@@ -711,3 +711,32 @@ fn a_block_link_is_never_pointed_at_another_disks_partition() {
         .unwrap();
     assert_eq!(std::fs::read_link(&link).unwrap(), a.partition(1));
 }
+
+#[test]
+fn logs_off_a_terminal_carry_no_colour_codes_and_a_refused_disk_is_named() {
+    if !require_root("logs_off_a_terminal_carry_no_colour_codes_and_a_refused_disk_is_named") {
+        return;
+    }
+    let foreign = LoopDisk::new(64 * MIB);
+    common::run_on("mkfs.ext4", &["-q", "-F"], &foreign.path);
+    let node = Node::new(&format!(
+        "{}{}",
+        class("c", "ext4", "Filesystem"),
+        group("g", "c", "separate", &[&foreign], "volume_count = 1"),
+    ));
+    // stderr is a pipe here, as it is for a file or the journal's stream.
+    let out = node.kvstrap(&["apply"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stderr.contains("left alone"), "{stderr}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "ANSI codes in a log: {stderr:?}"
+    );
+    // Nothing to do, but the node does not match: the sentence says so.
+    assert!(!stdout.contains("matches the policy"), "{stdout}");
+    assert!(
+        stdout.contains("1 selected disk(s) refused") && stdout.contains("not empty: ext4"),
+        "{stdout}"
+    );
+}
