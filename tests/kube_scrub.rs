@@ -3,6 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/fixtures.rs"]
+mod fixtures;
+
 use kvstrap::kube::scrub::scrub_directory;
 use std::os::unix::fs::symlink;
 
@@ -59,32 +62,108 @@ fn scrub_of_an_empty_volume_is_a_no_op() {
     assert!(tmp.path().is_dir());
 }
 
+/// Unmounts on drop, so a failing assertion leaves no mount behind.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Mount tests need root; say so when skipping, and never skip under CI (which runs as root).
+fn may_mount(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: CI must run as root"
+    );
+    eprintln!("{test}: skipped: needs root to mount");
+    false
+}
+
 #[test]
 fn scrub_does_not_descend_into_another_filesystem() {
-    // A tmpfs mounted inside the volume: needs root to mount.
-    if !nix::unistd::geteuid().is_root() {
+    if !may_mount("scrub_does_not_descend_into_another_filesystem") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let vol = tmp.path().join("volume");
     let mnt = vol.join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
-    let mounted = nix::mount::mount(
+    nix::mount::mount(
         Some("tmpfs"),
         &mnt,
         Some("tmpfs"),
         nix::mount::MsFlags::empty(),
         None::<&str>,
-    );
-    if mounted.is_err() {
-        return; // no mount privilege in this sandbox
-    }
+    )
+    .unwrap();
+    let _guard = Mounted(mnt.clone());
     std::fs::write(mnt.join("other-fs-file"), "x").unwrap();
     let err = scrub_directory(&vol).unwrap_err().to_string();
     assert!(
         mnt.join("other-fs-file").exists(),
         "nothing removed on the other filesystem"
     );
-    nix::mount::umount(&mnt).unwrap();
-    assert!(err.contains("another filesystem"), "{err}");
+    assert!(err.contains("is another mount"), "{err}");
+}
+
+#[test]
+fn scrub_does_not_descend_into_a_bind_mount_of_the_same_filesystem() {
+    if !may_mount("scrub_does_not_descend_into_a_bind_mount_of_the_same_filesystem") {
+        return;
+    }
+    // In the shared layout all volumes share one filesystem: a sibling volume bind-mounted
+    // inside this one has the same st_dev, and its data must survive this one's scrub.
+    let tmp = tempfile::tempdir().unwrap();
+    let sibling = tmp.path().join("sibling-volume");
+    std::fs::create_dir_all(sibling.join("vm")).unwrap();
+    std::fs::write(sibling.join("vm/disk.img"), "the neighbour's data").unwrap();
+    let vol = tmp.path().join("volume");
+    let inner = vol.join("inner");
+    std::fs::create_dir_all(&inner).unwrap();
+    nix::mount::mount(
+        Some(&sibling),
+        &inner,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    let _guard = Mounted(inner.clone());
+    let err = scrub_directory(&vol).unwrap_err().to_string();
+    assert!(err.contains("is another mount"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(sibling.join("vm/disk.img")).unwrap(),
+        "the neighbour's data"
+    );
+}
+
+#[test]
+fn a_scrubbed_volume_root_gets_the_policys_owner_and_mode_back() {
+    if !may_mount("a_scrubbed_volume_root_gets_the_policys_owner_and_mode_back") {
+        return;
+    }
+    use kvstrap::kube::scrub::{DirectoryAndBlockScrubber, Scrubber};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut v = fixtures::dir_volume(tmp.path(), 1, "local");
+    v.owner = Some(kvstrap::model::Owner {
+        uid: 107,
+        gid: 107,
+        mode: 0o750,
+    });
+    std::fs::create_dir_all(v.path.join("sub")).unwrap();
+    // What a tenant left: another owner, a world-writable root, files.
+    std::os::unix::fs::chown(&v.path, Some(4242), Some(4242)).unwrap();
+    std::fs::set_permissions(&v.path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::write(v.path.join("sub/data"), "x").unwrap();
+    DirectoryAndBlockScrubber.scrub(&v).unwrap();
+    let meta = std::fs::metadata(&v.path).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (107, 107));
+    assert_eq!(meta.mode() & 0o7777, 0o750);
+    assert_eq!(std::fs::read_dir(&v.path).unwrap().count(), 0);
 }

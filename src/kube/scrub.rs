@@ -33,8 +33,8 @@ pub enum ScrubError {
     #[error("cannot scrub {path}: {source}")]
     Sys { path: PathBuf, source: nix::Error },
     #[error(
-        "{path} is on another filesystem (a mount point inside the volume): unmount it, \
-         kvstrap does not leave the volume's filesystem"
+        "{path} is another mount (a filesystem or a bind mount inside the volume): unmount \
+         it; kvstrap never leaves the volume's own mount"
     )]
     OtherFilesystem { path: PathBuf },
     #[error("{path} is nested deeper than {MAX_DEPTH} levels: remove it by hand")]
@@ -61,7 +61,10 @@ pub struct DirectoryAndBlockScrubber;
 impl Scrubber for DirectoryAndBlockScrubber {
     fn scrub(&self, v: &VolumeSpec) -> Result<(), ScrubError> {
         match v.volume_mode {
-            VolumeMode::Filesystem => scrub_directory(&v.path),
+            VolumeMode::Filesystem => {
+                scrub_directory(&v.path)?;
+                reset_root(&v.path, v.owner.as_ref())
+            }
             VolumeMode::Block => scrub_block(&v.path, &v.device),
         }
     }
@@ -72,23 +75,87 @@ impl Scrubber for DirectoryAndBlockScrubber {
 pub fn scrub_directory(root: &Path) -> Result<(), ScrubError> {
     let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
     let dir = Dir::open(root, flags, Mode::empty()).map_err(sys(root))?;
-    let dev = fstat(dir.as_raw_fd()).map_err(sys(root))?.st_dev;
-    empty_dir(dir, root, dev, 0)
+    let mount = MountOf::of(dir.as_raw_fd(), root)?;
+    empty_dir(dir, root, mount, 0)
 }
 
-fn empty_dir(mut dir: Dir, path: &Path, dev: u64, depth: usize) -> Result<(), ScrubError> {
+/// Where a directory lives: its filesystem (st_dev) and its mount (statx's mount id).
+/// A bind mount of another directory of the same filesystem has the same st_dev: only the
+/// mount id tells it apart, and scrub must never cross into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MountOf {
+    dev: u64,
+    /// None where the kernel cannot tell (before Linux 5.8): st_dev alone then.
+    mnt_id: Option<u64>,
+}
+
+impl MountOf {
+    fn of(fd: i32, path: &Path) -> Result<MountOf, ScrubError> {
+        let dev = fstat(fd).map_err(sys(path))?.st_dev;
+        // SAFETY: statx with AT_EMPTY_PATH on a valid fd fills `buf`; zeroed is a valid statx.
+        let mut buf: libc::statx = unsafe { std::mem::zeroed() };
+        let empty = c"";
+        // SAFETY: `empty` is NUL-terminated and `buf` is a live statx for the call.
+        let rc = unsafe {
+            libc::statx(
+                fd,
+                empty.as_ptr(),
+                libc::AT_EMPTY_PATH,
+                libc::STATX_MNT_ID,
+                &mut buf,
+            )
+        };
+        let mnt_id = (rc == 0 && buf.stx_mask & libc::STATX_MNT_ID != 0).then_some(buf.stx_mnt_id);
+        Ok(MountOf { dev, mnt_id })
+    }
+}
+
+/// Give the emptied volume root back the owner and mode the policy asks for, and drop the
+/// ACLs a tenant may have set on it: the next claim gets a volume like a new one.
+fn reset_root(root: &Path, owner: Option<&crate::model::Owner>) -> Result<(), ScrubError> {
+    let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+    let dir = Dir::open(root, flags, Mode::empty()).map_err(sys(root))?;
+    let fd = dir.as_raw_fd();
+    for acl in [c"system.posix_acl_access", c"system.posix_acl_default"] {
+        // SAFETY: a valid fd and a NUL-terminated attribute name.
+        if unsafe { libc::fremovexattr(fd, acl.as_ptr()) } != 0 {
+            let e = nix::Error::last();
+            // No ACL there, or a filesystem without ACLs: nothing to drop.
+            if e != nix::Error::ENODATA && e != nix::Error::EOPNOTSUPP {
+                return Err(ScrubError::Sys {
+                    path: root.to_path_buf(),
+                    source: e,
+                });
+            }
+        }
+    }
+    if let Some(o) = owner {
+        let (uid, gid) = (
+            nix::unistd::Uid::from_raw(o.uid),
+            nix::unistd::Gid::from_raw(o.gid),
+        );
+        nix::unistd::fchown(fd, Some(uid), Some(gid)).map_err(sys(root))?;
+        nix::sys::stat::fchmod(fd, Mode::from_bits_truncate(o.mode)).map_err(sys(root))?;
+    }
+    Ok(())
+}
+
+fn empty_dir(mut dir: Dir, path: &Path, mount: MountOf, depth: usize) -> Result<(), ScrubError> {
     if depth > MAX_DEPTH {
         return Err(ScrubError::TooDeep {
             path: path.to_path_buf(),
         });
     }
-    // Names first: unlinking while readdir walks the same directory may skip entries.
-    let names: Vec<CString> = dir
-        .iter()
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_owned())
-        .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
-        .collect();
+    // Names first: unlinking while readdir walks the same directory may skip entries. An
+    // entry readdir could not read is an error: scrub must not report success over it.
+    let mut names: Vec<CString> = Vec::new();
+    for entry in dir.iter() {
+        let entry = entry.map_err(sys(path))?;
+        let name = entry.file_name().to_owned();
+        if name.as_bytes() != b"." && name.as_bytes() != b".." {
+            names.push(name);
+        }
+    }
     let fd = dir.as_raw_fd();
     for name in names {
         let child = path.join(OsStr::from_bytes(name.as_bytes()));
@@ -103,7 +170,7 @@ fn empty_dir(mut dir: Dir, path: &Path, dev: u64, depth: usize) -> Result<(), Sc
             }
         };
         if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR {
-            remove_subdir(fd, &name, &child, dev, depth)?;
+            remove_subdir(fd, &name, &child, mount, depth)?;
         } else {
             unlink(fd, &name, &child, UnlinkatFlags::NoRemoveDir)?;
         }
@@ -115,7 +182,7 @@ fn remove_subdir(
     parent: i32,
     name: &CString,
     path: &Path,
-    dev: u64,
+    mount: MountOf,
     depth: usize,
 ) -> Result<(), ScrubError> {
     let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
@@ -123,12 +190,12 @@ fn remove_subdir(
     let sub =
         Dir::openat(Some(parent), name.as_c_str(), flags, Mode::empty()).map_err(sys(path))?;
     // Checked on the opened directory itself, so a racing rename cannot fool it.
-    if fstat(sub.as_raw_fd()).map_err(sys(path))?.st_dev != dev {
+    if MountOf::of(sub.as_raw_fd(), path)? != mount {
         return Err(ScrubError::OtherFilesystem {
             path: path.to_path_buf(),
         });
     }
-    empty_dir(sub, path, dev, depth + 1)?;
+    empty_dir(sub, path, mount, depth + 1)?;
     unlink(parent, name, path, UnlinkatFlags::RemoveDir)
 }
 
