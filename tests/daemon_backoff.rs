@@ -6,8 +6,11 @@
 
 #[path = "support/apiserver.rs"]
 mod apiserver;
+mod daemon_support;
 #[path = "support/fixtures.rs"]
 mod fixtures;
+
+use daemon_support::refused_port;
 
 use kvstrap::daemon::publications::KubePublications;
 use kvstrap::daemon::uevent::{Action, BlockEvent};
@@ -46,27 +49,6 @@ impl Engine for PublishingEngine {
     fn reload_policy(&self) -> Result<(), String> {
         Ok(())
     }
-}
-
-/// A loopback port bound but not listening: connections are refused at once, and no
-/// other test can take the port while the returned socket lives.
-fn refused_port() -> (std::os::fd::OwnedFd, u16) {
-    use nix::sys::socket::SockaddrIn;
-    use nix::sys::socket::{bind, getsockname, socket, AddressFamily, SockFlag, SockType};
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &SockaddrIn::new(127, 0, 0, 1, 0),
-    )
-    .unwrap();
-    let addr: SockaddrIn = getsockname(std::os::fd::AsRawFd::as_raw_fd(&fd)).unwrap();
-    (fd, addr.port())
 }
 
 #[test]

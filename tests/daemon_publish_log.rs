@@ -15,27 +15,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// A loopback port bound but not listening: connections are refused at once, and no
-/// other test can take the port while the returned socket lives.
-fn refused_port() -> (std::os::fd::OwnedFd, u16) {
-    use nix::sys::socket::SockaddrIn;
-    use nix::sys::socket::{bind, getsockname, socket, AddressFamily, SockFlag, SockType};
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &SockaddrIn::new(127, 0, 0, 1, 0),
-    )
-    .unwrap();
-    let addr: SockaddrIn = getsockname(std::os::fd::AsRawFd::as_raw_fd(&fd)).unwrap();
-    (fd, addr.port())
-}
-
 fn policy(dir: &Path, kubeconfig: &Path) -> String {
     format!(
         r#"[node]
