@@ -9,47 +9,21 @@ mod apiserver;
 mod daemon_support;
 #[path = "support/fixtures.rs"]
 mod fixtures;
+#[path = "support/publishing_engine.rs"]
+mod publishing_engine;
 
 use daemon_support::refused_port;
+use publishing_engine::PublishingEngine;
 
 use kvstrap::daemon::publications::KubePublications;
 use kvstrap::daemon::uevent::{Action, BlockEvent};
-use kvstrap::daemon::{self, ApplySummary, Engine, EngineError, Options, Trigger};
+use kvstrap::daemon::{self, Engine, Options, Trigger};
 use kvstrap::kube::{ClientSource, Desired, PublishOptions, Publisher};
 use kvstrap::model::VolumeMode;
 use kvstrap::policy::types::ReclaimPolicy;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-struct PublishingEngine {
-    publications: KubePublications,
-    desired: Desired,
-    applies: AtomicU32,
-}
-
-impl Engine for PublishingEngine {
-    fn apply(&self, _stop: &AtomicBool) -> Result<ApplySummary, EngineError> {
-        self.applies.fetch_add(1, Ordering::SeqCst);
-        self.publications.submit_desired(self.desired.clone());
-        Ok(ApplySummary {
-            result: "success".into(),
-            ..Default::default()
-        })
-    }
-    fn disks_json(&self) -> Result<String, EngineError> {
-        Ok("{\"disks\":[]}".into())
-    }
-    fn volumes_json(&self) -> Result<String, EngineError> {
-        Ok("{\"volumes\":[]}".into())
-    }
-    fn plan_json(&self) -> Result<String, EngineError> {
-        Ok("{\"steps\":[]}".into())
-    }
-    fn reload_policy(&self) -> Result<(), String> {
-        Ok(())
-    }
-}
 
 #[test]
 fn every_trigger_respects_the_publication_backoff() {
@@ -79,11 +53,8 @@ fn every_trigger_respects_the_publication_backoff() {
     };
     let class = fixtures::class("local", VolumeMode::Filesystem, ReclaimPolicy::Delete);
     let volumes = fixtures::dir_volumes(state.path(), 2, "local");
-    let engine = Arc::new(PublishingEngine {
-        publications,
-        desired: Desired::build(fixtures::NODE, &volumes, &[class]).unwrap(),
-        applies: AtomicU32::new(0),
-    });
+    let desired = Desired::build(fixtures::NODE, &volumes, &[class]).unwrap();
+    let engine = Arc::new(PublishingEngine::new(publications, desired));
     let daemon_options = Options {
         uevents: false,
         dbus: false,

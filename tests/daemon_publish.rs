@@ -8,51 +8,22 @@ mod apiserver;
 mod daemon_support;
 #[path = "support/fixtures.rs"]
 mod fixtures;
+#[path = "support/publishing_engine.rs"]
+mod publishing_engine;
 
 use daemon_support::*;
 use futures_util::StreamExt;
 use kvstrap::daemon::publications::KubePublications;
-use kvstrap::daemon::{self, ApplySummary, Engine, EngineError, Options, Trigger};
+use kvstrap::daemon::{self, Engine, Options, Trigger};
 use kvstrap::dbus::client::Client;
 use kvstrap::kube::{ClientSource, Desired, PublishOptions, Publisher};
 use kvstrap::model::VolumeMode;
 use kvstrap::policy::types::ReclaimPolicy;
+use publishing_engine::PublishingEngine;
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
-
-/// Submits `desired` on every run once `go` is set, like the host engine after an apply.
-struct PublishingEngine {
-    publications: KubePublications,
-    desired: Mutex<Desired>,
-    go: AtomicBool,
-}
-
-impl Engine for PublishingEngine {
-    fn apply(&self, _stop: &AtomicBool) -> Result<ApplySummary, EngineError> {
-        if self.go.load(Ordering::SeqCst) {
-            let desired = self.desired.lock().unwrap().clone();
-            self.publications.submit_desired(desired);
-        }
-        Ok(ApplySummary {
-            result: "success".into(),
-            ..Default::default()
-        })
-    }
-    fn disks_json(&self) -> Result<String, EngineError> {
-        Ok("{\"disks\":[]}".into())
-    }
-    fn volumes_json(&self) -> Result<String, EngineError> {
-        Ok("{\"volumes\":[]}".into())
-    }
-    fn plan_json(&self) -> Result<String, EngineError> {
-        Ok("{\"steps\":[]}".into())
-    }
-    fn reload_policy(&self) -> Result<(), String> {
-        Ok(())
-    }
-}
 
 #[test]
 fn a_published_volume_is_announced_on_the_bus() {
@@ -94,11 +65,8 @@ fn a_published_volume_is_announced_on_the_bus() {
         volumes: vec![desired.volumes[0].clone()],
         ..desired.clone()
     };
-    let engine = Arc::new(PublishingEngine {
-        publications,
-        desired: Mutex::new(desired),
-        go: AtomicBool::new(false),
-    });
+    let engine = Arc::new(PublishingEngine::new(publications, desired));
+    engine.go.store(false, Ordering::SeqCst);
     let options = Options {
         uevents: false,
         ..Options::default()
