@@ -524,16 +524,27 @@ fn interrupted_runs_converge_without_formatting_twice() {
             "{failpoint}: {}",
             String::from_utf8_lossy(&crashed.stderr)
         );
-        let formatted_before = blkid(&fs_disk.partition(1), "UUID");
+        // Disks run in parallel: a crash on the raw disk may land while mkfs runs on the
+        // other one. Only a filesystem whose mkfs finished (planned label written) must
+        // never be made again; one left under the in-progress label must be.
+        let part = fs_disk.partition(1);
+        let finished_before =
+            !blkid(&part, "UUID").is_empty() && blkid(&part, "LABEL") != "kvs-mkfs";
         let report = node.apply_ok();
-        let mkfs_again = report["steps"]
+        let mkfs_again: Vec<&Value> = report["steps"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|s| s["action"] == "make_filesystem");
+            .filter(|s| s["action"] == "make_filesystem")
+            .collect();
         assert!(
-            !mkfs_again || formatted_before.is_empty(),
-            "{failpoint}: formatted twice: {report:#}"
+            mkfs_again.is_empty() || !finished_before,
+            "{failpoint}: a finished filesystem was formatted twice: {report:#}"
+        );
+        assert_ne!(
+            blkid(&part, "LABEL"),
+            "kvs-mkfs",
+            "{failpoint}: the in-progress label survived a full run: {report:#}"
         );
         assert_eq!(report["failed"], 0, "{failpoint}: {report:#}");
         assert_eq!(
