@@ -12,6 +12,7 @@ pub mod inventory;
 pub mod kube;
 pub mod logging;
 pub mod model;
+pub mod node;
 pub mod plan;
 pub mod policy;
 pub mod state;

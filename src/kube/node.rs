@@ -14,15 +14,7 @@ pub const CLI_PUBLISH_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Volumes that exist now: those of the plan with no step left for them.
 pub fn provisioned(plan: &Plan) -> Vec<VolumeSpec> {
-    let ready: std::collections::BTreeSet<String> = crate::apply::cli::volume_rows(plan)
-        .into_iter()
-        .filter(|r| r.state == "ready")
-        .map(|r| r.name)
-        .collect();
-    plan.volumes()
-        .filter(|v| ready.contains(&v.name))
-        .cloned()
-        .collect()
+    crate::plan::ready::provisioned(plan)
 }
 
 /// Build the objects for what exists and write them to `<state-dir>/manifests/`.

@@ -6,6 +6,7 @@ pub mod capacity;
 pub mod identity;
 pub mod layout;
 pub mod ownership;
+pub mod ready;
 pub mod render;
 pub mod select;
 pub mod steps;

@@ -1,0 +1,114 @@
+//! The node's storage pipeline, written once for the CLI and the daemon: explicit inputs,
+//! one converge pass (lock → scan → plan → execute → scan again → render → publish →
+//! record) and the read queries both answer. It may use policy, inventory, plan, apply,
+//! kube and state; it knows no arguments, output formats or D-Bus types.
+
+pub mod converge;
+pub mod lock;
+pub mod publish;
+pub mod queries;
+pub mod report;
+
+pub use converge::{Event, Lock, Look, Progress, Report};
+pub use publish::{Publications, PublishOnce};
+pub use queries::VolumeRow;
+pub use report::{ApplySummary, FailedDisk};
+
+use crate::inventory::{self, ScanOptions};
+use crate::model::{Inventory, Layout, Plan};
+use crate::plan::PlanContext;
+use crate::policy::{self, Policy, PolicyError};
+use std::path::PathBuf;
+
+/// Everything a pass depends on besides the machine itself, said explicitly.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    /// A policy file or drop-in directory; `None`: the system locations
+    /// (`/usr/lib/kvstrap/policy.d`, `/etc/kvstrap/policy.toml`, `/etc/kvstrap/policy.d`).
+    pub policy: Option<PathBuf>,
+    /// State file, rendered manifests, block-volume links, publication ledger.
+    pub state_dir: PathBuf,
+    /// The applier lock the CLI and the daemon share.
+    pub lock: PathBuf,
+}
+
+/// Why a pass or a query could not run at all (as opposed to steps that failed).
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    Lock(String),
+    #[error("cannot read the disk inventory: {0}")]
+    Observe(String),
+    #[error("{0}")]
+    Execute(String),
+    #[error("cannot record the apply in the state directory: {0}")]
+    Record(#[source] crate::state::StateError),
+    #[error("cannot read the state directory: {0}")]
+    State(#[source] crate::state::StateError),
+}
+
+/// The node as the pipeline sees it: its inputs, and the functions every caller shares.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub inputs: Inputs,
+}
+
+impl Node {
+    pub fn new(inputs: Inputs) -> Node {
+        Node { inputs }
+    }
+
+    /// The policy from the configured sources, with every diagnostic on failure.
+    pub fn load_policy(&self) -> Result<Policy, PolicyError> {
+        policy::load(self.inputs.policy.as_deref())
+    }
+
+    /// Observe the machine, including the paths kvstrap manages under this policy.
+    pub fn scan(&self, policy: Option<&Policy>) -> Result<Inventory, NodeError> {
+        let mut opts = ScanOptions::default();
+        if let Some(p) = policy {
+            opts.managed_roots = vec![p.node.storage_root.clone(), self.block_dir()];
+            opts.quota_filesystems = p
+                .disk_groups
+                .iter()
+                .filter(|group| group.layout == Layout::Shared)
+                .filter_map(|group| p.storage_class(&group.storage_class).map(|c| c.fs_type))
+                .collect();
+            opts.quota_filesystems.sort();
+            opts.quota_filesystems.dedup();
+        }
+        inventory::scan(&opts).map_err(|e| NodeError::Observe(e.to_string()))
+    }
+
+    /// The pure planner on this node's context.
+    pub fn plan(&self, policy: &Policy, inventory: &Inventory) -> Plan {
+        crate::plan::plan(policy, inventory, &self.plan_context())
+    }
+
+    /// Scan and plan in one go: what a run would do now.
+    pub fn scan_and_plan(&self, policy: &Policy) -> Result<(Inventory, Plan), NodeError> {
+        let inventory = self.scan(Some(policy))?;
+        let plan = self.plan(policy, &inventory);
+        Ok((inventory, plan))
+    }
+
+    pub fn plan_context(&self) -> PlanContext {
+        PlanContext {
+            state_dir: self.inputs.state_dir.clone(),
+        }
+    }
+
+    /// The state directory's block-link folder.
+    pub fn block_dir(&self) -> PathBuf {
+        self.inputs.state_dir.join("block")
+    }
+}
+
+/// Every diagnostic on its own line, `FILE:LINE:COL: error: ...`.
+pub fn diagnostics(e: &PolicyError) -> String {
+    e.diagnostics
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}

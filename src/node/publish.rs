@@ -1,0 +1,36 @@
+//! Where a pass hands what exists: the daemon's background publisher, or one bounded
+//! attempt for `kvstrap apply`. Both render the manifests first; neither blocks local work.
+
+use crate::model::Plan;
+use crate::policy::Policy;
+use std::path::PathBuf;
+
+/// The publisher as a pass sees it: it is handed each pass's plan and returns at once
+/// (or within a bound), and counts what the API server has not accepted yet.
+pub trait Publications: Send + Sync {
+    /// Render and publish (or queue) the volumes that exist after a pass, and the
+    /// policy's classes. `Err` only when the manifests could not be rendered.
+    fn submit(&self, policy: &Policy, plan: &Plan) -> Result<(), String>;
+    /// PersistentVolumes rendered but not yet accepted by the API server.
+    fn pending(&self) -> u32 {
+        0
+    }
+}
+
+/// `kvstrap apply`'s publisher: the manifests, then one publish attempt bounded in time
+/// when the policy says `publish = true`; a failure is logged, the daemon keeps retrying.
+pub struct PublishOnce {
+    pub state_dir: PathBuf,
+}
+
+impl Publications for PublishOnce {
+    fn submit(&self, policy: &Policy, plan: &Plan) -> Result<(), String> {
+        let desired = crate::kube::node::render(policy, plan, &self.state_dir)
+            .map_err(|e| format!("cannot render the manifests: {e:#}"))?;
+        if policy.kubernetes.publish {
+            let outcome = crate::kube::node::publish_now(policy, &desired, &self.state_dir);
+            tracing::info!("{outcome}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,145 @@
+//! The one report of a converge pass, as every caller counts it: the summary the daemon
+//! sends (STATUS=, D-Bus, journal) and the per-disk failures, made from the plan, the
+//! executor's report and the look after the run. Pure.
+
+use super::converge::Report;
+use crate::apply::{ApplyReport, StepResult};
+use crate::model::{InUse, Inventory, Plan};
+use serde::Serialize;
+
+/// What one apply run did, as the daemon reports it (STATUS=, D-Bus, journal).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ApplySummary {
+    /// Disks kvstrap manages under the policy.
+    pub disks: u32,
+    /// Volumes provided under the policy.
+    pub volumes: u32,
+    pub steps_run: u32,
+    pub changed: u32,
+    pub failed: u32,
+    /// Disks the planner left alone (foreign signatures, in use, excluded).
+    pub refused: u32,
+    /// True when a stop request cut the run short after the step in flight.
+    pub interrupted: bool,
+    /// `success`, `failed: N step(s)` or `interrupted`.
+    pub result: String,
+    /// Failed steps whose error may pass on a retry (EBUSY, a partition node not there
+    /// yet): the first run after start is retried on these before READY.
+    pub transient: u32,
+    /// Disks with nothing left to do after the run.
+    pub disks_ready: u32,
+    /// Volumes that exist after the run: the only ones rendered and published.
+    pub volumes_ready: u32,
+    /// Each disk with a failed step, and that step's error.
+    pub failed_disks: Vec<FailedDisk>,
+}
+
+/// A disk whose run stopped at a failed step.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct FailedDisk {
+    pub disk: String,
+    pub error: String,
+}
+
+impl ApplySummary {
+    pub fn succeeded(&self) -> bool {
+        self.failed == 0 && !self.interrupted
+    }
+
+    /// Worth running again at once: some step failed only because a device was settling.
+    pub fn transient_failure(&self) -> bool {
+        self.transient > 0 && !self.interrupted
+    }
+
+    /// The result word for a run with these counters.
+    pub fn result_text(failed: u32, interrupted: bool) -> String {
+        match (failed, interrupted) {
+            (0, false) => "success".into(),
+            (0, true) => "interrupted".into(),
+            (n, _) => format!("failed: {n} step(s)"),
+        }
+    }
+}
+
+impl Report {
+    /// The counters of this pass.
+    pub fn summary(&self) -> ApplySummary {
+        let failed = count(self.steps.failed());
+        let interrupted = self.interrupted;
+        ApplySummary {
+            disks: count(self.plan.groups.iter().map(|g| g.disks.len()).sum()),
+            volumes: count(self.plan.volumes().count()),
+            steps_run: count(
+                self.steps
+                    .steps
+                    .iter()
+                    .filter(|s| s.result != StepResult::Skipped)
+                    .count(),
+            ),
+            changed: count(self.steps.changed()),
+            failed,
+            refused: count(self.plan.refused.len()),
+            interrupted,
+            result: ApplySummary::result_text(failed, interrupted),
+            transient: count(
+                self.steps.steps.iter().filter(|s| s.transient).count() + self.busy.len(),
+            ),
+            disks_ready: count(ready_disks(&self.after.plan)),
+            volumes_ready: count(crate::plan::ready::provisioned(&self.after.plan).len()),
+            failed_disks: failed_disks(&self.steps)
+                .into_iter()
+                .chain(self.busy.iter().cloned())
+                .collect(),
+        }
+    }
+}
+
+pub(super) fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Disks of the plan with no step left for them.
+fn ready_disks(plan: &Plan) -> usize {
+    plan.groups
+        .iter()
+        .flat_map(|g| g.disks.iter())
+        .filter(|d| !plan.steps.iter().any(|s| *s.disk() == d.disk))
+        .count()
+}
+
+/// Disks a group selects that were left alone only because something held them open
+/// exclusively at that moment (a prober, a settling device): worth another look.
+pub fn busy_disks(inventory: &Inventory, plan: &Plan) -> Vec<FailedDisk> {
+    plan.refused
+        .iter()
+        .filter(|r| r.group.is_some())
+        .filter(|r| {
+            inventory.disks.iter().any(|d| {
+                d.path == r.disk
+                    && !d.in_use.is_empty()
+                    && d.in_use.iter().all(|u| matches!(u, InUse::Busy { .. }))
+            })
+        })
+        .map(|r| FailedDisk {
+            disk: r.disk.display().to_string(),
+            error: format!("left alone: {}", r.reason),
+        })
+        .collect()
+}
+
+/// Each disk with a failed step, with the first error it met.
+fn failed_disks(report: &ApplyReport) -> Vec<FailedDisk> {
+    let mut out: Vec<FailedDisk> = Vec::new();
+    for s in &report.steps {
+        if let StepResult::Failed { error } = &s.result {
+            let disk = s.disk.display().to_string();
+            if !out.iter().any(|f| f.disk == disk) {
+                out.push(FailedDisk {
+                    disk,
+                    error: error.clone(),
+                });
+            }
+        }
+    }
+    out
+}

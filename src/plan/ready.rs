@@ -1,0 +1,26 @@
+//! Which planned volumes exist already: a volume is ready when no step of the plan
+//! touches it. Pure; shared by the volume list and the publisher, which publishes only
+//! ready volumes.
+
+use crate::model::{Plan, Step, VolumeSpec};
+
+/// True while the plan still has a step for this volume (its disk, device or path).
+pub fn pending(plan: &Plan, v: &VolumeSpec) -> bool {
+    plan.steps.iter().any(|s| match s {
+        Step::CreateDirectory { path, .. }
+        | Step::SetOwnership { path, .. }
+        | Step::SetQuota { path, .. } => *path == v.path,
+        Step::LinkBlockDevice { link, .. } => *link == v.path,
+        Step::MakeFilesystem { device, .. } | Step::Mount { device, .. } => *device == v.device,
+        Step::WritePartitionTable { disk, .. } | Step::WipeDisk { disk, .. } => *disk == v.disk,
+        Step::AddPartitionNodes { disk, .. } => *disk == v.disk,
+    })
+}
+
+/// Volumes that exist now: those of the plan with no step left for them.
+pub fn provisioned(plan: &Plan) -> Vec<VolumeSpec> {
+    plan.volumes()
+        .filter(|v| !pending(plan, v))
+        .cloned()
+        .collect()
+}
