@@ -3,7 +3,7 @@
 //! and the daemon on the simulated engine (32 disks, 320 volumes).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use kvstrap::dbus::client::Client;
+use kvstrap::cli::bus_client::Client;
 use std::time::{Duration, Instant};
 
 fn percentile(sorted: &[Duration], percent: usize) -> Duration {

@@ -7,9 +7,9 @@ mod daemon_support;
 
 use daemon_support::*;
 use futures_util::StreamExt;
+use kvstrap::cli::bus_client::Client;
 use kvstrap::daemon::{self, ApplySummary, Engine, EngineError, Options, Trigger};
-use kvstrap::dbus::client::Client;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ struct CountingEngine {
 }
 
 impl Engine for CountingEngine {
-    fn apply(&self, _stop: &AtomicBool) -> Result<ApplySummary, EngineError> {
+    fn apply(&self, _run: &kvstrap::daemon::Run<'_>) -> Result<ApplySummary, EngineError> {
         self.applies.fetch_add(1, Ordering::SeqCst);
         Ok(ApplySummary {
             disks: 1,

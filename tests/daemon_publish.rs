@@ -13,9 +13,9 @@ mod publishing_engine;
 
 use daemon_support::*;
 use futures_util::StreamExt;
+use kvstrap::cli::bus_client::Client;
 use kvstrap::daemon::publications::KubePublications;
 use kvstrap::daemon::{self, Engine, Options, Trigger};
-use kvstrap::dbus::client::Client;
 use kvstrap::kube::{ClientSource, Desired, PublishOptions, Publisher};
 use kvstrap::model::VolumeMode;
 use kvstrap::policy::types::ReclaimPolicy;

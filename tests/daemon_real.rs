@@ -434,7 +434,7 @@ fn quiet_daemon(
 
 /// One read over the bus as a client library would make it: the JSON, or the error text.
 async fn read(
-    proxy: &kvstrap::dbus::client::BootstrapProxy<'_>,
+    proxy: &kvstrap::cli::bus_client::BootstrapProxy<'_>,
     method: &str,
 ) -> Result<String, String> {
     let answer = if method == "Disks" {
@@ -466,7 +466,7 @@ fn hammer(
             let (address, stop) = (address.to_string(), std::sync::Arc::clone(stop));
             std::thread::spawn(move || {
                 zbus::block_on(async move {
-                    let client = kvstrap::dbus::client::Client::connect(Some(&address))
+                    let client = kvstrap::cli::bus_client::Client::connect(Some(&address))
                         .await
                         .unwrap();
                     let proxy = client.proxy().await.unwrap();
@@ -614,7 +614,7 @@ fn a_read_opens_no_disk_and_answers_with_the_last_inventory() {
     };
     let ask = || {
         zbus::block_on(async {
-            let client = kvstrap::dbus::client::Client::connect(Some(&bus.address))
+            let client = kvstrap::cli::bus_client::Client::connect(Some(&bus.address))
                 .await
                 .unwrap();
             let proxy = client.proxy().await.unwrap();

@@ -2,7 +2,6 @@
 //! the machine right before it acts, and reports what every step changed. It never
 //! chooses what to do: that was the planner's job.
 
-pub mod cli;
 pub mod effects;
 pub mod host_effects;
 

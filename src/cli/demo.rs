@@ -45,11 +45,11 @@ pub fn run(g: &GlobalArgs, args: &DemoArgs) -> Result<i32> {
         policy_dir.display(),
         root.display()
     );
-    let code = crate::apply::cli::apply(&demo, &ApplyArgs { lock_timeout: 60 })?;
+    let code = super::apply::apply(&demo, &ApplyArgs { lock_timeout: 60 })?;
     println!("\n== kvstrap disks (demo disks)");
     super::disks(&demo)?;
     println!("\n== kvstrap volumes");
-    crate::apply::cli::volumes(&demo)?;
+    super::apply::volumes(&demo)?;
     println!("\n== state directory {}", root.display());
     print_tree(&root, 0, 3);
     println!("\nRun it again: nothing to do. Clean up with: kvstrap demo --cleanup");

@@ -1,27 +1,35 @@
 //! The command-line interface: arguments, human and JSON output, exit status.
 //! Each command is a thin wrapper: load, observe, decide (pure), print.
 
+pub mod apply;
 pub mod args;
 pub mod assets;
+pub mod bus_client;
 mod demo;
 mod disks_table;
 
-use crate::inventory::{self, ScanOptions};
-use crate::model::Inventory;
-use crate::plan::{self, PlanContext};
-use crate::policy::{self, Policy, PolicyError};
+use crate::node::{self, Node};
+use crate::policy::{Policy, PolicyError};
 use anyhow::{Context, Result};
 use args::{Cli, Command, GlobalArgs, OutputFormat};
+use bus_client::ClientError;
 use serde_json::json;
-use std::path::PathBuf;
+use std::time::Duration;
 
 /// Exit status for errors the user must fix (bad policy, refused apply, failed step).
 pub const EXIT_FAILURE: i32 = 1;
 
-pub fn main() -> i32 {
+/// Parse the command line and start logging; `main` then dispatches (the daemon is not
+/// the CLI's to start).
+pub fn parse() -> Cli {
     let cli = <Cli as clap::Parser>::parse();
-    init_logging();
-    match run(&cli) {
+    crate::logging::init_logging();
+    cli
+}
+
+/// The exit status of a command, its error printed one cause per line.
+pub fn exit_status(outcome: Result<i32>) -> i32 {
+    match outcome {
         Ok(code) => code,
         Err(err) => {
             eprintln!("kvstrap: error: {err}");
@@ -33,28 +41,40 @@ pub fn main() -> i32 {
     }
 }
 
-fn init_logging() {
-    crate::logging::init_logging();
+/// What the node pipeline needs from the command line, and nothing else.
+pub fn inputs(g: &GlobalArgs) -> node::Inputs {
+    node::Inputs {
+        policy: g.policy.clone(),
+        state_dir: g.state_dir.clone(),
+        lock: crate::state::lock_path(),
+    }
 }
 
-fn run(cli: &Cli) -> Result<i32> {
-    let g = &cli.global;
-    match &cli.command {
+/// The node as the global flags describe it.
+pub fn node(g: &GlobalArgs) -> Node {
+    Node::new(inputs(g))
+}
+
+/// Run one command (every one but `daemon`, which `main` starts).
+pub fn run(g: &GlobalArgs, command: &Command) -> Result<i32> {
+    match command {
         Command::Validate => validate(g),
         Command::Disks => disks(g),
         Command::Plan => show_plan(g),
-        Command::Apply(a) => crate::apply::cli::apply(g, a),
-        Command::Status => crate::apply::cli::status(g),
-        Command::Volumes => crate::apply::cli::volumes(g),
-        Command::Daemon => crate::daemon::main(g),
+        Command::Apply(a) => apply::apply(g, a),
+        Command::Status => apply::status(g),
+        Command::Volumes => apply::volumes(g),
         Command::Demo(d) => demo::run(g, d),
         Command::GenerateAssets { out_dir } => Ok(assets::run_generate_assets(out_dir)),
+        Command::Daemon => anyhow::bail!("`kvstrap daemon` is started by main, not by the CLI"),
     }
 }
 
 /// Load the policy named by --policy (or the system locations), printing diagnostics.
 pub fn load_policy(g: &GlobalArgs) -> Result<Policy> {
-    policy::load(g.policy.as_deref()).map_err(|e| anyhow::anyhow!(diagnostics_text(&e)))
+    node(g)
+        .load_policy()
+        .map_err(|e| anyhow::anyhow!(diagnostics_text(&e)))
 }
 
 fn diagnostics_text(e: &PolicyError) -> String {
@@ -67,7 +87,7 @@ fn diagnostics_text(e: &PolicyError) -> String {
 }
 
 fn validate(g: &GlobalArgs) -> Result<i32> {
-    match policy::load(g.policy.as_deref()) {
+    match node(g).load_policy() {
         Ok(p) => {
             match g.output {
                 OutputFormat::Json => print_json(&json!({
@@ -114,50 +134,6 @@ fn validate(g: &GlobalArgs) -> Result<i32> {
     }
 }
 
-/// Observe the machine, including the paths kvstrap manages under this policy.
-pub fn scan(g: &GlobalArgs, policy: Option<&Policy>) -> Result<Inventory> {
-    let mut opts = ScanOptions::default();
-    if let Some(p) = policy {
-        opts.managed_roots = vec![p.node.storage_root.clone(), g.state_dir.join("block")];
-        opts.quota_filesystems = p
-            .disk_groups
-            .iter()
-            .filter(|group| group.layout == crate::model::Layout::Shared)
-            .filter_map(|group| p.storage_class(&group.storage_class).map(|c| c.fs_type))
-            .collect();
-        opts.quota_filesystems.sort();
-        opts.quota_filesystems.dedup();
-    }
-    inventory::scan(&opts).context("cannot read the disk inventory")
-}
-
-pub fn plan_context(g: &GlobalArgs) -> PlanContext {
-    PlanContext {
-        state_dir: g.state_dir.clone(),
-    }
-}
-
-/// `{"disks": [...]}`: every disk with its verdict, as `disks -o json` and D-Bus print it.
-pub fn disks_document(policy: Option<&Policy>, inventory: &Inventory) -> serde_json::Value {
-    let disks: Vec<_> = plan::verdicts(policy, inventory)
-        .iter()
-        .map(|(disk, group, verdict)| {
-            let mut v = serde_json::to_value(disk).unwrap_or_default();
-            if let Some(obj) = v.as_object_mut() {
-                obj.insert("group".into(), json!(group));
-                obj.insert("eligible".into(), json!(verdict.is_writable()));
-                obj.insert(
-                    "verdict".into(),
-                    serde_json::to_value(verdict).unwrap_or_default(),
-                );
-                obj.insert("reason".into(), json!(verdict.reason()));
-            }
-            v
-        })
-        .collect();
-    json!({ "disks": disks })
-}
-
 /// A disk as the JSON document carries it, for rendering the daemon's answer.
 #[derive(serde::Deserialize)]
 struct DiskRow {
@@ -167,32 +143,100 @@ struct DiskRow {
     verdict: crate::model::Verdict,
 }
 
-/// The running daemon's answer, when no explicit policy asks for a local evaluation.
-pub fn from_daemon(g: &GlobalArgs, ask: fn() -> Option<String>) -> Option<String> {
+/// The reads the daemon answers; there is no way to ask for an apply through here: a
+/// failed apply call is never replaced by something done locally.
+#[derive(Debug, Clone, Copy)]
+pub enum Read {
+    Status,
+    Disks,
+    Volumes,
+}
+
+impl Read {
+    fn ask(self) -> Result<String, ClientError> {
+        match self {
+            Read::Status => bus_client::client_status(),
+            Read::Disks => bus_client::client_disks(),
+            Read::Volumes => bus_client::client_volumes(),
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Read::Status => "its status",
+            Read::Disks => "the disks",
+            Read::Volumes => "the volumes",
+        }
+    }
+}
+
+/// Where a read's answer comes from.
+pub enum Source {
+    /// The running daemon answered.
+    Daemon(String),
+    /// Read the node here: no daemon runs, or `--policy` asks for a local evaluation.
+    Local,
+    /// The daemon is there but failed the call: read the node here, but only with the
+    /// applier lock held, so the scan never overlaps one of its runs (probing a disk while
+    /// it is being formatted makes mkfs fail with EBUSY).
+    LocalLocked,
+}
+
+/// Ask the running daemon, unless an explicit policy asks for a local evaluation; say on
+/// stderr when the answer will come from this process instead, and why.
+pub fn from_daemon(g: &GlobalArgs, read: Read) -> Source {
     if g.policy.is_some() {
-        return None;
+        return Source::Local;
     }
-    let answer = ask();
-    if answer.is_none() {
-        eprintln!("{}", crate::dbus::client::FALLBACK_NOTICE);
+    match read.ask() {
+        Ok(text) => Source::Daemon(text),
+        Err(e) if e.daemon_absent() => {
+            tracing::debug!("cannot ask the daemon for {}: {e}", read.what());
+            eprintln!("{}", bus_client::FALLBACK_NOTICE);
+            Source::Local
+        }
+        Err(e) => {
+            eprintln!(
+                "kvstrap: the daemon is running but could not answer for {}: {e}; reading the node directly (read-only)",
+                read.what()
+            );
+            Source::LocalLocked
+        }
     }
-    answer
+}
+
+/// How long a read that falls back waits for the daemon's run to finish.
+const FALLBACK_LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Hold the applier lock for a local read when the daemon is there (see [`Source`]).
+pub fn read_lock(g: &GlobalArgs, source: &Source) -> Result<Option<crate::state::ApplyLock>> {
+    if !matches!(source, Source::LocalLocked) {
+        return Ok(None);
+    }
+    let never = std::sync::atomic::AtomicBool::new(false);
+    node::lock::take(&inputs(g).lock, FALLBACK_LOCK_WAIT, &never)
+        .map(Some)
+        .map_err(|e| {
+            anyhow::anyhow!("not reading the disks while the daemon may be writing them: {e}")
+        })
 }
 
 fn disks(g: &GlobalArgs) -> Result<i32> {
-    let document = match from_daemon(g, crate::dbus::client::client_disks) {
-        Some(text) => {
-            serde_json::from_str(&text).context("the daemon sent disks kvstrap cannot read")?
+    let source = from_daemon(g, Read::Disks);
+    let document = match &source {
+        Source::Daemon(text) => {
+            serde_json::from_str(text).context("the daemon sent disks kvstrap cannot read")?
         }
-        None => {
+        Source::Local | Source::LocalLocked => {
+            let _lock = read_lock(g, &source)?;
+            let node = node(g);
             // A broken policy given explicitly is an error; no policy at all still lists disks.
-            let policy = match (&g.policy, policy::load(g.policy.as_deref())) {
+            let policy = match (&g.policy, node.load_policy()) {
                 (_, Ok(p)) => Some(p),
                 (Some(_), Err(e)) => anyhow::bail!(diagnostics_text(&e)),
                 (None, Err(_)) => None,
             };
-            let inv = scan(g, policy.as_ref())?;
-            disks_document(policy.as_ref(), &inv)
+            node.disks_document(policy.as_ref())?
         }
     };
     match g.output {
@@ -212,11 +256,10 @@ fn disks(g: &GlobalArgs) -> Result<i32> {
 
 fn show_plan(g: &GlobalArgs) -> Result<i32> {
     let policy = load_policy(g)?;
-    let inv = scan(g, Some(&policy))?;
-    let plan = plan::plan(&policy, &inv, &plan_context(g));
+    let (_, plan) = node(g).scan_and_plan(&policy)?;
     match g.output {
         OutputFormat::Json => print_json(&plan),
-        OutputFormat::Human => print!("{}", plan::render::plan_text(&plan)),
+        OutputFormat::Human => print!("{}", crate::plan::render::plan_text(&plan)),
     }
     Ok(0)
 }
@@ -226,9 +269,4 @@ pub fn print_json<T: serde::Serialize>(value: &T) {
         Ok(s) => println!("{s}"),
         Err(e) => eprintln!("kvstrap: cannot encode JSON: {e}"),
     }
-}
-
-/// The state directory's block-link folder.
-pub fn block_dir(g: &GlobalArgs) -> PathBuf {
-    g.state_dir.join("block")
 }

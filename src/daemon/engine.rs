@@ -1,62 +1,20 @@
 //! The seam between the daemon's wiring and the work: an `Engine` applies the policy and
 //! answers read queries. The daemon only decides *when*; the engine decides *what*.
 
-use serde::Serialize;
+pub use crate::node::{ApplySummary, FailedDisk};
+use crate::state::ApplyLock;
 use std::sync::atomic::AtomicBool;
 use std::time::SystemTime;
 
-/// What one apply run did, as the daemon reports it (STATUS=, D-Bus, journal).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct ApplySummary {
-    /// Disks kvstrap manages under the policy.
-    pub disks: u32,
-    /// Volumes provided under the policy.
-    pub volumes: u32,
-    pub steps_run: u32,
-    pub changed: u32,
-    pub failed: u32,
-    /// Disks the planner left alone (foreign signatures, in use, excluded).
-    pub refused: u32,
-    /// True when a stop request cut the run short after the step in flight.
-    pub interrupted: bool,
-    /// `success`, `failed: N step(s)` or `interrupted`.
-    pub result: String,
-    /// Failed steps whose error may pass on a retry (EBUSY, a partition node not there
-    /// yet): the first run after start is retried on these before READY.
-    pub transient: u32,
-    /// Disks with nothing left to do after the run.
-    pub disks_ready: u32,
-    /// Volumes that exist after the run: the only ones rendered and published.
-    pub volumes_ready: u32,
-    /// Each disk with a failed step, and that step's error.
-    pub failed_disks: Vec<FailedDisk>,
-}
-
-/// A disk whose run stopped at a failed step.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct FailedDisk {
-    pub disk: String,
-    pub error: String,
-}
-
-impl ApplySummary {
-    pub fn succeeded(&self) -> bool {
-        self.failed == 0 && !self.interrupted
-    }
-
-    /// Worth running again at once: some step failed only because a device was settling.
-    pub fn transient_failure(&self) -> bool {
-        self.transient > 0 && !self.interrupted
-    }
-
-    /// The result word for a run with these counters.
-    pub fn result_text(failed: u32, interrupted: bool) -> String {
-        match (failed, interrupted) {
-            (0, false) => "success".into(),
-            (0, true) => "interrupted".into(),
-            (n, _) => format!("failed: {n} step(s)"),
-        }
-    }
+/// What the daemon hands each run.
+pub struct Run<'a> {
+    /// Set by SIGTERM/SIGINT: finish the step in flight and return.
+    pub stop: &'a AtomicBool,
+    /// The applier lock, held by the daemon for the run and the reads made after it.
+    pub lock: &'a ApplyLock,
+    /// Proof of life: the systemd watchdog is fed only when this was called recently, so a
+    /// run stuck in one step (a hung probe, a wedged device) lets the watchdog fire.
+    pub progress: &'a (dyn Fn() + Sync),
 }
 
 /// Why an engine operation could not run at all (as opposed to steps that failed).
@@ -88,9 +46,10 @@ pub struct Observation {
 /// node probes disks (an `O_EXCL` open), which must never overlap an apply, so D-Bus
 /// reads are answered from the last [`Observation`], never by calling the engine.
 pub trait Engine: Send + Sync {
-    /// Observe, plan and execute. When `stop` turns true, finish the step in flight,
-    /// start nothing new, and return with `interrupted` set.
-    fn apply(&self, stop: &AtomicBool) -> Result<ApplySummary, EngineError>;
+    /// Observe, plan and execute. When `run.stop` turns true, finish the step in flight,
+    /// start nothing new, and return with `interrupted` set. Call `run.progress` whenever
+    /// the run moves forward (a step finished, the node read): it feeds the watchdog.
+    fn apply(&self, run: &Run<'_>) -> Result<ApplySummary, EngineError>;
     /// `{"disks":[...]}` as `kvstrap disks --output json` prints it.
     fn disks_json(&self) -> Result<String, EngineError>;
     /// `{"volumes":[...]}` as `kvstrap volumes --output json` prints it.

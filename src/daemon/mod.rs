@@ -3,6 +3,7 @@
 //! apply at a time with the applier lock held; sd_notify, signals and shutdown live here.
 //! No storage rules live here: the [`Engine`] decides what a run does.
 
+pub mod bus;
 pub mod engine;
 pub mod host_engine;
 pub mod publications;
@@ -12,7 +13,7 @@ pub mod sim;
 pub mod uevent;
 
 pub use crate::logging::init_logging;
-pub use engine::{ApplySummary, Engine, EngineError, FailedDisk, Observation};
+pub use engine::{ApplySummary, Engine, EngineError, FailedDisk, Observation, Run};
 pub use reads::Reads;
 
 use crate::dbus::{server, BusEvent};
@@ -324,7 +325,7 @@ pub fn channel() -> (Handle, Inbox) {
 }
 
 /// `kvstrap daemon`: the simulated engine when `KVSTRAP_SIM` names a file, else the host.
-pub fn main(g: &crate::cli::args::GlobalArgs) -> anyhow::Result<i32> {
+pub fn main(inputs: &crate::node::Inputs) -> anyhow::Result<i32> {
     limit_malloc_arenas();
     let (handle, inbox) = channel();
     let engine: Arc<dyn Engine> = match std::env::var_os(sim::SIM_ENV) {
@@ -336,9 +337,9 @@ pub fn main(g: &crate::cli::args::GlobalArgs) -> anyhow::Result<i32> {
             Arc::new(sim::SimEngine::load(Path::new(&path)).map_err(anyhow::Error::msg)?)
         }
         None => {
-            let publications = publications::KubePublications::start(g, Some(handle.clone()));
+            let publications = publications::KubePublications::start(inputs, Some(handle.clone()));
             Arc::new(host_engine::HostEngine::new(
-                g,
+                inputs,
                 Some(Arc::new(publications)),
             )?)
         }
@@ -357,7 +358,11 @@ pub fn run(
     spawn_signal_thread(Arc::clone(&stop), handle.triggers())?;
     let shared: Shared = Arc::new(Mutex::new(Snapshot::default()));
     let bus = if options.dbus {
-        match server::spawn(Arc::clone(&shared), handle.triggers(), inbox.bus) {
+        let service = Arc::new(bus::BusService {
+            shared: Arc::clone(&shared),
+            triggers: handle.triggers(),
+        });
+        match server::spawn(service, inbox.bus) {
             Ok(thread) => Some(thread),
             Err(e) => {
                 // Disks come first: kubelet waits for us, admin tools can wait for the bus.
@@ -452,13 +457,13 @@ fn spawn_uevent_thread(triggers: Sender<Trigger>) {
     }
 }
 
-/// Proof of life for the watchdog: the loop beats when it waits; a run in progress counts
-/// as alive (steps have their own timeouts in the executor).
+/// Proof of life for the watchdog: the loop beats when it waits, and a run beats each time
+/// it moves forward (the node read, a step finished). Being busy is not proof: a run stuck
+/// in one step stops beating, and after `WatchdogSec=` systemd restarts the daemon.
 #[derive(Clone)]
 struct Heartbeat {
     start: Instant,
     last_ms: Arc<AtomicU64>,
-    busy: Arc<AtomicBool>,
 }
 
 impl Heartbeat {
@@ -466,7 +471,6 @@ impl Heartbeat {
         Heartbeat {
             start: Instant::now(),
             last_ms: Arc::new(AtomicU64::new(0)),
-            busy: Arc::new(AtomicBool::new(false)),
         }
     }
     fn elapsed_ms(&self) -> u64 {
@@ -477,11 +481,9 @@ impl Heartbeat {
     }
     fn alive_within(&self, period: Duration) -> bool {
         let period_ms = u64::try_from(period.as_millis()).unwrap_or(u64::MAX);
-        self.busy.load(Ordering::SeqCst)
-            || self
-                .elapsed_ms()
-                .saturating_sub(self.last_ms.load(Ordering::SeqCst))
-                < period_ms
+        self.elapsed_ms()
+            .saturating_sub(self.last_ms.load(Ordering::SeqCst))
+            < period_ms
     }
 }
 
@@ -651,14 +653,12 @@ impl Reconciler {
         self.schedule.start();
         let waiters = std::mem::take(&mut self.apply_waiters);
         self.set_phase(Phase::Applying);
-        self.heartbeat.busy.store(true, Ordering::SeqCst);
         if !self.ready_sent && self.first_started.is_none() {
             self.first_started = Some(Instant::now());
         }
         // A run asked for meanwhile (D-Bus Apply, a uevent) is the retry.
         self.retry_at = None;
         let outcome = self.run_once();
-        self.heartbeat.busy.store(false, Ordering::SeqCst);
         let pending = self.engine.pending_publications();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -750,13 +750,20 @@ impl Reconciler {
     }
 
     fn run_once(&self) -> Result<ApplySummary, String> {
-        let _lock = self.take_lock()?;
+        let lock = self.take_lock()?;
+        self.heartbeat.beat();
         // The first run may take minutes (mkfs of every disk): until it ends, readers get
         // the node as it was when the run began rather than nothing.
         if snapshot(&self.shared).reads.is_none() {
             self.refresh_reads();
         }
-        let outcome = self.engine.apply(&self.stop).map_err(|e| e.to_string());
+        let heartbeat = &self.heartbeat;
+        let run = Run {
+            stop: &self.stop,
+            lock: &lock,
+            progress: &|| heartbeat.beat(),
+        };
+        let outcome = self.engine.apply(&run).map_err(|e| e.to_string());
         // Still under the lock: the look at the node never overlaps an apply.
         self.refresh_reads();
         trim_heap();
@@ -772,27 +779,10 @@ impl Reconciler {
         });
     }
 
-    /// Wait for the applier lock in short slices, so a stop request is not held up by a
-    /// long `kvstrap apply` running by hand.
+    /// Wait for the applier lock without outwaiting a stop request: a long
+    /// `kvstrap apply` by hand must not hold up SIGTERM.
     fn take_lock(&self) -> Result<state::ApplyLock, String> {
-        let path = state::lock_path();
-        let start = Instant::now();
-        loop {
-            let slice = self
-                .options
-                .lock_timeout
-                .saturating_sub(start.elapsed())
-                .min(Duration::from_secs(1));
-            match state::lock(&path, slice) {
-                Ok(lock) => return Ok(lock),
-                Err(state::StateError::LockBusy { .. })
-                    if !self.stopping() && start.elapsed() < self.options.lock_timeout => {}
-                Err(state::StateError::LockBusy { .. }) if self.stopping() => {
-                    return Err("stopping while another applier held the lock".into())
-                }
-                Err(e) => return Err(e.to_string()),
-            }
-        }
+        crate::node::lock::take(&state::lock_path(), self.options.lock_timeout, &self.stop)
     }
 
     fn log_outcome(&self, outcome: &Result<ApplySummary, String>) {
@@ -958,13 +948,13 @@ mod tests {
     }
 
     #[test]
-    fn heartbeat_goes_stale_unless_busy() {
+    fn heartbeat_goes_stale_without_progress() {
         let hb = Heartbeat::new();
         hb.beat();
         assert!(hb.alive_within(Duration::from_secs(10)));
         std::thread::sleep(Duration::from_millis(20));
         assert!(!hb.alive_within(Duration::from_millis(10)));
-        hb.busy.store(true, Ordering::SeqCst);
+        hb.beat();
         assert!(hb.alive_within(Duration::from_millis(10)));
     }
 }

@@ -3,12 +3,11 @@
 //! `VolumeRemoved` signals (and their journal entries), the pending count, and one line
 //! with the server's address and the next retry time for each failed attempt.
 
-use super::host_engine::Publications;
 use super::Handle;
-use crate::cli::args::GlobalArgs;
 use crate::kube::scrub::Ledger;
 use crate::kube::{ClientSource, Desired, PublishStatus, Publisher};
 use crate::model::Plan;
+use crate::node::{Inputs, Publications};
 use crate::policy::{self, Policy};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,7 +24,7 @@ pub struct KubePublications {
 }
 
 impl KubePublications {
-    pub fn start(global: &GlobalArgs, handle: Option<Handle>) -> KubePublications {
+    pub fn start(global: &Inputs, handle: Option<Handle>) -> KubePublications {
         let mut me = KubePublications {
             state_dir: global.state_dir.clone(),
             publisher: None,
@@ -115,12 +114,12 @@ impl KubePublications {
 }
 
 impl Publications for KubePublications {
-    fn submit(&self, policy: &Policy, plan: &Plan) {
+    fn submit(&self, policy: &Policy, plan: &Plan) -> Result<(), String> {
         // Only volumes with no step left are rendered (kube::node::provisioned).
-        match crate::kube::node::render(policy, plan, &self.state_dir) {
-            Ok(desired) => self.submit_desired(desired),
-            Err(e) => tracing::error!("cannot render the manifests: {e:#}"),
-        }
+        let desired = crate::kube::node::render(policy, plan, &self.state_dir)
+            .map_err(|e| format!("cannot render the manifests: {e:#}"))?;
+        self.submit_desired(desired);
+        Ok(())
     }
 
     fn pending(&self) -> u32 {

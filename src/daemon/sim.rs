@@ -2,11 +2,11 @@
 //! a disk. Selected with `KVSTRAP_SIM=FILE`, where FILE is a small TOML description of the
 //! node; used by the daemon's tests and benchmarks.
 
-use super::engine::{ApplySummary, Engine, EngineError, FailedDisk};
+use super::engine::{ApplySummary, Engine, EngineError, FailedDisk, Run};
 use serde::Deserialize;
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -101,7 +101,8 @@ impl SimEngine {
 }
 
 impl Engine for SimEngine {
-    fn apply(&self, stop: &AtomicBool) -> Result<ApplySummary, EngineError> {
+    fn apply(&self, run_ctl: &Run<'_>) -> Result<ApplySummary, EngineError> {
+        let stop = run_ctl.stop;
         let config = self.config();
         let mut remaining = self
             .remaining
@@ -125,6 +126,7 @@ impl Engine for SimEngine {
             tracing::info!(step = run, "simulated step");
             std::thread::sleep(Duration::from_millis(config.step_millis));
             run += 1;
+            (run_ctl.progress)();
             if config.fail || transient {
                 failed += 1;
                 break;
@@ -213,12 +215,25 @@ impl Engine for SimEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicBool;
 
     fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sim.toml");
         std::fs::write(&path, text).unwrap();
         (dir, path)
+    }
+
+    /// One run of `engine` with a lock of its own (the daemon holds the real one).
+    fn apply(engine: &SimEngine, stop: &AtomicBool) -> ApplySummary {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = crate::state::lock(&dir.path().join("lock"), Duration::ZERO).unwrap();
+        let run = Run {
+            stop,
+            lock: &lock,
+            progress: &|| {},
+        };
+        engine.apply(&run).unwrap()
     }
 
     #[test]
@@ -233,9 +248,9 @@ mod tests {
         let (_d, path) = write("steps = 3\n");
         let engine = SimEngine::load(&path).unwrap();
         let stop = AtomicBool::new(false);
-        let first = engine.apply(&stop).unwrap();
+        let first = apply(&engine, &stop);
         assert_eq!((first.changed, first.result.as_str()), (3, "success"));
-        let second = engine.apply(&stop).unwrap();
+        let second = apply(&engine, &stop);
         assert_eq!((second.steps_run, second.changed), (0, 0));
     }
 
@@ -245,12 +260,12 @@ mod tests {
         let engine = SimEngine::load(&path).unwrap();
         let stop = AtomicBool::new(false);
         for _ in 0..2 {
-            let s = engine.apply(&stop).unwrap();
+            let s = apply(&engine, &stop);
             assert!(s.transient_failure(), "{s:?}");
             assert_eq!((s.disks_ready, s.volumes_ready), (1, 2));
             assert_eq!(s.failed_disks[0].disk, "/dev/sim0");
         }
-        let third = engine.apply(&stop).unwrap();
+        let third = apply(&engine, &stop);
         assert!(third.succeeded() && !third.transient_failure(), "{third:?}");
         assert_eq!((third.disks_ready, third.volumes_ready), (2, 4));
     }
@@ -259,7 +274,7 @@ mod tests {
     fn stop_interrupts_between_steps() {
         let (_d, path) = write("steps = 3\n");
         let engine = SimEngine::load(&path).unwrap();
-        let summary = engine.apply(&AtomicBool::new(true)).unwrap();
+        let summary = apply(&engine, &AtomicBool::new(true));
         assert!(summary.interrupted);
         assert_eq!(summary.result, "interrupted");
     }

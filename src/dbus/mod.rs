@@ -1,8 +1,7 @@
-//! The D-Bus face of the daemon: interface `org.kvstrap.Bootstrap1` on the system bus,
-//! argument checks, caller authorization and error mapping. It never executes steps
-//! itself: mutating calls are handed to the daemon's reconcile loop.
+//! The D-Bus interface `org.kvstrap.Bootstrap1`: names, typed errors, the served object
+//! (argument checks, caller authorization, error mapping) and its generated proxy. It
+//! never executes steps or reads the node: it asks a [`server::Service`] (the daemon).
 
-pub mod client;
 pub mod server;
 
 /// Well-known bus name, also the interface name.

@@ -1,22 +1,57 @@
-//! The served object: properties and read methods answer from the daemon's snapshot (the
-//! documents its reconcile loop made after the last run: a read never opens a disk);
-//! `Apply` and `Reload` are checked against the uid of the message's sender (asked of the
-//! bus) and handed to the reconcile loop.
+//! The served object: properties and read methods answer from what the [`Service`] (the
+//! daemon) has at hand (the documents its reconcile loop made after the last run: a read
+//! never opens a disk); `Apply` and `Reload` are checked against the uid of the message's
+//! sender (asked of the bus) and handed to the service.
 
 use super::{BusError, BusEvent, BUS_NAME, OBJECT_PATH};
-use crate::daemon::{reads, snapshot, Reads, Shared, Trigger};
+use crate::node::ApplySummary;
 use futures_channel::{mpsc::UnboundedReceiver, oneshot};
 use futures_util::StreamExt;
-use std::sync::mpsc::Sender;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::{interface, Connection};
 
+/// The properties, as the daemon's state shows them now.
+#[derive(Debug, Clone, Default)]
+pub struct Properties {
+    /// `starting`, `applying`, `idle` or `stopping`.
+    pub state: String,
+    pub last_apply_time: u64,
+    pub last_apply_result: String,
+    pub pending_publications: u32,
+}
+
+/// One of the read documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Document {
+    Disks,
+    Volumes,
+    Plan,
+}
+
+/// The service is stopping and takes no more work.
+#[derive(Debug)]
+pub struct Stopping;
+
+/// What the served object asks of the daemon. Reads answer at once from what it has;
+/// `Apply` and `Reload` are queued and answered when done.
+pub trait Service: Send + Sync + 'static {
+    fn properties(&self) -> Properties;
+    /// The daemon's state and the last apply's counters, as JSON.
+    fn status_json(&self) -> Result<String, String>;
+    /// The last look's document, or why there is none.
+    fn document(&self, which: Document) -> Result<String, String>;
+    /// Queue a run; the receiver gets its summary (or why it did not run).
+    fn request_apply(&self) -> Result<oneshot::Receiver<Result<ApplySummary, String>>, Stopping>;
+    /// Queue a policy reload; the receiver gets the diagnostics of a rejected policy.
+    fn request_reload(&self) -> Result<oneshot::Receiver<Result<(), String>>, Stopping>;
+}
+
 /// The object at `/org/kvstrap/Bootstrap1`.
 pub struct Bootstrap {
-    shared: Shared,
-    triggers: Sender<Trigger>,
+    service: Arc<dyn Service>,
 }
 
 /// Only root may change disks or the policy in force.
@@ -41,14 +76,9 @@ async fn sender_uid(conn: &Connection, header: &Header<'_>) -> Result<u32, BusEr
         .map_err(|e| BusError::AccessDenied(format!("cannot ask the bus who sent the call: {e}")))
 }
 
-/// One of the last run's documents, or why there is none.
-fn last_read(
-    shared: &Shared,
-    pick: fn(&Reads) -> &Result<String, String>,
-) -> Result<String, BusError> {
-    match snapshot(shared).reads {
-        Some(r) => pick(&r).clone().map_err(BusError::ReadFailed),
-        None => Err(BusError::ReadFailed(reads::NOT_YET.into())),
+impl Bootstrap {
+    fn document(&self, which: Document) -> Result<String, BusError> {
+        self.service.document(which).map_err(BusError::ReadFailed)
     }
 }
 
@@ -63,7 +93,7 @@ impl Bootstrap {
     /// `starting`, `applying`, `idle` or `stopping`.
     #[zbus(property)]
     fn state(&self) -> String {
-        snapshot(&self.shared).state.as_str().to_string()
+        self.service.properties().state
     }
 
     /// The daemon's version.
@@ -75,43 +105,42 @@ impl Bootstrap {
     /// Seconds since the epoch when the last apply finished; 0 before the first.
     #[zbus(property)]
     fn last_apply_time(&self) -> u64 {
-        snapshot(&self.shared).last_apply_time
+        self.service.properties().last_apply_time
     }
 
     /// `success`, `failed: N step(s)`, `interrupted` or `error: ...`.
     #[zbus(property)]
     fn last_apply_result(&self) -> String {
-        snapshot(&self.shared).last_apply_result
+        self.service.properties().last_apply_result
     }
 
     /// PersistentVolumes rendered but not yet accepted by the API server.
     #[zbus(property)]
     fn pending_publications(&self) -> u32 {
-        snapshot(&self.shared).pending_publications
+        self.service.properties().pending_publications
     }
 
     /// The daemon's state and the last apply's counters, as JSON.
     fn status(&self) -> Result<String, BusError> {
-        serde_json::to_string(&snapshot(&self.shared))
-            .map_err(|e| BusError::ReadFailed(e.to_string()))
+        self.service.status_json().map_err(BusError::ReadFailed)
     }
 
     /// The node's disks with identity and verdict, as JSON (`kvstrap disks -o json`), as
     /// the daemon saw them after its last run (`inventory_time`: seconds since the epoch).
     fn disks(&self) -> Result<String, BusError> {
-        last_read(&self.shared, |r| &r.disks)
+        self.document(Document::Disks)
     }
 
     /// The volumes kvstrap provides, as JSON (`kvstrap volumes -o json`), as of the last
     /// run (`inventory_time`).
     fn volumes(&self) -> Result<String, BusError> {
-        last_read(&self.shared, |r| &r.volumes)
+        self.document(Document::Volumes)
     }
 
     /// What a run would do, as JSON (`kvstrap plan -o json`), planned from the inventory
     /// read after the last run (`inventory_time`).
     fn plan(&self) -> Result<String, BusError> {
-        last_read(&self.shared, |r| &r.plan)
+        self.document(Document::Plan)
     }
 
     /// Run an apply now (root only) and return its summary as JSON when it has finished.
@@ -121,10 +150,10 @@ impl Bootstrap {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<String, BusError> {
         authorize(sender_uid(conn, &header).await?, "Apply")?;
-        let (tx, rx) = oneshot::channel();
-        self.triggers
-            .send(Trigger::Apply(Some(tx)))
-            .map_err(|_| stopping())?;
+        let rx = self
+            .service
+            .request_apply()
+            .map_err(|Stopping| stopping())?;
         let summary = rx
             .await
             .map_err(|_| stopping())?
@@ -144,10 +173,10 @@ impl Bootstrap {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), BusError> {
         authorize(sender_uid(conn, &header).await?, "Reload")?;
-        let (tx, rx) = oneshot::channel();
-        self.triggers
-            .send(Trigger::Reload(Some(tx)))
-            .map_err(|_| stopping())?;
+        let rx = self
+            .service
+            .request_reload()
+            .map_err(|Stopping| stopping())?;
         rx.await
             .map_err(|_| stopping())?
             .map_err(BusError::InvalidPolicy)
@@ -187,12 +216,11 @@ fn stopping() -> BusError {
 /// Connect to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` honoured), take the name, and serve
 /// on a thread of its own until a `BusEvent::Shutdown`. Returns once the name is owned.
 pub fn spawn(
-    shared: Shared,
-    triggers: Sender<Trigger>,
+    service: Arc<dyn Service>,
     events: UnboundedReceiver<BusEvent>,
 ) -> Result<JoinHandle<()>, zbus::Error> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let object = Bootstrap { shared, triggers };
+    let object = Bootstrap { service };
     let thread = std::thread::Builder::new()
         .name("dbus".into())
         .spawn(move || zbus::block_on(serve(object, events, ready_tx)))

@@ -28,7 +28,7 @@ impl PublishingEngine {
 }
 
 impl Engine for PublishingEngine {
-    fn apply(&self, _stop: &AtomicBool) -> Result<ApplySummary, EngineError> {
+    fn apply(&self, _run: &kvstrap::daemon::Run<'_>) -> Result<ApplySummary, EngineError> {
         self.applies.fetch_add(1, Ordering::SeqCst);
         if self.go.load(Ordering::SeqCst) {
             let desired = self.desired.lock().unwrap().clone();

@@ -1,9 +1,9 @@
-//! Client side for `kvstrap status`, `disks`, `volumes`: ask the running daemon over the
-//! system bus with the proxy generated from the served interface. `None` means the daemon
-//! is not reachable and the caller should read the node itself (and say so).
+//! The CLI's side of D-Bus: ask the running daemon over the system bus with the proxy
+//! generated from the served interface. It only talks to the bus; whether to read the node
+//! instead is decided by the caller ([`ClientError::daemon_absent`]).
 
-pub use super::server::BootstrapProxy;
-use super::{BusError, BUS_NAME};
+pub use crate::dbus::server::BootstrapProxy;
+use crate::dbus::{BusError, BUS_NAME};
 use std::time::Duration;
 
 /// What the CLI prints before falling back to reading the node itself.
@@ -19,6 +19,14 @@ pub enum ClientError {
     NotRunning,
     #[error("the daemon answered with an error: {0}")]
     Call(BusError),
+}
+
+impl ClientError {
+    /// No daemon to ask (no bus, or nobody owns the name), as opposed to a daemon that
+    /// is there and failed the call.
+    pub fn daemon_absent(&self) -> bool {
+        matches!(self, ClientError::NoBus(_) | ClientError::NotRunning)
+    }
 }
 
 /// A connection to the daemon.
@@ -68,34 +76,24 @@ fn ask<T>(
     })
 }
 
-fn or_fallback(what: &str, r: Result<String, ClientError>) -> Option<String> {
-    match r {
-        Ok(json) => Some(json),
-        Err(e) => {
-            tracing::debug!("cannot ask the daemon for {what}: {e}");
-            None
-        }
-    }
+/// The daemon's `Status` JSON.
+pub fn client_status() -> Result<String, ClientError> {
+    ask(async |p| p.status().await)
 }
 
-/// The daemon's `Status` JSON, or `None` when it does not run (print [`FALLBACK_NOTICE`]).
-pub fn client_status() -> Option<String> {
-    or_fallback("its status", ask(async |p| p.status().await))
+/// The daemon's `Disks` JSON.
+pub fn client_disks() -> Result<String, ClientError> {
+    ask(async |p| p.disks().await)
 }
 
-/// The daemon's `Disks` JSON, or `None` when it does not run.
-pub fn client_disks() -> Option<String> {
-    or_fallback("the disks", ask(async |p| p.disks().await))
+/// The daemon's `Volumes` JSON.
+pub fn client_volumes() -> Result<String, ClientError> {
+    ask(async |p| p.volumes().await)
 }
 
-/// The daemon's `Volumes` JSON, or `None` when it does not run.
-pub fn client_volumes() -> Option<String> {
-    or_fallback("the volumes", ask(async |p| p.volumes().await))
-}
-
-/// The daemon's `Plan` JSON, or `None` when it does not run.
-pub fn client_plan() -> Option<String> {
-    or_fallback("the plan", ask(async |p| p.plan().await))
+/// The daemon's `Plan` JSON.
+pub fn client_plan() -> Result<String, ClientError> {
+    ask(async |p| p.plan().await)
 }
 
 /// Ask the daemon to apply now (root only); the summary JSON when it finished.

@@ -1,11 +1,12 @@
-//! `kvstrap apply`, `status` and `volumes`: lock, observe, plan, execute, record.
+//! `kvstrap apply`, `status` and `volumes`: the node pipeline's pass and queries, printed
+//! for people (with progress on a terminal) or as JSON.
 
-use super::{execute, ApplyReport, StepResult};
-use crate::cli::args::{ApplyArgs, GlobalArgs, OutputFormat};
-use crate::cli::{load_policy, plan_context, print_json, scan};
-use crate::model::{Plan, VolumeMode};
+use super::args::{ApplyArgs, GlobalArgs, OutputFormat};
+use super::{from_daemon, load_policy, node, print_json, read_lock, Read, Source};
+use crate::apply::{ApplyReport, StepResult};
+use crate::model::Plan;
+use crate::node::{Event, Lock, PublishOnce, VolumeRow};
 use crate::plan::capacity::human;
-use crate::state;
 use anyhow::{Context, Result};
 use serde_json::json;
 use std::io::IsTerminal;
@@ -15,58 +16,38 @@ use std::time::Duration;
 
 pub fn apply(g: &GlobalArgs, a: &ApplyArgs) -> Result<i32> {
     let policy = load_policy(g)?;
-    let effects =
-        super::host_effects::HostEffects::new(&g.state_dir).context("cannot start the executor")?;
-    let _lock = state::lock(&state::lock_path(), Duration::from_secs(a.lock_timeout))?;
+    let node = node(g);
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         // The step in flight always finishes: a GPT write or mkfs is never abandoned.
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .context("cannot install signal handlers")?;
     }
-    let inventory = scan(g, Some(&policy))?;
-    let plan = crate::plan::plan(&policy, &inventory, &plan_context(g));
-    for r in &plan.refused {
-        tracing::warn!(disk = %r.disk.display(), "left alone: {}", r.reason);
-    }
-    for w in &plan.warnings {
-        tracing::warn!("{w}");
-    }
-    let report = if plan.steps.is_empty() {
-        ApplyReport::default()
-    } else {
-        let tty = std::io::stderr().is_terminal();
-        execute(&plan, &effects, &stop, &|n, total, step| {
-            if tty {
-                eprint!("\r\x1b[2K[{n}/{total}] {}", step.description);
-                if n == total {
-                    eprintln!();
-                }
+    let tty = std::io::stderr().is_terminal();
+    let progress = |event: Event<'_>| {
+        if let (Event::Step { n, total, report }, true) = (event, tty) {
+            eprint!("\r\x1b[2K[{n}/{total}] {}", report.description);
+            if n == total {
+                eprintln!();
             }
-        })
+        }
     };
-    let result = if report.failed() > 0 {
-        format!("failed: {} step(s)", report.failed())
-    } else {
-        "success".into()
+    let publish = PublishOnce {
+        state_dir: g.state_dir.clone(),
     };
-    state::save(&g.state_dir, &super::run_record(&plan, &report, &result))
-        .context("cannot record the apply in the state directory")?;
-    // Publish what exists now, no more and no less: look again after any change.
-    let after = if report.steps.is_empty() {
-        plan.clone()
-    } else {
-        crate::plan::plan(&policy, &scan(g, Some(&policy))?, &plan_context(g))
-    };
-    let desired = crate::kube::node::render(&policy, &after, &g.state_dir)
-        .context("cannot render the manifests")?;
-    if policy.kubernetes.publish {
-        let outcome = crate::kube::node::publish_now(&policy, &desired, &g.state_dir);
-        tracing::info!("{outcome}");
+    let report = node.converge(
+        &policy,
+        Lock::Wait(Duration::from_secs(a.lock_timeout)),
+        &stop,
+        &progress,
+        &publish,
+    )?;
+    if let Some(e) = &report.render_error {
+        anyhow::bail!("{e}");
     }
-    print_report(g, &plan, &report);
-    Ok(if report.failed() > 0 {
-        crate::cli::EXIT_FAILURE
+    print_report(g, &report.plan, &report.steps);
+    Ok(if report.steps.failed() > 0 {
+        super::EXIT_FAILURE
     } else {
         0
     })
@@ -104,10 +85,11 @@ fn print_report(g: &GlobalArgs, plan: &Plan, report: &ApplyReport) {
 }
 
 pub fn status(g: &GlobalArgs) -> Result<i32> {
-    if let Some(text) = crate::cli::from_daemon(g, crate::dbus::client::client_status) {
+    // The local answer reads only the state directory: safe whether a daemon runs or not.
+    if let Source::Daemon(text) = from_daemon(g, Read::Status) {
         let doc: serde_json::Value =
             serde_json::from_str(&text).context("the daemon sent a status kvstrap cannot read")?;
-        let kept = crate::kube::publisher::kept_publications(&g.state_dir);
+        let kept = node(g).kept();
         match g.output {
             OutputFormat::Json => print_json(&json!({ "daemon": doc, "kept_pvs": kept })),
             OutputFormat::Human => {
@@ -120,8 +102,7 @@ pub fn status(g: &GlobalArgs) -> Result<i32> {
         }
         return Ok(0);
     }
-    let st = state::load(&g.state_dir)?;
-    let kept = crate::kube::publisher::kept_publications(&g.state_dir);
+    let crate::node::queries::Recorded { state: st, kept } = node(g).recorded()?;
     match g.output {
         OutputFormat::Json => print_json(&json!({ "state": st, "kept_pvs": kept })),
         OutputFormat::Human => match st {
@@ -158,92 +139,22 @@ fn print_kept(kept: &[crate::kube::publisher::KeptPublication]) {
     }
 }
 
-/// One provided volume, as `kvstrap volumes` shows it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct VolumeRow {
-    pub name: String,
-    pub path: std::path::PathBuf,
-    pub capacity_bytes: u64,
-    pub volume_mode: VolumeMode,
-    pub storage_class: String,
-    pub group: String,
-    pub disk: std::path::PathBuf,
-    pub device: std::path::PathBuf,
-    /// `ready` when provisioned, `pending` while apply still has steps for it.
-    pub state: String,
-    /// The PersistentVolume that publishes it, once one was published.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pv_name: Option<String>,
-    /// Whether the PV was in the cluster at the last publish pass.
-    pub published: bool,
-    /// Its phase there: Available, Bound, Released, Failed.
-    pub phase: Option<String>,
-}
-
-/// Volumes of the plan with their state; a volume is ready when no step touches it.
-pub fn volume_rows(plan: &Plan) -> Vec<VolumeRow> {
-    plan.volumes()
-        .map(|v| {
-            let pending = plan.steps.iter().any(|s| match s {
-                crate::model::Step::CreateDirectory { path, .. }
-                | crate::model::Step::SetOwnership { path, .. }
-                | crate::model::Step::SetQuota { path, .. } => *path == v.path,
-                crate::model::Step::LinkBlockDevice { link, .. } => *link == v.path,
-                crate::model::Step::MakeFilesystem { device, .. }
-                | crate::model::Step::Mount { device, .. } => *device == v.device,
-                crate::model::Step::WritePartitionTable { disk, .. }
-                | crate::model::Step::WipeDisk { disk, .. } => *disk == v.disk,
-                crate::model::Step::AddPartitionNodes { disk, .. } => *disk == v.disk,
-            });
-            VolumeRow {
-                name: v.name.clone(),
-                path: v.path.clone(),
-                capacity_bytes: v.capacity_bytes,
-                volume_mode: v.volume_mode,
-                storage_class: v.storage_class.clone(),
-                group: v.group.clone(),
-                disk: v.disk.clone(),
-                device: v.device.clone(),
-                state: if pending { "pending" } else { "ready" }.into(),
-                pv_name: None,
-                published: false,
-                phase: None,
-            }
-        })
-        .collect()
-}
-
 pub fn volumes(g: &GlobalArgs) -> Result<i32> {
-    let rows = match crate::cli::from_daemon(g, crate::dbus::client::client_volumes) {
-        Some(text) => {
-            let doc: serde_json::Value = serde_json::from_str(&text)
+    let source = from_daemon(g, Read::Volumes);
+    let rows = match &source {
+        Source::Daemon(text) => {
+            let doc: serde_json::Value = serde_json::from_str(text)
                 .context("the daemon sent volumes kvstrap cannot read")?;
             serde_json::from_value(doc["volumes"].clone()).context("cannot read the volume list")?
         }
-        None => local_volume_rows(g)?,
+        Source::Local | Source::LocalLocked => {
+            let _lock = read_lock(g, &source)?;
+            node(g).volume_rows(&load_policy(g)?)?
+        }
     };
-    let kept = crate::kube::publisher::kept_publications(&g.state_dir);
+    let kept = node(g).kept();
     print_volumes(g, &rows, &kept);
     Ok(0)
-}
-
-/// Volumes of the node under the policy, with their last recorded publication.
-fn local_volume_rows(g: &GlobalArgs) -> Result<Vec<VolumeRow>> {
-    let policy = load_policy(g)?;
-    let inventory = scan(g, Some(&policy))?;
-    let plan = crate::plan::plan(&policy, &inventory, &plan_context(g));
-    let mut rows = volume_rows(&plan);
-    let volumes: Vec<_> = plan.volumes().cloned().collect();
-    let recorded =
-        crate::kube::publisher::recorded_publication(&g.state_dir, &policy.node.name, &volumes);
-    for r in &mut rows {
-        if let Some(p) = recorded.get(&r.name) {
-            r.pv_name = Some(p.pv_name.clone());
-            r.published = p.published;
-            r.phase = p.phase.clone();
-        }
-    }
-    Ok(rows)
 }
 
 fn print_volumes(
