@@ -7,7 +7,7 @@ mod common;
 mod daemon_support;
 
 use daemon_support::*;
-use kvstrap::dbus::client::{Client, ClientError};
+use kvstrap::cli::bus_client::{Client, ClientError};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -448,6 +448,71 @@ fn watchdog_is_fed_when_systemd_asks() {
     assert!(
         notify.wait_for("WATCHDOG=1", Duration::from_secs(2)),
         "fed again: {:?}",
+        notify.seen
+    );
+}
+
+/// Forget every notification sent so far, including those still queued on the socket.
+fn drain(notify: &mut NotifySocket) {
+    notify.wait_for("(drain)", Duration::from_millis(50));
+    notify.seen.clear();
+}
+
+#[test]
+fn watchdog_is_fed_while_a_run_makes_progress() {
+    if !can_run("watchdog_is_fed_while_a_run_makes_progress") {
+        return;
+    }
+    // 20 steps of 100 ms: a 2 s run, each step well within the 400 ms watchdog period.
+    let bus = TestBus::start();
+    let mut notify = NotifySocket::new();
+    let sim = "steps = 20\nstep_millis = 100\n";
+    let daemon =
+        DaemonProcess::start_env(&bus, &notify, sim, false, &[("WATCHDOG_USEC", "400000")]);
+    std::thread::sleep(Duration::from_millis(800));
+    drain(&mut notify);
+    assert!(
+        notify.wait_for("WATCHDOG=1", Duration::from_millis(600)),
+        "not fed in the middle of the run: {:?}\n{}",
+        notify.seen,
+        daemon.stderr()
+    );
+    assert!(
+        !notify.seen.iter().any(|l| l.contains("READY=1")),
+        "the run was over already: {:?}",
+        notify.seen
+    );
+}
+
+#[test]
+fn a_hung_step_starves_the_watchdog() {
+    if !can_run("a_hung_step_starves_the_watchdog") {
+        return;
+    }
+    // One step that takes 3 s, far longer than the 400 ms period: being busy is no proof
+    // of life, so the watchdog goes unfed until the step ends (systemd would restart the
+    // daemon), and is fed again once the daemon moves on.
+    let bus = TestBus::start();
+    let mut notify = NotifySocket::new();
+    let sim = "steps = 1\nstep_millis = 3000\n";
+    let daemon =
+        DaemonProcess::start_env(&bus, &notify, sim, false, &[("WATCHDOG_USEC", "400000")]);
+    std::thread::sleep(Duration::from_millis(900));
+    drain(&mut notify);
+    assert!(
+        !notify.wait_for("WATCHDOG=1", Duration::from_millis(1200)),
+        "fed while the step hung: {:?}\n{}",
+        notify.seen,
+        daemon.stderr()
+    );
+    assert!(
+        notify.wait_for("READY=1", Duration::from_secs(20)),
+        "{}",
+        daemon.stderr()
+    );
+    assert!(
+        notify.wait_for("WATCHDOG=1", Duration::from_secs(2)),
+        "not fed after the run: {:?}",
         notify.seen
     );
 }

@@ -1,12 +1,13 @@
 //! The client side `kvstrap status`/`disks`/`volumes` use: it finds the daemon on the bus
 //! named by DBUS_SYSTEM_BUS_ADDRESS, and says "not running" (None) when it is absent.
-//! One test function: it changes the process environment.
+//! The first test changes the process environment; the others give it to the `kvstrap`
+//! they start and leave the test's own environment alone.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod daemon_support;
 
 use daemon_support::*;
-use kvstrap::dbus::client::{self, Client, ClientError};
+use kvstrap::cli::bus_client::{self as client, Client, ClientError};
 use std::time::Duration;
 
 #[test]
@@ -21,7 +22,10 @@ fn client_asks_the_daemon_or_reports_it_absent() {
         "DBUS_SYSTEM_BUS_ADDRESS",
         "unix:path=/nonexistent/kvstrap-test-bus",
     );
-    assert_eq!(client::client_status(), None);
+    assert!(matches!(
+        client::client_status(),
+        Err(ClientError::NoBus(_))
+    ));
     let no_bus = zbus::block_on(Client::connect(None));
     assert!(
         matches!(no_bus, Err(ClientError::NoBus(_))),
@@ -31,7 +35,10 @@ fn client_asks_the_daemon_or_reports_it_absent() {
 
     // A bus without the daemon: "not running", not an error of the bus.
     std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", &bus.address);
-    assert_eq!(client::client_volumes(), None);
+    assert!(matches!(
+        client::client_volumes(),
+        Err(ClientError::NotRunning)
+    ));
     let absent = zbus::block_on(Client::connect(None));
     assert!(
         matches!(absent, Err(ClientError::NotRunning)),
@@ -66,4 +73,85 @@ fn client_asks_the_daemon_or_reports_it_absent() {
         serde_json::from_str(&client::client_apply().unwrap()).unwrap();
     assert_eq!(applied["result"], "success");
     client::client_reload().unwrap();
+}
+
+/// A daemon that owns the name but fails every call (a broken or half-started daemon).
+struct BrokenDaemon;
+
+#[zbus::interface(name = "org.kvstrap.Bootstrap1")]
+impl BrokenDaemon {
+    fn status(&self) -> zbus::fdo::Result<String> {
+        Err(zbus::fdo::Error::Failed("simulated status failure".into()))
+    }
+    fn disks(&self) -> zbus::fdo::Result<String> {
+        Err(zbus::fdo::Error::Failed("simulated disks failure".into()))
+    }
+    fn volumes(&self) -> zbus::fdo::Result<String> {
+        Err(zbus::fdo::Error::Failed("simulated volumes failure".into()))
+    }
+}
+
+/// `kvstrap ARGS` against the test bus, with a state directory and lock of its own.
+fn kvstrap(bus: &TestBus, dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kvstrap"))
+        .args(args)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        .env("KVSTRAP_STATE_DIR", dir.join("state"))
+        .env("KVSTRAP_LOCK", dir.join("lock"))
+        .env_remove("KVSTRAP_POLICY")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_failing_daemon_is_named_and_reads_fall_back_only_safely() {
+    if !can_run("a_failing_daemon_is_named_and_reads_fall_back_only_safely") {
+        return;
+    }
+    let bus = TestBus::start();
+    let _daemon = zbus::block_on(
+        zbus::connection::Builder::address(bus.address.as_str())
+            .name("org.kvstrap.Bootstrap1")
+            .serve_at("/org/kvstrap/Bootstrap1", BrokenDaemon)
+            .build(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    // Status falls back to the state directory, which never opens a disk: it answers,
+    // and says the daemon is there but failed, not that it is absent.
+    let status = kvstrap(&bus, dir.path(), &["status"]);
+    let (out, err) = (
+        String::from_utf8_lossy(&status.stdout),
+        String::from_utf8_lossy(&status.stderr),
+    );
+    assert!(status.status.success(), "{out}\n{err}");
+    assert!(
+        err.contains("the daemon is running but could not answer"),
+        "{err}"
+    );
+    assert!(err.contains("simulated status failure"), "{err}");
+    assert!(!err.contains("is not running"), "{err}");
+    assert!(out.contains("has not applied a policy"), "{out}");
+
+    // Disks and volumes would probe the disks: never while the daemon may be writing
+    // them. With its applier lock held, they refuse instead of scanning.
+    let lock = kvstrap::state::lock(&dir.path().join("lock"), Duration::ZERO).unwrap();
+    for command in ["disks", "volumes"] {
+        let read = kvstrap(&bus, dir.path(), &[command]);
+        let err = String::from_utf8_lossy(&read.stderr);
+        assert!(
+            !read.status.success(),
+            "{command} scanned under a held lock: {err}"
+        );
+        assert!(
+            err.contains("the daemon is running but could not answer"),
+            "{command}: {err}"
+        );
+        assert!(
+            err.contains("not reading the disks while the daemon may be writing them"),
+            "{command}: {err}"
+        );
+    }
+    drop(lock);
 }

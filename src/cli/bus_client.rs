@@ -17,8 +17,18 @@ pub enum ClientError {
     NoBus(zbus::Error),
     #[error("the kvstrap daemon is not running (nobody owns {BUS_NAME} on the system bus)")]
     NotRunning,
-    #[error("the daemon answered with an error: {0}")]
+    #[error("the daemon answered with an error: {}", call_text(.0))]
     Call(BusError),
+}
+
+/// The error's name and the daemon's own words: zbus says only "FDO error" for errors
+/// outside kvstrap's interface (a daemon of another version, a failing bus call).
+fn call_text(e: &BusError) -> String {
+    match e {
+        BusError::ZBus(zbus::Error::FDO(fdo)) => fdo.to_string(),
+        BusError::ZBus(zbus::Error::MethodError(name, Some(text), _)) => format!("{name}: {text}"),
+        other => other.to_string(),
+    }
 }
 
 impl ClientError {
