@@ -1,3 +1,5 @@
+//! Logging for the CLI and the daemon; it writes only to stderr and the journal socket.
+//!
 //! Logging for the CLI and the daemon: the journal's native protocol when stderr is
 //! connected to journald (structured fields, no timestamps), a plain formatter on stderr
 //! otherwise.

@@ -1,3 +1,5 @@
+//! The shared vocabulary (disks, inventory, steps, plan); pure data that touches nothing.
+//!
 //! The shared vocabulary: what the inventory observed, and what the planner decided.
 //! Pure data, no I/O. Everything here serializes to the JSON that `--output json` prints.
 

@@ -1,3 +1,5 @@
+//! Durable state: the applier lock and the state file; it touches only those two.
+//!
 //! Durable state: the applier lock, and the state file written atomically
 //! (temp file, fsync, rename, directory fsync). Discovery, not this file, decides safety:
 //! the state file only records what happened, for `status` and the daemon.

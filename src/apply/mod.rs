@@ -1,3 +1,5 @@
+//! The executor: runs a plan's steps, re-checked; it changes the machine only through `host`.
+//!
 //! The executor: runs a plan step by step, disks in parallel, each step re-checked against
 //! the machine right before it acts, and reports what every step changed. It never
 //! chooses what to do: that was the planner's job.

@@ -1,3 +1,5 @@
+//! The command line (arguments, output, exit status); it calls `node` or the bus, never a disk.
+//!
 //! The command-line interface: arguments, human and JSON output, exit status.
 //! Each command is a thin wrapper: load, observe, decide (pure), print.
 

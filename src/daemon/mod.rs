@@ -1,3 +1,5 @@
+//! The storage service: triggers, one run at a time, systemd and the bus; runs are `node`'s.
+//!
 //! `kvstrap daemon`: the wiring of the node's storage service. Triggers (uevents, SIGHUP,
 //! periodic resync, D-Bus, PV changes) are funnelled into one reconcile loop that runs one
 //! apply at a time with the applier lock held; sd_notify, signals and shutdown live here.

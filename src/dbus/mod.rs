@@ -1,3 +1,5 @@
+//! The D-Bus interface `org.kvstrap.Bootstrap1`; it talks to the bus and asks a `Service`.
+//!
 //! The D-Bus interface `org.kvstrap.Bootstrap1`: names, typed errors, the served object
 //! (argument checks, caller authorization, error mapping) and its generated proxy. It
 //! never executes steps or reads the node: it asks a [`server::Service`] (the daemon).

@@ -1,3 +1,5 @@
+//! The only code that changes the machine (programs, GPTs, ioctls, mounts); it knows no policy.
+//!
 //! host: the only code that changes the machine — runs programs, writes partition tables,
 //! issues ioctls, mounts, creates directories and sets quotas. No policy, no planning.
 //!

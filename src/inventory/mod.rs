@@ -1,3 +1,5 @@
+//! Read-only observation of the machine (sysfs, libblkid, mountinfo, swaps); it writes nothing.
+//!
 //! Read-only observation of the machine: sysfs, libblkid, mountinfo, /proc/swaps.
 //! `scan` never fails because of one device: what cannot be read about a disk is
 //! reported on that disk (`InUse::Unreadable`), and the scan goes on.

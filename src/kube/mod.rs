@@ -1,3 +1,5 @@
+//! Publication to Kubernetes (PVs, manifests, apply, reclaim); disks only to scrub a volume.
+//!
 //! Publication to Kubernetes: pure PV/StorageClass builders, manifests on disk, a background
 //! publisher (server-side apply, retries) and the reconciler that keeps the cluster true.
 //! Never touches disks except to scrub a released volume; never blocks local provisioning.

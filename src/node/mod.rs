@@ -1,3 +1,5 @@
+//! The node's storage pipeline (one converge pass, shared queries); disks only through `apply`.
+//!
 //! The node's storage pipeline, written once for the CLI and the daemon: explicit inputs,
 //! one converge pass (lock → scan → plan → execute → scan again → render → publish →
 //! record) and the read queries both answer. It may use policy, inventory, plan, apply,

@@ -1,3 +1,5 @@
+//! The planner: every decision, as a pure function; it touches nothing (no I/O, no clock).
+//!
 //! The planner: a pure, deterministic function of (policy, inventory, context) that
 //! decides everything — which disks each group gets, their layout, and the ordered steps
 //! with reasons. No I/O, no clock: the same input always gives the same plan.

@@ -1,3 +1,5 @@
+//! The TOML policy (load, merge, validate); it reads policy files and touches nothing else.
+//!
 //! The TOML policy: raw fragments, drop-in merge, validation with file:line:col.
 //! `types` is the validated result the planner consumes.
 //!
