@@ -127,7 +127,7 @@ pub fn status(g: &GlobalArgs) -> Result<i32> {
 }
 
 /// PVs kept in the cluster for volumes gone from this node (from the publisher's ledger).
-fn print_kept(kept: &[crate::kube::publisher::KeptPublication]) {
+fn print_kept(kept: &[crate::node::queries::KeptPublication]) {
     for k in kept {
         println!(
             "kept PersistentVolume {} ({}): volume {} is gone from this node; delete the claim \
@@ -160,7 +160,7 @@ pub fn volumes(g: &GlobalArgs) -> Result<i32> {
 fn print_volumes(
     g: &GlobalArgs,
     rows: &[VolumeRow],
-    kept: &[crate::kube::publisher::KeptPublication],
+    kept: &[crate::node::queries::KeptPublication],
 ) {
     match g.output {
         OutputFormat::Json => print_json(&json!({ "volumes": rows, "kept_pvs": kept })),

@@ -43,10 +43,12 @@ pub enum NodeError {
     Observe(String),
     #[error("{0}")]
     Execute(String),
+    // The cause is in the text, not a `source`: the daemon shows only the text, and the
+    // CLI would print a source a second time as "caused by".
     #[error("cannot record the apply in the state directory: {0}")]
-    Record(#[source] crate::state::StateError),
+    Record(crate::state::StateError),
     #[error("cannot read the state directory: {0}")]
-    State(#[source] crate::state::StateError),
+    State(crate::state::StateError),
 }
 
 /// The node as the pipeline sees it: its inputs, and the functions every caller shares.

@@ -2,7 +2,8 @@
 //! the volume rows, the status on record. They observe and plan; they never change a disk.
 
 use super::{Node, NodeError};
-use crate::kube::publisher::{kept_publications, recorded_publication, KeptPublication};
+pub use crate::kube::publisher::KeptPublication;
+use crate::kube::publisher::{kept_publications, recorded_publication};
 use crate::model::{Inventory, Plan, VolumeMode};
 use crate::policy::Policy;
 use crate::state::{self, State};
