@@ -143,3 +143,90 @@ fn failed_disks(report: &ApplyReport) -> Vec<FailedDisk> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::StepReport;
+    use crate::node::Look;
+    use std::time::SystemTime;
+
+    fn step(disk: &str, result: StepResult, transient: bool) -> StepReport {
+        StepReport {
+            action: "write_partition_table",
+            disk: disk.into(),
+            description: format!("write GPT on {disk}"),
+            result,
+            transient,
+            millis: 1,
+        }
+    }
+
+    fn failed(error: &str) -> StepResult {
+        StepResult::Failed {
+            error: error.into(),
+        }
+    }
+
+    fn report(steps: Vec<StepReport>, busy: Vec<FailedDisk>, interrupted: bool) -> Report {
+        let plan = Plan {
+            node: "n".into(),
+            storage_root: "/s".into(),
+            groups: Vec::new(),
+            refused: Vec::new(),
+            warnings: Vec::new(),
+            steps: Vec::new(),
+            totals: Default::default(),
+        };
+        Report {
+            plan: plan.clone(),
+            steps: ApplyReport { steps },
+            after: Look {
+                time: SystemTime::now(),
+                inventory: Inventory::default(),
+                plan,
+            },
+            busy,
+            interrupted,
+            render_error: None,
+        }
+    }
+
+    #[test]
+    fn the_summary_names_each_failed_disk_once_and_counts_busy_disks_as_transient() {
+        let busy = FailedDisk {
+            disk: "/dev/c".into(),
+            error: "left alone: held open".into(),
+        };
+        let s = report(
+            vec![
+                step("/dev/a", failed("EBUSY"), true),
+                step("/dev/a", StepResult::Skipped, false),
+                step("/dev/b", StepResult::Changed { what: "x".into() }, false),
+                step("/dev/b", failed("mkfs failed"), false),
+            ],
+            vec![busy.clone()],
+            false,
+        )
+        .summary();
+        assert_eq!((s.steps_run, s.changed, s.failed), (3, 1, 2));
+        assert_eq!(s.result, "failed: 2 step(s)");
+        assert_eq!(s.transient, 2, "one transient step and one busy disk");
+        let disks: Vec<&str> = s.failed_disks.iter().map(|f| f.disk.as_str()).collect();
+        assert_eq!(disks, ["/dev/a", "/dev/b", "/dev/c"]);
+        assert_eq!(s.failed_disks[0].error, "EBUSY");
+        assert_eq!(s.failed_disks[2], busy);
+    }
+
+    #[test]
+    fn an_interrupted_pass_says_so_and_is_not_worth_an_immediate_retry() {
+        let s = report(
+            vec![step("/dev/a", StepResult::Skipped, false)],
+            Vec::new(),
+            true,
+        )
+        .summary();
+        assert_eq!(s.result, "interrupted");
+        assert!(!s.succeeded() && !s.transient_failure());
+    }
+}
