@@ -30,7 +30,7 @@ fi
 # when they are missing.
 echo "kube control plane assets: ${KVSTRAP_KUBE_ASSETS:-$(cd .. && pwd)/shared/kube-control-plane}"
 # Bounded fuzzing of load+validate rides along in the proptest cases.
-PROPTEST_CASES=${PROPTEST_CASES:-4096} KVSTRAP_REAL_ENGINE=1 cargo nextest run --locked --no-fail-fast
+PROPTEST_CASES=${PROPTEST_CASES:-4096} cargo nextest run --locked --no-fail-fast
 
 if [ "$(id -u)" = 0 ]; then
     log "quotas on a kernel that has them (Debian's kernel under qemu; this machine's lacks them)"

@@ -498,7 +498,9 @@ fn spawn_watchdog(heartbeat: &Heartbeat) {
         .name("watchdog".into())
         .spawn(move || loop {
             std::thread::sleep(period / 2);
-            if hb.alive_within(period) {
+            // A program inside its time limit (mkfs discarding a large disk) is bounded
+            // work; past the limit it no longer counts and the watchdog fires.
+            if hb.alive_within(period) || crate::host::cmd::program_running_within_limit() {
                 let _ = sd_notify::notify(&[NotifyState::Watchdog]);
             }
         });
@@ -738,16 +740,12 @@ impl Reconciler {
         );
         // The unit's TimeoutStartSec= is ample, but a retried run may be long (mkfs):
         // ask for the wait plus room for one more run; systemd never shortens it.
-        let extend = delay + FIRST_RUN_EXTEND;
-        let usec = u32::try_from(extend.as_micros()).unwrap_or(u32::MAX);
+        extend_start_timeout(delay + FIRST_RUN_EXTEND);
         let line = format!(
             "{}; retrying in {delay:.1?}",
             status_line(&snapshot(&self.shared))
         );
-        let _ = sd_notify::notify(&[
-            NotifyState::ExtendTimeoutUsec(usec),
-            NotifyState::Status(&line),
-        ]);
+        let _ = sd_notify::notify(&[NotifyState::Status(&line)]);
         self.retry_at = Some(Instant::now() + delay);
     }
 
@@ -760,10 +758,28 @@ impl Reconciler {
             self.refresh_reads();
         }
         let heartbeat = &self.heartbeat;
+        // Before READY, progress also extends systemd's start timeout: a first apply that
+        // keeps moving (mkfs of sixty disks) is never killed for being long, one stuck in
+        // a step still is. Rate-limited: a message per step would flood the manager.
+        let before_ready = !self.ready_sent;
+        let last_extend = Mutex::new(None::<Instant>);
+        let progress = || {
+            heartbeat.beat();
+            if !before_ready {
+                return;
+            }
+            let Ok(mut last) = last_extend.lock() else {
+                return;
+            };
+            if last.is_none_or(|t| t.elapsed() >= EXTEND_EVERY) {
+                *last = Some(Instant::now());
+                extend_start_timeout(FIRST_RUN_EXTEND);
+            }
+        };
         let run = Run {
             stop: &self.stop,
             lock: &lock,
-            progress: &|| heartbeat.beat(),
+            progress: &progress,
         };
         let outcome = self.engine.apply(&run).map_err(|e| e.to_string());
         // Still under the lock: the look at the node never overlaps an apply.
@@ -833,6 +849,16 @@ impl Reconciler {
 
 /// How much longer than a retry's wait the start timeout is extended by.
 const FIRST_RUN_EXTEND: Duration = Duration::from_secs(90);
+
+/// How often a progressing first run re-extends the start timeout.
+const EXTEND_EVERY: Duration = Duration::from_secs(10);
+
+/// `EXTEND_TIMEOUT_USEC`: systemd waits `extend` more from now before it gives up on the
+/// start; it never shortens `TimeoutStartSec=` this way.
+fn extend_start_timeout(extend: Duration) {
+    let usec = u32::try_from(extend.as_micros()).unwrap_or(u32::MAX);
+    let _ = sd_notify::notify(&[NotifyState::ExtendTimeoutUsec(usec)]);
+}
 
 fn finished_event(outcome: &Result<ApplySummary, String>) -> BusEvent {
     match outcome {

@@ -5,8 +5,9 @@ use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Directories searched for programs, in order. PATH is deliberately not used: a daemon
 /// that formats disks must not run whatever `mkfs.xfs` comes first in someone's PATH.
@@ -132,12 +133,55 @@ pub fn run_path(path: &Path, args: &[OsString]) -> Result<String, CmdError> {
 }
 
 /// [`run_path`] with another time limit.
+/// Deadlines of the programs running now, by a number of their own. A program inside its
+/// time limit is bounded work, not a hang: mkfs.xfs discarding a large SSD may take minutes
+/// without a step finishing, and the daemon's watchdog must not restart it for that.
+static RUNNING: Mutex<Vec<(u64, Instant)>> = Mutex::new(Vec::new());
+static NEXT_RUN_ID: AtomicU64 = AtomicU64::new(0);
+
+/// Whether a program is running inside its time limit right now. Past the limit the
+/// program is killed; one that does not die (a process stuck in the kernel) stops
+/// counting, so a watchdog fed by this still fires.
+pub fn program_running_within_limit() -> bool {
+    let now = Instant::now();
+    RUNNING
+        .lock()
+        .map(|running| running.iter().any(|(_, deadline)| *deadline > now))
+        .unwrap_or(false)
+}
+
+/// Registers one running program for [`program_running_within_limit`] while it lives.
+struct RunningGuard(u64);
+
+impl RunningGuard {
+    fn new(timeout: Duration) -> RunningGuard {
+        let id = NEXT_RUN_ID.fetch_add(1, Ordering::Relaxed);
+        // A grace beyond the limit covers the kill and the reaping.
+        let deadline = Instant::now()
+            .checked_add(timeout.saturating_add(Duration::from_secs(5)))
+            .unwrap_or_else(Instant::now);
+        if let Ok(mut running) = RUNNING.lock() {
+            running.push((id, deadline));
+        }
+        RunningGuard(id)
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        if let Ok(mut running) = RUNNING.lock() {
+            running.retain(|(id, _)| *id != self.0);
+        }
+    }
+}
+
 pub fn run_path_within(
     path: &Path,
     args: &[OsString],
     timeout: Duration,
 ) -> Result<String, CmdError> {
     let argv = render_argv(path, args);
+    let _running = RunningGuard::new(timeout);
     tracing::debug!(%argv, "running");
     let child = Command::new(path)
         .args(args)
@@ -222,6 +266,31 @@ mod tests {
         let p = dir.join(name);
         std::fs::write(&p, format!("#!/bin/sh\n{script}\n")).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[test]
+    fn a_program_counts_as_running_while_it_runs_and_not_after() {
+        let sleeper = std::thread::spawn(|| {
+            run_path_within(
+                Path::new("/bin/sleep"),
+                &["0.5".into()],
+                Duration::from_secs(10),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(program_running_within_limit());
+        assert!(sleeper.join().is_ok_and(|r| r.is_ok()));
+        // Other tests may run programs at the same time: check this registration only.
+        let guard = RunningGuard::new(Duration::from_secs(10));
+        let id = guard.0;
+        let registered = |id| {
+            RUNNING
+                .lock()
+                .is_ok_and(|r| r.iter().any(|(i, _)| *i == id))
+        };
+        assert!(registered(id));
+        drop(guard);
+        assert!(!registered(id));
     }
 
     #[test]
