@@ -131,6 +131,7 @@ pub fn set_quota(path: &Path, project_id: u32, bytes: u64) -> Result<Outcome, Qu
     let mut changes = Vec::new();
     if set_project(&file, path, project_id)? {
         changes.push(format!("project {project_id}"));
+        crate::host::failpoint("quota_project_set");
     }
     let device = mount::mount_of(path)?.source;
     let limit_bb = bytes.div_ceil(BASIC_BLOCK);
