@@ -217,7 +217,8 @@ impl Effects for HostEffects {
         part_uuid: &uuid::Uuid,
     ) -> Result<Outcome, ApplyError> {
         is_partition(disk, target, part_uuid)?;
-        Ok(host::dirs::link_block_device(link, target).map_err(host::Error::from)?)
+        let to = host::dirs::block_link_target(target, part_uuid);
+        Ok(host::dirs::link_block_device(link, &to).map_err(host::Error::from)?)
     }
 }
 
