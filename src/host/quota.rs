@@ -183,6 +183,21 @@ pub fn get_quota(path: &Path) -> Result<QuotaInfo, QuotaError> {
     })
 }
 
+/// The project id of `dir`; None where the filesystem has no project ids. (The inventory
+/// reads it here too: one `fsxattr` declaration.)
+pub fn project_id(dir: &Path) -> Option<u32> {
+    let file = File::open(dir).ok()?;
+    get_xattr(&file, dir).ok().map(|a| a.projid)
+}
+
+/// The hard block limit of project `id` on the filesystem of `device`, in bytes; None when
+/// quotas are off, or no limit is set. Works for xfs and ext4 alike.
+pub fn project_limit(device: &Path, id: u32) -> Option<u64> {
+    let dq = get_dquot(device.to_str()?, device, id).ok()??;
+    let bytes = dq.blk_hardlimit.saturating_mul(BASIC_BLOCK);
+    (bytes > 0).then_some(bytes)
+}
+
 fn get_xattr(file: &File, path: &Path) -> Result<FsXattr, QuotaError> {
     let mut attr = FsXattr::default();
     // SAFETY: the ioctl fills one struct fsxattr.
