@@ -605,8 +605,8 @@ fn wipe_refuses_a_disk_in_use() {
 }
 
 /// A kill inside a wipe (after some signatures were erased, before the others) leaves a
-/// disk that still carries signatures; killed again at the next one, then run to the end,
-/// the wipe finishes: nothing left, no ghost filesystem.
+/// disk that still carries signatures; killed again at the next one, then killed right
+/// after a wipe that ran to the end, the wipe is finished: nothing left, nothing to redo.
 #[test]
 fn a_wipe_killed_halfway_is_finished_by_the_next_one() {
     if !common::require_root("a_wipe_killed_halfway_is_finished_by_the_next_one") {
@@ -627,12 +627,12 @@ fn a_wipe_killed_halfway_is_finished_by_the_next_one() {
             .map(|s| s.kind)
             .collect()
     };
-    let wipe_killed = || {
+    let wipe_killed = |failpoint: &str| {
         let child = common::run_ignored_test_in_child(
             "failpoint_child",
             &[
                 ("KVSTRAP_TEST_WIPE", disk.path.to_str().unwrap()),
-                ("KVSTRAP_FAILPOINT", "wipe_signature_erased"),
+                ("KVSTRAP_FAILPOINT", failpoint),
             ],
         );
         assert_eq!(
@@ -643,16 +643,18 @@ fn a_wipe_killed_halfway_is_finished_by_the_next_one() {
         );
     };
     // Killed after the first erase: the ext4 of partition 1 is gone, the rest is there.
-    wipe_killed();
+    wipe_killed("wipe_signature_erased");
     assert!(kinds(p1).is_empty(), "{:?}", kinds(p1));
     assert_eq!(kinds(p2), ["swap"]);
     assert!(kinds(&disk.path).contains(&"gpt".to_string()));
     // Killed again, at the next signature.
-    wipe_killed();
+    wipe_killed("wipe_signature_erased");
     assert!(kinds(p2).is_empty(), "{:?}", kinds(p2));
     assert!(kinds(&disk.path).contains(&"gpt".to_string()));
-    // The next wipe finishes: the disk's own signatures and the kernel's partitions.
-    assert!(wipe::wipe_disk(&disk.path).unwrap().is_changed());
+    // The next wipe finishes (killed right after it): the disk's own signatures and the
+    // kernel's partitions are gone, and one more wipe has nothing left to do.
+    wipe_killed("wipe_disk");
+    assert_eq!(wipe::wipe_disk(&disk.path).unwrap(), Outcome::Unchanged);
     assert!(kinds(&disk.path).is_empty());
     assert!(blkpg::kernel_partitions(&disk.path).unwrap().is_empty());
     let wipefs = output("wipefs", &["--no-act", &disk.path.to_string_lossy()]);
