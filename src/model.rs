@@ -305,6 +305,17 @@ pub struct Owner {
     pub mode: u32,
 }
 
+/// udev's name for a partition by its GPT UUID, beside the kernel node `device`
+/// (`/dev/vdb1` -> `/dev/disk/by-partuuid/<uuid>`). It follows the partition when kernel
+/// names move between boots, so a Block volume's link may point there.
+pub fn by_partuuid_path(device: &std::path::Path, part_uuid: &uuid::Uuid) -> PathBuf {
+    device
+        .parent()
+        .unwrap_or_else(|| std::path::Path::new("/dev"))
+        .join("disk/by-partuuid")
+        .join(part_uuid.to_string())
+}
+
 /// The largest unit a filesystem rounds a quota limit up to: xfs keeps limits in whole
 /// filesystem blocks (up to 64 KiB), ext4's quota file in 1 KiB units.
 pub const QUOTA_LIMIT_GRANULE: u64 = 64 * 1024;

@@ -604,10 +604,71 @@ fn wipe_refuses_a_disk_in_use() {
     );
 }
 
-/// Child half of the failpoint test, run by it in a subprocess (hence ignored).
+/// A kill inside a wipe (after some signatures were erased, before the others) leaves a
+/// disk that still carries signatures; killed again at the next one, then killed right
+/// after a wipe that ran to the end, the wipe is finished: nothing left, nothing to redo.
 #[test]
-#[ignore = "run by failpoint_kills_the_process_after_the_effect"]
+fn a_wipe_killed_halfway_is_finished_by_the_next_one() {
+    if !common::require_root("a_wipe_killed_halfway_is_finished_by_the_next_one") {
+        return;
+    }
+    let programs = Programs::discover();
+    let disk = LoopDisk::new(64 * MIB);
+    let l = layout(&disk, 64 * MIB, &[16, 16]);
+    partition(&l);
+    let (p1, p2) = (&l.partitions[0].device, &l.partitions[1].device);
+    let mnt = tempfile::tempdir().unwrap();
+    mkfs::make_filesystem(&programs, p1, &fs_spec(FsType::Ext4, mnt.path(), false)).unwrap();
+    common::run_on("mkswap", &[], p2);
+    let kinds = |dev: &Path| -> Vec<String> {
+        probe::signatures(dev)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.kind)
+            .collect()
+    };
+    let wipe_killed = |failpoint: &str| {
+        let child = common::run_ignored_test_in_child(
+            "failpoint_child",
+            &[
+                ("KVSTRAP_TEST_WIPE", disk.path.to_str().unwrap()),
+                ("KVSTRAP_FAILPOINT", failpoint),
+            ],
+        );
+        assert_eq!(
+            child.status.code(),
+            Some(137),
+            "{}",
+            String::from_utf8_lossy(&child.stderr)
+        );
+    };
+    // Killed after the first erase: the ext4 of partition 1 is gone, the rest is there.
+    wipe_killed("wipe_signature_erased");
+    assert!(kinds(p1).is_empty(), "{:?}", kinds(p1));
+    assert_eq!(kinds(p2), ["swap"]);
+    assert!(kinds(&disk.path).contains(&"gpt".to_string()));
+    // Killed again, at the next signature.
+    wipe_killed("wipe_signature_erased");
+    assert!(kinds(p2).is_empty(), "{:?}", kinds(p2));
+    assert!(kinds(&disk.path).contains(&"gpt".to_string()));
+    // The next wipe finishes (killed right after it): the disk's own signatures and the
+    // kernel's partitions are gone, and one more wipe has nothing left to do.
+    wipe_killed("wipe_disk");
+    assert_eq!(wipe::wipe_disk(&disk.path).unwrap(), Outcome::Unchanged);
+    assert!(kinds(&disk.path).is_empty());
+    assert!(blkpg::kernel_partitions(&disk.path).unwrap().is_empty());
+    let wipefs = output("wipefs", &["--no-act", &disk.path.to_string_lossy()]);
+    assert!(wipefs.trim().is_empty(), "{wipefs}");
+}
+
+/// Child half of the failpoint tests, run by them in a subprocess (hence ignored).
+#[test]
+#[ignore = "run by failpoint_kills_the_process_after_the_effect and a_wipe_killed_halfway_is_finished_by_the_next_one"]
 fn failpoint_child() {
+    if let Ok(disk) = std::env::var("KVSTRAP_TEST_WIPE") {
+        let _ = wipe::wipe_disk(Path::new(&disk));
+        panic!("failpoint did not fire");
+    }
     let (Ok(disk), Ok(size)) = (
         std::env::var("KVSTRAP_TEST_DISK"),
         std::env::var("KVSTRAP_TEST_SIZE"),
@@ -631,20 +692,16 @@ fn failpoint_kills_the_process_after_the_effect() {
     let dir = tempfile::tempdir().unwrap();
     let json: PathBuf = dir.path().join("layout.json");
     std::fs::write(&json, serde_json::to_string(&l).unwrap()).unwrap();
-    let status = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "failpoint_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("KVSTRAP_TEST_DISK", &json)
-        .env("KVSTRAP_TEST_SIZE", l.size_bytes.to_string())
-        .env("KVSTRAP_FAILPOINT", "write_partition_table")
-        .status()
-        .unwrap();
-    assert_eq!(status.code(), Some(137));
+    let size = l.size_bytes.to_string();
+    let child = common::run_ignored_test_in_child(
+        "failpoint_child",
+        &[
+            ("KVSTRAP_TEST_DISK", json.to_str().unwrap()),
+            ("KVSTRAP_TEST_SIZE", &size),
+            ("KVSTRAP_FAILPOINT", "write_partition_table"),
+        ],
+    );
+    assert_eq!(child.status.code(), Some(137));
     // The effect before the failpoint is durable; the next step never ran.
     assert_eq!(
         gpt::read_partition_table(&disk.path).unwrap(),

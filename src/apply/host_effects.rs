@@ -110,15 +110,12 @@ impl Effects for HostEffects {
                 format!("it now carries {}", foreign.join(", ")),
             ));
         }
-        if sigs.iter().any(|s| s.kind == "gpt") {
-            let table = host::gpt::read_partition_table(disk).map_err(host::Error::from)?;
-            if table.as_ref() != Some(&host::gpt::GptTable::from_layout(layout)) {
-                return Err(refused(
-                    "write partition table",
-                    disk,
-                    "a partition table appeared since the plan was made",
-                ));
-            }
+        if sigs.iter().any(|s| s.kind == "gpt") && table_on_disk(layout)? == OnDisk::Other {
+            return Err(refused(
+                "write partition table",
+                disk,
+                "a partition table appeared since the plan was made",
+            ));
         }
         drop(host::probe::exclusive_open(disk).map_err(host::Error::from)?);
         let written = host::gpt::write_partition_table(layout).map_err(host::Error::from)?;
@@ -129,18 +126,21 @@ impl Effects for HostEffects {
 
     fn sync_partitions(&self, layout: &DiskLayout) -> Result<Outcome, ApplyError> {
         check_identity("add partition nodes", &layout.disk, &layout.identity)?;
-        let table = host::gpt::read_partition_table(&layout.disk).map_err(host::Error::from)?;
-        if table.as_ref() != Some(&host::gpt::GptTable::from_layout(layout)) {
-            return Err(refused(
-                "add partition nodes",
-                &layout.disk,
-                "the GPT on disk is not the one planned",
-            ));
-        }
-        Ok(
-            host::blkpg::sync_partitions(&layout.disk, &layout.partitions)
-                .map_err(host::Error::from)?,
-        )
+        let repaired = match table_on_disk(layout)? {
+            OnDisk::Planned => Outcome::Unchanged,
+            // Our own write of this table, cut short between its headers: finish it.
+            OnDisk::Torn => host::gpt::write_partition_table(layout).map_err(host::Error::from)?,
+            OnDisk::Other => {
+                return Err(refused(
+                    "add partition nodes",
+                    &layout.disk,
+                    "the GPT on disk is not the one planned",
+                ))
+            }
+        };
+        let synced = host::blkpg::sync_partitions(&layout.disk, &layout.partitions)
+            .map_err(host::Error::from)?;
+        Ok(repaired.and(synced))
     }
 
     fn make_filesystem(
@@ -217,8 +217,33 @@ impl Effects for HostEffects {
         part_uuid: &uuid::Uuid,
     ) -> Result<Outcome, ApplyError> {
         is_partition(disk, target, part_uuid)?;
-        Ok(host::dirs::link_block_device(link, target).map_err(host::Error::from)?)
+        let to = host::dirs::block_link_target(target, part_uuid);
+        Ok(host::dirs::link_block_device(link, &to).map_err(host::Error::from)?)
     }
+}
+
+/// The GPT on a disk, compared with the planned one.
+#[derive(Debug, PartialEq, Eq)]
+enum OnDisk {
+    /// Exactly the planned table, both headers valid.
+    Planned,
+    /// The planned entries behind one valid header: a write of this very table was cut
+    /// short between the backup and the primary header (libblkid still reports a GPT).
+    Torn,
+    /// Anything else: not ours to overwrite.
+    Other,
+}
+
+fn table_on_disk(layout: &DiskLayout) -> Result<OnDisk, ApplyError> {
+    let planned = Some(host::gpt::GptTable::from_layout(layout));
+    let disk = &layout.disk;
+    if host::gpt::read_partition_table(disk).map_err(host::Error::from)? == planned {
+        return Ok(OnDisk::Planned);
+    }
+    if host::gpt::read_partition_table_any_header(disk).map_err(host::Error::from)? == planned {
+        return Ok(OnDisk::Torn);
+    }
+    Ok(OnDisk::Other)
 }
 
 /// A Block volume's link must never point at another disk's partition (kernel names move

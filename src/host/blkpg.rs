@@ -242,6 +242,7 @@ pub fn apply_delta(disk: &Path, delta: &PartitionDelta) -> Result<(), BlkpgError
             }) => already_there(disk, n, start, len)?,
             other => other?,
         }
+        crate::host::failpoint("partition_added");
     }
     Ok(())
 }

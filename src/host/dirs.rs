@@ -223,6 +223,21 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
+/// Where a Block volume's link should point: udev's `/dev/disk/by-partuuid/<uuid>` when it
+/// exists and names the same node as the kernel name `device` (which the caller proved to
+/// be the partition `part_uuid`), so the link follows the partition when kernel names
+/// move; otherwise (no udev) the kernel name itself.
+pub fn block_link_target(device: &Path, part_uuid: &uuid::Uuid) -> PathBuf {
+    let stable = crate::model::by_partuuid_path(device, part_uuid);
+    match (
+        std::fs::canonicalize(&stable),
+        std::fs::canonicalize(device),
+    ) {
+        (Ok(a), Ok(b)) if a == b => stable,
+        _ => device.to_path_buf(),
+    }
+}
+
 /// Point the symlink `link` at `target`, atomically (temporary link + rename). Creates
 /// the link's parent directories. A non-symlink at `link` is an error.
 pub fn link_block_device(link: &Path, target: &Path) -> Result<Outcome, DirError> {
@@ -259,6 +274,46 @@ pub fn link_block_device(link: &Path, target: &Path) -> Result<Outcome, DirError
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    /// A fake /dev: `vdb1` and `vdc1` nodes (plain files), and udev's by-partuuid links
+    /// as given.
+    fn fake_dev(links: &[(&uuid::Uuid, &str)]) -> tempfile::TempDir {
+        let dev = tempfile::tempdir().unwrap();
+        std::fs::write(dev.path().join("vdb1"), b"").unwrap();
+        std::fs::write(dev.path().join("vdc1"), b"").unwrap();
+        let by_uuid = dev.path().join("disk/by-partuuid");
+        std::fs::create_dir_all(&by_uuid).unwrap();
+        for (uuid, node) in links {
+            std::os::unix::fs::symlink(format!("../../{node}"), by_uuid.join(uuid.to_string()))
+                .unwrap();
+        }
+        dev
+    }
+
+    #[test]
+    fn block_links_point_at_by_partuuid_where_udev_made_it() {
+        let part = uuid::Uuid::from_u128(0x6b76_7374_7261_7000_8000_0000_0000_0001);
+        let dev = fake_dev(&[(&part, "vdb1")]);
+        let vdb1 = dev.path().join("vdb1");
+        assert_eq!(
+            block_link_target(&vdb1, &part),
+            dev.path().join(format!("disk/by-partuuid/{part}"))
+        );
+    }
+
+    #[test]
+    fn block_links_keep_the_kernel_name_without_udev_or_when_udev_disagrees() {
+        let part = uuid::Uuid::from_u128(1);
+        // No udev: no by-partuuid link at all.
+        let dev = fake_dev(&[]);
+        let vdb1 = dev.path().join("vdb1");
+        assert_eq!(block_link_target(&vdb1, &part), vdb1);
+        // A by-partuuid link naming another node (a stale or cloned partition UUID) is
+        // not trusted over the partition the executor just verified.
+        let dev = fake_dev(&[(&part, "vdc1")]);
+        let vdb1 = dev.path().join("vdb1");
+        assert_eq!(block_link_target(&vdb1, &part), vdb1);
+    }
 
     fn me(mode: u32) -> Owner {
         Owner {

@@ -1,5 +1,7 @@
 //! Test-only fault injection: `KVSTRAP_FAILPOINT=<name>` kills the process right after
 //! the effect called `<name>` so tests can prove that an interrupted apply converges.
+//! Most points sit after a whole effect; the `*_written`, `*_added`, `*_erased`, `*_set`
+//! and `*_removed` ones sit inside an effect, where a real kill could land halfway.
 
 /// Exit status used by a failpoint: the same as a SIGKILLed process in a shell.
 pub const FAILPOINT_EXIT_STATUS: i32 = 137;
@@ -10,14 +12,24 @@ pub const FAILPOINT_ENV: &str = "KVSTRAP_FAILPOINT";
 /// Names of the failpoints the host layer calls, one per kind of effect.
 pub const FAILPOINTS: &[&str] = &[
     "wipe_disk",
+    // After the first of several signatures was erased.
+    "wipe_signature_erased",
     "write_partition_table",
+    // After the backup GPT header, before the primary one (the gpt crate's write order).
+    "gpt_backup_written",
     "sync_partitions",
+    // After each BLKPG partition add, so between the adds of a disk with several.
+    "partition_added",
     "mkfs_unfinished",
     "make_filesystem",
     "mount",
     "create_directory",
+    // After the project id was set, before its limit (needs kernel quotas: VM tests).
+    "quota_project_set",
     "set_quota",
     "link_block_device",
+    // After each entry a scrub removed.
+    "scrub_entry_removed",
 ];
 
 /// Exit immediately with status 137 when `KVSTRAP_FAILPOINT` names `name`.

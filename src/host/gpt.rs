@@ -9,6 +9,7 @@ use gpt::partition::Partition;
 use gpt::partition_types::{OperatingSystem, Type};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 /// Partitions are placed on 1 MiB boundaries (what every partitioning tool does).
@@ -99,7 +100,9 @@ pub fn write_partition_table(layout: &DiskLayout) -> Result<Outcome, GptError> {
             actual,
         });
     }
-    if read_table(&mut file, disk, lb)?.as_ref() == Some(&GptTable::from_layout(layout)) {
+    if read_table(&mut file, disk, lb, Headers::Both)?.as_ref()
+        == Some(&GptTable::from_layout(layout))
+    {
         return Ok(Outcome::Unchanged);
     }
     write_table(&mut file, layout, lb)?;
@@ -123,10 +126,14 @@ fn write_table(file: &mut File, layout: &DiskLayout, lb: LogicalBlockSize) -> Re
     let mbr = ProtectiveMBR::with_lb_size(u32::try_from(sectors - 1).unwrap_or(u32::MAX));
     mbr.overwrite_lba0(file)
         .map_err(|e| werr(format!("protective MBR: {e}")))?;
+    let device = HeaderWatch {
+        file: &mut *file,
+        backup_header_at: sectors.saturating_sub(1).saturating_mul(lb.as_u64()),
+    };
     let mut gdisk = gpt::GptConfig::new()
         .writable(true)
         .logical_block_size(lb)
-        .create_from_device(&mut *file, Some(layout.disk_guid))
+        .create_from_device(device, Some(layout.disk_guid))
         .map_err(|e| werr(e.to_string()))?;
     gdisk
         .update_partitions(entries(layout, lb))
@@ -134,6 +141,43 @@ fn write_table(file: &mut File, layout: &DiskLayout, lb: LogicalBlockSize) -> Re
     gdisk.write_inplace().map_err(|e| werr(e.to_string()))?;
     drop(gdisk);
     file.sync_all().map_err(|e| werr(format!("fsync: {e}")))
+}
+
+/// The disk as the gpt crate sees it, with one test hook: the crate writes the partition
+/// arrays, then the backup header (last sector), then the primary header. Right after the
+/// backup header the failpoint `gpt_backup_written` can end the process, leaving the torn
+/// table a power cut between the two header writes would leave.
+#[derive(Debug)]
+struct HeaderWatch<'a> {
+    file: &'a mut File,
+    backup_header_at: u64,
+}
+
+impl Read for HeaderWatch<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.file.read(buf)
+    }
+}
+
+impl Seek for HeaderWatch<'_> {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        self.file.seek(pos)
+    }
+}
+
+impl Write for HeaderWatch<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let at = self.file.stream_position()?;
+        let n = self.file.write(buf)?;
+        if at == self.backup_header_at {
+            crate::host::failpoint("gpt_backup_written");
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 fn entries(layout: &DiskLayout, lb: LogicalBlockSize) -> BTreeMap<u32, Partition> {
@@ -216,8 +260,27 @@ pub fn validate_layout(layout: &DiskLayout) -> Result<LogicalBlockSize, GptError
     Ok(lb)
 }
 
-/// Read the GPT of `disk`; None when it has no valid GPT header.
+/// Read the GPT of `disk`; None unless both its headers are valid.
 pub fn read_partition_table(disk: &Path) -> Result<Option<GptTable>, GptError> {
+    read_partition_table_with(disk, Headers::Both)
+}
+
+/// Like [`read_partition_table`], but one valid header is enough: what a write cut short
+/// between the backup and the primary header leaves (the gpt crate writes the backup
+/// first). The executor uses it only to recognise its own interrupted write of the very
+/// table it is about to write again.
+pub fn read_partition_table_any_header(disk: &Path) -> Result<Option<GptTable>, GptError> {
+    read_partition_table_with(disk, Headers::Either)
+}
+
+/// Which GPT headers must be valid for a table to be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Headers {
+    Both,
+    Either,
+}
+
+fn read_partition_table_with(disk: &Path, headers: Headers) -> Result<Option<GptTable>, GptError> {
     let mut file = File::open(disk).map_err(|source| GptError::Open {
         disk: disk.to_path_buf(),
         source,
@@ -226,18 +289,19 @@ pub fn read_partition_table(disk: &Path) -> Result<Option<GptTable>, GptError> {
         Ok(4096) => LogicalBlockSize::Lb4096,
         _ => LogicalBlockSize::Lb512,
     };
-    read_table(&mut file, disk, lb)
+    read_table(&mut file, disk, lb, headers)
 }
 
 fn read_table(
     file: &mut File,
     disk: &Path,
     lb: LogicalBlockSize,
+    headers: Headers,
 ) -> Result<Option<GptTable>, GptError> {
-    // Both headers must be valid: a disk with one damaged header does not "match".
+    // Normally both headers must be valid: a disk with one damaged header does not "match".
     let opened = gpt::GptConfig::new()
         .logical_block_size(lb)
-        .only_valid_headers(true)
+        .only_valid_headers(headers == Headers::Both)
         .open_from_device(&mut *file);
     let gdisk = match opened {
         Ok(d) => d,

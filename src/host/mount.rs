@@ -100,8 +100,9 @@ fn parse_line(line: &str) -> Option<MountEntry> {
     })
 }
 
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
+/// mountinfo (and /proc/swaps) escape space, tab, newline and backslash as `\ooo` octal;
+/// a `\ooo` above `\377` is no escape and is kept as written.
+pub fn unescape(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -325,6 +326,14 @@ mod tests {
 97 22 259:1 / /var/lib/kvstrap/storage/nvme-a rw,noatime shared:50 - xfs /dev/nvme0n1p1 rw,attr2,inode64,prjquota
 98 22 7:17 / /mnt/with\\040space rw,relatime - ext4 /dev/loop1p1 rw
 ";
+
+    #[test]
+    fn unescape_octal() {
+        assert_eq!(unescape("a\\040b\\011c\\134d"), "a b\tc\\d");
+        assert_eq!(unescape("trailing\\04"), "trailing\\04");
+        // More than a byte holds: not an escape, kept as written (and no overflow).
+        assert_eq!(unescape("a\\477b"), "a\\477b");
+    }
 
     #[test]
     fn parses_mountinfo_lines() {

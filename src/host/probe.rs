@@ -312,6 +312,7 @@ pub fn wipe_signatures(device: &Path) -> Result<Vec<Found>, ProbeError> {
         );
         probe.wipe_current()?;
         erased.push(f);
+        crate::host::failpoint("wipe_signature_erased");
         // libblkid steps back after a wipe; a signature that survives would loop forever.
         if erased.len() > 64 {
             return Err(ProbeError::Blkid {

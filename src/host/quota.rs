@@ -131,6 +131,7 @@ pub fn set_quota(path: &Path, project_id: u32, bytes: u64) -> Result<Outcome, Qu
     let mut changes = Vec::new();
     if set_project(&file, path, project_id)? {
         changes.push(format!("project {project_id}"));
+        crate::host::failpoint("quota_project_set");
     }
     let device = mount::mount_of(path)?.source;
     let limit_bb = bytes.div_ceil(BASIC_BLOCK);
@@ -180,6 +181,21 @@ pub fn get_quota(path: &Path) -> Result<QuotaInfo, QuotaError> {
         hard_limit_bytes: dq.map(|q| q.blk_hardlimit * BASIC_BLOCK).filter(|&b| b > 0),
         used_bytes: dq.map_or(0, |q| q.bcount * BASIC_BLOCK),
     })
+}
+
+/// The project id of `dir`; None where the filesystem has no project ids. (The inventory
+/// reads it here too: one `fsxattr` declaration.)
+pub fn project_id(dir: &Path) -> Option<u32> {
+    let file = File::open(dir).ok()?;
+    get_xattr(&file, dir).ok().map(|a| a.projid)
+}
+
+/// The hard block limit of project `id` on the filesystem of `device`, in bytes; None when
+/// quotas are off, or no limit is set. Works for xfs and ext4 alike.
+pub fn project_limit(device: &Path, id: u32) -> Option<u64> {
+    let dq = get_dquot(device.to_str()?, device, id).ok()??;
+    let bytes = dq.blk_hardlimit.saturating_mul(BASIC_BLOCK);
+    (bytes > 0).then_some(bytes)
 }
 
 fn get_xattr(file: &File, path: &Path) -> Result<FsXattr, QuotaError> {

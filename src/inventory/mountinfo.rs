@@ -21,54 +21,18 @@ pub fn read(proc_root: &Path) -> Result<Vec<Mount>, InventoryError> {
     Ok(parse(&text))
 }
 
-/// Parses mountinfo text; malformed lines are skipped.
+/// Parses mountinfo text; malformed lines are skipped. The one parser is
+/// `host::mount::parse_mountinfo`; the inventory keeps the device number as `major:minor`.
 pub fn parse(text: &str) -> Vec<Mount> {
-    text.lines().filter_map(parse_line).collect()
-}
-
-fn parse_line(line: &str) -> Option<Mount> {
-    // id parent major:minor root mountpoint options [optional...] - fstype source superoptions
-    let (left, right) = line.split_once(" - ")?;
-    let mut pre = left.split(' ');
-    let devno = pre.nth(2)?.to_string();
-    let mountpoint = PathBuf::from(unescape(pre.nth(1)?));
-    let mut post = right.split(' ');
-    let fstype = post.next()?.to_string();
-    let source = unescape(post.next()?);
-    Some(Mount {
-        devno,
-        mountpoint,
-        fstype,
-        source,
-    })
-}
-
-/// The kernel escapes space, tab, newline and backslash as `\ooo` octal.
-pub fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        // `\ooo` with a value that fits a byte (the kernel never writes more than \377).
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
-            .and_then(|d| {
-                let value = d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'));
-                u8::try_from(value).ok()
-            });
-        match octal {
-            Some(byte) => {
-                out.push(byte);
-                i += 4;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    crate::host::mount::parse_mountinfo(text)
+        .into_iter()
+        .map(|m| Mount {
+            devno: super::devno_string(m.devno),
+            mountpoint: m.mountpoint,
+            fstype: m.fstype,
+            source: m.source,
+        })
+        .collect()
 }
 
 /// Mount points of a device, matched by devno or, for filesystems that report a
@@ -124,13 +88,5 @@ garbage line
             PathBuf::from("/home")
         );
         assert!(mountpoints_of(&mounts, "8:0", "sda").is_empty());
-    }
-
-    #[test]
-    fn unescape_octal() {
-        assert_eq!(unescape("a\\040b\\011c\\134d"), "a b\tc\\d");
-        assert_eq!(unescape("trailing\\04"), "trailing\\04");
-        // More than a byte holds: not an escape, kept as written (and no overflow).
-        assert_eq!(unescape("a\\477b"), "a\\477b");
     }
 }

@@ -4,8 +4,6 @@
 use super::mountinfo::Mount;
 use crate::model::PathFacts;
 use std::collections::BTreeMap;
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -51,13 +49,13 @@ fn walk(path: &Path, depth: usize, mounts: &[Mount], out: &mut BTreeMap<PathBuf,
 
 fn directory(path: &Path, meta: &std::fs::Metadata, mounts: &[Mount]) -> PathFacts {
     let devno = super::devno_string(meta.dev());
-    let project_id = project_id(path);
+    let project_id = crate::host::quota::project_id(path);
     let quota_bytes = project_id.filter(|id| *id != 0).and_then(|id| {
         let source = mounts
             .iter()
             .rev()
             .find(|m| m.devno == devno && m.source.starts_with('/'))?;
-        project_quota(Path::new(&source.source), id)
+        crate::host::quota::project_limit(Path::new(&source.source), id)
     });
     PathFacts::Directory {
         uid: meta.uid(),
@@ -67,62 +65,6 @@ fn directory(path: &Path, meta: &std::fs::Metadata, mounts: &[Mount]) -> PathFac
         quota_bytes,
         devno,
     }
-}
-
-/// `struct fsxattr` of linux/fs.h.
-#[repr(C)]
-#[derive(Default)]
-struct FsXattr {
-    xflags: u32,
-    extsize: u32,
-    nextents: u32,
-    projid: u32,
-    cowextsize: u32,
-    pad: [u8; 8],
-}
-
-nix::ioctl_read!(fs_ioc_fsgetxattr, b'X', 31, FsXattr);
-
-/// The directory's project id; `None` where the filesystem has no project ids.
-pub fn project_id(dir: &Path) -> Option<u32> {
-    let file = std::fs::File::open(dir).ok()?;
-    let mut attr = FsXattr::default();
-    // SAFETY: the fd is open for the whole call and `attr` is a valid fsxattr buffer.
-    unsafe { fs_ioc_fsgetxattr(std::os::unix::io::AsRawFd::as_raw_fd(&file), &mut attr) }.ok()?;
-    Some(attr.projid)
-}
-
-/// `struct if_dqblk` of linux/quota.h.
-#[repr(C)]
-#[derive(Default)]
-struct IfDqblk {
-    bhardlimit: u64,
-    bsoftlimit: u64,
-    curspace: u64,
-    ihardlimit: u64,
-    isoftlimit: u64,
-    curinodes: u64,
-    btime: u64,
-    itime: u64,
-    valid: u32,
-}
-
-const Q_GETQUOTA: i32 = 0x80_0007;
-const PRJQUOTA: i32 = 2;
-/// Generic quota limits count blocks of 1 KiB (QIF_DQBLKSIZE).
-const QUOTA_BLOCK: u64 = 1024;
-
-/// Hard block limit of project `id` on the filesystem of `device`, in bytes; `None`
-/// when quotas are off or no limit is set. Works for XFS and ext4 alike.
-pub fn project_quota(device: &Path, id: u32) -> Option<u64> {
-    let special = CString::new(device.as_os_str().as_bytes()).ok()?;
-    let mut dq = IfDqblk::default();
-    let cmd = (Q_GETQUOTA << 8) | PRJQUOTA;
-    let id = i32::try_from(id).ok()?;
-    // SAFETY: `special` is NUL-terminated and `dq` is a valid if_dqblk for Q_GETQUOTA.
-    let rc =
-        unsafe { libc::quotactl(cmd, special.as_ptr(), id, std::ptr::addr_of_mut!(dq).cast()) };
-    (rc == 0 && dq.bhardlimit > 0).then(|| dq.bhardlimit.saturating_mul(QUOTA_BLOCK))
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ pub fn parse(text: &str) -> Vec<(PathBuf, bool)> {
         .skip(1)
         .filter_map(|line| {
             let mut fields = line.split_whitespace();
-            let path = super::mountinfo::unescape(fields.next()?);
+            let path = crate::host::mount::unescape(fields.next()?);
             let kind = fields.next()?;
             Some((PathBuf::from(path), kind == "partition"))
         })

@@ -174,6 +174,7 @@ fn empty_dir(mut dir: Dir, path: &Path, mount: MountOf, depth: usize) -> Result<
         } else {
             unlink(fd, &name, &child, UnlinkatFlags::NoRemoveDir)?;
         }
+        crate::host::failpoint("scrub_entry_removed");
     }
     Ok(())
 }

@@ -212,7 +212,10 @@ fn volume_steps(
                 .find(|p| p.device == v.device)
                 .map(|p| p.part_uuid)
                 .unwrap_or_default();
-            let ok = matches!(observed, Some(PathFacts::Symlink { target }) if *target == v.device);
+            // The kernel name, or udev's by-partuuid name of this very partition.
+            let by_uuid = crate::model::by_partuuid_path(&v.device, &part_uuid);
+            let ok = matches!(observed, Some(PathFacts::Symlink { target })
+                if *target == v.device || (!part_uuid.is_nil() && *target == by_uuid));
             if !ok {
                 steps.push(Step::LinkBlockDevice {
                     disk,

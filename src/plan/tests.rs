@@ -752,3 +752,41 @@ fn sizes_the_validator_would_refuse_are_refusals_here_too_never_a_panic_or_a_spi
         );
     }
 }
+
+#[test]
+fn a_block_link_to_udevs_by_partuuid_name_of_its_partition_is_converged() {
+    let (pol, disks) = mixed_policy();
+    let first = plan(&pol, &inventory(disks.clone()), &ctx());
+    let mut inv = converged(&first, disks);
+    let raw = first.groups.iter().find(|g| g.name == "raw").unwrap();
+    let layout = &raw.disks[0];
+    let (v0, v1) = (&raw.volumes[0], &raw.volumes[1]);
+    let uuid_of = |v: &crate::model::VolumeSpec| {
+        layout
+            .partitions
+            .iter()
+            .find(|p| p.device == v.device)
+            .unwrap()
+            .part_uuid
+    };
+    // v0's link names its own partition by UUID: nothing to do.
+    let own = crate::model::by_partuuid_path(&v0.device, &uuid_of(v0));
+    assert_eq!(
+        own,
+        PathBuf::from(format!("/dev/disk/by-partuuid/{}", uuid_of(v0)))
+    );
+    inv.paths
+        .insert(v0.path.clone(), PathFacts::Symlink { target: own });
+    // v1's link names another partition's UUID: re-pointed.
+    let other = crate::model::by_partuuid_path(&v1.device, &uuid_of(v0));
+    inv.paths
+        .insert(v1.path.clone(), PathFacts::Symlink { target: other });
+    let again = plan(&pol, &inv, &ctx());
+    let links: Vec<&Step> = again
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Step::LinkBlockDevice { .. }))
+        .collect();
+    assert_eq!(links.len(), 1, "{links:?}");
+    assert!(matches!(links[0], Step::LinkBlockDevice { link, .. } if *link == v1.path));
+}

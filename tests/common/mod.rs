@@ -123,3 +123,61 @@ impl Drop for LoopDisk {
         detach_loop(&self.path);
     }
 }
+
+/// Run the `#[ignore]`d test `name` of this same test binary in a child process with
+/// `env`: a failpoint ends its process, so the half of a test that must crash runs there.
+pub fn run_ignored_test_in_child(name: &str, env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(std::env::current_exe().expect("the test binary"));
+    cmd.args([
+        "--exact",
+        name,
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run the child test")
+}
+
+/// Every process below `pid` (children of all its threads, recursively), from
+/// `/proc/PID/task/TID/children`.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                found.push(c);
+                todo.push(c);
+            }
+        }
+    }
+    found
+}
+
+/// The command name (`comm`) of process `pid`, if it still exists.
+pub fn comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|c| c.trim().to_string())
+}
+
+/// What a power cut does to a process tree: stop `pid` so it starts nothing new, then
+/// SIGKILL what it started (the mkfs it waits for, in its own process group) and itself.
+pub fn kill_tree(pid: u32) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let raw = |p: u32| Pid::from_raw(i32::try_from(p).expect("pid fits i32"));
+    let _ = kill(raw(pid), Signal::SIGSTOP);
+    for child in descendants(pid) {
+        let _ = kill(raw(child), Signal::SIGKILL);
+    }
+    let _ = kill(raw(pid), Signal::SIGKILL);
+}

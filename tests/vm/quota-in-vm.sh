@@ -101,6 +101,14 @@ match = { serial = "$serial" }
 volume_size = "32000001"
 POLICY
     k="kvstrap --policy /tmp/$fs.toml --state-dir /tmp/state-$fs"
+    # Killed between a volume's project id and its limit (the host has no kernel quotas:
+    # this is where tests/apply_root.rs leaves this kill point); the next apply finishes.
+    KVSTRAP_FAILPOINT=quota_project_set $k apply >/tmp/crash.log 2>&1
+    crashed=$?
+    if [ "$crashed" != 137 ]; then
+        echo "VMTEST $fs FAIL: not killed at quota_project_set (exit $crashed)"; cat /tmp/crash.log
+        failed=$((failed + 1)); return
+    fi
     if ! KVSTRAP_LOG=info $k apply >/tmp/apply.log 2>&1; then
         echo "VMTEST $fs FAIL: apply failed"; cat /tmp/apply.log; failed=$((failed + 1)); return
     fi
@@ -112,7 +120,7 @@ POLICY
     # 32000001 bytes is no multiple of the 4 KiB block: xfs keeps the limit rounded up
     # (32002048), and the next plan must still be empty.
     if [ "$rc" != 0 ] && [ "$size" -le 32002048 ] && [ "$steps" = 1 ]; then
-        echo "VMTEST $fs PASS: writing 64 MiB into a 32000001-byte volume stopped at $size bytes ($(grep -o 'No space left on device\|Disk quota exceeded' /tmp/dd.log | head -n 1)); plan empty"
+        echo "VMTEST $fs PASS: killed between project id and limit, then applied; writing 64 MiB into a 32000001-byte volume stopped at $size bytes ($(grep -o 'No space left on device\|Disk quota exceeded' /tmp/dd.log | head -n 1)); plan empty"
         passed=$((passed + 1))
     else
         echo "VMTEST $fs FAIL: dd exit $rc, $size bytes written, converged=$steps"; cat /tmp/dd.log
@@ -141,16 +149,20 @@ POLICY
     done
     k="kvstrap --state-dir /tmp/state-wipe --policy"
     refused=$($k /tmp/wipe-never.toml plan -o json | grep -c 'not empty: ext4')
-    KVSTRAP_LOG=info $k /tmp/wipe-force.toml apply >/tmp/wipe.log 2>&1
+    # Killed right after the ext4 signature was erased, before the kernel's partitions
+    # were dropped; the next apply finishes the wipe and provisions the disk.
+    KVSTRAP_LOG=info KVSTRAP_FAILPOINT=wipe_signature_erased $k /tmp/wipe-force.toml apply >/tmp/wipe.log 2>&1
+    killed=$?
+    KVSTRAP_LOG=info $k /tmp/wipe-force.toml apply >>/tmp/wipe.log 2>&1
     rc=$?
     gone=$($k /tmp/wipe-force.toml disks -o json | grep -c "$old")
     steps=$($k /tmp/wipe-force.toml plan -o json | grep -c '"steps": \[\]')
     logged=$(grep -c "$old" /tmp/wipe.log)
-    if [ "$refused" -ge 1 ] && [ "$rc" = 0 ] && [ "$gone" = 0 ] && [ "$steps" = 1 ] && [ "$logged" -ge 1 ]; then
-        echo "VMTEST wipe PASS: refused without wipe = force; wiped (and logged) with it; converged"
+    if [ "$refused" -ge 1 ] && [ "$killed" = 137 ] && [ "$rc" = 0 ] && [ "$gone" = 0 ] && [ "$steps" = 1 ] && [ "$logged" -ge 1 ]; then
+        echo "VMTEST wipe PASS: refused without wipe = force; wiped (and logged) with it, killed mid-wipe then finished; converged"
         passed=$((passed + 1))
     else
-        echo "VMTEST wipe FAIL: refused=$refused apply=$rc old-uuid-seen=$gone converged=$steps logged=$logged"
+        echo "VMTEST wipe FAIL: refused=$refused killed=$killed apply=$rc old-uuid-seen=$gone converged=$steps logged=$logged"
         cat /tmp/wipe.log
         failed=$((failed + 1))
     fi
