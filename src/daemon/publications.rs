@@ -30,7 +30,7 @@ impl KubePublications {
             publisher: None,
             _runtime: None,
         };
-        let Ok(policy) = policy::load(global.policy.as_deref()) else {
+        let Ok(policy) = policy::load_with_cluster(global.policy.as_deref(), &global.state_dir) else {
             return me;
         };
         if !policy.kubernetes.publish {

@@ -562,6 +562,7 @@ mod tests {
         let k = KubernetesSettings {
             publish: true,
             kubeconfig: Some("/etc/k.conf".into()),
+            ..KubernetesSettings::local_only()
         };
         assert_eq!(
             ClientSource::from_policy(&k),

@@ -62,9 +62,10 @@ impl Node {
         Node { inputs }
     }
 
-    /// The policy from the configured sources, with every diagnostic on failure.
+    /// The policy from the configured sources and, when they say `cluster_policy = true`,
+    /// the cluster layer cached in the state directory; every diagnostic on failure.
     pub fn load_policy(&self) -> Result<Policy, PolicyError> {
-        policy::load(self.inputs.policy.as_deref())
+        policy::load_with_cluster(self.inputs.policy.as_deref(), &self.inputs.state_dir)
     }
 
     /// Observe the machine, including the paths kvstrap manages under this policy.

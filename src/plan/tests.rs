@@ -65,10 +65,7 @@ fn policy(groups: Vec<DiskGroup>) -> Policy {
             name: "worker-07".into(),
             storage_root: "/var/lib/kvstrap/storage".into(),
         },
-        kubernetes: KubernetesSettings {
-            publish: false,
-            kubeconfig: None,
-        },
+        kubernetes: KubernetesSettings::local_only(),
         storage_classes: vec![
             class("fast", VolumeMode::Filesystem, FsType::Xfs),
             class("ext", VolumeMode::Filesystem, FsType::Ext4),

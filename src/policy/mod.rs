@@ -1,4 +1,4 @@
-//! The TOML policy (load, merge, validate); it reads policy files and touches nothing else.
+//! The TOML policy (load, merge, validate); it reads policy files and the cluster layer's cache, and touches nothing else.
 //!
 //! The TOML policy: raw fragments, drop-in merge, validation with file:line:col.
 //! `types` is the validated result the planner consumes.
@@ -8,13 +8,17 @@
 //! combines them in order -> [`validate`] checks everything and builds [`Policy`].
 
 mod class;
+pub mod cluster;
 pub mod diag;
 mod fields;
 mod group;
+mod layers;
 mod merge;
 pub mod names;
 mod overlap;
 pub mod raw;
+mod remote;
+pub mod selector;
 pub mod size;
 pub mod sources;
 pub mod types;
@@ -84,6 +88,65 @@ pub fn load_from_root(root: &Path) -> Result<Policy, PolicyError> {
     let mut diags = Diags::default();
     let files = sources::system(root, &mut diags);
     finish(files, diags)
+}
+
+/// Load the policy with its cluster layer when the node's own files say
+/// `[kubernetes] cluster_policy = true`: the last good fragments cached in `state_dir`
+/// are merged after the vendor drop-ins and before the node's own files.
+pub fn load_with_cluster(source: Option<&Path>, state_dir: &Path) -> Result<Policy, PolicyError> {
+    let (files, diags, vendor) = local_sources(source, Path::new("/"));
+    layers::build(
+        files,
+        diags,
+        vendor.as_deref(),
+        layers::Cluster::Cached(state_dir),
+        &system_hostname,
+    )
+}
+
+/// The policy the node would have with these fragments from the cluster (selected and
+/// in merge order): the check before a fragment set is cached.
+pub fn evaluate_cluster(
+    source: Option<&Path>,
+    fragments: &[cluster::Fragment],
+) -> Result<Policy, PolicyError> {
+    evaluate_cluster_at(source, Path::new("/"), fragments, &system_hostname)
+}
+
+/// [`evaluate_cluster`] with the system locations below `root` and the hostname given.
+pub fn evaluate_cluster_at(
+    source: Option<&Path>,
+    root: &Path,
+    fragments: &[cluster::Fragment],
+    hostname: &dyn Fn() -> Option<String>,
+) -> Result<Policy, PolicyError> {
+    let (files, diags, vendor) = local_sources(source, root);
+    layers::build(
+        files,
+        diags,
+        vendor.as_deref(),
+        layers::Cluster::Given(fragments),
+        hostname,
+    )
+}
+
+/// The node's own files in their merge order, and which of them are vendor files (the
+/// cluster layer goes after those and before the rest).
+fn local_sources(
+    source: Option<&Path>,
+    root: &Path,
+) -> (Vec<sources::Source>, Diags, Option<PathBuf>) {
+    let mut diags = Diags::default();
+    match source {
+        Some(path) => {
+            let files = sources::explicit(path, &mut diags);
+            (files, diags, None)
+        }
+        None => {
+            let files = sources::system(root, &mut diags);
+            (files, diags, Some(root.join(sources::VENDOR_DROPINS)))
+        }
+    }
 }
 
 /// Parse and validate one policy text; `file` is used in diagnostics.

@@ -25,7 +25,29 @@ pub struct NodeSettings {
 pub struct KubernetesSettings {
     pub publish: bool,
     pub kubeconfig: Option<PathBuf>,
+    /// Merge policy fragments from ConfigMaps of `policy_namespace` (the cluster layer).
+    pub cluster_policy: bool,
+    /// Namespace of the policy ConfigMaps (default `kvstrap`).
+    pub policy_namespace: String,
+    /// Let cluster fragments say `wipe = "force"` and widen `allow_loop`/`allow_removable`.
+    pub cluster_may_wipe: bool,
 }
+
+impl KubernetesSettings {
+    /// Publication off, no cluster layer: what a policy without `[kubernetes]` means.
+    pub fn local_only() -> KubernetesSettings {
+        KubernetesSettings {
+            publish: false,
+            kubeconfig: None,
+            cluster_policy: false,
+            policy_namespace: DEFAULT_POLICY_NAMESPACE.to_string(),
+            cluster_may_wipe: false,
+        }
+    }
+}
+
+/// Where the policy ConfigMaps live unless `[kubernetes] policy_namespace` says otherwise.
+pub const DEFAULT_POLICY_NAMESPACE: &str = "kvstrap";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum ReclaimPolicy {

@@ -11,14 +11,20 @@ use super::raw::{Entry, Table, Value};
 use super::size;
 use super::types::{
     DiskGroup, DiskMatch, KubernetesSettings, NodeSettings, Policy, StorageClass, VolumeSizing,
-    Wipe,
+    Wipe, DEFAULT_POLICY_NAMESPACE,
 };
 use crate::model::{FsType, Layout, VolumeMode};
 use std::path::{Component, Path, PathBuf};
 
 const TOP_KEYS: &[&str] = &["node", "kubernetes", "storage_class", "disk_group"];
 const NODE_KEYS: &[&str] = &["name", "storage_root"];
-const KUBERNETES_KEYS: &[&str] = &["publish", "kubeconfig"];
+const KUBERNETES_KEYS: &[&str] = &[
+    "publish",
+    "kubeconfig",
+    "cluster_policy",
+    "policy_namespace",
+    "cluster_may_wipe",
+];
 
 pub const DEFAULT_STORAGE_ROOT: &str = "/var/lib/kvstrap/storage";
 
@@ -185,10 +191,44 @@ fn kubernetes(root: &Section, diags: &mut Diags) -> Option<KubernetesSettings> {
         Some((text, at)) => absolute_path("kubeconfig", text, at, diags).map(Some),
         None => s.entry("kubeconfig").is_none().then_some(None),
     };
+    let flag = |key: &str, diags: &mut Diags| match s.boolean(key, diags) {
+        Some((b, _)) => Some(b),
+        None => s.entry(key).is_none().then_some(false),
+    };
+    let cluster_policy = flag("cluster_policy", diags);
+    let cluster_may_wipe = flag("cluster_may_wipe", diags);
+    let namespace = match s.string("policy_namespace", "\"kvstrap\"", diags) {
+        Some((text, at)) => namespace_name(text, at, diags),
+        None => s
+            .entry("policy_namespace")
+            .is_none()
+            .then(|| DEFAULT_POLICY_NAMESPACE.to_string()),
+    };
     Some(KubernetesSettings {
         publish: publish?,
         kubeconfig: kubeconfig?,
+        cluster_policy: cluster_policy?,
+        policy_namespace: namespace?,
+        cluster_may_wipe: cluster_may_wipe?,
     })
+}
+
+/// A namespace name is a DNS-1123 label.
+fn namespace_name(text: &str, at: Loc, diags: &mut Diags) -> Option<String> {
+    match names::label_problem(text) {
+        None => Some(text.to_string()),
+        Some(problem) => {
+            diags.error(
+                at,
+                format!("policy_namespace \"{text}\" is not a namespace name: it {problem}"),
+                format!(
+                    "write a DNS-1123 label, like policy_namespace = \"{}\"",
+                    names::dns_suggestion(text)
+                ),
+            );
+            None
+        }
+    }
 }
 
 /// `[[key]]` entries, each parsed by `parse`, and whether all of them were valid.
