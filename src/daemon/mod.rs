@@ -7,6 +7,7 @@
 
 pub mod bus;
 pub mod engine;
+pub mod fleet;
 pub mod host_engine;
 pub mod publications;
 pub mod reads;
@@ -346,7 +347,10 @@ pub fn main(inputs: &crate::node::Inputs) -> anyhow::Result<i32> {
             )?)
         }
     };
-    run(engine, &Options::from_env()?, handle, inbox)
+    let options = Options::from_env()?;
+    // Policy fragments from the cluster arrive as reloads, debounced like uevents.
+    let _fleet = fleet::start(inputs, &handle, options.settle_quiet);
+    run(engine, &options, handle, inbox)
 }
 
 /// Run the daemon until SIGTERM/SIGINT. Returns the exit status (0 after a clean stop).

@@ -5,6 +5,7 @@
 
 use super::Handle;
 use crate::kube::scrub::Ledger;
+use crate::kube::node_state::{NodeReport, NodeStatePublisher};
 use crate::kube::{ClientSource, Desired, PublishStatus, Publisher};
 use crate::model::Plan;
 use crate::node::{Inputs, Publications};
@@ -19,6 +20,8 @@ use std::time::{Duration, Instant, SystemTime};
 pub struct KubePublications {
     state_dir: PathBuf,
     publisher: Option<Arc<Publisher>>,
+    /// The Node's condition, label and Events after each run.
+    node_state: Option<NodeStatePublisher>,
     // Owns the publisher's tasks; dropped last.
     _runtime: Option<tokio::runtime::Runtime>,
 }
@@ -28,6 +31,7 @@ impl KubePublications {
         let mut me = KubePublications {
             state_dir: global.state_dir.clone(),
             publisher: None,
+            node_state: None,
             _runtime: None,
         };
         let Ok(policy) = policy::load_with_cluster(global.policy.as_deref(), &global.state_dir) else {
@@ -63,7 +67,11 @@ impl KubePublications {
             Ok(p) => {
                 me = {
                     let _guard = runtime.enter();
-                    KubePublications::with_publisher(&global.state_dir, p, source, handle)
+                    let node_state = NodeStatePublisher::start(source.clone(), &policy.node.name);
+                    let mut me =
+                        KubePublications::with_publisher(&global.state_dir, p, source, handle);
+                    me.node_state = node_state.ok();
+                    me
                 };
                 me._runtime = Some(runtime);
             }
@@ -96,6 +104,7 @@ impl KubePublications {
         KubePublications {
             state_dir: state_dir.to_path_buf(),
             publisher: Some(publisher),
+            node_state: None,
             _runtime: None,
         }
     }
@@ -120,6 +129,12 @@ impl Publications for KubePublications {
             .map_err(|e| format!("cannot render the manifests: {e:#}"))?;
         self.submit_desired(desired);
         Ok(())
+    }
+
+    fn run_finished(&self, report: NodeReport) {
+        if let Some(n) = &self.node_state {
+            n.submit(report);
+        }
     }
 
     fn pending(&self) -> u32 {

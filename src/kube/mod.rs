@@ -6,8 +6,11 @@
 
 pub mod builders;
 pub mod compare;
+pub mod fleet;
 pub mod manifests;
+mod mirror;
 pub mod node;
+pub mod node_state;
 pub mod publisher;
 pub mod reconcile;
 pub mod scrub;

@@ -131,14 +131,16 @@ impl Node {
         }
         progress(Event::Published);
         recorded.map_err(NodeError::Record)?;
-        Ok(Report {
+        let report = Report {
             plan,
             steps,
             after,
             busy,
             interrupted,
             render_error,
-        })
+        };
+        publications.run_finished(report.node_report(policy));
+        Ok(report)
     }
 
     fn look(

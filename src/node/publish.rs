@@ -1,6 +1,7 @@
 //! Where a pass hands what exists: the daemon's background publisher, or one bounded
 //! attempt for `kvstrap apply`. Both render the manifests first; neither blocks local work.
 
+use crate::kube::node_state::NodeReport;
 use crate::model::Plan;
 use crate::policy::Policy;
 use std::path::PathBuf;
@@ -15,6 +16,9 @@ pub trait Publications: Send + Sync {
     fn pending(&self) -> u32 {
         0
     }
+    /// After each pass: the node's storage state for its Node object (condition, label,
+    /// Events). Nothing by default.
+    fn run_finished(&self, _report: NodeReport) {}
 }
 
 /// `kvstrap apply`'s publisher: the manifests, then one publish attempt bounded in time

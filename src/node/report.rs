@@ -4,7 +4,9 @@
 
 use super::converge::Report;
 use crate::apply::{ApplyReport, StepResult};
+use crate::kube::node_state::NodeReport;
 use crate::model::{InUse, Inventory, Plan};
+use crate::policy::Policy;
 use serde::Serialize;
 
 /// What one apply run did, as the daemon reports it (STATUS=, D-Bus, journal).
@@ -62,6 +64,36 @@ impl ApplySummary {
 }
 
 impl Report {
+    /// What the pass left, for the Node's condition, label and Events.
+    pub fn node_report(&self, policy: &Policy) -> NodeReport {
+        let summary = self.summary();
+        NodeReport {
+            disks_ready: summary.disks_ready,
+            volumes_ready: summary.volumes_ready,
+            ready_disks: ready_disk_list(&self.after.plan),
+            // Disks no group selects (the system disk, ...) are no news.
+            refused: self
+                .after
+                .plan
+                .refused
+                .iter()
+                .filter(|r| r.group.is_some())
+                .map(|r| (r.disk.display().to_string(), r.reason.clone()))
+                .collect(),
+            failed: summary
+                .failed_disks
+                .iter()
+                .map(|f| (f.disk.clone(), f.error.clone()))
+                .collect(),
+            error: None,
+            sources: policy
+                .sources
+                .iter()
+                .map(|s| s.display().to_string())
+                .collect(),
+        }
+    }
+
     /// The counters of this pass.
     pub fn summary(&self) -> ApplySummary {
         let failed = count(self.steps.failed());
@@ -100,11 +132,16 @@ pub(super) fn count(n: usize) -> u32 {
 
 /// Disks of the plan with no step left for them.
 fn ready_disks(plan: &Plan) -> usize {
+    ready_disk_list(plan).len()
+}
+
+fn ready_disk_list(plan: &Plan) -> Vec<String> {
     plan.groups
         .iter()
         .flat_map(|g| g.disks.iter())
         .filter(|d| !plan.steps.iter().any(|s| *s.disk() == d.disk))
-        .count()
+        .map(|d| d.disk.display().to_string())
+        .collect()
 }
 
 /// Disks a group selects that were left alone only because something held them open

@@ -1,0 +1,381 @@
+//! The node's storage state in the cluster, the way node-problem-detector reports node
+//! health: the Node condition `KvstrapStorageReady`, the Node label
+//! `kvstrap.io/storage-ready=true|false`, and Events on the Node for what an operator
+//! must see. Pure builders, and a [`NodeState`] that sends only what changed, so an idle
+//! node makes no requests.
+
+use super::builders::{short_hash, MANAGER};
+use super::reconcile::{describe, EVENT_NAMESPACE};
+use ::kube::api::{Api, Patch, PatchParams, PostParams};
+use ::kube::Client;
+use k8s_openapi::api::core::v1::{Event, EventSource, Node, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use std::collections::BTreeSet;
+
+pub const CONDITION: &str = "KvstrapStorageReady";
+pub const READY_LABEL: &str = "kvstrap.io/storage-ready";
+/// Condition and Event messages stay short enough for `kubectl describe node`.
+const MESSAGE_MAX: usize = 1024;
+
+/// What one run left on the node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeReport {
+    pub disks_ready: u32,
+    pub volumes_ready: u32,
+    /// Disks the run made ready (each gets one `DiskProvisioned` Event).
+    pub ready_disks: Vec<String>,
+    /// (disk, reason) of every disk the policy selects but kvstrap left alone.
+    pub refused: Vec<(String, String)>,
+    /// (disk, error) of every failed step.
+    pub failed: Vec<(String, String)>,
+    /// Why the run could not happen at all.
+    pub error: Option<String>,
+}
+
+/// The condition's status, reason and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub ready: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+pub fn verdict(r: &NodeReport) -> Verdict {
+    let mut parts = vec![format!(
+        "{} disk(s) ready, {} volume(s) ready",
+        r.disks_ready, r.volumes_ready
+    )];
+    let list = |items: &[(String, String)]| {
+        items
+            .iter()
+            .map(|(d, why)| format!("{d} ({why})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !r.refused.is_empty() {
+        parts.push(format!("refused: {}", list(&r.refused)));
+    }
+    if !r.failed.is_empty() {
+        parts.push(format!("failed: {}", list(&r.failed)));
+    }
+    if let Some(e) = &r.error {
+        parts.push(format!("last error: {e}"));
+    }
+    let (ready, reason) = match (&r.error, r.failed.is_empty(), r.refused.is_empty()) {
+        (Some(_), _, _) => (false, "RunFailed"),
+        (None, false, _) => (false, "StepFailed"),
+        (None, true, false) => (true, "DisksRefused"),
+        (None, true, true) => (true, "StorageReady"),
+    };
+    Verdict {
+        ready,
+        reason,
+        message: shorten(parts.join("; ")),
+    }
+}
+
+/// At most [`MESSAGE_MAX`] bytes (the API server refuses longer Event notes).
+fn shorten(mut message: String) -> String {
+    if message.len() > MESSAGE_MAX {
+        let mut cut = MESSAGE_MAX - 3;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str("...");
+    }
+    message
+}
+
+/// Strategic merge patch of `status.conditions` (merged by `type`: kubelet's conditions
+/// stay as they are).
+pub fn condition_patch(v: &Verdict, transition: &str, now: &str) -> serde_json::Value {
+    serde_json::json!({ "status": { "conditions": [{
+        "type": CONDITION,
+        "status": if v.ready { "True" } else { "False" },
+        "reason": v.reason,
+        "message": v.message,
+        "lastTransitionTime": transition,
+        "lastHeartbeatTime": now,
+    }]}})
+}
+
+pub fn label_patch(ready: bool) -> serde_json::Value {
+    serde_json::json!({ "metadata": { "labels": { READY_LABEL: ready.to_string() } } })
+}
+
+/// One Event to post: `key` makes its name, so the same thing is posted once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeEvent {
+    pub reason: &'static str,
+    pub warning: bool,
+    pub message: String,
+    pub key: String,
+}
+
+/// What is new in `now`: disks provisioned, disks refused, steps failed.
+pub fn events(now: &NodeReport) -> Vec<NodeEvent> {
+    let mut out = Vec::new();
+    for d in &now.ready_disks {
+        out.push(NodeEvent {
+            reason: "DiskProvisioned",
+            warning: false,
+            message: format!("disk {d} is provisioned and its volumes are ready"),
+            key: d.clone(),
+        });
+    }
+    for (d, why) in &now.refused {
+        out.push(NodeEvent {
+            reason: "DiskRefused",
+            warning: true,
+            message: format!("disk {d} left alone: {why}"),
+            key: format!("{d}\0{why}"),
+        });
+    }
+    for (d, e) in &now.failed {
+        out.push(NodeEvent {
+            reason: "StepFailed",
+            warning: true,
+            message: format!("a step on disk {d} failed: {e}"),
+            key: format!("{d}\0{e}"),
+        });
+    }
+    out
+}
+
+/// A core/v1 Event about Node `node` (in `default`, where kubelet reports about Nodes).
+pub fn node_event(node: &str, e: &NodeEvent) -> Event {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let id = short_hash(&format!("{node}\0{}\0{}", e.reason, e.key));
+    Event {
+        metadata: ObjectMeta {
+            name: Some(format!("{node}.{}.{id}", e.reason.to_ascii_lowercase())),
+            namespace: Some(EVENT_NAMESPACE.to_string()),
+            ..ObjectMeta::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some("v1".to_string()),
+            kind: Some("Node".to_string()),
+            name: Some(node.to_string()),
+            // kubectl describe node finds a Node's Events by uid = name.
+            uid: Some(node.to_string()),
+            ..ObjectReference::default()
+        },
+        reason: Some(e.reason.to_string()),
+        message: Some(shorten(e.message.clone())),
+        type_: Some(if e.warning { "Warning" } else { "Normal" }.to_string()),
+        source: Some(EventSource {
+            component: Some(MANAGER.to_string()),
+            host: Some(node.to_string()),
+        }),
+        action: Some(e.reason.to_string()),
+        reporting_component: Some(MANAGER.to_string()),
+        reporting_instance: Some(node.to_string()),
+        first_timestamp: Some(Time(now)),
+        last_timestamp: Some(Time(now)),
+        event_time: Some(MicroTime(now)),
+        count: Some(1),
+        ..Event::default()
+    }
+}
+
+/// Posts `e` unless posted before (by this process, or by another: the name is the same,
+/// and the server answers 409).
+pub async fn post_event(client: &Client, node: &str, e: &NodeEvent) -> Result<(), String> {
+    let api: Api<Event> = Api::namespaced(client.clone(), EVENT_NAMESPACE);
+    match api.create(&PostParams::default(), &node_event(node, e)).await {
+        Ok(_) => Ok(()),
+        Err(::kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(err) => Err(format!(
+            "cannot post Event {} on Node {node}: {}",
+            e.reason,
+            describe(&err)
+        )),
+    }
+}
+
+/// The last state sent for one Node; sends only differences.
+#[derive(Debug, Default)]
+pub struct NodeState {
+    sent: Option<Verdict>,
+    transition: Option<String>,
+    label: Option<bool>,
+    posted: BTreeSet<(String, String)>,
+}
+
+impl NodeState {
+    /// Condition, label and new Events for `report`. The first failure ends the attempt
+    /// (a 403 names the missing rule); what was not sent is sent by the next call.
+    pub async fn publish(
+        &mut self,
+        client: &Client,
+        node: &str,
+        report: &NodeReport,
+    ) -> Result<(), String> {
+        let v = verdict(report);
+        let nodes: Api<Node> = Api::all(client.clone());
+        if self.sent.as_ref() != Some(&v) {
+            let now = k8s_openapi::jiff::Timestamp::now().to_string();
+            let flipped = self.sent.as_ref().is_none_or(|s| s.ready != v.ready);
+            let transition = match &self.transition {
+                Some(t) if !flipped => t.clone(),
+                _ => now.clone(),
+            };
+            nodes
+                .patch_status(
+                    node,
+                    &PatchParams::default(),
+                    &Patch::Strategic(condition_patch(&v, &transition, &now)),
+                )
+                .await
+                .map_err(|e| format!("cannot patch the {CONDITION} condition of Node {node}: {}", describe(&e)))?;
+            self.transition = Some(transition);
+            self.sent = Some(v.clone());
+        }
+        if self.label != Some(v.ready) {
+            nodes
+                .patch(node, &PatchParams::default(), &Patch::Merge(label_patch(v.ready)))
+                .await
+                .map_err(|e| format!("cannot set label {READY_LABEL} on Node {node}: {}", describe(&e)))?;
+            self.label = Some(v.ready);
+        }
+        for e in events(report) {
+            let id = (e.reason.to_string(), e.key.clone());
+            if self.posted.contains(&id) {
+                continue;
+            }
+            post_event(client, node, &e).await?;
+            self.posted.insert(id);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn report() -> NodeReport {
+        NodeReport {
+            disks_ready: 2,
+            volumes_ready: 6,
+            ready_disks: vec!["/dev/nvme0n1".into()],
+            ..NodeReport::default()
+        }
+    }
+
+    #[test]
+    fn verdicts_in_order_of_gravity() {
+        let mut r = report();
+        assert_eq!(
+            verdict(&r),
+            Verdict {
+                ready: true,
+                reason: "StorageReady",
+                message: "2 disk(s) ready, 6 volume(s) ready".into()
+            }
+        );
+        r.refused.push(("/dev/sdb".into(), "not empty: ext4".into()));
+        let v = verdict(&r);
+        assert_eq!((v.ready, v.reason), (true, "DisksRefused"));
+        assert_eq!(v.message, "2 disk(s) ready, 6 volume(s) ready; refused: /dev/sdb (not empty: ext4)");
+        r.failed.push(("/dev/sdc".into(), "mkfs.xfs exited with 1".into()));
+        let v = verdict(&r);
+        assert_eq!((v.ready, v.reason), (false, "StepFailed"));
+        assert!(v.message.ends_with("; failed: /dev/sdc (mkfs.xfs exited with 1)"), "{}", v.message);
+        r.error = Some("cannot read the node".into());
+        let v = verdict(&r);
+        assert_eq!((v.ready, v.reason), (false, "RunFailed"));
+        assert!(v.message.ends_with("; last error: cannot read the node"));
+        r.error = Some("x".repeat(5000));
+        assert!(verdict(&r).message.len() <= MESSAGE_MAX);
+    }
+
+    #[test]
+    fn events_have_stable_names_per_thing() {
+        let mut r = report();
+        r.refused.push(("/dev/sdb".into(), "not empty: ext4".into()));
+        let e = events(&r);
+        let reasons: Vec<&str> = e.iter().map(|e| e.reason).collect();
+        assert_eq!(reasons, ["DiskProvisioned", "DiskRefused"]);
+        let a = node_event("w1", &e[1]);
+        let b = node_event("w1", &events(&r)[1]);
+        assert_eq!(a.metadata.name, b.metadata.name);
+        assert!(a.metadata.name.unwrap().starts_with("w1.diskrefused."));
+        assert_eq!(a.type_.as_deref(), Some("Warning"));
+        assert_eq!(a.involved_object.kind.as_deref(), Some("Node"));
+    }
+}
+
+/// Sends each submitted report in the background (the daemon's runs never wait for the
+/// API server), retrying with backoff; only the newest report matters.
+pub struct NodeStatePublisher {
+    reports: tokio::sync::watch::Sender<Option<NodeReport>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl NodeStatePublisher {
+    /// Starts the task on the current tokio runtime.
+    pub fn start(
+        source: super::ClientSource,
+        node: &str,
+    ) -> Result<NodeStatePublisher, super::publisher::PublishError> {
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|_| super::publisher::PublishError::NoRuntime)?;
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let task = handle.spawn(send_reports(source, node.to_string(), rx));
+        Ok(NodeStatePublisher { reports: tx, task })
+    }
+
+    pub fn submit(&self, report: NodeReport) {
+        self.reports.send_replace(Some(report));
+    }
+}
+
+impl Drop for NodeStatePublisher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn send_reports(
+    source: super::ClientSource,
+    node: String,
+    mut reports: tokio::sync::watch::Receiver<Option<NodeReport>>,
+) {
+    let mut state = NodeState::default();
+    let mut client: Option<Client> = None;
+    let mut last_error: Option<String> = None;
+    let mut wait = std::time::Duration::from_millis(500);
+    while reports.changed().await.is_ok() {
+        loop {
+            // The guard must not live across an await.
+            let newest = reports.borrow_and_update().clone();
+            let Some(report) = newest else { break };
+            let result = match &client {
+                Some(c) => state.publish(c, &node, &report).await,
+                None => match source.client().await {
+                    Ok(c) => {
+                        client = Some(c);
+                        continue;
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+            };
+            let Err(e) = result else {
+                if last_error.take().is_some() {
+                    tracing::info!(node = %node, "storage state published on the Node again");
+                }
+                wait = std::time::Duration::from_millis(500);
+                break;
+            };
+            if last_error.as_ref() != Some(&e) {
+                tracing::warn!(node = %node, "{e}; retrying");
+            }
+            last_error = Some(e);
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(std::time::Duration::from_secs(60));
+        }
+    }
+}

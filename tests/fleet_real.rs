@@ -1,0 +1,455 @@
+//! A fleet of nodes against a real control plane (`tests/support/control_plane.rs`, one for
+//! the whole file): policy fragments from ConfigMaps selected by the Node's labels, a
+//! label change re-selecting, broken and destructive fragments refused with
+//! `configmap/NS/NAME:line:col` while the last good policy stays cached, and the cache
+//! used when the API server cannot be reached at boot. Each case has its own namespace,
+//! Node name and state directory. No disks, no root.
+//!
+//! Without the binaries the test is skipped with a message; with `CI` set it fails.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/control_plane.rs"]
+mod control_plane;
+
+use control_plane::ControlPlane;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::Client;
+use kvstrap::kube::fleet::{Fleet, FleetConfig, FleetStatus};
+use kvstrap::kube::node_state::{NodeReport, NodeStatePublisher};
+use kvstrap::kube::ClientSource;
+use kvstrap::policy::{self, Policy};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Ctx<'a> {
+    cp: &'a ControlPlane,
+    client: Client,
+}
+
+type Case = for<'a> fn(&'a Ctx<'a>) -> BoxFuture<'a, ()>;
+
+#[test]
+fn fleet_real_control_plane() {
+    let Some(cp) = control_plane::start_or_skip("fleet_real_control_plane") else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt.block_on(client(&cp.kubeconfig));
+    let ctx = Ctx { cp: &cp, client };
+    let cases: &[(&str, Case)] = &[
+        ("fragments_selected_by_labels_and_reselected_on_label_change", |c| {
+            selected_by_labels(c).boxed()
+        }),
+        ("broken_fragment_refused_last_good_stays", |c| {
+            broken_refused(c).boxed()
+        }),
+        ("wipe_from_the_cluster_refused", |c| wipe_refused(c).boxed()),
+        ("cache_used_when_the_api_is_down_at_boot", |c| {
+            cache_at_boot(c).boxed()
+        }),
+        ("condition_label_and_events_visible_with_kubectl", |c| {
+            node_state_visible(c).boxed()
+        }),
+    ];
+    let only = std::env::var("KVSTRAP_REAL_CASE").ok();
+    let mut failures = Vec::new();
+    for (name, case) in cases {
+        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
+        let start = Instant::now();
+        let result = rt.block_on(std::panic::AssertUnwindSafe(case(&ctx)).catch_unwind());
+        let secs = start.elapsed().as_secs_f64();
+        match result {
+            Ok(()) => eprintln!("case {name}: ok ({secs:.1} s)"),
+            Err(e) => {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                eprintln!("case {name}: FAILED ({secs:.1} s): {msg}");
+                failures.push(format!("{name}: {msg}"));
+            }
+        }
+    }
+    drop(ctx);
+    rt.shutdown_timeout(Duration::from_secs(5));
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}\n\ncontrol plane logs:\n{}",
+        failures.len(),
+        failures.join("\n"),
+        cp.logs()
+    );
+}
+
+async fn client(kubeconfig: &Path) -> Client {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    Client::try_from(config).unwrap()
+}
+
+// ---- helpers ----------------------------------------------------------------------------
+
+/// One simulated node: its Node object, namespace of fragments, own policy and state.
+struct Site {
+    node: String,
+    namespace: String,
+    dir: tempfile::TempDir,
+    changes: Arc<AtomicU64>,
+}
+
+impl Site {
+    async fn new(ctx: &Ctx<'_>, name: &str, labels: &[(&str, &str)]) -> Site {
+        let site = Site {
+            node: format!("fleet-{name}"),
+            namespace: format!("fleet-{name}"),
+            dir: tempfile::tempdir().unwrap(),
+            changes: Arc::default(),
+        };
+        let ns = Namespace {
+            metadata: meta(&site.namespace, &[]),
+            ..Namespace::default()
+        };
+        Api::<Namespace>::all(ctx.client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap();
+        let node = Node {
+            metadata: meta(&site.node, labels),
+            ..Node::default()
+        };
+        Api::<Node>::all(ctx.client.clone())
+            .create(&PostParams::default(), &node)
+            .await
+            .unwrap();
+        std::fs::create_dir_all(site.state()).unwrap();
+        std::fs::write(site.policy(), site.own_policy("")).unwrap();
+        site
+    }
+
+    /// The node's own file: cluster policy on, one class and group of its own.
+    fn own_policy(&self, extra: &str) -> String {
+        format!(
+            r#"[node]
+name = "{node}"
+[kubernetes]
+cluster_policy = true
+policy_namespace = "{ns}"
+{extra}
+[[storage_class]]
+name = "local"
+[[disk_group]]
+name = "local"
+storage_class = "local"
+devices = ["/dev/nvme0n1"]
+"#,
+            node = self.node,
+            ns = self.namespace
+        )
+    }
+
+    fn policy(&self) -> PathBuf {
+        self.dir.path().join("policy.toml")
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn start(&self, kubeconfig: &Path) -> Fleet {
+        let config = FleetConfig {
+            node: self.node.clone(),
+            namespace: self.namespace.clone(),
+            policy_source: Some(self.policy()),
+            state_dir: self.state(),
+            debounce: Duration::from_millis(300),
+            retry: Duration::from_millis(200),
+        };
+        let changes = self.changes.clone();
+        let on_change = Box::new(move || {
+            changes.fetch_add(1, Ordering::SeqCst);
+        });
+        Fleet::start(ClientSource::Kubeconfig(kubeconfig.to_path_buf()), config, on_change)
+            .unwrap()
+    }
+
+    /// The policy the node's loader sees now (its files and the cache).
+    fn loaded(&self) -> Policy {
+        policy::load_with_cluster(Some(&self.policy()), &self.state())
+            .unwrap_or_else(|e| panic!("the node's policy does not load:\n{}", e.report()))
+    }
+
+    async fn fragment(&self, ctx: &Ctx<'_>, name: &str, selector: Option<&str>, toml: &str) {
+        let mut metadata = meta(name, &[("kvstrap.io/policy", "")]);
+        metadata.namespace = Some(self.namespace.clone());
+        metadata.annotations = selector
+            .map(|s| BTreeMap::from([("kvstrap.io/node-selector".to_string(), s.to_string())]));
+        let map = ConfigMap {
+            metadata,
+            data: Some(BTreeMap::from([("policy.toml".to_string(), toml.to_string())])),
+            ..ConfigMap::default()
+        };
+        Api::<ConfigMap>::namespaced(ctx.client.clone(), &self.namespace)
+            .patch(
+                name,
+                &PatchParams::apply("fleet-test").force(),
+                &Patch::Apply(&map),
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn label(&self, ctx: &Ctx<'_>, key: &str, value: &str) {
+        let patch = serde_json::json!({ "metadata": { "labels": { key: value } } });
+        Api::<Node>::all(ctx.client.clone())
+            .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+}
+
+fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        labels: Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
+        ..ObjectMeta::default()
+    }
+}
+
+fn class_named(name: &str) -> String {
+    format!("[[storage_class]]\nname = \"{name}\"\n")
+}
+
+fn classes(p: &Policy) -> Vec<String> {
+    p.storage_classes.iter().map(|c| c.name.clone()).collect()
+}
+
+async fn wait(fleet: &Fleet, what: &str, pred: impl Fn(&FleetStatus) -> bool) {
+    assert!(
+        fleet.wait_for(WAIT, pred).await,
+        "{what}: not within {WAIT:?}; status: {:?}",
+        fleet.status()
+    );
+}
+
+fn sources_are(s: &FleetStatus, ns: &str, names: &[&str]) -> bool {
+    let want: Vec<String> = names.iter().map(|n| format!("configmap/{ns}/{n}")).collect();
+    s.sources == want
+}
+
+// ---- cases ------------------------------------------------------------------------------
+
+async fn selected_by_labels(ctx: &Ctx<'_>) {
+    let site = Site::new(ctx, "select", &[("hw", "gpu")]).await;
+    site.fragment(ctx, "10-all", None, &class_named("all-nodes")).await;
+    site.fragment(ctx, "20-gpu", Some("hw=gpu"), &class_named("gpu")).await;
+    site.fragment(ctx, "30-nvme", Some("hw in (nvme,ssd),!maintenance"), &class_named("nvme"))
+        .await;
+    let fleet = site.start(&ctx.cp.kubeconfig);
+    let ns = site.namespace.clone();
+    wait(&fleet, "gpu fragments", |s| sources_are(s, &ns, &["10-all", "20-gpu"])).await;
+    assert_eq!(classes(&site.loaded()), ["all-nodes", "gpu", "local"]);
+    let sources: Vec<String> = site.loaded().sources.iter().map(|p| p.display().to_string()).collect();
+    assert_eq!(sources[..2], [format!("configmap/{ns}/10-all"), format!("configmap/{ns}/20-gpu")]);
+    assert_eq!(site.changes.load(Ordering::SeqCst), 1);
+
+    // A label change re-selects.
+    let started = Instant::now();
+    site.label(ctx, "hw", "nvme").await;
+    wait(&fleet, "nvme fragments", |s| sources_are(s, &ns, &["10-all", "30-nvme"])).await;
+    eprintln!("label change to new cache: {:.2} s", started.elapsed().as_secs_f64());
+    assert_eq!(classes(&site.loaded()), ["all-nodes", "nvme", "local"]);
+    assert_eq!(site.changes.load(Ordering::SeqCst), 2);
+
+    // A changed fragment is picked up; an unrelated label changes nothing.
+    site.fragment(ctx, "10-all", None, &class_named("everyone")).await;
+    wait(&fleet, "changed fragment", |s| s.updates == 3).await;
+    assert_eq!(classes(&site.loaded()), ["everyone", "nvme", "local"]);
+    site.label(ctx, "rack", "r7").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(site.changes.load(Ordering::SeqCst), 3, "{:?}", fleet.status());
+    fleet.shutdown().await;
+}
+
+async fn broken_refused(ctx: &Ctx<'_>) {
+    let site = Site::new(ctx, "broken", &[("hw", "gpu")]).await;
+    site.fragment(ctx, "gpu-nodes", Some("hw=gpu"), &class_named("gpu")).await;
+    let fleet = site.start(&ctx.cp.kubeconfig);
+    let ns = site.namespace.clone();
+    wait(&fleet, "good fragment", |s| sources_are(s, &ns, &["gpu-nodes"])).await;
+    let good = site.loaded();
+
+    let broken = "[[storage_class]]\nname = \"gpu\"\n\n[[disk_group]]\nname = \"local\"\nreserve = \"95%\"\n";
+    site.fragment(ctx, "gpu-nodes", Some("hw=gpu"), broken).await;
+    wait(&fleet, "refusal", |s| !s.refused.is_empty()).await;
+    let refused: Vec<String> = fleet.status().refused.iter().map(ToString::to_string).collect();
+    assert!(
+        refused[0].starts_with(&format!("configmap/{ns}/gpu-nodes:6:11: error: reserve: 95% is more than 90%")),
+        "{refused:?}"
+    );
+    // The last good policy stays in force, and nothing asked for a reload.
+    assert_eq!(site.loaded(), good);
+    assert_eq!(site.changes.load(Ordering::SeqCst), 1);
+
+    // A selector that does not parse refuses the fragment, named.
+    site.fragment(ctx, "gpu-nodes", Some("hw in gpu"), &class_named("gpu")).await;
+    wait(&fleet, "selector refusal", |s| s.refusals == 2).await;
+    let refused = fleet.status().refused[0].to_string();
+    assert!(refused.starts_with(&format!("configmap/{ns}/gpu-nodes: error: annotation kvstrap.io/node-selector")), "{refused}");
+    assert_eq!(site.loaded(), good);
+    // Each refusal is an Event on the Node.
+    let events = poll(|| {
+        let out = kubectl(ctx.cp, &["get", "events", "-n", "default", "--field-selector", &format!("involvedObject.name={},reason=PolicyFragmentRefused", site.node), "-o", "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}"]);
+        (out.lines().count() == 2).then_some(out)
+    })
+    .await;
+    assert!(events.contains(&format!("configmap/{ns}/gpu-nodes:6:11: error: reserve: 95% is more than 90%")), "{events}");
+
+    // Fixed: taken.
+    site.fragment(ctx, "gpu-nodes", Some("hw=gpu"), &class_named("gpu-2")).await;
+    wait(&fleet, "fixed", |s| s.refused.is_empty() && s.updates == 2).await;
+    assert_eq!(classes(&site.loaded()), ["gpu-2", "local"]);
+    fleet.shutdown().await;
+}
+
+async fn wipe_refused(ctx: &Ctx<'_>) {
+    let site = Site::new(ctx, "wipe", &[]).await;
+    let wipe = "[[disk_group]]\nname = \"local\"\nwipe = \"force\"\n";
+    site.fragment(ctx, "wipe-everything", None, wipe).await;
+    let fleet = site.start(&ctx.cp.kubeconfig);
+    wait(&fleet, "refusal", |s| !s.refused.is_empty()).await;
+    let refused = fleet.status().refused[0].to_string();
+    assert!(
+        refused.starts_with(&format!(
+            "configmap/{}/wipe-everything:3:8: error: disk group \"local\": a policy fragment from the cluster may not set wipe = \"force\"",
+            site.namespace
+        )),
+        "{refused}"
+    );
+    assert!(fleet.status().sources.is_empty());
+    assert!(!policy::cluster::cache_path(&site.state()).exists(), "nothing cached");
+    assert_eq!(site.loaded().sources.len(), 1, "the node's own file only");
+    fleet.shutdown().await;
+}
+
+async fn cache_at_boot(ctx: &Ctx<'_>) {
+    let site = Site::new(ctx, "boot", &[("hw", "gpu")]).await;
+    site.fragment(ctx, "gpu", Some("hw=gpu"), &class_named("gpu")).await;
+    let fleet = site.start(&ctx.cp.kubeconfig);
+    let ns = site.namespace.clone();
+    wait(&fleet, "cached", |s| sources_are(s, &ns, &["gpu"])).await;
+    fleet.shutdown().await;
+    let before = site.loaded();
+
+    // "Reboot" with no API server to reach: a kubeconfig naming a port nobody listens on.
+    let unreachable = site.dir.path().join("unreachable.kubeconfig");
+    let text = std::fs::read_to_string(&ctx.cp.kubeconfig).unwrap().replace(
+        &format!(":{}", ctx.cp.secure_port),
+        &format!(":{}", control_plane::free_port()),
+    );
+    std::fs::write(&unreachable, text).unwrap();
+    let fleet = site.start(&unreachable);
+    wait(&fleet, "error reported", |s| s.error.is_some()).await;
+    assert_eq!(site.loaded(), before, "the cached cluster layer applies");
+    assert_eq!(classes(&before), ["gpu", "local"]);
+    assert_eq!(fleet.status().sources, [format!("configmap/{ns}/gpu")]);
+    fleet.shutdown().await;
+}
+
+async fn node_state_visible(ctx: &Ctx<'_>) {
+    let site = Site::new(ctx, "state", &[]).await;
+    let source = ClientSource::Kubeconfig(ctx.cp.kubeconfig.clone());
+    let publisher = NodeStatePublisher::start(source, &site.node).unwrap();
+    publisher.submit(NodeReport {
+        disks_ready: 1,
+        volumes_ready: 3,
+        ready_disks: vec!["/dev/nvme0n1".into()],
+        refused: vec![("/dev/sdb".into(), "not empty: ext4".into())],
+        ..NodeReport::default()
+    });
+    let jsonpath = "jsonpath={.status.conditions[?(@.type==\"KvstrapStorageReady\")].status} {.status.conditions[?(@.type==\"KvstrapStorageReady\")].reason} {.metadata.labels.kvstrap\\.io/storage-ready}";
+    let node = format!("node/{}", site.node);
+    let seen = poll(|| {
+        let out = kubectl(ctx.cp, &["get", &node, "-o", jsonpath]);
+        (out == "True DisksRefused true").then_some(out)
+    })
+    .await;
+    assert_eq!(seen, "True DisksRefused true");
+    let message = kubectl(ctx.cp, &["get", &node, "-o", "jsonpath={.status.conditions[?(@.type==\"KvstrapStorageReady\")].message}"]);
+    assert_eq!(message, "1 disk(s) ready, 3 volume(s) ready; refused: /dev/sdb (not empty: ext4)");
+    let reasons = |ctx: &Ctx<'_>| {
+        kubectl(ctx.cp, &["get", "events", "-n", "default", "--field-selector", &format!("involvedObject.name={}", site.node), "-o", "jsonpath={range .items[*]}{.reason}{\" \"}{end}"])
+    };
+    poll(|| {
+        let r = reasons(ctx);
+        (r.contains("DiskProvisioned") && r.contains("DiskRefused")).then_some(r)
+    })
+    .await;
+
+    // A failed step: False, the label follows, one StepFailed Event.
+    publisher.submit(NodeReport {
+        failed: vec![("/dev/nvme0n1".into(), "mkfs.xfs exited with status 1".into())],
+        ..NodeReport::default()
+    });
+    poll(|| {
+        let out = kubectl(ctx.cp, &["get", &node, "-o", jsonpath]);
+        (out == "False StepFailed false").then_some(out)
+    })
+    .await;
+    poll(|| reasons(ctx).contains("StepFailed").then_some(())).await;
+    // The same report again sends nothing new (no second Event of the same name).
+    let writes = ctx.cp.writes("nodes");
+    publisher.submit(NodeReport {
+        failed: vec![("/dev/nvme0n1".into(), "mkfs.xfs exited with status 1".into())],
+        ..NodeReport::default()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ctx.cp.writes("nodes"), writes, "an unchanged report patches nothing");
+}
+
+/// `kubectl` as admin against the test control plane; stdout, trimmed.
+fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
+    let out = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&cp.kubeconfig)
+        .args(args)
+        .output()
+        .expect("kubectl runs");
+    assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Polls `f` every 200 ms until it gives a value, for at most [`WAIT`].
+async fn poll<T>(mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < WAIT, "not within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
