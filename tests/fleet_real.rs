@@ -11,6 +11,8 @@
 
 #[path = "support/control_plane.rs"]
 mod control_plane;
+#[path = "support/fixtures.rs"]
+mod fixtures;
 
 use control_plane::ControlPlane;
 use futures::future::BoxFuture;
@@ -51,9 +53,10 @@ fn fleet_real_control_plane() {
     let client = rt.block_on(client(&cp.kubeconfig));
     let ctx = Ctx { cp: &cp, client };
     let cases: &[(&str, Case)] = &[
-        ("fragments_selected_by_labels_and_reselected_on_label_change", |c| {
-            selected_by_labels(c).boxed()
-        }),
+        (
+            "fragments_selected_by_labels_and_reselected_on_label_change",
+            |c| selected_by_labels(c).boxed(),
+        ),
         ("broken_fragment_refused_last_good_stays", |c| {
             broken_refused(c).boxed()
         }),
@@ -61,9 +64,18 @@ fn fleet_real_control_plane() {
         ("cache_used_when_the_api_is_down_at_boot", |c| {
             cache_at_boot(c).boxed()
         }),
+        (
+            "validate_cluster_checks_fragments_before_any_node_acts",
+            |c| validate_cluster(c).boxed(),
+        ),
         ("condition_label_and_events_visible_with_kubectl", |c| {
             node_state_visible(c).boxed()
         }),
+        // Last: it changes the cluster's RBAC rules.
+        (
+            "works_with_exactly_the_shipped_rbac_and_names_a_missing_rule",
+            |c| rbac(c).boxed(),
+        ),
     ];
     let only = std::env::var("KVSTRAP_REAL_CASE").ok();
     let mut failures = Vec::new();
@@ -187,8 +199,12 @@ devices = ["/dev/nvme0n1"]
         let on_change = Box::new(move || {
             changes.fetch_add(1, Ordering::SeqCst);
         });
-        Fleet::start(ClientSource::Kubeconfig(kubeconfig.to_path_buf()), config, on_change)
-            .unwrap()
+        Fleet::start(
+            ClientSource::Kubeconfig(kubeconfig.to_path_buf()),
+            config,
+            on_change,
+        )
+        .unwrap()
     }
 
     /// The policy the node's loader sees now (its files and the cache).
@@ -204,7 +220,10 @@ devices = ["/dev/nvme0n1"]
             .map(|s| BTreeMap::from([("kvstrap.io/node-selector".to_string(), s.to_string())]));
         let map = ConfigMap {
             metadata,
-            data: Some(BTreeMap::from([("policy.toml".to_string(), toml.to_string())])),
+            data: Some(BTreeMap::from([(
+                "policy.toml".to_string(),
+                toml.to_string(),
+            )])),
             ..ConfigMap::default()
         };
         Api::<ConfigMap>::namespaced(ctx.client.clone(), &self.namespace)
@@ -256,7 +275,10 @@ async fn wait(fleet: &Fleet, what: &str, pred: impl Fn(&FleetStatus) -> bool) {
 }
 
 fn sources_are(s: &FleetStatus, ns: &str, names: &[&str]) -> bool {
-    let want: Vec<String> = names.iter().map(|n| format!("configmap/{ns}/{n}")).collect();
+    let want: Vec<String> = names
+        .iter()
+        .map(|n| format!("configmap/{ns}/{n}"))
+        .collect();
     s.sources == want
 }
 
@@ -264,50 +286,95 @@ fn sources_are(s: &FleetStatus, ns: &str, names: &[&str]) -> bool {
 
 async fn selected_by_labels(ctx: &Ctx<'_>) {
     let site = Site::new(ctx, "select", &[("hw", "gpu")]).await;
-    site.fragment(ctx, "10-all", None, &class_named("all-nodes")).await;
-    site.fragment(ctx, "20-gpu", Some("hw=gpu"), &class_named("gpu")).await;
-    site.fragment(ctx, "30-nvme", Some("hw in (nvme,ssd),!maintenance"), &class_named("nvme"))
+    site.fragment(ctx, "10-all", None, &class_named("all-nodes"))
         .await;
+    site.fragment(ctx, "20-gpu", Some("hw=gpu"), &class_named("gpu"))
+        .await;
+    site.fragment(
+        ctx,
+        "30-nvme",
+        Some("hw in (nvme,ssd),!maintenance"),
+        &class_named("nvme"),
+    )
+    .await;
     let fleet = site.start(&ctx.cp.kubeconfig);
     let ns = site.namespace.clone();
-    wait(&fleet, "gpu fragments", |s| sources_are(s, &ns, &["10-all", "20-gpu"])).await;
+    wait(&fleet, "gpu fragments", |s| {
+        sources_are(s, &ns, &["10-all", "20-gpu"])
+    })
+    .await;
     assert_eq!(classes(&site.loaded()), ["all-nodes", "gpu", "local"]);
-    let sources: Vec<String> = site.loaded().sources.iter().map(|p| p.display().to_string()).collect();
-    assert_eq!(sources[..2], [format!("configmap/{ns}/10-all"), format!("configmap/{ns}/20-gpu")]);
+    let sources: Vec<String> = site
+        .loaded()
+        .sources
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    assert_eq!(
+        sources[..2],
+        [
+            format!("configmap/{ns}/10-all"),
+            format!("configmap/{ns}/20-gpu")
+        ]
+    );
     assert_eq!(site.changes.load(Ordering::SeqCst), 1);
 
     // A label change re-selects.
     let started = Instant::now();
     site.label(ctx, "hw", "nvme").await;
-    wait(&fleet, "nvme fragments", |s| sources_are(s, &ns, &["10-all", "30-nvme"])).await;
-    eprintln!("label change to new cache: {:.2} s", started.elapsed().as_secs_f64());
+    wait(&fleet, "nvme fragments", |s| {
+        sources_are(s, &ns, &["10-all", "30-nvme"])
+    })
+    .await;
+    eprintln!(
+        "label change to new cache: {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
     assert_eq!(classes(&site.loaded()), ["all-nodes", "nvme", "local"]);
     assert_eq!(site.changes.load(Ordering::SeqCst), 2);
 
     // A changed fragment is picked up; an unrelated label changes nothing.
-    site.fragment(ctx, "10-all", None, &class_named("everyone")).await;
+    site.fragment(ctx, "10-all", None, &class_named("everyone"))
+        .await;
     wait(&fleet, "changed fragment", |s| s.updates == 3).await;
     assert_eq!(classes(&site.loaded()), ["everyone", "nvme", "local"]);
     site.label(ctx, "rack", "r7").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(site.changes.load(Ordering::SeqCst), 3, "{:?}", fleet.status());
+    assert_eq!(
+        site.changes.load(Ordering::SeqCst),
+        3,
+        "{:?}",
+        fleet.status()
+    );
     fleet.shutdown().await;
 }
 
 async fn broken_refused(ctx: &Ctx<'_>) {
     let site = Site::new(ctx, "broken", &[("hw", "gpu")]).await;
-    site.fragment(ctx, "gpu-nodes", Some("hw=gpu"), &class_named("gpu")).await;
+    site.fragment(ctx, "gpu-nodes", Some("hw=gpu"), &class_named("gpu"))
+        .await;
     let fleet = site.start(&ctx.cp.kubeconfig);
     let ns = site.namespace.clone();
-    wait(&fleet, "good fragment", |s| sources_are(s, &ns, &["gpu-nodes"])).await;
+    wait(&fleet, "good fragment", |s| {
+        sources_are(s, &ns, &["gpu-nodes"])
+    })
+    .await;
     let good = site.loaded();
 
     let broken = "[[storage_class]]\nname = \"gpu\"\n\n[[disk_group]]\nname = \"local\"\nreserve = \"95%\"\n";
-    site.fragment(ctx, "gpu-nodes", Some("hw=gpu"), broken).await;
+    site.fragment(ctx, "gpu-nodes", Some("hw=gpu"), broken)
+        .await;
     wait(&fleet, "refusal", |s| !s.refused.is_empty()).await;
-    let refused: Vec<String> = fleet.status().refused.iter().map(ToString::to_string).collect();
+    let refused: Vec<String> = fleet
+        .status()
+        .refused
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     assert!(
-        refused[0].starts_with(&format!("configmap/{ns}/gpu-nodes:6:11: error: reserve: 95% is more than 90%")),
+        refused[0].starts_with(&format!(
+            "configmap/{ns}/gpu-nodes:6:11: error: reserve: 95% is more than 90%"
+        )),
         "{refused:?}"
     );
     // The last good policy stays in force, and nothing asked for a reload.
@@ -315,21 +382,48 @@ async fn broken_refused(ctx: &Ctx<'_>) {
     assert_eq!(site.changes.load(Ordering::SeqCst), 1);
 
     // A selector that does not parse refuses the fragment, named.
-    site.fragment(ctx, "gpu-nodes", Some("hw in gpu"), &class_named("gpu")).await;
+    site.fragment(ctx, "gpu-nodes", Some("hw in gpu"), &class_named("gpu"))
+        .await;
     wait(&fleet, "selector refusal", |s| s.refusals == 2).await;
     let refused = fleet.status().refused[0].to_string();
-    assert!(refused.starts_with(&format!("configmap/{ns}/gpu-nodes: error: annotation kvstrap.io/node-selector")), "{refused}");
+    assert!(
+        refused.starts_with(&format!(
+            "configmap/{ns}/gpu-nodes: error: annotation kvstrap.io/node-selector"
+        )),
+        "{refused}"
+    );
     assert_eq!(site.loaded(), good);
     // Each refusal is an Event on the Node.
     let events = poll(|| {
-        let out = kubectl(ctx.cp, &["get", "events", "-n", "default", "--field-selector", &format!("involvedObject.name={},reason=PolicyFragmentRefused", site.node), "-o", "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}"]);
+        let out = kubectl(
+            ctx.cp,
+            &[
+                "get",
+                "events",
+                "-n",
+                "default",
+                "--field-selector",
+                &format!(
+                    "involvedObject.name={},reason=PolicyFragmentRefused",
+                    site.node
+                ),
+                "-o",
+                "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}",
+            ],
+        );
         (out.lines().count() == 2).then_some(out)
     })
     .await;
-    assert!(events.contains(&format!("configmap/{ns}/gpu-nodes:6:11: error: reserve: 95% is more than 90%")), "{events}");
+    assert!(
+        events.contains(&format!(
+            "configmap/{ns}/gpu-nodes:6:11: error: reserve: 95% is more than 90%"
+        )),
+        "{events}"
+    );
 
     // Fixed: taken.
-    site.fragment(ctx, "gpu-nodes", Some("hw=gpu"), &class_named("gpu-2")).await;
+    site.fragment(ctx, "gpu-nodes", Some("hw=gpu"), &class_named("gpu-2"))
+        .await;
     wait(&fleet, "fixed", |s| s.refused.is_empty() && s.updates == 2).await;
     assert_eq!(classes(&site.loaded()), ["gpu-2", "local"]);
     fleet.shutdown().await;
@@ -350,14 +444,18 @@ async fn wipe_refused(ctx: &Ctx<'_>) {
         "{refused}"
     );
     assert!(fleet.status().sources.is_empty());
-    assert!(!policy::cluster::cache_path(&site.state()).exists(), "nothing cached");
+    assert!(
+        !policy::cluster::cache_path(&site.state()).exists(),
+        "nothing cached"
+    );
     assert_eq!(site.loaded().sources.len(), 1, "the node's own file only");
     fleet.shutdown().await;
 }
 
 async fn cache_at_boot(ctx: &Ctx<'_>) {
     let site = Site::new(ctx, "boot", &[("hw", "gpu")]).await;
-    site.fragment(ctx, "gpu", Some("hw=gpu"), &class_named("gpu")).await;
+    site.fragment(ctx, "gpu", Some("hw=gpu"), &class_named("gpu"))
+        .await;
     let fleet = site.start(&ctx.cp.kubeconfig);
     let ns = site.namespace.clone();
     wait(&fleet, "cached", |s| sources_are(s, &ns, &["gpu"])).await;
@@ -366,10 +464,12 @@ async fn cache_at_boot(ctx: &Ctx<'_>) {
 
     // "Reboot" with no API server to reach: a kubeconfig naming a port nobody listens on.
     let unreachable = site.dir.path().join("unreachable.kubeconfig");
-    let text = std::fs::read_to_string(&ctx.cp.kubeconfig).unwrap().replace(
-        &format!(":{}", ctx.cp.secure_port),
-        &format!(":{}", control_plane::free_port()),
-    );
+    let text = std::fs::read_to_string(&ctx.cp.kubeconfig)
+        .unwrap()
+        .replace(
+            &format!(":{}", ctx.cp.secure_port),
+            &format!(":{}", control_plane::free_port()),
+        );
     std::fs::write(&unreachable, text).unwrap();
     let fleet = site.start(&unreachable);
     wait(&fleet, "error reported", |s| s.error.is_some()).await;
@@ -388,6 +488,10 @@ async fn node_state_visible(ctx: &Ctx<'_>) {
         volumes_ready: 3,
         ready_disks: vec!["/dev/nvme0n1".into()],
         refused: vec![("/dev/sdb".into(), "not empty: ext4".into())],
+        sources: vec![
+            "/etc/kvstrap/policy.toml".into(),
+            "configmap/kvstrap/gpu".into(),
+        ],
         ..NodeReport::default()
     });
     let jsonpath = "jsonpath={.status.conditions[?(@.type==\"KvstrapStorageReady\")].status} {.status.conditions[?(@.type==\"KvstrapStorageReady\")].reason} {.metadata.labels.kvstrap\\.io/storage-ready}";
@@ -398,20 +502,84 @@ async fn node_state_visible(ctx: &Ctx<'_>) {
     })
     .await;
     assert_eq!(seen, "True DisksRefused true");
-    let message = kubectl(ctx.cp, &["get", &node, "-o", "jsonpath={.status.conditions[?(@.type==\"KvstrapStorageReady\")].message}"]);
-    assert_eq!(message, "1 disk(s) ready, 3 volume(s) ready; refused: /dev/sdb (not empty: ext4)");
+    let message = kubectl(
+        ctx.cp,
+        &[
+            "get",
+            &node,
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"KvstrapStorageReady\")].message}",
+        ],
+    );
+    assert_eq!(
+        message,
+        "1 disk(s) ready, 3 volume(s) ready; refused: /dev/sdb (not empty: ext4)"
+    );
     let reasons = |ctx: &Ctx<'_>| {
-        kubectl(ctx.cp, &["get", "events", "-n", "default", "--field-selector", &format!("involvedObject.name={}", site.node), "-o", "jsonpath={range .items[*]}{.reason}{\" \"}{end}"])
+        kubectl(
+            ctx.cp,
+            &[
+                "get",
+                "events",
+                "-n",
+                "default",
+                "--field-selector",
+                &format!("involvedObject.name={}", site.node),
+                "-o",
+                "jsonpath={range .items[*]}{.reason}{\" \"}{end}",
+            ],
+        )
     };
     poll(|| {
         let r = reasons(ctx);
         (r.contains("DiskProvisioned") && r.contains("DiskRefused")).then_some(r)
     })
     .await;
+    // `kvstrap cluster status` shows the node's line.
+    let kubeconfig = ctx.cp.kubeconfig.display().to_string();
+    let (ok, stdout, stderr) = kvstrap(&site, &["cluster", "status", "--kubeconfig", &kubeconfig]);
+    assert!(ok, "{stderr}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(&site.node))
+        .unwrap_or_default();
+    for part in [
+        "True",
+        "DisksRefused",
+        "/dev/sdb (not empty: ext4)",
+        "configmap/kvstrap/gpu",
+    ] {
+        assert!(line.contains(part), "{part} not in {line:?}:\n{stdout}");
+    }
+    let (ok, stdout, _) = kvstrap(
+        &site,
+        &[
+            "--output",
+            "json",
+            "cluster",
+            "status",
+            "--kubeconfig",
+            &kubeconfig,
+        ],
+    );
+    assert!(ok);
+    let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let row = doc["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == site.node.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(row["disks_ready"], 1);
+    assert_eq!(row["ready"], "True");
 
     // A failed step: False, the label follows, one StepFailed Event.
     publisher.submit(NodeReport {
-        failed: vec![("/dev/nvme0n1".into(), "mkfs.xfs exited with status 1".into())],
+        failed: vec![(
+            "/dev/nvme0n1".into(),
+            "mkfs.xfs exited with status 1".into(),
+        )],
         ..NodeReport::default()
     });
     poll(|| {
@@ -423,11 +591,18 @@ async fn node_state_visible(ctx: &Ctx<'_>) {
     // The same report again sends nothing new (no second Event of the same name).
     let writes = ctx.cp.writes("nodes");
     publisher.submit(NodeReport {
-        failed: vec![("/dev/nvme0n1".into(), "mkfs.xfs exited with status 1".into())],
+        failed: vec![(
+            "/dev/nvme0n1".into(),
+            "mkfs.xfs exited with status 1".into(),
+        )],
         ..NodeReport::default()
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(ctx.cp.writes("nodes"), writes, "an unchanged report patches nothing");
+    assert_eq!(
+        ctx.cp.writes("nodes"),
+        writes,
+        "an unchanged report patches nothing"
+    );
 }
 
 /// `kubectl` as admin against the test control plane; stdout, trimmed.
@@ -438,7 +613,11 @@ fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("kubectl runs");
-    assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -452,4 +631,185 @@ async fn poll<T>(mut f: impl FnMut() -> Option<T>) -> T {
         assert!(start.elapsed() < WAIT, "not within {WAIT:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+async fn validate_cluster(ctx: &Ctx<'_>) {
+    let site = Site::new(ctx, "validate", &[("hw", "gpu")]).await;
+    let kubeconfig = format!("kubeconfig = \"{}\"", ctx.cp.kubeconfig.display());
+    std::fs::write(site.policy(), site.own_policy(&kubeconfig)).unwrap();
+    site.fragment(ctx, "gpu", Some("hw=gpu"), &class_named("gpu"))
+        .await;
+    site.fragment(ctx, "nvme", Some("hw=nvme"), &class_named("nvme"))
+        .await;
+    let ns = site.namespace.clone();
+    let (ok, stdout, stderr) = kvstrap(&site, &["validate", "--cluster"]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "2 fragment(s) in namespace {ns}, selected: configmap/{ns}/gpu"
+        )),
+        "{stderr}"
+    );
+    assert!(stdout.contains(&format!("configmap/{ns}/gpu")), "{stdout}");
+    assert!(!stdout.contains("nvme"), "{stdout}");
+
+    site.fragment(
+        ctx,
+        "gpu",
+        Some("hw=gpu"),
+        "[[disk_group]]\nname = \"local\"\nwipe = \"force\"\n",
+    )
+    .await;
+    let (ok, _, stderr) = kvstrap(&site, &["validate", "--cluster"]);
+    assert!(!ok);
+    assert!(stderr.contains(&format!("configmap/{ns}/gpu:3:8: error: disk group \"local\": a policy fragment from the cluster may not set wipe = \"force\"")), "{stderr}");
+    assert!(
+        !policy::cluster::cache_path(&site.state()).exists(),
+        "validate caches nothing"
+    );
+}
+
+/// Runs the kvstrap binary with the site's policy and state directory.
+fn kvstrap(site: &Site, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvstrap"))
+        .arg("--policy")
+        .arg(site.policy())
+        .arg("--state-dir")
+        .arg(site.state())
+        .args(args)
+        .output()
+        .expect("kvstrap runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn rbac(ctx: &Ctx<'_>) {
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/kubernetes/rbac.yaml");
+    let rules = rules.display().to_string();
+    kubectl(ctx.cp, &["apply", "-f", &rules]);
+    let node = "fleet-rbac";
+    Api::<Node>::all(ctx.client.clone())
+        .create(
+            &PostParams::default(),
+            &Node {
+                metadata: meta(node, &[("hw", "gpu")]),
+                ..Node::default()
+            },
+        )
+        .await
+        .unwrap();
+    let site = Site {
+        node: node.into(),
+        namespace: "kvstrap".into(),
+        dir: tempfile::tempdir().unwrap(),
+        changes: Arc::default(),
+    };
+    std::fs::create_dir_all(site.state()).unwrap();
+    std::fs::write(site.policy(), site.own_policy("")).unwrap();
+    // The node's identity: a user in the group the shipped rules bind (impersonated by
+    // the test's admin credential, as a per-node certificate would authenticate it).
+    let kubeconfig = site.dir.path().join("node.kubeconfig");
+    let admin = std::fs::read_to_string(&ctx.cp.kubeconfig).unwrap();
+    let as_node = admin.replace(
+        "    token: ",
+        &format!("    as: kvstrap:node:{node}\n    as-groups: [\"kvstrap:nodes\"]\n    token: "),
+    );
+    assert_ne!(admin, as_node, "the admin kubeconfig has a token line");
+    std::fs::write(&kubeconfig, as_node).unwrap();
+    let source = ClientSource::Kubeconfig(kubeconfig.clone());
+    let node_client = source.client().await.unwrap();
+
+    // Policy fragments: list and watch ConfigMaps of kvstrap, the Node's labels.
+    site.fragment(ctx, "rbac-gpu", Some("hw=gpu"), &class_named("rbac-gpu"))
+        .await;
+    let fleet = site.start(&kubeconfig);
+    wait(&fleet, "fragment", |s| {
+        sources_are(s, "kvstrap", &["rbac-gpu"])
+    })
+    .await;
+    assert_eq!(fleet.status().error, None);
+
+    // Condition, label, Events.
+    let report = NodeReport {
+        disks_ready: 1,
+        volumes_ready: 1,
+        ready_disks: vec!["/dev/nvme0n1".into()],
+        refused: vec![("/dev/sdb".into(), "not empty: xfs".into())],
+        ..NodeReport::default()
+    };
+    kvstrap::kube::node_state::NodeState::default()
+        .publish(&node_client, node, &report)
+        .await
+        .unwrap();
+
+    // Publication: StorageClass and PV by server-side apply, the PV watch.
+    let class = fixtures::class(
+        "kvstrap-rbac",
+        kvstrap::model::VolumeMode::Filesystem,
+        kvstrap::policy::types::ReclaimPolicy::Delete,
+    );
+    let volumes = fixtures::dir_volumes(&site.dir.path().join("storage"), 1, &class.name);
+    for v in &volumes {
+        std::fs::create_dir_all(&v.path).unwrap();
+    }
+    let desired =
+        kvstrap::kube::Desired::build(node, &volumes, std::slice::from_ref(&class)).unwrap();
+    let mut reconciler = kvstrap::kube::reconcile::Reconciler::new(
+        node,
+        site.state(),
+        Arc::new(kvstrap::kube::DirectoryAndBlockScrubber),
+        4,
+    );
+    let pass = reconciler.pass(&node_client, &desired).await.unwrap();
+    assert!(pass.errors.is_empty(), "{:?}", pass.errors);
+
+    // A rule missing: the answer names it.
+    kubectl(
+        ctx.cp,
+        &[
+            "patch",
+            "clusterrole",
+            "kvstrap-node",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/rules/3"}]"#,
+        ],
+    );
+    let started = Instant::now();
+    let refused = loop {
+        let mut fresh = kvstrap::kube::node_state::NodeState::default();
+        match fresh.publish(&node_client, node, &report).await {
+            Err(e) => break e,
+            Ok(()) => assert!(
+                started.elapsed() < WAIT,
+                "the rule removal never took effect"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(refused.contains("403"), "{refused}");
+    assert!(refused.contains("nodes/status"), "{refused}");
+    assert!(
+        refused.contains(&format!(
+            "cannot patch the KvstrapStorageReady condition of Node {node}"
+        )),
+        "{refused}"
+    );
+    kubectl(
+        ctx.cp,
+        &["delete", "role", "-n", "kvstrap", "kvstrap-policy-reader"],
+    );
+    fleet.shutdown().await;
+    let fleet = site.start(&kubeconfig);
+    wait(&fleet, "403 on the ConfigMaps", |s| {
+        s.error.as_deref().is_some_and(|e| e.contains("403"))
+    })
+    .await;
+    let error = fleet.status().error.unwrap();
+    assert!(error.contains("configmaps"), "{error}");
+    fleet.shutdown().await;
+    kubectl(ctx.cp, &["apply", "-f", &rules]);
 }

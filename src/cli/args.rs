@@ -42,7 +42,7 @@ pub enum OutputFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Check the policy and report every problem with file:line:col.
-    Validate,
+    Validate(ValidateArgs),
     /// List the node's disks with their identity, contents and eligibility.
     Disks,
     /// Show what apply would do, without changing anything.
@@ -55,11 +55,33 @@ pub enum Command {
     Volumes,
     /// Run as the node's storage service (systemd Type=notify).
     Daemon,
+    /// The fleet as the cluster sees it (admin tool; a kubeconfig).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Create loop-backed demo disks and apply the embedded demo policy to them.
     Demo(DemoArgs),
     /// Write man pages and shell completions into OUT_DIR (used by packaging).
     #[command(hide = true)]
     GenerateAssets { out_dir: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// One line per node: condition, disks, volumes by class and phase, refused disks,
+    /// policy sources.
+    Status {
+        /// Kubeconfig of the cluster. Default: $KUBECONFIG, ~/.kube/config, in-cluster.
+        #[arg(long, value_name = "PATH")]
+        kubeconfig: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ValidateArgs {
+    /// Fetch this node's policy fragments from the cluster now (the policy's kubeconfig)
+    /// and check them with the node's own files; nothing is cached or applied.
+    #[arg(long)]
+    pub cluster: bool,
 }
 
 #[derive(Debug, Clone, Args)]

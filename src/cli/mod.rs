@@ -7,6 +7,7 @@ pub mod apply;
 pub mod args;
 pub mod assets;
 pub mod bus_client;
+mod cluster;
 mod demo;
 mod disks_table;
 
@@ -60,7 +61,8 @@ pub fn node(g: &GlobalArgs) -> Node {
 /// Run one command (every one but `daemon`, which `main` starts).
 pub fn run(g: &GlobalArgs, command: &Command) -> Result<i32> {
     match command {
-        Command::Validate => validate(g),
+        Command::Validate(v) if v.cluster => cluster::validate(g),
+        Command::Validate(_) => validate(g),
         Command::Disks => disks(g),
         Command::Plan => show_plan(g),
         Command::Apply(a) => apply::apply(g, a),
@@ -68,6 +70,9 @@ pub fn run(g: &GlobalArgs, command: &Command) -> Result<i32> {
         Command::Volumes => apply::volumes(g),
         Command::Demo(d) => demo::run(g, d),
         Command::GenerateAssets { out_dir } => Ok(assets::run_generate_assets(out_dir)),
+        Command::Cluster(args::ClusterCommand::Status { kubeconfig }) => {
+            cluster::status(g, kubeconfig.as_deref())
+        }
         Command::Daemon => anyhow::bail!("`kvstrap daemon` is started by main, not by the CLI"),
     }
 }
@@ -89,7 +94,12 @@ fn diagnostics_text(e: &PolicyError) -> String {
 }
 
 fn validate(g: &GlobalArgs) -> Result<i32> {
-    match node(g).load_policy() {
+    report_validation(g, node(g).load_policy())
+}
+
+/// Prints a validated policy (its sources) or every diagnostic; the exit status.
+fn report_validation(g: &GlobalArgs, loaded: Result<Policy, PolicyError>) -> Result<i32> {
+    match loaded {
         Ok(p) => {
             match g.output {
                 OutputFormat::Json => print_json(&json!({

@@ -10,6 +10,7 @@
 use super::mirror::{self, Filter, Shared};
 use super::node_state::{self, NodeEvent};
 use super::publisher::{ClientSource, PublishError};
+use super::reconcile::describe;
 use crate::policy::cluster::{self, ClusterCache, Fragment, POLICY_KEY, POLICY_LABEL};
 use crate::policy::{self, Diagnostic};
 use ::kube::api::Api;
@@ -194,15 +195,20 @@ impl Worker {
                 namespace = %self.config.namespace,
                 "cannot watch the policy fragments in the cluster (the cached policy stays in force): {e}"
             ),
-            None => tracing::info!(namespace = %self.config.namespace, "watching the policy fragments in the cluster"),
+            None => {
+                tracing::info!(namespace = %self.config.namespace, "watching the policy fragments in the cluster")
+            }
         }
         self.status.send_modify(|s| s.error = error);
     }
 
     /// Selects, checks and caches the fragments, once both mirrors have listed.
     fn judge(&self, client: &Client, maps: &Shared<ConfigMap>, nodes: &Shared<Node>) {
-        let (fragments, maps_ok, maps_error) = snapshot(maps, |m| fragment(&self.config.namespace, m));
-        let (node, nodes_ok, nodes_error) = snapshot(nodes, |n: &Node| n.metadata.labels.clone().unwrap_or_default());
+        let (fragments, maps_ok, maps_error) =
+            snapshot(maps, |m| fragment(&self.config.namespace, m));
+        let (node, nodes_ok, nodes_error) = snapshot(nodes, |n: &Node| {
+            n.metadata.labels.clone().unwrap_or_default()
+        });
         self.set_error(maps_error.or(nodes_error));
         let Some(labels) = node.into_iter().next() else {
             if nodes_ok {
@@ -225,7 +231,9 @@ impl Worker {
 
     fn accept(&self, labels: &BTreeMap<String, String>, selected: Vec<Fragment>) {
         let old = cluster::read_cache(&self.config.state_dir).ok().flatten();
-        let same_layer = old.as_ref().is_some_and(|c| same_texts(&c.fragments, &selected));
+        let same_layer = old
+            .as_ref()
+            .is_some_and(|c| same_texts(&c.fragments, &selected));
         let same_labels = old.as_ref().is_some_and(|c| &c.node_labels == labels);
         let sources = sources(&selected);
         if !(same_layer && same_labels) {
@@ -291,7 +299,11 @@ impl Worker {
 /// The mirrored objects mapped by `f`, whether the mirror has listed, and its error.
 fn snapshot<K, T>(shared: &Shared<K>, f: impl Fn(&K) -> T) -> (Vec<T>, bool, Option<String>) {
     match shared.lock() {
-        Ok(m) => (m.objects.values().map(f).collect(), m.synced, m.error.clone()),
+        Ok(m) => (
+            m.objects.values().map(f).collect(),
+            m.synced,
+            m.error.clone(),
+        ),
         Err(_) => (Vec::new(), false, None),
     }
 }
@@ -317,4 +329,29 @@ fn same_texts(a: &[Fragment], b: &[Fragment]) -> bool {
         && a.iter()
             .zip(b)
             .all(|(x, y)| x.name == y.name && x.namespace == y.namespace && x.text == y.text)
+}
+
+/// The Node's labels and every policy fragment of `namespace`, read once (for
+/// `kvstrap validate --cluster`: an operator checks fragments before any node acts).
+pub async fn fetch(
+    client: &Client,
+    node: &str,
+    namespace: &str,
+) -> Result<(BTreeMap<String, String>, Vec<Fragment>), String> {
+    let n = Api::<Node>::all(client.clone())
+        .get(node)
+        .await
+        .map_err(|e| format!("cannot read Node {node}: {}", describe(&e)))?;
+    let lp = ::kube::api::ListParams::default().labels(POLICY_LABEL);
+    let maps = Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .list(&lp)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot list the policy ConfigMaps of namespace {namespace}: {}",
+                describe(&e)
+            )
+        })?;
+    let fragments = maps.items.iter().map(|m| fragment(namespace, m)).collect();
+    Ok((n.metadata.labels.unwrap_or_default(), fragments))
 }

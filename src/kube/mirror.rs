@@ -51,8 +51,13 @@ pub struct Filter {
 /// Mirrors the objects of `api` matching `filter` into `shared` for as long as the task
 /// lives, and notifies `changed` after every change (and after every failure, so the
 /// reader can report it). Failures back off from `retry` to one minute.
-pub async fn run<K>(api: Api<K>, filter: Filter, shared: Shared<K>, changed: Arc<Notify>, retry: Duration)
-where
+pub async fn run<K>(
+    api: Api<K>,
+    filter: Filter,
+    shared: Shared<K>,
+    changed: Arc<Notify>,
+    retry: Duration,
+) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
     let mut version: Option<String> = None;
@@ -150,7 +155,10 @@ where
             }
             WatchEvent::Error(e) if e.code == 410 => return Ok(None),
             WatchEvent::Error(e) => {
-                return Err(format!("watch error {} {}: {}", e.code, e.reason, e.message))
+                return Err(format!(
+                    "watch error {} {}: {}",
+                    e.code, e.reason, e.message
+                ))
             }
         };
         if let Some(v) = &object.meta().resource_version {

@@ -7,6 +7,7 @@
 pub mod builders;
 pub mod compare;
 pub mod fleet;
+pub mod fleet_status;
 pub mod manifests;
 mod mirror;
 pub mod node;

@@ -30,6 +30,36 @@ pub struct NodeReport {
     pub failed: Vec<(String, String)>,
     /// Why the run could not happen at all.
     pub error: Option<String>,
+    /// The files and ConfigMaps the policy was merged from.
+    pub sources: Vec<String>,
+}
+
+/// The annotation holding [`StorageSummary`] as JSON, for `kvstrap cluster status`.
+pub const STATE_ANNOTATION: &str = "kvstrap.io/storage-state";
+
+/// What `kvstrap cluster status` shows of a node, kept on its Node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StorageSummary {
+    pub disks_ready: u32,
+    pub volumes_ready: u32,
+    /// `DISK (why)`.
+    pub refused: Vec<String>,
+    pub sources: Vec<String>,
+}
+
+impl StorageSummary {
+    pub fn of(r: &NodeReport) -> StorageSummary {
+        StorageSummary {
+            disks_ready: r.disks_ready,
+            volumes_ready: r.volumes_ready,
+            refused: r
+                .refused
+                .iter()
+                .map(|(d, why)| format!("{d} ({why})"))
+                .collect(),
+            sources: r.sources.clone(),
+        }
+    }
 }
 
 /// The condition's status, reason and message.
@@ -100,8 +130,13 @@ pub fn condition_patch(v: &Verdict, transition: &str, now: &str) -> serde_json::
     }]}})
 }
 
-pub fn label_patch(ready: bool) -> serde_json::Value {
-    serde_json::json!({ "metadata": { "labels": { READY_LABEL: ready.to_string() } } })
+/// The label and the summary annotation, in one merge patch.
+pub fn label_patch(ready: bool, summary: &StorageSummary) -> serde_json::Value {
+    let summary = serde_json::to_string(summary).unwrap_or_default();
+    serde_json::json!({ "metadata": {
+        "labels": { READY_LABEL: ready.to_string() },
+        "annotations": { STATE_ANNOTATION: summary },
+    } })
 }
 
 /// One Event to post: `key` makes its name, so the same thing is posted once.
@@ -183,7 +218,10 @@ pub fn node_event(node: &str, e: &NodeEvent) -> Event {
 /// and the server answers 409).
 pub async fn post_event(client: &Client, node: &str, e: &NodeEvent) -> Result<(), String> {
     let api: Api<Event> = Api::namespaced(client.clone(), EVENT_NAMESPACE);
-    match api.create(&PostParams::default(), &node_event(node, e)).await {
+    match api
+        .create(&PostParams::default(), &node_event(node, e))
+        .await
+    {
         Ok(_) => Ok(()),
         Err(::kube::Error::Api(s)) if s.code == 409 => Ok(()),
         Err(err) => Err(format!(
@@ -199,7 +237,7 @@ pub async fn post_event(client: &Client, node: &str, e: &NodeEvent) -> Result<()
 pub struct NodeState {
     sent: Option<Verdict>,
     transition: Option<String>,
-    label: Option<bool>,
+    label: Option<(bool, StorageSummary)>,
     posted: BTreeSet<(String, String)>,
 }
 
@@ -228,16 +266,31 @@ impl NodeState {
                     &Patch::Strategic(condition_patch(&v, &transition, &now)),
                 )
                 .await
-                .map_err(|e| format!("cannot patch the {CONDITION} condition of Node {node}: {}", describe(&e)))?;
+                .map_err(|e| {
+                    format!(
+                        "cannot patch the {CONDITION} condition of Node {node}: {}",
+                        describe(&e)
+                    )
+                })?;
             self.transition = Some(transition);
             self.sent = Some(v.clone());
         }
-        if self.label != Some(v.ready) {
+        let labelled = (v.ready, StorageSummary::of(report));
+        if self.label.as_ref() != Some(&labelled) {
             nodes
-                .patch(node, &PatchParams::default(), &Patch::Merge(label_patch(v.ready)))
+                .patch(
+                    node,
+                    &PatchParams::default(),
+                    &Patch::Merge(label_patch(labelled.0, &labelled.1)),
+                )
                 .await
-                .map_err(|e| format!("cannot set label {READY_LABEL} on Node {node}: {}", describe(&e)))?;
-            self.label = Some(v.ready);
+                .map_err(|e| {
+                    format!(
+                        "cannot set label {READY_LABEL} on Node {node}: {}",
+                        describe(&e)
+                    )
+                })?;
+            self.label = Some(labelled);
         }
         for e in events(report) {
             let id = (e.reason.to_string(), e.key.clone());
@@ -276,14 +329,24 @@ mod tests {
                 message: "2 disk(s) ready, 6 volume(s) ready".into()
             }
         );
-        r.refused.push(("/dev/sdb".into(), "not empty: ext4".into()));
+        r.refused
+            .push(("/dev/sdb".into(), "not empty: ext4".into()));
         let v = verdict(&r);
         assert_eq!((v.ready, v.reason), (true, "DisksRefused"));
-        assert_eq!(v.message, "2 disk(s) ready, 6 volume(s) ready; refused: /dev/sdb (not empty: ext4)");
-        r.failed.push(("/dev/sdc".into(), "mkfs.xfs exited with 1".into()));
+        assert_eq!(
+            v.message,
+            "2 disk(s) ready, 6 volume(s) ready; refused: /dev/sdb (not empty: ext4)"
+        );
+        r.failed
+            .push(("/dev/sdc".into(), "mkfs.xfs exited with 1".into()));
         let v = verdict(&r);
         assert_eq!((v.ready, v.reason), (false, "StepFailed"));
-        assert!(v.message.ends_with("; failed: /dev/sdc (mkfs.xfs exited with 1)"), "{}", v.message);
+        assert!(
+            v.message
+                .ends_with("; failed: /dev/sdc (mkfs.xfs exited with 1)"),
+            "{}",
+            v.message
+        );
         r.error = Some("cannot read the node".into());
         let v = verdict(&r);
         assert_eq!((v.ready, v.reason), (false, "RunFailed"));
@@ -295,7 +358,8 @@ mod tests {
     #[test]
     fn events_have_stable_names_per_thing() {
         let mut r = report();
-        r.refused.push(("/dev/sdb".into(), "not empty: ext4".into()));
+        r.refused
+            .push(("/dev/sdb".into(), "not empty: ext4".into()));
         let e = events(&r);
         let reasons: Vec<&str> = e.iter().map(|e| e.reason).collect();
         assert_eq!(reasons, ["DiskProvisioned", "DiskRefused"]);
