@@ -9,13 +9,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/cases.rs"]
+mod cases;
 #[path = "support/control_plane.rs"]
 mod control_plane;
 #[path = "support/fixtures.rs"]
 mod fixtures;
 
 use control_plane::ControlPlane;
-use futures::future::BoxFuture;
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -38,8 +39,6 @@ struct Ctx<'a> {
     client: Client,
 }
 
-type Case = for<'a> fn(&'a Ctx<'a>) -> BoxFuture<'a, ()>;
-
 #[test]
 fn fleet_real_control_plane() {
     let Some(cp) = control_plane::start_or_skip("fleet_real_control_plane") else {
@@ -50,9 +49,9 @@ fn fleet_real_control_plane() {
         .enable_all()
         .build()
         .unwrap();
-    let client = rt.block_on(client(&cp.kubeconfig));
+    let client = rt.block_on(cp.client());
     let ctx = Ctx { cp: &cp, client };
-    let cases: &[(&str, Case)] = &[
+    let cases: &[(&str, cases::Case<Ctx<'_>>)] = &[
         (
             "fragments_selected_by_labels_and_reselected_on_label_change",
             |c| selected_by_labels(c).boxed(),
@@ -77,28 +76,7 @@ fn fleet_real_control_plane() {
             |c| rbac(c).boxed(),
         ),
     ];
-    let only = std::env::var("KVSTRAP_REAL_CASE").ok();
-    let mut failures = Vec::new();
-    for (name, case) in cases {
-        if only.as_deref().is_some_and(|o| !name.contains(o)) {
-            continue;
-        }
-        let start = Instant::now();
-        let result = rt.block_on(std::panic::AssertUnwindSafe(case(&ctx)).catch_unwind());
-        let secs = start.elapsed().as_secs_f64();
-        match result {
-            Ok(()) => eprintln!("case {name}: ok ({secs:.1} s)"),
-            Err(e) => {
-                let msg = e
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                eprintln!("case {name}: FAILED ({secs:.1} s): {msg}");
-                failures.push(format!("{name}: {msg}"));
-            }
-        }
-    }
+    let failures = cases::run_all(&rt, &ctx, cases);
     drop(ctx);
     rt.shutdown_timeout(Duration::from_secs(5));
     assert!(
@@ -108,14 +86,6 @@ fn fleet_real_control_plane() {
         failures.join("\n"),
         cp.logs()
     );
-}
-
-async fn client(kubeconfig: &Path) -> Client {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .unwrap();
-    Client::try_from(config).unwrap()
 }
 
 // ---- helpers ----------------------------------------------------------------------------

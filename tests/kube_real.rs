@@ -8,6 +8,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/cases.rs"]
+mod cases;
 #[path = "support/control_plane.rs"]
 mod control_plane;
 #[path = "support/fixtures.rs"]
@@ -15,7 +17,6 @@ mod fixtures;
 
 use control_plane::ControlPlane;
 use fixtures::{class, dir_volumes};
-use futures::future::BoxFuture;
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::{
     Event, Node, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
@@ -33,7 +34,7 @@ use kvstrap::kube::{
 use kvstrap::model::{VolumeMode, VolumeSpec};
 use kvstrap::policy::types::ReclaimPolicy;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,8 +47,6 @@ struct Ctx<'a> {
     client: Client,
 }
 
-type Case = for<'a> fn(&'a Ctx<'a>) -> BoxFuture<'a, ()>;
-
 #[test]
 fn real_control_plane() {
     let Some(cp) = control_plane::start_or_skip("real_control_plane") else {
@@ -58,9 +57,9 @@ fn real_control_plane() {
         .enable_all()
         .build()
         .unwrap();
-    let client = rt.block_on(client(&cp.kubeconfig));
+    let client = rt.block_on(cp.client());
     let ctx = Ctx { cp: &cp, client };
-    let cases: &[(&str, Case)] = &[
+    let cases: &[(&str, cases::Case<Ctx<'_>>)] = &[
         ("manifests_accepted_by_dry_run_and_applied_with_ssa", |c| {
             manifests_accepted(c).boxed()
         }),
@@ -79,28 +78,7 @@ fn real_control_plane() {
             apiserver_restart(c).boxed()
         }),
     ];
-    let only = std::env::var("KVSTRAP_REAL_CASE").ok();
-    let mut failures = Vec::new();
-    for (name, case) in cases {
-        if only.as_deref().is_some_and(|o| !name.contains(o)) {
-            continue;
-        }
-        let start = Instant::now();
-        let result = rt.block_on(std::panic::AssertUnwindSafe(case(&ctx)).catch_unwind());
-        let secs = start.elapsed().as_secs_f64();
-        match result {
-            Ok(()) => eprintln!("case {name}: ok ({secs:.1} s)"),
-            Err(e) => {
-                let msg = e
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                eprintln!("case {name}: FAILED ({secs:.1} s): {msg}");
-                failures.push(format!("{name}: {msg}"));
-            }
-        }
-    }
+    let failures = cases::run_all(&rt, &ctx, cases);
     drop(ctx);
     rt.shutdown_timeout(Duration::from_secs(5));
     if !failures.is_empty() {
@@ -111,14 +89,6 @@ fn real_control_plane() {
             cp.logs()
         );
     }
-}
-
-async fn client(kubeconfig: &Path) -> Client {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .unwrap();
-    Client::try_from(config).unwrap()
 }
 
 // ---- helpers ----------------------------------------------------------------------------

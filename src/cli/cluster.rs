@@ -22,27 +22,11 @@ pub fn validate(g: &GlobalArgs) -> Result<i32> {
             "note: [kubernetes] cluster_policy is not true in the node's own files: the daemon would not merge these fragments"
         );
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start a runtime")?;
     let source = ClientSource::from_policy(k);
-    let (labels, all) = runtime
-        .block_on(async {
-            let client = source.client().await.map_err(|e| e.to_string())?;
-            tokio::time::timeout(
-                TIMEOUT,
-                fleet::fetch(&client, &own.node.name, &k.policy_namespace),
-            )
-            .await
-            .map_err(|_| {
-                format!(
-                    "the API server did not answer within {}s",
-                    TIMEOUT.as_secs()
-                )
-            })?
-        })
-        .map_err(anyhow::Error::msg)?;
+    let (labels, all) = ask(async {
+        let client = source.client().await.map_err(|e| e.to_string())?;
+        fleet::fetch(&client, &own.node.name, &k.policy_namespace).await
+    })?;
     let (selected, refused) = cluster::select(&all, &labels);
     let names: Vec<String> = selected
         .iter()
@@ -71,31 +55,18 @@ pub fn validate(g: &GlobalArgs) -> Result<i32> {
 
 /// `kvstrap cluster status`: one line per node, or `{"nodes": [...]}`.
 pub fn status(g: &GlobalArgs, kubeconfig: Option<&std::path::Path>) -> Result<i32> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start a runtime")?;
-    let rows = runtime
-        .block_on(async {
-            let client = match kubeconfig {
-                Some(path) => ClientSource::Kubeconfig(path.to_path_buf())
-                    .client()
-                    .await
-                    .map_err(|e| e.to_string())?,
-                None => ::kube::Client::try_default()
-                    .await
-                    .map_err(|e| format!("cannot find a kubeconfig (give --kubeconfig): {e}"))?,
-            };
-            tokio::time::timeout(TIMEOUT, fleet_status::fetch(&client))
+    let rows = ask(async {
+        let client = match kubeconfig {
+            Some(path) => ClientSource::Kubeconfig(path.to_path_buf())
+                .client()
                 .await
-                .map_err(|_| {
-                    format!(
-                        "the API server did not answer within {}s",
-                        TIMEOUT.as_secs()
-                    )
-                })?
-        })
-        .map_err(anyhow::Error::msg)?;
+                .map_err(|e| e.to_string())?,
+            None => ::kube::Client::try_default()
+                .await
+                .map_err(|e| format!("cannot find a kubeconfig (give --kubeconfig): {e}"))?,
+        };
+        fleet_status::fetch(&client).await
+    })?;
     match g.output {
         OutputFormat::Json => super::print_json(&serde_json::json!({ "nodes": rows })),
         OutputFormat::Human => print!("{}", table(&rows)),
@@ -129,4 +100,21 @@ fn table(rows: &[fleet_status::NodeRow]) -> String {
     }
     out.push_str(&format!("{} node(s)\n", rows.len()));
     out
+}
+
+/// Runs `request` (client set-up and the requests) on a small runtime, within [`TIMEOUT`].
+fn ask<T>(request: impl std::future::Future<Output = Result<T, String>>) -> Result<T> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")?;
+    runtime
+        .block_on(async { tokio::time::timeout(TIMEOUT, request).await })
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the API server did not answer within {}s",
+                TIMEOUT.as_secs()
+            )
+        })?
+        .map_err(anyhow::Error::msg)
 }

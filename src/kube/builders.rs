@@ -4,12 +4,12 @@
 use crate::model::{VolumeMode, VolumeSpec};
 use crate::policy::types::{ReclaimPolicy, StorageClass};
 use k8s_openapi::api::core::v1::{
-    LocalVolumeSource, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PersistentVolume,
-    PersistentVolumeSpec, VolumeNodeAffinity,
+    Event, EventSource, LocalVolumeSource, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    ObjectReference, PersistentVolume, PersistentVolumeSpec, VolumeNodeAffinity,
 };
 use k8s_openapi::api::storage::v1::StorageClass as K8sStorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
@@ -259,6 +259,45 @@ pub fn is_dns1123_subdomain(name: &str) -> bool {
             && !l.ends_with('-')
     };
     !name.is_empty() && name.len() <= 253 && name.split('.').all(label_ok)
+}
+
+/// What an Event kvstrap reports says, and about which object.
+pub struct EventText<'a> {
+    pub involved: ObjectReference,
+    pub reason: &'a str,
+    pub action: &'a str,
+    pub warning: bool,
+    pub message: &'a str,
+}
+
+/// A core/v1 Event named `name`, reported by kvstrap on `node`. With `eventTime` set the
+/// API server also demands `action`, `reportingComponent` and `reportingInstance` (422
+/// otherwise).
+pub fn event(name: String, node: &str, text: EventText<'_>) -> Event {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    Event {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(super::reconcile::EVENT_NAMESPACE.to_string()),
+            ..ObjectMeta::default()
+        },
+        involved_object: text.involved,
+        reason: Some(text.reason.to_string()),
+        message: Some(text.message.to_string()),
+        type_: Some(if text.warning { "Warning" } else { "Normal" }.to_string()),
+        source: Some(EventSource {
+            component: Some(MANAGER.to_string()),
+            host: Some(node.to_string()),
+        }),
+        action: Some(text.action.to_string()),
+        reporting_component: Some(MANAGER.to_string()),
+        reporting_instance: Some(node.to_string()),
+        first_timestamp: Some(Time(now)),
+        last_timestamp: Some(Time(now)),
+        event_time: Some(MicroTime(now)),
+        count: Some(1),
+        ..Event::default()
+    }
 }
 
 #[cfg(test)]

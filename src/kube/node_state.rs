@@ -4,12 +4,11 @@
 //! must see. Pure builders, and a [`NodeState`] that sends only what changed, so an idle
 //! node makes no requests.
 
-use super::builders::{short_hash, MANAGER};
+use super::builders::{event, short_hash, EventText};
 use super::reconcile::{describe, EVENT_NAMESPACE};
 use ::kube::api::{Api, Patch, PatchParams, PostParams};
 use ::kube::Client;
-use k8s_openapi::api::core::v1::{Event, EventSource, Node, ObjectReference};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::api::core::v1::{Event, Node, ObjectReference};
 use std::collections::BTreeSet;
 
 pub const CONDITION: &str = "KvstrapStorageReady";
@@ -180,38 +179,28 @@ pub fn events(now: &NodeReport) -> Vec<NodeEvent> {
 
 /// A core/v1 Event about Node `node` (in `default`, where kubelet reports about Nodes).
 pub fn node_event(node: &str, e: &NodeEvent) -> Event {
-    let now = k8s_openapi::jiff::Timestamp::now();
     let id = short_hash(&format!("{node}\0{}\0{}", e.reason, e.key));
-    Event {
-        metadata: ObjectMeta {
-            name: Some(format!("{node}.{}.{id}", e.reason.to_ascii_lowercase())),
-            namespace: Some(EVENT_NAMESPACE.to_string()),
-            ..ObjectMeta::default()
-        },
-        involved_object: ObjectReference {
-            api_version: Some("v1".to_string()),
-            kind: Some("Node".to_string()),
-            name: Some(node.to_string()),
-            // kubectl describe node finds a Node's Events by uid = name.
-            uid: Some(node.to_string()),
-            ..ObjectReference::default()
-        },
-        reason: Some(e.reason.to_string()),
-        message: Some(shorten(e.message.clone())),
-        type_: Some(if e.warning { "Warning" } else { "Normal" }.to_string()),
-        source: Some(EventSource {
-            component: Some(MANAGER.to_string()),
-            host: Some(node.to_string()),
-        }),
-        action: Some(e.reason.to_string()),
-        reporting_component: Some(MANAGER.to_string()),
-        reporting_instance: Some(node.to_string()),
-        first_timestamp: Some(Time(now)),
-        last_timestamp: Some(Time(now)),
-        event_time: Some(MicroTime(now)),
-        count: Some(1),
-        ..Event::default()
-    }
+    let involved = ObjectReference {
+        api_version: Some("v1".to_string()),
+        kind: Some("Node".to_string()),
+        name: Some(node.to_string()),
+        // kubectl describe node finds a Node's Events by uid = name.
+        uid: Some(node.to_string()),
+        ..ObjectReference::default()
+    };
+    let message = shorten(e.message.clone());
+    let text = EventText {
+        involved,
+        reason: e.reason,
+        action: e.reason,
+        warning: e.warning,
+        message: &message,
+    };
+    event(
+        format!("{node}.{}.{id}", e.reason.to_ascii_lowercase()),
+        node,
+        text,
+    )
 }
 
 /// Posts `e` unless posted before (by this process, or by another: the name is the same,
@@ -304,74 +293,6 @@ impl NodeState {
     }
 }
 
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
-    use super::*;
-
-    fn report() -> NodeReport {
-        NodeReport {
-            disks_ready: 2,
-            volumes_ready: 6,
-            ready_disks: vec!["/dev/nvme0n1".into()],
-            ..NodeReport::default()
-        }
-    }
-
-    #[test]
-    fn verdicts_in_order_of_gravity() {
-        let mut r = report();
-        assert_eq!(
-            verdict(&r),
-            Verdict {
-                ready: true,
-                reason: "StorageReady",
-                message: "2 disk(s) ready, 6 volume(s) ready".into()
-            }
-        );
-        r.refused
-            .push(("/dev/sdb".into(), "not empty: ext4".into()));
-        let v = verdict(&r);
-        assert_eq!((v.ready, v.reason), (true, "DisksRefused"));
-        assert_eq!(
-            v.message,
-            "2 disk(s) ready, 6 volume(s) ready; refused: /dev/sdb (not empty: ext4)"
-        );
-        r.failed
-            .push(("/dev/sdc".into(), "mkfs.xfs exited with 1".into()));
-        let v = verdict(&r);
-        assert_eq!((v.ready, v.reason), (false, "StepFailed"));
-        assert!(
-            v.message
-                .ends_with("; failed: /dev/sdc (mkfs.xfs exited with 1)"),
-            "{}",
-            v.message
-        );
-        r.error = Some("cannot read the node".into());
-        let v = verdict(&r);
-        assert_eq!((v.ready, v.reason), (false, "RunFailed"));
-        assert!(v.message.ends_with("; last error: cannot read the node"));
-        r.error = Some("x".repeat(5000));
-        assert!(verdict(&r).message.len() <= MESSAGE_MAX);
-    }
-
-    #[test]
-    fn events_have_stable_names_per_thing() {
-        let mut r = report();
-        r.refused
-            .push(("/dev/sdb".into(), "not empty: ext4".into()));
-        let e = events(&r);
-        let reasons: Vec<&str> = e.iter().map(|e| e.reason).collect();
-        assert_eq!(reasons, ["DiskProvisioned", "DiskRefused"]);
-        let a = node_event("w1", &e[1]);
-        let b = node_event("w1", &events(&r)[1]);
-        assert_eq!(a.metadata.name, b.metadata.name);
-        assert!(a.metadata.name.unwrap().starts_with("w1.diskrefused."));
-        assert_eq!(a.type_.as_deref(), Some("Warning"));
-        assert_eq!(a.involved_object.kind.as_deref(), Some("Node"));
-    }
-}
-
 /// Sends each submitted report in the background (the daemon's runs never wait for the
 /// API server), retrying with backoff; only the newest report matters.
 pub struct NodeStatePublisher {
@@ -441,5 +362,73 @@ async fn send_reports(
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(std::time::Duration::from_secs(60));
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn report() -> NodeReport {
+        NodeReport {
+            disks_ready: 2,
+            volumes_ready: 6,
+            ready_disks: vec!["/dev/nvme0n1".into()],
+            ..NodeReport::default()
+        }
+    }
+
+    #[test]
+    fn verdicts_in_order_of_gravity() {
+        let mut r = report();
+        assert_eq!(
+            verdict(&r),
+            Verdict {
+                ready: true,
+                reason: "StorageReady",
+                message: "2 disk(s) ready, 6 volume(s) ready".into()
+            }
+        );
+        r.refused
+            .push(("/dev/sdb".into(), "not empty: ext4".into()));
+        let v = verdict(&r);
+        assert_eq!((v.ready, v.reason), (true, "DisksRefused"));
+        assert_eq!(
+            v.message,
+            "2 disk(s) ready, 6 volume(s) ready; refused: /dev/sdb (not empty: ext4)"
+        );
+        r.failed
+            .push(("/dev/sdc".into(), "mkfs.xfs exited with 1".into()));
+        let v = verdict(&r);
+        assert_eq!((v.ready, v.reason), (false, "StepFailed"));
+        assert!(
+            v.message
+                .ends_with("; failed: /dev/sdc (mkfs.xfs exited with 1)"),
+            "{}",
+            v.message
+        );
+        r.error = Some("cannot read the node".into());
+        let v = verdict(&r);
+        assert_eq!((v.ready, v.reason), (false, "RunFailed"));
+        assert!(v.message.ends_with("; last error: cannot read the node"));
+        r.error = Some("x".repeat(5000));
+        assert!(verdict(&r).message.len() <= MESSAGE_MAX);
+    }
+
+    #[test]
+    fn events_have_stable_names_per_thing() {
+        let mut r = report();
+        r.refused
+            .push(("/dev/sdb".into(), "not empty: ext4".into()));
+        let e = events(&r);
+        let reasons: Vec<&str> = e.iter().map(|e| e.reason).collect();
+        assert_eq!(reasons, ["DiskProvisioned", "DiskRefused"]);
+        let a = node_event("w1", &e[1]);
+        let b = node_event("w1", &events(&r)[1]);
+        assert_eq!(a.metadata.name, b.metadata.name);
+        assert!(a.metadata.name.unwrap().starts_with("w1.diskrefused."));
+        assert_eq!(a.type_.as_deref(), Some("Warning"));
+        assert_eq!(a.involved_object.kind.as_deref(), Some("Node"));
     }
 }

@@ -17,9 +17,8 @@ use super::{Desired, DesiredVolume};
 use ::kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use ::kube::Client;
 use futures::{stream, StreamExt};
-use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference, PersistentVolume};
+use k8s_openapi::api::core::v1::{Event, ObjectReference, PersistentVolume};
 use k8s_openapi::api::storage::v1::StorageClass as K8sStorageClass;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -697,7 +696,6 @@ pub fn describe(e: &::kube::Error) -> String {
 /// A core/v1 Event about `pv`. With `eventTime` set the API server also demands `action`,
 /// `reportingComponent` and `reportingInstance` (422 otherwise).
 fn event(node: &str, pv: &PersistentVolume, reason: &str, action: &str, message: &str) -> Event {
-    let now = jiff_now();
     let name = pv.metadata.name.clone().unwrap_or_default();
     let claim = pv
         .spec
@@ -707,44 +705,27 @@ fn event(node: &str, pv: &PersistentVolume, reason: &str, action: &str, message:
         .unwrap_or_default();
     let uid = pv.metadata.uid.clone().unwrap_or_default();
     let id = super::builders::short_hash(&format!("{uid}\0{claim}\0{reason}"));
-    Event {
-        metadata: ObjectMeta {
-            name: Some(format!("{name}.{}.{id}", reason.to_ascii_lowercase())),
-            namespace: Some(EVENT_NAMESPACE.to_string()),
-            ..ObjectMeta::default()
-        },
-        involved_object: ObjectReference {
-            api_version: Some("v1".to_string()),
-            kind: Some("PersistentVolume".to_string()),
-            name: Some(name),
-            uid: pv.metadata.uid.clone(),
-            resource_version: pv.metadata.resource_version.clone(),
-            ..ObjectReference::default()
-        },
-        reason: Some(reason.to_string()),
-        message: Some(message.to_string()),
-        type_: Some("Warning".to_string()),
-        source: Some(EventSource {
-            component: Some(MANAGER.to_string()),
-            host: Some(node.to_string()),
-        }),
-        action: Some(action.to_string()),
-        reporting_component: Some(MANAGER.to_string()),
-        reporting_instance: Some(node.to_string()),
-        first_timestamp: Some(Time(now)),
-        last_timestamp: Some(Time(now)),
-        event_time: Some(MicroTime(now)),
-        count: Some(1),
-        ..Event::default()
-    }
+    let involved = ObjectReference {
+        api_version: Some("v1".to_string()),
+        kind: Some("PersistentVolume".to_string()),
+        name: Some(name.clone()),
+        uid: pv.metadata.uid.clone(),
+        resource_version: pv.metadata.resource_version.clone(),
+        ..ObjectReference::default()
+    };
+    let text = super::builders::EventText {
+        involved,
+        reason,
+        action,
+        warning: true,
+        message,
+    };
+    let name = format!("{name}.{}.{id}", reason.to_ascii_lowercase());
+    super::builders::event(name, node, text)
 }
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-fn jiff_now() -> k8s_openapi::jiff::Timestamp {
-    k8s_openapi::jiff::Timestamp::now()
 }

@@ -9,7 +9,7 @@ use super::cluster::{self, Fragment};
 use super::diag::Diags;
 use super::raw::{self, Table};
 use super::sources::Source;
-use super::{merge, remote, validate, Policy, PolicyError};
+use super::{merge, remote, Policy, PolicyError};
 use std::path::Path;
 
 /// Where the fragments come from.
@@ -79,19 +79,8 @@ fn layered(
             remote::check(&local, fragment, may_wipe, &mut diags);
         }
     }
-    let policy = if diags.is_empty() {
-        let all: Vec<Table> = vendor.into_iter().chain(from_cluster).chain(own).collect();
-        let merged = merge::merge_all(all, &mut diags);
-        validate::validate(&merged, &mut diags, hostname)
-    } else {
-        None
-    };
-    match policy {
-        Some(policy) if diags.is_empty() => Ok(policy),
-        _ => Err(PolicyError {
-            diagnostics: diags.into_diagnostics(),
-        }),
-    }
+    let all: Vec<Table> = vendor.into_iter().chain(from_cluster).chain(own).collect();
+    super::merge_and_validate(all, diags, hostname)
 }
 
 /// Parses each text into the source map (so every diagnostic names its source); a

@@ -198,6 +198,16 @@ fn build(
         let file = diags.sources.add(path, text);
         fragments.extend(raw::parse(file, text, &mut diags));
     }
+    merge_and_validate(fragments, diags, hostname)
+}
+
+/// Merges the parsed fragments in order and validates the result; every problem so far
+/// and found now is in the error.
+fn merge_and_validate(
+    fragments: Vec<raw::Table>,
+    mut diags: Diags,
+    hostname: &dyn Fn() -> Option<String>,
+) -> Result<Policy, PolicyError> {
     // Syntax errors leave holes; checking the rest would report phantom problems.
     let policy = if diags.is_empty() {
         let merged = merge::merge_all(fragments, &mut diags);

@@ -378,6 +378,15 @@ impl ControlPlane {
         self.start_controller_manager();
     }
 
+    /// A client with the admin credential.
+    pub async fn client(&self) -> kube::Client {
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap();
+        kube::Client::try_from(config).unwrap()
+    }
+
     /// The tail of every log, for a failure message.
     pub fn logs(&self) -> String {
         let tail = |p: &Proc| format!("--- {} ({})\n{}", p.name, p.log.display(), p.tail());
