@@ -4,9 +4,9 @@
 //! same path SIGHUP takes. Turning the cluster layer on or off takes a restart.
 
 use super::{Handle, Trigger};
-use crate::node::Inputs;
 use crate::kube::fleet::{Fleet, FleetConfig};
 use crate::kube::ClientSource;
+use crate::node::Inputs;
 use crate::policy;
 use std::time::Duration;
 

@@ -4,8 +4,8 @@
 //! with the server's address and the next retry time for each failed attempt.
 
 use super::Handle;
-use crate::kube::scrub::Ledger;
 use crate::kube::node_state::{NodeReport, NodeStatePublisher};
+use crate::kube::scrub::Ledger;
 use crate::kube::{ClientSource, Desired, PublishStatus, Publisher};
 use crate::model::Plan;
 use crate::node::{Inputs, Publications};
@@ -34,7 +34,8 @@ impl KubePublications {
             node_state: None,
             _runtime: None,
         };
-        let Ok(policy) = policy::load_with_cluster(global.policy.as_deref(), &global.state_dir) else {
+        let Ok(policy) = policy::load_with_cluster(global.policy.as_deref(), &global.state_dir)
+        else {
             return me;
         };
         if !policy.kubernetes.publish {
