@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/cases.rs"]
+mod cases;
 #[path = "support/control_plane.rs"]
 mod control_plane;
 
@@ -40,19 +42,13 @@ fn idle() -> Duration {
 #[test]
 #[ignore = "benchmark: bench/fleet.sh"]
 fn fleet_of_nodes_real() {
-    let Some(cp) = control_plane::start_or_skip("fleet_of_nodes_real") else {
+    let Some((cp, rt, client)) = cases::start("fleet_of_nodes_real") else {
         return;
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(run(&cp));
+    rt.block_on(run(&cp, client));
 }
 
-async fn run(cp: &control_plane::ControlPlane) {
-    let client = cp.client().await;
+async fn run(cp: &control_plane::ControlPlane, client: Client) {
     let ns = Namespace {
         metadata: ObjectMeta {
             name: Some(NS.into()),

@@ -41,15 +41,9 @@ struct Ctx<'a> {
 
 #[test]
 fn fleet_real_control_plane() {
-    let Some(cp) = control_plane::start_or_skip("fleet_real_control_plane") else {
+    let Some((cp, rt, client)) = cases::start("fleet_real_control_plane") else {
         return;
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = rt.block_on(cp.client());
     let ctx = Ctx { cp: &cp, client };
     let cases: &[(&str, cases::Case<Ctx<'_>>)] = &[
         (

@@ -49,15 +49,9 @@ struct Ctx<'a> {
 
 #[test]
 fn real_control_plane() {
-    let Some(cp) = control_plane::start_or_skip("real_control_plane") else {
+    let Some((cp, rt, client)) = cases::start("real_control_plane") else {
         return;
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = rt.block_on(cp.client());
     let ctx = Ctx { cp: &cp, client };
     let cases: &[(&str, cases::Case<Ctx<'_>>)] = &[
         ("manifests_accepted_by_dry_run_and_applied_with_ssa", |c| {

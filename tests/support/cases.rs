@@ -2,11 +2,30 @@
 //! contains `$KVSTRAP_REAL_CASE`, when set), each reported with its time, a failure
 //! caught so the next case still runs.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::time::Instant;
+
+/// The control plane for `test` (`None`: skipped, with a message), a runtime with two
+/// workers, and a client with the admin credential.
+pub fn start(
+    test: &str,
+) -> Option<(
+    super::control_plane::ControlPlane,
+    tokio::runtime::Runtime,
+    kube::Client,
+)> {
+    let cp = super::control_plane::start_or_skip(test)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt.block_on(cp.client());
+    Some((cp, rt, client))
+}
 
 /// One case: an async function of the test's context.
 pub type Case<C> = for<'a> fn(&'a C) -> BoxFuture<'a, ()>;
