@@ -341,9 +341,20 @@ async fn manifests_accepted(ctx: &Ctx<'_>) {
     let mut r = fs.reconciler(Arc::new(Counting::default()));
     let first = pass(&mut r, ctx, &desired).await;
     assert_eq!(first.applied, 5);
+    // The server answers the apply of a new PV with phase Pending; the controller manager
+    // then makes it Available and adds the pv-protection finalizer, in writes of its own.
+    // The API double does the same (tests/support/apiserver.rs): this pins it.
+    let phases: Vec<Option<&str>> = first.volumes.values().map(|v| v.phase.as_deref()).collect();
+    assert_eq!(
+        phases,
+        vec![Some("Pending"); 3],
+        "phases in the apply answers"
+    );
     let mut versions = BTreeMap::new();
     for v in &desired.volumes {
         let pv = wait_phase(ctx, v.pv_name(), "Available").await;
+        let finalizers = pv.metadata.finalizers.clone().unwrap_or_default();
+        assert_eq!(finalizers, vec!["kubernetes.io/pv-protection".to_string()]);
         let managers: Vec<(String, String)> = pv
             .metadata
             .managed_fields
