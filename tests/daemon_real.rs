@@ -3,10 +3,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "support/control_plane.rs"]
+mod control_plane;
 mod daemon_support;
 
 use daemon_support::*;
 use nix::sys::signal::Signal;
+use std::collections::BTreeMap;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -649,5 +652,223 @@ fn a_read_opens_no_disk_and_answers_with_the_last_inventory() {
     assert!(
         status.contains(&format!("\"inventory_time\":{time}")),
         "{status}"
+    );
+}
+
+/// This node's PVs in the cluster: name -> (uid, resourceVersion, phase, finalizers).
+fn cluster_pvs(cp: &control_plane::ControlPlane, node: &str) -> BTreeMap<String, [String; 4]> {
+    let Some(text) = cp.get(&format!(
+        "/api/v1/persistentvolumes?labelSelector=kvstrap.io%2Fnode%3D{node}"
+    )) else {
+        return BTreeMap::new();
+    };
+    let list: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let field = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|pv| {
+            let m = &pv["metadata"];
+            let finalizers = m["finalizers"].as_array().into_iter().flatten().map(field);
+            let facts = [
+                field(&m["uid"]),
+                field(&m["resourceVersion"]),
+                field(&pv["status"]["phase"]),
+                finalizers.collect::<Vec<_>>().join(","),
+            ];
+            (field(&m["name"]), facts)
+        })
+        .collect()
+}
+
+/// The highest `attempt N` of the daemon's "cannot publish" lines in `log`.
+fn publication_attempts(log: &str) -> u32 {
+    log.lines()
+        .filter(|l| l.contains("cannot publish"))
+        .filter_map(|l| {
+            l.split("; attempt ")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// The retry time the daemon's last "cannot publish" line in `log` announced.
+fn last_retry(log: &str) -> Option<Duration> {
+    let line = log.lines().rev().find(|l| l.contains("cannot publish"))?;
+    let text = line
+        .split("next attempt within ")
+        .nth(1)?
+        .split(' ')
+        .next()?;
+    let (number, scale) = match text.strip_suffix("ms") {
+        Some(ms) => (ms, 1e-3),
+        None => (text.strip_suffix('s')?, 1.0),
+    };
+    Some(Duration::from_secs_f64(number.parse::<f64>().ok()? * scale))
+}
+
+/// `kvstrap daemon` (the real binary, `publish = true`) publishes a loop disk's volumes to
+/// a real API server; the server is stopped; a second disk appears and is provisioned
+/// while runs keep being asked for; the server comes back. Local work never waited, the
+/// publisher kept to its backoff while the server was down, the new PVs arrive within the
+/// backoff in force after the server is back, and nothing was lost, duplicated or
+/// rewritten: the PVs that were there keep their uid and resourceVersion.
+#[test]
+fn apiserver_stopped_and_started_under_a_running_daemon() {
+    let test = "apiserver_stopped_and_started_under_a_running_daemon";
+    if !enabled(test) {
+        return;
+    }
+    let Some(cp) = control_plane::start_or_skip(test) else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let first = common::LoopDisk::new(1 << 30);
+    let mut second = NamedLoop::reserve(work.path(), 1 << 30);
+    let node = "daemon-test";
+    let policy_text = policy(
+        &work.path().join("storage"),
+        &[first.path.clone(), second.path.clone()],
+    )
+    .replace(
+        "publish = false",
+        &format!(
+            "publish = true\nkubeconfig = {:?}",
+            cp.kubeconfig.display().to_string()
+        ),
+    );
+    let bus = TestBus::start();
+    let mut notify = NotifySocket::new();
+    let daemon = quiet_daemon(&bus, &notify, tempfile::tempdir().unwrap(), &policy_text);
+    assert!(
+        notify.wait_for("READY=1", Duration::from_secs(60)),
+        "{}",
+        daemon.stderr()
+    );
+    // Published, and settled: the controller manager has set the phase and added the
+    // pv-protection finalizer (its writes, not kvstrap's).
+    let settled = |pvs: &BTreeMap<String, [String; 4]>, n: usize| {
+        pvs.len() == n
+            && pvs
+                .values()
+                .all(|f| f[2] == "Available" && f[3].contains("kubernetes.io/pv-protection"))
+    };
+    assert!(
+        notify.eventually(Duration::from_secs(30), || settled(
+            &cluster_pvs(&cp, node),
+            4
+        )),
+        "first disk's PVs not published: {:?}\n{}",
+        cluster_pvs(&cp, node),
+        daemon.stderr()
+    );
+    let before = cluster_pvs(&cp, node);
+    let class_rv = |cp: &control_plane::ControlPlane| {
+        let text = cp
+            .get("/apis/storage.k8s.io/v1/storageclasses/daemon-test")
+            .unwrap_or_default();
+        let sc: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        sc["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let class_before = class_rv(&cp);
+    assert!(!class_before.is_empty());
+
+    // The server goes away; a disk appears and runs keep being asked for.
+    let log_before = daemon.stderr().len();
+    let down = Instant::now();
+    cp.stop_apiserver();
+    second.attach();
+    let mut runs = 0;
+    while down.elapsed() < Duration::from_secs(6) {
+        notify.drain();
+        let asked = Instant::now();
+        let out = bus.send_as(0, &["org.kvstrap.Bootstrap1.Apply"]);
+        assert!(
+            out.status.success(),
+            "Apply after {:?}: {}\n{}",
+            asked.elapsed(),
+            text(&out),
+            daemon.stderr()
+        );
+        runs += 1;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let v = volumes_on(&bus, &second.path);
+    assert!(
+        v.len() == 4 && v.iter().all(|v| v["state"] == "ready"),
+        "provisioned while the server is down: {v:?}"
+    );
+    let attempts_down = publication_attempts(&daemon.stderr()[log_before..]);
+    let window = down.elapsed();
+
+    cp.start_apiserver_again();
+    let up = Instant::now();
+    let published = notify.eventually(Duration::from_secs(60), || {
+        cluster_pvs(&cp, node).len() == 8
+    });
+    let publish_after = up.elapsed();
+    let log = daemon.stderr()[log_before..].to_string();
+    assert!(published, "not published after the server came back\n{log}");
+    let attempts = publication_attempts(&log);
+    // The wait the last failed attempt announced: the backoff in force when it came back.
+    let retry = last_retry(&log).unwrap_or_default();
+    eprintln!(
+        "server down {:.1} s: {attempts_down} attempts in the first {window:.1?} ({runs} runs), {attempts} failed attempts in all; \
+         published {:.1} s after the server was ready (next attempt was due within {retry:.1?})",
+        up.duration_since(down).as_secs_f64(),
+        publish_after.as_secs_f64()
+    );
+    // 0.5 s doubling, with jitter (at least half of each step): after the first attempt,
+    // waits of at least 0.25, 0.5, 1, 2, 4 ... s, whatever the runs asked for (a dozen).
+    let (mut allowed, mut step, mut elapsed) = (1, 0.25, 0.25);
+    while elapsed <= window.as_secs_f64() {
+        allowed += 1;
+        step *= 2.0;
+        elapsed += step;
+    }
+    assert!(
+        (2..=allowed).contains(&attempts_down),
+        "{attempts_down} publication attempts in {window:?} (at most {allowed}): backoff not held\n{log}"
+    );
+    // Within the backoff in force when the server came back (the retry time the last
+    // failed attempt announced), plus a pass.
+    assert!(
+        publish_after <= retry + Duration::from_secs(5),
+        "published {publish_after:?} after the server was back, the backoff said {retry:?}\n{log}"
+    );
+
+    let after = cluster_pvs(&cp, node);
+    for (name, facts) in &before {
+        assert_eq!(
+            after.get(name).map(|f| &f[..2]),
+            Some(&facts[..2]),
+            "{name} rewritten or re-created"
+        );
+    }
+    assert!(notify.eventually(Duration::from_secs(10), || settled(
+        &cluster_pvs(&cp, node),
+        8
+    )));
+    assert_eq!(
+        class_rv(&cp),
+        class_before,
+        "the StorageClass was rewritten"
+    );
+    // The restarted server counts from zero: kvstrap applied the 4 new PVs, each once.
+    let applies = cp.request_total(&[("resource", "persistentvolumes"), ("verb", "APPLY")]);
+    assert_eq!(applies, 4, "applies after the restart\n{log}");
+    assert_eq!(
+        cp.request_total(&[("resource", "storageclasses"), ("verb", "APPLY")]),
+        0
     );
 }

@@ -182,10 +182,14 @@ async fn publishes_exactly_the_provisioned_volumes() {
     let s = p.status();
     assert_eq!(s.pending, 0);
     assert_eq!(s.volumes.len(), 5);
-    assert!(s
-        .volumes
-        .values()
-        .all(|v| v.published && v.phase.as_deref() == Some("Available")));
+    // Answered Pending, made Available by the PV controller just after: the watch has the
+    // next pass see it.
+    let available = |s: &kvstrap::kube::PublishStatus| {
+        s.volumes
+            .values()
+            .all(|v| v.published && v.phase.as_deref() == Some("Available"))
+    };
+    assert!(p.wait_for(WAIT, available).await, "{:?}", p.status());
     // Applying again changes nothing on the server.
     let applies = env.double.applies();
     p.submit(desired.clone());

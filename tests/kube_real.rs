@@ -12,12 +12,18 @@
 mod cases;
 #[path = "support/control_plane.rs"]
 mod control_plane;
+#[path = "support/fault_proxy.rs"]
+mod fault_proxy;
 #[path = "support/fixtures.rs"]
 mod fixtures;
+#[path = "support/http_faults.rs"]
+mod http_faults;
 
 use control_plane::ControlPlane;
+use fault_proxy::{Fault, FaultProxy};
 use fixtures::{class, dir_volumes};
 use futures::FutureExt;
+use http_faults::{HttpFaults, Stage};
 use k8s_openapi::api::core::v1::{
     Event, Node, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
     VolumeResourceRequirements,
@@ -67,6 +73,12 @@ fn real_control_plane() {
         }),
         ("bound_pv_never_deleted", |c| bound_never_deleted(c).boxed()),
         ("node_deleted_and_recreated", |c| node_recreated(c).boxed()),
+        ("bound_pv_never_deleted_under_network_faults", |c| {
+            network_faults(c).boxed()
+        }),
+        ("bound_pv_never_deleted_under_http_errors", |c| {
+            http_errors(c).boxed()
+        }),
         // Last: it restarts the apiserver (and resets its counters).
         ("apiserver_stopped_and_started_under_a_publisher", |c| {
             apiserver_restart(c).boxed()
@@ -125,7 +137,12 @@ impl Site {
     }
 
     fn publisher(&self, ctx: &Ctx<'_>, scrubber: Arc<dyn Scrubber>) -> Publisher {
-        let source = kvstrap::kube::ClientSource::Kubeconfig(ctx.cp.kubeconfig.clone());
+        self.publisher_via(&ctx.cp.kubeconfig, scrubber)
+    }
+
+    /// A publisher that reaches the server through `kubeconfig` (a fault proxy's).
+    fn publisher_via(&self, kubeconfig: &Path, scrubber: Arc<dyn Scrubber>) -> Publisher {
+        let source = kvstrap::kube::ClientSource::Kubeconfig(kubeconfig.to_path_buf());
         let options = PublishOptions {
             concurrency: 16,
             backoff_base: Duration::from_millis(100),
@@ -229,6 +246,26 @@ async fn delete_claim(ctx: &Ctx<'_>, name: &str) {
         .unwrap();
 }
 
+/// Submits `desired` to `p`, waits until it is published, and binds a claim to the first
+/// volume's PV; returns the PV's and the claim's names.
+async fn publish_and_claim(
+    ctx: &Ctx<'_>,
+    n: &Site,
+    p: &Publisher,
+    desired: &Desired,
+) -> (String, String) {
+    p.submit(desired.clone());
+    assert!(
+        p.wait_for(WAIT, |s| s.converged()).await,
+        "{:?}",
+        p.status()
+    );
+    let pv = desired.volumes[0].pv_name().to_string();
+    wait_phase(ctx, &pv, "Available").await;
+    let claim_name = claim(ctx, &pv, &n.class.name).await;
+    (pv, claim_name)
+}
+
 /// Events in `default` about PV `pv` with `reason`.
 async fn events(ctx: &Ctx<'_>, pv: &str, reason: &str) -> Vec<Event> {
     Api::<Event>::namespaced(ctx.client.clone(), "default")
@@ -305,9 +342,20 @@ async fn manifests_accepted(ctx: &Ctx<'_>) {
     let mut r = fs.reconciler(Arc::new(Counting::default()));
     let first = pass(&mut r, ctx, &desired).await;
     assert_eq!(first.applied, 5);
+    // The server answers the apply of a new PV with phase Pending; the controller manager
+    // then makes it Available and adds the pv-protection finalizer, in writes of its own.
+    // The API double does the same (tests/support/apiserver.rs): this pins it.
+    let phases: Vec<Option<&str>> = first.volumes.values().map(|v| v.phase.as_deref()).collect();
+    assert_eq!(
+        phases,
+        vec![Some("Pending"); 3],
+        "phases in the apply answers"
+    );
     let mut versions = BTreeMap::new();
     for v in &desired.volumes {
         let pv = wait_phase(ctx, v.pv_name(), "Available").await;
+        let finalizers = pv.metadata.finalizers.clone().unwrap_or_default();
+        assert_eq!(finalizers, vec!["kubernetes.io/pv-protection".to_string()]);
         let managers: Vec<(String, String)> = pv
             .metadata
             .managed_fields
@@ -370,15 +418,7 @@ async fn reclaim_delete(ctx: &Ctx<'_>) {
     let desired = n.desired(&volumes);
     let scrubber = Arc::new(Counting::default());
     let p = n.publisher(ctx, scrubber.clone());
-    p.submit(desired.clone());
-    assert!(
-        p.wait_for(WAIT, |s| s.converged()).await,
-        "{:?}",
-        p.status()
-    );
-    let pv = desired.volumes[0].pv_name().to_string();
-    wait_phase(ctx, &pv, "Available").await;
-    let claim_name = claim(ctx, &pv, &n.class.name).await;
+    let (pv, claim_name) = publish_and_claim(ctx, &n, &p, &desired).await;
     let data = volumes[0].path.join("vm-disk.img");
     std::fs::write(&data, b"tenant data").unwrap();
     let old_uid = get_pv(ctx, &pv).await.unwrap().metadata.uid;
@@ -723,4 +763,230 @@ async fn apiserver_restart(ctx: &Ctx<'_>) {
     assert_eq!(applies, 1, "only the new PV is applied after the restart");
     assert!(scrubber.0.lock().unwrap().is_empty(), "nothing scrubbed");
     p.shutdown().await;
+}
+
+/// This node's PVs in the cluster (through the harness's own client, not the proxy).
+async fn node_pvs(ctx: &Ctx<'_>, node: &str) -> BTreeMap<String, PersistentVolume> {
+    let lp = ListParams::default().labels(&format!("kvstrap.io/node={node}"));
+    Api::<PersistentVolume>::all(ctx.client.clone())
+        .list(&lp)
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|pv| (pv.metadata.name.clone().unwrap(), pv))
+        .collect()
+}
+
+/// kvstrap reaches the real apiserver only through a proxy that cuts connections midway
+/// (requests and answers), refuses connects, stalls, and resets the watch, while a disk
+/// with a Bound PV vanishes and the policy changes. Meanwhile the Bound PV is never
+/// deleted; once the faults stop the cluster holds exactly the wanted PVs (none lost, none
+/// twice, unchanged ones untouched), the VolumeMissing Event exists once, and a clean
+/// pass by a fresh process writes nothing.
+async fn network_faults(ctx: &Ctx<'_>) {
+    let n = Site::new("real-faults", "kvstrap-real-faults", ReclaimPolicy::Delete);
+    let volumes = n.volumes(6);
+    let proxy = FaultProxy::start(ctx.cp.secure_port).await;
+    let kubeconfig = ctx.cp.kubeconfig_at(proxy.port);
+    let scrubber = Arc::new(Counting::default());
+    let p = n.publisher_via(&kubeconfig, scrubber.clone());
+    let (bound, _) = publish_and_claim(ctx, &n, &p, &n.desired(&volumes[..4])).await;
+    let seen = node_pvs(ctx, &n.name).await;
+    let bound_uid = seen[&bound].metadata.uid.clone();
+
+    // The disk of volumes 1 and 2 vanished, and the policy now wants volumes 5 and 6 too.
+    let after = n.desired(&volumes[2..]);
+    let faults = [
+        Fault::Cut {
+            min: 200,
+            max: 3000,
+        },
+        Fault::Refuse,
+        Fault::Stall,
+        Fault::Cut { min: 50, max: 1500 },
+        Fault::Refuse,
+        Fault::Cut {
+            min: 500,
+            max: 6000,
+        },
+    ];
+    let mut failing_passes = 0;
+    let began = Instant::now();
+    // The watch and the pooled connection die mid-stream, then the faults go on.
+    proxy.reset_all();
+    p.submit(after.clone());
+    for fault in faults {
+        proxy.set(fault);
+        // 0.7 s, and longer (up to 2.5 s, past the 2 s backoff cap) until kvstrap opened
+        // a connection under this fault.
+        let (round, accepted) = (Instant::now(), proxy.counts().accepted);
+        let met = |proxy: &FaultProxy| proxy.counts().accepted > accepted;
+        while round.elapsed() < Duration::from_millis(700)
+            || (!met(&proxy) && round.elapsed() < Duration::from_millis(2500))
+        {
+            failing_passes = failing_passes.max(p.status().consecutive_failures);
+            let pv = get_pv(ctx, &bound).await.expect("the Bound PV was deleted");
+            assert_eq!(pv.metadata.uid, bound_uid, "the Bound PV was replaced");
+            assert!(
+                pv.metadata.deletion_timestamp.is_none(),
+                "the Bound PV is being deleted"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Whatever is open (the watch, pooled connections) dies too.
+        proxy.reset_all();
+    }
+    proxy.set(Fault::None);
+    let counts = proxy.counts();
+    let faulted = Instant::now();
+    assert!(
+        p.wait_for(WAIT, |s| s.converged()).await,
+        "no convergence after the faults stopped: {:?}",
+        p.status()
+    );
+    eprintln!(
+        "faults for {:.1} s: {counts:?}, up to {} failed passes in a row; converged {:.1} s after they stopped",
+        faulted.duration_since(began).as_secs_f64(),
+        failing_passes,
+        faulted.elapsed().as_secs_f64()
+    );
+    assert!(
+        counts.cut > 0 && counts.refused > 0 && counts.reset > 0,
+        "faults did not hit: {counts:?}"
+    );
+    p.shutdown().await;
+
+    settled_after_faults(ctx, &n, &after, &bound, &seen).await;
+    for v in &volumes[2..4] {
+        assert_eq!(scrubber.count(&v.name), 0, "{} scrubbed", v.name);
+    }
+}
+
+/// After faults: the cluster holds exactly `after`'s PVs and the kept Bound one (same uid,
+/// still Bound); the PVs `after` did not change kept the resourceVersion they had in
+/// `seen`; one VolumeMissing Event; and a clean pass by a fresh process, straight to the
+/// server, writes nothing.
+async fn settled_after_faults(
+    ctx: &Ctx<'_>,
+    n: &Site,
+    after: &Desired,
+    bound: &str,
+    seen: &BTreeMap<String, PersistentVolume>,
+) {
+    let now = node_pvs(ctx, &n.name).await;
+    let mut expected: Vec<&str> = after.volumes.iter().map(|v| v.pv_name()).collect();
+    expected.push(bound);
+    expected.sort();
+    assert_eq!(
+        now.keys().map(String::as_str).collect::<Vec<_>>(),
+        expected,
+        "PVs lost or left over"
+    );
+    assert_eq!(
+        now[bound].metadata.uid, seen[bound].metadata.uid,
+        "the Bound PV was replaced"
+    );
+    assert_eq!(phase(&now[bound]).as_deref(), Some("Bound"));
+    for (name, pv) in seen
+        .iter()
+        .filter(|(name, _)| *name != bound && now.contains_key(*name))
+    {
+        assert_eq!(
+            now[name].metadata.resource_version, pv.metadata.resource_version,
+            "{name} was written although nothing changed for it"
+        );
+    }
+    assert_eq!(
+        events(ctx, bound, "VolumeMissing").await.len(),
+        1,
+        "one Event"
+    );
+    // A fresh process learns that the Event exists from the 409 its one POST gets: that
+    // refused POST is the only write it sends.
+    let refused_events = || {
+        ctx.cp
+            .request_total(&[("resource", "events"), ("verb", "POST"), ("code", "409")])
+    };
+    let (before, refused_before) = (kvstrap_writes(ctx.cp), refused_events());
+    let report = pass(&mut n.reconciler(Arc::new(Counting::default())), ctx, after).await;
+    assert_eq!(report.applied, 0, "{report:?}");
+    assert_eq!(report.kept, vec![bound.to_string()]);
+    assert_eq!(
+        refused_events() - refused_before,
+        1,
+        "the Event is not posted twice"
+    );
+    assert_eq!(
+        kvstrap_writes(ctx.cp) - before,
+        1,
+        "a clean pass after the faults wrote"
+    );
+}
+
+/// Waits until every error asked of `proxy` has been answered (the watch's are answered
+/// on its own schedule, after the publisher may have converged).
+async fn all_fired(proxy: &HttpFaults) {
+    let start = Instant::now();
+    while !proxy.unused().is_empty() {
+        assert!(
+            start.elapsed() < WAIT,
+            "errors never fired: {:?}",
+            proxy.unused()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The real apiserver behind a proxy that answers chosen requests with 500, 409 or 429,
+/// before the server saw them or after it acted on them, during a first publication and
+/// then while a disk with a Bound PV vanishes and the policy changes. Every error fires;
+/// the Bound PV is never deleted; once the errors are spent the cluster settles as after
+/// the network faults.
+async fn http_errors(ctx: &Ctx<'_>) {
+    let n = Site::new("real-http", "kvstrap-real-http", ReclaimPolicy::Delete);
+    let volumes = n.volumes(5);
+    let proxy = HttpFaults::start(ctx.cp.dir.path(), ctx.client.clone()).await;
+    let kubeconfig = ctx.cp.kubeconfig_at(proxy.port);
+    const PVS: &str = "/api/v1/persistentvolumes";
+    // The first publication: the watch fails twice, a list is throttled, the class apply
+    // conflicts, and two PV applies succeed on the server but answer 500.
+    proxy.fail("GET", "watch=true", 500, Stage::Before, 2);
+    proxy.fail("GET", &format!("{PVS}?"), 429, Stage::Before, 1);
+    proxy.fail("PATCH", "/storageclasses/", 409, Stage::Before, 1);
+    proxy.fail("PATCH", &format!("{PVS}/"), 500, Stage::After, 2);
+    let scrubber = Arc::new(Counting::default());
+    let p = n.publisher_via(&kubeconfig, scrubber.clone());
+    let first = n.desired(&volumes[..3]);
+    let (bound, _) = publish_and_claim(ctx, &n, &p, &first).await;
+    all_fired(&proxy).await;
+    let free = first.volumes[1].pv_name().to_string();
+    let seen = node_pvs(ctx, &n.name).await;
+
+    // The disk of volumes 1 and 2 vanished; the policy adds volumes 4 and 5. The delete
+    // of the free PV conflicts, then is done but answers 500; the Event is stored but
+    // answers 500; a new PV's apply answers 500 after it was stored.
+    let free_path = format!("{PVS}/{free}");
+    proxy.fail("DELETE", &free_path, 409, Stage::Before, 1);
+    proxy.fail("DELETE", &free_path, 500, Stage::After, 1);
+    proxy.fail("POST", "/events", 500, Stage::After, 1);
+    proxy.fail("PATCH", &format!("{PVS}/"), 500, Stage::After, 1);
+    let after = n.desired(&volumes[2..]);
+    p.submit(after.clone());
+    assert!(
+        p.wait_for(WAIT, |s| s.converged()).await,
+        "{:?}\n{:?}",
+        p.status(),
+        proxy.injected()
+    );
+    all_fired(&proxy).await;
+    p.shutdown().await;
+    eprintln!(
+        "{} errors injected: {:?}",
+        proxy.injected().len(),
+        proxy.injected()
+    );
+
+    settled_after_faults(ctx, &n, &after, &bound, &seen).await;
+    assert_eq!(scrubber.count(&volumes[2].name), 0);
 }

@@ -192,6 +192,29 @@ impl NotifySocket {
     }
 }
 
+impl NotifySocket {
+    /// Reads every queued notification into `seen` without waiting. A daemon whose
+    /// notifications nobody reads blocks in sd_notify once the socket's queue is full
+    /// (as it would under a systemd that stopped reading), so a long test keeps draining.
+    pub fn drain(&mut self) {
+        self.socket.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.socket.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            self.seen.extend(text.lines().map(str::to_string));
+        }
+        self.socket.set_nonblocking(false).unwrap();
+    }
+
+    /// `eventually`, draining the socket meanwhile.
+    pub fn eventually(&mut self, timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+        eventually(timeout, || {
+            self.drain();
+            check()
+        })
+    }
+}
+
 /// `kvstrap daemon` on the simulated engine, with its own lock and state directory.
 pub struct DaemonProcess {
     pub child: Child,

@@ -4,10 +4,11 @@
 //! local.path, capacity, DNS-1123 names, immutable fields, delete preconditions) and
 //! records every deletion with the phase the PV had, so tests can prove no Bound PV died.
 //! Where the real control plane was seen to behave in a way that matters to kvstrap, the
-//! double does the same (pinned by tests/kube_real.rs): a Released PV with reclaim Delete
-//! and no external `pv.kubernetes.io/provisioned-by` goes `Failed`; Events with
-//! `eventTime` need `action`, `reportingComponent` and `reportingInstance`; an Event name
-//! that exists already is a 409.
+//! double does the same (pinned by tests/kube_real.rs): a new PV is answered Pending and
+//! made Available, with the pv-protection finalizer, just after; a Released PV with
+//! reclaim Delete and no external `pv.kubernetes.io/provisioned-by` goes `Failed`; Events
+//! with `eventTime` need `action`, `reportingComponent` and `reportingInstance`; an Event
+//! name that exists already is a 409.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
@@ -272,6 +273,26 @@ impl Double {
         pv["metadata"]["resourceVersion"] = json!(rv);
         let pv = pv.clone();
         let _ = self.events.send((Kind::Pv, "MODIFIED", pv));
+    }
+
+    /// What kube-controller-manager does to a PV just created (answered Pending): the PV
+    /// controller makes it Available and the protection controller adds its finalizer, in
+    /// a write of their own (pinned by tests/kube_real.rs).
+    fn settle_new_pv(&self, name: &str, uid: &Value) {
+        let pending = {
+            let s = self.store.lock().unwrap();
+            s.objects
+                .get(&(Kind::Pv, name.to_string()))
+                .is_some_and(|pv| {
+                    pv["metadata"]["uid"] == *uid && pv["status"]["phase"] == "Pending"
+                })
+        };
+        if pending {
+            self.mutate_pv(name, |pv| {
+                pv["status"] = json!({"phase": "Available"});
+                pv["metadata"]["finalizers"] = json!(["kubernetes.io/pv-protection"]);
+            });
+        }
     }
 
     fn take_fault(&self) -> Option<Response> {
@@ -540,7 +561,14 @@ fn apply(
     s.rv += 1;
     let mut merged = merged;
     merged["metadata"]["resourceVersion"] = json!(s.rv.to_string());
-    s.objects.insert((kind, name), merged.clone());
+    s.objects.insert((kind, name.clone()), merged.clone());
+    if kind == Kind::Pv && existing.is_none() {
+        let (d, uid) = (d.clone(), merged["metadata"]["uid"].clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            d.settle_new_pv(&name, &uid);
+        });
+    }
     let ty = if existing.is_some() {
         "MODIFIED"
     } else {
@@ -555,8 +583,8 @@ fn create_from(kind: Kind, applied: &Value, rv: u64) -> Value {
     o["metadata"]["uid"] = json!(format!("uid-{rv}"));
     o["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
     if kind == Kind::Pv {
-        // The PV controller turns a new unclaimed PV Available at once.
-        o["status"] = json!({"phase": "Available"});
+        // The real server answers Pending; the PV controller settles it just after.
+        o["status"] = json!({"phase": "Pending"});
     }
     o
 }

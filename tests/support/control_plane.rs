@@ -387,6 +387,14 @@ impl ControlPlane {
         kube::Client::try_from(config).unwrap()
     }
 
+    /// A kubeconfig like `kubeconfig`, for a server at 127.0.0.1:`port` that presents this
+    /// control plane's certificate (a proxy in front of the apiserver).
+    pub fn kubeconfig_at(&self, port: u16) -> PathBuf {
+        let path = self.dir.path().join(format!("kubeconfig-{port}"));
+        std::fs::write(&path, kubeconfig_text(self.dir.path(), port)).unwrap();
+        path
+    }
+
     /// The tail of every log, for a failure message.
     pub fn logs(&self) -> String {
         let tail = |p: &Proc| format!("--- {} ({})\n{}", p.name, p.log.display(), p.tail());
