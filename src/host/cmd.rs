@@ -180,6 +180,24 @@ pub fn run_path_within(
     args: &[OsString],
     timeout: Duration,
 ) -> Result<String, CmdError> {
+    let out = run_path_output_within(path, args, timeout)?;
+    if !out.status.success() {
+        return Err(CmdError::Failed {
+            argv: render_argv(path, args),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Run a program to the end (or the time limit) and hand back its exit status and output
+/// whatever the status: some programs (smartctl) report what they found in the status bits.
+pub fn run_path_output_within(
+    path: &Path,
+    args: &[OsString],
+    timeout: Duration,
+) -> Result<std::process::Output, CmdError> {
     let argv = render_argv(path, args);
     let _running = RunningGuard::new(timeout);
     tracing::debug!(%argv, "running");
@@ -229,14 +247,19 @@ pub fn run_path_within(
             limit: timeout,
         });
     }
-    if !out.status.success() {
-        return Err(CmdError::Failed {
-            argv,
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(out)
+}
+
+/// The first executable called `name` in `$PATH`, then in [`SEARCH_DIRS`]. Only for
+/// programs that merely read (smartctl): those that write to disks are looked up in
+/// [`SEARCH_DIRS`] alone.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs: Vec<PathBuf> = std::env::split_paths(&path)
+        .filter(|d| d.is_absolute())
+        .chain(SEARCH_DIRS.iter().map(PathBuf::from))
+        .collect();
+    find_executable(dirs.iter().map(PathBuf::as_path), name)
 }
 
 fn find_executable<'a>(mut dirs: impl Iterator<Item = &'a Path>, name: &str) -> Option<PathBuf> {
