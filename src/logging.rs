@@ -31,6 +31,8 @@ pub mod message_id {
     pub const APPLY_FINISHED: &str = "26e6c1b97a4a4f6c945341e5022dafc9";
     /// A reloaded policy was rejected; the old one stays in force.
     pub const POLICY_REJECTED: &str = "429db97c6e3e4c9b9743cb68b4b2d10e";
+    /// A disk's SMART health assessment changed (fields `disk`, `health`).
+    pub const DISK_HEALTH_CHANGED: &str = "fdfec6b667484f52b63b356c41467961";
 }
 
 /// Filter from `KVSTRAP_LOG` (tracing's env-filter syntax). By default `info`, without

@@ -1,0 +1,194 @@
+//! Disk health from SMART: what `smartctl --json -a` says about each selected disk,
+//! reduced to the figures an operator acts on (overall assessment, media and CRC errors,
+//! reallocated and pending sectors, NVMe wear and critical warnings, temperature).
+//!
+//! A disk whose health cannot be read — a loop or virtio device, smartctl missing or
+//! hanging — is [`Assessment::Unknown`], never `Failed`: only the disk itself may say it
+//! is failing.
+
+pub mod read;
+pub mod smartctl;
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// The disk's own verdict on itself.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Assessment {
+    Passed,
+    Failed,
+    #[default]
+    Unknown,
+}
+
+impl Assessment {
+    pub const ALL: [Assessment; 3] = [Assessment::Passed, Assessment::Failed, Assessment::Unknown];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Assessment::Passed => "passed",
+            Assessment::Failed => "failed",
+            Assessment::Unknown => "unknown",
+        }
+    }
+}
+
+/// One reading of a disk's health. Figures the device does not report are `None`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub assessment: Assessment,
+    /// Why the assessment is `failed` or `unknown`, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// NVMe "media and data integrity errors"; ATA uncorrectable errors (attribute 187,
+    /// else 198).
+    #[serde(default)]
+    pub media_errors: Option<u64>,
+    /// ATA interface CRC errors (attribute 199): usually a cable, not the disk.
+    #[serde(default)]
+    pub crc_errors: Option<u64>,
+    /// ATA attribute 5; SCSI grown defects.
+    #[serde(default)]
+    pub reallocated_sectors: Option<u64>,
+    /// ATA attribute 197.
+    #[serde(default)]
+    pub pending_sectors: Option<u64>,
+    /// NVMe endurance estimate; may exceed 100.
+    #[serde(default)]
+    pub percentage_used: Option<u64>,
+    /// NVMe critical warning bits (0 when none).
+    #[serde(default)]
+    pub critical_warning: Option<u64>,
+    #[serde(default)]
+    pub temperature_celsius: Option<i64>,
+}
+
+impl Health {
+    pub fn unknown(detail: impl Into<String>) -> Health {
+        Health {
+            detail: Some(detail.into()),
+            ..Health::default()
+        }
+    }
+}
+
+/// Health of each disk read, by its kernel path.
+pub type HealthMap = BTreeMap<PathBuf, Health>;
+
+/// A disk whose assessment differs from the previous reading (or that was not read before).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub disk: PathBuf,
+    pub from: Option<Assessment>,
+    pub to: Assessment,
+    pub detail: Option<String>,
+}
+
+/// What changed between two readings. Only the assessment counts: temperatures and error
+/// counters move all the time and are metrics, not journal events.
+pub fn changes(before: &HealthMap, after: &HealthMap) -> Vec<Change> {
+    after
+        .iter()
+        .filter_map(|(disk, now)| {
+            let from = before.get(disk).map(|h| h.assessment);
+            (from != Some(now.assessment)).then(|| Change {
+                disk: disk.clone(),
+                from,
+                to: now.assessment,
+                detail: now.detail.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Put each change in the journal with its stable message id; a disk turning `failed` is
+/// an error, anything else information.
+pub fn log_changes(changes: &[Change]) {
+    use crate::logging::message_id::DISK_HEALTH_CHANGED;
+    for c in changes {
+        let from = c.from.map(Assessment::as_str).unwrap_or("not read");
+        let detail = c
+            .detail
+            .as_deref()
+            .map(|d| format!(": {d}"))
+            .unwrap_or_default();
+        let disk = c.disk.display().to_string();
+        if c.to == Assessment::Failed {
+            tracing::error!(
+                message_id = DISK_HEALTH_CHANGED,
+                disk,
+                health = c.to.as_str(),
+                "health of {} changed from {from} to {}{detail}",
+                c.disk.display(),
+                c.to.as_str()
+            );
+        } else {
+            tracing::info!(
+                message_id = DISK_HEALTH_CHANGED,
+                disk,
+                health = c.to.as_str(),
+                "health of {} changed from {from} to {}{detail}",
+                c.disk.display(),
+                c.to.as_str()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(entries: &[(&str, Assessment)]) -> HealthMap {
+        entries
+            .iter()
+            .map(|(d, a)| {
+                (
+                    PathBuf::from(d),
+                    Health {
+                        assessment: *a,
+                        ..Health::default()
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn only_assessment_changes_are_changes() {
+        let before = map(&[
+            ("/dev/sda", Assessment::Passed),
+            ("/dev/sdb", Assessment::Passed),
+        ]);
+        let mut after = map(&[
+            ("/dev/sda", Assessment::Passed),
+            ("/dev/sdb", Assessment::Failed),
+            ("/dev/sdc", Assessment::Unknown),
+        ]);
+        if let Some(h) = after.get_mut(&PathBuf::from("/dev/sda")) {
+            h.temperature_celsius = Some(60);
+        }
+        let got = changes(&before, &after);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].disk, PathBuf::from("/dev/sdb"));
+        assert_eq!(
+            (got[0].from, got[0].to),
+            (Some(Assessment::Passed), Assessment::Failed)
+        );
+        assert_eq!((got[1].from, got[1].to), (None, Assessment::Unknown));
+        assert!(changes(&after, &after).is_empty());
+    }
+
+    #[test]
+    fn assessment_serializes_lower_case() {
+        let h = Health::unknown("loop device");
+        let v = serde_json::to_value(&h).unwrap_or_default();
+        assert_eq!(v["assessment"], "unknown");
+        assert_eq!(v["detail"], "loop device");
+        assert!(v["media_errors"].is_null());
+    }
+}
