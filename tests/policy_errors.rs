@@ -945,3 +945,41 @@ fn volume_size_beyond_any_disk_is_refused_at_its_value() {
         );
     }
 }
+
+#[test]
+fn health_interval_errors_point_at_the_value() {
+    let at = |v: &str| format!("{}[health]\ninterval = {v}\n", group(""));
+    // Lines 1-6 the group, 7 [health], 8 interval.
+    one_error(&at("\"1w\""), 8, 12, "unknown unit \"w\"", "\"30m\"");
+    one_error(&at("\"0s\""), 8, 12, "at least one second", "\"1h\"");
+    one_error(&at("-5"), 8, 12, "negative", "number of seconds");
+    one_error(&at("true"), 8, 12, "string or an integer", "\"1h\"");
+    one_error(
+        &format!("{}[health]\nintervall = \"1h\"\n", group("")),
+        8,
+        1,
+        "unknown key \"intervall\" in [health]",
+        "did you mean \"interval\"?",
+    );
+}
+
+#[test]
+fn metrics_errors_point_at_the_value() {
+    let at = |k: &str, v: &str| format!("{}[metrics]\n{k} = {v}\n", group(""));
+    one_error(
+        &at("textfile", "\"kvstrap.prom\""),
+        8,
+        12,
+        "not an absolute file path",
+        "or \"\" to write no file",
+    );
+    one_error(
+        &at("listen", "\"localhost\""),
+        8,
+        10,
+        "not an address and port",
+        "127.0.0.1:9741",
+    );
+    assert!(diagnostics(&at("textfile", "\"\"")).is_empty());
+    assert!(diagnostics(&at("listen", "\"[::1]:9741\"")).is_empty());
+}

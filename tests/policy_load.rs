@@ -70,6 +70,9 @@ fn example_policy_validates_and_uses_every_key() {
         "allow_loop",
         "allow_removable",
         "quota",
+        "interval",
+        "textfile",
+        "listen",
     ] {
         assert!(
             EXAMPLE_POLICY.contains(key),
@@ -274,6 +277,14 @@ fn defaults() {
         (Wipe::Never, false, false)
     );
     assert_eq!(p.sources, [PathBuf::from("p.toml")]);
+    assert_eq!(p.health.interval, std::time::Duration::from_secs(3600));
+    assert_eq!(
+        p.metrics.textfile.as_deref(),
+        Some(std::path::Path::new(
+            "/var/lib/prometheus/node-exporter/kvstrap.prom"
+        ))
+    );
+    assert_eq!(p.metrics.listen, None);
 }
 
 #[test]

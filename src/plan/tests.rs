@@ -66,6 +66,8 @@ fn policy(groups: Vec<DiskGroup>) -> Policy {
             storage_root: "/var/lib/kvstrap/storage".into(),
         },
         kubernetes: KubernetesSettings::local_only(),
+        health: Default::default(),
+        metrics: Default::default(),
         storage_classes: vec![
             class("fast", VolumeMode::Filesystem, FsType::Xfs),
             class("ext", VolumeMode::Filesystem, FsType::Ext4),

@@ -14,6 +14,7 @@ mod fields;
 mod group;
 mod layers;
 mod merge;
+mod monitoring;
 pub mod names;
 mod overlap;
 pub mod raw;

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 pub struct Policy {
     pub node: NodeSettings,
     pub kubernetes: KubernetesSettings,
+    pub health: HealthSettings,
+    pub metrics: MetricsSettings,
     pub storage_classes: Vec<StorageClass>,
     pub disk_groups: Vec<DiskGroup>,
     /// The files the policy was merged from, in merge order.
@@ -46,8 +48,41 @@ impl KubernetesSettings {
     }
 }
 
+/// `[health]`: when disk health is read (at start, then every `interval`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSettings {
+    pub interval: std::time::Duration,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        HealthSettings {
+            interval: std::time::Duration::from_secs(3600),
+        }
+    }
+}
+
 /// Where the policy ConfigMaps live unless `[kubernetes] policy_namespace` says otherwise.
 pub const DEFAULT_POLICY_NAMESPACE: &str = "kvstrap";
+
+/// Where node_exporter's textfile collector reads from on Debian and Fedora.
+pub const DEFAULT_METRICS_TEXTFILE: &str = "/var/lib/prometheus/node-exporter/kvstrap.prom";
+
+/// `[metrics]`: the Prometheus text file (None: none) and an optional HTTP address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsSettings {
+    pub textfile: Option<PathBuf>,
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            textfile: Some(PathBuf::from(DEFAULT_METRICS_TEXTFILE)),
+            listen: None,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum ReclaimPolicy {

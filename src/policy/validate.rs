@@ -5,6 +5,7 @@ use super::class;
 use super::diag::{Diags, Loc};
 use super::fields::{Located, Section};
 use super::group;
+use super::monitoring;
 use super::names;
 use super::overlap;
 use super::raw::{Entry, Table, Value};
@@ -16,7 +17,14 @@ use super::types::{
 use crate::model::{FsType, Layout, VolumeMode};
 use std::path::{Component, Path, PathBuf};
 
-const TOP_KEYS: &[&str] = &["node", "kubernetes", "storage_class", "disk_group"];
+const TOP_KEYS: &[&str] = &[
+    "node",
+    "kubernetes",
+    "health",
+    "metrics",
+    "storage_class",
+    "disk_group",
+];
 const NODE_KEYS: &[&str] = &["name", "storage_root"];
 const KUBERNETES_KEYS: &[&str] = &[
     "publish",
@@ -43,6 +51,8 @@ pub fn validate(
     root.check_keys(TOP_KEYS, diags);
     let node = node(&root, diags, hostname);
     let kubernetes = kubernetes(&root, diags);
+    let health = section(&root, "health", diags).and_then(|s| monitoring::health(&s, diags));
+    let metrics = section(&root, "metrics", diags).and_then(|s| monitoring::metrics(&s, diags));
     let (classes, classes_ok) = list(&root, "storage_class", diags, class::parse);
     let (drafts, drafts_ok) = list(&root, "disk_group", diags, group::parse);
     check_class_references(tree, diags);
@@ -50,6 +60,8 @@ pub fn validate(
     let policy = Policy {
         node: node?,
         kubernetes: kubernetes?,
+        health: health?,
+        metrics: metrics?,
         storage_classes: classes_ok.then_some(classes)?,
         disk_groups: (drafts_ok && groups.len() == drafts.len()).then_some(groups)?,
         sources: diags.sources.paths(),

@@ -1,0 +1,148 @@
+//! `[health]` and `[metrics]`: how often disk health is read, and where the Prometheus
+//! metrics go. Both sections are optional; their defaults are what a node wants.
+
+use super::diag::Diags;
+use super::fields::Section;
+use super::types::{HealthSettings, MetricsSettings};
+use std::net::SocketAddr;
+use std::path::{Component, PathBuf};
+use std::time::Duration;
+
+pub const HEALTH_KEYS: &[&str] = &["interval"];
+pub const METRICS_KEYS: &[&str] = &["textfile", "listen"];
+
+/// Shorter than this would keep disks answering SMART queries all the time.
+const MIN_INTERVAL: Duration = Duration::from_secs(1);
+const INTERVAL_HINT: &str =
+    "write a duration like interval = \"1h\", \"30m\" or \"90s\" (units s, m, h, d), or a number of seconds";
+
+pub fn health(s: &Section, diags: &mut Diags) -> Option<HealthSettings> {
+    s.check_keys(HEALTH_KEYS, diags);
+    let interval = match s.entry("interval") {
+        None => Some(HealthSettings::default().interval),
+        Some(entry) => {
+            let parsed = match &entry.node.value {
+                super::raw::Value::Str(text) => parse_duration(text),
+                super::raw::Value::Int { value, .. } => u64::try_from(*value)
+                    .map(Duration::from_secs)
+                    .map_err(|_| format!("interval {value} is negative")),
+                other => Err(format!(
+                    "interval must be a string or an integer, found {}",
+                    other.kind()
+                )),
+            };
+            match parsed {
+                Ok(d) if d >= MIN_INTERVAL => Some(d),
+                Ok(_) => {
+                    diags.error(
+                        entry.node.at,
+                        "[health] interval must be at least one second",
+                        INTERVAL_HINT,
+                    );
+                    None
+                }
+                Err(message) => {
+                    diags.error(entry.node.at, message, INTERVAL_HINT);
+                    None
+                }
+            }
+        }
+    };
+    Some(HealthSettings {
+        interval: interval?,
+    })
+}
+
+/// "90s", "30m", "1h", "2d", or "3600" (seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let scale = match unit.trim() {
+        "" | "s" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => {
+            return Err(format!(
+                "interval \"{text}\" has an unknown unit \"{other}\""
+            ))
+        }
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("interval \"{text}\" is not a whole number with a unit"))
+}
+
+pub fn metrics(s: &Section, diags: &mut Diags) -> Option<MetricsSettings> {
+    s.check_keys(METRICS_KEYS, diags);
+    let textfile = match s.string(
+        "textfile",
+        "\"/var/lib/prometheus/node-exporter/kvstrap.prom\"",
+        diags,
+    ) {
+        // The empty string turns the file off.
+        Some(("", _)) => Some(None),
+        Some((text, at)) => {
+            let path = PathBuf::from(text);
+            if path.is_absolute()
+                && path.file_name().is_some()
+                && !path.components().any(|c| c == Component::ParentDir)
+            {
+                Some(Some(path))
+            } else {
+                diags.error(
+                    at,
+                    format!("textfile \"{text}\" is not an absolute file path without \"..\""),
+                    "write textfile = \"/var/lib/prometheus/node-exporter/kvstrap.prom\", or \"\" to write no file",
+                );
+                None
+            }
+        }
+        None if s.entry("textfile").is_some() => None,
+        None => Some(MetricsSettings::default().textfile),
+    };
+    let listen = match s.string("listen", "\"127.0.0.1:9741\"", diags) {
+        Some(("", _)) => Some(None),
+        Some((text, at)) => match text.parse::<SocketAddr>() {
+            Ok(addr) => Some(Some(addr)),
+            Err(_) => {
+                diags.error(
+                    at,
+                    format!("listen \"{text}\" is not an address and port"),
+                    "write listen = \"127.0.0.1:9741\" (or \"[::1]:9741\"); leave it out to serve no metrics over HTTP",
+                );
+                None
+            }
+        },
+        None if s.entry("listen").is_some() => None,
+        None => Some(None),
+    };
+    Some(MetricsSettings {
+        textfile: textfile?,
+        listen: listen?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_with_and_without_units() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        assert_eq!(parse_duration("3600"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("1w")
+            .unwrap_err()
+            .contains("unknown unit \"w\""));
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+    }
+}
