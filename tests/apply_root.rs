@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::node::{class, group, Node};
 use common::{require_root, LoopDisk};
 use kvstrap::model::FsType;
 use serde_json::Value;
@@ -12,127 +13,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const MIB: u64 = 1 << 20;
-
-/// A policy, state dir and storage root of the test's own.
-struct Node {
-    dir: tempfile::TempDir,
-}
-
-impl Node {
-    fn new(policy_body: &str) -> Node {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("storage");
-        let text = format!(
-            "[node]\nname = \"test-node\"\nstorage_root = {:?}\n\n{policy_body}",
-            root.display().to_string()
-        );
-        std::fs::write(dir.path().join("policy.toml"), text).unwrap();
-        Node { dir }
-    }
-
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("storage")
-    }
-
-    fn state(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-
-    fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvstrap"));
-        cmd.arg("--policy")
-            .arg(self.dir.path().join("policy.toml"))
-            .arg("--state-dir")
-            .arg(self.state());
-        cmd.args(args)
-            .env("KVSTRAP_LOCK", self.dir.path().join("lock"))
-            .env("KVSTRAP_LOG", "info");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd
-    }
-
-    fn kvstrap(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        self.command(args, env).output().unwrap()
-    }
-
-    fn apply_ok(&self) -> Value {
-        let out = self.kvstrap(&["apply", "-o", "json"], &[]);
-        assert!(
-            out.status.success(),
-            "apply failed: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    fn plan(&self) -> Value {
-        let out = self.kvstrap(&["plan", "-o", "json"], &[]);
-        assert!(
-            out.status.success(),
-            "plan failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    fn volumes(&self) -> Vec<Value> {
-        let out = self.kvstrap(&["volumes", "-o", "json"], &[]);
-        assert!(
-            out.status.success(),
-            "volumes failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["volumes"].as_array().cloned().unwrap()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        // Unmount everything below this node's storage root, deepest first.
-        let root = self.root();
-        let mut mounts: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(4).map(PathBuf::from))
-            .filter(|m| m.starts_with(&root))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
-        for m in mounts {
-            let _ = Command::new("umount").arg("-l").arg(m).status();
-        }
-    }
-}
-
-/// A group of these loop devices. Shared groups accept unenforced capacity where this
-/// kernel has no project quotas, so the other properties can still be tested there.
-fn group(name: &str, class: &str, layout: &str, disks: &[&LoopDisk], sizing: &str) -> String {
-    let devices: Vec<String> = disks
-        .iter()
-        .map(|d| format!("{:?}", d.path.display().to_string()))
-        .collect();
-    let quota = if layout == "shared" {
-        "quota = \"if-supported\"\n"
-    } else {
-        ""
-    };
-    format!(
-        "[[disk_group]]\nname = {name:?}\nstorage_class = {class:?}\nlayout = {layout:?}\ndevices = [{}]\n{sizing}\nallow_loop = true\n{quota}\n",
-        devices.join(", ")
-    )
-}
-
-fn class(name: &str, fs: &str, mode: &str) -> String {
-    match mode {
-        "Block" => format!("[[storage_class]]\nname = {name:?}\nvolume_mode = \"Block\"\n\n"),
-        _ => format!(
-            "[[storage_class]]\nname = {name:?}\nfs_type = {fs:?}\nvolume_mode = {mode:?}\n\n"
-        ),
-    }
-}
 
 /// Why this kernel cannot enforce project quotas on `fs`, if it cannot.
 fn quota_unsupported(fs: FsType) -> Option<String> {
