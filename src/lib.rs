@@ -12,6 +12,7 @@ pub mod host;
 pub mod inventory;
 pub mod kube;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod plan;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub mod node;
+pub mod promtool;
 
 /// True when running as root; otherwise prints why the test is skipped.
 pub fn require_root(test: &str) -> bool {

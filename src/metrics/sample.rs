@@ -1,0 +1,108 @@
+//! Gathering a [`Snapshot`] after a run: verdicts and health of the disks, the volumes of
+//! the plan with their state, and how full each volume is. Read-only: the used bytes come
+//! from the project quota of a directory volume (one ioctl) or `statvfs` of a volume
+//! that is its own mounted filesystem.
+
+use super::{stats::RunStats, DiskSample, Snapshot, VolumeSample};
+use crate::health::HealthMap;
+use crate::model::{Inventory, PathFacts, Plan, VolumeMode, VolumeSpec};
+use crate::policy::Policy;
+use std::path::Path;
+
+/// What the publisher reports, for the publication metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PublicationCounts {
+    pub pending: u64,
+    pub errors: u64,
+}
+
+pub fn snapshot(
+    policy: &Policy,
+    inventory: &Inventory,
+    plan: &Plan,
+    health: &HealthMap,
+    stats: RunStats,
+    publications: PublicationCounts,
+) -> Snapshot {
+    let disks = crate::plan::verdicts(Some(policy), inventory)
+        .into_iter()
+        .map(|(disk, group, verdict)| DiskSample {
+            path: disk.path.clone(),
+            state: verdict_name(&verdict),
+            health: group.as_ref().and_then(|_| health.get(&disk.path).cloned()),
+            group,
+        })
+        .collect();
+    let states = crate::apply::cli::volume_rows(plan);
+    let volumes = plan
+        .volumes()
+        .map(|v| {
+            let state = states
+                .iter()
+                .find(|r| r.name == v.name)
+                .map_or("pending", |r| r.state.as_str())
+                .to_string();
+            VolumeSample {
+                used_bytes: (state == "ready")
+                    .then(|| used_bytes(v, inventory))
+                    .flatten(),
+                name: v.name.clone(),
+                storage_class: v.storage_class.clone(),
+                group: v.group.clone(),
+                disk: v.disk.clone(),
+                state,
+                capacity_bytes: v.capacity_bytes,
+            }
+        })
+        .collect();
+    Snapshot {
+        disks,
+        volumes,
+        stats,
+        publications_pending: publications.pending,
+        publication_errors: publications.errors,
+    }
+}
+
+fn verdict_name(v: &crate::model::Verdict) -> &'static str {
+    use crate::model::Verdict;
+    match v {
+        Verdict::Ours => "ours",
+        Verdict::Free => "free",
+        Verdict::Foreign { .. } => "foreign",
+        Verdict::InUse { .. } => "in_use",
+        Verdict::Excluded { .. } => "excluded",
+    }
+}
+
+/// How full the volume is, where the machine can tell without walking its files.
+fn used_bytes(v: &VolumeSpec, inventory: &Inventory) -> Option<u64> {
+    if v.volume_mode == VolumeMode::Block {
+        return None;
+    }
+    if v.project_id.is_some() {
+        // A directory on a shared filesystem: only its project quota counts its blocks.
+        return match inventory.paths.get(&v.path) {
+            Some(PathFacts::Directory {
+                quota_bytes: Some(_),
+                ..
+            }) => crate::host::quota::get_quota(&v.path)
+                .ok()
+                .map(|q| q.used_bytes),
+            _ => None,
+        };
+    }
+    // A volume with its own filesystem, if that filesystem is mounted on it now.
+    let mounted = inventory
+        .disks
+        .iter()
+        .flat_map(|d| &d.partitions)
+        .any(|p| p.path == v.device && p.mountpoints.contains(&v.path));
+    mounted.then(|| filesystem_used(&v.path)).flatten()
+}
+
+fn filesystem_used(path: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    let used_blocks = st.blocks().saturating_sub(st.blocks_free());
+    Some(used_blocks.saturating_mul(st.fragment_size()))
+}
