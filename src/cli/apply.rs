@@ -34,6 +34,7 @@ pub fn apply(g: &GlobalArgs, a: &ApplyArgs) -> Result<i32> {
     };
     let publish = PublishOnce {
         state_dir: g.state_dir.clone(),
+        pending: Default::default(),
     };
     let report = node.converge(
         &policy,

@@ -1,18 +1,33 @@
 //! `kvstrap disks` as a table, in the spirit of lsblk: one line per disk, its partitions
 //! indented below, and the verdict with its reason.
 
+use crate::health::Assessment;
 use crate::model::{Disk, Signature, Verdict};
 use crate::plan::capacity::human;
 use std::fmt::Write;
 
-pub fn render(rows: &[(&Disk, Option<String>, Verdict)]) -> String {
+/// One disk of the table; `health` only for the disks a group selects.
+pub struct Row<'a> {
+    pub disk: &'a Disk,
+    pub group: Option<String>,
+    pub verdict: Verdict,
+    pub health: Option<Assessment>,
+}
+
+pub fn render(rows: &[Row]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} VERDICT",
-        "NAME", "SIZE", "TRAN", "ROT", "MODEL", "SERIAL", "CONTENT"
+        "{:<16} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {:<7} VERDICT",
+        "NAME", "SIZE", "TRAN", "ROT", "MODEL", "SERIAL", "CONTENT", "HEALTH"
     );
-    for (disk, group, verdict) in rows {
+    for Row {
+        disk,
+        group,
+        verdict,
+        health,
+    } in rows
+    {
         let disk_content = content(
             disk.partition_table.as_ref().map(|t| t.kind.as_str()),
             &disk.signatures,
@@ -26,7 +41,7 @@ pub fn render(rows: &[(&Disk, Option<String>, Verdict)]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<16} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {}",
+            "{:<16} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {:<7} {}",
             disk.path.display(),
             human(disk.size_bytes),
             disk.transport,
@@ -40,6 +55,7 @@ pub fn render(rows: &[(&Disk, Option<String>, Verdict)]) -> String {
                 20
             ),
             cut(&disk_content, 18),
+            health.map_or("-", Assessment::as_str),
             verdict_text
         );
         for (i, p) in disk.partitions.iter().enumerate() {
@@ -55,7 +71,7 @@ pub fn render(rows: &[(&Disk, Option<String>, Verdict)]) -> String {
                 .collect();
             let _ = writeln!(
                 out,
-                "{branch}{:<14} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {}",
+                "{branch}{:<14} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {:<7} {}",
                 p.path
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -66,6 +82,7 @@ pub fn render(rows: &[(&Disk, Option<String>, Verdict)]) -> String {
                 cut(p.name.as_deref().unwrap_or(""), 22),
                 "",
                 cut(&content(None, &p.signatures), 18),
+                "",
                 mounts.join(",")
             );
         }

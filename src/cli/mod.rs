@@ -153,6 +153,8 @@ struct DiskRow {
     disk: crate::model::Disk,
     group: Option<String>,
     verdict: crate::model::Verdict,
+    #[serde(default)]
+    health: Option<crate::health::Health>,
 }
 
 /// The reads the daemon answers; there is no way to ask for an apply through here: a
@@ -248,7 +250,14 @@ fn disks(g: &GlobalArgs) -> Result<i32> {
                 (Some(_), Err(e)) => anyhow::bail!(diagnostics_text(&e)),
                 (None, Err(_)) => None,
             };
-            node.disks_document(policy.as_ref())?
+            let inventory = node.scan(policy.as_ref())?;
+            let mut doc = crate::node::queries::disks_document(policy.as_ref(), &inventory);
+            if let Some(p) = &policy {
+                let health = crate::health::read::Reader::discover()
+                    .read_all(&crate::health::selected_disks(p, &inventory));
+                crate::health::annotate(&mut doc, &health);
+            }
+            doc
         }
     };
     match g.output {
@@ -258,7 +267,12 @@ fn disks(g: &GlobalArgs) -> Result<i32> {
                 .context("cannot read the disk list")?;
             let table: Vec<_> = rows
                 .iter()
-                .map(|r| (&r.disk, r.group.clone(), r.verdict.clone()))
+                .map(|r| disks_table::Row {
+                    disk: &r.disk,
+                    group: r.group.clone(),
+                    verdict: r.verdict.clone(),
+                    health: r.health.as_ref().map(|h| h.assessment),
+                })
                 .collect();
             print!("{}", disks_table::render(&table));
         }

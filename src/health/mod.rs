@@ -79,6 +79,38 @@ impl Health {
 /// Health of each disk read, by its kernel path.
 pub type HealthMap = BTreeMap<PathBuf, Health>;
 
+/// The disks whose health is read: those a disk group selects (whatever their verdict:
+/// a foreign disk in a group is still the operator's disk). Others are not kvstrap's
+/// business, and smartctl is never pointed at them.
+pub fn selected_disks(
+    policy: &crate::policy::Policy,
+    inventory: &crate::model::Inventory,
+) -> Vec<PathBuf> {
+    crate::plan::verdicts(Some(policy), inventory)
+        .into_iter()
+        .filter(|(_, group, _)| group.is_some())
+        .map(|(disk, _, _)| disk.path.clone())
+        .collect()
+}
+
+/// Add each disk's health to a `{"disks": [...]}` document as `"health"` (null for the
+/// disks not read).
+pub fn annotate(document: &mut serde_json::Value, health: &HealthMap) {
+    let Some(disks) = document.get_mut("disks").and_then(|d| d.as_array_mut()) else {
+        return;
+    };
+    for d in disks {
+        let h = d
+            .get("path")
+            .and_then(|p| p.as_str())
+            .and_then(|p| health.get(std::path::Path::new(p)));
+        let value = serde_json::to_value(h).unwrap_or_default();
+        if let Some(obj) = d.as_object_mut() {
+            obj.insert("health".into(), value);
+        }
+    }
+}
+
 /// A disk whose assessment differs from the previous reading (or that was not read before).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {

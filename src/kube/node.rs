@@ -35,26 +35,48 @@ pub fn render(policy: &Policy, plan: &Plan, state_dir: &Path) -> anyhow::Result<
     Ok(desired)
 }
 
+/// What one publication attempt of the CLI did: the line to log, and how many objects
+/// the API server has not accepted (for the metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CliPublish {
+    pub message: String,
+    pub pending: u64,
+}
+
 /// One publish pass for `kvstrap apply`, bounded in time. Failure is reported, never fatal:
 /// local provisioning is done, the manifests are on disk, and the daemon keeps retrying.
-pub fn publish_now(policy: &Policy, desired: &Desired, state_dir: &Path) -> String {
+pub fn publish_now(policy: &Policy, desired: &Desired, state_dir: &Path) -> CliPublish {
+    let objects = desired.volumes.len() + desired.storage_classes.len();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => return format!("not published: cannot start the publisher: {e}"),
+        Err(e) => {
+            return CliPublish {
+                message: format!("not published: cannot start the publisher: {e}"),
+                pending: objects as u64,
+            }
+        }
     };
     let source = super::ClientSource::from_policy(&policy.kubernetes);
     let scrubber = Arc::new(DirectoryAndBlockScrubber);
-    let objects = desired.volumes.len() + desired.storage_classes.len();
     let attempt = publish_once(&source, desired, state_dir, scrubber, 16);
-    match runtime.block_on(async { tokio::time::timeout(CLI_PUBLISH_TIMEOUT, attempt).await }) {
-        Ok(Ok(_)) => format!("published {objects} object(s) to the API server"),
+    let message = match runtime.block_on(async { tokio::time::timeout(CLI_PUBLISH_TIMEOUT, attempt).await }) {
+        Ok(Ok(_)) => {
+            return CliPublish {
+                message: format!("published {objects} object(s) to the API server"),
+                pending: 0,
+            }
+        }
         Ok(Err(e)) => format!("{objects} object(s) pending: {e}; kvstrap.service keeps retrying"),
         Err(_) => format!(
             "{objects} object(s) pending: the API server did not answer within {}s; kvstrap.service keeps retrying",
             CLI_PUBLISH_TIMEOUT.as_secs()
         ),
+    };
+    CliPublish {
+        message,
+        pending: objects as u64,
     }
 }

@@ -25,6 +25,8 @@ pub trait Publications: Send + Sync {
 /// when the policy says `publish = true`; a failure is logged, the daemon keeps retrying.
 pub struct PublishOnce {
     pub state_dir: PathBuf,
+    /// What the last attempt left pending, for the metrics.
+    pub pending: std::sync::atomic::AtomicU32,
 }
 
 impl Publications for PublishOnce {
@@ -33,8 +35,15 @@ impl Publications for PublishOnce {
             .map_err(|e| format!("cannot render the manifests: {e:#}"))?;
         if policy.kubernetes.publish {
             let outcome = crate::kube::node::publish_now(policy, &desired, &self.state_dir);
-            tracing::info!("{outcome}");
+            tracing::info!("{}", outcome.message);
+            let pending = u32::try_from(outcome.pending).unwrap_or(u32::MAX);
+            self.pending
+                .store(pending, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    fn pending(&self) -> u32 {
+        self.pending.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
