@@ -6,7 +6,9 @@ PACKAGES=(xfsprogs e2fsprogs gdisk fdisk util-linux mount libblkid-dev clang lib
     # The real control plane of tests/kube_real.rs: Debian's etcd beside the kube-apiserver
     # and kube-controller-manager of ../shared/kube-control-plane (xz-compressed, TLS
     # material made with openssl, readiness and /metrics read with curl).
-    etcd-server openssl curl xz-utils)
+    etcd-server openssl curl xz-utils
+    # Disk health (smartctl --json) and the metrics checks (promtool check metrics/rules).
+    smartmontools prometheus)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
