@@ -6,6 +6,7 @@
 //! hanging — is [`Assessment::Unknown`], never `Failed`: only the disk itself may say it
 //! is failing.
 
+pub mod monitor;
 pub mod read;
 pub mod smartctl;
 
