@@ -43,6 +43,12 @@ pub fn apply(g: &GlobalArgs, a: &ApplyArgs) -> Result<i32> {
         &progress,
         &publish,
     )?;
+    // Health of the selected disks as they are after the pass, for the metrics file.
+    let health = crate::health::read::Reader::discover().read_all(&crate::health::selected_disks(
+        &policy,
+        &report.after.inventory,
+    ));
+    node.record_metrics(&policy, &report, &health, &publish, None);
     if let Some(e) = &report.render_error {
         anyhow::bail!("{e}");
     }

@@ -16,6 +16,10 @@ pub struct HostEngine {
     /// What the last run saw at its end, kept for [`Engine::observe`] so the read
     /// documents cost no second scan.
     last_look: Mutex<Option<(Arc<Policy>, Look)>>,
+    /// Disk health, read on a thread of its own (see [`HostEngine::start_lifecycle`]).
+    health: Option<Arc<crate::health::monitor::Monitor>>,
+    /// The text `[metrics] listen` serves, when it is set.
+    metrics_http: Option<crate::metrics::serve::Published>,
 }
 
 impl HostEngine {
@@ -33,7 +37,40 @@ impl HostEngine {
             policy: Mutex::new(Arc::new(policy)),
             publications,
             last_look: Mutex::new(None),
+            health: None,
+            metrics_http: None,
         })
+    }
+
+    /// Start what the daemon has beyond the runs: the health reader (it reads the
+    /// selected disks once the first run has found them, then every `[health] interval`,
+    /// and calls `on_change` when a reading differs) and the metrics HTTP server. Neither
+    /// failing to start stops the daemon: disks come first.
+    pub fn start_lifecycle(&mut self, on_change: crate::health::monitor::OnChange) {
+        let policy = self.policy();
+        let reader = crate::health::read::Reader::discover();
+        let interval = policy.health.interval;
+        match crate::health::monitor::Monitor::spawn(reader, interval, Some(on_change)) {
+            Ok(m) => self.health = Some(m),
+            Err(e) => tracing::error!("cannot start reading disk health: {e}"),
+        }
+        if let Some(addr) = policy.metrics.listen {
+            let text = crate::metrics::serve::Published::default();
+            match crate::metrics::serve::start(addr, text.clone()) {
+                Ok(bound) => {
+                    tracing::info!("serving metrics on http://{bound}/metrics");
+                    self.metrics_http = Some(text);
+                }
+                Err(e) => tracing::error!("cannot serve metrics on {addr}: {e}"),
+            }
+        }
+    }
+
+    fn health(&self) -> crate::health::HealthMap {
+        self.health
+            .as_ref()
+            .map(|m| m.current())
+            .unwrap_or_default()
     }
 
     fn policy(&self) -> Arc<Policy> {
@@ -84,11 +121,14 @@ impl Publications for NoPublications {
     }
 }
 
-fn disks_document(policy: &Policy, look: &Look) -> Result<String, EngineError> {
-    Ok(serde_json::to_string(&node::queries::disks_document(
-        Some(policy),
-        &look.inventory,
-    ))?)
+fn disks_document(
+    policy: &Policy,
+    look: &Look,
+    health: &crate::health::HealthMap,
+) -> Result<String, EngineError> {
+    let mut doc = node::queries::disks_document(Some(policy), &look.inventory);
+    crate::health::annotate(&mut doc, health);
+    Ok(serde_json::to_string(&doc)?)
 }
 
 fn volumes_document(plan: &crate::model::Plan) -> Result<String, EngineError> {
@@ -115,6 +155,19 @@ impl Engine for HostEngine {
             )
             .map_err(observe)?;
         let summary = report.summary();
+        if let Some(m) = &self.health {
+            m.set_disks(crate::health::selected_disks(
+                &policy,
+                &report.after.inventory,
+            ));
+        }
+        self.node.record_metrics(
+            &policy,
+            &report,
+            &self.health(),
+            publications,
+            self.metrics_http.as_ref(),
+        );
         self.keep_look((Arc::clone(&policy), report.after));
         Ok(summary)
     }
@@ -130,7 +183,7 @@ impl Engine for HostEngine {
         match look {
             Ok((policy, look)) => Observation {
                 time: look.time,
-                disks: disks_document(&policy, &look),
+                disks: disks_document(&policy, &look, &self.health()),
                 volumes: volumes_document(&look.plan),
                 plan: serde_json::to_string(&look.plan).map_err(EngineError::from),
             },
@@ -152,7 +205,7 @@ impl Engine for HostEngine {
 
     fn disks_json(&self) -> Result<String, EngineError> {
         let policy = self.policy();
-        disks_document(&policy, &self.look_now(&policy)?)
+        disks_document(&policy, &self.look_now(&policy)?, &self.health())
     }
 
     fn volumes_json(&self) -> Result<String, EngineError> {
@@ -165,6 +218,9 @@ impl Engine for HostEngine {
 
     fn reload_policy(&self) -> Result<(), String> {
         let fresh = self.node.load_policy().map_err(|e| node::diagnostics(&e))?;
+        if let Some(m) = &self.health {
+            m.set_interval(fresh.health.interval);
+        }
         if let Ok(mut p) = self.policy.lock() {
             *p = Arc::new(fresh);
         }

@@ -341,10 +341,11 @@ pub fn main(inputs: &crate::node::Inputs) -> anyhow::Result<i32> {
         }
         None => {
             let publications = publications::KubePublications::start(inputs, Some(handle.clone()));
-            Arc::new(host_engine::HostEngine::new(
-                inputs,
-                Some(Arc::new(publications)),
-            )?)
+            let mut engine = host_engine::HostEngine::new(inputs, Some(Arc::new(publications)))?;
+            // A health reading that changed anything: run, so reads and metrics show it.
+            let on_health = handle.clone();
+            engine.start_lifecycle(Box::new(move || on_health.trigger(Trigger::Apply(None))));
+            Arc::new(engine)
         }
     };
     let options = Options::from_env()?;

@@ -143,6 +143,10 @@ impl Publications for KubePublications {
             .map(|s| u32::try_from(s.pending).unwrap_or(u32::MAX))
             .unwrap_or(0)
     }
+
+    fn errors(&self) -> u64 {
+        self.status().map_or(0, |s| s.failed_passes)
+    }
 }
 
 /// PVs (and their volumes) the last pass before this start found in the cluster: not

@@ -1,6 +1,8 @@
-//! Disk health from SMART: what `smartctl --json -a` says about each selected disk,
-//! reduced to the figures an operator acts on (overall assessment, media and CRC errors,
-//! reallocated and pending sectors, NVMe wear and critical warnings, temperature).
+//! Disk health from SMART (smartctl); reads disks, never writes them or decides anything.
+//!
+//! What `smartctl --json -a` says about each selected disk, reduced to the figures an
+//! operator acts on (overall assessment, media and CRC errors, reallocated and pending
+//! sectors, NVMe wear and critical warnings, temperature).
 //!
 //! A disk whose health cannot be read — a loop or virtio device, smartctl missing or
 //! hanging — is [`Assessment::Unknown`], never `Failed`: only the disk itself may say it

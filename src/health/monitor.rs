@@ -21,6 +21,10 @@ struct Inner {
     readings: u64,
 }
 
+/// Called after a reading that differs from the one before (any figure), so the daemon
+/// can refresh what it shows (D-Bus reads, metrics) at once.
+pub type OnChange = Box<dyn Fn() + Send>;
+
 pub struct Monitor {
     inner: Mutex<Inner>,
     wake: Condvar,
@@ -28,7 +32,11 @@ pub struct Monitor {
 
 impl Monitor {
     /// Start the thread. It reads nothing until [`Monitor::set_disks`] names the disks.
-    pub fn spawn(reader: Reader, interval: Duration) -> std::io::Result<Arc<Monitor>> {
+    pub fn spawn(
+        reader: Reader,
+        interval: Duration,
+        on_change: Option<OnChange>,
+    ) -> std::io::Result<Arc<Monitor>> {
         let monitor = Arc::new(Monitor {
             inner: Mutex::new(Inner {
                 interval,
@@ -39,7 +47,7 @@ impl Monitor {
         let worker = Arc::clone(&monitor);
         std::thread::Builder::new()
             .name("health".into())
-            .spawn(move || worker.run(&reader))?;
+            .spawn(move || worker.run(&reader, on_change))?;
         Ok(monitor)
     }
 
@@ -97,7 +105,7 @@ impl Monitor {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn run(&self, reader: &Reader) {
+    fn run(&self, reader: &Reader, on_change: Option<OnChange>) {
         let mut next = None::<Instant>;
         loop {
             let disks = {
@@ -125,10 +133,15 @@ impl Monitor {
             let fresh = reader.read_all(&disks);
             let mut inner = self.lock();
             log_changes(&changes(&inner.health, &fresh));
+            let changed = inner.health != fresh;
             inner.health = fresh;
             inner.readings += 1;
             next = Some(Instant::now() + inner.interval);
             self.wake.notify_all();
+            drop(inner);
+            if let (true, Some(f)) = (changed, &on_change) {
+                f();
+            }
         }
     }
 }
@@ -159,8 +172,8 @@ mod tests {
             Some(switchable_smartctl(dir.path())),
             Duration::from_secs(10),
         );
-        let monitor =
-            Monitor::spawn(reader, Duration::from_millis(300)).unwrap_or_else(|e| panic!("{e}"));
+        let monitor = Monitor::spawn(reader, Duration::from_millis(300), None)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(
             monitor.current().is_empty(),
             "nothing is read before the disks are known"

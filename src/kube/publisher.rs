@@ -125,6 +125,8 @@ pub struct PublishStatus {
     pub connected: bool,
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
+    /// Passes that did not publish everything, since the publisher started.
+    pub failed_passes: u64,
     /// When the next attempt is due after a failure.
     pub retry_in: Option<Duration>,
     /// Passes completed, successful or not.
@@ -342,6 +344,7 @@ impl Worker {
             s.passes += 1;
             s.connected = result.is_ok();
             s.consecutive_failures = *failures;
+            s.failed_passes += u64::from(!clean);
             s.last_error = error;
             s.retry_in = retry_in;
             match result {

@@ -1,10 +1,10 @@
-//! Prometheus metrics: what the node's disks and volumes look like and how the runs went,
-//! as the text exposition format, written atomically after each run for node_exporter's
-//! textfile collector and optionally served over HTTP.
+//! Prometheus metrics of the node's disks, volumes and runs; reads, never changes a disk.
 //!
-//! [`render`] is pure (a [`Snapshot`] in, text out); [`sample`] gathers a snapshot from a
-//! run's results; [`stats`] keeps the counters across runs and restarts in the state
-//! directory; [`textfile`] and [`serve`] deliver the text.
+//! The text exposition format, written atomically after each run for node_exporter's
+//! textfile collector and optionally served over HTTP. [`render`] is pure (a [`Snapshot`]
+//! in, text out); [`sample`] gathers a snapshot from a run's results; [`stats`] keeps the
+//! counters across runs and restarts in the state directory; [`textfile`] and [`serve`]
+//! deliver the text.
 
 pub mod render;
 pub mod sample;

@@ -33,15 +33,15 @@ pub fn snapshot(
             group,
         })
         .collect();
-    let states = crate::apply::cli::volume_rows(plan);
     let volumes = plan
         .volumes()
         .map(|v| {
-            let state = states
-                .iter()
-                .find(|r| r.name == v.name)
-                .map_or("pending", |r| r.state.as_str())
-                .to_string();
+            let state = if crate::plan::ready::pending(plan, v) {
+                "pending"
+            } else {
+                "ready"
+            }
+            .to_string();
             VolumeSample {
                 used_bytes: (state == "ready")
                     .then(|| used_bytes(v, inventory))

@@ -7,6 +7,7 @@
 
 pub mod converge;
 pub mod lock;
+pub mod metrics;
 pub mod publish;
 pub mod queries;
 pub mod report;

@@ -19,6 +19,10 @@ pub trait Publications: Send + Sync {
     /// After each pass: the node's storage state for its Node object (condition, label,
     /// Events). Nothing by default.
     fn run_finished(&self, _report: NodeReport) {}
+    /// Failed publication passes since the publisher started (a metrics counter).
+    fn errors(&self) -> u64 {
+        0
+    }
 }
 
 /// `kvstrap apply`'s publisher: the manifests, then one publish attempt bounded in time

@@ -113,6 +113,17 @@ impl TestBus {
         )
     }
 
+    /// The JSON document a read method (`Disks`, `Volumes`, `Status`, ...) returns, as
+    /// root; `Null` when the call failed.
+    pub fn read_json(&self, method: &str) -> serde_json::Value {
+        let out = self.send_as(0, &[&format!("org.kvstrap.Bootstrap1.{method}")]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split_once('"')
+            .and_then(|(_, rest)| rest.rsplit_once('"'))
+            .and_then(|(json, _)| serde_json::from_str(json).ok())
+            .unwrap_or_default()
+    }
+
     /// The property's value as dbus-send prints it after `variant`, e.g. `uint32 5`.
     pub fn property(&self, name: &str) -> String {
         let out = self.property_as(0, name);
