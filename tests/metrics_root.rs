@@ -149,7 +149,7 @@ fn apply_writes_metrics_that_match_disks_volumes_and_health() {
 
     // A second run counts, and sees the 8 MiB written into a volume.
     let data = PathBuf::from(sep["path"].as_str().unwrap()).join("data");
-    std::fs::write(&data, vec![7u8; 8 * MIB as usize]).unwrap();
+    std::fs::write(&data, vec![7u8; 8 << 20]).unwrap();
     nix::unistd::sync();
     run_ok(&node, &["apply"], &path_env);
     let metrics = std::fs::read_to_string(&prom).unwrap();
