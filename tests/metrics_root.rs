@@ -50,6 +50,18 @@ fn run_ok(node: &Node, args: &[&str], path_env: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The `health` of `disk` in the output of `kvstrap disks -o json`.
+fn health_in(disks_json: &str, disk: &LoopDisk) -> Value {
+    let doc: Value = serde_json::from_str(disks_json).unwrap();
+    doc["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["path"] == disk.path.display().to_string())
+        .map(|d| d["health"].clone())
+        .unwrap()
+}
+
 #[test]
 fn apply_writes_metrics_that_match_disks_volumes_and_health() {
     let test = "apply_writes_metrics_that_match_disks_volumes_and_health";
@@ -161,17 +173,8 @@ fn apply_writes_metrics_that_match_disks_volumes_and_health() {
     );
 
     // `kvstrap disks`: health in the JSON and in a column, only for the selected disks.
-    let disks: Value =
-        serde_json::from_str(&run_ok(&node, &["disks", "-o", "json"], &path_env)).unwrap();
-    let health_of = |disk: &LoopDisk| {
-        disks["disks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["path"] == disk.path.display().to_string())
-            .map(|d| d["health"].clone())
-            .unwrap()
-    };
+    let disks = run_ok(&node, &["disks", "-o", "json"], &path_env);
+    let health_of = |disk: &LoopDisk| health_in(&disks, disk);
     assert_eq!(health_of(&a)["assessment"], "passed");
     assert_eq!(health_of(&b)["assessment"], "failed");
     assert_eq!(health_of(&b)["reallocated_sectors"], 61432);
@@ -191,16 +194,7 @@ fn a_loop_device_has_unknown_health_with_the_real_smartctl() {
     if !require_root(test) {
         return;
     }
-    let has_smartctl = std::process::Command::new("smartctl")
-        .arg("--version")
-        .output()
-        .is_ok();
-    if !has_smartctl {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{test}: CI must have smartctl (smartmontools)"
-        );
-        eprintln!("skipping {test}: smartctl is not installed (smartmontools)");
+    if !common::require_tool(test, "smartctl", "smartmontools") {
         return;
     }
     let a = LoopDisk::new(512 * MIB);
@@ -209,26 +203,14 @@ fn a_loop_device_has_unknown_health_with_the_real_smartctl() {
         class("x", "xfs", "Filesystem"),
         group("g", "x", "shared", &[&a], "volume_count = 1")
     ));
-    let out = node.kvstrap(&["disks", "-o", "json"], &[]);
+    let path_env = std::env::var("PATH").unwrap_or_default();
+    let health = health_in(&run_ok(&node, &["disks", "-o", "json"], &path_env), &a);
+    assert_eq!(health["assessment"], "unknown", "{health}");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let disks: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let disk = disks["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["path"] == a.path.display().to_string())
-        .cloned()
-        .unwrap();
-    assert_eq!(disk["health"]["assessment"], "unknown", "{disk}");
-    assert!(
-        disk["health"]["detail"]
+        health["detail"]
             .as_str()
             .unwrap()
             .contains("Unable to detect device type"),
-        "{disk}"
+        "{health}"
     );
 }

@@ -40,7 +40,8 @@ impl Assessment {
     }
 }
 
-/// One reading of a disk's health. Figures the device does not report are `None`.
+/// One reading of a disk's health. Figures the device does not report are `None` (and
+/// may be missing from the JSON).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
     pub assessment: Assessment,
@@ -49,24 +50,17 @@ pub struct Health {
     pub detail: Option<String>,
     /// NVMe "media and data integrity errors"; ATA uncorrectable errors (attribute 187,
     /// else 198).
-    #[serde(default)]
     pub media_errors: Option<u64>,
     /// ATA interface CRC errors (attribute 199): usually a cable, not the disk.
-    #[serde(default)]
     pub crc_errors: Option<u64>,
     /// ATA attribute 5; SCSI grown defects.
-    #[serde(default)]
     pub reallocated_sectors: Option<u64>,
     /// ATA attribute 197.
-    #[serde(default)]
     pub pending_sectors: Option<u64>,
     /// NVMe endurance estimate; may exceed 100.
-    #[serde(default)]
     pub percentage_used: Option<u64>,
     /// NVMe critical warning bits (0 when none).
-    #[serde(default)]
     pub critical_warning: Option<u64>,
-    #[serde(default)]
     pub temperature_celsius: Option<i64>,
 }
 
@@ -151,25 +145,13 @@ pub fn log_changes(changes: &[Change]) {
             .as_deref()
             .map(|d| format!(": {d}"))
             .unwrap_or_default();
-        let disk = c.disk.display().to_string();
+        let (disk, health) = (c.disk.display().to_string(), c.to.as_str());
+        let text = format!("health of {disk} changed from {from} to {health}{detail}");
+        let id = DISK_HEALTH_CHANGED;
         if c.to == Assessment::Failed {
-            tracing::error!(
-                message_id = DISK_HEALTH_CHANGED,
-                disk,
-                health = c.to.as_str(),
-                "health of {} changed from {from} to {}{detail}",
-                c.disk.display(),
-                c.to.as_str()
-            );
+            tracing::error!(message_id = id, disk, health, "{text}");
         } else {
-            tracing::info!(
-                message_id = DISK_HEALTH_CHANGED,
-                disk,
-                health = c.to.as_str(),
-                "health of {} changed from {from} to {}{detail}",
-                c.disk.display(),
-                c.to.as_str()
-            );
+            tracing::info!(message_id = id, disk, health, "{text}");
         }
     }
 }

@@ -18,6 +18,20 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
+/// True when `program` runs; otherwise the test is skipped with a message — except in
+/// CI, where scripts/install-deps.sh installs it and its absence fails the test.
+pub fn require_tool(test: &str, program: &str, package: &str) -> bool {
+    if Command::new(program).arg("--version").output().is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: CI must not skip: {program} is missing (package {package})"
+    );
+    eprintln!("skipping {test}: {program} is not installed (apt-get install {package})");
+    false
+}
+
 /// A sparse file attached to a loop device; detached (and anything mounted from it
 /// unmounted) on drop, even when the test panics.
 pub struct LoopDisk {
