@@ -40,7 +40,7 @@ impl Reader {
             );
         };
         let args = ["--json".into(), "-a".into(), disk.as_os_str().to_owned()];
-        match cmd::run_path_output_within(program, &args, self.timeout) {
+        match cmd::run_beside_within(program, &args, self.timeout) {
             // smartctl reports through its exit status bits too; the JSON carries them.
             Ok(out) if !out.stdout.is_empty() => {
                 smartctl::parse(&String::from_utf8_lossy(&out.stdout))

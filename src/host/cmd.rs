@@ -132,7 +132,6 @@ pub fn run_path(path: &Path, args: &[OsString]) -> Result<String, CmdError> {
     run_path_within(path, args, COMMAND_TIMEOUT)
 }
 
-/// [`run_path`] with another time limit.
 /// Deadlines of the programs running now, by a number of their own. A program inside its
 /// time limit is bounded work, not a hang: mkfs.xfs discarding a large SSD may take minutes
 /// without a step finishing, and the daemon's watchdog must not restart it for that.
@@ -175,6 +174,7 @@ impl Drop for RunningGuard {
     }
 }
 
+/// [`run_path`] with another time limit.
 pub fn run_path_within(
     path: &Path,
     args: &[OsString],
@@ -198,8 +198,27 @@ pub fn run_path_output_within(
     args: &[OsString],
     timeout: Duration,
 ) -> Result<std::process::Output, CmdError> {
-    let argv = render_argv(path, args);
     let _running = RunningGuard::new(timeout);
+    run_output(path, args, timeout)
+}
+
+/// [`run_path_output_within`] for a reader beside the runs (smartctl on the health
+/// thread): it does not count as a run's program making progress, so it never feeds the
+/// watchdog of a run that is stuck.
+pub fn run_beside_within(
+    path: &Path,
+    args: &[OsString],
+    timeout: Duration,
+) -> Result<std::process::Output, CmdError> {
+    run_output(path, args, timeout)
+}
+
+fn run_output(
+    path: &Path,
+    args: &[OsString],
+    timeout: Duration,
+) -> Result<std::process::Output, CmdError> {
+    let argv = render_argv(path, args);
     tracing::debug!(%argv, "running");
     let child = Command::new(path)
         .args(args)
@@ -348,6 +367,20 @@ mod tests {
         assert!(msg.contains("mkfs.xfs -f /dev/x"), "{msg}");
         assert!(msg.contains("exit status: 3"), "{msg}");
         assert!(msg.contains("no such device"), "{msg}");
+    }
+
+    #[test]
+    fn a_reader_beside_the_runs_does_not_count_as_a_run_making_progress() {
+        let d = tempfile::tempdir().unwrap();
+        fake_program(d.path(), "smartctl", "sleep 1; echo '{}'; exit 8");
+        let path = d.path().join("smartctl");
+        let reader = std::thread::spawn(move || {
+            run_beside_within(&path, &["-a".into()], Duration::from_secs(10))
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!program_running_within_limit());
+        let out = reader.join().unwrap().unwrap();
+        assert_eq!((out.status.code(), out.stdout), (Some(8), b"{}\n".to_vec()));
     }
 
     #[test]
