@@ -1,7 +1,8 @@
 //! The daemon reads disk health off the apply path and shows it: a fake `smartctl` on
-//! PATH reports a loop disk healthy, then failing. D-Bus `Disks` carries the health, the
-//! log says when it changed, and the metrics file and the HTTP endpoint follow (root,
-//! a private bus, a loop device this test creates).
+//! PATH reports a loop disk healthy, then failing. D-Bus `Disks` carries the health as
+//! soon as it is read, without a run; the log says when it changed; the metrics file and
+//! the HTTP endpoint follow at the next run (root, a private bus, a loop device this test
+//! creates).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -110,7 +111,10 @@ fn the_daemon_reads_health_and_shows_its_changes() {
         "D-Bus Disks never showed the disk passed:\n{}",
         daemon.stderr()
     );
-    // The reading asks for a run, whose metrics carry it.
+    // The metrics follow at the next run.
+    let apply =
+        || assert!(text(&bus.send_as(0, &["org.kvstrap.Bootstrap1.Apply"])).contains("success"));
+    apply();
     let passed = || {
         let metrics = std::fs::read_to_string(&prom).unwrap_or_default();
         value(&metrics, "kvstrap_disks_health{health=\"passed\"}") == Some(1.0)
@@ -142,6 +146,7 @@ fn the_daemon_reads_health_and_shows_its_changes() {
         disk.path.display()
     );
     assert!(daemon.stderr().contains(&said), "{}", daemon.stderr());
+    apply();
     let failed = format!(
         "kvstrap_disk_health{{disk=\"{}\",group=\"lab\",health=\"failed\"}} 1\n",
         disk.path.display()

@@ -74,4 +74,9 @@ pub trait Engine: Send + Sync {
     fn pending_publications(&self) -> u32 {
         0
     }
+    /// The disks document of the last look with the newest health reading, when the
+    /// engine reads health (no scan: the health thread asks for it after a reading).
+    fn disks_with_health(&self) -> Option<Result<String, EngineError>> {
+        None
+    }
 }

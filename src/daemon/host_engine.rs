@@ -20,6 +20,8 @@ pub struct HostEngine {
     health: Option<Arc<crate::health::monitor::Monitor>>,
     /// The text `[metrics] listen` serves, when it is set.
     metrics_http: Option<crate::metrics::serve::Published>,
+    /// The disks document of the last look, before health is added to it.
+    last_disks: Mutex<Option<serde_json::Value>>,
 }
 
 impl HostEngine {
@@ -39,6 +41,7 @@ impl HostEngine {
             last_look: Mutex::new(None),
             health: None,
             metrics_http: None,
+            last_disks: Mutex::new(None),
         })
     }
 
@@ -64,6 +67,17 @@ impl HostEngine {
                 Err(e) => tracing::error!("cannot serve metrics on {addr}: {e}"),
             }
         }
+    }
+
+    /// The disks document of `look` with the newest health; kept for
+    /// [`Engine::disks_with_health`].
+    fn disks_document(&self, policy: &Policy, look: &Look) -> Result<String, EngineError> {
+        let doc = node::queries::disks_document(Some(policy), &look.inventory);
+        match self.last_disks.lock() {
+            Ok(mut d) => *d = Some(doc.clone()),
+            Err(poisoned) => *poisoned.into_inner() = Some(doc.clone()),
+        }
+        with_health(doc, &self.health())
     }
 
     fn health(&self) -> crate::health::HealthMap {
@@ -121,12 +135,10 @@ impl Publications for NoPublications {
     }
 }
 
-fn disks_document(
-    policy: &Policy,
-    look: &Look,
+fn with_health(
+    mut doc: serde_json::Value,
     health: &crate::health::HealthMap,
 ) -> Result<String, EngineError> {
-    let mut doc = node::queries::disks_document(Some(policy), &look.inventory);
     crate::health::annotate(&mut doc, health);
     Ok(serde_json::to_string(&doc)?)
 }
@@ -183,7 +195,7 @@ impl Engine for HostEngine {
         match look {
             Ok((policy, look)) => Observation {
                 time: look.time,
-                disks: disks_document(&policy, &look, &self.health()),
+                disks: self.disks_document(&policy, &look),
                 volumes: volumes_document(&look.plan),
                 plan: serde_json::to_string(&look.plan).map_err(EngineError::from),
             },
@@ -205,7 +217,7 @@ impl Engine for HostEngine {
 
     fn disks_json(&self) -> Result<String, EngineError> {
         let policy = self.policy();
-        disks_document(&policy, &self.look_now(&policy)?, &self.health())
+        self.disks_document(&policy, &self.look_now(&policy)?)
     }
 
     fn volumes_json(&self) -> Result<String, EngineError> {
@@ -229,5 +241,13 @@ impl Engine for HostEngine {
 
     fn pending_publications(&self) -> u32 {
         self.publications.as_ref().map_or(0, |p| p.pending())
+    }
+
+    fn disks_with_health(&self) -> Option<Result<String, EngineError>> {
+        let doc = match self.last_disks.lock() {
+            Ok(d) => d.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }?;
+        Some(with_health(doc, &self.health()))
     }
 }

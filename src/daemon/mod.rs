@@ -51,6 +51,8 @@ pub enum Trigger {
     PvChanged,
     /// The publisher's count of pending publications changed.
     PublicationsChanged,
+    /// A health reading changed something: the disks document shows it (no run, no scan).
+    HealthChanged,
     /// SIGTERM/SIGINT: finish the step in flight and exit.
     Stop,
 }
@@ -342,9 +344,9 @@ pub fn main(inputs: &crate::node::Inputs) -> anyhow::Result<i32> {
         None => {
             let publications = publications::KubePublications::start(inputs, Some(handle.clone()));
             let mut engine = host_engine::HostEngine::new(inputs, Some(Arc::new(publications)))?;
-            // A health reading that changed anything: run, so reads and metrics show it.
+            // A health reading that changed anything: D-Bus Disks shows it at once.
             let on_health = handle.clone();
-            engine.start_lifecycle(Box::new(move || on_health.trigger(Trigger::Apply(None))));
+            engine.start_lifecycle(Box::new(move || on_health.trigger(Trigger::HealthChanged)));
             Arc::new(engine)
         }
     };
@@ -628,6 +630,7 @@ impl Reconciler {
             }
             Trigger::PvChanged => self.schedule.request(),
             Trigger::PublicationsChanged => self.refresh_pending(),
+            Trigger::HealthChanged => self.refresh_health(),
             Trigger::Stop => self.stop.store(true, Ordering::SeqCst),
         }
     }
@@ -794,6 +797,19 @@ impl Reconciler {
     }
 
     /// Make the documents D-Bus reads answer with until the next run.
+    /// Put the newest health reading into the disks document D-Bus answers with.
+    fn refresh_health(&self) {
+        let Some(disks) = self.engine.disks_with_health() else {
+            return;
+        };
+        let disks = disks.map_err(|e| e.to_string());
+        update(&self.shared, |s| {
+            if let Some(reads) = &s.reads {
+                s.reads = Some(Arc::new(reads.with_disks(disks)));
+            }
+        });
+    }
+
     fn refresh_reads(&self) {
         let reads = Arc::new(Reads::from_observation(self.engine.observe()));
         update(&self.shared, |s| {

@@ -35,6 +35,16 @@ impl Reads {
     }
 }
 
+impl Reads {
+    /// The same reads with another disks document (the newest health), same time.
+    pub fn with_disks(&self, disks: Result<String, String>) -> Reads {
+        Reads {
+            disks: disks.map(|json| with_time(&json, self.time)),
+            ..self.clone()
+        }
+    }
+}
+
 fn epoch_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -22,7 +22,7 @@ struct Inner {
 }
 
 /// Called after a reading that differs from the one before (any figure), so the daemon
-/// can refresh what it shows (D-Bus reads, metrics) at once.
+/// can refresh what it shows (the D-Bus disks document) at once.
 pub type OnChange = Box<dyn Fn() + Send>;
 
 pub struct Monitor {
