@@ -40,7 +40,7 @@ use kvstrap::kube::{
 use kvstrap::model::{VolumeMode, VolumeSpec};
 use kvstrap::policy::types::ReclaimPolicy;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
