@@ -285,6 +285,7 @@ fn defaults() {
         ))
     );
     assert_eq!(p.metrics.listen, None);
+    assert!(p.metrics.textfile_is_default);
 }
 
 #[test]

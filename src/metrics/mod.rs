@@ -84,8 +84,14 @@ pub fn publish(
     text: &str,
     server: Option<&serve::Published>,
 ) {
+    let dir_missing = |p: &std::path::Path| p.parent().is_some_and(|d| !d.is_dir());
     if let Some(path) = &settings.textfile {
-        if let Err(e) = textfile::write(path, text) {
+        if settings.textfile_is_default && dir_missing(path) {
+            tracing::debug!(
+                "no node_exporter textfile directory; not writing {}",
+                path.display()
+            );
+        } else if let Err(e) = textfile::write(path, text) {
             tracing::warn!("cannot write the metrics file: {e}");
         }
     }
@@ -128,4 +134,31 @@ pub fn after_run(run: &RunOutcome, server: Option<&serve::Published>) -> String 
     let text = render(&snap);
     publish(&run.policy.metrics, &text, server);
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::policy::MetricsSettings;
+
+    #[test]
+    fn the_default_file_needs_node_exporters_directory_an_explicit_one_does_not() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("node-exporter/kvstrap.prom");
+        let default = MetricsSettings {
+            textfile: Some(path.clone()),
+            listen: None,
+            textfile_is_default: true,
+        };
+        super::publish(&default, "a 1\n", None);
+        assert!(
+            !path.parent().is_some_and(|d| d.exists()),
+            "no stray directory"
+        );
+        let explicit = MetricsSettings {
+            textfile_is_default: false,
+            ..default
+        };
+        super::publish(&explicit, "a 1\n", None);
+        assert_eq!(std::fs::read_to_string(&path).unwrap_or_default(), "a 1\n");
+    }
 }

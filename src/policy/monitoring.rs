@@ -124,6 +124,7 @@ pub fn metrics(s: &Section, diags: &mut Diags) -> Option<MetricsSettings> {
     Some(MetricsSettings {
         textfile: textfile?,
         listen: listen?,
+        textfile_is_default: s.entry("textfile").is_none(),
     })
 }
 

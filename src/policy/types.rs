@@ -73,6 +73,9 @@ pub const DEFAULT_METRICS_TEXTFILE: &str = "/var/lib/prometheus/node-exporter/kv
 pub struct MetricsSettings {
     pub textfile: Option<PathBuf>,
     pub listen: Option<std::net::SocketAddr>,
+    /// `textfile` is the default, not written in the policy: it is written only where
+    /// node_exporter made its directory (a node without it gets no stray directory).
+    pub textfile_is_default: bool,
 }
 
 impl Default for MetricsSettings {
@@ -80,6 +83,7 @@ impl Default for MetricsSettings {
         MetricsSettings {
             textfile: Some(PathBuf::from(DEFAULT_METRICS_TEXTFILE)),
             listen: None,
+            textfile_is_default: true,
         }
     }
 }
