@@ -464,6 +464,19 @@ async fn reclaim_delete(ctx: &Ctx<'_>) {
     );
     assert!(p.wait_for(WAIT, |s| s.converged()).await);
     assert_eq!(scrubber.count(&volumes[0].name), 1, "scrubbed exactly once");
+    // The operator sees it on the Node (kubectl describe node), once.
+    let scrubbed = events(ctx, &n.name, "VolumeScrubbed").await;
+    assert_eq!(scrubbed.len(), 1, "one VolumeScrubbed Event: {scrubbed:?}");
+    let note = scrubbed[0].message.as_deref().unwrap_or_default();
+    assert!(
+        note.contains(&volumes[0].name) && note.contains(&pv),
+        "{note}"
+    );
+    assert_eq!(
+        scrubbed[0].involved_object.kind.as_deref(),
+        Some("Node"),
+        "{scrubbed:?}"
+    );
     assert_eq!(
         failures,
         0,

@@ -397,6 +397,9 @@ impl Reconciler {
                 }
             }
         }
+        if outcome.scrubbed && outcome.applied.is_some() {
+            self.post_scrubbed(client, v).await;
+        }
         if let Some(e) = &outcome.error {
             report.pending += 1;
             report.errors.push(format!("PersistentVolume {name}: {e}"));
@@ -456,6 +459,33 @@ impl Reconciler {
                     "cannot post the Event about it to namespace {EVENT_NAMESPACE}; retrying on the next pass");
                 self.reported.remove(&(name, reason));
             }
+        }
+    }
+
+    /// A `VolumeScrubbed` Event on the Node once a scrubbed volume is published again: the
+    /// operator sees on the Node that a tenant's data was destroyed and the volume reused.
+    /// The key holds the scrub's time, so a volume scrubbed again later gets its own Event
+    /// (the same name would be refused with 409 while the first one lives). A failed post
+    /// is logged and not retried: the scrub is done and in the journal either way.
+    async fn post_scrubbed(&self, client: &Client, v: &DesiredVolume) {
+        let pv = v.pv_name();
+        let at = self
+            .ledger
+            .volumes
+            .get(pv)
+            .and_then(|e| e.last_scrub)
+            .unwrap_or_else(unix_now);
+        let e = super::node_state::NodeEvent {
+            reason: "VolumeScrubbed",
+            warning: false,
+            message: format!(
+                "volume {} scrubbed (its data is gone) and published again as PersistentVolume {pv}",
+                v.spec.name
+            ),
+            key: format!("{pv}\0{at}"),
+        };
+        if let Err(err) = super::node_state::post_event(client, &self.node, &e).await {
+            tracing::warn!(pv = %pv, "{err}");
         }
     }
 
