@@ -774,6 +774,34 @@ async fn rbac(ctx: &Ctx<'_>) {
     .await;
     let error = fleet.status().error.unwrap();
     assert!(error.contains("configmaps"), "{error}");
+    // The condition names it too, as the daemon wires it (daemon::fleet): the watcher's
+    // error forwarded to the Node state publisher (the admin's credential: nodes/status
+    // is still missing from the node's rules here).
+    let publisher =
+        NodeStatePublisher::start(ClientSource::Kubeconfig(ctx.cp.kubeconfig.clone()), node)
+            .unwrap();
+    let forwarded = Arc::new(publisher);
+    let sink = Arc::clone(&forwarded);
+    fleet.forward_errors(Box::new(move |e| sink.policy_error(e)));
+    forwarded.submit(report.clone());
+    let message = poll(|| {
+        let out = kubectl(
+            ctx.cp,
+            &[
+                "get",
+                "node",
+                node,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"KvstrapStorageReady\")].message}",
+            ],
+        );
+        out.contains("policy from the cluster not read")
+            .then_some(out)
+    })
+    .await;
+    assert!(message.contains("403"), "{message}");
+    assert!(message.contains("configmaps"), "{message}");
+    assert!(message.contains("1 disk(s) ready"), "{message}");
     fleet.shutdown().await;
     kubectl(ctx.cp, &["apply", "-f", &rules]);
 }

@@ -3,11 +3,13 @@
 //! runtime of its own and every new cached cluster layer becomes a policy reload, the
 //! same path SIGHUP takes. Turning the cluster layer on or off takes a restart.
 
+use super::publications::KubePublications;
 use super::{Handle, Trigger};
 use crate::kube::fleet::{Fleet, FleetConfig};
 use crate::kube::ClientSource;
 use crate::node::Inputs;
 use crate::policy;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Keeps the watcher and its runtime alive for as long as the daemon runs.
@@ -17,7 +19,13 @@ pub struct FleetWatch {
 }
 
 /// Starts the watcher when the policy asks for it; `debounce` is the uevent settle time.
-pub fn start(global: &Inputs, handle: &Handle, debounce: Duration) -> Option<FleetWatch> {
+/// The watcher's errors go to `publications`, so the Node's condition names them.
+pub fn start(
+    global: &Inputs,
+    handle: &Handle,
+    debounce: Duration,
+    publications: Option<Arc<KubePublications>>,
+) -> Option<FleetWatch> {
     // A broken policy is reported by the engine, which refuses to start on it.
     let policy = policy::load(global.policy.as_deref()).ok()?;
     let k = &policy.kubernetes;
@@ -51,10 +59,16 @@ pub fn start(global: &Inputs, handle: &Handle, debounce: Duration) -> Option<Fle
         Fleet::start(ClientSource::from_policy(k), config, reload)
     };
     match started {
-        Ok(fleet) => Some(FleetWatch {
-            _fleet: fleet,
-            _runtime: runtime,
-        }),
+        Ok(fleet) => {
+            if let Some(p) = publications {
+                let _guard = runtime.enter();
+                fleet.forward_errors(Box::new(move |e| p.policy_error(e)));
+            }
+            Some(FleetWatch {
+                _fleet: fleet,
+                _runtime: runtime,
+            })
+        }
         Err(e) => {
             tracing::error!("cannot watch the cluster policy, the cached one stays in force: {e}");
             None

@@ -333,6 +333,7 @@ pub fn channel() -> (Handle, Inbox) {
 pub fn main(inputs: &crate::node::Inputs) -> anyhow::Result<i32> {
     limit_malloc_arenas();
     let (handle, inbox) = channel();
+    let mut kube_publications = None;
     let engine: Arc<dyn Engine> = match std::env::var_os(sim::SIM_ENV) {
         Some(path) => {
             tracing::warn!(
@@ -342,8 +343,12 @@ pub fn main(inputs: &crate::node::Inputs) -> anyhow::Result<i32> {
             Arc::new(sim::SimEngine::load(Path::new(&path)).map_err(anyhow::Error::msg)?)
         }
         None => {
-            let publications = publications::KubePublications::start(inputs, Some(handle.clone()));
-            let mut engine = host_engine::HostEngine::new(inputs, Some(Arc::new(publications)))?;
+            let publications = Arc::new(publications::KubePublications::start(
+                inputs,
+                Some(handle.clone()),
+            ));
+            kube_publications = Some(Arc::clone(&publications));
+            let mut engine = host_engine::HostEngine::new(inputs, Some(publications))?;
             // A health reading that changed anything: D-Bus Disks shows it at once.
             let on_health = handle.clone();
             engine.start_lifecycle(Box::new(move || on_health.trigger(Trigger::HealthChanged)));
@@ -352,7 +357,7 @@ pub fn main(inputs: &crate::node::Inputs) -> anyhow::Result<i32> {
     };
     let options = Options::from_env()?;
     // Policy fragments from the cluster arrive as reloads, debounced like uevents.
-    let _fleet = fleet::start(inputs, &handle, options.settle_quiet);
+    let _fleet = fleet::start(inputs, &handle, options.settle_quiet, kube_publications);
     run(engine, &options, handle, inbox)
 }
 

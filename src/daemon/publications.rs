@@ -117,6 +117,13 @@ impl KubePublications {
         }
     }
 
+    /// The fleet watcher's error (None: it reads again), for the Node's condition.
+    pub fn policy_error(&self, error: Option<String>) {
+        if let Some(n) = &self.node_state {
+            n.policy_error(error);
+        }
+    }
+
     /// The publisher's status, when one runs.
     pub fn status(&self) -> Option<PublishStatus> {
         self.publisher.as_ref().map(|p| p.status())

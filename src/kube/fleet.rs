@@ -91,6 +91,25 @@ impl Fleet {
         self.status.borrow().clone()
     }
 
+    /// Calls `sink` with the watcher's error each time it changes (None: reading again),
+    /// so the Node's condition can name a missing permission. Needs a tokio runtime.
+    pub fn forward_errors(&self, sink: Box<dyn Fn(Option<String>) + Send + Sync>) {
+        let mut rx = self.status.clone();
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let now = rx.borrow_and_update().error.clone();
+                if now != last {
+                    sink(now.clone());
+                    last = now;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
     /// Waits until `pred` holds, or `timeout` passes; returns whether it held.
     pub async fn wait_for(&self, timeout: Duration, pred: impl Fn(&FleetStatus) -> bool) -> bool {
         let mut rx = self.status.clone();

@@ -31,6 +31,9 @@ pub struct NodeReport {
     pub error: Option<String>,
     /// The files and ConfigMaps the policy was merged from.
     pub sources: Vec<String>,
+    /// Why the fleet watcher cannot read the policy fragments or the Node (a 403 names
+    /// the missing permission); the cached cluster policy stays in force meanwhile.
+    pub policy_error: Option<String>,
 }
 
 /// The annotation holding [`StorageSummary`] as JSON, for `kvstrap cluster status`.
@@ -89,6 +92,11 @@ pub fn verdict(r: &NodeReport) -> Verdict {
     }
     if let Some(e) = &r.error {
         parts.push(format!("last error: {e}"));
+    }
+    // Not a verdict on the disks (they follow the cached policy), but an operator must see
+    // on the Node that changes to the fragments do not reach it.
+    if let Some(e) = &r.policy_error {
+        parts.push(format!("policy from the cluster not read: {e}"));
     }
     let (ready, reason) = match (&r.error, r.failed.is_empty(), r.refused.is_empty()) {
         (Some(_), _, _) => (false, "RunFailed"),
@@ -297,6 +305,8 @@ impl NodeState {
 /// API server), retrying with backoff; only the newest report matters.
 pub struct NodeStatePublisher {
     reports: tokio::sync::watch::Sender<Option<NodeReport>>,
+    /// The fleet watcher's error, merged into the newest report.
+    policy_error: tokio::sync::watch::Sender<Option<String>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -309,12 +319,27 @@ impl NodeStatePublisher {
         let handle = tokio::runtime::Handle::try_current()
             .map_err(|_| super::publisher::PublishError::NoRuntime)?;
         let (tx, rx) = tokio::sync::watch::channel(None);
-        let task = handle.spawn(send_reports(source, node.to_string(), rx));
-        Ok(NodeStatePublisher { reports: tx, task })
+        let (error_tx, error_rx) = tokio::sync::watch::channel(None);
+        let task = handle.spawn(send_reports(source, node.to_string(), rx, error_rx));
+        Ok(NodeStatePublisher {
+            reports: tx,
+            policy_error: error_tx,
+            task,
+        })
     }
 
     pub fn submit(&self, report: NodeReport) {
         self.reports.send_replace(Some(report));
+    }
+
+    /// The fleet watcher's error (None: it reads again). The condition says so without
+    /// waiting for the next run, once a run has reported.
+    pub fn policy_error(&self, error: Option<String>) {
+        self.policy_error.send_if_modified(|e| {
+            let changed = *e != error;
+            *e = error;
+            changed
+        });
     }
 }
 
@@ -328,16 +353,23 @@ async fn send_reports(
     source: super::ClientSource,
     node: String,
     mut reports: tokio::sync::watch::Receiver<Option<NodeReport>>,
+    mut policy_error: tokio::sync::watch::Receiver<Option<String>>,
 ) {
     let mut state = NodeState::default();
     let mut client: Option<Client> = None;
     let mut last_error: Option<String> = None;
     let mut wait = std::time::Duration::from_millis(500);
-    while reports.changed().await.is_ok() {
+    let mut watching_errors = true;
+    loop {
+        tokio::select! {
+            r = reports.changed() => if r.is_err() { return },
+            r = policy_error.changed(), if watching_errors => watching_errors = r.is_ok(),
+        }
         loop {
-            // The guard must not live across an await.
+            // The guards must not live across an await.
             let newest = reports.borrow_and_update().clone();
-            let Some(report) = newest else { break };
+            let Some(mut report) = newest else { break };
+            report.policy_error = policy_error.borrow_and_update().clone();
             let result = match &client {
                 Some(c) => state.publish(c, &node, &report).await,
                 None => match source.client().await {
@@ -412,6 +444,12 @@ mod tests {
         let v = verdict(&r);
         assert_eq!((v.ready, v.reason), (false, "RunFailed"));
         assert!(v.message.ends_with("; last error: cannot read the node"));
+        r.policy_error = Some("403 Forbidden: configmaps".into());
+        let v = verdict(&r);
+        assert_eq!((v.ready, v.reason), (false, "RunFailed"));
+        assert!(v
+            .message
+            .ends_with("; policy from the cluster not read: 403 Forbidden: configmaps"));
         r.error = Some("x".repeat(5000));
         assert!(verdict(&r).message.len() <= MESSAGE_MAX);
     }

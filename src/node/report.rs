@@ -86,6 +86,8 @@ impl Report {
                 .map(|f| (f.disk.clone(), f.error.clone()))
                 .collect(),
             error: None,
+            // Set by the Node state publisher from the fleet watcher.
+            policy_error: None,
             sources: policy
                 .sources
                 .iter()
