@@ -282,6 +282,21 @@ async fn selected_by_labels(ctx: &Ctx<'_>) {
         ]
     );
     assert_eq!(site.changes.load(Ordering::SeqCst), 1);
+    // `kvstrap plan` names the same sources, in both formats.
+    let (ok, stdout, stderr) = kvstrap(&site, &["plan"]);
+    assert!(ok, "{stderr}");
+    let read_from = stdout
+        .lines()
+        .find(|l| l.starts_with("policy read from: "))
+        .unwrap_or_else(|| panic!("no sources in the plan: {stdout}"));
+    assert!(
+        read_from.contains(&format!("configmap/{ns}/10-all, configmap/{ns}/20-gpu, ")),
+        "{read_from}"
+    );
+    let (ok, stdout, stderr) = kvstrap(&site, &["plan", "--output", "json"]);
+    assert!(ok, "{stderr}");
+    let plan: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(plan["sources"], serde_json::json!(sources), "{stdout}");
 
     // A label change re-selects.
     let started = Instant::now();

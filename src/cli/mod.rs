@@ -283,9 +283,27 @@ fn disks(g: &GlobalArgs) -> Result<i32> {
 fn show_plan(g: &GlobalArgs) -> Result<i32> {
     let policy = load_policy(g)?;
     let (_, plan) = node(g).scan_and_plan(&policy)?;
+    // The merged policy's sources, as `validate` shows them: with fragments from the
+    // cluster, the operator sees which ones this plan follows.
+    let sources: Vec<String> = policy
+        .sources
+        .iter()
+        .map(|s| s.display().to_string())
+        .collect();
     match g.output {
-        OutputFormat::Json => print_json(&plan),
-        OutputFormat::Human => print!("{}", crate::plan::render::plan_text(&plan)),
+        OutputFormat::Json => {
+            let mut document = serde_json::to_value(&plan).context("cannot encode the plan")?;
+            if let Some(fields) = document.as_object_mut() {
+                fields.insert("sources".into(), json!(sources));
+            }
+            print_json(&document)
+        }
+        OutputFormat::Human => {
+            print!("{}", crate::plan::render::plan_text(&plan));
+            if !sources.is_empty() {
+                println!("policy read from: {}", sources.join(", "));
+            }
+        }
     }
     Ok(0)
 }
