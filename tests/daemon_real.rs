@@ -879,3 +879,153 @@ fn apiserver_stopped_and_started_under_a_running_daemon() {
         0
     );
 }
+
+/// `kubectl --kubeconfig` of `cp` with `stdin`; panics with kubectl's error.
+fn kubectl_apply(cp: &control_plane::ControlPlane, manifest: &str) {
+    use std::io::Write;
+    let mut child = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&cp.kubeconfig)
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(manifest.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "kubectl apply: {}", text(&out));
+}
+
+/// The policy fragment `fleet` of namespace kvstrap, for every node.
+fn fragment(toml: &str) -> String {
+    let body: String = toml.lines().map(|l| format!("    {l}\n")).collect();
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: fleet\n  namespace: kvstrap\n  labels: {{ kvstrap.io/policy: \"\" }}\ndata:\n  policy.toml: |\n{body}"
+    )
+}
+
+/// `kvstrap daemon` (the real binary, `cluster_policy = true`) takes a changed fragment
+/// through its reload: a fragment whose `match` keeps the node's second loop disk out,
+/// then one that lets it in (the daemon reloads and provisions it within a bound), then a
+/// broken one (refused with its source, the last good policy kept, an Event on the Node).
+#[test]
+fn a_changed_fragment_reaches_a_running_daemon_and_a_broken_one_is_refused() {
+    let test = "a_changed_fragment_reaches_a_running_daemon_and_a_broken_one_is_refused";
+    if !enabled(test) {
+        return;
+    }
+    let Some(cp) = control_plane::start_or_skip(test) else {
+        return;
+    };
+    let node = "daemon-fleet";
+    kubectl_apply(
+        &cp,
+        &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{ name: kvstrap }}\n---\n\
+             apiVersion: v1\nkind: Node\nmetadata: {{ name: {node} }}\n"
+        ),
+    );
+    // Too big for a 1 GiB disk: the group selects nothing yet.
+    kubectl_apply(
+        &cp,
+        &fragment("[[disk_group]]\nname = \"fleet\"\nmatch = { min_size = \"100T\" }"),
+    );
+    let work = tempfile::tempdir().unwrap();
+    let first = common::LoopDisk::new(1 << 30);
+    let mut second = NamedLoop::reserve(work.path(), 1 << 30);
+    // The node's own files name the disk and allow the loop device (a fragment may not);
+    // the fragment only narrows which of the named disks the group takes.
+    let policy_text = policy(&work.path().join("storage"), std::slice::from_ref(&first.path))
+        .replace("name = \"daemon-test\"\nstorage_root", &format!("name = \"{node}\"\nstorage_root"))
+        .replace(
+            "publish = false",
+            &format!(
+                "publish = false\ncluster_policy = true\nkubeconfig = {:?}",
+                cp.kubeconfig.display().to_string()
+            ),
+        )
+        + &format!(
+            "\n[[disk_group]]\nname = \"fleet\"\nstorage_class = \"daemon-test\"\nlayout = \"shared\"\n\
+             devices = [{:?}]\nallow_loop = true\nquota = \"if-supported\"\n",
+            second.path.display().to_string()
+        );
+    let bus = TestBus::start();
+    let mut notify = NotifySocket::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("state").join("cluster-policy.json");
+    let daemon = quiet_daemon(&bus, &notify, dir, &policy_text);
+    assert!(
+        notify.wait_for("READY=1", Duration::from_secs(60)),
+        "{}",
+        daemon.stderr()
+    );
+    assert!(
+        notify.eventually(Duration::from_secs(30), || cache.exists()
+            && daemon.stderr().contains("policy reloaded")),
+        "the first fragment never reached the daemon\n{}",
+        daemon.stderr()
+    );
+    second.attach();
+    notify.drain();
+    let out = bus.send_as(0, &["org.kvstrap.Bootstrap1.Apply"]);
+    assert!(out.status.success(), "{}\n{}", text(&out), daemon.stderr());
+    assert!(
+        volumes_on(&bus, &second.path).is_empty(),
+        "the fragment keeps the second disk out"
+    );
+
+    // The fragment changes: the daemon reloads and provisions the disk, unasked.
+    let changed = Instant::now();
+    kubectl_apply(
+        &cp,
+        &fragment("[[disk_group]]\nname = \"fleet\"\nmatch = { min_size = \"100M\" }"),
+    );
+    let ready = notify.eventually(Duration::from_secs(30), || {
+        let v = volumes_on(&bus, &second.path);
+        v.len() == 1 && v[0]["state"] == "ready"
+    });
+    assert!(
+        ready,
+        "not provisioned after the fragment changed: {:?}\n{}",
+        volumes_on(&bus, &second.path),
+        daemon.stderr()
+    );
+    eprintln!(
+        "fragment changed to volume ready: {:.1} s",
+        changed.elapsed().as_secs_f64()
+    );
+    let good = std::fs::read(&cache).unwrap();
+
+    // A broken fragment: refused with its source, the cache and the volumes stay.
+    let log_before = daemon.stderr().len();
+    kubectl_apply(
+        &cp,
+        &fragment("[[disk_group]]\nname = \"fleet\"\nvolume_count = \"many\""),
+    );
+    let refused_event = || {
+        cp.get("/api/v1/namespaces/default/events")
+            .is_some_and(|t| t.contains("PolicyFragmentRefused") && t.contains(node))
+    };
+    assert!(
+        notify.eventually(Duration::from_secs(30), refused_event),
+        "no PolicyFragmentRefused Event\n{}",
+        daemon.stderr()
+    );
+    let log = daemon.stderr()[log_before..].to_string();
+    assert!(log.contains("configmap/kvstrap/fleet:"), "{log}");
+    assert_eq!(std::fs::read(&cache).unwrap(), good, "the cache changed");
+    notify.drain();
+    let out = bus.send_as(0, &["org.kvstrap.Bootstrap1.Apply"]);
+    assert!(out.status.success(), "{}\n{}", text(&out), daemon.stderr());
+    let v = volumes_on(&bus, &second.path);
+    assert!(
+        v.len() == 1 && v[0]["state"] == "ready",
+        "the last good policy stays in force: {v:?}"
+    );
+}
