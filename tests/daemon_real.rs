@@ -662,6 +662,15 @@ fn a_read_opens_no_disk_and_answers_with_the_last_inventory() {
     );
 }
 
+/// A control plane for `test`, when it can run here (root, the daemon's plumbing, the
+/// binaries; in CI a missing one fails instead).
+fn real_control_plane(test: &str) -> Option<control_plane::ControlPlane> {
+    if !enabled(test) {
+        return None;
+    }
+    control_plane::start_or_skip(test)
+}
+
 /// This node's PVs in the cluster: name -> (uid, resourceVersion, phase, finalizers).
 fn cluster_pvs(cp: &control_plane::ControlPlane, node: &str) -> BTreeMap<String, [String; 4]> {
     let Some(text) = cp.get(&format!(
@@ -729,11 +738,8 @@ fn last_retry(log: &str) -> Option<Duration> {
 /// rewritten: the PVs that were there keep their uid and resourceVersion.
 #[test]
 fn apiserver_stopped_and_started_under_a_running_daemon() {
-    let test = "apiserver_stopped_and_started_under_a_running_daemon";
-    if !enabled(test) {
-        return;
-    }
-    let Some(cp) = control_plane::start_or_skip(test) else {
+    let Some(cp) = real_control_plane("apiserver_stopped_and_started_under_a_running_daemon")
+    else {
         return;
     };
     let work = tempfile::tempdir().unwrap();
@@ -916,11 +922,9 @@ fn fragment(toml: &str) -> String {
 /// broken one (refused with its source, the last good policy kept, an Event on the Node).
 #[test]
 fn a_changed_fragment_reaches_a_running_daemon_and_a_broken_one_is_refused() {
-    let test = "a_changed_fragment_reaches_a_running_daemon_and_a_broken_one_is_refused";
-    if !enabled(test) {
-        return;
-    }
-    let Some(cp) = control_plane::start_or_skip(test) else {
+    let Some(cp) = real_control_plane(
+        "a_changed_fragment_reaches_a_running_daemon_and_a_broken_one_is_refused",
+    ) else {
         return;
     };
     let node = "daemon-fleet";
