@@ -197,8 +197,6 @@ pub struct State {
     pub disks: usize,
     pub volumes: usize,
     pub refused: usize,
-    /// Step being executed when the applier stopped, if it did not finish (intent record).
-    pub in_flight: Option<String>,
 }
 
 pub fn state_file(state_dir: &Path) -> PathBuf {

@@ -105,7 +105,6 @@ pub fn run_record(plan: &Plan, report: &ApplyReport, result: &str) -> crate::sta
         disks: plan.groups.iter().map(|g| g.disks.len()).sum(),
         volumes: plan.volumes().count(),
         refused: plan.refused.len(),
-        in_flight: None,
     }
 }
 

@@ -1,5 +1,6 @@
-//! Running external programs (mkfs.xfs, mkfs.ext4, xfs_quota): absolute paths resolved
-//! once at start-up, failures that carry argv, exit status and stderr.
+//! Running external programs (mkfs.xfs, mkfs.ext4, xfs_admin, e2label; smartctl beside
+//! the runs): absolute paths resolved once at start-up, failures that carry argv, exit
+//! status and stderr.
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
@@ -18,7 +19,6 @@ pub const SEARCH_DIRS: &[&str] = &["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
 pub enum Program {
     MkfsXfs,
     MkfsExt4,
-    XfsQuota,
     /// Writes the planned label once mkfs.xfs has finished.
     XfsAdmin,
     /// Writes the planned label once mkfs.ext4 has finished.
@@ -26,10 +26,9 @@ pub enum Program {
 }
 
 impl Program {
-    pub const ALL: [Program; 5] = [
+    pub const ALL: [Program; 4] = [
         Program::MkfsXfs,
         Program::MkfsExt4,
-        Program::XfsQuota,
         Program::XfsAdmin,
         Program::E2label,
     ];
@@ -38,7 +37,6 @@ impl Program {
         match self {
             Program::MkfsXfs => "mkfs.xfs",
             Program::MkfsExt4 => "mkfs.ext4",
-            Program::XfsQuota => "xfs_quota",
             Program::XfsAdmin => "xfs_admin",
             Program::E2label => "e2label",
         }
@@ -47,7 +45,7 @@ impl Program {
     /// The distribution package that ships the program, for error messages.
     pub fn package(self) -> &'static str {
         match self {
-            Program::MkfsXfs | Program::XfsQuota | Program::XfsAdmin => "xfsprogs",
+            Program::MkfsXfs | Program::XfsAdmin => "xfsprogs",
             Program::MkfsExt4 | Program::E2label => "e2fsprogs",
         }
     }
@@ -352,7 +350,7 @@ mod tests {
             "{err}"
         );
         assert!(progs.check(&[Program::MkfsXfs]).is_ok());
-        assert!(progs.check(&[Program::MkfsXfs, Program::XfsQuota]).is_err());
+        assert!(progs.check(&[Program::MkfsXfs, Program::E2label]).is_err());
     }
 
     #[test]
@@ -405,10 +403,10 @@ mod tests {
     #[test]
     fn success_returns_stdout() {
         let d = tempfile::tempdir().unwrap();
-        fake_program(d.path(), "xfs_quota", "echo \"$@\"");
+        fake_program(d.path(), "xfs_admin", "echo \"$@\"");
         let progs = Programs::discover_in([d.path()].into_iter());
         assert_eq!(
-            progs.run(Program::XfsQuota, &["-x".into()]).unwrap(),
+            progs.run(Program::XfsAdmin, &["-x".into()]).unwrap(),
             "-x\n"
         );
     }
