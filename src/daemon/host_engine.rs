@@ -230,6 +230,14 @@ impl Engine for HostEngine {
 
     fn reload_policy(&self) -> Result<(), String> {
         let fresh = self.node.load_policy().map_err(|e| node::diagnostics(&e))?;
+        let needs_restart = self.policy().changed_settings_read_at_start(&fresh);
+        if !needs_restart.is_empty() {
+            tracing::warn!(
+                "reloaded policy changes {}: these take effect when the daemon starts, \
+                 run `systemctl restart kvstrap` to apply them; the rest of the policy is in force now",
+                needs_restart.join(", ")
+            );
+        }
         if let Some(m) = &self.health {
             m.set_interval(fresh.health.interval);
         }

@@ -16,6 +16,35 @@ pub struct Policy {
     pub sources: Vec<PathBuf>,
 }
 
+impl Policy {
+    /// The settings the daemon acts on only when it starts (the publisher, the fleet
+    /// watcher and the metrics listener are started with them) that differ in `newer`.
+    /// A reload takes everything else; these need a restart, and the daemon says so.
+    pub fn changed_settings_read_at_start(&self, newer: &Policy) -> Vec<&'static str> {
+        let (a, b) = (&self.kubernetes, &newer.kubernetes);
+        [
+            (a.publish != b.publish, "kubernetes.publish"),
+            (a.kubeconfig != b.kubeconfig, "kubernetes.kubeconfig"),
+            (
+                a.cluster_policy != b.cluster_policy,
+                "kubernetes.cluster_policy",
+            ),
+            (
+                a.policy_namespace != b.policy_namespace,
+                "kubernetes.policy_namespace",
+            ),
+            (self.node.name != newer.node.name, "node.name"),
+            (
+                self.metrics.listen != newer.metrics.listen,
+                "metrics.listen",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(changed, key)| changed.then_some(key))
+        .collect()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeSettings {
     /// Node name as kubelet registers it: policy `node.name`, else the hostname.
@@ -185,5 +214,35 @@ pub struct DiskGroup {
 impl Policy {
     pub fn storage_class(&self, name: &str) -> Option<&StorageClass> {
         self.storage_classes.iter().find(|c| c.name == name)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::path::Path;
+
+    fn policy(extra: &str) -> super::Policy {
+        let text =
+            format!("[node]\nname = \"n1\"\nstorage_root = \"/var/lib/kvstrap-test\"\n{extra}");
+        crate::policy::load_str(Path::new("/etc/kvstrap/policy.toml"), &text).unwrap()
+    }
+
+    #[test]
+    fn settings_read_at_start_are_named_when_a_reload_changes_them() {
+        let before = policy("[kubernetes]\npublish = false\n");
+        assert!(before.changed_settings_read_at_start(&before).is_empty());
+        let after = policy(
+            "[kubernetes]\npublish = true\npolicy_namespace = \"other\"\n\
+             [metrics]\nlisten = \"127.0.0.1:9741\"\n",
+        );
+        assert_eq!(
+            before.changed_settings_read_at_start(&after),
+            [
+                "kubernetes.publish",
+                "kubernetes.policy_namespace",
+                "metrics.listen"
+            ]
+        );
     }
 }
