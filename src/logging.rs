@@ -33,6 +33,8 @@ pub mod message_id {
     pub const POLICY_REJECTED: &str = "429db97c6e3e4c9b9743cb68b4b2d10e";
     /// A disk's SMART health assessment changed (fields `disk`, `health`).
     pub const DISK_HEALTH_CHANGED: &str = "fdfec6b667484f52b63b356c41467961";
+    /// A disk entered or left service: draining, drained, undrained, replaced, forgotten.
+    pub const DISK_SERVICE_CHANGED: &str = "40761f84a6f94cd6b0f75e63cce7d0ae";
 }
 
 /// Filter from `KVSTRAP_LOG` (tracing's env-filter syntax). By default `info`, without
@@ -117,6 +119,8 @@ mod tests {
             VOLUME_REMOVED,
             APPLY_FINISHED,
             POLICY_REJECTED,
+            DISK_HEALTH_CHANGED,
+            DISK_SERVICE_CHANGED,
         ];
         for id in ids {
             assert_eq!(id.len(), 32, "{id}");

@@ -425,6 +425,18 @@ pub enum Step {
         part_uuid: uuid::Uuid,
         reason: String,
     },
+    /// Unmount one of kvstrap's filesystems of a drained disk; the data stays.
+    Unmount {
+        disk: PathBuf,
+        mountpoint: PathBuf,
+        reason: String,
+    },
+    /// Remove the link of a Block volume on a drained disk; the partition stays.
+    RemoveBlockLink {
+        disk: PathBuf,
+        link: PathBuf,
+        reason: String,
+    },
 }
 
 impl Step {
@@ -438,7 +450,9 @@ impl Step {
             | Step::CreateDirectory { reason, .. }
             | Step::SetOwnership { reason, .. }
             | Step::SetQuota { reason, .. }
-            | Step::LinkBlockDevice { reason, .. } => reason,
+            | Step::LinkBlockDevice { reason, .. }
+            | Step::Unmount { reason, .. }
+            | Step::RemoveBlockLink { reason, .. } => reason,
         }
     }
 
@@ -453,7 +467,9 @@ impl Step {
             | Step::CreateDirectory { disk, .. }
             | Step::SetOwnership { disk, .. }
             | Step::SetQuota { disk, .. }
-            | Step::LinkBlockDevice { disk, .. } => disk,
+            | Step::LinkBlockDevice { disk, .. }
+            | Step::Unmount { disk, .. }
+            | Step::RemoveBlockLink { disk, .. } => disk,
         }
     }
 
@@ -469,6 +485,8 @@ impl Step {
             Step::SetOwnership { .. } => "set_ownership",
             Step::SetQuota { .. } => "set_quota",
             Step::LinkBlockDevice { .. } => "link_block_device",
+            Step::Unmount { .. } => "unmount",
+            Step::RemoveBlockLink { .. } => "remove_block_link",
         }
     }
 }
@@ -518,6 +536,74 @@ pub struct Plan {
     /// Ordered steps; empty when the node already matches the policy.
     pub steps: Vec<Step>,
     pub totals: Totals,
+    /// Disks taken out of service (`kvstrap drain`): their volumes are not published.
+    #[serde(default)]
+    pub out_of_service: Vec<OutOfServiceDisk>,
+}
+
+/// A disk the planner keeps out of service, as the plan shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutOfServiceDisk {
+    pub disk: PathBuf,
+    pub identity: String,
+    pub group: Option<String>,
+    pub phase: ServicePhase,
+    /// The volumes on it, kept (and, while draining, mounted) but no longer published.
+    pub volumes: Vec<VolumeSpec>,
+}
+
+/// Where a disk is on its way out of service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServicePhase {
+    /// Nothing new binds to it; volumes still in use stay mounted until released.
+    Draining,
+    /// Nothing uses it: unmounted, left intact, never provisioned or published again.
+    Drained,
+}
+
+impl ServicePhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServicePhase::Draining => "draining",
+            ServicePhase::Drained => "drained",
+        }
+    }
+}
+
+/// What the operator said about disks, kept in the state directory (`disks.json`):
+/// disks taken out of service and new disks put in the place of old ones. Keyed by the
+/// stable disk identity (`wwn:...`, `serial:...`), never by kernel name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskService {
+    #[serde(default)]
+    pub version: u32,
+    #[serde(default)]
+    pub out_of_service: BTreeMap<String, ServiceRecord>,
+    #[serde(default)]
+    pub replacements: BTreeMap<String, Replacement>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    pub phase: ServicePhase,
+    /// The kernel name when it was drained, for people.
+    pub path: PathBuf,
+    /// The group it belonged to, where a replacement goes.
+    pub group: Option<String>,
+    pub since_unix: u64,
+    /// `kvstrap drain`, `D-Bus Drain by uid 0`, `health failed (on_failure = "drain")`.
+    pub why: String,
+}
+
+/// A new disk provisioned into the group of a disk that left.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replacement {
+    pub group: String,
+    /// Identity of the disk it replaces.
+    pub replaces: String,
+    pub path: PathBuf,
+    pub since_unix: u64,
 }
 
 impl Plan {

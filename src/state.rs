@@ -1,8 +1,10 @@
-//! Durable state: the applier lock and the state file; it touches only those two.
+//! Durable state: the applier lock, the state file and the operator's disk record.
 //!
 //! Durable state: the applier lock, and the state file written atomically
 //! (temp file, fsync, rename, directory fsync). Discovery, not this file, decides safety:
-//! the state file only records what happened, for `status` and the daemon.
+//! the state file only records what happened, for `status` and the daemon. The one
+//! exception is `disks.json`, what the operator said (drain, replace): discovery cannot
+//! know it, so it is read on every plan and a damaged file stops the run.
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -15,6 +17,8 @@ use std::time::{Duration, Instant};
 
 pub const DEFAULT_LOCK: &str = "/run/kvstrap/lock";
 pub const STATE_FILE: &str = "state.json";
+/// Disks taken out of service and replacements (`kvstrap drain`, `replace`).
+pub const DISK_SERVICE_FILE: &str = "disks.json";
 /// Schema version of the state file; bumped on incompatible changes.
 pub const STATE_VERSION: u32 = 1;
 
@@ -221,10 +225,64 @@ pub fn save(state_dir: &Path, state: &State) -> Result<(), StateError> {
     write_atomic(&state_file(state_dir), &json)
 }
 
+pub fn disk_service_file(state_dir: &Path) -> PathBuf {
+    state_dir.join(DISK_SERVICE_FILE)
+}
+
+/// The operator's disk record; empty when there is none yet. A file that cannot be read
+/// is an error, never "no disk is drained": a drained disk must stay out of service.
+pub fn load_disk_service(state_dir: &Path) -> Result<crate::model::DiskService, StateError> {
+    let path = disk_service_file(state_dir);
+    match fs::read(&path) {
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).map_err(|source| StateError::Parse { path, source })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+        Err(source) => Err(StateError::Read { path, source }),
+    }
+}
+
+pub fn save_disk_service(
+    state_dir: &Path,
+    record: &crate::model::DiskService,
+) -> Result<(), StateError> {
+    let mut record = record.clone();
+    record.version = 1;
+    let json = serde_json::to_vec_pretty(&record).unwrap_or_default();
+    write_atomic(&disk_service_file(state_dir), &json)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_record_round_trips_and_a_damaged_one_is_an_error() {
+        use crate::model::{ServicePhase, ServiceRecord};
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load_disk_service(dir.path())
+            .unwrap()
+            .out_of_service
+            .is_empty());
+        let mut record = crate::model::DiskService::default();
+        record.out_of_service.insert(
+            "serial:A".into(),
+            ServiceRecord {
+                phase: ServicePhase::Drained,
+                path: "/dev/sdb".into(),
+                group: Some("g".into()),
+                since_unix: 1,
+                why: "kvstrap drain".into(),
+            },
+        );
+        save_disk_service(dir.path(), &record).unwrap();
+        let back = load_disk_service(dir.path()).unwrap();
+        assert_eq!(back.out_of_service, record.out_of_service);
+        fs::write(disk_service_file(dir.path()), b"{").unwrap();
+        let err = load_disk_service(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("disks.json"), "{err}");
+    }
 
     #[test]
     fn second_locker_waits_then_gives_up() {

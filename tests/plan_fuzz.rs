@@ -147,7 +147,7 @@ proptest! {
             return Ok(());
         };
         let inv = inventory(&c);
-        let ctx = PlanContext { state_dir: "/var/lib/kvstrap".into() };
+        let ctx = PlanContext { state_dir: "/var/lib/kvstrap".into(), ..PlanContext::default() };
         let started = Instant::now();
         let p = plan(&policy, &inv, &ctx);
         prop_assert!(started.elapsed() < Duration::from_secs(2), "{:?} took {:?}", c, started.elapsed());
@@ -197,6 +197,7 @@ fn generated_policies_load() {
             &inventory(&c),
             &PlanContext {
                 state_dir: "/var/lib/kvstrap".into(),
+                ..PlanContext::default()
             },
         );
         // The disk is either laid out or refused with a reason.

@@ -55,4 +55,8 @@ pub trait Effects: Sync {
         target: &Path,
         part_uuid: &uuid::Uuid,
     ) -> Result<Outcome, ApplyError>;
+    /// Unmount one of kvstrap's filesystems (a drained disk's); Unchanged when not mounted.
+    fn unmount(&self, mountpoint: &Path) -> Result<Outcome, ApplyError>;
+    /// Remove a Block volume's link (a drained disk's); Unchanged when it is gone.
+    fn remove_block_link(&self, link: &Path) -> Result<Outcome, ApplyError>;
 }

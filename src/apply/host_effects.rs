@@ -220,6 +220,14 @@ impl Effects for HostEffects {
         let to = host::dirs::block_link_target(target, part_uuid);
         Ok(host::dirs::link_block_device(link, &to).map_err(host::Error::from)?)
     }
+
+    fn unmount(&self, mountpoint: &Path) -> Result<Outcome, ApplyError> {
+        Ok(host::mount::unmount(mountpoint).map_err(host::Error::from)?)
+    }
+
+    fn remove_block_link(&self, link: &Path) -> Result<Outcome, ApplyError> {
+        Ok(host::dirs::remove_block_link(link).map_err(host::Error::from)?)
+    }
 }
 
 /// The GPT on a disk, compared with the planned one.

@@ -292,7 +292,7 @@ fn step_volume(step: &Step) -> Option<String> {
         Step::CreateDirectory { path, .. }
         | Step::SetOwnership { path, .. }
         | Step::SetQuota { path, .. } => path,
-        Step::LinkBlockDevice { link, .. } => link,
+        Step::LinkBlockDevice { link, .. } | Step::RemoveBlockLink { link, .. } => link,
         _ => return None,
     };
     path.file_name().map(|n| n.to_string_lossy().into_owned())
@@ -446,6 +446,8 @@ fn run_step(step: &Step, fx: &dyn Effects) -> Result<Outcome, ApplyError> {
             part_uuid,
             ..
         } => fx.link_block_device(disk, link, target, part_uuid),
+        Step::Unmount { mountpoint, .. } => fx.unmount(mountpoint),
+        Step::RemoveBlockLink { link, .. } => fx.remove_block_link(link),
     }
 }
 

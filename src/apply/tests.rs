@@ -114,6 +114,12 @@ impl Effects for Recorder {
     ) -> Result<Outcome, ApplyError> {
         self.call(format!("link {}", link.display()))
     }
+    fn unmount(&self, mountpoint: &Path) -> Result<Outcome, ApplyError> {
+        self.call(format!("umount {}", mountpoint.display()))
+    }
+    fn remove_block_link(&self, link: &Path) -> Result<Outcome, ApplyError> {
+        self.call(format!("unlink {}", link.display()))
+    }
 }
 
 fn steps_for(disk: &str) -> Vec<Step> {
@@ -181,6 +187,7 @@ fn plan_of(disks: &[&str]) -> Plan {
         warnings: vec![],
         steps,
         totals: Totals::default(),
+        out_of_service: vec![],
     }
 }
 

@@ -35,6 +35,7 @@ pub fn apply(g: &GlobalArgs, a: &ApplyArgs) -> Result<i32> {
     let publish = PublishOnce {
         state_dir: g.state_dir.clone(),
         pending: Default::default(),
+        drains: Default::default(),
     };
     let report = node.converge(
         &policy,

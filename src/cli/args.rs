@@ -55,6 +55,25 @@ pub enum Command {
     Volumes,
     /// Run as the node's storage service (systemd Type=notify).
     Daemon,
+    /// Take a disk out of service: its unbound PVs go, bound ones are listed; once nothing
+    /// uses it, it is unmounted and left intact. DISK: path, by-id name, WWN or serial.
+    Drain(DrainArgs),
+    /// Put a drained or draining disk back in service.
+    Undrain {
+        disk: String,
+        #[arg(long, default_value_t = 60)]
+        lock_timeout: u64,
+    },
+    /// Provision the blank disk NEW in the group of OLD, which is drained or gone.
+    Replace {
+        old: String,
+        new: String,
+        #[arg(long, default_value_t = 60)]
+        lock_timeout: u64,
+    },
+    /// Drop what kvstrap keeps about a disk that is gone, and delete its unbound PVs
+    /// (Bound ones are listed, never deleted). DISK: identity, serial, WWN or old path.
+    Forget { disk: String },
     /// The fleet as the cluster sees it (admin tool; a kubeconfig).
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -82,6 +101,20 @@ pub struct ValidateArgs {
     /// and check them with the node's own files; nothing is cached or applied.
     #[arg(long)]
     pub cluster: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(arg_required_else_help = true)]
+pub struct DrainArgs {
+    /// The disk to drain.
+    #[arg(required_unless_present = "status")]
+    pub disk: Option<String>,
+    /// Show the disks out of service and what still holds them; changes nothing.
+    #[arg(long, conflicts_with = "disk")]
+    pub status: bool,
+    /// How long to wait for another applier to finish, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub lock_timeout: u64,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -10,6 +10,7 @@ pub mod bus_client;
 mod cluster;
 mod demo;
 mod disks_table;
+mod service;
 
 use crate::node::{self, Node};
 use crate::policy::{Policy, PolicyError};
@@ -69,6 +70,14 @@ pub fn run(g: &GlobalArgs, command: &Command) -> Result<i32> {
         Command::Status => apply::status(g),
         Command::Volumes => apply::volumes(g),
         Command::Demo(d) => demo::run(g, d),
+        Command::Drain(d) => service::drain(g, d),
+        Command::Undrain { disk, lock_timeout } => service::undrain(g, disk, *lock_timeout),
+        Command::Replace {
+            old,
+            new,
+            lock_timeout,
+        } => service::replace(g, old, new, *lock_timeout),
+        Command::Forget { disk } => service::forget(g, disk),
         Command::GenerateAssets { out_dir } => Ok(assets::run_generate_assets(out_dir)),
         Command::Cluster(args::ClusterCommand::Status { kubeconfig }) => {
             cluster::status(g, kubeconfig.as_deref())
@@ -251,7 +260,11 @@ fn disks(g: &GlobalArgs) -> Result<i32> {
                 (None, Err(_)) => None,
             };
             let inventory = node.scan(policy.as_ref())?;
-            let mut doc = crate::node::queries::disks_document(policy.as_ref(), &inventory);
+            let mut doc = crate::node::queries::disks_document(
+                policy.as_ref(),
+                &inventory,
+                &node.disk_service()?,
+            );
             if let Some(p) = &policy {
                 let health = crate::health::read::Reader::discover()
                     .read_all(&crate::health::selected_disks(p, &inventory));

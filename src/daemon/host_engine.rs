@@ -72,7 +72,8 @@ impl HostEngine {
     /// The disks document of `look` with the newest health; kept for
     /// [`Engine::disks_with_health`].
     fn disks_document(&self, policy: &Policy, look: &Look) -> Result<String, EngineError> {
-        let doc = node::queries::disks_document(Some(policy), &look.inventory);
+        let service = self.node.disk_service().map_err(observe)?;
+        let doc = node::queries::disks_document(Some(policy), &look.inventory, &service);
         match self.last_disks.lock() {
             Ok(mut d) => *d = Some(doc.clone()),
             Err(poisoned) => *poisoned.into_inner() = Some(doc.clone()),

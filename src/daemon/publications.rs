@@ -154,6 +154,10 @@ impl Publications for KubePublications {
     fn errors(&self) -> u64 {
         self.status().map_or(0, |s| s.failed_passes)
     }
+
+    fn drain_check(&self) -> Option<BTreeMap<String, Vec<crate::kube::reconcile::DrainBlocker>>> {
+        self.status().and_then(|s| s.last_pass).map(|p| p.draining)
+    }
 }
 
 /// PVs (and their volumes) the last pass before this start found in the cluster: not

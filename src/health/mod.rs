@@ -83,7 +83,8 @@ pub fn selected_disks(
     policy: &crate::policy::Policy,
     inventory: &crate::model::Inventory,
 ) -> Vec<PathBuf> {
-    crate::plan::verdicts(Some(policy), inventory)
+    // A drained disk is still watched: whether it failed is what its operator wants to know.
+    crate::plan::verdicts(Some(policy), inventory, &Default::default())
         .into_iter()
         .filter(|(_, group, _)| group.is_some())
         .map(|(disk, _, _)| disk.path.clone())

@@ -269,11 +269,45 @@ pub fn link_block_device(link: &Path, target: &Path) -> Result<Outcome, DirError
     )))
 }
 
+/// Remove a Block volume's link; anything that is not a symlink is an error and stays.
+pub fn remove_block_link(link: &Path) -> Result<Outcome, DirError> {
+    match std::fs::symlink_metadata(link) {
+        Ok(m) if m.file_type().is_symlink() => {}
+        Ok(_) => {
+            return Err(DirError::NotASymlink {
+                path: link.to_path_buf(),
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Outcome::Unchanged),
+        Err(e) => return Err(io("inspect", link)(e)),
+    }
+    std::fs::remove_file(link).map_err(io("remove", link))?;
+    Ok(Outcome::Changed(format!("removed {}", link.display())))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn removing_a_block_link_removes_only_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("vol");
+        std::os::unix::fs::symlink("/dev/null", &link).unwrap();
+        assert!(matches!(
+            remove_block_link(&link).unwrap(),
+            Outcome::Changed(_)
+        ));
+        assert!(matches!(
+            remove_block_link(&link).unwrap(),
+            Outcome::Unchanged
+        ));
+        std::fs::write(&link, b"data").unwrap();
+        assert!(remove_block_link(&link).is_err());
+        assert!(link.exists(), "a file that is not a link stays");
+    }
 
     /// A fake /dev: `vdb1` and `vdc1` nodes (plain files), and udev's by-partuuid links
     /// as given.

@@ -5,6 +5,7 @@
 //! Never touches disks except to scrub a released volume; never blocks local provisioning.
 
 pub mod builders;
+pub mod claims;
 pub mod compare;
 pub mod fleet;
 pub mod fleet_status;
@@ -50,6 +51,9 @@ pub struct Desired {
     pub node: String,
     pub storage_classes: Vec<K8sStorageClass>,
     pub volumes: Vec<DesiredVolume>,
+    /// Identities of draining disks: their PVs are not wanted, and each pass reports
+    /// which of them still hold the disk.
+    pub draining: std::collections::BTreeSet<String>,
 }
 
 /// A provisioned volume and the PV that publishes it.
@@ -77,6 +81,7 @@ impl Desired {
             node: node.to_string(),
             storage_classes: classes.iter().map(builders::storage_class).collect(),
             volumes: Vec::with_capacity(volumes.len()),
+            draining: Default::default(),
         };
         let mut seen = std::collections::BTreeMap::new();
         for v in volumes {

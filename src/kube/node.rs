@@ -19,11 +19,17 @@ pub fn provisioned(plan: &Plan) -> Vec<VolumeSpec> {
 
 /// Build the objects for what exists and write them to `<state-dir>/manifests/`.
 pub fn render(policy: &Policy, plan: &Plan, state_dir: &Path) -> anyhow::Result<Desired> {
-    let desired = Desired::build(
+    let mut desired = Desired::build(
         &policy.node.name,
         &provisioned(plan),
         &policy.storage_classes,
     )?;
+    desired.draining = plan
+        .out_of_service
+        .iter()
+        .filter(|d| d.phase == crate::model::ServicePhase::Draining)
+        .map(|d| d.identity.clone())
+        .collect();
     let report = super::write_manifests(state_dir, &desired)?;
     tracing::info!(
         manifests = %report.dir.display(),
@@ -41,6 +47,8 @@ pub fn render(policy: &Policy, plan: &Plan, state_dir: &Path) -> anyhow::Result<
 pub struct CliPublish {
     pub message: String,
     pub pending: u64,
+    /// The pass's view of the draining disks, when it reached the API server.
+    pub draining: Option<std::collections::BTreeMap<String, Vec<super::reconcile::DrainBlocker>>>,
 }
 
 /// One publish pass for `kvstrap apply`, bounded in time. Failure is reported, never fatal:
@@ -56,6 +64,7 @@ pub fn publish_now(policy: &Policy, desired: &Desired, state_dir: &Path) -> CliP
             return CliPublish {
                 message: format!("not published: cannot start the publisher: {e}"),
                 pending: objects as u64,
+                draining: None,
             }
         }
     };
@@ -63,10 +72,11 @@ pub fn publish_now(policy: &Policy, desired: &Desired, state_dir: &Path) -> CliP
     let scrubber = Arc::new(DirectoryAndBlockScrubber);
     let attempt = publish_once(&source, desired, state_dir, scrubber, 16);
     let message = match runtime.block_on(async { tokio::time::timeout(CLI_PUBLISH_TIMEOUT, attempt).await }) {
-        Ok(Ok(_)) => {
+        Ok(Ok(report)) => {
             return CliPublish {
                 message: format!("published {objects} object(s) to the API server"),
                 pending: 0,
+                draining: Some(report.draining),
             }
         }
         Ok(Err(e)) => format!("{objects} object(s) pending: {e}; kvstrap.service keeps retrying"),
@@ -78,5 +88,6 @@ pub fn publish_now(policy: &Policy, desired: &Desired, state_dir: &Path) -> CliP
     CliPublish {
         message,
         pending: objects as u64,
+        draining: None,
     }
 }

@@ -148,6 +148,8 @@ pub struct PassSummary {
     pub scrubbed: Vec<String>,
     pub kept: Vec<String>,
     pub retained: Vec<String>,
+    /// Per draining disk: the PVs still holding it.
+    pub draining: BTreeMap<String, Vec<super::reconcile::DrainBlocker>>,
 }
 
 impl PublishStatus {
@@ -357,6 +359,7 @@ impl Worker {
                         scrubbed: r.scrubbed,
                         kept: r.kept,
                         retained: r.retained,
+                        draining: r.draining,
                     });
                 }
                 Err(_) => s.pending = total,

@@ -1,5 +1,9 @@
 //! One reconcile pass: make this node's kvstrap PVs in the cluster equal what is provisioned.
-//! Vanished volumes: PV deleted if Available, kept and reported if Bound or Released.
+//! Vanished volumes: PV deleted if Available, or Released with reclaim Delete (its volume
+//! cannot be scrubbed; if the disk comes back, the volume is scrubbed before it is
+//! published again); kept and reported if Bound, or Released with Retain.
+//! Volumes of a draining disk (`kvstrap drain`): the same, and each pass says which PVs
+//! still hold the disk (`PassReport::draining`).
 //! Released + Delete: scrub, then delete and re-create Available. Retain: left, reported.
 //! Failed + Delete (left so by kube-controller-manager before PVs carried kvstrap's
 //! provisioned-by annotation): taken back like Released.
@@ -56,6 +60,19 @@ pub struct PassReport {
     pub errors: Vec<String>,
     /// Per volume name.
     pub volumes: BTreeMap<String, VolumePublication>,
+    /// Per draining disk (identity): the PVs of it still in the cluster after this pass.
+    /// A disk is in the map only when the pass knew it was draining.
+    pub draining: BTreeMap<String, Vec<DrainBlocker>>,
+}
+
+/// A PersistentVolume that keeps a draining disk from being drained.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DrainBlocker {
+    pub pv: String,
+    /// Bound, Released, Available, ... as the API server said.
+    pub phase: Option<String>,
+    /// `namespace/name` of its claim.
+    pub claim: Option<String>,
 }
 
 /// What to do about one desired volume.
@@ -135,7 +152,7 @@ impl Reconciler {
             .map(|pv| (pv.metadata.name.clone().unwrap_or_default(), pv))
             .collect();
         let wanted: HashSet<&str> = desired.volumes.iter().map(DesiredVolume::pv_name).collect();
-        self.handle_vanished(client, &observed, &wanted, &mut report)
+        self.handle_vanished(client, &observed, &wanted, desired, &mut report)
             .await;
 
         let actions: Vec<(&DesiredVolume, Action)> = desired
@@ -221,39 +238,102 @@ impl Reconciler {
         client: &Client,
         observed: &BTreeMap<String, PersistentVolume>,
         wanted: &HashSet<&str>,
+        desired: &Desired,
         report: &mut PassReport,
     ) {
         let api: Api<PersistentVolume> = Api::all(client.clone());
+        for identity in &desired.draining {
+            report.draining.insert(identity.clone(), Vec::new());
+        }
         for (name, pv) in observed
             .iter()
-            // Terminating PVs are on their way out already.
-            .filter(|(n, pv)| {
-                !wanted.contains(n.as_str()) && pv.metadata.deletion_timestamp.is_none()
-            })
+            .filter(|(n, _)| !wanted.contains(n.as_str()))
         {
+            let draining = disk_identity(pv).filter(|id| desired.draining.contains(*id));
+            let blocker = |pv: &PersistentVolume| DrainBlocker {
+                pv: name.clone(),
+                phase: phase(pv),
+                claim: claim_of(pv),
+            };
+            // Terminating PVs are on their way out already.
+            if pv.metadata.deletion_timestamp.is_some() {
+                if let Some(id) = draining {
+                    report
+                        .draining
+                        .entry(id.to_string())
+                        .or_default()
+                        .push(blocker(pv));
+                }
+                continue;
+            }
             let phase = phase(pv);
             let claimed = pv.spec.as_ref().is_some_and(|s| s.claim_ref.is_some());
-            if claimed || matches!(phase.as_deref(), Some("Bound" | "Released" | "Failed")) {
+            let reclaim = pv
+                .spec
+                .as_ref()
+                .and_then(|s| s.persistent_volume_reclaim_policy.as_deref());
+            let released = matches!(phase.as_deref(), Some("Released" | "Failed"));
+            // Bound (or about to be), or released and kept for the admin: never deleted.
+            let keep = if released {
+                reclaim != Some("Delete")
+            } else {
+                claimed || phase.as_deref() == Some("Bound")
+            };
+            if keep {
                 report.kept.push(name.clone());
                 self.record_kept(name, pv);
-                let msg = format!(
-                    "the volume of PersistentVolume {name} no longer exists on node {}, but the PV \
-                     is {}: kvstrap keeps it; delete the claim and the PV when the data is not needed",
-                    self.node,
-                    phase.as_deref().unwrap_or("claimed")
-                );
-                self.report_once(client, pv, "VolumeMissing", "KeepVolume", &msg)
+                let state = phase.as_deref().unwrap_or("claimed");
+                let (reason, msg) = match draining {
+                    Some(_) => (
+                        "VolumeDraining",
+                        format!(
+                            "the disk of PersistentVolume {name} on node {} is draining, and the PV \
+                             is {state}: kvstrap keeps it, and the disk in service, until it is released",
+                            self.node
+                        ),
+                    ),
+                    None => (
+                        "VolumeMissing",
+                        format!(
+                            "the volume of PersistentVolume {name} no longer exists on node {}, but the PV \
+                             is {state}: kvstrap keeps it; delete the claim and the PV when the data is not needed",
+                            self.node
+                        ),
+                    ),
+                };
+                self.report_once(client, pv, reason, "KeepVolume", &msg)
                     .await;
+                if let Some(id) = draining {
+                    report
+                        .draining
+                        .entry(id.to_string())
+                        .or_default()
+                        .push(blocker(pv));
+                }
                 continue;
             }
             match delete_unbound(&api, pv).await {
                 Ok(()) => {
-                    tracing::info!(pv = %name, "deleted PersistentVolume whose volume no longer exists");
+                    let why = match draining {
+                        Some(_) => "its disk is draining",
+                        None => "its volume no longer exists",
+                    };
+                    tracing::info!(pv = %name, phase = phase.as_deref().unwrap_or("none"),
+                        "deleted PersistentVolume: {why}");
                     report.deleted.push(name.clone());
                 }
-                Err(e) => report
-                    .errors
-                    .push(format!("delete PersistentVolume {name}: {e}")),
+                Err(e) => {
+                    report
+                        .errors
+                        .push(format!("delete PersistentVolume {name}: {e}"));
+                    if let Some(id) = draining {
+                        report
+                            .draining
+                            .entry(id.to_string())
+                            .or_default()
+                            .push(blocker(pv));
+                    }
+                }
             }
         }
     }
@@ -702,6 +782,25 @@ async fn delete(api: &Api<PersistentVolume>, name: &str, dp: &DeleteParams) -> R
 
 fn phase(pv: &PersistentVolume) -> Option<String> {
     pv.status.as_ref().and_then(|s| s.phase.clone())
+}
+
+/// The disk a PV's volume is on, as kvstrap annotated it.
+pub fn disk_identity(pv: &PersistentVolume) -> Option<&str> {
+    pv.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(super::builders::ANNOTATION_DISK_IDENTITY))
+        .map(String::as_str)
+}
+
+/// `namespace/name` of the claim a PV is bound (or was bound) to.
+pub fn claim_of(pv: &PersistentVolume) -> Option<String> {
+    let claim = pv.spec.as_ref()?.claim_ref.as_ref()?;
+    Some(format!(
+        "{}/{}",
+        claim.namespace.as_deref().unwrap_or_default(),
+        claim.name.as_deref().unwrap_or_default()
+    ))
 }
 
 /// One line: API errors with their code and message, others as they print.

@@ -24,7 +24,7 @@ pub fn snapshot(
     stats: RunStats,
     publications: PublicationCounts,
 ) -> Snapshot {
-    let disks = crate::plan::verdicts(Some(policy), inventory)
+    let disks = crate::plan::verdicts(Some(policy), inventory, &Default::default())
         .into_iter()
         .map(|(disk, group, verdict)| DiskSample {
             path: disk.path.clone(),

@@ -65,6 +65,8 @@ pub struct Report {
     pub interrupted: bool,
     /// The manifests could not be rendered (local provisioning is done regardless).
     pub render_error: Option<String>,
+    /// Disks that entered or left service in this pass (drained, replaced), in words.
+    pub service_changes: Vec<String>,
 }
 
 impl Node {
@@ -89,6 +91,19 @@ impl Node {
         };
         progress(Event::Locked);
         let (inventory, plan) = self.look(policy, progress)?;
+        // Draining disks nothing holds any more become drained before the plan runs, so
+        // this very pass releases them.
+        let service_changes = self.settle_drains(
+            policy,
+            &inventory,
+            &plan,
+            publications.drain_check().as_ref(),
+        )?;
+        let plan = if service_changes.is_empty() {
+            plan
+        } else {
+            self.plan(policy, &inventory)?
+        };
         for r in &plan.refused {
             tracing::warn!(disk = %r.disk.display(), "left alone: {}", r.reason);
         }
@@ -138,6 +153,7 @@ impl Node {
             busy,
             interrupted,
             render_error,
+            service_changes,
         };
         publications.run_finished(report.node_report(policy));
         Ok(report)
@@ -152,7 +168,7 @@ impl Node {
         progress(Event::Scanned {
             disks: inventory.disks.len(),
         });
-        let plan = self.plan(policy, &inventory);
+        let plan = self.plan(policy, &inventory)?;
         progress(Event::Planned {
             steps: plan.steps.len(),
         });

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod publish;
 pub mod queries;
 pub mod report;
+pub mod service;
 
 pub use converge::{Event, Lock, Look, Progress, Report};
 pub use publish::{Publications, PublishOnce};
@@ -87,21 +88,28 @@ impl Node {
     }
 
     /// The pure planner on this node's context.
-    pub fn plan(&self, policy: &Policy, inventory: &Inventory) -> Plan {
-        crate::plan::plan(policy, inventory, &self.plan_context())
+    pub fn plan(&self, policy: &Policy, inventory: &Inventory) -> Result<Plan, NodeError> {
+        Ok(crate::plan::plan(policy, inventory, &self.plan_context()?))
     }
 
     /// Scan and plan in one go: what a run would do now.
     pub fn scan_and_plan(&self, policy: &Policy) -> Result<(Inventory, Plan), NodeError> {
         let inventory = self.scan(Some(policy))?;
-        let plan = self.plan(policy, &inventory);
+        let plan = self.plan(policy, &inventory)?;
         Ok((inventory, plan))
     }
 
-    pub fn plan_context(&self) -> PlanContext {
-        PlanContext {
+    /// The planner's context: the state directory and the operator's disk record.
+    pub fn plan_context(&self) -> Result<PlanContext, NodeError> {
+        Ok(PlanContext {
             state_dir: self.inputs.state_dir.clone(),
-        }
+            service: self.disk_service()?,
+        })
+    }
+
+    /// Disks the operator took out of service or put in another's place.
+    pub fn disk_service(&self) -> Result<crate::model::DiskService, NodeError> {
+        crate::state::load_disk_service(&self.inputs.state_dir).map_err(NodeError::State)
     }
 
     /// The state directory's block-link folder.

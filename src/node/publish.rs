@@ -2,8 +2,10 @@
 //! attempt for `kvstrap apply`. Both render the manifests first; neither blocks local work.
 
 use crate::kube::node_state::NodeReport;
+use crate::kube::reconcile::DrainBlocker;
 use crate::model::Plan;
 use crate::policy::Policy;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// The publisher as a pass sees it: it is handed each pass's plan and returns at once
@@ -23,6 +25,11 @@ pub trait Publications: Send + Sync {
     fn errors(&self) -> u64 {
         0
     }
+    /// The last publish pass's view of the draining disks: per disk, the PVs still
+    /// holding it. None when no pass reached the API server yet.
+    fn drain_check(&self) -> Option<BTreeMap<String, Vec<DrainBlocker>>> {
+        None
+    }
 }
 
 /// `kvstrap apply`'s publisher: the manifests, then one publish attempt bounded in time
@@ -31,6 +38,8 @@ pub struct PublishOnce {
     pub state_dir: PathBuf,
     /// What the last attempt left pending, for the metrics.
     pub pending: std::sync::atomic::AtomicU32,
+    /// The last attempt's view of the draining disks.
+    pub drains: std::sync::Mutex<Option<BTreeMap<String, Vec<DrainBlocker>>>>,
 }
 
 impl Publications for PublishOnce {
@@ -43,8 +52,15 @@ impl Publications for PublishOnce {
             let pending = u32::try_from(outcome.pending).unwrap_or(u32::MAX);
             self.pending
                 .store(pending, std::sync::atomic::Ordering::Relaxed);
+            if let (Some(view), Ok(mut drains)) = (outcome.draining, self.drains.lock()) {
+                *drains = Some(view);
+            }
         }
         Ok(())
+    }
+
+    fn drain_check(&self) -> Option<BTreeMap<String, Vec<DrainBlocker>>> {
+        self.drains.lock().ok().and_then(|d| d.clone())
     }
 
     fn pending(&self) -> u32 {

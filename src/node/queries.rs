@@ -4,20 +4,28 @@
 use super::{Node, NodeError};
 pub use crate::kube::publisher::KeptPublication;
 use crate::kube::publisher::{kept_publications, recorded_publication};
-use crate::model::{Inventory, Plan, VolumeMode};
+use crate::model::{DiskService, Inventory, Plan, VolumeMode};
 use crate::policy::Policy;
 use crate::state::{self, State};
 use serde_json::json;
 use std::path::PathBuf;
 
 /// `{"disks": [...]}`: every disk with its verdict, as `disks -o json` and D-Bus print it.
-pub fn disks_document(policy: Option<&Policy>, inventory: &Inventory) -> serde_json::Value {
-    let disks: Vec<_> = crate::plan::verdicts(policy, inventory)
+pub fn disks_document(
+    policy: Option<&Policy>,
+    inventory: &Inventory,
+    service: &DiskService,
+) -> serde_json::Value {
+    let disks: Vec<_> = crate::plan::verdicts(policy, inventory, service)
         .iter()
         .map(|(disk, group, verdict)| {
             let mut v = serde_json::to_value(disk).unwrap_or_default();
+            let record = service
+                .out_of_service
+                .get(&crate::plan::identity::disk_identity(disk));
             if let Some(obj) = v.as_object_mut() {
                 obj.insert("group".into(), json!(group));
+                obj.insert("service".into(), json!(record.map(|r| r.phase.as_str())));
                 obj.insert("eligible".into(), json!(verdict.is_writable()));
                 obj.insert(
                     "verdict".into(),
@@ -105,7 +113,11 @@ impl Node {
 
     /// The disks document of one scan under the policy (or none: every disk, no group).
     pub fn disks_document(&self, policy: Option<&Policy>) -> Result<serde_json::Value, NodeError> {
-        Ok(disks_document(policy, &self.scan(policy)?))
+        Ok(disks_document(
+            policy,
+            &self.scan(policy)?,
+            &self.disk_service()?,
+        ))
     }
 
     /// PersistentVolumes kept in the cluster for volumes gone from this node.

@@ -216,6 +216,7 @@ mod tests {
             warnings: Vec::new(),
             steps: Vec::new(),
             totals: Default::default(),
+            out_of_service: Vec::new(),
         };
         Report {
             plan: plan.clone(),
@@ -228,6 +229,7 @@ mod tests {
             busy,
             interrupted,
             render_error: None,
+            service_changes: Vec::new(),
         }
     }
 

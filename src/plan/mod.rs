@@ -11,18 +11,24 @@ pub mod ownership;
 pub mod ready;
 pub mod render;
 pub mod select;
+pub mod service;
 pub mod steps;
 
-use crate::model::{Disk, GroupPlan, InUse, Inventory, Plan, Refusal, Totals, Verdict};
+use crate::model::{
+    Disk, DiskService, GroupPlan, InUse, Inventory, OutOfServiceDisk, Plan, Refusal, ServicePhase,
+    Totals, Verdict,
+};
 use crate::policy::{DiskGroup, Policy, Wipe};
 use layout::{DiskPlan, LayoutInput};
 use std::path::{Path, PathBuf};
 
 /// What the planner needs besides policy and inventory.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct PlanContext {
     /// Block-volume links live in `<state_dir>/block/`.
     pub state_dir: PathBuf,
+    /// What the operator said: disks out of service, replacements (`disks.json`).
+    pub service: DiskService,
 }
 
 /// Decide what to do. Pure: reads only its arguments.
@@ -35,6 +41,7 @@ pub fn plan(policy: &Policy, inventory: &Inventory, ctx: &PlanContext) -> Plan {
         warnings: Vec::new(),
         steps: Vec::new(),
         totals: Totals::default(),
+        out_of_service: Vec::new(),
     };
     let assignment = planner.assign();
     let groups = policy
@@ -65,6 +72,7 @@ pub fn plan(policy: &Policy, inventory: &Inventory, ctx: &PlanContext) -> Plan {
         warnings: planner.warnings,
         steps: planner.steps,
         totals: planner.totals,
+        out_of_service: planner.out_of_service,
     }
 }
 
@@ -72,6 +80,7 @@ pub fn plan(policy: &Policy, inventory: &Inventory, ctx: &PlanContext) -> Plan {
 pub fn verdicts<'a>(
     policy: Option<&Policy>,
     inventory: &'a Inventory,
+    service: &DiskService,
 ) -> Vec<(&'a Disk, Option<String>, Verdict)> {
     inventory
         .disks
@@ -93,6 +102,16 @@ pub fn verdicts<'a>(
                     reason: format!("{}; selected by no disk group", verdict.reason()),
                 },
                 _ => verdict,
+            };
+            let record = service
+                .out_of_service
+                .get(&identity::disk_identity(disk))
+                .filter(|r| r.phase == ServicePhase::Drained);
+            let verdict = match record {
+                Some(r) => Verdict::Excluded {
+                    reason: format!("out of service: drained ({})", r.why),
+                },
+                None => verdict,
             };
             (disk, group.map(|g| g.name.clone()), verdict)
         })
@@ -133,21 +152,49 @@ struct Planner<'a> {
     warnings: Vec<String>,
     steps: Vec<crate::model::Step>,
     totals: Totals,
+    out_of_service: Vec<OutOfServiceDisk>,
 }
 
 impl<'a> Planner<'a> {
-    /// Disks per group in stable order; a disk two groups select goes to neither.
+    /// Disks per group in stable order; a disk two groups select goes to neither. A
+    /// drained disk goes to none (its mounts and links are released); a replacement goes
+    /// to the group of the disk it replaces, whatever the selectors say.
     fn assign(&mut self) -> std::collections::BTreeMap<String, Vec<&'a Disk>> {
         let mut disks: Vec<&Disk> = self.inventory.disks.iter().collect();
         disks.sort_by_key(|d| select::stable_key(d));
         let mut out: std::collections::BTreeMap<String, Vec<&Disk>> = Default::default();
         for disk in disks {
+            let identity = identity::disk_identity(disk);
+            if let Some(record) = self.ctx.service.out_of_service.get(&identity) {
+                if record.phase == ServicePhase::Drained {
+                    self.release_drained(disk, &identity, record);
+                    continue;
+                }
+            }
+            let replacement = self.ctx.service.replacements.get(&identity);
             let groups: Vec<&DiskGroup> = self
                 .policy
                 .disk_groups
                 .iter()
-                .filter(|g| select::selects(g, disk))
+                .filter(|g| match replacement {
+                    Some(r) => g.name == r.group,
+                    None => select::selects(g, disk),
+                })
                 .collect();
+            if let (Some(r), []) = (replacement, groups.as_slice()) {
+                self.refuse(
+                    disk,
+                    Some(&r.group),
+                    format!(
+                        "put in place of {} in group {:?}, which the policy no longer has; \
+                         `kvstrap forget {}` drops the replacement",
+                        r.replaces,
+                        r.group,
+                        disk.path.display()
+                    ),
+                );
+                continue;
+            }
             match groups.as_slice() {
                 [] => {}
                 [group] => out.entry(group.name.clone()).or_default().push(disk),
@@ -165,6 +212,45 @@ impl<'a> Planner<'a> {
             }
         }
         out
+    }
+
+    fn is_draining(&self, disk: &Disk) -> bool {
+        self.ctx
+            .service
+            .out_of_service
+            .get(&identity::disk_identity(disk))
+            .is_some_and(|r| r.phase == ServicePhase::Draining)
+    }
+
+    /// A drained disk: refused with the reason, and its mounts and links released.
+    fn release_drained(
+        &mut self,
+        disk: &Disk,
+        identity: &str,
+        record: &crate::model::ServiceRecord,
+    ) {
+        self.refuse(
+            disk,
+            record.group.as_deref(),
+            format!(
+                "out of service: drained ({}); `kvstrap undrain {}` puts it back",
+                record.why,
+                disk.path.display()
+            ),
+        );
+        self.steps.extend(service::release_steps(
+            disk,
+            self.inventory,
+            &self.policy.node.storage_root,
+            &self.ctx.state_dir.join("block"),
+        ));
+        self.out_of_service.push(OutOfServiceDisk {
+            disk: disk.path.clone(),
+            identity: identity.to_string(),
+            group: record.group.clone(),
+            phase: ServicePhase::Drained,
+            volumes: Vec::new(),
+        });
     }
 
     fn warn(&mut self, text: String) {
@@ -258,6 +344,33 @@ impl<'a> Planner<'a> {
                     continue;
                 }
             };
+            let draining = self.is_draining(disk);
+            if draining && verdict == Verdict::Free {
+                // Nothing was ever provisioned on it: nothing to keep, nothing to drain.
+                self.out_of_service.push(OutOfServiceDisk {
+                    disk: disk.path.clone(),
+                    identity: identity::disk_identity(disk),
+                    group: Some(group.name.clone()),
+                    phase: ServicePhase::Draining,
+                    volumes: Vec::new(),
+                });
+                continue;
+            }
+            if draining {
+                // Kept as it is (mounted, repaired) for the claims still bound to it; its
+                // volumes leave the published set, so their unbound PVs are deleted.
+                if self.disk_steps(disk, &verdict, false, &disk_plan, group) {
+                    taken += 1;
+                    self.out_of_service.push(OutOfServiceDisk {
+                        disk: disk.path.clone(),
+                        identity: identity::disk_identity(disk),
+                        group: Some(group.name.clone()),
+                        phase: ServicePhase::Draining,
+                        volumes: disk_plan.volumes,
+                    });
+                }
+                continue;
+            }
             if self.disk_steps(disk, &verdict, wipe, &disk_plan, group) {
                 taken += 1;
                 self.totals.raw_bytes += disk.size_bytes;

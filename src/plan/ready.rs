@@ -14,6 +14,8 @@ pub fn pending(plan: &Plan, v: &VolumeSpec) -> bool {
         Step::MakeFilesystem { device, .. } | Step::Mount { device, .. } => *device == v.device,
         Step::WritePartitionTable { disk, .. } | Step::WipeDisk { disk, .. } => *disk == v.disk,
         Step::AddPartitionNodes { disk, .. } => *disk == v.disk,
+        // Only drained disks get these, and their volumes are not in the plan's groups.
+        Step::Unmount { .. } | Step::RemoveBlockLink { .. } => false,
     })
 }
 

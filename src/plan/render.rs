@@ -170,6 +170,8 @@ pub fn describe(step: &Step) -> String {
         Step::LinkBlockDevice { link, target, .. } => {
             format!("link {} -> {}", link.display(), target.display())
         }
+        Step::Unmount { mountpoint, .. } => format!("unmount {}", mountpoint.display()),
+        Step::RemoveBlockLink { link, .. } => format!("remove link {}", link.display()),
     }
 }
 

@@ -81,6 +81,7 @@ fn policy(groups: Vec<DiskGroup>) -> Policy {
 fn ctx() -> PlanContext {
     PlanContext {
         state_dir: "/var/lib/kvstrap".into(),
+        ..PlanContext::default()
     }
 }
 

@@ -1,0 +1,185 @@
+//! Disks out of service: what a drained disk gives back (mounts, links), and who still uses one.
+//!
+//! A drained disk is left intact: its partitions and filesystems stay, only kvstrap's own
+//! mounts below `storage_root` and its Block links go, so nothing reaches it by accident
+//! and a later `kvstrap undrain` adopts it as it was.
+
+use crate::model::{by_partuuid_path, Disk, Inventory, PathFacts, Step};
+use std::path::{Path, PathBuf};
+
+/// Steps that release a drained disk: unmount kvstrap's filesystems on it (deepest
+/// first, so a separate volume goes before the filesystem it sits on) and remove the
+/// Block links that point at its partitions. Empty once released.
+pub fn release_steps(
+    disk: &Disk,
+    inventory: &Inventory,
+    storage_root: &Path,
+    block_dir: &Path,
+) -> Vec<Step> {
+    let mut mounts: Vec<&PathBuf> = disk
+        .mountpoints
+        .iter()
+        .chain(disk.partitions.iter().flat_map(|p| &p.mountpoints))
+        .filter(|m| m.starts_with(storage_root))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    mounts.dedup();
+    let mut steps: Vec<Step> = mounts
+        .into_iter()
+        .map(|mountpoint| Step::Unmount {
+            disk: disk.path.clone(),
+            mountpoint: mountpoint.clone(),
+            reason: "the disk is drained: nothing may reach it until `kvstrap undrain`".into(),
+        })
+        .collect();
+    let targets = partition_names(disk);
+    for (path, facts) in inventory.paths.range(block_dir.to_path_buf()..) {
+        if !path.starts_with(block_dir) {
+            break;
+        }
+        if let PathFacts::Symlink { target, .. } = facts {
+            if targets.contains(target) {
+                steps.push(Step::RemoveBlockLink {
+                    disk: disk.path.clone(),
+                    link: path.clone(),
+                    reason: "the disk is drained: its Block volume is no longer published".into(),
+                });
+            }
+        }
+    }
+    steps
+}
+
+/// Every name a link may use for one of the disk's partitions: the kernel name and
+/// udev's by-partuuid name.
+fn partition_names(disk: &Disk) -> Vec<PathBuf> {
+    let mut names = Vec::new();
+    for p in &disk.partitions {
+        names.push(p.path.clone());
+        if let Some(uuid) = p
+            .part_uuid
+            .as_deref()
+            .and_then(|u| uuid::Uuid::parse_str(u).ok())
+        {
+            names.push(by_partuuid_path(&p.path, &uuid));
+        }
+    }
+    names
+}
+
+/// What on this machine still uses a disk besides kvstrap's own mounts: mounts outside
+/// `storage_root` (kubelet's bind mounts into pods), holders (device mapper, a loop
+/// device), swap. A draining disk becomes drained only when this is empty.
+pub fn local_users(disk: &Disk, storage_root: &Path) -> Vec<String> {
+    let mut users = Vec::new();
+    let parts = std::iter::once((disk.path.as_path(), &disk.mountpoints, &disk.holders)).chain(
+        disk.partitions
+            .iter()
+            .map(|p| (p.path.as_path(), &p.mountpoints, &p.holders)),
+    );
+    for (device, mountpoints, holders) in parts {
+        for m in mountpoints.iter().filter(|m| !m.starts_with(storage_root)) {
+            users.push(format!(
+                "{} is mounted at {}",
+                device.display(),
+                m.display()
+            ));
+        }
+        for h in holders {
+            users.push(format!("{} is held by {h}", device.display()));
+        }
+    }
+    if disk.swap || disk.partitions.iter().any(|p| p.swap) {
+        users.push(format!("{} is used as swap", disk.path.display()));
+    }
+    users
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::model::Partition;
+
+    fn drained_disk() -> Disk {
+        let mut d = crate::plan::tests::disk("sdb", 100 << 30);
+        d.partitions = vec![
+            Partition {
+                path: "/dev/sdb1".into(),
+                number: 1,
+                part_uuid: Some("8a1e2b7c-0000-4000-8000-000000000001".into()),
+                mountpoints: vec!["/var/lib/kvstrap/storage/g-1".into()],
+                ..Partition::default()
+            },
+            Partition {
+                path: "/dev/sdb2".into(),
+                number: 2,
+                mountpoints: vec!["/var/lib/kvstrap/storage/g-1/vol-2".into()],
+                ..Partition::default()
+            },
+            Partition {
+                path: "/dev/sdb3".into(),
+                number: 3,
+                part_uuid: Some("8a1e2b7c-0000-4000-8000-000000000003".into()),
+                ..Partition::default()
+            },
+        ];
+        d
+    }
+
+    #[test]
+    fn a_drained_disk_gives_back_its_mounts_deepest_first_and_its_links() {
+        let disk = drained_disk();
+        let mut inventory = Inventory::default();
+        let block = Path::new("/var/lib/kvstrap/block");
+        inventory.paths.insert(
+            block.join("vol-3"),
+            PathFacts::Symlink {
+                target: "/dev/disk/by-partuuid/8a1e2b7c-0000-4000-8000-000000000003".into(),
+            },
+        );
+        inventory.paths.insert(
+            block.join("other"),
+            PathFacts::Symlink {
+                target: "/dev/sdc1".into(),
+            },
+        );
+        let steps = release_steps(
+            &disk,
+            &inventory,
+            Path::new("/var/lib/kvstrap/storage"),
+            block,
+        );
+        let what: Vec<String> = steps
+            .iter()
+            .map(|s| match s {
+                Step::Unmount { mountpoint, .. } => format!("umount {}", mountpoint.display()),
+                Step::RemoveBlockLink { link, .. } => format!("rm {}", link.display()),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            what,
+            [
+                "umount /var/lib/kvstrap/storage/g-1/vol-2",
+                "umount /var/lib/kvstrap/storage/g-1",
+                "rm /var/lib/kvstrap/block/vol-3",
+            ]
+        );
+    }
+
+    #[test]
+    fn kubelets_mounts_and_holders_are_users_our_own_mounts_are_not() {
+        let mut disk = drained_disk();
+        let root = Path::new("/var/lib/kvstrap/storage");
+        assert!(local_users(&disk, root).is_empty());
+        disk.partitions[0]
+            .mountpoints
+            .push("/var/lib/kubelet/pods/x/volumes/kubernetes.io~local-volume/pv".into());
+        disk.partitions[2].holders.push("dm-3".into());
+        let users = local_users(&disk, root);
+        assert_eq!(users.len(), 2, "{users:?}");
+        assert!(users[0].contains("/var/lib/kubelet/pods/x"), "{users:?}");
+        assert!(users[1].contains("dm-3"), "{users:?}");
+    }
+}
