@@ -25,7 +25,8 @@ use fixtures::{class, dir_volumes};
 use futures::FutureExt;
 use http_faults::{HttpFaults, Stage};
 use k8s_openapi::api::core::v1::{
-    Event, Node, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    Container, Event, Node, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, Pod, PodSpec, ServiceAccount, Volume,
     VolumeResourceRequirements,
 };
 use k8s_openapi::api::storage::v1::StorageClass;
@@ -73,6 +74,12 @@ fn real_control_plane() {
         }),
         ("bound_pv_never_deleted", |c| bound_never_deleted(c).boxed()),
         ("node_deleted_and_recreated", |c| node_recreated(c).boxed()),
+        ("drain_keeps_the_bound_pv_and_deletes_the_rest", |c| {
+            drain_keeps_bound(c).boxed()
+        }),
+        ("forget_deletes_unbound_pvs_of_a_gone_disk_never_a_bound_one", |c| {
+            forget_gone_disk(c).boxed()
+        }),
         ("bound_pv_never_deleted_under_network_faults", |c| {
             network_faults(c).boxed()
         }),
@@ -642,6 +649,169 @@ async fn bound_never_deleted(ctx: &Ctx<'_>) {
         1,
         "posted once"
     );
+}
+
+/// Volumes 1 and 2 on one disk, 3 on another; the first disk is drained while a claim is
+/// bound to volume 1's PV. Volume 2's PV goes at once; the Bound one stays (same uid) and
+/// is what holds the disk, with its claim and the pod using it; released, it goes too, and
+/// the pass says nothing holds the disk any more. The other disk's PV is never touched.
+async fn drain_keeps_bound(ctx: &Ctx<'_>) {
+    let n = Site::new("real-drain", "kvstrap-real-drain", ReclaimPolicy::Delete);
+    let mut volumes = n.volumes(3);
+    for v in &mut volumes[..2] {
+        v.disk_identity = "serial:DRAINME".into();
+    }
+    volumes[2].disk_identity = "serial:STAYS".into();
+    let desired = n.desired(&volumes);
+    let mut r = n.reconciler(Arc::new(Counting::default()));
+    pass(&mut r, ctx, &desired).await;
+    let (bound, free, other) = (
+        desired.volumes[0].pv_name().to_string(),
+        desired.volumes[1].pv_name().to_string(),
+        desired.volumes[2].pv_name().to_string(),
+    );
+    wait_phase(ctx, &bound, "Available").await;
+    let claim_name = claim(ctx, &bound, &n.class.name).await;
+    let uid = get_pv(ctx, &bound).await.unwrap().metadata.uid;
+    let other_rv = get_pv(ctx, &other).await.unwrap().metadata.resource_version;
+    let pod = pod_using(ctx, &claim_name).await;
+
+    let mut draining = n.desired(&volumes[2..]);
+    draining.draining.insert("serial:DRAINME".into());
+    let report = pass(&mut r, ctx, &draining).await;
+    assert_eq!(report.deleted, vec![free.clone()], "{report:?}");
+    assert_eq!(report.kept, vec![bound.clone()]);
+    let holding = &report.draining["serial:DRAINME"];
+    assert_eq!(holding.len(), 1, "{holding:?}");
+    assert_eq!(holding[0].pv, bound);
+    assert_eq!(holding[0].phase.as_deref(), Some("Bound"));
+    assert_eq!(holding[0].claim.as_deref(), Some(format!("default/{claim_name}").as_str()));
+    assert_eq!(events(ctx, &bound, "VolumeDraining").await.len(), 1);
+    assert_eq!(events(ctx, &bound, "VolumeMissing").await.len(), 0);
+    // What `kvstrap drain --status` shows: the claim and the pod using it.
+    let ids = std::collections::BTreeSet::from(["serial:DRAINME".to_string()]);
+    let holders = kvstrap::kube::claims::holders(&ctx.client, &n.name, &ids)
+        .await
+        .unwrap();
+    let h = &holders["serial:DRAINME"];
+    assert_eq!(h.len(), 1, "{h:?}");
+    assert_eq!(h[0].pods, vec![format!("default/{pod}")], "{h:?}");
+    // Passes while it stays bound change nothing.
+    for _ in 0..2 {
+        let report = pass(&mut r, ctx, &draining).await;
+        assert!(report.deleted.is_empty(), "{report:?}");
+        let pv = get_pv(ctx, &bound).await.expect("the Bound PV was deleted");
+        assert_eq!(pv.metadata.uid, uid);
+        assert_eq!(phase(&pv).as_deref(), Some("Bound"));
+        assert!(pv.metadata.deletion_timestamp.is_none());
+    }
+
+    // Released (reclaim Delete): a draining disk's volume is not recycled; the PV goes.
+    Api::<Pod>::namespaced(ctx.client.clone(), "default")
+        .delete(&pod, &DeleteParams::default())
+        .await
+        .unwrap();
+    delete_claim(ctx, &claim_name).await;
+    wait_phase(ctx, &bound, "Released").await;
+    let report = pass(&mut r, ctx, &draining).await;
+    assert_eq!(report.deleted, vec![bound.clone()], "{report:?}");
+    assert!(report.scrubbed.is_empty(), "a draining disk is left intact");
+    assert_eq!(report.draining["serial:DRAINME"], vec![]);
+    let start = Instant::now();
+    while get_pv(ctx, &bound).await.is_some() {
+        assert!(start.elapsed() < WAIT, "PV deletion held");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        get_pv(ctx, &other).await.unwrap().metadata.resource_version,
+        other_rv,
+        "the other disk's PV was written"
+    );
+}
+
+/// A pod in `default` that mounts `claim` (never scheduled: there is no scheduler).
+async fn pod_using(ctx: &Ctx<'_>, claim: &str) -> String {
+    let name = format!("vm-{claim}");
+    let pod = Pod {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            automount_service_account_token: Some(false),
+            containers: vec![Container {
+                name: "c".into(),
+                image: Some("registry.invalid/none".into()),
+                ..Container::default()
+            }],
+            volumes: Some(vec![Volume {
+                name: "disk".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim.into(),
+                    read_only: None,
+                }),
+                ..Volume::default()
+            }]),
+            ..PodSpec::default()
+        }),
+        status: None,
+    };
+    // The service account admission wants `default/default`; this control plane runs
+    // only the controllers kvstrap needs, not the one that makes it.
+    let sa = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some("default".into()),
+            ..ObjectMeta::default()
+        },
+        ..ServiceAccount::default()
+    };
+    match Api::<ServiceAccount>::namespaced(ctx.client.clone(), "default")
+        .create(&PostParams::default(), &sa)
+        .await
+    {
+        Ok(_) | Err(kube::Error::Api(kube::core::ErrorResponse { code: 409, .. })) => {}
+        Err(e) => panic!("cannot create the default service account: {e}"),
+    }
+    Api::<Pod>::namespaced(ctx.client.clone(), "default")
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap();
+    name
+}
+
+/// `kvstrap forget` of a disk that died without a drain: its Available and Released
+/// (Retain) PVs are deleted, its Bound PV is kept (same uid) and listed.
+async fn forget_gone_disk(ctx: &Ctx<'_>) {
+    let n = Site::new("real-forget", "kvstrap-real-forget", ReclaimPolicy::Retain);
+    let mut volumes = n.volumes(3);
+    for v in &mut volumes {
+        v.disk_identity = "serial:DEAD".into();
+    }
+    let desired = n.desired(&volumes);
+    let mut r = n.reconciler(Arc::new(Counting::default()));
+    pass(&mut r, ctx, &desired).await;
+    let names: Vec<String> = desired.volumes.iter().map(|v| v.pv_name().to_string()).collect();
+    wait_phase(ctx, &names[0], "Available").await;
+    wait_phase(ctx, &names[1], "Available").await;
+    claim(ctx, &names[0], &n.class.name).await;
+    let released = claim(ctx, &names[1], &n.class.name).await;
+    delete_claim(ctx, &released).await;
+    wait_phase(ctx, &names[1], "Released").await;
+    let uid = get_pv(ctx, &names[0]).await.unwrap().metadata.uid;
+
+    // The disk died: its volumes are gone. The pass keeps Bound and Released (Retain).
+    let report = pass(&mut r, ctx, &n.desired(&[])).await;
+    assert_eq!(report.deleted, vec![names[2].clone()], "{report:?}");
+    let forgotten = kvstrap::kube::claims::forget_disk(&ctx.client, &n.name, "serial:DEAD")
+        .await
+        .unwrap();
+    assert_eq!(forgotten.deleted, vec![names[1].clone()], "{forgotten:?}");
+    assert_eq!(forgotten.bound.len(), 1, "{forgotten:?}");
+    assert_eq!(forgotten.bound[0].pv, names[0]);
+    assert!(forgotten.errors.is_empty(), "{forgotten:?}");
+    let pv = get_pv(ctx, &names[0]).await.expect("the Bound PV was deleted");
+    assert_eq!(pv.metadata.uid, uid);
+    assert_eq!(phase(&pv).as_deref(), Some("Bound"));
 }
 
 /// The Node object is deleted and re-created under the same name (a reinstall): PVs of
