@@ -2,10 +2,14 @@
 //! PATH reports a loop disk healthy, then failing. D-Bus `Disks` carries the health as
 //! soon as it is read, without a run; the log says when it changed; the metrics file and
 //! the HTTP endpoint follow at the next run (root, a private bus, a loop device this test
-//! creates).
+//! creates). With the control plane's binaries (`tests/support/control_plane.rs`), the
+//! Node's condition `KvstrapDisksHealthy` and its `DiskFailed` Event follow the reading
+//! too, without a run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "support/control_plane.rs"]
+mod control_plane;
 mod daemon_support;
 
 use common::promtool::value;
@@ -56,6 +60,47 @@ fn http_get(addr: &str) -> String {
     out
 }
 
+fn create_node(cp: &control_plane::ControlPlane, name: &str) {
+    let mut child = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&cp.kubeconfig)
+        .args(["create", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let node =
+        format!("{{\"apiVersion\":\"v1\",\"kind\":\"Node\",\"metadata\":{{\"name\":\"{name}\"}}}}");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(node.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+/// Waits (30 s at most) for the Node's `KvstrapDisksHealthy` to have `status` and
+/// `reason`; panics with what it had.
+fn node_health_becomes(cp: &control_plane::ControlPlane, status: &str, reason: &str) {
+    let mut last = serde_json::Value::Null;
+    let reached = eventually(Duration::from_secs(30), || {
+        let node: serde_json::Value =
+            serde_json::from_str(&cp.get("/api/v1/nodes/health-test").unwrap_or_default())
+                .unwrap_or_default();
+        let conditions = node["status"]["conditions"].as_array().cloned();
+        last = conditions
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c["type"] == "KvstrapDisksHealthy")
+            .unwrap_or_default();
+        last["status"] == status && last["reason"] == reason
+    });
+    assert!(
+        reached,
+        "KvstrapDisksHealthy never {status} {reason}: {last}"
+    );
+}
+
 #[test]
 fn the_daemon_reads_health_and_shows_its_changes() {
     let test = "the_daemon_reads_health_and_shows_its_changes";
@@ -68,9 +113,22 @@ fn the_daemon_reads_health_and_shows_its_changes() {
     let work = tempfile::tempdir().unwrap();
     let prom = work.path().join("kvstrap.prom");
     let policy = work.path().join("policy.toml");
+    // The Node part needs the control plane; without its binaries the rest still runs.
+    let cp = control_plane::start_or_skip(test);
+    let kubernetes = match &cp {
+        Some(cp) => {
+            create_node(cp, "health-test");
+            format!(
+                "[kubernetes]\npublish = true\nkubeconfig = {:?}\n\n",
+                cp.kubeconfig.display().to_string()
+            )
+        }
+        None => String::new(),
+    };
     std::fs::write(
         &policy,
-        format!(
+        kubernetes
+            + &format!(
             "[node]\nname = \"health-test\"\nstorage_root = {:?}\n\n[health]\ninterval = \"1s\"\n\n\
              [metrics]\ntextfile = {:?}\nlisten = \"127.0.0.1:0\"\n\n\
              [[storage_class]]\nname = \"c\"\n\n[[disk_group]]\nname = \"lab\"\nstorage_class = \"c\"\n\
@@ -111,6 +169,9 @@ fn the_daemon_reads_health_and_shows_its_changes() {
         "D-Bus Disks never showed the disk passed:\n{}",
         daemon.stderr()
     );
+    if let Some(cp) = &cp {
+        node_health_becomes(cp, "True", "DisksHealthy");
+    }
     // The metrics follow at the next run.
     let apply =
         || assert!(text(&bus.send_as(0, &["org.kvstrap.Bootstrap1.Apply"])).contains("success"));
@@ -146,6 +207,18 @@ fn the_daemon_reads_health_and_shows_its_changes() {
         disk.path.display()
     );
     assert!(daemon.stderr().contains(&said), "{}", daemon.stderr());
+    // On the Node before any run: the condition and one Event.
+    if let Some(cp) = &cp {
+        node_health_becomes(cp, "False", "DiskFailed");
+        let events = cp
+            .get("/api/v1/namespaces/default/events?fieldSelector=reason%3DDiskFailed")
+            .unwrap_or_default();
+        let disk = disk.path.display().to_string();
+        assert!(
+            events.contains(&format!("disk {disk} is failing")),
+            "{events}"
+        );
+    }
     apply();
     let failed = format!(
         "kvstrap_disk_health{{disk=\"{}\",group=\"lab\",health=\"failed\"}} 1\n",

@@ -22,8 +22,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::Client;
+use kvstrap::health::Assessment;
 use kvstrap::kube::fleet::{Fleet, FleetConfig, FleetStatus};
-use kvstrap::kube::node_state::{NodeReport, NodeStatePublisher};
+use kvstrap::kube::node_state::{DiskHealth, NodeReport, NodeStatePublisher};
 use kvstrap::kube::ClientSource;
 use kvstrap::policy::{self, Policy};
 use std::collections::BTreeMap;
@@ -63,6 +64,9 @@ fn fleet_real_control_plane() {
         ),
         ("condition_label_and_events_visible_with_kubectl", |c| {
             node_state_visible(c).boxed()
+        }),
+        ("disk_health_condition_and_events_follow_each_change", |c| {
+            disk_health(c).boxed()
         }),
         // Last: it changes the cluster's RBAC rules.
         (
@@ -581,6 +585,132 @@ async fn node_state_visible(ctx: &Ctx<'_>) {
         ctx.cp.writes("nodes"),
         writes,
         "an unchanged report patches nothing"
+    );
+}
+
+/// The disk health of a report reaches the Node as the condition KvstrapDisksHealthy
+/// and one Event per change, as the daemon hands its health readings to the publisher;
+/// an unchanged reading sends nothing.
+async fn disk_health(ctx: &Ctx<'_>) {
+    let site = Site::new(ctx, "health", &[]).await;
+    let source = ClientSource::Kubeconfig(ctx.cp.kubeconfig.clone());
+    let publisher = NodeStatePublisher::start(source, &site.node).unwrap();
+    let reading = |a: Assessment, detail: &str| {
+        vec![
+            DiskHealth {
+                disk: "/dev/sda".into(),
+                assessment: Assessment::Passed,
+                detail: String::new(),
+            },
+            DiskHealth {
+                disk: "/dev/sdb".into(),
+                assessment: a,
+                detail: detail.into(),
+            },
+        ]
+    };
+    let failing = "SMART overall-health self-assessment: FAILED";
+    let report = NodeReport {
+        disks_ready: 2,
+        volumes_ready: 2,
+        health: reading(Assessment::Failed, failing),
+        ..NodeReport::default()
+    };
+    publisher.submit(report.clone());
+    let node = format!("node/{}", site.node);
+    let condition = |ctx: &Ctx<'_>| {
+        let c = "{.status.conditions[?(@.type==\"KvstrapDisksHealthy\")]";
+        let path = format!("jsonpath={c}.status}} {c}.reason}}|{c}.message}}");
+        kubectl(ctx.cp, &["get", &node, "-o", &path])
+    };
+    let seen = poll(|| {
+        let out = condition(ctx);
+        out.starts_with("False DiskFailed").then_some(out)
+    })
+    .await;
+    assert_eq!(
+        seen,
+        format!("False DiskFailed|failed: /dev/sdb ({failing}); 1 disk(s) healthy")
+    );
+    let storage = kubectl(
+        ctx.cp,
+        &[
+            "get",
+            &node,
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"KvstrapStorageReady\")].status}",
+        ],
+    );
+    assert_eq!(storage, "True", "a failing disk may still be ready");
+    let events = |ctx: &Ctx<'_>| {
+        kubectl(
+            ctx.cp,
+            &[
+                "get",
+                "events",
+                "-n",
+                "default",
+                "--field-selector",
+                &format!("involvedObject.name={}", site.node),
+                "-o",
+                "jsonpath={range .items[*]}{.type} {.reason}: {.message}{\"\\n\"}{end}",
+            ],
+        )
+    };
+    let failed_event = format!("Warning DiskFailed: disk /dev/sdb is failing: {failing}");
+    poll(|| events(ctx).contains(&failed_event).then_some(())).await;
+
+    // The same reading again, as a new health reading and with the next run: nothing new.
+    let (nodes, posted) = (ctx.cp.writes("nodes"), ctx.cp.writes("events"));
+    assert!(posted > 0, "the counter sees the Events posted");
+    publisher.health(reading(Assessment::Failed, failing));
+    publisher.submit(report.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        ctx.cp.writes("nodes"),
+        nodes,
+        "an unchanged reading patches nothing"
+    );
+    assert_eq!(
+        ctx.cp.writes("events"),
+        posted,
+        "an unchanged reading posts nothing"
+    );
+
+    // Recovered, between runs: True and one DiskHealthy Event; the storage side untouched.
+    publisher.health(reading(Assessment::Passed, ""));
+    let seen = poll(|| {
+        let out = condition(ctx);
+        out.starts_with("True").then_some(out)
+    })
+    .await;
+    assert_eq!(seen, "True DisksHealthy|2 disk(s) healthy");
+    let healthy_event = "Normal DiskHealthy: disk /dev/sdb passes its health check again";
+    poll(|| events(ctx).contains(healthy_event).then_some(())).await;
+    let all = events(ctx);
+    assert_eq!(all.matches("DiskFailed").count(), 1, "{all}");
+    assert_eq!(all.matches("DiskHealthy").count(), 1, "{all}");
+    assert_eq!(
+        ctx.cp.writes("nodes"),
+        nodes + 1,
+        "only the health condition is patched"
+    );
+
+    // Health cannot be read at all (loop disks): Unknown.
+    let unread = "smartctl cannot read the device: /dev/loop0: Unable to detect device type";
+    publisher.health(vec![DiskHealth {
+        disk: "/dev/loop0".into(),
+        assessment: Assessment::Unknown,
+        detail: unread.into(),
+    }]);
+    let seen = poll(|| {
+        let out = condition(ctx);
+        out.starts_with("Unknown").then_some(out)
+    })
+    .await;
+    assert_eq!(
+        seen,
+        format!("Unknown HealthUnknown|health unknown: /dev/loop0 ({unread})")
     );
 }
 

@@ -79,4 +79,7 @@ pub trait Engine: Send + Sync {
     fn disks_with_health(&self) -> Option<Result<String, EngineError>> {
         None
     }
+    /// A health reading changed: hand it to the Node state publisher (its condition and
+    /// Events are sent without a run).
+    fn publish_health(&self) {}
 }

@@ -174,6 +174,7 @@ impl Engine for HostEngine {
                 &report.after.inventory,
             ));
         }
+        self.publish_health();
         self.node.record_metrics(
             &policy,
             &report,
@@ -258,5 +259,11 @@ impl Engine for HostEngine {
             Err(poisoned) => poisoned.into_inner().clone(),
         }?;
         Some(with_health(doc, &self.health()))
+    }
+
+    fn publish_health(&self) {
+        if let (Some(p), Some(_)) = (&self.publications, &self.health) {
+            p.health(&self.health());
+        }
     }
 }

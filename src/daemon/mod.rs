@@ -51,7 +51,8 @@ pub enum Trigger {
     PvChanged,
     /// The publisher's count of pending publications changed.
     PublicationsChanged,
-    /// A health reading changed something: the disks document shows it (no run, no scan).
+    /// A health reading changed something: the disks document and the Node's
+    /// `KvstrapDisksHealthy` condition show it (no run, no scan).
     HealthChanged,
     /// SIGTERM/SIGINT: finish the step in flight and exit.
     Stop,
@@ -801,9 +802,10 @@ impl Reconciler {
         outcome
     }
 
-    /// Make the documents D-Bus reads answer with until the next run.
-    /// Put the newest health reading into the disks document D-Bus answers with.
+    /// Put the newest health reading into the disks document D-Bus answers with, and on
+    /// the Node.
     fn refresh_health(&self) {
+        self.engine.publish_health();
         let Some(disks) = self.engine.disks_with_health() else {
             return;
         };
@@ -815,6 +817,7 @@ impl Reconciler {
         });
     }
 
+    /// Make the documents D-Bus reads answer with until the next run.
     fn refresh_reads(&self) {
         let reads = Arc::new(Reads::from_observation(self.engine.observe()));
         update(&self.shared, |s| {

@@ -145,6 +145,12 @@ impl Publications for KubePublications {
         }
     }
 
+    fn health(&self, health: &crate::health::HealthMap) {
+        if let Some(n) = &self.node_state {
+            n.health(crate::node::report::node_health(health));
+        }
+    }
+
     fn pending(&self) -> u32 {
         self.status()
             .map(|s| u32::try_from(s.pending).unwrap_or(u32::MAX))

@@ -1,17 +1,20 @@
 //! The node's storage state in the cluster, the way node-problem-detector reports node
-//! health: the Node condition `KvstrapStorageReady`, the Node label
-//! `kvstrap.io/storage-ready=true|false`, and Events on the Node for what an operator
-//! must see. Pure builders, and a [`NodeState`] that sends only what changed, so an idle
-//! node makes no requests.
+//! health: the Node conditions `KvstrapStorageReady` and `KvstrapDisksHealthy`, the Node
+//! label `kvstrap.io/storage-ready=true|false`, and Events on the Node for what an
+//! operator must see. Pure builders, and a [`NodeState`] that sends only what changed, so
+//! an idle node makes no requests.
 
 use super::builders::{event, short_hash, EventText};
 use super::reconcile::{describe, EVENT_NAMESPACE};
+use crate::health::Assessment;
 use ::kube::api::{Api, Patch, PatchParams, PostParams};
 use ::kube::Client;
 use k8s_openapi::api::core::v1::{Event, Node, ObjectReference};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 pub const CONDITION: &str = "KvstrapStorageReady";
+/// The condition on the SMART health of the selected disks.
+pub const HEALTH_CONDITION: &str = "KvstrapDisksHealthy";
 pub const READY_LABEL: &str = "kvstrap.io/storage-ready";
 /// Condition and Event messages stay short enough for `kubectl describe node`.
 const MESSAGE_MAX: usize = 1024;
@@ -34,6 +37,18 @@ pub struct NodeReport {
     /// Why the fleet watcher cannot read the policy fragments or the Node (a 403 names
     /// the missing permission); the cached cluster policy stays in force meanwhile.
     pub policy_error: Option<String>,
+    /// The last health reading of each disk a group selects (the daemon's health reader;
+    /// empty before the first reading, and for `kvstrap apply`).
+    pub health: Vec<DiskHealth>,
+}
+
+/// One disk's health as the Node shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskHealth {
+    pub disk: String,
+    pub assessment: Assessment,
+    /// Why it is `failed` or `unknown` (empty when passed).
+    pub detail: String,
 }
 
 /// The annotation holding [`StorageSummary`] as JSON, for `kvstrap cluster status`.
@@ -111,6 +126,58 @@ pub fn verdict(r: &NodeReport) -> Verdict {
     }
 }
 
+/// The `KvstrapDisksHealthy` condition's status (`True`, `False`, `Unknown`), reason and
+/// message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthVerdict {
+    pub status: &'static str,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// True when every disk whose health can be read passed, False when one failed, Unknown
+/// when none can be read (loop and virtio disks, smartctl missing, not read yet). A disk
+/// that cannot be read never makes the others' verdict worse: it is named in the message.
+pub fn health_verdict(r: &NodeReport) -> HealthVerdict {
+    let of = |a: Assessment| r.health.iter().filter(move |h| h.assessment == a);
+    let list = |a: Assessment| {
+        of(a)
+            .map(|h| match h.detail.as_str() {
+                "" => h.disk.clone(),
+                why => format!("{} ({why})", h.disk),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (failed, passed) = (
+        of(Assessment::Failed).count(),
+        of(Assessment::Passed).count(),
+    );
+    let mut parts = Vec::new();
+    if failed > 0 {
+        parts.push(format!("failed: {}", list(Assessment::Failed)));
+    }
+    if passed > 0 {
+        parts.push(format!("{passed} disk(s) healthy"));
+    }
+    if of(Assessment::Unknown).count() > 0 {
+        parts.push(format!("health unknown: {}", list(Assessment::Unknown)));
+    }
+    if r.health.is_empty() {
+        parts.push("no disk health read yet".into());
+    }
+    let (status, reason) = match (failed, passed) {
+        (0, 0) => ("Unknown", "HealthUnknown"),
+        (0, _) => ("True", "DisksHealthy"),
+        _ => ("False", "DiskFailed"),
+    };
+    HealthVerdict {
+        status,
+        reason,
+        message: shorten(parts.join("; ")),
+    }
+}
+
 /// At most [`MESSAGE_MAX`] bytes (the API server refuses longer Event notes).
 fn shorten(mut message: String) -> String {
     if message.len() > MESSAGE_MAX {
@@ -127,11 +194,28 @@ fn shorten(mut message: String) -> String {
 /// Strategic merge patch of `status.conditions` (merged by `type`: kubelet's conditions
 /// stay as they are).
 pub fn condition_patch(v: &Verdict, transition: &str, now: &str) -> serde_json::Value {
+    let status = if v.ready { "True" } else { "False" };
+    let text = (CONDITION, status, v.reason, v.message.as_str());
+    any_condition_patch(text, transition, now)
+}
+
+/// The same for `KvstrapDisksHealthy`.
+pub fn health_condition_patch(v: &HealthVerdict, transition: &str, now: &str) -> serde_json::Value {
+    let text = (HEALTH_CONDITION, v.status, v.reason, v.message.as_str());
+    any_condition_patch(text, transition, now)
+}
+
+/// (type, status, reason, message) of one condition.
+fn any_condition_patch(
+    (kind, status, reason, message): (&str, &str, &str, &str),
+    transition: &str,
+    now: &str,
+) -> serde_json::Value {
     serde_json::json!({ "status": { "conditions": [{
-        "type": CONDITION,
-        "status": if v.ready { "True" } else { "False" },
-        "reason": v.reason,
-        "message": v.message,
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
         "lastTransitionTime": transition,
         "lastHeartbeatTime": now,
     }]}})
@@ -180,6 +264,65 @@ pub fn events(now: &NodeReport) -> Vec<NodeEvent> {
             warning: true,
             message: format!("a step on disk {d} failed: {e}"),
             key: format!("{d}\0{e}"),
+        });
+    }
+    out
+}
+
+/// One disk's assessment that differs from the one last seen, and its Event, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthChange {
+    pub disk: String,
+    pub to: Assessment,
+    /// How many changes of this disk this process has seen before (0: first sight).
+    pub n: u32,
+    pub event: Option<NodeEvent>,
+}
+
+/// What changed between the assessments last seen (`seen`: by disk, with the count of
+/// changes) and `now`: `DiskFailed` (Warning) when a disk turns failed, `DiskHealthy` when
+/// a failed disk passes again; a disk that passes at first sight is no news. A reading
+/// that cannot be made (`unknown`) says nothing about the disk and changes nothing. The
+/// count makes each change's Event its own (failing, recovering and failing again is two
+/// `DiskFailed`), and a disk failed since the daemon started keeps its Event's name across
+/// restarts (the server answers 409: not posted twice while the Event lasts). Only a disk
+/// that turned failed while the daemon ran gets a second `DiskFailed` after a restart: the
+/// name cannot know what the process before saw.
+pub fn health_changes(
+    seen: &BTreeMap<String, (Assessment, u32)>,
+    now: &NodeReport,
+) -> Vec<HealthChange> {
+    let mut out = Vec::new();
+    for h in &now.health {
+        let before = seen.get(&h.disk);
+        if h.assessment == Assessment::Unknown || before.map(|b| b.0) == Some(h.assessment) {
+            continue;
+        }
+        let n = before.map_or(0, |b| b.1 + 1);
+        let key = format!("{}\0{}\0{n}", h.disk, h.assessment.as_str());
+        let event = match (h.assessment, before) {
+            (Assessment::Failed, _) => Some(NodeEvent {
+                reason: "DiskFailed",
+                warning: true,
+                message: match h.detail.as_str() {
+                    "" => format!("disk {} is failing", h.disk),
+                    why => format!("disk {} is failing: {why}", h.disk),
+                },
+                key,
+            }),
+            (_, Some(_)) => Some(NodeEvent {
+                reason: "DiskHealthy",
+                warning: false,
+                message: format!("disk {} passes its health check again", h.disk),
+                key,
+            }),
+            (_, None) => None,
+        };
+        out.push(HealthChange {
+            disk: h.disk.clone(),
+            to: h.assessment,
+            n,
+            event,
         });
     }
     out
@@ -236,10 +379,14 @@ pub struct NodeState {
     transition: Option<String>,
     label: Option<(bool, StorageSummary)>,
     posted: BTreeSet<(String, String)>,
+    health_sent: Option<HealthVerdict>,
+    health_transition: Option<String>,
+    /// Each disk's assessment its Events were posted for, and how many changes it had.
+    health_seen: BTreeMap<String, (Assessment, u32)>,
 }
 
 impl NodeState {
-    /// Condition, label and new Events for `report`. The first failure ends the attempt
+    /// Conditions, label and new Events for `report`. The first failure ends the attempt
     /// (a 403 names the missing rule); what was not sent is sent by the next call.
     pub async fn publish(
         &mut self,
@@ -250,25 +397,15 @@ impl NodeState {
         let v = verdict(report);
         let nodes: Api<Node> = Api::all(client.clone());
         if self.sent.as_ref() != Some(&v) {
-            let now = k8s_openapi::jiff::Timestamp::now().to_string();
             let flipped = self.sent.as_ref().is_none_or(|s| s.ready != v.ready);
-            let transition = match &self.transition {
-                Some(t) if !flipped => t.clone(),
-                _ => now.clone(),
-            };
-            nodes
-                .patch_status(
-                    node,
-                    &PatchParams::default(),
-                    &Patch::Strategic(condition_patch(&v, &transition, &now)),
-                )
-                .await
-                .map_err(|e| {
-                    format!(
-                        "cannot patch the {CONDITION} condition of Node {node}: {}",
-                        describe(&e)
-                    )
-                })?;
+            let (transition, now) = times(&self.transition, flipped);
+            patch_condition(
+                &nodes,
+                node,
+                CONDITION,
+                condition_patch(&v, &transition, &now),
+            )
+            .await?;
             self.transition = Some(transition);
             self.sent = Some(v.clone());
         }
@@ -297,8 +434,64 @@ impl NodeState {
             post_event(client, node, &e).await?;
             self.posted.insert(id);
         }
+        self.publish_health(client, &nodes, node, report).await
+    }
+
+    /// The `KvstrapDisksHealthy` condition and the Events of changed assessments.
+    async fn publish_health(
+        &mut self,
+        client: &Client,
+        nodes: &Api<Node>,
+        node: &str,
+        report: &NodeReport,
+    ) -> Result<(), String> {
+        let v = health_verdict(report);
+        if self.health_sent.as_ref() != Some(&v) {
+            let flipped = self
+                .health_sent
+                .as_ref()
+                .is_none_or(|s| s.status != v.status);
+            let (transition, now) = times(&self.health_transition, flipped);
+            let patch = health_condition_patch(&v, &transition, &now);
+            patch_condition(nodes, node, HEALTH_CONDITION, patch).await?;
+            self.health_transition = Some(transition);
+            self.health_sent = Some(v);
+        }
+        for c in health_changes(&self.health_seen, report) {
+            if let Some(e) = &c.event {
+                post_event(client, node, e).await?;
+            }
+            self.health_seen.insert(c.disk, (c.to, c.n));
+        }
         Ok(())
     }
+}
+
+/// The condition's lastTransitionTime (kept unless its status `flipped`) and now.
+fn times(transition: &Option<String>, flipped: bool) -> (String, String) {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    match transition {
+        Some(t) if !flipped => (t.clone(), now),
+        _ => (now.clone(), now),
+    }
+}
+
+async fn patch_condition(
+    nodes: &Api<Node>,
+    node: &str,
+    kind: &str,
+    patch: serde_json::Value,
+) -> Result<(), String> {
+    nodes
+        .patch_status(node, &PatchParams::default(), &Patch::Strategic(patch))
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "cannot patch the {kind} condition of Node {node}: {}",
+                describe(&e)
+            )
+        })
 }
 
 /// Sends each submitted report in the background (the daemon's runs never wait for the
@@ -307,6 +500,8 @@ pub struct NodeStatePublisher {
     reports: tokio::sync::watch::Sender<Option<NodeReport>>,
     /// The fleet watcher's error, merged into the newest report.
     policy_error: tokio::sync::watch::Sender<Option<String>>,
+    /// The newest health reading, once there is one: it replaces the report's own.
+    health: tokio::sync::watch::Sender<Option<Vec<DiskHealth>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -320,10 +515,16 @@ impl NodeStatePublisher {
             .map_err(|_| super::publisher::PublishError::NoRuntime)?;
         let (tx, rx) = tokio::sync::watch::channel(None);
         let (error_tx, error_rx) = tokio::sync::watch::channel(None);
-        let task = handle.spawn(send_reports(source, node.to_string(), rx, error_rx));
+        let (health_tx, health_rx) = tokio::sync::watch::channel(None);
+        let merged = Merged {
+            policy_error: error_rx,
+            health: health_rx,
+        };
+        let task = handle.spawn(send_reports(source, node.to_string(), rx, merged));
         Ok(NodeStatePublisher {
             reports: tx,
             policy_error: error_tx,
+            health: health_tx,
             task,
         })
     }
@@ -341,6 +542,16 @@ impl NodeStatePublisher {
             changed
         });
     }
+
+    /// The newest health reading of the selected disks. A change is sent without waiting
+    /// for the next run (its condition and Events only), once a run has reported.
+    pub fn health(&self, health: Vec<DiskHealth>) {
+        self.health.send_if_modified(|h| {
+            let changed = h.as_ref() != Some(&health);
+            *h = Some(health);
+            changed
+        });
+    }
 }
 
 impl Drop for NodeStatePublisher {
@@ -349,27 +560,37 @@ impl Drop for NodeStatePublisher {
     }
 }
 
+/// What the publisher merges into each report, each sent when it changes.
+struct Merged {
+    policy_error: tokio::sync::watch::Receiver<Option<String>>,
+    health: tokio::sync::watch::Receiver<Option<Vec<DiskHealth>>>,
+}
+
 async fn send_reports(
     source: super::ClientSource,
     node: String,
     mut reports: tokio::sync::watch::Receiver<Option<NodeReport>>,
-    mut policy_error: tokio::sync::watch::Receiver<Option<String>>,
+    mut merged: Merged,
 ) {
     let mut state = NodeState::default();
     let mut client: Option<Client> = None;
     let mut last_error: Option<String> = None;
     let mut wait = std::time::Duration::from_millis(500);
-    let mut watching_errors = true;
+    let (mut watching_errors, mut watching_health) = (true, true);
     loop {
         tokio::select! {
             r = reports.changed() => if r.is_err() { return },
-            r = policy_error.changed(), if watching_errors => watching_errors = r.is_ok(),
+            r = merged.policy_error.changed(), if watching_errors => watching_errors = r.is_ok(),
+            r = merged.health.changed(), if watching_health => watching_health = r.is_ok(),
         }
         loop {
             // The guards must not live across an await.
             let newest = reports.borrow_and_update().clone();
             let Some(mut report) = newest else { break };
-            report.policy_error = policy_error.borrow_and_update().clone();
+            report.policy_error = merged.policy_error.borrow_and_update().clone();
+            if let Some(health) = merged.health.borrow_and_update().clone() {
+                report.health = health;
+            }
             let result = match &client {
                 Some(c) => state.publish(c, &node, &report).await,
                 None => match source.client().await {
@@ -468,5 +689,113 @@ mod tests {
         assert!(a.metadata.name.unwrap().starts_with("w1.diskrefused."));
         assert_eq!(a.type_.as_deref(), Some("Warning"));
         assert_eq!(a.involved_object.kind.as_deref(), Some("Node"));
+    }
+
+    fn health(entries: &[(&str, Assessment, &str)]) -> NodeReport {
+        NodeReport {
+            health: entries
+                .iter()
+                .map(|(d, a, why)| DiskHealth {
+                    disk: d.to_string(),
+                    assessment: *a,
+                    detail: why.to_string(),
+                })
+                .collect(),
+            ..report()
+        }
+    }
+
+    const FAILED: &str = "SMART overall-health self-assessment: FAILED";
+    const LOOP: &str = "smartctl cannot read the device: /dev/loop0: Unable to detect device type";
+
+    #[test]
+    fn disks_healthy_is_unknown_until_a_disk_can_be_read_and_false_when_one_failed() {
+        let v = health_verdict(&report());
+        assert_eq!(
+            (v.status, v.reason, v.message.as_str()),
+            ("Unknown", "HealthUnknown", "no disk health read yet")
+        );
+        let v = health_verdict(&health(&[("/dev/loop0", Assessment::Unknown, LOOP)]));
+        assert_eq!((v.status, v.reason), ("Unknown", "HealthUnknown"));
+        assert_eq!(v.message, format!("health unknown: /dev/loop0 ({LOOP})"));
+        let v = health_verdict(&health(&[
+            ("/dev/sda", Assessment::Passed, ""),
+            ("/dev/loop0", Assessment::Unknown, LOOP),
+        ]));
+        assert_eq!((v.status, v.reason), ("True", "DisksHealthy"));
+        assert_eq!(
+            v.message,
+            format!("1 disk(s) healthy; health unknown: /dev/loop0 ({LOOP})")
+        );
+        let v = health_verdict(&health(&[
+            ("/dev/sda", Assessment::Passed, ""),
+            ("/dev/sdb", Assessment::Failed, FAILED),
+        ]));
+        assert_eq!((v.status, v.reason), ("False", "DiskFailed"));
+        assert_eq!(
+            v.message,
+            format!("failed: /dev/sdb ({FAILED}); 1 disk(s) healthy")
+        );
+        let many: Vec<(String, Assessment, &str)> = (0..100)
+            .map(|i| (format!("/dev/disk{i}"), Assessment::Failed, FAILED))
+            .collect();
+        let many: Vec<(&str, Assessment, &str)> =
+            many.iter().map(|(d, a, w)| (d.as_str(), *a, *w)).collect();
+        assert!(health_verdict(&health(&many)).message.len() <= MESSAGE_MAX);
+        // The storage condition does not follow health: a failing disk may still be ready.
+        let failing = health(&[("/dev/sdb", Assessment::Failed, FAILED)]);
+        assert_eq!(verdict(&failing), verdict(&report()));
+    }
+
+    /// Changes of `now` since `seen`, remembered as [`NodeState`] does once posted.
+    fn step(seen: &mut BTreeMap<String, (Assessment, u32)>, now: &NodeReport) -> Vec<NodeEvent> {
+        let changes = health_changes(seen, now);
+        for c in &changes {
+            seen.insert(c.disk.clone(), (c.to, c.n));
+        }
+        changes.into_iter().filter_map(|c| c.event).collect()
+    }
+
+    #[test]
+    fn health_events_once_per_change_of_assessment() {
+        let mut seen = BTreeMap::new();
+        let passed = ("/dev/sdb", Assessment::Passed, "");
+        let failed = ("/dev/sdb", Assessment::Failed, FAILED);
+        let unknown = ("/dev/sdb", Assessment::Unknown, "smartctl timed out");
+        assert!(step(&mut seen, &health(&[passed])).is_empty(), "no news");
+        assert!(step(&mut seen, &health(&[passed])).is_empty());
+        let first = step(&mut seen, &health(&[failed]));
+        let reasons: Vec<(&str, bool)> = first.iter().map(|e| (e.reason, e.warning)).collect();
+        assert_eq!(reasons, [("DiskFailed", true)]);
+        assert_eq!(
+            first[0].message,
+            format!("disk /dev/sdb is failing: {FAILED}")
+        );
+        assert!(
+            step(&mut seen, &health(&[failed])).is_empty(),
+            "not repeated"
+        );
+        assert!(
+            step(&mut seen, &health(&[unknown])).is_empty(),
+            "a reading that cannot be made changes nothing"
+        );
+        let healthy = step(&mut seen, &health(&[passed]));
+        let reasons: Vec<(&str, bool)> = healthy.iter().map(|e| (e.reason, e.warning)).collect();
+        assert_eq!(reasons, [("DiskHealthy", false)]);
+        // Failing again is a new Event, with a name of its own.
+        let again = step(&mut seen, &health(&[failed]));
+        assert_eq!(again.len(), 1);
+        assert_ne!(
+            node_event("w1", &again[0]).metadata.name,
+            node_event("w1", &first[0]).metadata.name
+        );
+        // A disk failed at first sight is news, under the same name after a restart.
+        let at_start = step(&mut BTreeMap::new(), &health(&[failed]));
+        let restarted = step(&mut BTreeMap::new(), &health(&[failed]));
+        assert_eq!(at_start[0].reason, "DiskFailed");
+        assert_eq!(
+            node_event("w1", &restarted[0]).metadata.name,
+            node_event("w1", &at_start[0]).metadata.name
+        );
     }
 }

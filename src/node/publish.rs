@@ -21,6 +21,10 @@ pub trait Publications: Send + Sync {
     /// After each pass: the node's storage state for its Node object (condition, label,
     /// Events). Nothing by default.
     fn run_finished(&self, _report: NodeReport) {}
+    /// The newest health reading of the selected disks, for the Node's
+    /// `KvstrapDisksHealthy` condition and Events: after each run and whenever a reading
+    /// changes, without a run. Nothing by default.
+    fn health(&self, _health: &crate::health::HealthMap) {}
     /// Failed publication passes since the publisher started (a metrics counter).
     fn errors(&self) -> u64 {
         0

@@ -4,7 +4,7 @@
 
 use super::converge::Report;
 use crate::apply::{ApplyReport, StepResult};
-use crate::kube::node_state::NodeReport;
+use crate::kube::node_state::{DiskHealth, NodeReport};
 use crate::model::{InUse, Inventory, Plan};
 use crate::policy::Policy;
 use serde::Serialize;
@@ -88,6 +88,8 @@ impl Report {
             error: None,
             // Set by the Node state publisher from the fleet watcher.
             policy_error: None,
+            // Set by the Node state publisher from the daemon's health reader.
+            health: Vec::new(),
             sources: policy
                 .sources
                 .iter()
@@ -130,6 +132,18 @@ impl Report {
 
 pub(super) fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Each disk's health as the Node shows it.
+pub fn node_health(health: &crate::health::HealthMap) -> Vec<DiskHealth> {
+    health
+        .iter()
+        .map(|(disk, h)| DiskHealth {
+            disk: disk.display().to_string(),
+            assessment: h.assessment,
+            detail: h.detail.clone().unwrap_or_default(),
+        })
+        .collect()
 }
 
 /// Disks of the plan with no step left for them.
