@@ -769,7 +769,8 @@ async fn pod_using(ctx: &Ctx<'_>, claim: &str) -> String {
         .create(&PostParams::default(), &sa)
         .await
     {
-        Ok(_) | Err(kube::Error::Api(kube::core::ErrorResponse { code: 409, .. })) => {}
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
         Err(e) => panic!("cannot create the default service account: {e}"),
     }
     Api::<Pod>::namespaced(ctx.client.clone(), "default")
