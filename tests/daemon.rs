@@ -241,7 +241,7 @@ fn nobody_reads_but_cannot_apply_and_root_can() {
     let disks = bus.send_as(NOBODY, &["org.kvstrap.Bootstrap1.Disks"]);
     assert_eq!(text(&disks).matches("\"path\"").count(), 4);
 
-    for method in ["Apply", "Reload"] {
+    for method in ["Apply", "Reload", "Drain", "Undrain"] {
         let refused = bus.send_as(NOBODY, &[&format!("org.kvstrap.Bootstrap1.{method}")]);
         assert!(!refused.status.success());
         assert!(

@@ -77,9 +77,10 @@ fn real_control_plane() {
         ("drain_keeps_the_bound_pv_and_deletes_the_rest", |c| {
             drain_keeps_bound(c).boxed()
         }),
-        ("forget_deletes_unbound_pvs_of_a_gone_disk_never_a_bound_one", |c| {
-            forget_gone_disk(c).boxed()
-        }),
+        (
+            "forget_deletes_unbound_pvs_of_a_gone_disk_never_a_bound_one",
+            |c| forget_gone_disk(c).boxed(),
+        ),
         ("bound_pv_never_deleted_under_network_faults", |c| {
             network_faults(c).boxed()
         }),
@@ -685,7 +686,10 @@ async fn drain_keeps_bound(ctx: &Ctx<'_>) {
     assert_eq!(holding.len(), 1, "{holding:?}");
     assert_eq!(holding[0].pv, bound);
     assert_eq!(holding[0].phase.as_deref(), Some("Bound"));
-    assert_eq!(holding[0].claim.as_deref(), Some(format!("default/{claim_name}").as_str()));
+    assert_eq!(
+        holding[0].claim.as_deref(),
+        Some(format!("default/{claim_name}").as_str())
+    );
     assert_eq!(events(ctx, &bound, "VolumeDraining").await.len(), 1);
     assert_eq!(events(ctx, &bound, "VolumeMissing").await.len(), 0);
     // What `kvstrap drain --status` shows: the claim and the pod using it.
@@ -791,7 +795,11 @@ async fn forget_gone_disk(ctx: &Ctx<'_>) {
     let desired = n.desired(&volumes);
     let mut r = n.reconciler(Arc::new(Counting::default()));
     pass(&mut r, ctx, &desired).await;
-    let names: Vec<String> = desired.volumes.iter().map(|v| v.pv_name().to_string()).collect();
+    let names: Vec<String> = desired
+        .volumes
+        .iter()
+        .map(|v| v.pv_name().to_string())
+        .collect();
     wait_phase(ctx, &names[0], "Available").await;
     wait_phase(ctx, &names[1], "Available").await;
     claim(ctx, &names[0], &n.class.name).await;
@@ -810,7 +818,9 @@ async fn forget_gone_disk(ctx: &Ctx<'_>) {
     assert_eq!(forgotten.bound.len(), 1, "{forgotten:?}");
     assert_eq!(forgotten.bound[0].pv, names[0]);
     assert!(forgotten.errors.is_empty(), "{forgotten:?}");
-    let pv = get_pv(ctx, &names[0]).await.expect("the Bound PV was deleted");
+    let pv = get_pv(ctx, &names[0])
+        .await
+        .expect("the Bound PV was deleted");
     assert_eq!(pv.metadata.uid, uid);
     assert_eq!(phase(&pv).as_deref(), Some("Bound"));
 }

@@ -88,7 +88,7 @@ test_dbus_policy() {
     check "dbus: nobody may read all properties" \
         nobody_calls org.freedesktop.DBus.Properties.GetAll string:$NAME
     check "dbus: nobody may ping (Peer)" nobody_calls org.freedesktop.DBus.Peer.Ping
-    for m in Apply Reload; do
+    for m in Apply Reload Drain Undrain; do
         check "dbus: nobody is denied $m" access_denied nobody_calls $NAME.$m
         check "dbus: root may call $m" call $NAME.$m
     done

@@ -122,6 +122,7 @@ fn demo_policy_is_exactly_the_demo() {
         sizing,
         reserve_percent: reserve,
         owner: owner.clone(),
+        on_failure: Default::default(),
         wipe: Wipe::Never,
         allow_loop: true,
         allow_removable: false,

@@ -54,4 +54,22 @@ impl Service for BusService {
             .map_err(|_| Stopping)?;
         Ok(rx)
     }
+
+    fn request_service(
+        &self,
+        disk: String,
+        drain: bool,
+        why: String,
+    ) -> Result<oneshot::Receiver<Result<String, String>>, Stopping> {
+        let (tx, rx) = oneshot::channel();
+        self.triggers
+            .send(Trigger::Service {
+                disk,
+                drain,
+                why,
+                reply: tx,
+            })
+            .map_err(|_| Stopping)?;
+        Ok(rx)
+    }
 }

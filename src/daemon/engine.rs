@@ -82,4 +82,14 @@ pub trait Engine: Send + Sync {
     /// A health reading changed: hand it to the Node state publisher (its condition and
     /// Events are sent without a run).
     fn publish_health(&self) {}
+    /// A health reading asks for a run: a disk failed in a group with
+    /// `on_failure = "drain"` and is not out of service yet.
+    fn health_wants_run(&self) -> bool {
+        false
+    }
+    /// Drain (`drain = true`) or undrain a disk named by path, by-id, WWN or serial: the
+    /// record only, the next run carries it out. The text says what happened.
+    fn change_service(&self, _disk: &str, _drain: bool, _why: &str) -> Result<String, String> {
+        Err("this engine does not take disks out of service".into())
+    }
 }

@@ -157,6 +157,10 @@ impl Engine for HostEngine {
             Some(p) => p.as_ref(),
             None => &NoPublications,
         };
+        // on_failure = "drain": recorded before the pass, so this pass carries it out.
+        if let Err(e) = self.node.drain_failed(&policy, &self.health()) {
+            tracing::error!("cannot drain a failed disk: {e}");
+        }
         let report = self
             .node
             .converge(
@@ -265,5 +269,26 @@ impl Engine for HostEngine {
         if let (Some(p), Some(_)) = (&self.publications, &self.health) {
             p.health(&self.health());
         }
+    }
+
+    fn health_wants_run(&self) -> bool {
+        let policy = self.policy();
+        let health = self.health();
+        let Ok(record) = self.node.disk_service() else {
+            return true;
+        };
+        let wants = node::service::failing_disks_to_drain(&policy, &health)
+            .any(|p| !record.out_of_service.values().any(|r| r.path == *p));
+        wants
+    }
+
+    fn change_service(&self, disk: &str, drain: bool, why: &str) -> Result<String, String> {
+        let policy = self.policy();
+        let done = if drain {
+            self.node.drain(&policy, disk, why)
+        } else {
+            self.node.undrain(&policy, disk)
+        };
+        done.map_err(|e| e.to_string())
     }
 }

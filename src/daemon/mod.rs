@@ -37,6 +37,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub type ApplyReply = oneshot::Sender<Result<ApplySummary, String>>;
 /// A reply to a D-Bus `Reload` call: the diagnostics of a rejected policy.
 pub type ReloadReply = oneshot::Sender<Result<(), String>>;
+/// Where the answer to a D-Bus `Drain` or `Undrain` goes.
+pub type ServiceReply = oneshot::Sender<Result<String, String>>;
 
 /// Why the reconcile loop should wake up.
 #[derive(Debug)]
@@ -54,6 +56,13 @@ pub enum Trigger {
     /// A health reading changed something: the disks document and the Node's
     /// `KvstrapDisksHealthy` condition show it (no run, no scan).
     HealthChanged,
+    /// D-Bus `Drain` / `Undrain`: change the disk record under the applier lock, then run.
+    Service {
+        disk: String,
+        drain: bool,
+        why: String,
+        reply: ServiceReply,
+    },
     /// SIGTERM/SIGINT: finish the step in flight and exit.
     Stop,
 }
@@ -636,7 +645,28 @@ impl Reconciler {
             }
             Trigger::PvChanged => self.schedule.request(),
             Trigger::PublicationsChanged => self.refresh_pending(),
-            Trigger::HealthChanged => self.refresh_health(),
+            Trigger::HealthChanged => {
+                self.refresh_health();
+                if self.engine.health_wants_run() {
+                    self.schedule.request();
+                }
+            }
+            Trigger::Service {
+                disk,
+                drain,
+                why,
+                reply,
+            } => {
+                // The record names the disk by identity, found by a scan: under the lock,
+                // so it never overlaps a run's mkfs.
+                let answer = self
+                    .take_lock()
+                    .and_then(|_lock| self.engine.change_service(&disk, drain, &why));
+                if answer.is_ok() {
+                    self.schedule.request();
+                }
+                let _ = reply.send(answer);
+            }
             Trigger::Stop => self.stop.store(true, Ordering::SeqCst),
         }
     }

@@ -29,6 +29,9 @@ pub enum BusError {
     ReadFailed(String),
     /// The daemon is shutting down and takes no more work.
     ShuttingDown(String),
+    /// Drain or Undrain refused: no such disk, a name that fits several, the record
+    /// could not be written.
+    DiskRefused(String),
 }
 
 /// What the reconcile loop tells the bus side, so it can emit signals and refresh properties.

@@ -47,6 +47,14 @@ pub trait Service: Send + Sync + 'static {
     fn request_apply(&self) -> Result<oneshot::Receiver<Result<ApplySummary, String>>, Stopping>;
     /// Queue a policy reload; the receiver gets the diagnostics of a rejected policy.
     fn request_reload(&self) -> Result<oneshot::Receiver<Result<(), String>>, Stopping>;
+    /// Take a disk out of service (`drain`) or put it back; `why` names the caller. The
+    /// receiver gets what happened, or why it was refused.
+    fn request_service(
+        &self,
+        disk: String,
+        drain: bool,
+        why: String,
+    ) -> Result<oneshot::Receiver<Result<String, String>>, Stopping>;
 }
 
 /// The object at `/org/kvstrap/Bootstrap1`.
@@ -77,6 +85,26 @@ async fn sender_uid(conn: &Connection, header: &Header<'_>) -> Result<u32, BusEr
 }
 
 impl Bootstrap {
+    async fn service_change(
+        &self,
+        disk: &str,
+        drain: bool,
+        why: String,
+    ) -> Result<String, BusError> {
+        if disk.trim().is_empty() {
+            return Err(BusError::DiskRefused(
+                "name a disk: a path, by-id name, WWN or serial".into(),
+            ));
+        }
+        let rx = self
+            .service
+            .request_service(disk.to_string(), drain, why)
+            .map_err(|Stopping| stopping())?;
+        rx.await
+            .map_err(|_| stopping())?
+            .map_err(BusError::DiskRefused)
+    }
+
     fn document(&self, which: Document) -> Result<String, BusError> {
         self.service.document(which).map_err(BusError::ReadFailed)
     }
@@ -164,6 +192,31 @@ impl Bootstrap {
             return Err(BusError::ApplyFailed(json));
         }
         Ok(json)
+    }
+
+    /// Take a disk out of service (root only): DISK by path, by-id name, WWN or serial.
+    /// Its unbound PVs go; once nothing uses it, it is unmounted and left intact.
+    async fn drain(
+        &self,
+        disk: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<String, BusError> {
+        let uid = sender_uid(conn, &header).await?;
+        authorize(uid, "Drain")?;
+        self.service_change(disk, true, format!("D-Bus Drain by uid {uid}"))
+            .await
+    }
+
+    /// Put a drained or draining disk back in service (root only).
+    async fn undrain(
+        &self,
+        disk: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<String, BusError> {
+        authorize(sender_uid(conn, &header).await?, "Undrain")?;
+        self.service_change(disk, false, String::new()).await
     }
 
     /// Re-read the policy (root only); a broken one is refused with every diagnostic.

@@ -120,6 +120,17 @@ impl Node {
                 "no disk {name:?} on this node (`kvstrap disks` lists them by path, by-id, WWN and serial)"
             ))
         })?;
+        Ok(self.mark_draining(policy, &inventory, disk, why)?)
+    }
+
+    /// Record `disk` as draining (no scan: `inventory` is the look it was found in).
+    fn mark_draining(
+        &self,
+        policy: &Policy,
+        inventory: &Inventory,
+        disk: &Disk,
+        why: &str,
+    ) -> Result<String, NodeError> {
         let identity = disk_identity(disk);
         let mut record = self.disk_service()?;
         if let Some(r) = record.out_of_service.get(&identity) {
@@ -131,11 +142,7 @@ impl Node {
                 r.why
             ));
         }
-        let group = crate::plan::verdicts(Some(policy), &inventory, &record)
-            .into_iter()
-            .find(|(d, _, _)| d.path == disk.path)
-            .and_then(|(_, g, _)| g)
-            .or_else(|| record.replacements.get(&identity).map(|r| r.group.clone()));
+        let group = group_of(policy, inventory, &record, disk);
         record.out_of_service.insert(
             identity.clone(),
             ServiceRecord {
@@ -150,6 +157,43 @@ impl Node {
         tracing::warn!(disk = %disk.path.display(), identity = %identity, message_id = DISK_SERVICE_CHANGED,
             "disk is draining ({why}): its unbound PersistentVolumes go, bound ones stay until released");
         Ok(format!("{} ({identity}) is draining", disk.path.display()))
+    }
+
+    /// `on_failure = "drain"`: drain every disk whose health is `failed` in a group that
+    /// says so, unless it is out of service already. Scans only when there is such a disk.
+    pub fn drain_failed(
+        &self,
+        policy: &Policy,
+        health: &crate::health::HealthMap,
+    ) -> Result<Vec<String>, NodeError> {
+        if failing_disks_to_drain(policy, health).next().is_none() {
+            return Ok(Vec::new());
+        }
+        let record = self.disk_service()?;
+        let recorded = |p: &PathBuf| record.out_of_service.values().any(|r| r.path == *p);
+        if failing_disks_to_drain(policy, health).all(recorded) {
+            return Ok(Vec::new());
+        }
+        let inventory = self.scan(Some(policy))?;
+        let mut said = Vec::new();
+        for path in failing_disks_to_drain(policy, health) {
+            let Some(disk) = inventory.disks.iter().find(|d| d.path == *path) else {
+                continue;
+            };
+            let group = group_of(policy, &inventory, &record, disk);
+            let drains = group
+                .and_then(|g| policy.disk_groups.iter().find(|x| x.name == g))
+                .is_some_and(|g| g.on_failure == crate::policy::OnFailure::Drain);
+            if drains && !record.out_of_service.contains_key(&disk_identity(disk)) {
+                said.push(self.mark_draining(
+                    policy,
+                    &inventory,
+                    disk,
+                    "health failed (on_failure = \"drain\")",
+                )?);
+            }
+        }
+        Ok(said)
     }
 
     /// Put a drained or draining disk back in service; the next pass adopts it as it is.
@@ -331,6 +375,37 @@ impl Node {
         }
         Ok(changes)
     }
+}
+
+/// The group a disk is in: its replacement record, else the group whose selectors pick it.
+fn group_of(
+    policy: &Policy,
+    inventory: &Inventory,
+    record: &DiskService,
+    disk: &Disk,
+) -> Option<String> {
+    if let Some(r) = record.replacements.get(&disk_identity(disk)) {
+        return Some(r.group.clone());
+    }
+    crate::plan::verdicts(Some(policy), inventory, record)
+        .into_iter()
+        .find(|(d, _, _)| d.path == disk.path)
+        .and_then(|(_, g, _)| g)
+}
+
+/// Disks reported `failed` while some group says `on_failure = "drain"`.
+pub fn failing_disks_to_drain<'a>(
+    policy: &'a Policy,
+    health: &'a crate::health::HealthMap,
+) -> impl Iterator<Item = &'a PathBuf> + 'a {
+    let any_group = policy
+        .disk_groups
+        .iter()
+        .any(|g| g.on_failure == crate::policy::OnFailure::Drain);
+    health
+        .iter()
+        .filter(move |(_, h)| any_group && h.assessment == crate::health::Assessment::Failed)
+        .map(|(p, _)| p)
 }
 
 /// `kvstrap drain --status`: the record, and the cluster's view of each disk's PVs.

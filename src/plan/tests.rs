@@ -40,6 +40,7 @@ pub fn group(name: &str) -> DiskGroup {
             gid: 107,
             mode: 0o750,
         },
+        on_failure: Default::default(),
         wipe: Wipe::Never,
         allow_loop: false,
         allow_removable: false,

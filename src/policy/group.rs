@@ -4,7 +4,7 @@ use super::diag::{Diags, Loc};
 use super::fields::{Choice, Located, Section};
 use super::names;
 use super::size;
-use super::types::{DiskGroup, DiskMatch, QuotaMode, VolumeSizing, Wipe};
+use super::types::{DiskGroup, DiskMatch, OnFailure, QuotaMode, VolumeSizing, Wipe};
 use crate::model::{Layout, Owner};
 
 pub const KEYS: &[&str] = &[
@@ -22,6 +22,7 @@ pub const KEYS: &[&str] = &[
     "allow_loop",
     "allow_removable",
     "quota",
+    "on_failure",
 ];
 const MATCH_KEYS: &[&str] = &[
     "transport",
@@ -62,6 +63,12 @@ const QUOTA: Choice<'static, QuotaMode> = Choice {
     refused: &[],
 };
 
+const ON_FAILURE: Choice<'static, OnFailure> = Choice {
+    key: "on_failure",
+    allowed: &[("keep", OnFailure::Keep), ("drain", OnFailure::Drain)],
+    refused: &[],
+};
+
 const WIPE: Choice<'static, Wipe> = Choice {
     key: "wipe",
     allowed: &[("never", Wipe::Never), ("force", Wipe::Force)],
@@ -84,6 +91,7 @@ pub struct Draft {
     pub allow_loop: Option<bool>,
     pub allow_removable: Option<bool>,
     pub quota: Option<QuotaMode>,
+    pub on_failure: Option<OnFailure>,
     pub at: GroupLocs,
 }
 
@@ -124,6 +132,7 @@ impl Draft {
             allow_loop: self.allow_loop?,
             allow_removable: self.allow_removable?,
             quota: self.quota?,
+            on_failure: self.on_failure?,
         })
     }
 }
@@ -157,6 +166,7 @@ pub fn parse(section: &Section, diags: &mut Diags) -> Option<Draft> {
         allow_loop: flag(section, "allow_loop", diags),
         allow_removable: flag(section, "allow_removable", diags),
         quota: optional_choice(section, &QUOTA, "\"required\"", QuotaMode::Required, diags),
+        on_failure: optional_choice(section, &ON_FAILURE, "\"drain\"", OnFailure::Keep, diags),
         at,
     })
 }

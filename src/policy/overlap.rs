@@ -221,6 +221,7 @@ mod tests {
                 gid: 107,
                 mode: 0o750,
             },
+            on_failure: Default::default(),
             wipe: crate::policy::Wipe::Never,
             allow_loop: false,
             allow_removable: false,

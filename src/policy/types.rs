@@ -209,6 +209,18 @@ pub struct DiskGroup {
     pub allow_loop: bool,
     pub allow_removable: bool,
     pub quota: QuotaMode,
+    /// What to do when a disk of the group reports failed SMART health.
+    pub on_failure: OnFailure,
+}
+
+/// `on_failure`: what a disk whose health turns `failed` gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnFailure {
+    /// Reported (disks, metrics, journal, Node condition), nothing more.
+    #[default]
+    Keep,
+    /// Drained as `kvstrap drain` would: unbound PVs go, bound ones stay until released.
+    Drain,
 }
 
 impl Policy {
