@@ -63,8 +63,11 @@ fn drain_unmounts_and_keeps_the_data_undrain_brings_it_back_root() {
     let a = LoopDisk::new(512 * MIB);
     let b = LoopDisk::new(512 * MIB);
     let raw = LoopDisk::new(64 * MIB);
+    let metrics = tempfile::tempdir().unwrap();
+    let prom = metrics.path().join("kvstrap.prom");
     let node = Node::new(&format!(
-        "{}{}{}{}",
+        "[metrics]\ntextfile = {:?}\n\n{}{}{}{}",
+        prom.display().to_string(),
         class("ext", "ext4", "Filesystem"),
         class("raw", "ext4", "Block"),
         group("g", "ext", "separate", &[&a, &b], "volume_count = 2"),
@@ -134,6 +137,9 @@ fn drain_unmounts_and_keeps_the_data_undrain_brings_it_back_root() {
     assert!(mounted_under(&node.root())
         .iter()
         .all(|m| !a_volumes.iter().any(|v| m.starts_with(v))));
+    let text = std::fs::read_to_string(&prom).unwrap();
+    assert!(text.contains("kvstrap_disks{state=\"drained\"} 2\n"), "{text}");
+    assert!(text.contains("kvstrap_disks{state=\"ours\"} 1\n"), "{text}");
 
     // Intact: the same filesystem, the data still there once it is back in service.
     assert_eq!(fs_uuid(&a.partition(1)), uuid_before);

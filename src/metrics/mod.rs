@@ -58,7 +58,9 @@ pub struct VolumeSample {
 
 /// The verdict names, in the order the metrics list them (all of them, zeros included,
 /// so an alert on one never sees it vanish).
-pub const DISK_STATES: [&str; 5] = ["ours", "free", "foreign", "in_use", "excluded"];
+pub const DISK_STATES: [&str; 7] = [
+    "ours", "free", "foreign", "in_use", "excluded", "draining", "drained",
+];
 
 /// After each run: count it in the state directory's counters and return them. A counter
 /// file that cannot be written is logged, never fatal: metrics must not fail a run.

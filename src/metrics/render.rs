@@ -73,7 +73,7 @@ fn disks(out: &mut Out, s: &Snapshot) {
     out.family(
         "kvstrap_disks",
         "gauge",
-        "Disks of the node by ownership verdict (ours, free, foreign, in_use, excluded).",
+        "Disks of the node by ownership verdict (ours, free, foreign, in_use, excluded) or service state (draining, drained).",
     );
     for state in DISK_STATES {
         let n = s.disks.iter().filter(|d| d.state == state).count();

@@ -28,7 +28,12 @@ pub fn snapshot(
         .into_iter()
         .map(|(disk, group, verdict)| DiskSample {
             path: disk.path.clone(),
-            state: verdict_name(&verdict),
+            // Out of service is what an operator watches for; the verdict behind it less.
+            state: plan
+                .out_of_service
+                .iter()
+                .find(|o| o.disk == disk.path)
+                .map_or_else(|| verdict_name(&verdict), |o| o.phase.as_str()),
             health: group.as_ref().and_then(|_| health.get(&disk.path).cloned()),
             group,
         })
