@@ -791,3 +791,90 @@ fn a_block_link_to_udevs_by_partuuid_name_of_its_partition_is_converged() {
     assert_eq!(links.len(), 1, "{links:?}");
     assert!(matches!(links[0], Step::LinkBlockDevice { link, .. } if *link == v1.path));
 }
+
+fn out_of_service(disk: &Disk, phase: crate::model::ServicePhase) -> PlanContext {
+    let mut c = ctx();
+    c.service.out_of_service.insert(
+        crate::plan::identity::disk_identity(disk),
+        crate::model::ServiceRecord {
+            phase,
+            path: disk.path.clone(),
+            group: Some("shared".into()),
+            since_unix: 1,
+            why: "kvstrap drain".into(),
+        },
+    );
+    c
+}
+
+#[test]
+fn a_draining_disk_keeps_its_volumes_but_publishes_none() {
+    let (pol, disks) = mixed_policy();
+    let first = plan(&pol, &inventory(disks.clone()), &ctx());
+    let node = converged(&first, disks.clone());
+    let draining = &node.disks[0];
+    let c = out_of_service(draining, crate::model::ServicePhase::Draining);
+    let p = plan(&pol, &node, &c);
+    assert_eq!(p.steps, vec![], "nothing is released while claims may hold it");
+    assert!(p.volumes().all(|v| v.disk != draining.path), "{p:#?}");
+    assert_eq!(p.out_of_service.len(), 1);
+    let kept = &p.out_of_service[0];
+    assert_eq!(kept.phase, crate::model::ServicePhase::Draining);
+    let before = first.volumes().filter(|v| v.disk == draining.path).count();
+    assert!(before > 0);
+    assert_eq!(kept.volumes.len(), before, "its volumes are listed, not lost");
+    // A draining disk that lost a mount gets it back: bound claims still use it.
+    let mut unmounted = node.clone();
+    for part in &mut unmounted.disks[0].partitions {
+        part.mountpoints.clear();
+    }
+    let p = plan(&pol, &unmounted, &c);
+    assert!(count(&p, "mount") > 0, "{:#?}", p.steps);
+}
+
+#[test]
+fn a_drained_disk_is_released_and_never_provisioned_again() {
+    let (pol, disks) = mixed_policy();
+    let first = plan(&pol, &inventory(disks.clone()), &ctx());
+    let node = converged(&first, disks.clone());
+    let drained = &node.disks[0];
+    let c = out_of_service(drained, crate::model::ServicePhase::Drained);
+    let p = plan(&pol, &node, &c);
+    assert!(p.volumes().all(|v| v.disk != drained.path));
+    assert!(p
+        .steps
+        .iter()
+        .all(|s| matches!(s, Step::Unmount { .. } | Step::RemoveBlockLink { .. })));
+    assert!(count(&p, "unmount") > 0, "{:#?}", p.steps);
+    assert!(p.refused.iter().any(|r| r.disk == drained.path
+        && r.reason.contains("out of service: drained")));
+    // Blank, it still gets nothing.
+    let blank = inventory(disks.clone());
+    let c = out_of_service(&blank.disks[0], crate::model::ServicePhase::Drained);
+    let p = plan(&pol, &blank, &c);
+    assert!(p.steps.iter().all(|s| s.disk() != &blank.disks[0].path));
+}
+
+#[test]
+fn a_replacement_joins_the_old_disks_group_whatever_the_selectors_say() {
+    let mut g = group("g");
+    g.devices = vec!["/dev/sdb".into()];
+    let pol = policy(vec![g]);
+    let disks = vec![disk("sdb", 10 * GIB), disk("sdc", 10 * GIB)];
+    let p = plan(&pol, &inventory(disks.clone()), &ctx());
+    assert!(p.groups[0].disks.iter().all(|d| d.disk != Path::new("/dev/sdc")));
+    let mut c = out_of_service(&disks[0], crate::model::ServicePhase::Drained);
+    c.service.replacements.insert(
+        crate::plan::identity::disk_identity(&disks[1]),
+        crate::model::Replacement {
+            group: "g".into(),
+            replaces: crate::plan::identity::disk_identity(&disks[0]),
+            path: "/dev/sdc".into(),
+            since_unix: 1,
+        },
+    );
+    let p = plan(&pol, &inventory(disks), &c);
+    let chosen: Vec<_> = p.groups[0].disks.iter().map(|d| d.disk.clone()).collect();
+    assert_eq!(chosen, vec![PathBuf::from("/dev/sdc")]);
+    assert_eq!(count(&p, "write_partition_table"), 1);
+}
