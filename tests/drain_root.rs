@@ -138,7 +138,10 @@ fn drain_unmounts_and_keeps_the_data_undrain_brings_it_back_root() {
         .iter()
         .all(|m| !a_volumes.iter().any(|v| m.starts_with(v))));
     let text = std::fs::read_to_string(&prom).unwrap();
-    assert!(text.contains("kvstrap_disks{state=\"drained\"} 2\n"), "{text}");
+    assert!(
+        text.contains("kvstrap_disks{state=\"drained\"} 2\n"),
+        "{text}"
+    );
     assert!(text.contains("kvstrap_disks{state=\"ours\"} 1\n"), "{text}");
 
     // Intact: the same filesystem, the data still there once it is back in service.

@@ -93,7 +93,7 @@ impl Node {
         let (inventory, plan) = self.look(policy, progress)?;
         // Draining disks nothing holds any more become drained before the plan runs, so
         // this very pass releases them.
-        let service_changes = self.settle_drains(
+        let mut service_changes = self.settle_drains(
             policy,
             &inventory,
             &plan,
@@ -111,7 +111,7 @@ impl Node {
             tracing::warn!("{w}");
         }
         let busy = busy_disks(&inventory, &plan);
-        let steps = if plan.steps.is_empty() {
+        let mut steps = if plan.steps.is_empty() {
             ApplyReport::default()
         } else {
             apply::execute(&plan, &effects, stop, &|n, total, report| {
@@ -124,9 +124,9 @@ impl Node {
             super::ApplySummary::result_text(super::report::count(steps.failed()), interrupted);
         // Recorded before the second look, so a run that changed disks is on record even
         // if that look fails; a failure to record is reported once publishing is done.
-        let recorded = state::save(state_dir, &apply::run_record(&plan, &steps, &result));
+        let mut recorded = state::save(state_dir, &apply::run_record(&plan, &steps, &result));
         // Publish what exists now, no more and no less: look again after any change.
-        let after = if steps.steps.is_empty() {
+        let mut after = if steps.steps.is_empty() {
             Look {
                 time: SystemTime::now(),
                 inventory,
@@ -140,7 +140,38 @@ impl Node {
                 plan,
             }
         };
-        let render_error = publications.submit(policy, &after.plan).err();
+        let mut render_error = publications.submit(policy, &after.plan).err();
+        // That publication may have deleted the last PV holding a draining disk (the
+        // CLI's publisher answers within the pass): drain it now, in this pass, rather
+        // than leave it to a next run that may never come.
+        let late = if interrupted {
+            Vec::new()
+        } else {
+            self.settle_drains(
+                policy,
+                &after.inventory,
+                &after.plan,
+                publications.drain_check().as_ref(),
+            )?
+        };
+        if !late.is_empty() {
+            let release = self.plan(policy, &after.inventory)?;
+            let more = apply::execute(&release, &effects, stop, &|n, total, report| {
+                progress(Event::Step { n, total, report })
+            });
+            steps.steps.extend(more.steps);
+            let result =
+                super::ApplySummary::result_text(super::report::count(steps.failed()), interrupted);
+            recorded = state::save(state_dir, &apply::run_record(&plan, &steps, &result));
+            let (inventory, plan) = self.look(policy, progress)?;
+            after = Look {
+                time: SystemTime::now(),
+                inventory,
+                plan,
+            };
+            render_error = publications.submit(policy, &after.plan).err();
+            service_changes.extend(late);
+        }
         if let Some(e) = &render_error {
             tracing::error!("{e}");
         }

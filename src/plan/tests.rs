@@ -815,14 +815,22 @@ fn a_draining_disk_keeps_its_volumes_but_publishes_none() {
     let draining = &node.disks[0];
     let c = out_of_service(draining, crate::model::ServicePhase::Draining);
     let p = plan(&pol, &node, &c);
-    assert_eq!(p.steps, vec![], "nothing is released while claims may hold it");
+    assert_eq!(
+        p.steps,
+        vec![],
+        "nothing is released while claims may hold it"
+    );
     assert!(p.volumes().all(|v| v.disk != draining.path), "{p:#?}");
     assert_eq!(p.out_of_service.len(), 1);
     let kept = &p.out_of_service[0];
     assert_eq!(kept.phase, crate::model::ServicePhase::Draining);
     let before = first.volumes().filter(|v| v.disk == draining.path).count();
     assert!(before > 0);
-    assert_eq!(kept.volumes.len(), before, "its volumes are listed, not lost");
+    assert_eq!(
+        kept.volumes.len(),
+        before,
+        "its volumes are listed, not lost"
+    );
     // A draining disk that lost a mount gets it back: bound claims still use it.
     let mut unmounted = node.clone();
     for part in &mut unmounted.disks[0].partitions {
@@ -846,8 +854,10 @@ fn a_drained_disk_is_released_and_never_provisioned_again() {
         .iter()
         .all(|s| matches!(s, Step::Unmount { .. } | Step::RemoveBlockLink { .. })));
     assert!(count(&p, "unmount") > 0, "{:#?}", p.steps);
-    assert!(p.refused.iter().any(|r| r.disk == drained.path
-        && r.reason.contains("out of service: drained")));
+    assert!(p
+        .refused
+        .iter()
+        .any(|r| r.disk == drained.path && r.reason.contains("out of service: drained")));
     // Blank, it still gets nothing.
     let blank = inventory(disks.clone());
     let c = out_of_service(&blank.disks[0], crate::model::ServicePhase::Drained);
@@ -862,7 +872,10 @@ fn a_replacement_joins_the_old_disks_group_whatever_the_selectors_say() {
     let pol = policy(vec![g]);
     let disks = vec![disk("sdb", 10 * GIB), disk("sdc", 10 * GIB)];
     let p = plan(&pol, &inventory(disks.clone()), &ctx());
-    assert!(p.groups[0].disks.iter().all(|d| d.disk != Path::new("/dev/sdc")));
+    assert!(p.groups[0]
+        .disks
+        .iter()
+        .all(|d| d.disk != Path::new("/dev/sdc")));
     let mut c = out_of_service(&disks[0], crate::model::ServicePhase::Drained);
     c.service.replacements.insert(
         crate::plan::identity::disk_identity(&disks[1]),
