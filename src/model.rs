@@ -99,6 +99,11 @@ pub struct Partition {
     /// is in the on-disk table but was never added (BLKPG) or was removed.
     #[serde(default)]
     pub in_kernel: bool,
+    /// udev's `/dev/disk/by-partuuid/<part_uuid>` exists and resolves to this very
+    /// partition's node; false without udev, or before udev got to the partition (it waits
+    /// while kvstrap holds the disk). A Block volume's link then points there.
+    #[serde(default)]
+    pub by_partuuid: bool,
 }
 
 /// One signature libblkid recognised.

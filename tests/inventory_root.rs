@@ -193,6 +193,15 @@ fn gpt_partitions_with_types_names_and_signatures() {
         Some("5a0c7d2e-3b8f-4b61-8f0d-000000000001")
     );
     assert!(p1.in_kernel);
+    // udev's name for the partition, where udev named it (loop partitions get no udev
+    // events on most test machines, and then it is false).
+    assert_eq!(
+        p1.by_partuuid,
+        std::fs::canonicalize("/dev/disk/by-partuuid/5a0c7d2e-3b8f-4b61-8f0d-000000000001")
+            .ok()
+            .as_ref()
+            == Some(&p1.path)
+    );
     assert_eq!(p1.signatures.len(), 1);
     assert_eq!(p1.signatures[0].kind, "ext4");
     assert_eq!(p1.signatures[0].label.as_deref(), Some("part1"));

@@ -122,6 +122,7 @@ struct Machine {
     swaps: Vec<SwapArea>,
     by_id_links: Option<BTreeMap<String, Vec<String>>>,
     root_spec: Option<String>,
+    dev_root: PathBuf,
 }
 
 impl Machine {
@@ -132,6 +133,7 @@ impl Machine {
             swaps: swaps::read(&opts.proc_root)?,
             by_id_links: byid::read_links(&opts.dev_root.join("disk/by-id")),
             root_spec: eligibility::root_spec(&cmdline),
+            dev_root: opts.dev_root.clone(),
         })
     }
 
@@ -440,13 +442,18 @@ fn partition(
         (None, Some(k)) => (k.start_bytes, k.size_bytes),
         (None, None) => (0, 0),
     };
+    let part_uuid = entry.and_then(|e| e.part_uuid.clone());
+    let by_partuuid = kernel.is_some()
+        && part_uuid
+            .as_deref()
+            .is_some_and(|u| udev_names_partition(&machine.dev_root, u, &name));
     Partition {
         path: PathBuf::from("/dev").join(&name),
         number,
         start_bytes,
         size_bytes,
         type_id: entry.and_then(|e| e.type_id.clone()),
-        part_uuid: entry.and_then(|e| e.part_uuid.clone()),
+        part_uuid,
         name: entry.and_then(|e| e.name.clone()),
         signatures,
         holders: kernel.map(|k| k.holders.clone()).unwrap_or_default(),
@@ -454,6 +461,21 @@ fn partition(
         swap,
         by_id,
         in_kernel: kernel.is_some(),
+        by_partuuid,
+    }
+}
+
+/// Whether udev's `disk/by-partuuid/<part_uuid>` below `dev_root` exists and resolves to
+/// the same node as the kernel name `name` (a stale or cloned partition UUID may name
+/// another one). The same test `host::dirs::block_link_target` makes before linking.
+fn udev_names_partition(dev_root: &Path, part_uuid: &str, name: &str) -> bool {
+    let by_uuid = dev_root.join("disk/by-partuuid").join(part_uuid);
+    match (
+        std::fs::canonicalize(by_uuid),
+        std::fs::canonicalize(dev_root.join(name)),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
     }
 }
 
@@ -513,6 +535,32 @@ mod tests {
             names,
             vec!["loop1", "loop2", "loop10", "nvme0n1", "nvme2n1", "nvme10n1", "sda"]
         );
+    }
+
+    #[test]
+    fn by_partuuid_counts_only_when_udev_names_that_very_partition() {
+        let dev = tempfile::tempdir().unwrap();
+        let by_uuid = dev.path().join("disk/by-partuuid");
+        std::fs::create_dir_all(&by_uuid).unwrap();
+        for node in ["vdb1", "vdc1"] {
+            std::fs::write(dev.path().join(node), b"").unwrap();
+        }
+        let (ours, stale) = (
+            "5a0c7d2e-3b8f-4b61-8f0d-000000000001",
+            "5a0c7d2e-3b8f-4b61-8f0d-000000000002",
+        );
+        std::os::unix::fs::symlink("../../vdb1", by_uuid.join(ours)).unwrap();
+        std::os::unix::fs::symlink("../../vdc1", by_uuid.join(stale)).unwrap();
+        assert!(udev_names_partition(dev.path(), ours, "vdb1"));
+        // Another node under that UUID, or no link at all (no udev).
+        assert!(!udev_names_partition(dev.path(), stale, "vdb1"));
+        assert!(!udev_names_partition(
+            dev.path(),
+            "5a0c7d2e-3b8f-4b61-8f0d-000000000003",
+            "vdb1"
+        ));
+        // No node for the kernel name.
+        assert!(!udev_names_partition(dev.path(), ours, "vdd1"));
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub fn fresh_disk(plan: &DiskPlan, reason: &str, steps: &mut Vec<Step>) {
         }
     }
     for volume in &plan.volumes {
-        volume_steps(plan, volume, None, steps);
+        volume_steps(plan, volume, None, false, steps);
     }
 }
 
@@ -99,7 +99,12 @@ pub fn adopt_disk(plan: &DiskPlan, disk: &Disk, inventory: &Inventory) -> Result
             continue;
         }
         let observed = inventory.paths.get(&volume.path);
-        volume_steps(plan, volume, observed, &mut out.steps);
+        let udev_named = number.is_some_and(|n| {
+            disk.partitions
+                .iter()
+                .any(|p| p.number == n && p.by_partuuid)
+        });
+        volume_steps(plan, volume, observed, udev_named, &mut out.steps);
     }
     Ok(out)
 }
@@ -196,10 +201,13 @@ fn mount(plan: &DiskPlan, part: &PartitionSpec, fs: &FsSpec, reason: &str) -> St
 }
 
 /// Directory, ownership, quota or block link of one volume, as far as they differ.
+/// `udev_named`: udev's by-partuuid name of the volume's partition exists and resolves to
+/// it (`Partition::by_partuuid`).
 fn volume_steps(
     plan: &DiskPlan,
     v: &VolumeSpec,
     observed: Option<&PathFacts>,
+    udev_named: bool,
     steps: &mut Vec<Step>,
 ) {
     let disk = plan.layout.disk.clone();
@@ -212,22 +220,34 @@ fn volume_steps(
                 .find(|p| p.device == v.device)
                 .map(|p| p.part_uuid)
                 .unwrap_or_default();
-            // The kernel name, or udev's by-partuuid name of this very partition.
+            // udev's by-partuuid name of this very partition, or the kernel name while
+            // udev has not named it (no udev, or a first apply: udev waits for kvstrap's
+            // lock on the disk). A kernel-name link is re-pointed once udev named the
+            // partition: after a reboot that renames disks it would name another one.
             let by_uuid = crate::model::by_partuuid_path(&v.device, &part_uuid);
-            let ok = matches!(observed, Some(PathFacts::Symlink { target })
-                if *target == v.device || (!part_uuid.is_nil() && *target == by_uuid));
-            if !ok {
+            let stable = udev_named && !part_uuid.is_nil();
+            let reason = match observed {
+                None => Some("block volume has no link yet".to_string()),
+                Some(PathFacts::Symlink { target })
+                    if !part_uuid.is_nil() && *target == by_uuid =>
+                {
+                    None
+                }
+                Some(PathFacts::Symlink { target }) if *target == v.device => stable.then(|| {
+                    format!(
+                        "udev names the partition now: point the link at {}",
+                        by_uuid.display()
+                    )
+                }),
+                Some(_) => Some("link points elsewhere".to_string()),
+            };
+            if let Some(reason) = reason {
                 steps.push(Step::LinkBlockDevice {
                     disk,
                     link: v.path.clone(),
                     target: v.device.clone(),
                     part_uuid,
-                    reason: if observed.is_some() {
-                        "link points elsewhere"
-                    } else {
-                        "block volume has no link yet"
-                    }
-                    .into(),
+                    reason,
                 });
             }
         }

@@ -891,3 +891,74 @@ fn a_replacement_joins_the_old_disks_group_whatever_the_selectors_say() {
     assert_eq!(chosen, vec![PathBuf::from("/dev/sdc")]);
     assert_eq!(count(&p, "write_partition_table"), 1);
 }
+
+#[test]
+fn a_kernel_name_block_link_is_re_pointed_once_udev_names_its_partition() {
+    let (pol, disks) = mixed_policy();
+    let first = plan(&pol, &inventory(disks.clone()), &ctx());
+    let mut inv = converged(&first, disks);
+    let raw = first.groups.iter().find(|g| g.name == "raw").unwrap();
+    let layout = &raw.disks[0];
+    let (v0, v1) = (&raw.volumes[0], &raw.volumes[1]);
+    let part_of = |v: &crate::model::VolumeSpec| {
+        layout
+            .partitions
+            .iter()
+            .find(|p| p.device == v.device)
+            .unwrap()
+            .clone()
+    };
+    // No udev: both links at the kernel name are converged.
+    assert!(matches!(
+        inv.paths.get(&v0.path),
+        Some(PathFacts::Symlink { target }) if *target == v0.device
+    ));
+    assert!(
+        plan(&pol, &inv, &ctx()).steps.is_empty(),
+        "a kernel-name link without udev's name is fine"
+    );
+    // udev named both partitions; v1's link already points at the name, v0's does not.
+    let by_uuid_v1 = crate::model::by_partuuid_path(&v1.device, &part_of(v1).part_uuid);
+    inv.paths.insert(
+        v1.path.clone(),
+        PathFacts::Symlink {
+            target: by_uuid_v1.clone(),
+        },
+    );
+    let sdd = inv
+        .disks
+        .iter_mut()
+        .find(|d| d.path == layout.disk)
+        .unwrap();
+    for p in &mut sdd.partitions {
+        p.by_partuuid = true;
+    }
+    let again = plan(&pol, &inv, &ctx());
+    assert_eq!(again.steps.len(), 1, "{:?}", again.steps);
+    let Step::LinkBlockDevice {
+        link,
+        target,
+        part_uuid,
+        reason,
+        ..
+    } = &again.steps[0]
+    else {
+        panic!("not a link step: {:?}", again.steps[0]);
+    };
+    assert_eq!(*link, v0.path);
+    // The executor gets the verified kernel name and links udev's name of it.
+    assert_eq!(*target, v0.device);
+    assert_eq!(*part_uuid, part_of(v0).part_uuid);
+    let by_uuid_v0 = crate::model::by_partuuid_path(&v0.device, part_uuid);
+    assert_eq!(
+        *reason,
+        format!(
+            "udev names the partition now: point the link at {}",
+            by_uuid_v0.display()
+        )
+    );
+    // Once it points there, nothing is left to do.
+    inv.paths
+        .insert(v0.path.clone(), PathFacts::Symlink { target: by_uuid_v0 });
+    assert!(plan(&pol, &inv, &ctx()).steps.is_empty());
+}

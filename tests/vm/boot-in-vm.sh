@@ -54,6 +54,8 @@ HOT_SERIAL=${HOT_DISK% *}
 QUOTA_XFS_GROUP=xfs-shared
 QUOTA_EXT4_GROUP=ext4-shared
 MARKER_GROUPS="xfs-shared ext4-separate"
+BLOCK_GROUP=block
+BLOCK_SERIAL=KVSBLK1
 EOF
 }
 
