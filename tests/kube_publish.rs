@@ -460,6 +460,73 @@ async fn bind_racing_a_delete_is_refused_by_the_precondition() {
     p.shutdown().await;
 }
 
+/// A draining disk under faults: a claim binds its Available PV between kvstrap's list and
+/// its delete, and deletes answer 500 and 409 for a while. The bound PV is never deleted
+/// and keeps holding the disk; the disk's other PV goes once the errors are spent; the
+/// drain view never says "nothing left" while a PV of the disk is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_disk_under_faults_is_never_reported_released_early() {
+    let env = Env::up().await;
+    let p = env.publisher(Duration::from_secs(60));
+    let mut all = env.volumes(3);
+    for v in &mut all[..2] {
+        v.disk_identity = "serial:DRAIN".into();
+    }
+    let desired = env.desired(&all, ReclaimPolicy::Delete);
+    p.submit(desired.clone());
+    converge(&p).await;
+    let (raced, other) = (
+        desired.volumes[0].pv_name().to_string(),
+        desired.volumes[1].pv_name().to_string(),
+    );
+    env.double.race_bind_on_delete(&raced);
+    env.double.fail_next(&[500, 409, 500]);
+    let mut draining = env.desired(&all[2..], ReclaimPolicy::Delete);
+    draining.draining.insert("serial:DRAIN".into());
+    p.submit(draining.clone());
+    let start = std::time::Instant::now();
+    loop {
+        let status = p.status();
+        let view = status
+            .last_pass
+            .as_ref()
+            .and_then(|l| l.draining.get("serial:DRAIN").cloned());
+        let pvs = env.double.pvs();
+        if let Some(view) = &view {
+            // Whatever the view says, it names every PV of the disk still in the cluster.
+            for name in [&raced, &other] {
+                if pvs.contains_key(name.as_str()) {
+                    assert!(
+                        view.iter().any(|b| &b.pv == name),
+                        "{name} is in the cluster but not in the drain view {view:?}"
+                    );
+                }
+            }
+        }
+        if !pvs.contains_key(other.as_str()) && view.is_some_and(|v| v.len() == 1) {
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "{:?}", p.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(env.double.phase(&raced).as_deref(), Some("Bound"));
+    env.assert_no_bound_deleted();
+    // The pass whose delete lost the race saw it Available; the next one sees the claim.
+    p.submit(draining.clone());
+    let bound_seen = p
+        .wait_for(WAIT, |s| {
+            s.last_pass.as_ref().is_some_and(|l| {
+                l.draining.get("serial:DRAIN").is_some_and(|v| {
+                    v.len() == 1 && v[0].pv == raced && v[0].phase.as_deref() == Some("Bound")
+                })
+            })
+        })
+        .await;
+    assert!(bound_seen, "{:?}", p.status());
+    assert_eq!(env.double.phase(&raced).as_deref(), Some("Bound"));
+    p.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pv_deleted_by_hand_is_republished_only_after_a_scrub() {
     let env = Env::up().await;
