@@ -8,24 +8,9 @@ mod daemon_support;
 
 use common::LoopDisk;
 use daemon_support::*;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-
-/// `smartctl` printing the recorded output named in `current` beside it.
-fn fake_smartctl(dir: &Path, fixture: &str) {
-    let script = "#!/bin/sh\nf=$(cat \"$(dirname \"$0\")/current\")\ncat \"$f\"\ncase \"$f\" in *failing*) exit 8;; esac\n";
-    let path = dir.join("smartctl");
-    std::fs::write(&path, script).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    set_fixture(dir, fixture);
-}
-
-fn set_fixture(dir: &Path, name: &str) {
-    let file = manifest_path("tests/fixtures/smartctl").join(name);
-    std::fs::write(dir.join("current"), file.display().to_string()).unwrap();
-}
 
 /// The `service` field D-Bus `Disks` shows for a disk (`draining`, `drained`, or "").
 fn service_of(bus: &TestBus, disk: &Path) -> String {

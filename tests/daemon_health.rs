@@ -16,28 +16,9 @@ use common::promtool::value;
 use common::LoopDisk;
 use daemon_support::*;
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-
-fn fixture(name: &str) -> String {
-    manifest_path("tests/fixtures/smartctl")
-        .join(name)
-        .display()
-        .to_string()
-}
-
-/// A `smartctl` that prints the fixture named in the file `current` beside it, with the
-/// exit status the real one gives for it.
-fn fake_smartctl(dir: &Path) -> PathBuf {
-    let script = "#!/bin/sh\nf=$(cat \"$(dirname \"$0\")/current\")\ncat \"$f\"\ncase \"$f\" in *failing*) exit 8;; esac\n";
-    let path = dir.join("smartctl");
-    std::fs::write(&path, script).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::write(dir.join("current"), fixture("sata-healthy.json")).unwrap();
-    path
-}
 
 fn health_of(bus: &TestBus, disk: &Path) -> String {
     let doc = bus.read_json("Disks");
@@ -109,7 +90,7 @@ fn the_daemon_reads_health_and_shows_its_changes() {
     }
     let disk = LoopDisk::new(512 << 20);
     let bin = tempfile::tempdir().unwrap();
-    fake_smartctl(bin.path());
+    fake_smartctl(bin.path(), "sata-healthy.json");
     let work = tempfile::tempdir().unwrap();
     let prom = work.path().join("kvstrap.prom");
     let policy = work.path().join("policy.toml");
@@ -195,7 +176,7 @@ fn the_daemon_reads_health_and_shows_its_changes() {
     assert!(http_get(&addr).contains("kvstrap_disks_health{health=\"passed\"} 1\n"));
 
     // The disk starts failing: the next reading (1 s) finds it.
-    std::fs::write(bin.path().join("current"), fixture("sata-failing.json")).unwrap();
+    set_fixture(bin.path(), "sata-failing.json");
     assert!(
         eventually(Duration::from_secs(30), || health_of(&bus, &disk.path)
             == "failed"),

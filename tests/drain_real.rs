@@ -14,12 +14,13 @@ mod cases;
 mod common;
 #[path = "support/control_plane.rs"]
 mod control_plane;
+#[path = "support/pods.rs"]
+mod pods;
 
-use common::node::{class, group, Node};
+use common::node::{class, group, mounted_under, ok, Node};
 use common::{require_root, LoopDisk};
 use k8s_openapi::api::core::v1::{
-    Container, Event, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PersistentVolumeClaimVolumeSource, Pod, PodSpec, ServiceAccount, Volume,
+    Event, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod,
     VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -29,7 +30,7 @@ use kube::Client;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
@@ -38,25 +39,6 @@ const WAIT: Duration = Duration::from_secs(60);
 const NODE: &str = "test-node";
 const CLASS: &str = "ext";
 const ANNOTATION_DISK_IDENTITY: &str = "kvstrap.io/disk-identity";
-
-fn ok(out: Output, what: &str) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{what} failed: {text}");
-    text
-}
-
-fn mounted_under(root: &Path) -> Vec<PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4).map(PathBuf::from))
-        .filter(|m| m.starts_with(root))
-        .collect()
-}
 
 fn is_mounted(path: &Path) -> bool {
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -219,57 +201,6 @@ async fn claim(client: &Client, pv: &str) -> String {
     name
 }
 
-/// A pod in `default` mounting `claim` (never scheduled: there is no scheduler, no kubelet).
-async fn pod_using(client: &Client, claim: &str) -> String {
-    // The service account admission wants `default/default`; this control plane runs only
-    // the PV controllers, not the one that makes it.
-    let sa = ServiceAccount {
-        metadata: ObjectMeta {
-            name: Some("default".into()),
-            ..ObjectMeta::default()
-        },
-        ..ServiceAccount::default()
-    };
-    match Api::<ServiceAccount>::namespaced(client.clone(), "default")
-        .create(&PostParams::default(), &sa)
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
-        Err(e) => panic!("cannot create the default service account: {e}"),
-    }
-    let name = format!("vm-{claim}");
-    let pod = Pod {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            automount_service_account_token: Some(false),
-            containers: vec![Container {
-                name: "c".into(),
-                image: Some("registry.invalid/none".into()),
-                ..Container::default()
-            }],
-            volumes: Some(vec![Volume {
-                name: "disk".into(),
-                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                    claim_name: claim.into(),
-                    read_only: None,
-                }),
-                ..Volume::default()
-            }]),
-            ..PodSpec::default()
-        }),
-        status: None,
-    };
-    Api::<Pod>::namespaced(client.clone(), "default")
-        .create(&PostParams::default(), &pod)
-        .await
-        .unwrap();
-    name
-}
-
 /// Events about PV `pv` with `reason`, in any namespace.
 async fn events(client: &Client, pv: &str, reason: &str) -> Vec<Event> {
     Api::<Event>::all(client.clone())
@@ -392,7 +323,7 @@ fn scenario(rt: &tokio::runtime::Runtime, client: &Client, kubeconfig: &Path) {
     // 2. A tenant's data, a claim bound to the volume, a pod using the claim.
     std::fs::write(a_paths[0].join("tenant-data"), b"keep me").unwrap();
     let claim_name = rt.block_on(claim(client, &bound));
-    let pod = rt.block_on(pod_using(client, &claim_name));
+    let pod = rt.block_on(pods::pod_using(client, &claim_name));
     let uid = rt.block_on(get_pv(client, &bound)).unwrap().metadata.uid;
     assert!(uid.is_some());
 

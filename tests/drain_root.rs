@@ -6,32 +6,13 @@
 
 mod common;
 
-use common::node::{class, group, Node};
+use common::node::{class, group, mounted_under, ok, Node};
 use common::{require_root, LoopDisk};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 const MIB: u64 = 1 << 20;
-
-fn ok(out: Output, what: &str) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{what} failed: {text}");
-    text
-}
-
-fn mounted_under(root: &Path) -> Vec<PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4).map(PathBuf::from))
-        .filter(|m| m.starts_with(root))
-        .collect()
-}
 
 fn fs_uuid(dev: &Path) -> String {
     let out = Command::new("blkid")

@@ -18,6 +18,8 @@ mod fault_proxy;
 mod fixtures;
 #[path = "support/http_faults.rs"]
 mod http_faults;
+#[path = "support/pods.rs"]
+mod pods;
 
 use control_plane::ControlPlane;
 use fault_proxy::{Fault, FaultProxy};
@@ -25,8 +27,7 @@ use fixtures::{class, dir_volumes};
 use futures::FutureExt;
 use http_faults::{HttpFaults, Stage};
 use k8s_openapi::api::core::v1::{
-    Container, Event, Node, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PersistentVolumeClaimVolumeSource, Pod, PodSpec, ServiceAccount, Volume,
+    Event, Node, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod,
     VolumeResourceRequirements,
 };
 use k8s_openapi::api::storage::v1::StorageClass;
@@ -675,7 +676,7 @@ async fn drain_keeps_bound(ctx: &Ctx<'_>) {
     let claim_name = claim(ctx, &bound, &n.class.name).await;
     let uid = get_pv(ctx, &bound).await.unwrap().metadata.uid;
     let other_rv = get_pv(ctx, &other).await.unwrap().metadata.resource_version;
-    let pod = pod_using(ctx, &claim_name).await;
+    let pod = pods::pod_using(&ctx.client, &claim_name).await;
 
     let mut draining = n.desired(&volumes[2..]);
     draining.draining.insert("serial:DRAINME".into());
@@ -731,57 +732,6 @@ async fn drain_keeps_bound(ctx: &Ctx<'_>) {
         other_rv,
         "the other disk's PV was written"
     );
-}
-
-/// A pod in `default` that mounts `claim` (never scheduled: there is no scheduler).
-async fn pod_using(ctx: &Ctx<'_>, claim: &str) -> String {
-    let name = format!("vm-{claim}");
-    let pod = Pod {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            automount_service_account_token: Some(false),
-            containers: vec![Container {
-                name: "c".into(),
-                image: Some("registry.invalid/none".into()),
-                ..Container::default()
-            }],
-            volumes: Some(vec![Volume {
-                name: "disk".into(),
-                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                    claim_name: claim.into(),
-                    read_only: None,
-                }),
-                ..Volume::default()
-            }]),
-            ..PodSpec::default()
-        }),
-        status: None,
-    };
-    // The service account admission wants `default/default`; this control plane runs
-    // only the controllers kvstrap needs, not the one that makes it.
-    let sa = ServiceAccount {
-        metadata: ObjectMeta {
-            name: Some("default".into()),
-            ..ObjectMeta::default()
-        },
-        ..ServiceAccount::default()
-    };
-    match Api::<ServiceAccount>::namespaced(ctx.client.clone(), "default")
-        .create(&PostParams::default(), &sa)
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
-        Err(e) => panic!("cannot create the default service account: {e}"),
-    }
-    Api::<Pod>::namespaced(ctx.client.clone(), "default")
-        .create(&PostParams::default(), &pod)
-        .await
-        .unwrap();
-    name
 }
 
 /// `kvstrap forget` of a disk that died without a drain: its Available and Released

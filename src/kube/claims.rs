@@ -19,22 +19,28 @@ pub struct Holder {
     pub pods: Vec<String>,
 }
 
-/// Per disk identity in `disks`: its PVs in the cluster and who uses them.
-pub async fn holders(
-    client: &Client,
+/// The PVs kvstrap published for `node`.
+async fn node_pvs(
+    api: &Api<PersistentVolume>,
     node: &str,
-    disks: &BTreeSet<String>,
-) -> Result<BTreeMap<String, Vec<Holder>>, String> {
-    let pvs: Api<PersistentVolume> = Api::all(client.clone());
-    let list = pvs
-        .list(&ListParams::default().labels(&node_selector(node)))
+) -> Result<::kube::api::ObjectList<PersistentVolume>, String> {
+    api.list(&ListParams::default().labels(&node_selector(node)))
         .await
         .map_err(|e| {
             format!(
                 "cannot list the PersistentVolumes of node {node}: {}",
                 describe(&e)
             )
-        })?;
+        })
+}
+
+/// Per disk identity in `disks`: its PVs in the cluster and who uses them.
+pub async fn holders(
+    client: &Client,
+    node: &str,
+    disks: &BTreeSet<String>,
+) -> Result<BTreeMap<String, Vec<Holder>>, String> {
+    let list = node_pvs(&Api::all(client.clone()), node).await?;
     let mut out: BTreeMap<String, Vec<Holder>> =
         disks.iter().map(|d| (d.clone(), Vec::new())).collect();
     for pv in &list.items {
@@ -107,15 +113,7 @@ pub struct Forgotten {
 /// Each delete carries the uid and resourceVersion seen, so a bind in between wins.
 pub async fn forget_disk(client: &Client, node: &str, identity: &str) -> Result<Forgotten, String> {
     let api: Api<PersistentVolume> = Api::all(client.clone());
-    let list = api
-        .list(&ListParams::default().labels(&node_selector(node)))
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot list the PersistentVolumes of node {node}: {}",
-                describe(&e)
-            )
-        })?;
+    let list = node_pvs(&api, node).await?;
     let mut out = Forgotten::default();
     for pv in list
         .items

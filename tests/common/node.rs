@@ -6,7 +6,7 @@
 
 use super::LoopDisk;
 use serde_json::Value;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// A policy, state dir and storage root of the test's own.
@@ -128,4 +128,25 @@ pub fn class(name: &str, fs: &str, mode: &str) -> String {
             "[[storage_class]]\nname = {name:?}\nfs_type = {fs:?}\nvolume_mode = {mode:?}\n\n"
         ),
     }
+}
+
+/// The command's stdout and stderr; fails the test, with both, when it did not succeed.
+pub fn ok(out: Output, what: &str) -> String {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{what} failed: {text}");
+    text
+}
+
+/// Mount points at or below `root`, as this process sees them.
+pub fn mounted_under(root: &Path) -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4).map(PathBuf::from))
+        .filter(|m| m.starts_with(root))
+        .collect()
 }

@@ -399,3 +399,21 @@ pub fn refused_port() -> (std::os::fd::OwnedFd, u16) {
     let addr: SockaddrIn = getsockname(std::os::fd::AsRawFd::as_raw_fd(&fd)).unwrap();
     (fd, addr.port())
 }
+
+/// `smartctl` printing the recorded output named in `current` beside it.
+pub fn fake_smartctl(dir: &Path, fixture: &str) {
+    let script = "#!/bin/sh\nf=$(cat \"$(dirname \"$0\")/current\")\ncat \"$f\"\ncase \"$f\" in *failing*) exit 8;; esac\n";
+    let path = dir.join("smartctl");
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(
+        &path,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+    )
+    .unwrap();
+    set_fixture(dir, fixture);
+}
+
+pub fn set_fixture(dir: &Path, name: &str) {
+    let file = manifest_path("tests/fixtures/smartctl").join(name);
+    std::fs::write(dir.join("current"), file.display().to_string()).unwrap();
+}
