@@ -110,6 +110,12 @@ fn drain_unmounts_and_keeps_the_data_undrain_brings_it_back_root() {
         .unwrap()
         .clone();
     assert_eq!(row["service"], "drained", "{row:#}");
+    let status = ok(node.kvstrap(&["status"], &[]), "status");
+    assert!(
+        status.contains(&format!("out of service: {} (", a.path.display()))
+            && status.contains("drained since"),
+        "{status}"
+    );
     assert!(
         row["reason"].as_str().unwrap().contains("out of service"),
         "{row:#}"

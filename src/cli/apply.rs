@@ -98,21 +98,28 @@ pub fn status(g: &GlobalArgs) -> Result<i32> {
         let doc: serde_json::Value =
             serde_json::from_str(&text).context("the daemon sent a status kvstrap cannot read")?;
         let kept = node(g).kept();
+        let service = node(g).disk_service()?;
         match g.output {
-            OutputFormat::Json => print_json(&json!({ "daemon": doc, "kept_pvs": kept })),
+            OutputFormat::Json => print_json(
+                &json!({ "daemon": doc, "kept_pvs": kept, "out_of_service": service.out_of_service }),
+            ),
             OutputFormat::Human => {
                 println!("kvstrap.service is running:");
                 for (key, value) in doc.as_object().into_iter().flatten() {
                     println!("  {key}: {value}");
                 }
                 print_kept(&kept);
+                print_out_of_service(&service);
             }
         }
         return Ok(0);
     }
     let crate::node::queries::Recorded { state: st, kept } = node(g).recorded()?;
+    let service = node(g).disk_service()?;
     match g.output {
-        OutputFormat::Json => print_json(&json!({ "state": st, "kept_pvs": kept })),
+        OutputFormat::Json => print_json(
+            &json!({ "state": st, "kept_pvs": kept, "out_of_service": service.out_of_service }),
+        ),
         OutputFormat::Human => match st {
             None => {
                 println!("kvstrap has not applied a policy on this node yet ({} has no state).", g.state_dir.display())
@@ -130,8 +137,22 @@ pub fn status(g: &GlobalArgs) -> Result<i32> {
     }
     if g.output == OutputFormat::Human {
         print_kept(&kept);
+        print_out_of_service(&service);
     }
     Ok(0)
+}
+
+/// Disks out of service, from the state directory's record (no scan).
+fn print_out_of_service(service: &crate::model::DiskService) {
+    for (identity, r) in &service.out_of_service {
+        println!(
+            "out of service: {} ({identity}) {} since {} ({}); `kvstrap drain --status` shows what holds it",
+            r.path.display(),
+            r.phase.as_str(),
+            utc_timestamp(r.since_unix),
+            r.why
+        );
+    }
 }
 
 /// PVs kept in the cluster for volumes gone from this node (from the publisher's ledger).
