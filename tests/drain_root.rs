@@ -62,6 +62,17 @@ fn drain_unmounts_and_keeps_the_data_undrain_brings_it_back_root() {
     let link = volume_paths_of(&node, &raw).remove(0);
     assert!(link.is_symlink());
 
+    let unknown = node.kvstrap(&["drain", "/dev/nonesuch"], &[]);
+    assert!(!unknown.status.success());
+    let said = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        said.contains("no disk \"/dev/nonesuch\" on this node"),
+        "{said}"
+    );
+    assert!(
+        said.contains("kvstrap disks"),
+        "the message says where to look: {said}"
+    );
     // Drain A (by its loop path) and the Block disk: nothing holds them, so both end drained.
     ok(
         node.kvstrap(&["drain", &a.path.display().to_string()], &[]),

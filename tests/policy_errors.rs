@@ -757,6 +757,18 @@ fn wipe_unknown_word() {
 }
 
 #[test]
+fn on_failure_unknown_word() {
+    one_error(
+        &group("on_failure = \"wipe\"\n"),
+        7,
+        14,
+        "unknown on_failure \"wipe\"",
+        "on_failure = \"keep\" or \"drain\"",
+    );
+    assert!(diagnostics(&group("on_failure = \"drain\"\n")).is_empty());
+}
+
+#[test]
 fn layout_unknown_word() {
     one_error(
         &group("layout = \"striped\"\n"),
