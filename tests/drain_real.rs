@@ -19,12 +19,7 @@ mod pods;
 
 use common::node::{class, group, mounted_under, ok, Node};
 use common::{require_root, LoopDisk};
-use k8s_openapi::api::core::v1::{
-    Event, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod,
-    VolumeResourceRequirements,
-};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::{Event, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::Client;
 use serde_json::Value;
@@ -175,24 +170,7 @@ async fn wait_phase(client: &Client, name: &str, want: &str) -> PersistentVolume
 /// asking for no more than the PV holds; returns once the PV is Bound.
 async fn claim(client: &Client, pv: &str) -> String {
     let name = format!("claim-{pv}");
-    let pvc = PersistentVolumeClaim {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PersistentVolumeClaimSpec {
-            access_modes: Some(vec!["ReadWriteOnce".into()]),
-            storage_class_name: Some(CLASS.into()),
-            volume_name: Some(pv.into()),
-            volume_mode: Some("Filesystem".into()),
-            resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([("storage".into(), Quantity("1Mi".into()))])),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        status: None,
-    };
+    let pvc = pods::bound_claim(&name, pv, CLASS, "1Mi");
     Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")
         .create(&PostParams::default(), &pvc)
         .await

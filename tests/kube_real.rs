@@ -26,12 +26,8 @@ use fault_proxy::{Fault, FaultProxy};
 use fixtures::{class, dir_volumes};
 use futures::FutureExt;
 use http_faults::{HttpFaults, Stage};
-use k8s_openapi::api::core::v1::{
-    Event, Node, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod,
-    VolumeResourceRequirements,
-};
+use k8s_openapi::api::core::v1::{Event, Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::Client;
@@ -222,24 +218,7 @@ async fn wait_phase(ctx: &Ctx<'_>, name: &str, want: &str) -> PersistentVolume {
 /// A claim pre-bound to `pv` (static binding: `volumeName` and the class), in `default`.
 async fn claim(ctx: &Ctx<'_>, pv: &str, class: &str) -> String {
     let name = format!("claim-{pv}");
-    let pvc = PersistentVolumeClaim {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PersistentVolumeClaimSpec {
-            access_modes: Some(vec!["ReadWriteOnce".into()]),
-            storage_class_name: Some(class.into()),
-            volume_name: Some(pv.into()),
-            volume_mode: Some("Filesystem".into()),
-            resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([("storage".into(), Quantity("1Gi".into()))])),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        status: None,
-    };
+    let pvc = pods::bound_claim(&name, pv, class, "1Gi");
     Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), "default")
         .create(&PostParams::default(), &pvc)
         .await

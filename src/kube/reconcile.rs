@@ -250,90 +250,96 @@ impl Reconciler {
             .filter(|(n, _)| !wanted.contains(n.as_str()))
         {
             let draining = disk_identity(pv).filter(|id| desired.draining.contains(*id));
-            let blocker = |pv: &PersistentVolume| DrainBlocker {
-                pv: name.clone(),
-                phase: phase(pv),
-                claim: claim_of(pv),
-            };
-            // Terminating PVs are on their way out already.
-            if pv.metadata.deletion_timestamp.is_some() {
-                if let Some(id) = draining {
-                    report
-                        .draining
-                        .entry(id.to_string())
-                        .or_default()
-                        .push(blocker(pv));
-                }
-                continue;
+            // Still in the cluster after this pass: for a draining disk, it holds the disk.
+            let still_there = self
+                .vanished_one(client, &api, name, pv, draining.is_some(), report)
+                .await;
+            if let (Some(id), true) = (draining, still_there) {
+                report
+                    .draining
+                    .entry(id.to_string())
+                    .or_default()
+                    .push(DrainBlocker {
+                        pv: name.clone(),
+                        phase: phase(pv),
+                        claim: claim_of(pv),
+                    });
             }
-            let phase = phase(pv);
-            let claimed = pv.spec.as_ref().is_some_and(|s| s.claim_ref.is_some());
-            let reclaim = pv
-                .spec
-                .as_ref()
-                .and_then(|s| s.persistent_volume_reclaim_policy.as_deref());
-            let released = matches!(phase.as_deref(), Some("Released" | "Failed"));
-            // Bound (or about to be), or released and kept for the admin: never deleted.
-            let keep = if released {
-                reclaim != Some("Delete")
+        }
+    }
+
+    /// One PV whose volume is gone (or whose disk is draining): kept, or deleted when no
+    /// claim holds it. True when it is still in the cluster after this.
+    async fn vanished_one(
+        &mut self,
+        client: &Client,
+        api: &Api<PersistentVolume>,
+        name: &String,
+        pv: &PersistentVolume,
+        draining: bool,
+        report: &mut PassReport,
+    ) -> bool {
+        // Terminating PVs are on their way out already.
+        if pv.metadata.deletion_timestamp.is_some() {
+            return true;
+        }
+        let phase = phase(pv);
+        let claimed = pv.spec.as_ref().is_some_and(|s| s.claim_ref.is_some());
+        let reclaim = pv
+            .spec
+            .as_ref()
+            .and_then(|s| s.persistent_volume_reclaim_policy.as_deref());
+        let released = matches!(phase.as_deref(), Some("Released" | "Failed"));
+        // Bound (or about to be), or released and kept for the admin: never deleted.
+        let keep = if released {
+            reclaim != Some("Delete")
+        } else {
+            claimed || phase.as_deref() == Some("Bound")
+        };
+        if keep {
+            report.kept.push(name.clone());
+            self.record_kept(name, pv);
+            let state = phase.as_deref().unwrap_or("claimed");
+            let (reason, msg) = if draining {
+                (
+                    "VolumeDraining",
+                    format!(
+                        "the disk of PersistentVolume {name} on node {} is draining, and the PV \
+                         is {state}: kvstrap keeps it, and the disk in service, until it is released",
+                        self.node
+                    ),
+                )
             } else {
-                claimed || phase.as_deref() == Some("Bound")
+                (
+                    "VolumeMissing",
+                    format!(
+                        "the volume of PersistentVolume {name} no longer exists on node {}, but the PV \
+                         is {state}: kvstrap keeps it; delete the claim and the PV when the data is not needed",
+                        self.node
+                    ),
+                )
             };
-            if keep {
-                report.kept.push(name.clone());
-                self.record_kept(name, pv);
-                let state = phase.as_deref().unwrap_or("claimed");
-                let (reason, msg) = match draining {
-                    Some(_) => (
-                        "VolumeDraining",
-                        format!(
-                            "the disk of PersistentVolume {name} on node {} is draining, and the PV \
-                             is {state}: kvstrap keeps it, and the disk in service, until it is released",
-                            self.node
-                        ),
-                    ),
-                    None => (
-                        "VolumeMissing",
-                        format!(
-                            "the volume of PersistentVolume {name} no longer exists on node {}, but the PV \
-                             is {state}: kvstrap keeps it; delete the claim and the PV when the data is not needed",
-                            self.node
-                        ),
-                    ),
+            self.report_once(client, pv, reason, "KeepVolume", &msg)
+                .await;
+            return true;
+        }
+        match delete_unbound(api, pv).await {
+            Ok(()) => {
+                let why = if draining {
+                    "its disk is draining"
+                } else {
+                    "its volume no longer exists"
                 };
-                self.report_once(client, pv, reason, "KeepVolume", &msg)
-                    .await;
-                if let Some(id) = draining {
-                    report
-                        .draining
-                        .entry(id.to_string())
-                        .or_default()
-                        .push(blocker(pv));
-                }
-                continue;
+                tracing::info!(pv = %name, phase = phase.as_deref().unwrap_or("none"),
+                    "deleted PersistentVolume: {why}");
+                report.deleted.push(name.clone());
+                false
             }
-            match delete_unbound(&api, pv).await {
-                Ok(()) => {
-                    let why = match draining {
-                        Some(_) => "its disk is draining",
-                        None => "its volume no longer exists",
-                    };
-                    tracing::info!(pv = %name, phase = phase.as_deref().unwrap_or("none"),
-                        "deleted PersistentVolume: {why}");
-                    report.deleted.push(name.clone());
-                }
-                Err(e) => {
-                    report
-                        .errors
-                        .push(format!("delete PersistentVolume {name}: {e}"));
-                    if let Some(id) = draining {
-                        report
-                            .draining
-                            .entry(id.to_string())
-                            .or_default()
-                            .push(blocker(pv));
-                    }
-                }
+            Err(e) => {
+                report
+                    .errors
+                    .push(format!("delete PersistentVolume {name}: {e}"));
+                true
             }
         }
     }

@@ -1,10 +1,12 @@
-//! A pod that mounts a claim, as a VM's virt-launcher pod would (never scheduled: the
+//! A claim pre-bound to a PV, and a pod that mounts a claim, as a VM's virt-launcher pod would (never scheduled: the
 //! test control plane has no scheduler), for tests that ask who uses a PersistentVolume.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use k8s_openapi::api::core::v1::{
-    Container, PersistentVolumeClaimVolumeSource, Pod, PodSpec, ServiceAccount, Volume,
+    Container, PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource,
+    Pod, PodSpec, ServiceAccount, Volume, VolumeResourceRequirements,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
 use kube::Client;
@@ -58,4 +60,30 @@ pub async fn pod_using(client: &Client, claim: &str) -> String {
         .await
         .unwrap();
     name
+}
+
+/// A claim `name` in `default` pre-bound to `pv` (static binding: `volumeName` and the
+/// class), asking for `size` (no more than the PV holds).
+pub fn bound_claim(name: &str, pv: &str, class: &str, size: &str) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: Some(class.into()),
+            volume_name: Some(pv.into()),
+            volume_mode: Some("Filesystem".into()),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(std::collections::BTreeMap::from([(
+                    "storage".into(),
+                    Quantity(size.into()),
+                )])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    }
 }
