@@ -104,6 +104,36 @@ pub struct Partition {
     /// while kvstrap holds the disk). A Block volume's link then points there.
     #[serde(default)]
     pub by_partuuid: bool,
+    /// Every mount of the partition's filesystem, in every mount namespace: kvstrap's own,
+    /// kubelet's bind mounts of a volume into a pod, anything else.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<MountFact>,
+    /// Bind mounts of the partition's device node (kubelet maps a Block volume so).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_binds: Vec<MountFact>,
+    /// Loop devices over the partition (kubelet attaches one to a mapped Block volume).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loop_devices: Vec<LoopOver>,
+}
+
+/// A loop device whose backing file is a block device node (or a bind mount of one).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoopOver {
+    pub device: PathBuf,
+    pub backing_file: PathBuf,
+}
+
+/// One mount as mountinfo shows it, in kvstrap's mount namespace or another one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountFact {
+    pub mountpoint: PathBuf,
+    /// The directory of the mounted filesystem the mount shows: `/` for the whole
+    /// filesystem, `/vol-03` for a bind mount of that directory (for a device node's bind
+    /// mount, the node's path in /dev).
+    pub root: PathBuf,
+    /// A process of the mount namespace the mount is in, when that is not kvstrap's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
 }
 
 /// One signature libblkid recognised.
@@ -355,6 +385,59 @@ pub struct VolumeSpec {
     pub project_id: Option<u32>,
     pub owner: Option<Owner>,
     pub fs_type: Option<FsType>,
+    /// The volume's directory inside its filesystem: `/vol-03` on a shared filesystem, `/`
+    /// for a filesystem of its own, none for Block. A mount that shows this directory (or
+    /// one below it: a `subPath`) is a use of the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir_in_fs: Option<PathBuf>,
+}
+
+/// Something on the node that uses a volume: kvstrap never scrubs, unmounts or hands out
+/// a volume while it has one.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct VolumeUse {
+    pub kind: UseKind,
+    /// The mount point, the device node's bind mount, or the device that holds it.
+    pub path: PathBuf,
+    /// The pod, when the path is kubelet's (`.../pods/<uid>/volumes/...`,
+    /// `.../volumeDevices/<pv>/<uid>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    /// A process of the mount namespace the use is in, when not kvstrap's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UseKind {
+    /// A mount or bind mount of the volume's directory or filesystem.
+    Mount,
+    /// A bind mount of a Block volume's device node.
+    DeviceMapping,
+    /// A loop device over a Block volume's partition.
+    LoopDevice,
+    /// A device-mapper or md device stacked on the partition.
+    Holder,
+}
+
+impl std::fmt::Display for VolumeUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match self.kind {
+            UseKind::Mount => "mounted at",
+            UseKind::DeviceMapping => "device mapped at",
+            UseKind::LoopDevice => "held by loop device",
+            UseKind::Holder => "held by",
+        };
+        write!(f, "{what} {}", self.path.display())?;
+        if let Some(uid) = &self.pod_uid {
+            write!(f, " (pod {uid})")?;
+        }
+        if let Some(pid) = self.pid {
+            write!(f, " (mount namespace of pid {pid})")?;
+        }
+        Ok(())
+    }
 }
 
 /// One action of the plan, with why it is needed.

@@ -46,7 +46,7 @@ fn lists_disks_in_natural_order_without_unattached_loops() {
     let names: Vec<String> = inventory().disks.iter().map(|d| d.name.clone()).collect();
     assert_eq!(
         names,
-        vec!["dm-0", "loop2", "loop10", "nvme0n1", "sda", "vda"]
+        vec!["dm-0", "loop2", "loop10", "loop11", "nvme0n1", "sda", "vda"]
     );
 }
 
@@ -83,19 +83,99 @@ fn nvme_identity_and_by_id_names() {
     );
     assert_eq!(
         p1.mountpoints,
-        vec![PathBuf::from("/var/lib/kvstrap/storage/nvme-3f2a9c1b")]
+        vec![
+            PathBuf::from("/var/lib/kvstrap/storage/nvme-3f2a9c1b"),
+            PathBuf::from(format!(
+                "{KUBELET_PODS}/volumes/kubernetes.io~local-volume/pv-a"
+            ))
+        ]
     );
     assert!(d.partitions[1].swap);
 }
 
+const POD: &str = "6f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0";
+const KUBELET_PODS: &str = "/var/lib/kubelet/pods/6f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0";
+
 #[test]
 fn nvme_mount_below_storage_root_is_ours_but_swap_is_not() {
+    // The inventory reports the pod's bind mount as it reports any mount; only the
+    // planner, which knows the partition is kvstrap's, counts it as a volume's use.
     let inv = inventory();
     assert_eq!(
         reasons(disk(&inv, "nvme0n1")),
-        vec![InUse::Swap {
-            device: "/dev/nvme0n1p2".into()
+        vec![
+            InUse::Mounted {
+                mountpoint: format!("{KUBELET_PODS}/volumes/kubernetes.io~local-volume/pv-a")
+                    .into()
+            },
+            InUse::Swap {
+                device: "/dev/nvme0n1p2".into()
+            }
+        ]
+    );
+}
+
+#[test]
+fn every_mount_of_a_partition_is_seen_with_its_root_in_every_namespace() {
+    let inv = inventory();
+    let p1 = &disk(&inv, "nvme0n1").partitions[0];
+    let seen: Vec<(String, String, Option<u32>)> = p1
+        .mounts
+        .iter()
+        .map(|m| {
+            (
+                m.mountpoint.display().to_string(),
+                m.root.display().to_string(),
+                m.pid,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (
+                "/var/lib/kvstrap/storage/nvme-3f2a9c1b".into(),
+                "/".into(),
+                None
+            ),
+            (
+                format!("{KUBELET_PODS}/volumes/kubernetes.io~local-volume/pv-a"),
+                "/nvme-3f2a9c1b-01".into(),
+                None
+            ),
+            // A container's namespace; init's is kvstrap's own and is not read twice.
+            ("/data".into(), "/nvme-3f2a9c1b-01".into(), Some(4242)),
+        ]
+    );
+}
+
+#[test]
+fn kubelets_block_mapping_and_its_loop_device_are_seen_on_the_partition() {
+    let inv = inventory();
+    let mapped =
+        format!("/var/lib/kubelet/plugins/kubernetes.io~local-volume/volumeDevices/pv-b/{POD}");
+    let p2 = &disk(&inv, "nvme0n1").partitions[1];
+    assert_eq!(p2.node_binds.len(), 1, "{p2:#?}");
+    assert_eq!(p2.node_binds[0].mountpoint, PathBuf::from(&mapped));
+    assert_eq!(p2.node_binds[0].root, PathBuf::from("/nvme0n1p2"));
+    assert_eq!(
+        p2.loop_devices,
+        vec![kvstrap::model::LoopOver {
+            device: "/dev/loop11".into(),
+            backing_file: mapped.into()
         }]
+    );
+    // The loop device shows the partition's data: never a disk to provision.
+    assert!(
+        reasons(disk(&inv, "loop11")).contains(&InUse::Virtual {
+            detail: "a loop device over the block device /dev/nvme0n1p2".into()
+        }),
+        "{:?}",
+        disk(&inv, "loop11").in_use
+    );
+    assert!(
+        reasons(disk(&inv, "loop2")).is_empty(),
+        "a loop over an image file is a disk"
     );
 }
 
@@ -239,6 +319,6 @@ fn missing_sysfs_is_an_error_that_names_the_path() {
 #[test]
 fn json_names_each_disk_by_path() {
     let json = serde_json::to_value(inventory()).unwrap();
-    assert_eq!(json["disks"][3]["path"], "/dev/nvme0n1");
-    assert_eq!(json["disks"][5]["in_use"][0]["kind"], "system_disk");
+    assert_eq!(json["disks"][4]["path"], "/dev/nvme0n1");
+    assert_eq!(json["disks"][6]["in_use"][0]["kind"], "system_disk");
 }

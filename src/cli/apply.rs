@@ -214,6 +214,9 @@ fn print_volumes(
                     pv,
                     r.path.display()
                 );
+                for u in &r.uses {
+                    println!("  used: {u}");
+                }
             }
             println!(
                 "{} volume(s), {}",

@@ -144,9 +144,9 @@ fn with_health(
     Ok(serde_json::to_string(&doc)?)
 }
 
-fn volumes_document(plan: &crate::model::Plan) -> Result<String, EngineError> {
+fn volumes_document(look: &node::Look) -> Result<String, EngineError> {
     Ok(serde_json::to_string(
-        &json!({ "volumes": node::queries::volume_rows(plan) }),
+        &json!({ "volumes": node::queries::volume_rows(&look.plan, &look.inventory) }),
     )?)
 }
 
@@ -202,7 +202,7 @@ impl Engine for HostEngine {
             Ok((policy, look)) => Observation {
                 time: look.time,
                 disks: self.disks_document(&policy, &look),
-                volumes: volumes_document(&look.plan),
+                volumes: volumes_document(&look),
                 plan: serde_json::to_string(&look.plan).map_err(EngineError::from),
             },
             Err(e) => {
@@ -227,7 +227,7 @@ impl Engine for HostEngine {
     }
 
     fn volumes_json(&self) -> Result<String, EngineError> {
-        volumes_document(&self.look_now(&self.policy())?.plan)
+        volumes_document(&self.look_now(&self.policy())?)
     }
 
     fn plan_json(&self) -> Result<String, EngineError> {

@@ -58,6 +58,9 @@ pub enum MountError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
     pub devno: u64,
+    /// The directory of the mounted filesystem that this mount shows: `/` for the whole
+    /// filesystem, `/vol-03` for a bind mount of one directory of it.
+    pub root: PathBuf,
     pub mountpoint: PathBuf,
     pub fstype: String,
     pub source: String,
@@ -93,6 +96,7 @@ fn parse_line(line: &str) -> Option<MountEntry> {
     );
     Some(MountEntry {
         devno: nix::sys::stat::makedev(maj.parse().ok()?, min.parse().ok()?),
+        root: PathBuf::from(unescape(pre.get(3)?)),
         mountpoint: PathBuf::from(unescape(pre.get(4)?)),
         fstype,
         source,
@@ -325,6 +329,7 @@ mod tests {
 22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw,errors=remount-ro
 97 22 259:1 / /var/lib/kvstrap/storage/nvme-a rw,noatime shared:50 - xfs /dev/nvme0n1p1 rw,attr2,inode64,prjquota
 98 22 7:17 / /mnt/with\\040space rw,relatime - ext4 /dev/loop1p1 rw
+99 22 259:1 /vol-02 /var/lib/kubelet/pods/0f3c/volumes/kubernetes.io~local-volume/pv-x rw - xfs /dev/nvme0n1p1 rw
 ";
 
     #[test]
@@ -338,7 +343,13 @@ mod tests {
     #[test]
     fn parses_mountinfo_lines() {
         let m = parse_mountinfo(MOUNTINFO);
-        assert_eq!(m.len(), 3);
+        assert_eq!(m.len(), 4);
+        assert_eq!(m[1].root, Path::new("/"));
+        assert_eq!(
+            m[3].root,
+            Path::new("/vol-02"),
+            "a bind mount shows one directory"
+        );
         assert_eq!(m[1].devno, nix::sys::stat::makedev(259, 1));
         assert_eq!(
             m[1].mountpoint,

@@ -108,6 +108,7 @@ pub fn scan(opts: &ScanOptions) -> Result<Inventory, InventoryError> {
         .map(|(sys, probed)| assemble(sys, probed, &machine, opts))
         .collect();
     disks.sort_by(|a, b| natural_cmp(&a.name, &b.name));
+    link_loop_devices(&mut disks, &machine);
     let paths = paths::observe(&opts.managed_roots, &machine.mounts);
     Ok(Inventory {
         disks,
@@ -116,9 +117,48 @@ pub fn scan(opts: &ScanOptions) -> Result<Inventory, InventoryError> {
     })
 }
 
+/// What uses one partition now, read afresh and without opening any device: mounts of it
+/// in every mount namespace, bind mounts of its node, loop devices over it, holders. The
+/// reclaim path asks this right before a scrub (`plan::usage::volume_uses` judges it).
+pub fn partition_users_now(device: &Path) -> Result<Partition, InventoryError> {
+    let opts = ScanOptions::default();
+    let machine = Machine::read(&opts)?;
+    let name = device
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let class = opts.sys_root.join("class/block").join(&name);
+    let devno = sysfs::attr(&class, "dev").unwrap_or_default();
+    let loop_devices = sysfs::list_names(&opts.sys_root.join("block"))
+        .into_iter()
+        .filter_map(|d| {
+            let dir = opts.sys_root.join("block").join(&d).join("loop");
+            let backing = PathBuf::from(sysfs::attr(&dir, "backing_file")?);
+            (machine.block_device_behind(&backing)? == name).then(|| crate::model::LoopOver {
+                device: Path::new("/dev").join(d),
+                backing_file: backing,
+            })
+        })
+        .collect();
+    Ok(Partition {
+        path: device.to_path_buf(),
+        holders: sysfs::list_names(&class.join("holders")),
+        mountpoints: machine.mountpoints(&devno, &name),
+        mounts: machine.mount_facts(&devno, &name),
+        node_binds: machine.node_binds(&name),
+        loop_devices,
+        in_kernel: !devno.is_empty(),
+        ..Partition::default()
+    })
+}
+
 /// Machine-wide facts read once per scan.
 struct Machine {
     mounts: Vec<Mount>,
+    /// Block-device and /dev mounts of the other mount namespaces.
+    other_mounts: Vec<Mount>,
+    /// `major:minor` of the filesystem mounted at /dev.
+    dev_devno: Option<String>,
     swaps: Vec<SwapArea>,
     by_id_links: Option<BTreeMap<String, Vec<String>>>,
     root_spec: Option<String>,
@@ -128,8 +168,16 @@ struct Machine {
 impl Machine {
     fn read(opts: &ScanOptions) -> Result<Machine, InventoryError> {
         let cmdline = std::fs::read_to_string(opts.proc_root.join("cmdline")).unwrap_or_default();
+        let mounts = mountinfo::read(&opts.proc_root)?;
+        let dev_devno = mounts
+            .iter()
+            .rev()
+            .find(|m| m.mountpoint == Path::new("/dev"))
+            .map(|m| m.devno.clone());
         Ok(Machine {
-            mounts: mountinfo::read(&opts.proc_root)?,
+            other_mounts: mountinfo::read_other_namespaces(&opts.proc_root),
+            dev_devno,
+            mounts,
             swaps: swaps::read(&opts.proc_root)?,
             by_id_links: byid::read_links(&opts.dev_root.join("disk/by-id")),
             root_spec: eligibility::root_spec(&cmdline),
@@ -142,6 +190,51 @@ impl Machine {
             .into_iter()
             .map(|m| m.mountpoint.clone())
             .collect()
+    }
+
+    /// Every mount of a device's filesystem, in every mount namespace.
+    fn mount_facts(&self, devno: &str, name: &str) -> Vec<crate::model::MountFact> {
+        let dev_path = format!("/dev/{name}");
+        self.all_mounts()
+            .filter(|m| m.devno == devno || m.source == dev_path)
+            .map(Mount::fact)
+            .collect()
+    }
+
+    /// Bind mounts of the device node `/dev/<name>` itself, in every mount namespace.
+    fn node_binds(&self, name: &str) -> Vec<crate::model::MountFact> {
+        let node = Path::new("/").join(name);
+        self.all_mounts()
+            .filter(|m| m.root == node && self.is_dev_filesystem(m))
+            .map(Mount::fact)
+            .collect()
+    }
+
+    fn all_mounts(&self) -> impl Iterator<Item = &Mount> {
+        self.mounts.iter().chain(&self.other_mounts)
+    }
+
+    fn is_dev_filesystem(&self, m: &Mount) -> bool {
+        m.fstype == "devtmpfs" || self.dev_devno.as_deref() == Some(m.devno.as_str())
+    }
+
+    /// The block device a loop device's backing file is, by kernel name: `/dev/<name>`
+    /// itself, or a bind mount of that node (kubelet's Block volume mapping). Decided
+    /// from mountinfo alone, so a backing file on a hung network filesystem is never
+    /// touched.
+    fn block_device_behind(&self, backing: &Path) -> Option<String> {
+        let text = backing.to_string_lossy();
+        let path = Path::new(text.trim_end_matches(" (deleted)"));
+        if let Ok(name) = path.strip_prefix("/dev") {
+            return Some(name.to_string_lossy().into_owned());
+        }
+        self.mounts
+            .iter()
+            .rev()
+            .find(|m| m.mountpoint == path)
+            .filter(|m| self.is_dev_filesystem(m))
+            .and_then(|m| m.root.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
     }
 
     fn is_swap(&self, devno: &str, name: &str) -> bool {
@@ -420,12 +513,14 @@ fn partition(
     disk_ids: &[String],
 ) -> Partition {
     let name = kernel.map_or_else(|| partition_name(&disk.name, number), |k| k.name.clone());
-    let (mountpoints, swap) = match kernel {
+    let (mountpoints, swap, mounts, node_binds) = match kernel {
         Some(k) => (
             machine.mountpoints(&k.devno, &k.name),
             machine.is_swap(&k.devno, &k.name),
+            machine.mount_facts(&k.devno, &k.name),
+            machine.node_binds(&k.name),
         ),
-        None => (Vec::new(), false),
+        None => (Vec::new(), false, Vec::new(), Vec::new()),
     };
     // As for disks: udev's links, or computed ones while udev has not made them.
     let by_id = match machine.by_id_links.as_ref().and_then(|l| l.get(&name)) {
@@ -462,6 +557,49 @@ fn partition(
         by_id,
         in_kernel: kernel.is_some(),
         by_partuuid,
+        mounts,
+        node_binds,
+        loop_devices: Vec::new(),
+    }
+}
+
+/// A loop device over a block device (kubelet attaches one to each Block volume it maps)
+/// is recorded on the partition it holds, and is itself never a disk to provision: what
+/// it shows is that partition's data.
+fn link_loop_devices(disks: &mut [Disk], machine: &Machine) {
+    let over: Vec<(usize, String, PathBuf)> = disks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| {
+            let backing = d.backing_file.clone()?;
+            Some((i, machine.block_device_behind(&backing)?, backing))
+        })
+        .collect();
+    let known = |name: &str| {
+        disks.iter().any(|d| {
+            d.name == name
+                || d.partitions
+                    .iter()
+                    .any(|p| p.path == Path::new("/dev").join(name))
+        })
+    };
+    // Only block devices of this scan: a loop over a file that lives in /dev/shm is a disk.
+    let over: Vec<_> = over.into_iter().filter(|(_, n, _)| known(n)).collect();
+    for (i, name, backing_file) in over {
+        let loop_over = crate::model::LoopOver {
+            device: disks[i].path.clone(),
+            backing_file,
+        };
+        disks[i].in_use.push(crate::model::InUse::Virtual {
+            detail: format!("a loop device over the block device /dev/{name}"),
+        });
+        let partition = disks
+            .iter_mut()
+            .flat_map(|d| d.partitions.iter_mut())
+            .find(|p| p.path == Path::new("/dev").join(&name));
+        if let Some(p) = partition {
+            p.loop_devices.push(loop_over);
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! Mounts from /proc/self/mountinfo, looked up by device number.
+//! Mounts from /proc/self/mountinfo and from every other mount namespace, looked up by device number.
 
 use super::InventoryError;
 use std::path::{Path, PathBuf};
@@ -8,10 +8,24 @@ use std::path::{Path, PathBuf};
 pub struct Mount {
     /// `major:minor` of the mounted device (for btrfs a virtual one: see `source`).
     pub devno: String,
+    /// The directory of the filesystem the mount shows (`/`, or a bind mount's directory).
+    pub root: PathBuf,
     pub mountpoint: PathBuf,
     pub fstype: String,
     /// Mount source, e.g. `/dev/vda` or `tmpfs`.
     pub source: String,
+    /// A process of the mount namespace, when it is not kvstrap's own.
+    pub pid: Option<u32>,
+}
+
+impl Mount {
+    pub fn fact(&self) -> crate::model::MountFact {
+        crate::model::MountFact {
+            mountpoint: self.mountpoint.clone(),
+            root: self.root.clone(),
+            pid: self.pid,
+        }
+    }
 }
 
 pub fn read(proc_root: &Path) -> Result<Vec<Mount>, InventoryError> {
@@ -28,11 +42,54 @@ pub fn parse(text: &str) -> Vec<Mount> {
         .into_iter()
         .map(|m| Mount {
             devno: super::devno_string(m.devno),
+            root: m.root,
             mountpoint: m.mountpoint,
             fstype: m.fstype,
             source: m.source,
+            pid: None,
         })
         .collect()
+}
+
+/// Mounts of block devices and of /dev in every mount namespace but kvstrap's own, read
+/// through one process of each (a pod's containers, a service with a private /tmp). A
+/// volume bind-mounted only there is still in use. Processes that vanish or cannot be
+/// read while the scan runs are skipped: their namespace goes with them.
+pub fn read_other_namespaces(proc_root: &Path) -> Vec<Mount> {
+    let own = std::fs::read_link(proc_root.join("self/ns/mnt")).ok();
+    let mut seen: std::collections::BTreeSet<PathBuf> = own.into_iter().collect();
+    let Ok(entries) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    let mut mounts = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(ns) = std::fs::read_link(entry.path().join("ns/mnt")) else {
+            continue;
+        };
+        if !seen.insert(ns) {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(entry.path().join("mountinfo")) else {
+            continue;
+        };
+        mounts.extend(
+            parse(&text)
+                .into_iter()
+                .filter(|m| !m.devno.starts_with("0:") || m.fstype == "devtmpfs")
+                .map(|m| Mount {
+                    pid: Some(pid),
+                    ..m
+                }),
+        );
+    }
+    mounts
 }
 
 /// Mount points of a device, matched by devno or, for filesystems that report a
@@ -66,9 +123,11 @@ garbage line
             mounts[0],
             Mount {
                 devno: "254:0".into(),
+                root: "/".into(),
                 mountpoint: "/".into(),
                 fstype: "ext4".into(),
-                source: "/dev/vda".into()
+                source: "/dev/vda".into(),
+                pid: None,
             }
         );
         assert_eq!(mounts[2].mountpoint, PathBuf::from("/mnt/with space"));

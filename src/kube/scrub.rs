@@ -39,6 +39,17 @@ pub enum ScrubError {
     OtherFilesystem { path: PathBuf },
     #[error("{path} is nested deeper than {MAX_DEPTH} levels: remove it by hand")]
     TooDeep { path: PathBuf },
+    #[error(
+        "volume {volume} is in use ({}): it stays as it is, unscrubbed and unpublished, until \
+         nothing uses it",
+        uses.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    )]
+    InUse {
+        volume: String,
+        uses: Vec<crate::model::VolumeUse>,
+    },
+    #[error("cannot tell whether volume {volume} is in use: {detail}")]
+    Unobservable { volume: String, detail: String },
     #[error("{path} is not a block device: refusing to wipe it")]
     NotBlockDevice { path: PathBuf },
     #[error("block link {link} points to {target}, not to the volume's partition {device}")]
@@ -60,6 +71,7 @@ pub struct DirectoryAndBlockScrubber;
 
 impl Scrubber for DirectoryAndBlockScrubber {
     fn scrub(&self, v: &VolumeSpec) -> Result<(), ScrubError> {
+        refuse_in_use(v)?;
         match v.volume_mode {
             VolumeMode::Filesystem => {
                 scrub_directory(&v.path)?;
@@ -67,6 +79,30 @@ impl Scrubber for DirectoryAndBlockScrubber {
             }
             VolumeMode::Block => scrub_block(&v.path, &v.device),
         }
+    }
+}
+
+/// Nothing in use is scrubbed: a pod's bind mount of the volume (in any mount namespace),
+/// a Block mapping, a loop device or holder over its partition. Asked afresh right before
+/// the scrub, of the same function every other "in use" question asks.
+pub fn refuse_in_use(v: &VolumeSpec) -> Result<(), ScrubError> {
+    let partition =
+        crate::inventory::partition_users_now(&v.device).map_err(|e| ScrubError::Unobservable {
+            volume: v.name.clone(),
+            detail: e.to_string(),
+        })?;
+    let disk = crate::model::Disk {
+        partitions: vec![partition],
+        ..crate::model::Disk::default()
+    };
+    let uses = crate::plan::usage::volume_uses(&disk, v);
+    if uses.is_empty() {
+        Ok(())
+    } else {
+        Err(ScrubError::InUse {
+            volume: v.name.clone(),
+            uses,
+        })
     }
 }
 

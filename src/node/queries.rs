@@ -59,12 +59,25 @@ pub struct VolumeRow {
     pub published: bool,
     /// Its phase there: Available, Bound, Released, Failed.
     pub phase: Option<String>,
+    /// Who uses it on this node now: pods' mounts, Block mappings (`plan::usage`).
+    #[serde(default)]
+    pub uses: Vec<crate::model::VolumeUse>,
 }
 
-/// Volumes of the plan with their state; a volume is ready when no step touches it.
-pub fn volume_rows(plan: &Plan) -> Vec<VolumeRow> {
+/// Volumes of the plan with their state (a volume is ready when no step touches it) and
+/// who uses each, as the inventory saw it.
+pub fn volume_rows(plan: &Plan, inventory: &Inventory) -> Vec<VolumeRow> {
+    let uses = |v: &crate::model::VolumeSpec| {
+        inventory
+            .disks
+            .iter()
+            .find(|d| d.path == v.disk)
+            .map(|d| crate::plan::usage::volume_uses(d, v))
+            .unwrap_or_default()
+    };
     plan.volumes()
         .map(|v| VolumeRow {
+            uses: uses(v),
             name: v.name.clone(),
             path: v.path.clone(),
             capacity_bytes: v.capacity_bytes,
@@ -97,8 +110,8 @@ pub struct Recorded {
 impl Node {
     /// Volumes of the node under the policy, with their last recorded publication.
     pub fn volume_rows(&self, policy: &Policy) -> Result<Vec<VolumeRow>, NodeError> {
-        let (_, plan) = self.scan_and_plan(policy)?;
-        let mut rows = volume_rows(&plan);
+        let (inventory, plan) = self.scan_and_plan(policy)?;
+        let mut rows = volume_rows(&plan, &inventory);
         let volumes: Vec<_> = plan.volumes().cloned().collect();
         let recorded = recorded_publication(&self.inputs.state_dir, &policy.node.name, &volumes);
         for r in &mut rows {

@@ -470,7 +470,7 @@ pub fn drain_entries(record: &DiskService, inventory: &Inventory, root: &Path) -
                 why: r.why.clone(),
                 present: disk.is_some(),
                 local_users: disk
-                    .map(|d| crate::plan::service::local_users(d, root))
+                    .map(|d| crate::plan::usage::local_users(d, root))
                     .unwrap_or_default(),
             }
         })
@@ -511,7 +511,7 @@ pub fn settle(
                         .and_then(|c| c.get(identity))
                         .is_some_and(Vec::is_empty);
                 let unused_here =
-                    disk.is_none_or(|d| crate::plan::service::local_users(d, root).is_empty());
+                    disk.is_none_or(|d| crate::plan::usage::local_users(d, root).is_empty());
                 if released_in_cluster && unused_here {
                     r.phase = ServicePhase::Drained;
                     changes.push(format!(

@@ -279,7 +279,13 @@ impl Ctx<'_> {
         capacity: u64,
     ) -> VolumeSpec {
         let mode = self.input.class.volume_mode;
+        let dir_in_fs = partition
+            .filesystem
+            .as_ref()
+            .and_then(|fs| path.strip_prefix(&fs.mountpoint).ok())
+            .map(|rel| Path::new("/").join(rel));
         VolumeSpec {
+            dir_in_fs,
             name,
             group: self.group().name.clone(),
             storage_class: self.input.class.name.clone(),

@@ -13,6 +13,7 @@ pub mod render;
 pub mod select;
 pub mod service;
 pub mod steps;
+pub mod usage;
 
 use crate::model::{
     Disk, DiskService, GroupPlan, InUse, Inventory, OutOfServiceDisk, Plan, Refusal, ServicePhase,
@@ -118,7 +119,10 @@ pub fn verdicts<'a>(
         .collect()
 }
 
-/// Ownership verdict, not counting kvstrap's own mounts below `storage_root` as "in use".
+/// Ownership verdict, not counting mounts of kvstrap's own filesystems as "in use": its
+/// mounts below `storage_root`, and every mount of a partition it made wherever that is
+/// (kubelet's bind mounts of a volume into a pod are uses of the volume, never a reason to
+/// leave the disk; see [`usage`]).
 pub fn judge_with_root(
     disk: &Disk,
     group: Option<&DiskGroup>,
@@ -128,16 +132,18 @@ pub fn judge_with_root(
     if contents != Verdict::Ours {
         return ownership::judge(disk, group);
     }
-    let ours_mounted = |m: &PathBuf| storage_root.is_some_and(|root| m.starts_with(root));
+    let of_ours = usage::ours_mounted(disk);
+    let ours =
+        |m: &PathBuf| of_ours.contains(m) || storage_root.is_some_and(|root| m.starts_with(root));
     let all_mounts_ours = disk
         .mountpoints
         .iter()
         .chain(disk.partitions.iter().flat_map(|p| &p.mountpoints))
-        .all(ours_mounted);
+        .all(ours);
     let mut disk = disk.clone();
     // Our own mounts explain both "mounted" and a failing exclusive open.
     disk.in_use.retain(|fact| match fact {
-        InUse::Mounted { mountpoint } => !ours_mounted(mountpoint),
+        InUse::Mounted { mountpoint } => !ours(mountpoint),
         InUse::Busy { .. } => !all_mounts_ours,
         _ => true,
     });
@@ -415,6 +421,10 @@ impl<'a> Planner<'a> {
         }
         match steps::adopt_disk(plan, disk, self.inventory) {
             Ok(adoption) => {
+                let root = &self.policy.node.storage_root;
+                for stray in usage::stray_mounts(disk, &plan.volumes, root) {
+                    self.warn(stray);
+                }
                 for (number, why) in adoption.refused {
                     self.refuse(
                         disk,

@@ -1,4 +1,4 @@
-//! Disks out of service: what a drained disk gives back (mounts, links), and who still uses one.
+//! Disks out of service: what a drained disk gives back (mounts, links).
 //!
 //! A drained disk is left intact: its partitions and filesystems stay, only kvstrap's own
 //! mounts below `storage_root` and its Block links go, so nothing reaches it by accident
@@ -65,34 +65,6 @@ fn partition_names(disk: &Disk) -> Vec<PathBuf> {
         }
     }
     names
-}
-
-/// What on this machine still uses a disk besides kvstrap's own mounts: mounts outside
-/// `storage_root` (kubelet's bind mounts into pods), holders (device mapper, a loop
-/// device), swap. A draining disk becomes drained only when this is empty.
-pub fn local_users(disk: &Disk, storage_root: &Path) -> Vec<String> {
-    let mut users = Vec::new();
-    let parts = std::iter::once((disk.path.as_path(), &disk.mountpoints, &disk.holders)).chain(
-        disk.partitions
-            .iter()
-            .map(|p| (p.path.as_path(), &p.mountpoints, &p.holders)),
-    );
-    for (device, mountpoints, holders) in parts {
-        for m in mountpoints.iter().filter(|m| !m.starts_with(storage_root)) {
-            users.push(format!(
-                "{} is mounted at {}",
-                device.display(),
-                m.display()
-            ));
-        }
-        for h in holders {
-            users.push(format!("{} is held by {h}", device.display()));
-        }
-    }
-    if disk.swap || disk.partitions.iter().any(|p| p.swap) {
-        users.push(format!("{} is used as swap", disk.path.display()));
-    }
-    users
 }
 
 #[cfg(test)]
@@ -166,20 +138,5 @@ mod tests {
                 "rm /var/lib/kvstrap/block/vol-3",
             ]
         );
-    }
-
-    #[test]
-    fn kubelets_mounts_and_holders_are_users_our_own_mounts_are_not() {
-        let mut disk = drained_disk();
-        let root = Path::new("/var/lib/kvstrap/storage");
-        assert!(local_users(&disk, root).is_empty());
-        disk.partitions[0]
-            .mountpoints
-            .push("/var/lib/kubelet/pods/x/volumes/kubernetes.io~local-volume/pv".into());
-        disk.partitions[2].holders.push("dm-3".into());
-        let users = local_users(&disk, root);
-        assert_eq!(users.len(), 2, "{users:?}");
-        assert!(users[0].contains("/var/lib/kubelet/pods/x"), "{users:?}");
-        assert!(users[1].contains("dm-3"), "{users:?}");
     }
 }

@@ -435,6 +435,138 @@ fn converged_node_gives_an_empty_plan() {
     );
 }
 
+/// What a real kubelet leaves on a node whose pods use every volume: a bind mount of each
+/// directory volume (the separate ones show their whole filesystem), a subPath mount, a
+/// bind mount of each Block volume's node and a loop device over it.
+fn with_pods_on_every_volume(p: &Plan, inv: &mut Inventory) {
+    let pod = "2c1d6a36-31a3-4c4e-a0c1-5e0a9e6b7f10";
+    for (i, v) in p.volumes().enumerate() {
+        let part = inv
+            .disks
+            .iter_mut()
+            .flat_map(|d| d.partitions.iter_mut())
+            .find(|part| part.path == v.device)
+            .expect("the volume's partition");
+        let kubelet = PathBuf::from(format!(
+            "/var/lib/kubelet/pods/{pod}/volumes/kubernetes.io~local-volume/pv-{i}"
+        ));
+        match (v.volume_mode, &v.dir_in_fs) {
+            (VolumeMode::Filesystem, Some(dir)) => {
+                let sub = PathBuf::from(format!(
+                    "/var/lib/kubelet/pods/{pod}/volume-subpaths/d{i}/c/0"
+                ));
+                for (mountpoint, root) in [(kubelet, dir.clone()), (sub, dir.join("data"))] {
+                    part.mountpoints.push(mountpoint.clone());
+                    part.mounts.push(crate::model::MountFact {
+                        mountpoint,
+                        root,
+                        pid: None,
+                    });
+                }
+            }
+            _ => {
+                let mapped = format!(
+                    "/var/lib/kubelet/plugins/kubernetes.io~local-volume/volumeDevices/pv-{i}/{pod}"
+                );
+                part.node_binds.push(crate::model::MountFact {
+                    mountpoint: mapped.clone().into(),
+                    root: PathBuf::from("/").join(part.path.file_name().expect("a name")),
+                    pid: None,
+                });
+                part.loop_devices.push(crate::model::LoopOver {
+                    device: format!("/dev/loop{}", 40 + i).into(),
+                    backing_file: mapped.into(),
+                });
+            }
+        }
+    }
+    // What the inventory makes of those mounts: facts that would refuse a foreign disk.
+    for d in &mut inv.disks {
+        let mounted: Vec<PathBuf> = d
+            .partitions
+            .iter()
+            .flat_map(|p| p.mountpoints.clone())
+            .collect();
+        d.in_use = mounted
+            .into_iter()
+            .map(|mountpoint| InUse::Mounted { mountpoint })
+            .chain([InUse::Busy {
+                detail: "exclusive open failed".into(),
+            }])
+            .collect();
+    }
+}
+
+#[test]
+fn pods_using_every_volume_never_make_kvstrap_disown_a_disk() {
+    let (pol, disks) = mixed_policy();
+    let first = plan(&pol, &inventory(disks.clone()), &ctx());
+    let mut inv = converged(&first, disks);
+    with_pods_on_every_volume(&first, &mut inv);
+    let again = plan(&pol, &inv, &ctx());
+    assert_eq!(again.steps, vec![], "refused: {:?}", again.refused);
+    assert!(again.refused.is_empty(), "{:?}", again.refused);
+    assert!(again.warnings.is_empty(), "{:?}", again.warnings);
+    assert_eq!(again.groups, first.groups, "every volume stays published");
+    for v in again.volumes() {
+        let disk = inv.disks.iter().find(|d| d.path == v.disk).expect("disk");
+        let uses = usage::volume_uses(disk, v);
+        assert!(!uses.is_empty(), "{} has no use", v.name);
+        assert!(
+            uses.iter()
+                .all(|u| u.pod_uid.as_deref() == Some("2c1d6a36-31a3-4c4e-a0c1-5e0a9e6b7f10")),
+            "{uses:?}"
+        );
+    }
+    // The shared filesystem's root mounted elsewhere by hand: reported, not obeyed.
+    let shared = inv.disks.iter_mut().find(|d| d.name == "sdb").expect("sdb");
+    shared.partitions[0].mountpoints.push("/mnt/look".into());
+    shared.partitions[0].mounts.push(crate::model::MountFact {
+        mountpoint: "/mnt/look".into(),
+        root: "/".into(),
+        pid: None,
+    });
+    shared.in_use.push(InUse::Mounted {
+        mountpoint: "/mnt/look".into(),
+    });
+    let stray = plan(&pol, &inv, &ctx());
+    assert_eq!(stray.steps, vec![]);
+    assert!(stray.refused.is_empty(), "{:?}", stray.refused);
+    assert_eq!(stray.warnings.len(), 1, "{:?}", stray.warnings);
+    assert!(
+        stray.warnings[0].contains("/mnt/look"),
+        "{:?}",
+        stray.warnings
+    );
+}
+
+#[test]
+fn a_foreign_disk_mounted_outside_the_storage_root_is_still_in_use() {
+    let (pol, mut disks) = mixed_policy();
+    disks[0].partition_table = Some(PartitionTable {
+        kind: "gpt".into(),
+        uuid: None,
+    });
+    disks[0].partitions = vec![Partition {
+        path: "/dev/sdb1".into(),
+        number: 1,
+        type_id: Some("0fc63daf-8483-4772-8e79-3d69d8477de4".into()),
+        mountpoints: vec!["/var/lib/kubelet/pods/x/volumes/y".into()],
+        ..Default::default()
+    }];
+    disks[0].in_use = vec![InUse::Mounted {
+        mountpoint: "/var/lib/kubelet/pods/x/volumes/y".into(),
+    }];
+    let p = plan(&pol, &inventory(disks), &ctx());
+    assert!(
+        p.refused
+            .iter()
+            .any(|r| r.disk == std::path::Path::new("/dev/sdb") && r.reason.contains("mounted at")),
+        "{:?}",
+        p.refused
+    );
+}
+
 #[test]
 fn adoption_finishes_an_interrupted_run_without_formatting_twice() {
     let (pol, disks) = mixed_policy();

@@ -42,6 +42,7 @@ pub fn dir_volume(root: &Path, i: usize, class: &str) -> VolumeSpec {
         project_id: Some(u32::try_from(1000 + i).unwrap()),
         owner: None,
         fs_type: Some(FsType::Xfs),
+        dir_in_fs: Some(format!("/v{i:02}").into()),
     }
 }
 
@@ -62,6 +63,7 @@ pub fn block_volume(root: &Path, i: usize, class: &str) -> VolumeSpec {
         project_id: None,
         owner: None,
         fs_type: None,
+        dir_in_fs: None,
     }
 }
 
