@@ -8,7 +8,12 @@ PACKAGES=(xfsprogs e2fsprogs gdisk fdisk util-linux mount libblkid-dev clang lib
     # material made with openssl, readiness and /metrics read with curl).
     etcd-server openssl curl xz-utils
     # Disk health (smartctl --json) and the metrics checks (promtool check metrics/rules).
-    smartmontools prometheus)
+    smartmontools prometheus
+    # The real kubelet of tests/kubelet_real.rs (tests/support/kubelet.rs), beside the
+    # kubelet and kube-scheduler of ../shared/kube-control-plane: Debian's containerd (with
+    # ctr and the runc shim) and runc run its pods; gcc -static (libc6-dev has libc.a)
+    # builds the sandbox image's pause, busybox-static fills the workload image.
+    containerd runc gcc libc6-dev busybox-static)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -23,6 +28,11 @@ fi
 # memory). Without systemd as PID 1 (containers, CI) it was never started.
 if [ -d /run/systemd/system ] && systemctl is-enabled --quiet etcd 2>/dev/null; then
     systemctl disable --now etcd >/dev/null 2>&1 || true
+fi
+# Likewise containerd.service: the kubelet tests start their own containerd (own root, state
+# and socket in a temp dir).
+if [ -d /run/systemd/system ] && systemctl is-enabled --quiet containerd 2>/dev/null; then
+    systemctl disable --now containerd >/dev/null 2>&1 || true
 fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt 2>/dev/null || true

@@ -27,7 +27,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 # tests/kube_real.rs starts a real etcd + kube-apiserver + kube-controller-manager from
 # KVSTRAP_KUBE_ASSETS (default ../shared/kube-control-plane); under CI it fails, not skips,
-# when they are missing.
+# when they are missing. tests/kubelet_real.rs adds the kube-scheduler and kubelet from
+# there, with Debian's containerd and runc (tests/support/kubelet.rs).
 echo "kube control plane assets: ${KVSTRAP_KUBE_ASSETS:-$(cd .. && pwd)/shared/kube-control-plane}"
 # Bounded fuzzing of load+validate rides along in the proptest cases.
 PROPTEST_CASES=${PROPTEST_CASES:-4096} cargo nextest run --locked --no-fail-fast

@@ -1,10 +1,12 @@
 //! A real Kubernetes control plane for tests, the way controller-runtime's envtest does it:
-//! kube-apiserver and kube-controller-manager from an assets directory
-//! (`KVSTRAP_KUBE_ASSETS`, default `../shared/kube-control-plane` beside the checkout,
-//! `.xz` files decompressed once into `target/tmp/kube-assets/` and checked against
-//! `SHA256SUMS`), etcd from Debian's `etcd-server`. Each start gets free loopback ports,
-//! its own certificates (openssl CLI) and token; the guard stops everything on drop, even
-//! when a test panics (SIGTERM, then wait: the apiserver can take more than 10 s).
+//! kube-apiserver, kube-controller-manager and (on demand, `start_scheduler`)
+//! kube-scheduler from an assets directory (`KVSTRAP_KUBE_ASSETS`, default
+//! `../shared/kube-control-plane` beside the checkout, `.xz` files decompressed once into
+//! `target/tmp/kube-assets/` and checked against `SHA256SUMS`; the kubelet of
+//! `tests/support/kubelet.rs` comes from there too), etcd from Debian's `etcd-server`.
+//! Each start gets free loopback ports, its own certificates (openssl CLI) and token; the
+//! guard stops everything on drop, even when a test panics (SIGTERM, then wait: the
+//! apiserver can take more than 10 s).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
@@ -13,6 +15,7 @@ use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -26,6 +29,8 @@ const STARTUP: Duration = Duration::from_secs(90);
 pub struct Assets {
     pub apiserver: PathBuf,
     pub controller_manager: PathBuf,
+    pub scheduler: PathBuf,
+    pub kubelet: PathBuf,
     pub etcd: PathBuf,
 }
 
@@ -38,7 +43,8 @@ pub fn assets() -> Result<Assets, String> {
     if !dir.is_dir() {
         return Err(format!(
             "no Kubernetes control plane assets at {} (set {ASSETS_ENV} to a directory holding \
-             kube-apiserver[.xz], kube-controller-manager[.xz] and SHA256SUMS)",
+             kube-apiserver[.xz], kube-controller-manager[.xz], kube-scheduler[.xz], \
+             kubelet[.xz] and SHA256SUMS)",
             dir.display()
         ));
     }
@@ -52,6 +58,8 @@ pub fn assets() -> Result<Assets, String> {
     Ok(Assets {
         apiserver: binary(&dir, &cache, "kube-apiserver")?,
         controller_manager: binary(&dir, &cache, "kube-controller-manager")?,
+        scheduler: binary(&dir, &cache, "kube-scheduler")?,
+        kubelet: binary(&dir, &cache, "kubelet")?,
         etcd,
     })
 }
@@ -164,7 +172,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &'static str, dir: &Path, cmd: &mut Command) -> Proc {
+    /// Starts `cmd` with stdout and stderr in `dir/name.log`.
+    pub fn spawn(name: &'static str, dir: &Path, cmd: &mut Command) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let child = cmd
@@ -176,15 +185,28 @@ impl Proc {
         Proc { name, child, log }
     }
 
-    fn alive(&mut self) -> bool {
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Last lines of the process's log, for failure messages.
     pub fn tail(&self) -> String {
+        self.tail_lines(25)
+    }
+
+    /// The last `n` lines of the process's log.
+    pub fn tail_lines(&self, n: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(25)..].join("\n")
+        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
     pub fn stop(&mut self) {
@@ -218,15 +240,19 @@ impl Drop for Proc {
     }
 }
 
-/// etcd + kube-apiserver + kube-controller-manager on loopback.
+/// etcd + kube-apiserver + kube-controller-manager on loopback, and kube-scheduler once
+/// `start_scheduler` is called.
 pub struct ControlPlane {
     pub dir: tempfile::TempDir,
     pub kubeconfig: PathBuf,
     pub secure_port: u16,
     assets: Assets,
     etcd_port: u16,
-    // Dropped in this order: controller manager, apiserver, etcd. Behind locks so a test
-    // holding `&ControlPlane` can stop and start the apiserver.
+    // Dropped in this order: scheduler, controller manager, apiserver, etcd. Behind locks
+    // so a test holding `&ControlPlane` can stop and start the apiserver.
+    scheduler: Mutex<Option<Proc>>,
+    /// `start_scheduler` was called: `start_apiserver_again` starts a fresh one too.
+    scheduler_wanted: AtomicBool,
     controller_manager: Mutex<Option<Proc>>,
     apiserver: Mutex<Option<Proc>>,
     etcd: Option<Proc>,
@@ -254,6 +280,8 @@ impl ControlPlane {
             kubeconfig,
             secure_port,
             assets,
+            scheduler: Mutex::new(None),
+            scheduler_wanted: AtomicBool::new(false),
             controller_manager: Mutex::new(None),
             apiserver: Mutex::new(None),
             etcd: None,
@@ -363,19 +391,70 @@ impl ControlPlane {
         ));
     }
 
-    /// Stops the apiserver (and the controller manager, which must be restarted with it).
+    /// Starts kube-scheduler (no-op when it runs): it places pods, and its volume binder
+    /// binds WaitForFirstConsumer claims. Stopped with the apiserver, restarted by
+    /// `start_apiserver_again`. It serves nothing (`--secure-port 0`), so there is no
+    /// readiness to wait for: a pod created before its informers synced waits in the
+    /// scheduling queue.
+    pub fn start_scheduler(&self) {
+        self.scheduler_wanted.store(true, Ordering::SeqCst);
+        let mut slot = self.scheduler.lock().unwrap();
+        if slot.is_none() {
+            *slot = Some(self.spawn_scheduler());
+        }
+    }
+
+    fn spawn_scheduler(&self) -> Proc {
+        let kubeconfig = self.kubeconfig.display().to_string();
+        let mut cmd = Command::new(&self.assets.scheduler);
+        cmd.arg(format!("--kubeconfig={kubeconfig}"))
+            .arg(format!("--authentication-kubeconfig={kubeconfig}"))
+            .arg(format!("--authorization-kubeconfig={kubeconfig}"))
+            .args(["--leader-elect=false", "--secure-port=0"]);
+        let mut p = Proc::spawn("kube-scheduler", self.dir.path(), &mut cmd);
+        assert!(p.alive(), "kube-scheduler exited at once:\n{}", p.tail());
+        p
+    }
+
+    /// Whether kube-scheduler runs (it was started and has not exited).
+    pub fn scheduler_running(&self) -> bool {
+        self.scheduler
+            .lock()
+            .unwrap()
+            .as_mut()
+            .is_some_and(Proc::alive)
+    }
+
+    /// Stops the apiserver (and the scheduler and controller manager, which must be
+    /// restarted with it).
     pub fn stop_apiserver(&self) {
+        let scheduler = self.scheduler.lock().unwrap().take();
+        drop(scheduler);
         let cm = self.controller_manager.lock().unwrap().take();
         drop(cm);
         let api = self.apiserver.lock().unwrap().take();
         drop(api);
     }
 
-    /// Starts the apiserver again on the same port, then a fresh controller manager.
+    /// Starts the apiserver again on the same port, then a fresh controller manager, and
+    /// a fresh scheduler if `start_scheduler` was called.
     pub fn start_apiserver_again(&self) {
         self.stop_apiserver();
         self.start_apiserver();
         self.start_controller_manager();
+        if self.scheduler_wanted.load(Ordering::SeqCst) {
+            *self.scheduler.lock().unwrap() = Some(self.spawn_scheduler());
+        }
+    }
+
+    /// The binaries this control plane runs (and the kubelet beside them).
+    pub fn assets(&self) -> &Assets {
+        &self.assets
+    }
+
+    /// The CA that signed the apiserver's certificate.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
     }
 
     /// A client with the admin credential.
@@ -401,6 +480,7 @@ impl ControlPlane {
         let mut out: Vec<String> = self.etcd.iter().map(tail).collect();
         out.extend(self.apiserver.lock().unwrap().iter().map(tail));
         out.extend(self.controller_manager.lock().unwrap().iter().map(tail));
+        out.extend(self.scheduler.lock().unwrap().iter().map(tail));
         out.join("\n")
     }
 
@@ -447,7 +527,8 @@ impl ControlPlane {
 }
 
 impl Drop for ControlPlane {
-    /// Controller manager, apiserver, etcd, in that order; then the directory goes.
+    /// Scheduler, controller manager, apiserver, etcd, in that order; then the directory
+    /// goes.
     fn drop(&mut self) {
         self.stop_apiserver();
         if let Some(mut etcd) = self.etcd.take() {
@@ -456,7 +537,9 @@ impl Drop for ControlPlane {
     }
 }
 
-fn wait_until(what: &str, p: &mut Proc, mut ready: impl FnMut() -> bool) {
+/// Polls `ready` every 100 ms until it holds; panics with the log of `p` when `p` exits or
+/// after 90 s.
+pub fn wait_until(what: &str, p: &mut Proc, mut ready: impl FnMut() -> bool) {
     let start = Instant::now();
     loop {
         if ready() {
