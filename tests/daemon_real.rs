@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+use common::NamedLoop;
 #[path = "support/control_plane.rs"]
 mod control_plane;
 mod daemon_support;
@@ -53,57 +54,6 @@ quota = "if-supported"
         root = root.display(),
         list = list.join(", ")
     )
-}
-
-/// A loop device attached to a device node chosen before the daemon starts, so the policy
-/// can name it while it does not exist yet; detached (and unmounted) on drop.
-struct NamedLoop {
-    path: PathBuf,
-    backing: PathBuf,
-    attached: bool,
-}
-
-impl NamedLoop {
-    fn reserve(dir: &Path, size: u64) -> NamedLoop {
-        let backing = dir.join("hotplug.img");
-        std::fs::File::create(&backing)
-            .unwrap()
-            .set_len(size)
-            .unwrap();
-        // A high number no other test's `losetup --find` will pick in the meantime.
-        let free = |n: &u32| !Path::new(&format!("/sys/block/loop{n}/loop/backing_file")).exists();
-        let n = (200 + std::process::id() % 50..=255).find(free).unwrap();
-        let path = PathBuf::from(format!("/dev/loop{n}"));
-        NamedLoop {
-            path,
-            backing,
-            attached: false,
-        }
-    }
-
-    fn attach(&mut self) {
-        let out = Command::new("losetup")
-            .arg("--partscan")
-            .arg(&self.path)
-            .arg(&self.backing)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "losetup {}: {}",
-            self.path.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        self.attached = true;
-    }
-}
-
-impl Drop for NamedLoop {
-    fn drop(&mut self) {
-        if self.attached {
-            common::detach_loop(&self.path);
-        }
-    }
 }
 
 fn real_daemon(bus: &TestBus, notify: &NotifySocket, policy_text: &str) -> DaemonProcess {

@@ -72,10 +72,21 @@ pub fn publish_now(policy: &Policy, desired: &Desired, state_dir: &Path) -> CliP
     let scrubber = Arc::new(DirectoryAndBlockScrubber);
     let attempt = publish_once(&source, desired, state_dir, scrubber, 16);
     let message = match runtime.block_on(async { tokio::time::timeout(CLI_PUBLISH_TIMEOUT, attempt).await }) {
-        Ok(Ok(report)) => {
+        Ok(Ok(report)) if report.errors.is_empty() => {
             return CliPublish {
                 message: format!("published {objects} object(s) to the API server"),
                 pending: 0,
+                draining: Some(report.draining),
+            }
+        }
+        Ok(Ok(report)) => {
+            return CliPublish {
+                message: format!(
+                    "published to the API server, {} object(s) pending: {}",
+                    report.pending,
+                    report.errors.join("; ")
+                ),
+                pending: report.pending as u64,
                 draining: Some(report.draining),
             }
         }

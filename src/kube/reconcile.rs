@@ -490,6 +490,17 @@ impl Reconciler {
             report.pending += 1;
             report.errors.push(format!("PersistentVolume {name}: {e}"));
         }
+        if let Some(what) = &outcome.in_use {
+            report.pending += 1;
+            report
+                .errors
+                .push(format!("PersistentVolume {name}: {what}"));
+            if let Some(pv) = observed {
+                let msg = format!("PersistentVolume {name}: {what}");
+                self.report_once(client, pv, "VolumeInUse", "KeepVolume", &msg)
+                    .await;
+            }
+        }
         let phase = match (&outcome.applied, observed) {
             (Some(applied_phase), _) => {
                 report.applied += 1;
@@ -613,6 +624,8 @@ struct Outcome {
     applied: Option<Option<String>>,
     /// Why the volume is still pending after a partial success (scrubbed, not applied).
     error: Option<String>,
+    /// Not scrubbed because something on the node uses the volume: what, in words.
+    in_use: Option<String>,
 }
 
 async fn execute(
@@ -640,14 +653,38 @@ async fn execute(
             // Missing from the labelled list is not proof of absence: a PV whose labels were
             // edited away may still be Bound and in use. Scrub only what truly is gone.
             match api.get_opt(v.pv_name()).await.map_err(|e| describe(&e))? {
-                None => out.scrubbed = scrub(scrubber, v).await?,
+                None => match scrub(scrubber, v).await {
+                    Ok(done) => out.scrubbed = done,
+                    Err(ScrubFailure::InUse(what)) => {
+                        out.in_use = Some(what);
+                        return Ok(out);
+                    }
+                    Err(ScrubFailure::Other(e)) => return Err(e),
+                },
                 Some(_) => {
                     tracing::warn!(pv = %v.pv_name(), "PV lost kvstrap's labels; restoring them, no scrub")
                 }
             }
         }
         Action::Recycle { uid, rv } => {
-            out.scrubbed = scrub(scrubber, v).await?;
+            // The decision was made on the pass's list: the scrub goes ahead only if the
+            // very PV seen released (same uid and resourceVersion) is still so now.
+            if !still_released(&api, v.pv_name(), uid.as_deref(), rv.as_deref()).await? {
+                out.error = Some(
+                    "changed since it was seen released (bound again, edited or deleted): \
+                     looked at again on the next pass"
+                        .into(),
+                );
+                return Ok(out);
+            }
+            match scrub(scrubber, v).await {
+                Ok(done) => out.scrubbed = done,
+                Err(ScrubFailure::InUse(what)) => {
+                    out.in_use = Some(what);
+                    return Ok(out);
+                }
+                Err(ScrubFailure::Other(e)) => return Err(e),
+            }
             let dp = DeleteParams {
                 preconditions: Some(Preconditions {
                     uid,
@@ -744,7 +781,27 @@ fn honour_admin_reclaim(v: &DesiredVolume, observed: Option<&PersistentVolume>) 
     v
 }
 
-async fn scrub(scrubber: Arc<dyn Scrubber>, v: &DesiredVolume) -> Result<bool, String> {
+/// Whether the PV `name` is still the one seen released: same uid and resourceVersion.
+async fn still_released(
+    api: &Api<PersistentVolume>,
+    name: &str,
+    uid: Option<&str>,
+    rv: Option<&str>,
+) -> Result<bool, String> {
+    let now = api.get_opt(name).await.map_err(|e| describe(&e))?;
+    Ok(now.is_some_and(|pv| {
+        pv.metadata.uid.as_deref() == uid && pv.metadata.resource_version.as_deref() == rv
+    }))
+}
+
+/// Why a volume was not scrubbed.
+enum ScrubFailure {
+    /// Something on the node uses it (a pod's mount, a Block mapping): it waits, untouched.
+    InUse(String),
+    Other(String),
+}
+
+async fn scrub(scrubber: Arc<dyn Scrubber>, v: &DesiredVolume) -> Result<bool, ScrubFailure> {
     let spec = v.spec.clone();
     let name = spec.name.clone();
     match tokio::task::spawn_blocking(move || scrubber.scrub(&spec)).await {
@@ -757,10 +814,15 @@ async fn scrub(scrubber: Arc<dyn Scrubber>, v: &DesiredVolume) -> Result<bool, S
             );
             Ok(true)
         }
-        Ok(Err(e)) => Err(format!(
+        Ok(Err(e @ super::scrub::ScrubError::InUse { .. })) => {
+            Err(ScrubFailure::InUse(e.to_string()))
+        }
+        Ok(Err(e)) => Err(ScrubFailure::Other(format!(
             "scrub of volume {name} failed, not publishing it: {e}"
-        )),
-        Err(e) => Err(format!("scrub of volume {name} did not finish: {e}")),
+        ))),
+        Err(e) => Err(ScrubFailure::Other(format!(
+            "scrub of volume {name} did not finish: {e}"
+        ))),
     }
 }
 

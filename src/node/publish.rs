@@ -52,7 +52,11 @@ impl Publications for PublishOnce {
             .map_err(|e| format!("cannot render the manifests: {e:#}"))?;
         if policy.kubernetes.publish {
             let outcome = crate::kube::node::publish_now(policy, &desired, &self.state_dir);
-            tracing::info!("{}", outcome.message);
+            if outcome.pending == 0 {
+                tracing::info!("{}", outcome.message);
+            } else {
+                tracing::warn!("{}", outcome.message);
+            }
             let pending = u32::try_from(outcome.pending).unwrap_or(u32::MAX);
             self.pending
                 .store(pending, std::sync::atomic::Ordering::Relaxed);

@@ -198,3 +198,54 @@ pub fn kill_tree(pid: u32) {
     }
     let _ = kill(raw(pid), Signal::SIGKILL);
 }
+
+/// A loop device attached to a device node chosen before the daemon starts, so the policy
+/// can name it while it does not exist yet; detached (and unmounted) on drop.
+pub struct NamedLoop {
+    pub path: PathBuf,
+    backing: PathBuf,
+    attached: bool,
+}
+
+impl NamedLoop {
+    pub fn reserve(dir: &Path, size: u64) -> NamedLoop {
+        let backing = dir.join("hotplug.img");
+        std::fs::File::create(&backing)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        // A high number no other test's `losetup --find` will pick in the meantime.
+        let free = |n: &u32| !Path::new(&format!("/sys/block/loop{n}/loop/backing_file")).exists();
+        let n = (200 + std::process::id() % 50..=255).find(free).unwrap();
+        let path = PathBuf::from(format!("/dev/loop{n}"));
+        NamedLoop {
+            path,
+            backing,
+            attached: false,
+        }
+    }
+
+    pub fn attach(&mut self) {
+        let out = Command::new("losetup")
+            .arg("--partscan")
+            .arg(&self.path)
+            .arg(&self.backing)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup {}: {}",
+            self.path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.attached = true;
+    }
+}
+
+impl Drop for NamedLoop {
+    fn drop(&mut self) {
+        if self.attached {
+            detach_loop(&self.path);
+        }
+    }
+}

@@ -106,9 +106,15 @@ impl Drop for Node {
 /// A group of these loop devices. Shared groups accept unenforced capacity where this
 /// kernel has no project quotas, so the other properties can still be tested there.
 pub fn group(name: &str, class: &str, layout: &str, disks: &[&LoopDisk], sizing: &str) -> String {
-    let devices: Vec<String> = disks
+    let paths: Vec<&Path> = disks.iter().map(|d| d.path.as_path()).collect();
+    group_of(name, class, layout, &paths, sizing)
+}
+
+/// A group of these device paths (loop devices, some perhaps attached later).
+pub fn group_of(name: &str, class: &str, layout: &str, paths: &[&Path], sizing: &str) -> String {
+    let devices: Vec<String> = paths
         .iter()
-        .map(|d| format!("{:?}", d.path.display().to_string()))
+        .map(|p| format!("{:?}", p.display().to_string()))
         .collect();
     let quota = if layout == "shared" {
         "quota = \"if-supported\"\n"
