@@ -212,3 +212,89 @@ fn the_loader_reads_the_cached_layer() {
     let again = evaluate_cluster(Some(&policy), &cache.fragments).expect("valid");
     assert_eq!(again, p);
 }
+
+#[test]
+fn every_key_the_parser_knows_is_on_the_allow_list_and_in_the_docs() {
+    let docs = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/fleet.md"))
+        .expect("docs/fleet.md");
+    let known = kvstrap::policy::known_keys();
+    assert!(known.len() > 40, "{known:?}");
+    for key in &known {
+        let origin = kvstrap::policy::origin(key).unwrap_or_else(|| {
+            panic!("{key} is not in policy::remote::ORIGINS: say whether the cluster may set it")
+        });
+        let yes_no = match origin {
+            kvstrap::policy::Origin::Cluster => "yes",
+            kvstrap::policy::Origin::NodeOnly => "no",
+        };
+        assert!(
+            docs.contains(&format!("| `{key}` | {yes_no} |")),
+            "docs/fleet.md has no row \"| `{key}` | {yes_no} |\""
+        );
+    }
+    for (key, _) in kvstrap::policy::ORIGINS {
+        assert!(
+            known.contains(&key.to_string()),
+            "{key} is on the allow-list but the parser does not know it"
+        );
+    }
+}
+
+/// A fragment that sets `path` (a table, or a key of one) to a string.
+fn setting(path: &str) -> String {
+    match path.split_once('.') {
+        None => format!("[{path}]\n"),
+        Some((table, key)) => format!("[{table}]\n{key} = \"x\"\n"),
+    }
+}
+
+#[test]
+fn a_fragment_setting_any_node_only_key_is_refused_whole_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "etc/kvstrap/policy.toml", BASE);
+    let node_only: Vec<&str> = kvstrap::policy::ORIGINS
+        .iter()
+        .filter(|(_, o)| *o == kvstrap::policy::Origin::NodeOnly)
+        .map(|(k, _)| *k)
+        .collect();
+    assert!(node_only.contains(&"metrics.textfile") && node_only.contains(&"node.storage_root"));
+    for key in node_only {
+        // Beside a class that alone would be fine: the fragment goes as a whole.
+        let text = format!("{}[[storage_class]]\nname = \"ok\"\n", setting(key));
+        let report = errors(eval(dir.path(), &[fragment("x", &text)]));
+        let shown = match key.split_once('.') {
+            Some((t, k)) => format!("[{t}] {k}"),
+            None => format!("[{key}]"),
+        };
+        let line = if key.contains('.') { "2:1" } else { "1:2" };
+        assert!(
+            report.contains(&format!(
+                "configmap/kvstrap/x:{line}: error: a policy fragment from the cluster may not set {shown}"
+            )),
+            "{key}: {report}"
+        );
+    }
+    // The attacks of the review, one by one.
+    for (text, what) in [
+        (
+            "[metrics]\ntextfile = \"/etc/shadow\"\n",
+            "[metrics] textfile",
+        ),
+        ("[node]\nname = \"other-node\"\n", "[node] name"),
+        (
+            "[node]\nstorage_root = \"/var/lib/kubelet/x\"\n",
+            "[node] storage_root",
+        ),
+        ("[health]\ninterval = 1\n", "[health] interval"),
+        ("[metrics]\nlisten = \"0.0.0.0:9100\"\n", "[metrics] listen"),
+    ] {
+        let report = errors(eval(dir.path(), &[fragment("attack", text)]));
+        assert!(report.contains(&format!("may not set {what}")), "{report}");
+    }
+    // What fragments are for still works.
+    let fine = fragment(
+        "fine",
+        "[[storage_class]]\nname = \"fast\"\nfs_type = \"ext4\"\nmount_options = [\"noatime\"]\n[[disk_group]]\nname = \"g\"\nvolume_count = 3\nreserve = \"10%\"\nowner = { uid = 107, gid = 107, mode = \"0750\" }\nmatch = { transport = \"nvme\" }\n",
+    );
+    eval(dir.path(), &[fine]).expect("classes and groups are the cluster's to describe");
+}

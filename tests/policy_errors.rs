@@ -473,6 +473,19 @@ fn storage_root_in_system_directory() {
 }
 
 #[test]
+fn storage_root_in_kubelets_directory() {
+    for root in ["/var/lib/kubelet/kvstrap", "/var/lib/kubelet", "/var/lib"] {
+        one_error(
+            &format!("[node]\nstorage_root = \"{root}\"\n"),
+            2,
+            16,
+            "overlaps kubelet's directory /var/lib/kubelet",
+            "a directory of its own",
+        );
+    }
+}
+
+#[test]
 fn kubeconfig_not_absolute() {
     one_error(
         "[kubernetes]\nkubeconfig = \"kubelet.conf\"\n",

@@ -24,7 +24,7 @@ pub const KEYS: &[&str] = &[
     "quota",
     "on_failure",
 ];
-const MATCH_KEYS: &[&str] = &[
+pub const MATCH_KEYS: &[&str] = &[
     "transport",
     "rotational",
     "min_size",
@@ -34,7 +34,7 @@ const MATCH_KEYS: &[&str] = &[
     "serial",
     "wwn",
 ];
-const OWNER_KEYS: &[&str] = &["uid", "gid", "mode"];
+pub const OWNER_KEYS: &[&str] = &["uid", "gid", "mode"];
 
 /// Transports the inventory reports (`kvstrap disks` shows them).
 pub const TRANSPORTS: &[&str] = &[

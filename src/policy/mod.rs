@@ -26,8 +26,9 @@ pub mod types;
 mod validate;
 
 pub use group::{MAX_VOLUME_COUNT, MAX_VOLUME_SIZE, MIN_VOLUME_SIZE};
+pub use remote::{origin, Origin, ORIGINS};
 pub use types::*;
-pub use validate::DEFAULT_STORAGE_ROOT;
+pub use validate::{known_keys, DEFAULT_STORAGE_ROOT};
 
 use diag::Diags;
 use std::path::{Path, PathBuf};

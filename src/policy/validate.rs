@@ -17,7 +17,7 @@ use super::types::{
 use crate::model::{FsType, Layout, VolumeMode};
 use std::path::{Component, Path, PathBuf};
 
-const TOP_KEYS: &[&str] = &[
+pub const TOP_KEYS: &[&str] = &[
     "node",
     "kubernetes",
     "health",
@@ -25,8 +25,8 @@ const TOP_KEYS: &[&str] = &[
     "storage_class",
     "disk_group",
 ];
-const NODE_KEYS: &[&str] = &["name", "storage_root"];
-const KUBERNETES_KEYS: &[&str] = &[
+pub const NODE_KEYS: &[&str] = &["name", "storage_root"];
+pub const KUBERNETES_KEYS: &[&str] = &[
     "publish",
     "kubeconfig",
     "cluster_policy",
@@ -35,6 +35,31 @@ const KUBERNETES_KEYS: &[&str] = &[
 ];
 
 pub const DEFAULT_STORAGE_ROOT: &str = "/var/lib/kvstrap/storage";
+
+/// Every key the parser knows, by its path: `node.name`, `disk_group.match.transport`.
+/// A table's own name (`disk_group`, `disk_group.match`) is a key too.
+pub fn known_keys() -> Vec<String> {
+    let tables: [(&str, &[&str]); 9] = [
+        ("", TOP_KEYS),
+        ("node", NODE_KEYS),
+        ("kubernetes", KUBERNETES_KEYS),
+        ("health", super::monitoring::HEALTH_KEYS),
+        ("metrics", super::monitoring::METRICS_KEYS),
+        ("storage_class", super::class::KEYS),
+        ("disk_group", super::group::KEYS),
+        ("disk_group.match", super::group::MATCH_KEYS),
+        ("disk_group.owner", super::group::OWNER_KEYS),
+    ];
+    tables
+        .iter()
+        .flat_map(|(table, keys)| {
+            keys.iter().map(move |k| match *table {
+                "" => (*k).to_string(),
+                t => format!("{t}.{k}"),
+            })
+        })
+        .collect()
+}
 
 /// mkfs.xfs refuses filesystems smaller than this.
 const XFS_MIN_BYTES: u64 = 300 << 20;
@@ -164,8 +189,21 @@ fn storage_root((text, at): Located<&str>, diags: &mut Diags) -> Option<PathBuf>
             return None;
         }
     }
+    // kubelet's pod mounts of kvstrap's volumes live there: below it they would look
+    // like kvstrap's own mounts.
+    if path.starts_with(KUBELET_ROOT) || Path::new(KUBELET_ROOT).starts_with(&path) {
+        diags.error(
+            at,
+            format!("storage_root \"{text}\" overlaps kubelet's directory {KUBELET_ROOT}, where pods' mounts of the volumes are"),
+            format!("write a directory of its own, like storage_root = \"{DEFAULT_STORAGE_ROOT}\""),
+        );
+        return None;
+    }
     Some(path)
 }
+
+/// kubelet's root directory (its default `--root-dir`).
+const KUBELET_ROOT: &str = "/var/lib/kubelet";
 
 /// An absolute path without `..`, as mount points and kubeconfig locations must be.
 fn absolute_path(key: &str, text: &str, at: Loc, diags: &mut Diags) -> Option<PathBuf> {
