@@ -104,6 +104,9 @@ pub struct Partition {
     /// while kvstrap holds the disk). A Block volume's link then points there.
     #[serde(default)]
     pub by_partuuid: bool,
+    /// What kvstrap made it for, as its GPT entry records (kvstrap's partitions only).
+    #[serde(default, skip_serializing_if = "PartitionRole::is_unrecorded")]
+    pub role: PartitionRole,
     /// Every mount of the partition's filesystem, in every mount namespace: kvstrap's own,
     /// kubelet's bind mounts of a volume into a pod, anything else.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -304,6 +307,63 @@ pub struct FsSpec {
     pub mount_options: Vec<String>,
 }
 
+/// What kvstrap made a partition for. It is recorded in the partition's GPT entry, in
+/// attribute bits 48-50 (the bits GPT leaves to each partition type to define; the type
+/// is kvstrap's own), so a later run and a reinstalled OS read it from the disk itself: a
+/// provisioned volume never changes kind by policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartitionRole {
+    /// Written by a kvstrap that did not record roles (or not kvstrap's).
+    #[default]
+    Unrecorded,
+    /// One filesystem holding many directory volumes (the shared layout).
+    SharedFilesystem,
+    /// A filesystem that is one volume (the separate layout).
+    Filesystem,
+    /// A raw partition that is one Block volume: whatever is on it is the tenant's.
+    Block,
+}
+
+impl PartitionRole {
+    const SHIFT: u32 = 48;
+    const MASK: u64 = 0b111 << Self::SHIFT;
+
+    /// The attribute bits of a GPT entry that record this role.
+    pub fn attribute_bits(self) -> u64 {
+        let code: u64 = match self {
+            PartitionRole::Unrecorded => 0,
+            PartitionRole::SharedFilesystem => 1,
+            PartitionRole::Filesystem => 2,
+            PartitionRole::Block => 3,
+        };
+        code << Self::SHIFT
+    }
+
+    /// The role recorded in a kvstrap partition's GPT attributes.
+    pub fn from_attributes(attributes: u64) -> PartitionRole {
+        match (attributes & Self::MASK) >> Self::SHIFT {
+            1 => PartitionRole::SharedFilesystem,
+            2 => PartitionRole::Filesystem,
+            3 => PartitionRole::Block,
+            _ => PartitionRole::Unrecorded,
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            PartitionRole::Unrecorded => "a partition without a recorded role",
+            PartitionRole::SharedFilesystem => "a shared filesystem of directory volumes",
+            PartitionRole::Filesystem => "a filesystem volume",
+            PartitionRole::Block => "a raw Block volume",
+        }
+    }
+
+    pub fn is_unrecorded(&self) -> bool {
+        *self == PartitionRole::Unrecorded
+    }
+}
+
 /// One partition of the desired layout of a disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionSpec {
@@ -318,6 +378,9 @@ pub struct PartitionSpec {
     pub device: PathBuf,
     /// None for a raw Block volume.
     pub filesystem: Option<FsSpec>,
+    /// What the partition is for, written into its GPT entry.
+    #[serde(default)]
+    pub role: PartitionRole,
 }
 
 /// The whole desired layout of one disk.

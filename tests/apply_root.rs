@@ -964,3 +964,77 @@ fn steps_refuse_a_disk_that_changed_since_the_plan_and_write_nothing() {
         "the swap area is untouched"
     );
 }
+
+#[test]
+fn a_provisioned_volume_never_changes_kind_root() {
+    if !require_root("a_provisioned_volume_never_changes_kind_root") {
+        return;
+    }
+    let d = LoopDisk::new(256 * MIB);
+    let classes = format!(
+        "{}{}",
+        class("raw", "ext4", "Block"),
+        class("fs", "ext4", "Filesystem")
+    );
+    let node = Node::new(&format!(
+        "{classes}{}",
+        group("g", "raw", "separate", &[&d], "volume_count = 2")
+    ));
+    node.apply_ok();
+    // The role is in the GPT itself: attribute bits 48-50 = 3 (raw Block volume), which
+    // the inventory reads back and any GPT tool shows.
+    let disks: Value =
+        serde_json::from_slice(&node.kvstrap(&["disks", "-o", "json"], &[]).stdout).unwrap();
+    let ours = disks["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["path"] == d.path.display().to_string())
+        .unwrap();
+    let roles: Vec<&str> = ours["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["role"].as_str().unwrap_or("none"))
+        .collect();
+    assert_eq!(roles, ["block", "block"], "{ours:#}");
+    let sgdisk = Command::new("sgdisk")
+        .arg("-i")
+        .arg("1")
+        .arg(&d.path)
+        .output()
+        .unwrap();
+    let sgdisk = String::from_utf8_lossy(&sgdisk.stdout);
+    assert!(
+        sgdisk.contains("Attribute flags: 0003000000000000"),
+        "{sgdisk}"
+    );
+    // A guest's data on the first volume.
+    let first = d.partition(1);
+    std::fs::write(&first, b"guest data, no signature").unwrap();
+
+    // The class turns Filesystem: same partitions, and no mkfs on a raw volume ever.
+    node.set_policy(&format!(
+        "{classes}{}",
+        group("g", "fs", "separate", &[&d], "volume_count = 2")
+    ));
+    let plan = node.plan();
+    assert_eq!(steps(&plan), 0, "{plan:#}");
+    let refused = plan["refused"].to_string();
+    assert!(refused.contains("never changes the kind"), "{plan:#}");
+    assert_eq!(
+        plan["groups"][0]["volumes"],
+        serde_json::json!([]),
+        "{plan:#}"
+    );
+    let out = node.kvstrap(&["apply"], &[]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 disk(s) left alone"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(blkid(&first, "TYPE"), "", "formatted");
+    let mut head = vec![0u8; 24];
+    std::io::Read::read_exact(&mut std::fs::File::open(&first).unwrap(), &mut head).unwrap();
+    assert_eq!(&head, b"guest data, no signature");
+}

@@ -41,6 +41,7 @@ fn shared_layout(disk: &LoopDisk, root: &Path, quota: bool) -> DiskLayout {
             name: "kvstrap-bench".into(),
             device: disk.partition(1),
             filesystem: Some(fs),
+            role: Default::default(),
         }],
     }
 }

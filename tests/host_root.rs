@@ -32,6 +32,7 @@ fn layout(disk: &LoopDisk, disk_size: u64, sizes: &[u64]) -> DiskLayout {
                 name: format!("kvstrap-test-v{n:02}"),
                 device: disk.partition(n),
                 filesystem: None,
+                role: Default::default(),
             };
             start += mib * MIB;
             p

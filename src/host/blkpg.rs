@@ -191,6 +191,7 @@ pub fn add_partition_nodes(disk: &Path, numbers: &[u32]) -> Result<Outcome, Blkp
             name: entry.name.clone(),
             device: partition_node(disk, n)?,
             filesystem: None,
+            role: Default::default(),
         });
     }
     // Keep every kernel partition that is not being added.
@@ -466,6 +467,7 @@ mod tests {
             name: format!("p{number}"),
             device: PathBuf::from(format!("/dev/loop9p{number}")),
             filesystem: None,
+            role: Default::default(),
         }
     }
 

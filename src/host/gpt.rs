@@ -195,7 +195,7 @@ fn entries(layout: &DiskLayout, lb: LogicalBlockSize) -> BTreeMap<u32, Partition
                 part_guid: p.part_uuid,
                 first_lba: first,
                 last_lba: first + p.size_bytes / lb.as_u64() - 1,
-                flags: 0,
+                flags: p.role.attribute_bits(),
                 name: p.name.clone(),
             };
             (p.number, part)
@@ -370,6 +370,7 @@ pub(crate) mod tests {
                     name: format!("kvstrap-v{i:02}"),
                     device: PathBuf::from(format!("/dev/null{i}")),
                     filesystem: None,
+                    role: Default::default(),
                 })
                 .collect(),
         }

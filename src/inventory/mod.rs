@@ -557,10 +557,19 @@ fn partition(
         by_id,
         in_kernel: kernel.is_some(),
         by_partuuid,
+        role: entry
+            .filter(|e| is_kvstrap_type(e.type_id.as_deref()))
+            .map_or_else(Default::default, |e| {
+                crate::model::PartitionRole::from_attributes(e.attributes)
+            }),
         mounts,
         node_binds,
         loop_devices: Vec::new(),
     }
+}
+
+fn is_kvstrap_type(type_id: Option<&str>) -> bool {
+    type_id.and_then(|t| uuid::Uuid::parse_str(t).ok()) == Some(crate::model::KVSTRAP_PART_TYPE)
 }
 
 /// A loop device over a block device (kubelet attaches one to each Block volume it maps)

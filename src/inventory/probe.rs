@@ -73,6 +73,8 @@ pub struct TableEntry {
     pub type_id: Option<String>,
     pub part_uuid: Option<String>,
     pub name: Option<String>,
+    /// GPT attribute bits (0 for dos).
+    pub attributes: u64,
 }
 
 /// What libblkid found on a whole disk.
@@ -186,6 +188,7 @@ fn read_table(
                 .flatten()
                 .map(|u| u.hyphenated().to_string()),
             name: part.get_name().ok().flatten().filter(|n| !n.is_empty()),
+            attributes: part.get_flags(),
         });
     }
     Ok((Some(PartitionTable { kind, uuid }), entries))

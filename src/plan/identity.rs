@@ -55,6 +55,11 @@ pub fn filesystem_label(fs_uuid: &uuid::Uuid) -> String {
     format!("kvs-{}", &hex[..8])
 }
 
+/// Whether a filesystem label is one kvstrap gives (or the one it gives while mkfs runs).
+pub fn is_filesystem_label(label: &str) -> bool {
+    label.len() == 12 && label.starts_with("kvs-")
+}
+
 /// `/dev/nvme0n1` + 2 -> `/dev/nvme0n1p2`; `/dev/sda` + 2 -> `/dev/sda2`.
 pub fn partition_device(disk: &std::path::Path, number: u32) -> std::path::PathBuf {
     let base = disk.to_string_lossy();

@@ -6,7 +6,7 @@ use super::capacity::{
 };
 use super::identity;
 use crate::model::{
-    Disk, DiskLayout, FsSpec, Layout, Owner, PartitionSpec, VolumeMode, VolumeSpec,
+    Disk, DiskLayout, FsSpec, Layout, Owner, PartitionRole, PartitionSpec, VolumeMode, VolumeSpec,
 };
 use crate::policy::{DiskGroup, QuotaMode, StorageClass, VolumeSizing};
 use std::path::{Path, PathBuf};
@@ -263,6 +263,11 @@ impl Ctx<'_> {
             part_uuid: identity::partition_uuid(self.identity, group, number),
             name: partition_name(group, number),
             device: identity::partition_device(&self.input.disk.path, number),
+            role: match (&filesystem, shared) {
+                (None, _) => PartitionRole::Block,
+                (Some(_), true) => PartitionRole::SharedFilesystem,
+                (Some(_), false) => PartitionRole::Filesystem,
+            },
             filesystem,
         }
     }

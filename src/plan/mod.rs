@@ -140,9 +140,18 @@ pub fn judge_with_root(
         .iter()
         .chain(disk.partitions.iter().flat_map(|p| &p.mountpoints))
         .all(ours);
+    // A device stacked on one of kvstrap's partitions (a guest's LVM activated on a Block
+    // volume) uses that volume: it holds the volume, not the disk.
+    let volume_holders: Vec<&String> = disk
+        .partitions
+        .iter()
+        .filter(|p| usage::is_kvstrap_partition(p))
+        .flat_map(|p| &p.holders)
+        .collect();
     let mut disk = disk.clone();
     // Our own mounts explain both "mounted" and a failing exclusive open.
     disk.in_use.retain(|fact| match fact {
+        InUse::Holder { holder } => !volume_holders.contains(&holder),
         InUse::Mounted { mountpoint } => !ours(mountpoint),
         InUse::Busy { .. } => !all_mounts_ours,
         _ => true,
@@ -365,19 +374,21 @@ impl<'a> Planner<'a> {
             if draining {
                 // Kept as it is (mounted, repaired) for the claims still bound to it; its
                 // volumes leave the published set, so their unbound PVs are deleted.
-                if self.disk_steps(disk, &verdict, false, &disk_plan, group) {
+                if let Some(refused) = self.disk_steps(disk, &verdict, false, &disk_plan, group) {
                     taken += 1;
                     self.out_of_service.push(OutOfServiceDisk {
                         disk: disk.path.clone(),
                         identity: identity::disk_identity(disk),
                         group: Some(group.name.clone()),
                         phase: ServicePhase::Draining,
-                        volumes: disk_plan.volumes,
+                        volumes: without_refused(&disk_plan, &refused),
                     });
                 }
                 continue;
             }
-            if self.disk_steps(disk, &verdict, wipe, &disk_plan, group) {
+            if let Some(refused) = self.disk_steps(disk, &verdict, wipe, &disk_plan, group) {
+                let mut disk_plan = disk_plan;
+                disk_plan.volumes = without_refused(&disk_plan, &refused);
                 taken += 1;
                 self.totals.raw_bytes += disk.size_bytes;
                 self.totals.reserve_bytes += disk_plan.reserve_bytes;
@@ -393,7 +404,8 @@ impl<'a> Planner<'a> {
         result
     }
 
-    /// Append the steps for one disk; false when the disk is refused after all.
+    /// Append the steps for one disk. `None` when the disk is refused after all, else the
+    /// numbers of its partitions that are left alone (their volumes are not provided).
     fn disk_steps(
         &mut self,
         disk: &Disk,
@@ -401,7 +413,7 @@ impl<'a> Planner<'a> {
         wipe: bool,
         plan: &DiskPlan,
         group: &DiskGroup,
-    ) -> bool {
+    ) -> Option<Vec<u32>> {
         if wipe {
             self.steps.push(crate::model::Step::WipeDisk {
                 disk: disk.path.clone(),
@@ -413,11 +425,11 @@ impl<'a> Planner<'a> {
                 ),
             });
             steps::fresh_disk(plan, "disk was wiped", &mut self.steps);
-            return true;
+            return Some(Vec::new());
         }
         if *verdict == Verdict::Free {
             steps::fresh_disk(plan, "disk is empty", &mut self.steps);
-            return true;
+            return Some(Vec::new());
         }
         match steps::adopt_disk(plan, disk, self.inventory) {
             Ok(adoption) => {
@@ -425,22 +437,41 @@ impl<'a> Planner<'a> {
                 for stray in usage::stray_mounts(disk, &plan.volumes, root) {
                     self.warn(stray);
                 }
+                let mut refused = Vec::new();
                 for (number, why) in adoption.refused {
                     self.refuse(
                         disk,
                         Some(&group.name),
                         format!("partition {number}: {why}"),
                     );
+                    refused.push(number);
                 }
                 self.steps.extend(adoption.steps);
-                true
+                Some(refused)
             }
             Err(why) => {
                 self.refuse(disk, Some(&group.name), why);
-                false
+                None
             }
         }
     }
+}
+
+/// The volumes of `plan` except those on a partition left alone: what kvstrap cannot
+/// vouch for is never published (it would point a claim at an empty directory).
+fn without_refused(plan: &DiskPlan, refused: &[u32]) -> Vec<crate::model::VolumeSpec> {
+    let devices: Vec<&PathBuf> = plan
+        .layout
+        .partitions
+        .iter()
+        .filter(|p| refused.contains(&p.number))
+        .map(|p| &p.device)
+        .collect();
+    plan.volumes
+        .iter()
+        .filter(|v| !devices.contains(&&v.device))
+        .cloned()
+        .collect()
 }
 
 fn signature_names(disk: &Disk) -> Vec<String> {

@@ -35,6 +35,7 @@ pub struct Adoption {
 /// Steps for a disk kvstrap provisioned earlier: finish what is missing, never redo.
 pub fn adopt_disk(plan: &DiskPlan, disk: &Disk, inventory: &Inventory) -> Result<Adoption, String> {
     check_same_layout(plan, disk)?;
+    check_same_kind(plan, disk)?;
     let mut out = Adoption::default();
     // After a reboot the kernel may not know partitions kvstrap wrote (loop devices
     // attached without partition scanning, or a table written just before a crash).
@@ -60,7 +61,19 @@ pub fn adopt_disk(plan: &DiskPlan, disk: &Disk, inventory: &Inventory) -> Result
         let mountpoints = observed
             .map(|p| p.mountpoints.as_slice())
             .unwrap_or_default();
+        let role = observed.map(|p| p.role).unwrap_or_default();
         match &part.filesystem {
+            // An older kvstrap recorded no role: an empty partition may be a raw Block
+            // volume whose tenant wrote no signature. Never format what may be data.
+            Some(_) if signatures.is_empty() && role.is_unrecorded() => out.refused.push((
+                part.number,
+                format!(
+                    "partition {} has no filesystem and no recorded role (an older kvstrap \
+                     made it): it may be a raw Block volume, so kvstrap does not format it; \
+                     if it holds nothing, wipe the disk to provision it again",
+                    part.device.display()
+                ),
+            )),
             Some(fs) => match signatures {
                 [] => {
                     out.steps
@@ -82,9 +95,8 @@ pub fn adopt_disk(plan: &DiskPlan, disk: &Disk, inventory: &Inventory) -> Result
                     .refused
                     .push((part.number, foreign_partition(part, sigs))),
             },
-            None if !signatures.is_empty() => out
-                .refused
-                .push((part.number, foreign_partition(part, signatures))),
+            // A raw Block volume: what is on it is its tenant's (a guest's filesystem,
+            // partition table, LVM). kvstrap never puts a signature there itself.
             None => {}
         }
     }
@@ -142,6 +154,65 @@ fn check_same_layout(plan: &DiskPlan, disk: &Disk) -> Result<(), String> {
         want.len(),
         plan.layout.group
     ))
+}
+
+/// A provisioned volume never changes kind by policy: each partition's recorded role, and
+/// the filesystem kvstrap made on it, must be what the plan wants. Otherwise the whole disk
+/// is left as it is (its volumes may be in use), with the way to repurpose it.
+fn check_same_kind(plan: &DiskPlan, disk: &Disk) -> Result<(), String> {
+    for part in &plan.layout.partitions {
+        let Some(observed) = disk.partitions.iter().find(|p| p.number == part.number) else {
+            continue;
+        };
+        let was = match observed.role {
+            r if !r.is_unrecorded() && r != part.role => Some(r.describe().to_string()),
+            // No role recorded (an older kvstrap): what kvstrap put on it tells.
+            _ => made_filesystem(observed, part),
+        };
+        if let Some(was) = was {
+            return Err(format!(
+                "partition {} was provisioned as {was}; the policy of group {:?} now wants {}: \
+                 kvstrap never changes the kind of a provisioned volume (its data may be in \
+                 use). To repurpose the disk: `kvstrap drain` it, `kvstrap forget` it, then \
+                 wipe it explicitly (wipe = \"force\" with the disk named by serial or WWN)",
+                part.device.display(),
+                plan.layout.group,
+                describe_wanted(part)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The filesystem kvstrap made on `observed`, when it is not the one `part` wants: another
+/// type under the same UUID, or any of kvstrap's filesystems where a raw volume is wanted.
+fn made_filesystem(observed: &crate::model::Partition, part: &PartitionSpec) -> Option<String> {
+    match &part.filesystem {
+        None => observed
+            .signatures
+            .iter()
+            .find(|s| {
+                s.label
+                    .as_deref()
+                    .is_some_and(super::identity::is_filesystem_label)
+            })
+            .map(|s| format!("a filesystem volume ({})", s.kind)),
+        Some(fs) => observed
+            .signatures
+            .iter()
+            .find(|s| {
+                s.uuid.as_deref().map(str::to_ascii_lowercase) == Some(fs.uuid.to_string())
+                    && s.kind != fs.fs_type.as_str()
+            })
+            .map(|s| format!("an {} filesystem", s.kind)),
+    }
+}
+
+fn describe_wanted(part: &PartitionSpec) -> String {
+    match &part.filesystem {
+        Some(fs) => format!("{} ({})", part.role.describe(), fs.fs_type.as_str()),
+        None => part.role.describe().to_string(),
+    }
 }
 
 /// The complete filesystem the plan asks for (Ignition's reuse rule: type, UUID, label).

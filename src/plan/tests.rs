@@ -360,6 +360,7 @@ fn converged(p: &Plan, mut disks: Vec<Disk>) -> Inventory {
                         .map(|f| f.mountpoint.clone())
                         .collect(),
                     in_kernel: true,
+                    role: part.role,
                     ..Default::default()
                 })
                 .collect();
@@ -565,6 +566,143 @@ fn a_foreign_disk_mounted_outside_the_storage_root_is_still_in_use() {
         "{:?}",
         p.refused
     );
+}
+
+/// The mixed policy provisioned, then `change` applied to the policy: the plan for it.
+fn changed_after_provisioning(
+    change: impl FnOnce(&mut Policy),
+    tweak: impl FnOnce(&mut Inventory),
+) -> (Plan, Plan) {
+    let (mut pol, disks) = mixed_policy();
+    let first = plan(&pol, &inventory(disks.clone()), &ctx());
+    let mut inv = converged(&first, disks);
+    tweak(&mut inv);
+    change(&mut pol);
+    (first, plan(&pol, &inv, &ctx()))
+}
+
+fn refusal_of<'p>(p: &'p Plan, disk: &str) -> Vec<&'p str> {
+    p.refused
+        .iter()
+        .filter(|r| r.disk == std::path::Path::new(disk))
+        .map(|r| r.reason.as_str())
+        .collect()
+}
+
+#[test]
+fn a_block_volume_never_becomes_a_filesystem_by_policy() {
+    // Same partition sizes either way (volume_count = 2), so only the recorded role can
+    // tell that these raw partitions, perhaps full of a guest's data, are not blank.
+    let (first, again) =
+        changed_after_provisioning(|p| p.disk_groups[2].storage_class = "ext".into(), |_| {});
+    assert_eq!(count(&again, "make_filesystem"), 0, "{:#?}", again.steps);
+    let why = refusal_of(&again, "/dev/sdd");
+    assert_eq!(why.len(), 1, "{:?}", again.refused);
+    assert!(
+        why[0].contains("was provisioned as a raw Block volume"),
+        "{why:?}"
+    );
+    assert!(why[0].contains("never changes the kind"), "{why:?}");
+    assert!(why[0].contains("kvstrap drain"), "{why:?}");
+    // Other disks go on; the refused disk's volumes are not published.
+    assert!(again
+        .volumes()
+        .all(|v| v.disk != std::path::Path::new("/dev/sdd")));
+    assert_eq!(
+        again.volumes().count(),
+        first.volumes().count() - 2,
+        "the other groups keep their volumes"
+    );
+}
+
+#[test]
+fn a_filesystem_volume_never_becomes_block_or_another_filesystem() {
+    let (_, to_block) =
+        changed_after_provisioning(|p| p.disk_groups[1].storage_class = "raw".into(), |_| {});
+    let why = refusal_of(&to_block, "/dev/sdc");
+    assert!(
+        why.iter()
+            .any(|w| w.contains("was provisioned as a filesystem volume")),
+        "{why:?}"
+    );
+    let (_, to_xfs) =
+        changed_after_provisioning(|p| p.disk_groups[1].storage_class = "fast".into(), |_| {});
+    assert_eq!(count(&to_xfs, "make_filesystem"), 0);
+    let why = refusal_of(&to_xfs, "/dev/sdc");
+    assert!(
+        why.iter()
+            .any(|w| w.contains("was provisioned as an ext4 filesystem")),
+        "{why:?}"
+    );
+    // Without a recorded role (an older kvstrap), the filesystem kvstrap made tells.
+    let (_, legacy) = changed_after_provisioning(
+        |p| p.disk_groups[1].storage_class = "raw".into(),
+        |inv| {
+            for p in &mut inv.disks[1].partitions {
+                p.role = crate::model::PartitionRole::Unrecorded;
+            }
+        },
+    );
+    let why = refusal_of(&legacy, "/dev/sdc");
+    assert!(
+        why.iter()
+            .any(|w| w.contains("was provisioned as a filesystem volume (ext4)")),
+        "{why:?}"
+    );
+}
+
+#[test]
+fn a_partition_without_role_or_filesystem_is_never_formatted_nor_published() {
+    let (first, again) = changed_after_provisioning(
+        |_| {},
+        |inv| {
+            let sdc = &mut inv.disks[1];
+            for p in &mut sdc.partitions {
+                p.role = crate::model::PartitionRole::Unrecorded;
+            }
+            sdc.partitions[1].signatures.clear();
+            sdc.partitions[1].mountpoints.clear();
+        },
+    );
+    assert_eq!(count(&again, "make_filesystem"), 0, "{:#?}", again.steps);
+    let why = refusal_of(&again, "/dev/sdc");
+    assert_eq!(why.len(), 1, "{why:?}");
+    assert!(why[0].contains("no recorded role"), "{why:?}");
+    let device = &first.groups[1].disks[0].partitions[1].device;
+    assert!(
+        again.volumes().all(|v| &v.device != device),
+        "the volume of a partition left alone is not published"
+    );
+    assert_eq!(again.volumes().count(), first.volumes().count() - 1);
+}
+
+#[test]
+fn what_a_guest_wrote_on_a_block_volume_is_its_data_not_a_foreign_disk() {
+    let (first, again) = changed_after_provisioning(
+        |_| {},
+        |inv| {
+            let sdd = &mut inv.disks[2];
+            sdd.partitions[0].signatures.push(Signature {
+                kind: "ext4".into(),
+                usage: Some("filesystem".into()),
+                label: Some("guest-root".into()),
+                uuid: Some("0e3c0d2a-1b7c-4f00-9d55-4c1f0e8d2a11".into()),
+                unfinished: false,
+            });
+            sdd.partitions[1].signatures.push(Signature {
+                kind: "LVM2_member".into(),
+                ..Signature::default()
+            });
+            // The host's LVM activated the guest's volume group on it.
+            sdd.partitions[1].holders.push("dm-7".into());
+            sdd.in_use.push(InUse::Holder {
+                holder: "dm-7".into(),
+            });
+        },
+    );
+    assert_eq!(again.steps, vec![], "{:#?}", again.refused);
+    assert!(again.refused.is_empty(), "{:?}", again.refused);
+    assert_eq!(again.groups, first.groups);
 }
 
 #[test]

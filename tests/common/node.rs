@@ -26,6 +26,15 @@ impl Node {
         Node { dir }
     }
 
+    /// Replaces the policy (the same `[node]` header as `new` writes).
+    pub fn set_policy(&self, policy_body: &str) {
+        let text = format!(
+            "[node]\nname = \"test-node\"\nstorage_root = {:?}\n\n{policy_body}",
+            self.root().display().to_string()
+        );
+        std::fs::write(self.dir.path().join("policy.toml"), text).unwrap();
+    }
+
     pub fn root(&self) -> PathBuf {
         self.dir.path().join("storage")
     }
