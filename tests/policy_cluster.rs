@@ -298,3 +298,31 @@ fn a_fragment_setting_any_node_only_key_is_refused_whole_naming_it() {
     );
     eval(dir.path(), &[fine]).expect("classes and groups are the cluster's to describe");
 }
+
+#[test]
+fn a_cached_layer_that_no_longer_validates_is_left_out_not_fatal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, BASE).expect("write");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).expect("mkdir");
+    // Cached when it was fine; since then this kvstrap refuses [metrics] from the cluster
+    // (or the node's own files changed under it).
+    let cache = ClusterCache::new(
+        "w1",
+        BTreeMap::new(),
+        vec![fragment(
+            "old",
+            "[metrics]\ntextfile = \"/etc/shadow\"\n[[storage_class]]\nname = \"from-cluster\"\n",
+        )],
+    );
+    std::fs::write(cache_path(&state), cache.to_json()).expect("write");
+    let p = load_with_cluster(Some(&policy), &state).expect("the node's own files still load");
+    let names: Vec<&str> = p.storage_classes.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["local"], "the cluster layer is left out");
+    assert_eq!(p.metrics, Default::default(), "nothing of it is taken");
+    let why = p.cluster_layer_dropped.expect("it says why");
+    assert!(why.contains("configmap/kvstrap/old:2:1") && why.contains("[metrics] textfile"), "{why}");
+    // A candidate set is still refused as a whole (the watcher never caches it).
+    assert!(evaluate_cluster(Some(&policy), &cache.fragments).is_err());
+}

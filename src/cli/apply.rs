@@ -14,7 +14,51 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// One writer per node: with the node's own policy (no `--policy`) and its daemon
+/// running, the daemon applies (its run, its publisher) and this prints the outcome; the
+/// CLI applies itself only when no daemon runs.
 pub fn apply(g: &GlobalArgs, a: &ApplyArgs) -> Result<i32> {
+    if g.policy.is_none() {
+        match super::bus_client::client_apply() {
+            Ok(summary) => return print_daemon_apply(g, &summary, false),
+            Err(super::bus_client::ClientError::Call(crate::dbus::BusError::ApplyFailed(
+                summary,
+            ))) => return print_daemon_apply(g, &summary, true),
+            Err(e) if e.daemon_absent() => {
+                tracing::debug!("applying here: {e}");
+            }
+            Err(e) => anyhow::bail!(
+                "the kvstrap daemon is running but did not apply: {e}; it is the node's one \
+                 writer, so kvstrap apply does not write beside it (see `systemctl status kvstrap`)"
+            ),
+        }
+    }
+    apply_here(g, a)
+}
+
+/// What the daemon's run did, as it answered D-Bus `Apply`.
+fn print_daemon_apply(g: &GlobalArgs, summary: &str, failed: bool) -> Result<i32> {
+    match g.output {
+        OutputFormat::Json => println!("{summary}"),
+        OutputFormat::Human => {
+            let doc: serde_json::Value = serde_json::from_str(summary).unwrap_or_default();
+            println!(
+                "applied by kvstrap.service: {}",
+                doc.get("result")
+                    .and_then(|r| r.as_str())
+                    .unwrap_or(summary)
+            );
+            if let Some(obj) = doc.as_object() {
+                for (key, value) in obj.iter().filter(|(k, _)| k.as_str() != "result") {
+                    println!("  {key}: {value}");
+                }
+            }
+        }
+    }
+    Ok(if failed { super::EXIT_FAILURE } else { 0 })
+}
+
+fn apply_here(g: &GlobalArgs, a: &ApplyArgs) -> Result<i32> {
     let policy = load_policy(g)?;
     let node = node(g);
     let stop = Arc::new(AtomicBool::new(false));
@@ -48,6 +92,7 @@ pub fn apply(g: &GlobalArgs, a: &ApplyArgs) -> Result<i32> {
     let health = crate::health::read::Reader::discover().read_all(&crate::health::selected_disks(
         &policy,
         &report.after.inventory,
+        &node.disk_service().unwrap_or_default(),
     ));
     node.record_metrics(&policy, &report, &health, &publish, None);
     if let Some(e) = &report.render_error {

@@ -69,6 +69,11 @@ impl Client {
         }
     }
 
+    /// Whether the daemon owns its name on the system bus now.
+    pub fn daemon_running() -> bool {
+        zbus::block_on(Client::connect(None)).is_ok()
+    }
+
     pub async fn proxy(&self) -> Result<BootstrapProxy<'static>, ClientError> {
         BootstrapProxy::new(&self.conn)
             .await
@@ -114,4 +119,14 @@ pub fn client_apply() -> Result<String, ClientError> {
 /// Ask the daemon to reload its policy (root only).
 pub fn client_reload() -> Result<(), ClientError> {
     ask(async |p| p.reload().await)
+}
+
+/// Ask the daemon to drain a disk (root only); its answer in words.
+pub fn client_drain(disk: &str) -> Result<String, ClientError> {
+    ask(async |p| p.drain(disk).await)
+}
+
+/// Ask the daemon to put a disk back in service (root only); its answer in words.
+pub fn client_undrain(disk: &str) -> Result<String, ClientError> {
+    ask(async |p| p.undrain(disk).await)
 }

@@ -68,38 +68,103 @@ fn report_passes(reports: &[Report]) -> i32 {
     }
 }
 
+/// Who carries out a change of the disk record: the running daemon (the node's one
+/// writer), or this process under the applier lock when no daemon runs.
+enum Writer {
+    Daemon,
+    Here,
+}
+
+/// The daemon, when the node's own policy is in use and it answers on the bus.
+fn writer(g: &GlobalArgs) -> Writer {
+    if g.policy.is_some() {
+        return Writer::Here;
+    }
+    match super::bus_client::Client::daemon_running() {
+        true => Writer::Daemon,
+        false => Writer::Here,
+    }
+}
+
+/// The applier lock, held while the record changes: never beside a run's mkfs, and never
+/// two writers of `disks.json` at once.
+fn locked(g: &GlobalArgs, timeout: u64) -> Result<crate::state::ApplyLock> {
+    let never = AtomicBool::new(false);
+    crate::node::lock::take(&super::inputs(g).lock, Duration::from_secs(timeout), &never)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The daemon's answer to a D-Bus call, or why it gave none.
+fn by_daemon(answer: Result<String, super::bus_client::ClientError>) -> Result<i32> {
+    let said = answer.map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("{said}");
+    Ok(0)
+}
+
+/// After the record changed under the lock with a daemon running: the daemon's run carries
+/// it out (its publisher is the only one).
+fn daemon_applies() -> Result<i32> {
+    match super::bus_client::client_apply() {
+        Ok(_) => Ok(0),
+        Err(e) => {
+            eprintln!("the record changed; the daemon's run did not finish: {e}");
+            Ok(super::EXIT_FAILURE)
+        }
+    }
+}
+
 pub fn drain(g: &GlobalArgs, a: &DrainArgs) -> Result<i32> {
     let policy = load_policy(g)?;
     let node = node(g);
     let mut code = 0;
     if let Some(disk) = &a.disk {
-        let said = node
-            .drain(&policy, disk, "kvstrap drain")
-            .map_err(refused)?;
-        eprintln!("{said}");
-        code = report_passes(&carry_out(&node, &policy, a.lock_timeout)?);
+        if matches!(writer(g), Writer::Daemon) {
+            code = by_daemon(super::bus_client::client_drain(disk))?;
+        } else {
+            let lock = locked(g, a.lock_timeout)?;
+            let said = node
+                .drain(&policy, disk, "kvstrap drain")
+                .map_err(refused)?;
+            drop(lock);
+            eprintln!("{said}");
+            code = report_passes(&carry_out(&node, &policy, a.lock_timeout)?);
+        }
     }
     print_status(g, &node.drain_status(&policy)?);
     Ok(code)
 }
 
 pub fn undrain(g: &GlobalArgs, disk: &str, lock_timeout: u64) -> Result<i32> {
+    if matches!(writer(g), Writer::Daemon) {
+        return by_daemon(super::bus_client::client_undrain(disk));
+    }
     let policy = load_policy(g)?;
     let node = node(g);
+    let lock = locked(g, lock_timeout)?;
     println!("{}", node.undrain(&policy, disk).map_err(refused)?);
+    drop(lock);
     Ok(report_passes(&carry_out(&node, &policy, lock_timeout)?))
 }
 
 pub fn replace(g: &GlobalArgs, old: &str, new: &str, lock_timeout: u64) -> Result<i32> {
     let policy = load_policy(g)?;
     let node = node(g);
+    let by = writer(g);
+    let lock = locked(g, lock_timeout)?;
     println!("{}", node.replace(&policy, old, new).map_err(refused)?);
-    Ok(report_passes(&carry_out(&node, &policy, lock_timeout)?))
+    drop(lock);
+    match by {
+        Writer::Daemon => daemon_applies(),
+        Writer::Here => Ok(report_passes(&carry_out(&node, &policy, lock_timeout)?)),
+    }
 }
 
 pub fn forget(g: &GlobalArgs, disk: &str) -> Result<i32> {
     let policy = load_policy(g)?;
-    let (said, cluster) = node(g).forget_everywhere(&policy, disk).map_err(refused)?;
+    let lock = locked(g, 60)?;
+    let forgotten = node(g).forget_everywhere(&policy, disk).map_err(refused);
+    drop(lock);
+    let (said, cluster) = forgotten?;
     match g.output {
         OutputFormat::Json => print_json(&serde_json::json!({
             "forgotten": said,

@@ -173,9 +173,11 @@ impl Engine for HostEngine {
             .map_err(observe)?;
         let summary = report.summary();
         if let Some(m) = &self.health {
+            let service = self.node.disk_service().unwrap_or_default();
             m.set_disks(crate::health::selected_disks(
                 &policy,
                 &report.after.inventory,
+                &service,
             ));
         }
         self.publish_health();

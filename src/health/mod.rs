@@ -82,9 +82,15 @@ pub type HealthMap = BTreeMap<PathBuf, Health>;
 pub fn selected_disks(
     policy: &crate::policy::Policy,
     inventory: &crate::model::Inventory,
+    service: &crate::model::DiskService,
 ) -> Vec<PathBuf> {
-    // A drained disk is still watched: whether it failed is what its operator wants to know.
-    crate::plan::verdicts(Some(policy), inventory, &Default::default())
+    // A drained disk is still watched: whether it failed is what its operator wants to
+    // know. A replacement is read like any disk of its group.
+    let only_replacements = crate::model::DiskService {
+        replacements: service.replacements.clone(),
+        ..Default::default()
+    };
+    crate::plan::verdicts(Some(policy), inventory, &only_replacements)
         .into_iter()
         .filter(|(_, group, _)| group.is_some())
         .map(|(disk, _, _)| disk.path.clone())

@@ -587,7 +587,10 @@ async fn send_reports(
             // The guards must not live across an await.
             let newest = reports.borrow_and_update().clone();
             let Some(mut report) = newest else { break };
-            report.policy_error = merged.policy_error.borrow_and_update().clone();
+            // The watcher's error, or the report's own (a cached layer left out).
+            if let Some(e) = merged.policy_error.borrow_and_update().clone() {
+                report.policy_error = Some(e);
+            }
             if let Some(health) = merged.health.borrow_and_update().clone() {
                 report.health = health;
             }

@@ -335,6 +335,8 @@ pub enum LedgerError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error(transparent)]
+    Write(#[from] crate::state::StateError),
 }
 
 /// What kvstrap knows about each PV of this node, keyed by PV name.
@@ -398,24 +400,15 @@ impl Ledger {
         }
     }
 
-    /// temp + fsync + rename + directory fsync.
+    /// Like every state file: a temp file of its own (O_EXCL, so two writers never share
+    /// one), fsync, rename, directory fsync.
     pub fn save(&self, state_dir: &Path) -> Result<(), LedgerError> {
         let path = Self::path(state_dir);
-        let io = |source| LedgerError::Io {
-            path: path.clone(),
-            source,
-        };
         let text = serde_json::to_vec_pretty(self).map_err(|source| LedgerError::Encode {
             path: path.clone(),
             source,
         })?;
-        std::fs::create_dir_all(state_dir).map_err(io)?;
-        let tmp = state_dir.join(format!(".{LEDGER_FILE}.tmp"));
-        let mut f = File::create(&tmp).map_err(io)?;
-        f.write_all(&text).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        File::open(state_dir).and_then(|d| d.sync_all()).map_err(io)
+        Ok(crate::state::write_atomic(&path, &text)?)
     }
 }
 

@@ -86,8 +86,12 @@ impl Report {
                 .map(|f| (f.disk.clone(), f.error.clone()))
                 .collect(),
             error: None,
-            // Set by the Node state publisher from the fleet watcher.
-            policy_error: None,
+            // Set by the Node state publisher from the fleet watcher; a cached layer that
+            // was left out says so here until then.
+            policy_error: policy
+                .cluster_layer_dropped
+                .as_ref()
+                .map(|why| format!("the cached fragments no longer validate and were left out ({why})")),
             // Set by the Node state publisher from the daemon's health reader.
             health: Vec::new(),
             sources: policy

@@ -260,6 +260,22 @@ impl Node {
             )));
         }
         let new_id = disk_identity(new_disk);
+        if new_id.starts_with("path:") {
+            return Err(ServiceError::Refused(format!(
+                "{} has no serial or WWN: a replacement is recorded by the disk's identity, and \
+                 a kernel name can point at another disk after a reboot; list it in the group's \
+                 devices instead",
+                new_disk.path.display()
+            )));
+        }
+        if let Some(g) = policy.disk_groups.iter().find(|g| g.name == group) {
+            crate::plan::select::fits_kind(g, new_disk).map_err(|why| {
+                ServiceError::Refused(format!(
+                    "{} does not fit group {group:?}: {why}",
+                    new_disk.path.display()
+                ))
+            })?;
+        }
         if new_id == old_id {
             return Err(ServiceError::Refused(format!(
                 "{old} and {new} are the same disk"
@@ -291,13 +307,20 @@ impl Node {
     /// The cluster side (its unbound PVs) is the caller's, with a client.
     pub fn forget(&self, policy: &Policy, name: &str) -> Result<(String, String), ServiceError> {
         let inventory = self.scan(Some(policy))?;
-        if let Some(disk) = find(&inventory, name)? {
-            return Err(ServiceError::Refused(format!(
-                "{} is attached: `kvstrap drain {name}` takes it out of service; forget is for a disk that is gone",
-                disk.path.display()
-            )));
-        }
         let mut record = self.disk_service()?;
+        if let Some(disk) = find(&inventory, name)? {
+            // An attached disk's replacement record can go: the disk then belongs to
+            // whichever group selects it, as any other. Out of service, it stays so.
+            let identity = disk_identity(disk);
+            if record.out_of_service.contains_key(&identity)
+                || !record.replacements.contains_key(&identity)
+            {
+                return Err(ServiceError::Refused(format!(
+                    "{} is attached: `kvstrap drain {name}` takes it out of service (`undrain` puts it back); forget is for a disk that is gone, or drops a replacement record",
+                    disk.path.display()
+                )));
+            }
+        }
         let identity = find_recorded(&record, name).unwrap_or_else(|| name.to_string());
         let drained = record.out_of_service.remove(&identity).is_some();
         let replaced = record.replacements.remove(&identity).is_some();

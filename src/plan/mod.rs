@@ -87,11 +87,18 @@ pub fn verdicts<'a>(
         .disks
         .iter()
         .map(|disk| {
+            let replaced_into = service
+                .replacements
+                .get(&identity::disk_identity(disk))
+                .map(|r| r.group.as_str());
             let groups: Vec<&DiskGroup> = policy
                 .map(|p| {
                     p.disk_groups
                         .iter()
-                        .filter(|g| select::selects(g, disk))
+                        .filter(|g| match replaced_into {
+                            Some(name) => g.name == name,
+                            None => select::selects(g, disk),
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
@@ -178,8 +185,37 @@ impl<'a> Planner<'a> {
         let mut disks: Vec<&Disk> = self.inventory.disks.iter().collect();
         disks.sort_by_key(|d| select::stable_key(d));
         let mut out: std::collections::BTreeMap<String, Vec<&Disk>> = Default::default();
+        let twins = same_identity(&disks);
         for disk in disks {
             let identity = identity::disk_identity(disk);
+            // Two devices with one identity (paths of one LUN without multipath, a cloned
+            // serial): everything kvstrap derives from it would collide. Neither is used.
+            if let Some(others) = twins.get(&identity) {
+                let selected_by = self
+                    .policy
+                    .disk_groups
+                    .iter()
+                    .find(|g| select::selects(g, disk))
+                    .map(|g| g.name.clone());
+                if selected_by.is_some() || self.ctx.service.replacements.contains_key(&identity) {
+                    let others: Vec<String> = others
+                        .iter()
+                        .filter(|p| **p != disk.path)
+                        .map(|p| p.display().to_string())
+                        .collect();
+                    self.refuse(
+                        disk,
+                        selected_by.as_deref(),
+                        format!(
+                            "{identity} is also the identity of {}: the same disk seen twice \
+                             (several paths to one LUN: use its dm-multipath device) or a cloned \
+                             serial; neither is used",
+                            others.join(", ")
+                        ),
+                    );
+                }
+                continue;
+            }
             if let Some(record) = self.ctx.service.out_of_service.get(&identity) {
                 if record.phase == ServicePhase::Drained {
                     self.release_drained(disk, &identity, record);
@@ -196,6 +232,30 @@ impl<'a> Planner<'a> {
                     None => select::selects(g, disk),
                 })
                 .collect();
+            // A replacement record names the disk by identity: it never brings a disk the
+            // group's kind selectors reject, and never one known only by its kernel name.
+            if let (Some(r), [group]) = (replacement, groups.as_slice()) {
+                let misfit = match select::fits_kind(group, disk) {
+                    Err(why) => Some(format!("no longer fits group {:?}: {why}", r.group)),
+                    Ok(()) if identity.starts_with("path:") => Some(
+                        "has no serial or WWN, so a record cannot tell it from another disk at that path"
+                            .to_string(),
+                    ),
+                    Ok(()) => None,
+                };
+                if let Some(why) = misfit {
+                    self.refuse(
+                        disk,
+                        Some(&r.group),
+                        format!(
+                            "put in place of {} by `kvstrap replace`, but it {why}; `kvstrap forget {}` drops the replacement",
+                            r.replaces,
+                            disk.path.display()
+                        ),
+                    );
+                    continue;
+                }
+            }
             if let (Some(r), []) = (replacement, groups.as_slice()) {
                 self.refuse(
                     disk,
@@ -314,7 +374,10 @@ impl<'a> Planner<'a> {
         judged.sort_by_key(|(_, v)| *v != Verdict::Ours);
         let mut taken = 0u32;
         for (disk, verdict) in judged {
-            let wipe = group.wipe == Wipe::Force && matches!(verdict, Verdict::Foreign { .. });
+            // Only the group's own selectors may lead to a wipe, never a replacement record.
+            let wipe = group.wipe == Wipe::Force
+                && matches!(verdict, Verdict::Foreign { .. })
+                && select::selects(group, disk);
             if !verdict.is_writable() && !wipe {
                 self.refuse(disk, Some(&group.name), verdict.reason());
                 continue;
@@ -455,6 +518,18 @@ impl<'a> Planner<'a> {
             }
         }
     }
+}
+
+/// Identities (`wwn:`, `serial:`, `loop:`) that more than one device has, with them.
+fn same_identity(disks: &[&Disk]) -> std::collections::BTreeMap<String, Vec<PathBuf>> {
+    let mut seen: std::collections::BTreeMap<String, Vec<PathBuf>> = Default::default();
+    for d in disks {
+        seen.entry(identity::disk_identity(d))
+            .or_default()
+            .push(d.path.clone());
+    }
+    seen.retain(|id, paths| paths.len() > 1 && !id.starts_with("path:"));
+    seen
 }
 
 /// The volumes of `plan` except those on a partition left alone: what kvstrap cannot

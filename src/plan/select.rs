@@ -46,6 +46,33 @@ fn matcher_matches(m: &DiskMatch, disk: &Disk) -> bool {
         && text(&m.wwn, &disk.wwn)
 }
 
+/// Whether `disk` is the kind of disk the group wants, leaving out which disks it names
+/// (`devices`, serial, WWN, model, vendor): transport, rotational and size. A replacement
+/// put in a group by `kvstrap replace` must fit it so.
+pub fn fits_kind(group: &DiskGroup, disk: &Disk) -> Result<(), String> {
+    let m = &group.matcher;
+    let mut misfits = Vec::new();
+    if let Some(t) = m.transport.as_ref().filter(|t| !t.eq_ignore_ascii_case(&disk.transport)) {
+        misfits.push(format!("transport {} (the group wants {t})", disk.transport));
+    }
+    if let Some(r) = m.rotational.filter(|r| *r != disk.rotational) {
+        misfits.push(format!("rotational = {} (the group wants {r})", disk.rotational));
+    }
+    if m.min_size.is_some_and(|min| disk.size_bytes < min)
+        || m.max_size.is_some_and(|max| disk.size_bytes > max)
+    {
+        misfits.push(format!(
+            "{} bytes, outside the group's min_size/max_size",
+            disk.size_bytes
+        ));
+    }
+    if misfits.is_empty() {
+        Ok(())
+    } else {
+        Err(misfits.join(", "))
+    }
+}
+
 /// Sort key that does not depend on the order the kernel enumerated disks in.
 pub fn stable_key(disk: &Disk) -> (String, String) {
     (

@@ -76,6 +76,7 @@ fn policy(groups: Vec<DiskGroup>) -> Policy {
         ],
         disk_groups: groups,
         sources: Vec::new(),
+        cluster_layer_dropped: None,
     }
 }
 
@@ -1160,6 +1161,80 @@ fn a_replacement_joins_the_old_disks_group_whatever_the_selectors_say() {
     let chosen: Vec<_> = p.groups[0].disks.iter().map(|d| d.disk.clone()).collect();
     assert_eq!(chosen, vec![PathBuf::from("/dev/sdc")]);
     assert_eq!(count(&p, "write_partition_table"), 1);
+}
+
+/// The context of a replacement of sdb by `new` in group `g`.
+fn replaced_by(old: &Disk, new: &Disk) -> PlanContext {
+    let mut c = out_of_service(old, crate::model::ServicePhase::Drained);
+    c.service.replacements.insert(
+        crate::plan::identity::disk_identity(new),
+        crate::model::Replacement {
+            group: "g".into(),
+            replaces: crate::plan::identity::disk_identity(old),
+            path: new.path.clone(),
+            since_unix: 1,
+        },
+    );
+    c
+}
+
+#[test]
+fn a_replacement_record_never_wipes_nor_brings_a_disk_the_group_rejects() {
+    let mut g = group("g");
+    g.matcher.serial = Some("SER-sdb".into());
+    g.matcher.transport = Some("sata".into());
+    g.wipe = Wipe::Force;
+    let pol = policy(vec![g]);
+    let old = disk("sdb", 10 * GIB);
+    // A disk with something on it, recorded as sdb's replacement: a wipe = "force" group
+    // wipes only what its own selectors name, never what a record brings.
+    let mut foreign = disk("sdc", 10 * GIB);
+    foreign.signatures.push(Signature {
+        kind: "ext4".into(),
+        ..Signature::default()
+    });
+    let p = plan(&pol, &inventory(vec![old.clone(), foreign.clone()]), &replaced_by(&old, &foreign));
+    assert_eq!(count(&p, "wipe_disk"), 0, "{:#?}", p.steps);
+    assert!(p.refused.iter().any(|r| r.disk == foreign.path && r.reason.contains("not empty")));
+    // Of another kind than the group wants: refused, with the way out.
+    let mut nvme = disk("nvme0n1", 10 * GIB);
+    nvme.transport = "nvme".into();
+    let p = plan(&pol, &inventory(vec![old.clone(), nvme.clone()]), &replaced_by(&old, &nvme));
+    let why: Vec<&str> = p.refused.iter().filter(|r| r.disk == nvme.path).map(|r| r.reason.as_str()).collect();
+    assert!(why.iter().any(|w| w.contains("no longer fits group") && w.contains("kvstrap forget")), "{why:?}");
+    assert_eq!(count(&p, "write_partition_table"), 0);
+    // Known only by its kernel name: a record cannot vouch for it.
+    let mut anonymous = disk("sdd", 10 * GIB);
+    anonymous.serial = None;
+    let p = plan(&pol, &inventory(vec![old.clone(), anonymous.clone()]), &replaced_by(&old, &anonymous));
+    assert!(p.refused.iter().any(|r| r.disk == anonymous.path && r.reason.contains("no serial or WWN")), "{:?}", p.refused);
+    assert_eq!(count(&p, "write_partition_table"), 0);
+    // And a replacement's health is read, like any disk of its group.
+    let blank = disk("sde", 10 * GIB);
+    let inv = inventory(vec![old.clone(), blank.clone()]);
+    let c = replaced_by(&old, &blank);
+    let read = crate::health::selected_disks(&pol, &inv, &c.service);
+    assert!(read.contains(&blank.path), "{read:?}");
+}
+
+#[test]
+fn two_devices_with_one_identity_are_both_refused() {
+    let pol = policy(vec![group("g")]);
+    let mut a = disk("sdb", 10 * GIB);
+    let mut b = disk("sdc", 10 * GIB);
+    a.wwn = Some("naa.5000c500a1b2c3d4".into());
+    b.wwn = a.wwn.clone();
+    let p = plan(&pol, &inventory(vec![a.clone(), b.clone(), disk("sdd", 10 * GIB)]), &ctx());
+    for d in [&a, &b] {
+        assert!(
+            p.refused.iter().any(|r| r.disk == d.path
+                && r.reason.contains("wwn:naa.5000c500a1b2c3d4 is also the identity of")),
+            "{:?}",
+            p.refused
+        );
+        assert!(p.steps.iter().all(|s| s.disk() != &d.path));
+    }
+    assert_eq!(p.groups[0].disks.len(), 1, "the third disk is provisioned");
 }
 
 #[test]

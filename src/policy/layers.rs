@@ -47,13 +47,36 @@ pub fn build(
     let (vendor_files, own_files): (Vec<Source>, Vec<Source>) = files
         .into_iter()
         .partition(|(p, _)| vendor.is_some_and(|v| p.starts_with(v)));
-    layered(
+    let merged = layered(
         &vendor_files,
         &fragments,
         &own_files,
         local.kubernetes.cluster_may_wipe,
         hostname,
-    )
+    );
+    match (merged, cluster) {
+        // The last good set no longer fits the node's own files (they changed, or kvstrap
+        // did): the node runs on its own files, so it still starts and its fleet watcher
+        // can fetch a set that fits. A candidate set being checked is refused as it is.
+        (Err(e), Cluster::Cached(_)) => {
+            let why = e.report();
+            tracing::error!(
+                message_id = crate::logging::message_id::POLICY_REJECTED,
+                "the cached policy from the cluster no longer validates with this node's own files; \
+                 running on the node's own files alone until a good set is fetched:\n{why}"
+            );
+            Ok(Policy {
+                cluster_layer_dropped: Some(
+                    why.lines()
+                        .filter(|l| !l.starts_with("  hint"))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                ),
+                ..local
+            })
+        }
+        (merged, _) => merged,
+    }
 }
 
 fn layered(

@@ -14,6 +14,10 @@ pub struct Policy {
     pub disk_groups: Vec<DiskGroup>,
     /// The files the policy was merged from, in merge order.
     pub sources: Vec<PathBuf>,
+    /// Why the cached cluster layer was left out: it no longer validates with the node's
+    /// own files (edited since, or a kvstrap upgrade). The node then runs on its own files
+    /// alone until the fleet watcher caches a set that does.
+    pub cluster_layer_dropped: Option<String>,
 }
 
 impl Policy {

@@ -83,6 +83,7 @@ pub fn validate(
     check_class_references(tree, diags);
     let groups = check_groups(&classes, &drafts, diags);
     let policy = Policy {
+        cluster_layer_dropped: None,
         node: node?,
         kubernetes: kubernetes?,
         health: health?,
