@@ -155,3 +155,83 @@ fn a_failing_daemon_is_named_and_reads_fall_back_only_safely() {
     }
     drop(lock);
 }
+
+#[test]
+fn kvstrap_apply_goes_through_the_running_daemon_never_beside_it() {
+    if !can_run("kvstrap_apply_goes_through_the_running_daemon_never_beside_it") {
+        return;
+    }
+    let bus = TestBus::start();
+    let mut notify = NotifySocket::new();
+    let daemon = DaemonProcess::start(&bus, &notify, "disks = 2\nvolumes = 4\nsteps = 1\n");
+    assert!(
+        notify.wait_for("READY=1", Duration::from_secs(20)),
+        "{}",
+        daemon.stderr()
+    );
+    let runs = || daemon.stderr().matches("apply finished").count();
+    let before = runs();
+    let dir = tempfile::tempdir().unwrap();
+    let out = kvstrap(&bus, dir.path(), &["apply"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("applied by kvstrap.service: success"),
+        "{text}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || runs() == before + 1),
+        "the daemon ran it: {}",
+        daemon.stderr()
+    );
+    assert!(
+        !dir.path().join("state").exists(),
+        "the CLI wrote nothing of its own"
+    );
+    let json = kvstrap(&bus, dir.path(), &["apply", "-o", "json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(doc["result"], "success", "{doc}");
+    // drain and undrain too: the daemon answers (this simulated one takes no disk out of
+    // service), the CLI never changes the record beside it.
+    for command in ["drain", "undrain"] {
+        let out = kvstrap(&bus, dir.path(), &[command, "/dev/sdz"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{command}: {err}");
+        assert!(
+            err.contains("does not take disks out of service"),
+            "{command}: {err}"
+        );
+    }
+    assert!(!dir.path().join("state").exists());
+}
+
+#[test]
+fn kvstrap_apply_beside_a_daemon_that_fails_refuses_to_write() {
+    if !can_run("kvstrap_apply_beside_a_daemon_that_fails_refuses_to_write") {
+        return;
+    }
+    let bus = TestBus::start();
+    let _daemon = zbus::block_on(
+        zbus::connection::Builder::address(bus.address.as_str())
+            .name("org.kvstrap.Bootstrap1")
+            .serve_at("/org/kvstrap/Bootstrap1", BrokenDaemon)
+            .build(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = kvstrap(&bus, dir.path(), &["apply"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("the kvstrap daemon is running but did not apply"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("state").exists(),
+        "nothing applied beside it"
+    );
+}

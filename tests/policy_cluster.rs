@@ -322,7 +322,10 @@ fn a_cached_layer_that_no_longer_validates_is_left_out_not_fatal() {
     assert_eq!(names, ["local"], "the cluster layer is left out");
     assert_eq!(p.metrics, Default::default(), "nothing of it is taken");
     let why = p.cluster_layer_dropped.expect("it says why");
-    assert!(why.contains("configmap/kvstrap/old:2:1") && why.contains("[metrics] textfile"), "{why}");
+    assert!(
+        why.contains("configmap/kvstrap/old:2:1") && why.contains("[metrics] textfile"),
+        "{why}"
+    );
     // A candidate set is still refused as a whole (the watcher never caches it).
     assert!(evaluate_cluster(Some(&policy), &cache.fragments).is_err());
 }

@@ -266,12 +266,13 @@ fn disks(g: &GlobalArgs) -> Result<i32> {
                 &node.disk_service()?,
             );
             if let Some(p) = &policy {
-                let health = crate::health::read::Reader::discover()
-                    .read_all(&crate::health::selected_disks(
+                let health = crate::health::read::Reader::discover().read_all(
+                    &crate::health::selected_disks(
                         p,
                         &inventory,
                         &node.disk_service().unwrap_or_default(),
-                    ));
+                    ),
+                );
                 crate::health::annotate(&mut doc, &health);
             }
             doc

@@ -114,21 +114,21 @@ fn daemon_applies() -> Result<i32> {
 }
 
 pub fn drain(g: &GlobalArgs, a: &DrainArgs) -> Result<i32> {
+    if let (Some(disk), Writer::Daemon) = (&a.disk, writer(g)) {
+        // The daemon drains and runs; `kvstrap drain --status` shows where it stands.
+        return by_daemon(super::bus_client::client_drain(disk));
+    }
     let policy = load_policy(g)?;
     let node = node(g);
     let mut code = 0;
     if let Some(disk) = &a.disk {
-        if matches!(writer(g), Writer::Daemon) {
-            code = by_daemon(super::bus_client::client_drain(disk))?;
-        } else {
-            let lock = locked(g, a.lock_timeout)?;
-            let said = node
-                .drain(&policy, disk, "kvstrap drain")
-                .map_err(refused)?;
-            drop(lock);
-            eprintln!("{said}");
-            code = report_passes(&carry_out(&node, &policy, a.lock_timeout)?);
-        }
+        let lock = locked(g, a.lock_timeout)?;
+        let said = node
+            .drain(&policy, disk, "kvstrap drain")
+            .map_err(refused)?;
+        drop(lock);
+        eprintln!("{said}");
+        code = report_passes(&carry_out(&node, &policy, a.lock_timeout)?);
     }
     print_status(g, &node.drain_status(&policy)?);
     Ok(code)

@@ -88,10 +88,9 @@ impl Report {
             error: None,
             // Set by the Node state publisher from the fleet watcher; a cached layer that
             // was left out says so here until then.
-            policy_error: policy
-                .cluster_layer_dropped
-                .as_ref()
-                .map(|why| format!("the cached fragments no longer validate and were left out ({why})")),
+            policy_error: policy.cluster_layer_dropped.as_ref().map(|why| {
+                format!("the cached fragments no longer validate and were left out ({why})")
+            }),
             // Set by the Node state publisher from the daemon's health reader.
             health: Vec::new(),
             sources: policy

@@ -52,11 +52,21 @@ fn matcher_matches(m: &DiskMatch, disk: &Disk) -> bool {
 pub fn fits_kind(group: &DiskGroup, disk: &Disk) -> Result<(), String> {
     let m = &group.matcher;
     let mut misfits = Vec::new();
-    if let Some(t) = m.transport.as_ref().filter(|t| !t.eq_ignore_ascii_case(&disk.transport)) {
-        misfits.push(format!("transport {} (the group wants {t})", disk.transport));
+    if let Some(t) = m
+        .transport
+        .as_ref()
+        .filter(|t| !t.eq_ignore_ascii_case(&disk.transport))
+    {
+        misfits.push(format!(
+            "transport {} (the group wants {t})",
+            disk.transport
+        ));
     }
     if let Some(r) = m.rotational.filter(|r| *r != disk.rotational) {
-        misfits.push(format!("rotational = {} (the group wants {r})", disk.rotational));
+        misfits.push(format!(
+            "rotational = {} (the group wants {r})",
+            disk.rotational
+        ));
     }
     if m.min_size.is_some_and(|min| disk.size_bytes < min)
         || m.max_size.is_some_and(|max| disk.size_bytes > max)

@@ -1193,21 +1193,51 @@ fn a_replacement_record_never_wipes_nor_brings_a_disk_the_group_rejects() {
         kind: "ext4".into(),
         ..Signature::default()
     });
-    let p = plan(&pol, &inventory(vec![old.clone(), foreign.clone()]), &replaced_by(&old, &foreign));
+    let p = plan(
+        &pol,
+        &inventory(vec![old.clone(), foreign.clone()]),
+        &replaced_by(&old, &foreign),
+    );
     assert_eq!(count(&p, "wipe_disk"), 0, "{:#?}", p.steps);
-    assert!(p.refused.iter().any(|r| r.disk == foreign.path && r.reason.contains("not empty")));
+    assert!(p
+        .refused
+        .iter()
+        .any(|r| r.disk == foreign.path && r.reason.contains("not empty")));
     // Of another kind than the group wants: refused, with the way out.
     let mut nvme = disk("nvme0n1", 10 * GIB);
     nvme.transport = "nvme".into();
-    let p = plan(&pol, &inventory(vec![old.clone(), nvme.clone()]), &replaced_by(&old, &nvme));
-    let why: Vec<&str> = p.refused.iter().filter(|r| r.disk == nvme.path).map(|r| r.reason.as_str()).collect();
-    assert!(why.iter().any(|w| w.contains("no longer fits group") && w.contains("kvstrap forget")), "{why:?}");
+    let p = plan(
+        &pol,
+        &inventory(vec![old.clone(), nvme.clone()]),
+        &replaced_by(&old, &nvme),
+    );
+    let why: Vec<&str> = p
+        .refused
+        .iter()
+        .filter(|r| r.disk == nvme.path)
+        .map(|r| r.reason.as_str())
+        .collect();
+    assert!(
+        why.iter()
+            .any(|w| w.contains("no longer fits group") && w.contains("kvstrap forget")),
+        "{why:?}"
+    );
     assert_eq!(count(&p, "write_partition_table"), 0);
     // Known only by its kernel name: a record cannot vouch for it.
     let mut anonymous = disk("sdd", 10 * GIB);
     anonymous.serial = None;
-    let p = plan(&pol, &inventory(vec![old.clone(), anonymous.clone()]), &replaced_by(&old, &anonymous));
-    assert!(p.refused.iter().any(|r| r.disk == anonymous.path && r.reason.contains("no serial or WWN")), "{:?}", p.refused);
+    let p = plan(
+        &pol,
+        &inventory(vec![old.clone(), anonymous.clone()]),
+        &replaced_by(&old, &anonymous),
+    );
+    assert!(
+        p.refused
+            .iter()
+            .any(|r| r.disk == anonymous.path && r.reason.contains("no serial or WWN")),
+        "{:?}",
+        p.refused
+    );
     assert_eq!(count(&p, "write_partition_table"), 0);
     // And a replacement's health is read, like any disk of its group.
     let blank = disk("sde", 10 * GIB);
@@ -1224,11 +1254,16 @@ fn two_devices_with_one_identity_are_both_refused() {
     let mut b = disk("sdc", 10 * GIB);
     a.wwn = Some("naa.5000c500a1b2c3d4".into());
     b.wwn = a.wwn.clone();
-    let p = plan(&pol, &inventory(vec![a.clone(), b.clone(), disk("sdd", 10 * GIB)]), &ctx());
+    let p = plan(
+        &pol,
+        &inventory(vec![a.clone(), b.clone(), disk("sdd", 10 * GIB)]),
+        &ctx(),
+    );
     for d in [&a, &b] {
         assert!(
             p.refused.iter().any(|r| r.disk == d.path
-                && r.reason.contains("wwn:naa.5000c500a1b2c3d4 is also the identity of")),
+                && r.reason
+                    .contains("wwn:naa.5000c500a1b2c3d4 is also the identity of")),
             "{:?}",
             p.refused
         );
