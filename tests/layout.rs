@@ -157,3 +157,67 @@ fn top_level_modules_import_each_other_without_a_cycle() {
         assert!(!deps[a].contains(b), "{a} imports {b}");
     }
 }
+
+/// The files of `kube/` -> the sibling files each names as `super::NAME`.
+fn kube_dependencies() -> BTreeMap<String, BTreeSet<String>> {
+    let mut deps: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (rel, text) in sources() {
+        let Some(name) = rel
+            .strip_prefix("kube/")
+            .and_then(|f| f.strip_suffix(".rs"))
+            .filter(|f| *f != "mod")
+        else {
+            continue;
+        };
+        let entry = deps.entry(name.to_string()).or_default();
+        for (i, _) in text.match_indices("super::") {
+            let other: String = text[i + "super::".len()..]
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            if other != name
+                && !other.is_empty()
+                && other.chars().all(|c| c.is_lowercase() || c == '_')
+            {
+                entry.insert(other);
+            }
+        }
+    }
+    deps
+}
+
+#[test]
+fn the_files_of_kube_import_each_other_without_a_cycle() {
+    let deps = kube_dependencies();
+    let reaches = |from: &str, to: &str| {
+        let mut seen = BTreeSet::new();
+        let mut todo = vec![from.to_string()];
+        while let Some(m) = todo.pop() {
+            for next in deps.get(&m).into_iter().flatten() {
+                if next == to {
+                    return true;
+                }
+                if seen.insert(next.clone()) {
+                    todo.push(next.clone());
+                }
+            }
+        }
+        false
+    };
+    let cycles: Vec<String> = deps
+        .iter()
+        .flat_map(|(a, bs)| bs.iter().map(move |b| (a, b)))
+        .filter(|(a, b)| reaches(b, a))
+        .map(|(a, b)| format!("kube::{a} -> kube::{b} -> ... -> kube::{a}"))
+        .collect();
+    assert!(
+        cycles.is_empty(),
+        "import cycles in kube/: {cycles:#?}\n{deps:#?}"
+    );
+    // The connection is at the bottom.
+    assert!(
+        deps["client"].is_empty(),
+        "kube::client imports {:?}",
+        deps["client"]
+    );
+}

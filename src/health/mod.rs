@@ -216,3 +216,21 @@ mod tests {
         assert!(v["media_errors"].is_null());
     }
 }
+
+#[cfg(test)]
+mod selection_tests {
+    use crate::plan::tests::{disk, group, inventory, policy, replaced_by};
+
+    #[test]
+    fn a_replacement_is_read_like_any_disk_of_its_group() {
+        let mut g = group("g");
+        g.devices = vec!["/dev/sdb".into()];
+        let pol = policy(vec![g]);
+        let (old, blank) = (disk("sdb", 10 << 30), disk("sde", 10 << 30));
+        let inv = inventory(vec![old.clone(), blank.clone()]);
+        let without = super::selected_disks(&pol, &inv, &Default::default());
+        assert!(!without.contains(&blank.path), "{without:?}");
+        let read = super::selected_disks(&pol, &inv, &replaced_by(&old, &blank).service);
+        assert!(read.contains(&blank.path), "{read:?}");
+    }
+}

@@ -278,7 +278,7 @@ pub fn event(name: String, node: &str, text: EventText<'_>) -> Event {
     Event {
         metadata: ObjectMeta {
             name: Some(name),
-            namespace: Some(super::reconcile::EVENT_NAMESPACE.to_string()),
+            namespace: Some(super::client::EVENT_NAMESPACE.to_string()),
             ..ObjectMeta::default()
         },
         involved_object: text.involved,

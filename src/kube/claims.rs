@@ -2,7 +2,8 @@
 //! clean-up of a forgotten disk's unbound PVs. Never deletes a Bound PV.
 
 use super::builders::node_selector;
-use super::reconcile::{claim_of, describe, disk_identity};
+use super::client::describe;
+use super::reconcile::{claim_of, disk_identity};
 use ::kube::api::{Api, DeleteParams, ListParams, Preconditions};
 use ::kube::Client;
 use k8s_openapi::api::core::v1::{PersistentVolume, Pod};

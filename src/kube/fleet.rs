@@ -7,10 +7,9 @@
 //! The loader never talks to the API server: it reads the cache, so a node that boots
 //! without the API server applies the last good policy.
 
+use super::client::{describe, ClientSource, PublishError};
 use super::mirror::{self, Filter, Shared};
 use super::node_state::{self, NodeEvent};
-use super::publisher::{ClientSource, PublishError};
-use super::reconcile::describe;
 use crate::policy::cluster::{self, ClusterCache, Fragment, POLICY_KEY, POLICY_LABEL};
 use crate::policy::{self, Diagnostic};
 use ::kube::api::Api;

@@ -3,8 +3,8 @@
 //! PersistentVolumes (by class and phase). Rows are built by a pure function.
 
 use super::builders::{LABEL_MANAGED_BY, LABEL_NODE, MANAGER};
+use super::client::describe;
 use super::node_state::{StorageSummary, CONDITION, STATE_ANNOTATION};
-use super::reconcile::describe;
 use ::kube::api::{Api, ListParams};
 use ::kube::Client;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume};

@@ -4,7 +4,7 @@
 //! sends one watch request per stream and timeout and never lists again; only a version
 //! the server no longer has (410 Gone) makes it list anew.
 
-use super::reconcile::describe;
+use super::client::describe;
 use ::kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use ::kube::Resource;
 use futures::{StreamExt, TryStreamExt};

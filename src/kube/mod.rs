@@ -6,7 +6,9 @@
 
 pub mod builders;
 pub mod claims;
+pub mod client;
 pub mod compare;
+pub mod events;
 pub mod fleet;
 pub mod fleet_status;
 pub mod manifests;
@@ -22,11 +24,10 @@ use crate::policy::types::StorageClass;
 use k8s_openapi::api::core::v1::PersistentVolume;
 use k8s_openapi::api::storage::v1::StorageClass as K8sStorageClass;
 
+pub use client::{ClientSource, PublishError};
 pub use manifests::{write_manifests, ManifestError, ManifestReport};
-pub use publisher::{
-    publish_once, ClientSource, PublishOptions, PublishStatus, Publisher, VolumePublication,
-};
-pub use reconcile::PassReport;
+pub use publisher::{publish_once, PublishOptions, PublishStatus, Publisher};
+pub use reconcile::{PassReport, VolumePublication};
 pub use scrub::{DirectoryAndBlockScrubber, ScrubError, Scrubber};
 
 #[derive(Debug, thiserror::Error)]

@@ -4,20 +4,18 @@
 //! operator must see. Pure builders, and a [`NodeState`] that sends only what changed, so
 //! an idle node makes no requests.
 
-use super::builders::{event, short_hash, EventText};
-use super::reconcile::{describe, EVENT_NAMESPACE};
+use super::client::describe;
+pub use super::events::{node_event, post_event, shorten, NodeEvent, MESSAGE_MAX};
 use crate::health::Assessment;
-use ::kube::api::{Api, Patch, PatchParams, PostParams};
+use ::kube::api::{Api, Patch, PatchParams};
 use ::kube::Client;
-use k8s_openapi::api::core::v1::{Event, Node, ObjectReference};
+use k8s_openapi::api::core::v1::Node;
 use std::collections::{BTreeMap, BTreeSet};
 
 pub const CONDITION: &str = "KvstrapStorageReady";
 /// The condition on the SMART health of the selected disks.
 pub const HEALTH_CONDITION: &str = "KvstrapDisksHealthy";
 pub const READY_LABEL: &str = "kvstrap.io/storage-ready";
-/// Condition and Event messages stay short enough for `kubectl describe node`.
-const MESSAGE_MAX: usize = 1024;
 
 /// What one run left on the node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -178,19 +176,6 @@ pub fn health_verdict(r: &NodeReport) -> HealthVerdict {
     }
 }
 
-/// At most [`MESSAGE_MAX`] bytes (the API server refuses longer Event notes).
-fn shorten(mut message: String) -> String {
-    if message.len() > MESSAGE_MAX {
-        let mut cut = MESSAGE_MAX - 3;
-        while !message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        message.truncate(cut);
-        message.push_str("...");
-    }
-    message
-}
-
 /// Strategic merge patch of `status.conditions` (merged by `type`: kubelet's conditions
 /// stay as they are).
 pub fn condition_patch(v: &Verdict, transition: &str, now: &str) -> serde_json::Value {
@@ -228,15 +213,6 @@ pub fn label_patch(ready: bool, summary: &StorageSummary) -> serde_json::Value {
         "labels": { READY_LABEL: ready.to_string() },
         "annotations": { STATE_ANNOTATION: summary },
     } })
-}
-
-/// One Event to post: `key` makes its name, so the same thing is posted once.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeEvent {
-    pub reason: &'static str,
-    pub warning: bool,
-    pub message: String,
-    pub key: String,
 }
 
 /// What is new in `now`: disks provisioned, disks refused, steps failed.
@@ -326,50 +302,6 @@ pub fn health_changes(
         });
     }
     out
-}
-
-/// A core/v1 Event about Node `node` (in `default`, where kubelet reports about Nodes).
-pub fn node_event(node: &str, e: &NodeEvent) -> Event {
-    let id = short_hash(&format!("{node}\0{}\0{}", e.reason, e.key));
-    let involved = ObjectReference {
-        api_version: Some("v1".to_string()),
-        kind: Some("Node".to_string()),
-        name: Some(node.to_string()),
-        // kubectl describe node finds a Node's Events by uid = name.
-        uid: Some(node.to_string()),
-        ..ObjectReference::default()
-    };
-    let message = shorten(e.message.clone());
-    let text = EventText {
-        involved,
-        reason: e.reason,
-        action: e.reason,
-        warning: e.warning,
-        message: &message,
-    };
-    event(
-        format!("{node}.{}.{id}", e.reason.to_ascii_lowercase()),
-        node,
-        text,
-    )
-}
-
-/// Posts `e` unless posted before (by this process, or by another: the name is the same,
-/// and the server answers 409).
-pub async fn post_event(client: &Client, node: &str, e: &NodeEvent) -> Result<(), String> {
-    let api: Api<Event> = Api::namespaced(client.clone(), EVENT_NAMESPACE);
-    match api
-        .create(&PostParams::default(), &node_event(node, e))
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(::kube::Error::Api(s)) if s.code == 409 => Ok(()),
-        Err(err) => Err(format!(
-            "cannot post Event {} on Node {node}: {}",
-            e.reason,
-            describe(&err)
-        )),
-    }
 }
 
 /// The last state sent for one Node; sends only differences.
@@ -510,9 +442,9 @@ impl NodeStatePublisher {
     pub fn start(
         source: super::ClientSource,
         node: &str,
-    ) -> Result<NodeStatePublisher, super::publisher::PublishError> {
+    ) -> Result<NodeStatePublisher, super::client::PublishError> {
         let handle = tokio::runtime::Handle::try_current()
-            .map_err(|_| super::publisher::PublishError::NoRuntime)?;
+            .map_err(|_| super::client::PublishError::NoRuntime)?;
         let (tx, rx) = tokio::sync::watch::channel(None);
         let (error_tx, error_rx) = tokio::sync::watch::channel(None);
         let (health_tx, health_rx) = tokio::sync::watch::channel(None);

@@ -3,83 +3,23 @@
 //! `submit` never waits for the network, so local provisioning and READY never do.
 
 use super::builders::node_selector;
-use super::reconcile::{describe, PassReport, Reconciler};
+use super::client::{describe, ClientSource, PublishError};
+use super::reconcile::{PassReport, Reconciler, VolumePublication};
 use super::scrub::{Ledger, Scrubber};
 use super::Desired;
 use crate::model::VolumeSpec;
-use crate::policy::types::KubernetesSettings;
 use ::kube::api::{Api, ListParams, WatchEvent, WatchParams};
-use ::kube::config::{KubeConfigOptions, Kubeconfig};
-use ::kube::{Client, Config};
+use ::kube::Client;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::PersistentVolume;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
-
-/// kubelet's own credentials: present on every node that joined a cluster.
-pub const DEFAULT_KUBECONFIG: &str = "/etc/kubernetes/kubelet.conf";
-
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    #[error("cannot read kubeconfig {path}: {detail} (set kubernetes.kubeconfig in the policy, or kubernetes.publish = false)")]
-    Kubeconfig { path: PathBuf, detail: String },
-    #[error("not running in a pod with a service account: {0}")]
-    InCluster(String),
-    #[error("cannot build a Kubernetes client: {0}")]
-    Client(String),
-    #[error("publication failed: {0}")]
-    Pass(String),
-    #[error("the publisher needs a tokio runtime; start it from async code")]
-    NoRuntime,
-}
-
-/// Where the API server and credentials come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClientSource {
-    Kubeconfig(PathBuf),
-    /// The service account of the pod kvstrap runs in.
-    InCluster,
-}
-
-impl ClientSource {
-    /// The policy's kubeconfig; else in-cluster config inside a pod; else kubelet's.
-    pub fn from_policy(k: &KubernetesSettings) -> ClientSource {
-        match &k.kubeconfig {
-            Some(path) => ClientSource::Kubeconfig(path.clone()),
-            None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
-                ClientSource::InCluster
-            }
-            None => ClientSource::Kubeconfig(PathBuf::from(DEFAULT_KUBECONFIG)),
-        }
-    }
-
-    pub async fn client(&self) -> Result<Client, PublishError> {
-        let config = match self {
-            ClientSource::Kubeconfig(path) => kubeconfig(path).await?,
-            ClientSource::InCluster => {
-                Config::incluster().map_err(|e| PublishError::InCluster(e.to_string()))?
-            }
-        };
-        Client::try_from(config).map_err(|e| PublishError::Client(describe(&e)))
-    }
-}
-
-async fn kubeconfig(path: &Path) -> Result<Config, PublishError> {
-    let err = |detail: String| PublishError::Kubeconfig {
-        path: path.to_path_buf(),
-        detail,
-    };
-    let kc = Kubeconfig::read_from(path).map_err(|e| err(e.to_string()))?;
-    Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .map_err(|e| err(e.to_string()))
-}
 
 /// Tuning; the defaults suit production, tests shorten the times.
 #[derive(Debug, Clone)]
@@ -104,16 +44,6 @@ impl Default for PublishOptions {
             debounce: Duration::from_millis(250),
         }
     }
-}
-
-/// Publication of one volume, for `kvstrap volumes`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct VolumePublication {
-    pub pv_name: String,
-    /// The PV is in the cluster.
-    pub published: bool,
-    /// Its phase there: Available, Bound, Released, Failed.
-    pub phase: Option<String>,
 }
 
 /// What the publisher reports in `kvstrap status` and over D-Bus.
@@ -561,18 +491,5 @@ mod tests {
             .iter()
             .all(|d| *d >= Duration::from_millis(400) && *d <= Duration::from_millis(800)));
         assert!(samples.iter().any(|d| *d != samples[0]), "jitter must vary");
-    }
-
-    #[test]
-    fn policy_kubeconfig_wins() {
-        let k = KubernetesSettings {
-            publish: true,
-            kubeconfig: Some("/etc/k.conf".into()),
-            ..KubernetesSettings::local_only()
-        };
-        assert_eq!(
-            ClientSource::from_policy(&k),
-            ClientSource::Kubeconfig("/etc/k.conf".into())
-        );
     }
 }

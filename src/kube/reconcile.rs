@@ -14,8 +14,8 @@
 //! seen unbound, so a bind in between makes the API server refuse the delete.
 
 use super::builders::{node_selector, LABEL_MANAGED_BY, MANAGER};
+use super::client::{describe, EVENT_NAMESPACE};
 use super::compare::covers;
-use super::publisher::VolumePublication;
 use super::scrub::{Ledger, LedgerEntry, LedgerError, Scrubber};
 use super::{Desired, DesiredVolume};
 use ::kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
@@ -23,13 +23,12 @@ use ::kube::Client;
 use futures::{stream, StreamExt};
 use k8s_openapi::api::core::v1::{Event, ObjectReference, PersistentVolume};
 use k8s_openapi::api::storage::v1::StorageClass as K8sStorageClass;
+use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Namespace of the Events kvstrap reports about (cluster-scoped) PVs, as kubelet does.
-pub const EVENT_NAMESPACE: &str = "default";
 /// How long a recycled PV may stay terminating (the pv-protection finalizer is removed
 /// within a second or two by kube-controller-manager) before the pass reports it.
 const DELETE_WAIT: Duration = Duration::from_secs(30);
@@ -40,6 +39,16 @@ pub enum ReconcileError {
     List { node: String, source: ::kube::Error },
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+}
+
+/// Publication of one volume, for `kvstrap volumes`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct VolumePublication {
+    pub pv_name: String,
+    /// The PV is in the cluster.
+    pub published: bool,
+    /// Its phase there: Available, Bound, Released, Failed.
+    pub phase: Option<String>,
 }
 
 /// What one pass did and what is still outstanding.
@@ -572,7 +581,7 @@ impl Reconciler {
             .get(pv)
             .and_then(|e| e.last_scrub)
             .unwrap_or_else(unix_now);
-        let e = super::node_state::NodeEvent {
+        let e = super::events::NodeEvent {
             reason: "VolumeScrubbed",
             warning: false,
             message: format!(
@@ -581,7 +590,7 @@ impl Reconciler {
             ),
             key: format!("{pv}\0{at}"),
         };
-        if let Err(err) = super::node_state::post_event(client, &self.node, &e).await {
+        if let Err(err) = super::events::post_event(client, &self.node, &e).await {
             tracing::warn!(pv = %pv, "{err}");
         }
     }
@@ -869,25 +878,6 @@ pub fn claim_of(pv: &PersistentVolume) -> Option<String> {
         claim.namespace.as_deref().unwrap_or_default(),
         claim.name.as_deref().unwrap_or_default()
     ))
-}
-
-/// One line: API errors with their code and message, others as they print.
-pub fn describe(e: &::kube::Error) -> String {
-    match e {
-        ::kube::Error::Api(s) => {
-            format!("API server answered {} {}: {}", s.code, s.reason, s.message)
-        }
-        other => {
-            let mut text = other.to_string();
-            let mut source = std::error::Error::source(other);
-            while let Some(s) = source {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
-                source = s.source();
-            }
-            text
-        }
-    }
 }
 
 /// A core/v1 Event about `pv`. With `eventTime` set the API server also demands `action`,
