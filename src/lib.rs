@@ -7,6 +7,7 @@ pub mod apply;
 pub mod cli;
 pub mod daemon;
 pub mod dbus;
+pub mod dynamic;
 pub mod health;
 pub mod host;
 pub mod inventory;

@@ -672,6 +672,32 @@ pub struct GroupPlan {
     pub layout: Layout,
     pub disks: Vec<DiskLayout>,
     pub volumes: Vec<VolumeSpec>,
+    /// A dynamic group's filesystems, which claims get directories on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<PoolSpec>,
+}
+
+/// One filesystem of a dynamic group (`provisioning = "dynamic"`): each claim served on
+/// this node gets a directory on it, `pvc-<claim uid>`, with a hard quota of its request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolSpec {
+    pub group: String,
+    pub storage_class: String,
+    pub disk: PathBuf,
+    pub disk_identity: String,
+    /// The partition that holds the filesystem.
+    pub device: PathBuf,
+    pub mountpoint: PathBuf,
+    pub fs_type: FsType,
+    /// What the quotas of its directories may add up to: the filesystem's capacity less
+    /// the reserve, times `overcommit`.
+    pub capacity_bytes: u64,
+    /// Project quotas hold each directory to its size (false only where the kernel cannot
+    /// and the group says `quota = "if-supported"`).
+    pub project_quota: bool,
+    pub owner: Owner,
+    pub transport: String,
+    pub rotational: bool,
 }
 
 /// The output of the planner.
@@ -760,5 +786,9 @@ pub struct Replacement {
 impl Plan {
     pub fn volumes(&self) -> impl Iterator<Item = &VolumeSpec> {
         self.groups.iter().flat_map(|g| g.volumes.iter())
+    }
+
+    pub fn pools(&self) -> impl Iterator<Item = &PoolSpec> {
+        self.groups.iter().flat_map(|g| g.pools.iter())
     }
 }

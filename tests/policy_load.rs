@@ -132,6 +132,8 @@ fn demo_policy_is_exactly_the_demo() {
         } else {
             QuotaMode::Required
         },
+        provisioning: Default::default(),
+        overcommit_permille: 1000,
     };
     assert_eq!(
         p.disk_groups,

@@ -227,7 +227,14 @@ pub fn volumes(g: &GlobalArgs) -> Result<i32> {
         }
     };
     let kept = node(g).kept();
-    print_volumes(g, &rows, &kept);
+    let pools = match &source {
+        Source::Daemon(text) => serde_json::from_str::<serde_json::Value>(text)
+            .ok()
+            .and_then(|d| serde_json::from_value(d["pools"].clone()).ok())
+            .unwrap_or_default(),
+        Source::Local | Source::LocalLocked => node(g).pool_rows(&load_policy(g)?)?,
+    };
+    print_volumes(g, &rows, &kept, &pools);
     Ok(0)
 }
 
@@ -235,9 +242,12 @@ fn print_volumes(
     g: &GlobalArgs,
     rows: &[VolumeRow],
     kept: &[crate::node::queries::KeptPublication],
+    pools: &[crate::node::queries::PoolRow],
 ) {
     match g.output {
-        OutputFormat::Json => print_json(&json!({ "volumes": rows, "kept_pvs": kept })),
+        OutputFormat::Json => {
+            print_json(&json!({ "volumes": rows, "kept_pvs": kept, "pools": pools }))
+        }
         OutputFormat::Human => {
             println!(
                 "{:<28} {:>10} {:<10} {:<24} {:<8} {:<10} PATH",
@@ -268,6 +278,17 @@ fn print_volumes(
                 rows.len(),
                 human(rows.iter().map(|r| r.capacity_bytes).sum())
             );
+            for p in pools {
+                println!(
+                    "pool {} (group {}, class {}): {} dynamic volume(s), {} of {} free",
+                    p.mountpoint.display(),
+                    p.group,
+                    p.storage_class,
+                    p.volumes,
+                    human(p.free_bytes),
+                    human(p.capacity_bytes)
+                );
+            }
             print_kept(kept);
         }
     }

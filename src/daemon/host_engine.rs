@@ -145,9 +145,10 @@ fn with_health(
 }
 
 fn volumes_document(look: &node::Look) -> Result<String, EngineError> {
-    Ok(serde_json::to_string(
-        &json!({ "volumes": node::queries::volume_rows(&look.plan, &look.inventory) }),
-    )?)
+    Ok(serde_json::to_string(&json!({
+        "volumes": node::queries::volume_rows(&look.plan, &look.inventory),
+        "pools": node::queries::pool_rows(&look.plan),
+    }))?)
 }
 
 impl Engine for HostEngine {

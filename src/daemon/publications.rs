@@ -22,6 +22,10 @@ pub struct KubePublications {
     publisher: Option<Arc<Publisher>>,
     /// The Node's condition, label and Events after each run.
     node_state: Option<NodeStatePublisher>,
+    /// Serves claims of dynamic classes; started with the first plan that has pools.
+    dynamic: std::sync::Mutex<Option<crate::dynamic::server::Server>>,
+    /// Where the dynamic server runs, and with what.
+    dynamic_config: Option<(tokio::runtime::Handle, crate::dynamic::server::Config)>,
     // Owns the publisher's tasks; dropped last.
     _runtime: Option<tokio::runtime::Runtime>,
 }
@@ -32,6 +36,8 @@ impl KubePublications {
             state_dir: global.state_dir.clone(),
             publisher: None,
             node_state: None,
+            dynamic: Default::default(),
+            dynamic_config: None,
             _runtime: None,
         };
         let Ok(policy) = policy::load_with_cluster(global.policy.as_deref(), &global.state_dir)
@@ -69,9 +75,21 @@ impl KubePublications {
                 me = {
                     let _guard = runtime.enter();
                     let node_state = NodeStatePublisher::start(source.clone(), &policy.node.name);
-                    let mut me =
-                        KubePublications::with_publisher(&global.state_dir, p, source, handle);
+                    let mut me = KubePublications::with_publisher(
+                        &global.state_dir,
+                        p,
+                        source.clone(),
+                        handle,
+                    );
                     me.node_state = node_state.ok();
+                    me.dynamic_config = Some((
+                        runtime.handle().clone(),
+                        crate::dynamic::server::Config::new(
+                            &policy.node.name,
+                            &policy.kubernetes.policy_namespace,
+                            source,
+                        ),
+                    ));
                     me
                 };
                 me._runtime = Some(runtime);
@@ -106,6 +124,8 @@ impl KubePublications {
             state_dir: state_dir.to_path_buf(),
             publisher: Some(publisher),
             node_state: None,
+            dynamic: Default::default(),
+            dynamic_config: None,
             _runtime: None,
         }
     }
@@ -128,6 +148,40 @@ impl KubePublications {
     pub fn status(&self) -> Option<PublishStatus> {
         self.publisher.as_ref().map(|p| p.status())
     }
+
+    /// The pools of the plan to the dynamic server; it starts with the first plan that
+    /// has any (nodes without dynamic groups never watch claims).
+    fn serve_pools(&self, policy: &Policy, plan: &Plan) {
+        let pools = crate::dynamic::server::Pools {
+            pools: plan.pools().cloned().collect(),
+            classes: policy.storage_classes.clone(),
+        };
+        let Ok(mut slot) = self.dynamic.lock() else {
+            return;
+        };
+        match (&*slot, &self.dynamic_config) {
+            (Some(server), _) => server.set_pools(pools),
+            (None, Some((rt, config))) if !pools.pools.is_empty() => {
+                let _guard = rt.enter();
+                match crate::dynamic::server::Server::start(config.clone(), pools) {
+                    Ok(server) => {
+                        tracing::info!("serving claims of dynamic classes from this node's pools");
+                        *slot = Some(server);
+                    }
+                    Err(e) => tracing::error!("cannot serve dynamic claims: {e}"),
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The dynamic server's status, when one runs.
+    pub fn dynamic_status(&self) -> Option<crate::dynamic::server::Status> {
+        self.dynamic
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(|s| s.status()))
+    }
 }
 
 impl Publications for KubePublications {
@@ -136,6 +190,7 @@ impl Publications for KubePublications {
         let desired = crate::kube::node::render(policy, plan, &self.state_dir)
             .map_err(|e| format!("cannot render the manifests: {e:#}"))?;
         self.submit_desired(desired);
+        self.serve_pools(policy, plan);
         Ok(())
     }
 

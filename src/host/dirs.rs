@@ -36,6 +36,83 @@ pub enum DirError {
     },
 }
 
+/// Write a `trusted.` extended attribute on a directory (only root can set or change
+/// one, so a tenant cannot alter what kvstrap recorded about its volume).
+pub fn set_record(path: &Path, name: &str, value: &str) -> Result<Outcome, DirError> {
+    if get_record(path, name).as_deref() == Some(value) {
+        return Ok(Outcome::Unchanged);
+    }
+    let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY;
+    let fd = nix::fcntl::open(path, flags, Mode::empty()).map_err(|source| DirError::Sys {
+        what: "open",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let attr =
+        std::ffi::CString::new(format!("trusted.{name}")).map_err(|_| DirError::BadPath {
+            path: path.to_path_buf(),
+        })?;
+    // SAFETY: a valid fd, a NUL-terminated name and a buffer of the given length.
+    let rc = unsafe {
+        libc::fsetxattr(
+            fd.as_raw_fd(),
+            attr.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(DirError::Sys {
+            what: "record on",
+            path: path.to_path_buf(),
+            source: nix::Error::last(),
+        });
+    }
+    Ok(Outcome::Changed(format!(
+        "recorded {name}={value} on {}",
+        path.display()
+    )))
+}
+
+/// A `trusted.` attribute kvstrap recorded on a directory, if any.
+pub fn get_record(path: &Path, name: &str) -> Option<String> {
+    let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY;
+    let fd = nix::fcntl::open(path, flags, Mode::empty()).ok()?;
+    let attr = std::ffi::CString::new(format!("trusted.{name}")).ok()?;
+    let mut buf = [0u8; 256];
+    // SAFETY: a valid fd, a NUL-terminated name and a buffer of the given length.
+    let n = unsafe {
+        libc::fgetxattr(
+            fd.as_raw_fd(),
+            attr.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let n = usize::try_from(n).ok()?;
+    String::from_utf8(buf.get(..n)?.to_vec()).ok()
+}
+
+/// Remove the empty directory `path` (a dynamic volume whose contents were scrubbed).
+pub fn remove_empty_directory(path: &Path) -> Result<Outcome, DirError> {
+    let (parent, name) = split(path)?;
+    let parent_fd = open_dir(None, parent, path)?;
+    match nix::unistd::unlinkat(
+        Some(parent_fd.as_raw_fd()),
+        name,
+        nix::unistd::UnlinkatFlags::RemoveDir,
+    ) {
+        Ok(()) => Ok(Outcome::Changed(format!("removed {}", path.display()))),
+        Err(nix::Error::ENOENT) => Ok(Outcome::Unchanged),
+        Err(source) => Err(DirError::Sys {
+            what: "remove directory",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 /// True when SELinux is enabled on this machine.
 pub fn selinux_enabled() -> bool {
     Path::new(SELINUX_ENFORCE).exists()

@@ -34,6 +34,10 @@ pub const ANNOTATION_PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
 /// name kube-controller-manager looks for an in-tree plugin, finds none and marks the PV
 /// `Failed`; any other name is an external provisioner, and the Released PV is left to it.
 pub const PROVISIONER: &str = "kvstrap.io/local-volume";
+/// The provisioner of dynamic classes (and the CSIDriver object's name, so a DNS
+/// subdomain: with a `/` the API server refuses the object and the scheduler never reads
+/// a node's room).
+pub const DYNAMIC_PROVISIONER: &str = "local.kvstrap.io";
 
 /// Longest PV name we generate: fits a label value too, and stays readable in `kubectl get pv`.
 const MAX_NAME: usize = 63;
@@ -145,8 +149,18 @@ pub fn persistent_volume(node: &str, v: &VolumeSpec, class: &StorageClass) -> Pe
     }
 }
 
-/// The cluster-wide StorageClass object of a policy storage class.
+/// The cluster-wide StorageClass object of a policy storage class (static volumes: no
+/// provisioner).
 pub fn storage_class(c: &StorageClass) -> K8sStorageClass {
+    class_object(c, false)
+}
+
+/// The StorageClass of a dynamic group's class: kvstrap's provisioner, expansion allowed.
+pub fn dynamic_storage_class(c: &StorageClass) -> K8sStorageClass {
+    class_object(c, true)
+}
+
+fn class_object(c: &StorageClass, dynamic: bool) -> K8sStorageClass {
     K8sStorageClass {
         metadata: ObjectMeta {
             name: Some(c.name.clone()),
@@ -156,10 +170,16 @@ pub fn storage_class(c: &StorageClass) -> K8sStorageClass {
             )])),
             ..ObjectMeta::default()
         },
-        provisioner: NO_PROVISIONER.to_string(),
+        provisioner: if dynamic {
+            DYNAMIC_PROVISIONER
+        } else {
+            NO_PROVISIONER
+        }
+        .to_string(),
         reclaim_policy: Some(reclaim(c.reclaim_policy).to_string()),
         volume_binding_mode: Some(binding_mode(c).to_string()),
         mount_options: (!c.mount_options.is_empty()).then(|| c.mount_options.clone()),
+        allow_volume_expansion: dynamic.then_some(true),
         ..K8sStorageClass::default()
     }
 }

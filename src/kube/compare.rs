@@ -76,9 +76,81 @@ fn parse_quantity(s: &str) -> Option<u128> {
     digits.parse::<u128>().ok()?.checked_mul(unit)
 }
 
+/// Bytes of a Kubernetes quantity as claims write it: `30Gi`, `1.5Gi`, `500M`, `1e9`,
+/// rounded up to a whole byte (a claim gets at least what it asked for). None for what
+/// is not a size (negative, milli-units of bytes below one, garbage) or beyond u64.
+pub fn quantity_bytes(s: &str) -> Option<u64> {
+    const BINARY: [(&str, u32); 6] = [
+        ("Ki", 10),
+        ("Mi", 20),
+        ("Gi", 30),
+        ("Ti", 40),
+        ("Pi", 50),
+        ("Ei", 60),
+    ];
+    const DECIMAL: [(&str, i32); 7] = [
+        ("k", 3),
+        ("M", 6),
+        ("G", 9),
+        ("T", 12),
+        ("P", 15),
+        ("E", 18),
+        ("m", -3),
+    ];
+    let s = s.trim();
+    let number_end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, suffix) = s.split_at(number_end);
+    let (whole, frac) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() && frac.is_empty() {
+        return None;
+    }
+    // The number as an integer mantissa and a power of ten.
+    let mantissa: u128 = format!("{whole}{frac}").parse().ok()?;
+    let mut ten: i32 = -i32::try_from(frac.len()).ok()?;
+    let mut two: u32 = 0;
+    if let Some((_, p)) = BINARY.iter().find(|(x, _)| *x == suffix) {
+        two = *p;
+    } else if let Some((_, p)) = DECIMAL.iter().find(|(x, _)| *x == suffix) {
+        ten += p;
+    } else if let Some(exp) = suffix.strip_prefix(['e', 'E']) {
+        ten += exp.parse::<i32>().ok()?;
+    } else if !suffix.is_empty() {
+        return None;
+    }
+    let mut value = mantissa.checked_mul(1u128.checked_shl(two)?)?;
+    if ten >= 0 {
+        value = value.checked_mul(10u128.checked_pow(u32::try_from(ten).ok()?)?)?;
+    } else {
+        let div = 10u128.checked_pow(ten.unsigned_abs())?;
+        value = value.div_ceil(div);
+    }
+    u64::try_from(value).ok()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+
+    #[test]
+    fn claim_quantities_in_bytes() {
+        assert_eq!(quantity_bytes("30Gi"), Some(30 << 30));
+        assert_eq!(quantity_bytes("1.5Gi"), Some(3 << 29));
+        assert_eq!(quantity_bytes("500M"), Some(500_000_000));
+        assert_eq!(quantity_bytes("1e9"), Some(1_000_000_000));
+        assert_eq!(quantity_bytes("1E"), Some(1_000_000_000_000_000_000));
+        assert_eq!(
+            quantity_bytes("1500m"),
+            Some(2),
+            "rounded up to a whole byte"
+        );
+        assert_eq!(quantity_bytes("12345"), Some(12345));
+        assert_eq!(quantity_bytes("-1Gi"), None);
+        assert_eq!(quantity_bytes("lots"), None);
+        assert_eq!(quantity_bytes("99999Ei"), None, "beyond u64");
+    }
+
     use super::*;
     use serde_json::json;
 

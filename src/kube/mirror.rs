@@ -21,7 +21,7 @@ const WATCH_TIMEOUT_SECS: u32 = 290;
 /// What a mirror knows, shared with its reader.
 #[derive(Debug)]
 pub struct Mirrored<K> {
-    /// By name; complete once `synced`.
+    /// By name (`namespace/name` for namespaced objects); complete once `synced`.
     pub objects: BTreeMap<String, K>,
     /// The first LIST has been read.
     pub synced: bool,
@@ -89,6 +89,15 @@ pub async fn run<K>(
     }
 }
 
+/// An object's key: its name, with its namespace first when it has one.
+fn key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    let name = meta.name.clone().unwrap_or_default();
+    match &meta.namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name,
+    }
+}
+
 fn set_error<K>(shared: &Shared<K>, error: Option<String>) {
     if let Ok(mut m) = shared.lock() {
         m.error = error;
@@ -108,11 +117,7 @@ where
         lp = lp.fields(f);
     }
     let list = api.list(&lp).await.map_err(|e| describe(&e))?;
-    let objects = list
-        .items
-        .into_iter()
-        .map(|o| (o.meta().name.clone().unwrap_or_default(), o))
-        .collect();
+    let objects = list.items.into_iter().map(|o| (key(o.meta()), o)).collect();
     if let Ok(mut m) = shared.lock() {
         m.objects = objects;
         m.synced = true;
@@ -164,7 +169,7 @@ where
         if let Some(v) = &object.meta().resource_version {
             version.clone_from(v);
         }
-        let name = object.meta().name.clone().unwrap_or_default();
+        let name = key(object.meta());
         if let Ok(mut m) = shared.lock() {
             if deleted {
                 m.objects.remove(&name);

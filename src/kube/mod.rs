@@ -8,11 +8,12 @@ pub mod builders;
 pub mod claims;
 pub mod client;
 pub mod compare;
+pub mod dynamic;
 pub mod events;
 pub mod fleet;
 pub mod fleet_status;
 pub mod manifests;
-mod mirror;
+pub mod mirror;
 pub mod node;
 pub mod node_state;
 pub mod publisher;
@@ -109,6 +110,21 @@ impl Desired {
             out.volumes.push(dv);
         }
         Ok(out)
+    }
+
+    /// Publishes the classes named in `dynamic` with kvstrap's provisioner (dynamic groups'
+    /// classes), the others as they are.
+    pub fn with_dynamic_classes(mut self, dynamic: &[&str], classes: &[StorageClass]) -> Desired {
+        for sc in &mut self.storage_classes {
+            let name = sc.metadata.name.clone().unwrap_or_default();
+            if let Some(c) = classes
+                .iter()
+                .find(|c| c.name == name && dynamic.contains(&name.as_str()))
+            {
+                *sc = builders::dynamic_storage_class(c);
+            }
+        }
+        self
     }
 
     pub fn volume_by_pv(&self, pv_name: &str) -> Option<&DesiredVolume> {

@@ -23,7 +23,8 @@ pub fn render(policy: &Policy, plan: &Plan, state_dir: &Path) -> anyhow::Result<
         &policy.node.name,
         &provisioned(plan),
         &policy.storage_classes,
-    )?;
+    )?
+    .with_dynamic_classes(&policy.dynamic_classes(), &policy.storage_classes);
     desired.draining = plan
         .out_of_service
         .iter()

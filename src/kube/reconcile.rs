@@ -259,6 +259,22 @@ impl Reconciler {
             .filter(|(n, _)| !wanted.contains(n.as_str()))
         {
             let draining = disk_identity(pv).filter(|id| desired.draining.contains(*id));
+            // A dynamic volume's PV is the dynamic server's to keep and reclaim; it still
+            // holds a draining disk.
+            if super::dynamic::is_dynamic(pv) {
+                if let Some(id) = draining {
+                    report
+                        .draining
+                        .entry(id.to_string())
+                        .or_default()
+                        .push(DrainBlocker {
+                            pv: name.clone(),
+                            phase: phase(pv),
+                            claim: claim_of(pv),
+                        });
+                }
+                continue;
+            }
             // Still in the cluster after this pass: for a draining disk, it holds the disk.
             let still_there = self
                 .vanished_one(client, &api, name, pv, draining.is_some(), report)

@@ -64,9 +64,88 @@ pub struct VolumeRow {
     pub uses: Vec<crate::model::VolumeUse>,
 }
 
+/// One pool of a dynamic group: what its claims take and what is left.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PoolRow {
+    pub group: String,
+    pub storage_class: String,
+    pub disk: PathBuf,
+    pub mountpoint: PathBuf,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+    pub volumes: usize,
+}
+
+/// The pools of the plan's dynamic groups, as they are on the node now.
+pub fn pool_rows(plan: &Plan) -> Vec<PoolRow> {
+    let specs: Vec<crate::model::PoolSpec> = plan.pools().cloned().collect();
+    let served = crate::dynamic::volumes::observe(&specs);
+    crate::dynamic::accounting::pools(&specs, &served, &|_| 0)
+        .iter()
+        .map(|p| PoolRow {
+            group: p.spec.group.clone(),
+            storage_class: p.spec.storage_class.clone(),
+            disk: p.spec.disk.clone(),
+            mountpoint: p.spec.mountpoint.clone(),
+            capacity_bytes: p.spec.capacity_bytes,
+            used_bytes: p.used,
+            free_bytes: p.free(),
+            volumes: served
+                .iter()
+                .filter(|s| s.pool == p.spec.mountpoint)
+                .count(),
+        })
+        .collect()
+}
+
+/// The dynamic volumes on the plan's pools: a directory per claim served.
+fn dynamic_rows(plan: &Plan, inventory: &Inventory) -> Vec<VolumeRow> {
+    let specs: Vec<crate::model::PoolSpec> = plan.pools().cloned().collect();
+    crate::dynamic::volumes::observe(&specs)
+        .iter()
+        .filter_map(|s| {
+            let pool = specs.iter().find(|p| p.mountpoint == s.pool)?;
+            let v = crate::dynamic::volumes::volume_spec(pool, s);
+            let uses = inventory
+                .disks
+                .iter()
+                .find(|d| d.path == pool.disk)
+                .map(|d| crate::plan::usage::volume_uses(d, &v))
+                .unwrap_or_default();
+            Some(VolumeRow {
+                pv_name: Some(crate::kube::dynamic::pv_name(&s.claim_uid)),
+                state: if s.bytes.is_some() {
+                    "ready"
+                } else {
+                    "pending"
+                }
+                .into(),
+                name: v.name,
+                path: v.path,
+                capacity_bytes: v.capacity_bytes,
+                volume_mode: v.volume_mode,
+                storage_class: v.storage_class,
+                group: v.group,
+                disk: v.disk,
+                device: v.device,
+                published: false,
+                phase: None,
+                uses,
+            })
+        })
+        .collect()
+}
+
 /// Volumes of the plan with their state (a volume is ready when no step touches it) and
-/// who uses each, as the inventory saw it.
+/// who uses each, as the inventory saw it; then the dynamic volumes on its pools.
 pub fn volume_rows(plan: &Plan, inventory: &Inventory) -> Vec<VolumeRow> {
+    let mut rows = static_rows(plan, inventory);
+    rows.extend(dynamic_rows(plan, inventory));
+    rows
+}
+
+fn static_rows(plan: &Plan, inventory: &Inventory) -> Vec<VolumeRow> {
     let uses = |v: &crate::model::VolumeSpec| {
         inventory
             .disks
@@ -122,6 +201,12 @@ impl Node {
             }
         }
         Ok(rows)
+    }
+
+    /// The pools of the policy's dynamic groups, as they are now.
+    pub fn pool_rows(&self, policy: &Policy) -> Result<Vec<PoolRow>, NodeError> {
+        let (_, plan) = self.scan_and_plan(policy)?;
+        Ok(pool_rows(&plan))
     }
 
     /// The disks document of one scan under the policy (or none: every disk, no group).

@@ -6,9 +6,10 @@ use super::capacity::{
 };
 use super::identity;
 use crate::model::{
-    Disk, DiskLayout, FsSpec, Layout, Owner, PartitionRole, PartitionSpec, VolumeMode, VolumeSpec,
+    Disk, DiskLayout, FsSpec, Layout, Owner, PartitionRole, PartitionSpec, PoolSpec, VolumeMode,
+    VolumeSpec,
 };
-use crate::policy::{DiskGroup, QuotaMode, StorageClass, VolumeSizing};
+use crate::policy::{DiskGroup, Provisioning, QuotaMode, StorageClass, VolumeSizing};
 use std::path::{Path, PathBuf};
 
 /// Project ids of directory volumes start here, clear of ids admins use by hand.
@@ -20,6 +21,8 @@ pub struct DiskPlan {
     pub layout: DiskLayout,
     pub volumes: Vec<VolumeSpec>,
     pub reserve_bytes: u64,
+    /// A dynamic group's pool (its volumes come from claims).
+    pub pool: Option<PoolSpec>,
 }
 
 pub struct LayoutInput<'a> {
@@ -48,7 +51,11 @@ pub fn lay_out(input: &LayoutInput) -> Result<DiskPlan, String> {
         (Layout::Shared, _) => ctx.shared(start, usable, reserve)?,
         (Layout::Separate, mode) => ctx.separate(start, usable, reserve, mode)?,
     };
+    let pool = (input.group.provisioning == Provisioning::Dynamic)
+        .then(|| ctx.pool(&partitions, usable, reserve))
+        .flatten();
     Ok(DiskPlan {
+        pool,
         layout: DiskLayout {
             disk: disk.path.clone(),
             identity: identity.clone(),
@@ -103,7 +110,11 @@ impl Ctx<'_> {
             .join(&self.group().name)
             .join(format!("disk-{}", self.short));
         let available = fs_capacity(fs_type, usable).saturating_sub(reserve);
-        let sizes = self.volume_sizes(available)?;
+        // A pool is carved by claims, not in advance.
+        let sizes = match self.group().provisioning {
+            Provisioning::Dynamic => Vec::new(),
+            Provisioning::Static => self.volume_sizes(available)?,
+        };
         let partition = self.partition(1, start, usable, Some(mountpoint.clone()), quota);
         let volumes = sizes
             .iter()
@@ -270,6 +281,29 @@ impl Ctx<'_> {
             },
             filesystem,
         }
+    }
+
+    /// The pool of a dynamic group's disk: its one filesystem, less the reserve, times the
+    /// group's overcommit.
+    fn pool(&self, partitions: &[PartitionSpec], usable: u64, reserve: u64) -> Option<PoolSpec> {
+        let part = partitions.first()?;
+        let fs = part.filesystem.as_ref()?;
+        let available = fs_capacity(fs.fs_type, usable).saturating_sub(reserve);
+        let scaled = u128::from(available) * u128::from(self.group().overcommit_permille) / 1000;
+        Some(PoolSpec {
+            group: self.group().name.clone(),
+            storage_class: self.input.class.name.clone(),
+            disk: self.input.disk.path.clone(),
+            disk_identity: self.identity.to_string(),
+            device: part.device.clone(),
+            mountpoint: fs.mountpoint.clone(),
+            fs_type: fs.fs_type,
+            capacity_bytes: u64::try_from(scaled).unwrap_or(u64::MAX),
+            project_quota: fs.project_quota,
+            owner: self.group().owner.clone(),
+            transport: self.input.disk.transport.clone(),
+            rotational: self.input.disk.rotational,
+        })
     }
 
     fn volume_name(&self, index: usize) -> String {

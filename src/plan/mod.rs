@@ -349,6 +349,7 @@ impl<'a> Planner<'a> {
             layout: group.layout,
             disks: Vec::new(),
             volumes: Vec::new(),
+            pools: Vec::new(),
         };
         let Some(class) = self.policy.storage_class(&group.storage_class) else {
             for disk in candidates {
@@ -459,8 +460,10 @@ impl<'a> Planner<'a> {
                     .volumes
                     .iter()
                     .map(|v| v.capacity_bytes)
+                    .chain(disk_plan.pool.iter().map(|p| p.capacity_bytes))
                     .sum::<u64>();
                 result.volumes.extend(disk_plan.volumes);
+                result.pools.extend(disk_plan.pool);
                 result.disks.push(disk_plan.layout);
             }
         }

@@ -22,7 +22,17 @@ pub fn plan_text(plan: &Plan) -> String {
             group.disks.len(),
             group.volumes.len()
         );
-        for disk in &group.disks {
+        for pool in &group.pools {
+            let _ = writeln!(
+                out,
+                "  {:<14} pool {} for claims (dynamic): up to {}  [{}]",
+                pool.disk.display(),
+                pool.mountpoint.display(),
+                human(pool.capacity_bytes),
+                pool.disk_identity
+            );
+        }
+        for disk in group.disks.iter().filter(|_| group.pools.is_empty()) {
             let vols: Vec<_> = group
                 .volumes
                 .iter()

@@ -45,6 +45,8 @@ pub fn group(name: &str) -> DiskGroup {
         allow_loop: false,
         allow_removable: false,
         quota: crate::policy::QuotaMode::Required,
+        provisioning: Default::default(),
+        overcommit_permille: 1000,
     }
 }
 

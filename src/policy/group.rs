@@ -4,7 +4,7 @@ use super::diag::{Diags, Loc};
 use super::fields::{Choice, Located, Section};
 use super::names;
 use super::size;
-use super::types::{DiskGroup, DiskMatch, OnFailure, QuotaMode, VolumeSizing, Wipe};
+use super::types::{DiskGroup, DiskMatch, OnFailure, Provisioning, QuotaMode, VolumeSizing, Wipe};
 use crate::model::{Layout, Owner};
 
 pub const KEYS: &[&str] = &[
@@ -23,6 +23,8 @@ pub const KEYS: &[&str] = &[
     "allow_removable",
     "quota",
     "on_failure",
+    "provisioning",
+    "overcommit",
 ];
 pub const MATCH_KEYS: &[&str] = &[
     "transport",
@@ -69,6 +71,18 @@ const ON_FAILURE: Choice<'static, OnFailure> = Choice {
     refused: &[],
 };
 
+const PROVISIONING: Choice<'static, Provisioning> = Choice {
+    key: "provisioning",
+    allowed: &[
+        ("static", Provisioning::Static),
+        ("dynamic", Provisioning::Dynamic),
+    ],
+    refused: &[],
+};
+
+/// `overcommit` bounds: 1.0 (thick) to 10.0.
+const OVERCOMMIT_MAX_PERMILLE: u32 = 10_000;
+
 const WIPE: Choice<'static, Wipe> = Choice {
     key: "wipe",
     allowed: &[("never", Wipe::Never), ("force", Wipe::Force)],
@@ -92,6 +106,8 @@ pub struct Draft {
     pub allow_removable: Option<bool>,
     pub quota: Option<QuotaMode>,
     pub on_failure: Option<OnFailure>,
+    pub provisioning: Option<Provisioning>,
+    pub overcommit_permille: Option<u32>,
     pub at: GroupLocs,
 }
 
@@ -105,6 +121,7 @@ pub struct GroupLocs {
     pub wipe: Option<Loc>,
     pub volume_size: Option<Loc>,
     pub volume_count: Option<Loc>,
+    pub provisioning: Option<Loc>,
 }
 
 impl Draft {
@@ -133,6 +150,8 @@ impl Draft {
             allow_removable: self.allow_removable?,
             quota: self.quota?,
             on_failure: self.on_failure?,
+            provisioning: self.provisioning?,
+            overcommit_permille: self.overcommit_permille?,
         })
     }
 }
@@ -151,6 +170,7 @@ pub fn parse(section: &Section, diags: &mut Diags) -> Option<Draft> {
         wipe: value_at(section, "wipe"),
         volume_size: value_at(section, "volume_size"),
         volume_count: value_at(section, "volume_count"),
+        provisioning: value_at(section, "provisioning"),
     };
     Some(Draft {
         name: name.map(|(n, _)| n.to_string()),
@@ -167,8 +187,43 @@ pub fn parse(section: &Section, diags: &mut Diags) -> Option<Draft> {
         allow_removable: flag(section, "allow_removable", diags),
         quota: optional_choice(section, &QUOTA, "\"required\"", QuotaMode::Required, diags),
         on_failure: optional_choice(section, &ON_FAILURE, "\"drain\"", OnFailure::Keep, diags),
+        provisioning: optional_choice(
+            section,
+            &PROVISIONING,
+            "\"dynamic\"",
+            Provisioning::Static,
+            diags,
+        ),
+        overcommit_permille: overcommit(section, diags),
         at,
     })
+}
+
+/// `overcommit = 1.5`: thousandths, from 1.0 to 10.0; absent is 1.0 (thick).
+fn overcommit(section: &Section, diags: &mut Diags) -> Option<u32> {
+    let Some(entry) = section.entry("overcommit") else {
+        return Some(1000);
+    };
+    let value = match entry.node.value {
+        super::raw::Value::Float(f) => f,
+        super::raw::Value::Int { value, .. } => value as f64,
+        _ => {
+            return super::fields::wrong_type(entry, "a number", "1.5", diags);
+        }
+    };
+    let permille = (value * 1000.0).round();
+    let in_range = (1000.0..=f64::from(OVERCOMMIT_MAX_PERMILLE)).contains(&permille);
+    // In range it is a whole number of thousandths from 1000 to 10000: the first u32 of
+    // that range that is not below it is the value itself.
+    if value.is_finite() && in_range {
+        return (1000..=OVERCOMMIT_MAX_PERMILLE).find(|p| f64::from(*p) >= permille);
+    }
+    diags.error(
+        entry.node.at,
+        format!("overcommit = {value} is out of range"),
+        "write a number from 1.0 (thick: claims never add up to more than the pool) to 10.0, like overcommit = 1.5",
+    );
+    None
 }
 
 fn value_at(section: &Section, key: &str) -> Option<Loc> {

@@ -226,6 +226,8 @@ mod tests {
             allow_loop: false,
             allow_removable: false,
             quota: crate::policy::QuotaMode::Required,
+            provisioning: Default::default(),
+            overcommit_permille: 1000,
         }
     }
 

@@ -75,6 +75,8 @@ pub const ORIGINS: &[(&str, Origin)] = &[
     ("disk_group.allow_removable", Origin::Cluster),
     ("disk_group.quota", Origin::Cluster),
     ("disk_group.on_failure", Origin::Cluster),
+    ("disk_group.provisioning", Origin::Cluster),
+    ("disk_group.overcommit", Origin::Cluster),
 ];
 
 /// Who may set the key at `path`; `None` for a key the parser does not know (validation

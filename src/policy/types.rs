@@ -215,6 +215,20 @@ pub struct DiskGroup {
     pub quota: QuotaMode,
     /// What to do when a disk of the group reports failed SMART health.
     pub on_failure: OnFailure,
+    /// Static: volumes carved in advance. Dynamic: the filesystems are pools, and each
+    /// claim gets a directory of its size (shared layout only).
+    pub provisioning: Provisioning,
+    /// Dynamic pools: how far the quotas may add up beyond the pool, in thousandths
+    /// (1000: thick, never more than the pool minus the reserve).
+    pub overcommit_permille: u32,
+}
+
+/// `provisioning`: volumes made in advance, or per claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Provisioning {
+    #[default]
+    Static,
+    Dynamic,
 }
 
 /// `on_failure`: what a disk whose health turns `failed` gets.
@@ -230,6 +244,19 @@ pub enum OnFailure {
 impl Policy {
     pub fn storage_class(&self, name: &str) -> Option<&StorageClass> {
         self.storage_classes.iter().find(|c| c.name == name)
+    }
+
+    /// The classes of dynamic groups: published with kvstrap's provisioner.
+    pub fn dynamic_classes(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .disk_groups
+            .iter()
+            .filter(|g| g.provisioning == Provisioning::Dynamic)
+            .map(|g| g.storage_class.as_str())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
     }
 }
 

@@ -11,8 +11,8 @@ use super::overlap;
 use super::raw::{Entry, Table, Value};
 use super::size;
 use super::types::{
-    DiskGroup, DiskMatch, KubernetesSettings, NodeSettings, Policy, StorageClass, VolumeSizing,
-    Wipe, DEFAULT_POLICY_NAMESPACE,
+    DiskGroup, DiskMatch, KubernetesSettings, NodeSettings, Policy, Provisioning, StorageClass,
+    VolumeSizing, Wipe, DEFAULT_POLICY_NAMESPACE,
 };
 use crate::model::{FsType, Layout, VolumeMode};
 use std::path::{Component, Path, PathBuf};
@@ -347,7 +347,9 @@ fn check_groups(
         check_wipe(g, diags);
         check_fit(g, diags);
         check_loops(g, diags);
+        check_dynamic(g, diags);
     }
+    check_class_provisioning(drafts, diags);
     let groups: Vec<(DiskGroup, Loc)> = drafts
         .iter()
         .filter_map(|d| Some((d.build()?, d.at.name)))
@@ -406,6 +408,62 @@ fn check_class_references(tree: &Table, diags: &mut Diags) {
             entry.node.at,
             format!("disk group \"{name}\" uses storage class \"{class}\", which is not defined"),
             hint,
+        );
+    }
+}
+
+/// A dynamic group's filesystems are pools: shared, and sized by claims, not in advance.
+fn check_dynamic(g: &group::Draft, diags: &mut Diags) {
+    if g.provisioning != Some(Provisioning::Dynamic) {
+        return;
+    }
+    let at = g.at.provisioning.unwrap_or(g.at.name);
+    if g.layout == Some(Layout::Separate) {
+        diags.error(
+            g.at.layout.unwrap_or(at),
+            format!("{} has provisioning = \"dynamic\" with layout = \"separate\": a claim gets a directory on a pool filesystem", g.label()),
+            "write layout = \"shared\" (or remove it), or provisioning = \"static\"",
+        );
+    }
+    for (key, loc) in [
+        ("volume_size", g.at.volume_size),
+        ("volume_count", g.at.volume_count),
+    ] {
+        if let Some(loc) = loc {
+            diags.error(
+                loc,
+                format!("{} has provisioning = \"dynamic\": its volumes are sized by the claims, not by {key}", g.label()),
+                format!("remove {key}, or write provisioning = \"static\""),
+            );
+        }
+    }
+}
+
+/// A storage class is published either with kvstrap's provisioner (dynamic) or without
+/// one (static, `kubernetes.io/no-provisioner`): never both.
+fn check_class_provisioning(drafts: &[group::Draft], diags: &mut Diags) {
+    for (i, g) in drafts.iter().enumerate() {
+        let Some(class) = &g.storage_class else {
+            continue;
+        };
+        let Some(first) = drafts[..i].iter().find(|o| {
+            o.storage_class.as_ref() == Some(class)
+                && o.provisioning.is_some()
+                && o.provisioning != g.provisioning
+        }) else {
+            continue;
+        };
+        if g.provisioning.is_none() {
+            continue;
+        }
+        diags.error(
+            g.at.storage_class.unwrap_or(g.at.name),
+            format!(
+                "{} and {} share storage class \"{class}\", but one is provisioned dynamically and the other statically",
+                first.label(),
+                g.label()
+            ),
+            "give the dynamic group a storage class of its own: its class names kvstrap's provisioner (kvstrap.io/local)",
         );
     }
 }
