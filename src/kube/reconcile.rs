@@ -804,7 +804,7 @@ enum ScrubFailure {
 async fn scrub(scrubber: Arc<dyn Scrubber>, v: &DesiredVolume) -> Result<bool, ScrubFailure> {
     let spec = v.spec.clone();
     let name = spec.name.clone();
-    match tokio::task::spawn_blocking(move || scrubber.scrub(&spec)).await {
+    match on_thread("scrub", move || scrubber.scrub(&spec)).await {
         Ok(Ok(())) => {
             tracing::info!(
                 message_id = crate::logging::message_id::VOLUME_SCRUBBED,
@@ -824,6 +824,23 @@ async fn scrub(scrubber: Arc<dyn Scrubber>, v: &DesiredVolume) -> Result<bool, S
             "scrub of volume {name} did not finish: {e}"
         ))),
     }
+}
+
+/// Runs `f` on a thread of its own and awaits its result; a thread that cannot be
+/// started is an error (tokio's `spawn_blocking` panics then).
+async fn on_thread<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| format!("cannot start a thread: {e}"))?;
+    rx.await
+        .map_err(|_| "its thread ended without an answer".to_string())
 }
 
 /// Deletes a PV only in the exact version seen unbound (uid + resourceVersion preconditions).
