@@ -994,4 +994,13 @@ fn metrics_errors_point_at_the_value() {
     );
     assert!(diagnostics(&at("textfile", "\"\"")).is_empty());
     assert!(diagnostics(&at("listen", "\"[::1]:9741\"")).is_empty());
+    // A bare port is loopback.
+    assert!(diagnostics(&at("listen", "\"9741\"")).is_empty());
+    one_error(
+        &at("listen", "\"97410\""),
+        8,
+        10,
+        "not an address and port",
+        "loopback",
+    );
 }

@@ -107,13 +107,13 @@ pub fn metrics(s: &Section, diags: &mut Diags) -> Option<MetricsSettings> {
     };
     let listen = match s.string("listen", "\"127.0.0.1:9741\"", diags) {
         Some(("", _)) => Some(None),
-        Some((text, at)) => match text.parse::<SocketAddr>() {
-            Ok(addr) => Some(Some(addr)),
-            Err(_) => {
+        Some((text, at)) => match listen_address(text) {
+            Some(addr) => Some(Some(addr)),
+            None => {
                 diags.error(
                     at,
                     format!("listen \"{text}\" is not an address and port"),
-                    "write listen = \"127.0.0.1:9741\" (or \"[::1]:9741\"); leave it out to serve no metrics over HTTP",
+                    "write listen = \"9741\" (loopback, 127.0.0.1:9741) or an address and port such as \"[::1]:9741\" or \"10.0.0.7:9741\"; leave it out to serve no metrics over HTTP",
                 );
                 None
             }
@@ -126,6 +126,17 @@ pub fn metrics(s: &Section, diags: &mut Diags) -> Option<MetricsSettings> {
         listen: listen?,
         textfile_is_default: s.entry("textfile").is_none(),
     })
+}
+
+/// `"9741"` or `":9741"`: loopback (127.0.0.1) on that port; anything else must name its
+/// address, so the metrics reach beyond the node only where a policy says so in full.
+fn listen_address(text: &str) -> Option<SocketAddr> {
+    let port = text.strip_prefix(':').unwrap_or(text);
+    if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+        let port = port.parse::<u16>().ok()?;
+        return Some(SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)));
+    }
+    text.parse().ok()
 }
 
 #[cfg(test)]
@@ -145,5 +156,17 @@ mod tests {
             .contains("unknown unit \"w\""));
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn a_bare_port_listens_on_loopback_only() {
+        let at = |t: &str| super::listen_address(t).map(|a| a.to_string());
+        assert_eq!(at("9741").as_deref(), Some("127.0.0.1:9741"));
+        assert_eq!(at(":9741").as_deref(), Some("127.0.0.1:9741"));
+        assert_eq!(at("0.0.0.0:9741").as_deref(), Some("0.0.0.0:9741"));
+        assert_eq!(at("[::1]:9741").as_deref(), Some("[::1]:9741"));
+        assert_eq!(at("97410"), None);
+        assert_eq!(at(":"), None);
+        assert_eq!(at("localhost:9741"), None);
     }
 }
