@@ -12,9 +12,12 @@ pub const HEALTH_KEYS: &[&str] = &["interval"];
 pub const METRICS_KEYS: &[&str] = &["textfile", "listen"];
 
 /// Shorter than this would keep disks answering SMART queries all the time.
-const MIN_INTERVAL: Duration = Duration::from_secs(1);
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// Longer than a week and a failing disk goes unseen for too long; it also keeps every
+/// deadline computed from the interval far from overflowing.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(7 * 86_400);
 const INTERVAL_HINT: &str =
-    "write a duration like interval = \"1h\", \"30m\" or \"90s\" (units s, m, h, d), or a number of seconds";
+    "write a duration from 1s to 7d, like interval = \"1h\", \"30m\" or \"90s\" (units s, m, h, d), or a number of seconds";
 
 pub fn health(s: &Section, diags: &mut Diags) -> Option<HealthSettings> {
     s.check_keys(HEALTH_KEYS, diags);
@@ -32,11 +35,22 @@ pub fn health(s: &Section, diags: &mut Diags) -> Option<HealthSettings> {
                 )),
             };
             match parsed {
-                Ok(d) if d >= MIN_INTERVAL => Some(d),
-                Ok(_) => {
+                Ok(d) if (MIN_INTERVAL..=MAX_INTERVAL).contains(&d) => Some(d),
+                Ok(d) if d < MIN_INTERVAL => {
                     diags.error(
                         entry.node.at,
                         "[health] interval must be at least one second",
+                        INTERVAL_HINT,
+                    );
+                    None
+                }
+                Ok(d) => {
+                    diags.error(
+                        entry.node.at,
+                        format!(
+                            "[health] interval must be at most 7 days (604800 seconds), not {} seconds",
+                            d.as_secs()
+                        ),
                         INTERVAL_HINT,
                     );
                     None
