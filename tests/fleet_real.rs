@@ -18,7 +18,7 @@ mod fixtures;
 
 use control_plane::ControlPlane;
 use futures::FutureExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, PersistentVolume};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::Client;
@@ -796,9 +796,13 @@ fn kvstrap(site: &Site, args: &[&str]) -> (bool, String, String) {
 }
 
 async fn rbac(ctx: &Ctx<'_>) {
-    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/kubernetes/rbac.yaml");
-    let rules = rules.display().to_string();
+    let packaging = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/kubernetes");
+    let rules = packaging.join("rbac.yaml").display().to_string();
     kubectl(ctx.cp, &["apply", "-f", &rules]);
+    // And the admission policy that confines each node to its own objects
+    // (tests/confine_real.rs shows what it refuses): the daemon's work passes it.
+    let confinement = packaging.join("admission-policy.yaml");
+    kubectl(ctx.cp, &["apply", "-f", &confinement.display().to_string()]);
     let node = "fleet-rbac";
     Api::<Node>::all(ctx.client.clone())
         .create(
@@ -830,6 +834,7 @@ async fn rbac(ctx: &Ctx<'_>) {
     std::fs::write(&kubeconfig, as_node).unwrap();
     let source = ClientSource::Kubeconfig(kubeconfig.clone());
     let node_client = source.client().await.unwrap();
+    policy_in_force(&node_client).await;
 
     // Policy fragments: list and watch ConfigMaps of kvstrap, the Node's labels.
     site.fragment(ctx, "rbac-gpu", Some("hw=gpu"), &class_named("rbac-gpu"))
@@ -949,4 +954,34 @@ async fn rbac(ctx: &Ctx<'_>) {
     assert!(message.contains("1 disk(s) ready"), "{message}");
     fleet.shutdown().await;
     kubectl(ctx.cp, &["apply", "-f", &rules]);
+}
+
+/// Waits until the API server enforces the admission policy (it loads policies
+/// asynchronously): a dry-run PV of another node, as `client`'s node, is refused by it.
+async fn policy_in_force(client: &Client) {
+    let class = fixtures::class(
+        "kvstrap-rbac",
+        kvstrap::model::VolumeMode::Filesystem,
+        kvstrap::policy::types::ReclaimPolicy::Delete,
+    );
+    let volume = fixtures::dir_volume(Path::new("/probe"), 1, &class.name);
+    let other = kvstrap::kube::builders::persistent_volume("fleet-other", &volume, &class);
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let start = Instant::now();
+    loop {
+        match Api::<PersistentVolume>::all(client.clone())
+            .create(&dry, &other)
+            .await
+        {
+            Err(kube::Error::Api(s)) if s.message.contains("ValidatingAdmissionPolicy") => return,
+            _ => assert!(
+                start.elapsed() < WAIT,
+                "the admission policy is not in force after {WAIT:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

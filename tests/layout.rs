@@ -221,3 +221,35 @@ fn the_files_of_kube_import_each_other_without_a_cycle() {
         deps["client"]
     );
 }
+
+/// A thread that cannot be started must never panic the daemon: outside tests, threads
+/// start through `std::thread::Builder` (whose error is handled), never `thread::spawn`,
+/// a scope's `spawn` or tokio's `spawn_blocking`, which panic then.
+#[test]
+fn no_thread_is_started_in_a_way_that_panics() {
+    let panicking = [
+        "thread::spawn(",
+        "scope.spawn(",
+        "s.spawn(",
+        "spawn_blocking(",
+    ];
+    let mut found = Vec::new();
+    for (rel, text) in sources() {
+        // The code before the file's test module (tests may panic as they like).
+        let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        for (n, line) in code.lines().enumerate() {
+            let line = line.trim_start();
+            if line.starts_with("//") {
+                continue;
+            }
+            if let Some(p) = panicking.iter().find(|p| line.contains(*p)) {
+                found.push(format!("src/{rel}:{}: {p}", n + 1));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "use std::thread::Builder and handle its error:\n{}",
+        found.join("\n")
+    );
+}

@@ -979,6 +979,32 @@ fn health_interval_errors_point_at_the_value() {
     one_error(&at("\"0s\""), 8, 12, "at least one second", "\"1h\"");
     one_error(&at("-5"), 8, 12, "negative", "number of seconds");
     one_error(&at("true"), 8, 12, "string or an integer", "\"1h\"");
+    // At most a week: nothing computed from it can overflow.
+    let d = one_error(
+        &at("9223372036854775807"),
+        8,
+        12,
+        "[health] interval must be at most 7 days (604800 seconds), not 9223372036854775807 seconds",
+        "from 1s to 7d",
+    );
+    assert!(
+        d.to_string().starts_with(
+            "/etc/kvstrap/policy.toml:8:12: error: [health] interval must be at most 7 days"
+        ),
+        "{d}"
+    );
+    one_error(&at("\"8d\""), 8, 12, "at most 7 days", "from 1s to 7d");
+    one_error(&at("604801"), 8, 12, "at most 7 days", "from 1s to 7d");
+    one_error(
+        &at("\"9223372036854775807d\""),
+        8,
+        12,
+        "not a whole number with a unit",
+        "from 1s to 7d",
+    );
+    for ok in ["\"7d\"", "604800", "1", "\"1s\""] {
+        assert!(diagnostics(&at(ok)).is_empty(), "{ok}");
+    }
     one_error(
         &format!("{}[health]\nintervall = \"1h\"\n", group("")),
         8,
@@ -1007,4 +1033,13 @@ fn metrics_errors_point_at_the_value() {
     );
     assert!(diagnostics(&at("textfile", "\"\"")).is_empty());
     assert!(diagnostics(&at("listen", "\"[::1]:9741\"")).is_empty());
+    // A bare port is loopback.
+    assert!(diagnostics(&at("listen", "\"9741\"")).is_empty());
+    one_error(
+        &at("listen", "\"97410\""),
+        8,
+        10,
+        "not an address and port",
+        "loopback",
+    );
 }

@@ -128,20 +128,16 @@ pub fn execute(
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<(usize, StepReport)>> = Mutex::new(Vec::with_capacity(total));
     let workers = queues.len().clamp(1, MAX_PARALLEL_DISKS);
-    std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                let Some(queue) = queues.get(i) else { break };
-                run_queue(queue, effects, stop, &|index, report| {
-                    let n = done.fetch_add(1, Ordering::SeqCst) + 1;
-                    progress(n, total, &report);
-                    if let Ok(mut r) = results.lock() {
-                        r.push((index, report));
-                    }
-                });
-            });
-        }
+    crate::host::threads::run_workers(workers, "apply", || loop {
+        let i = next.fetch_add(1, Ordering::SeqCst);
+        let Some(queue) = queues.get(i) else { break };
+        run_queue(queue, effects, stop, &|index, report| {
+            let n = done.fetch_add(1, Ordering::SeqCst) + 1;
+            progress(n, total, &report);
+            if let Ok(mut r) = results.lock() {
+                r.push((index, report));
+            }
+        });
     });
     let mut steps = results.into_inner().unwrap_or_default();
     steps.sort_by_key(|(i, _)| *i);

@@ -60,8 +60,8 @@ impl HostEngine {
         if let Some(addr) = policy.metrics.listen {
             let text = crate::metrics::serve::Published::default();
             match crate::metrics::serve::start(addr, text.clone()) {
-                Ok(bound) => {
-                    tracing::info!("serving metrics on http://{bound}/metrics");
+                Ok(listening) => {
+                    tracing::info!("serving metrics on http://{}/metrics", listening.addr);
                     self.metrics_http = Some(text);
                 }
                 Err(e) => tracing::error!("cannot serve metrics on {addr}: {e}"),

@@ -67,6 +67,17 @@ pub enum Trigger {
     Stop,
 }
 
+/// The longest periodic resync `KVSTRAP_RESYNC_SECS` may ask for.
+pub const MAX_RESYNC_SECS: u64 = 86_400;
+
+/// `now + d`, or a year from now when `d` is too long to add (a timer that never fires
+/// in practice, rather than a panic).
+fn later(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400))
+}
+
 /// How the daemon behaves; `from_env` reads the overrides.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -114,6 +125,12 @@ impl Options {
             let secs: u64 = v
                 .parse()
                 .with_context(|| format!("KVSTRAP_RESYNC_SECS={v:?} is not a number of seconds"))?;
+            if secs > MAX_RESYNC_SECS {
+                anyhow::bail!(
+                    "KVSTRAP_RESYNC_SECS={v} is more than a day ({MAX_RESYNC_SECS} seconds): \
+                     a node would go that long without a periodic look at its disks"
+                );
+            }
             o.resync = Duration::from_secs(secs.max(1));
         }
         o.dbus = std::env::var_os("KVSTRAP_NO_DBUS").is_none();
@@ -575,7 +592,7 @@ impl Reconciler {
             apply_waiters: Vec::new(),
             reload_waiters: Vec::new(),
             reload_pending: false,
-            next_resync: Instant::now() + options.resync,
+            next_resync: later(options.resync),
             ready_sent: false,
             first_started: None,
             first_retries: 0,
@@ -729,12 +746,11 @@ impl Reconciler {
                 Phase::Idle
             };
         });
-        self.next_resync = Instant::now()
-            + if outcome.is_ok() {
-                self.options.resync
-            } else {
-                self.options.retry
-            };
+        self.next_resync = later(if outcome.is_ok() {
+            self.options.resync
+        } else {
+            self.options.retry
+        });
         self.log_outcome(&outcome);
         self.publish_status();
         if !self.ready_sent {
@@ -790,7 +806,7 @@ impl Reconciler {
             status_line(&snapshot(&self.shared))
         );
         let _ = sd_notify::notify(&[NotifyState::Status(&line)]);
-        self.retry_at = Some(Instant::now() + delay);
+        self.retry_at = Some(later(delay));
     }
 
     fn run_once(&self) -> Result<ApplySummary, String> {

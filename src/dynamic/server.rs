@@ -266,7 +266,7 @@ async fn pass(
         }
     }
     let specs = now.pools.clone();
-    let (served, mounted) = tokio::task::spawn_blocking(move || {
+    let (served, mounted) = crate::host::threads::on_thread("dynamic-volumes", move || {
         let mounted: BTreeSet<std::path::PathBuf> = specs
             .iter()
             .filter(|p| volumes::is_mounted(p))
@@ -356,7 +356,7 @@ async fn publish_room(
     out: &mut Outcome,
 ) {
     let specs = now.pools.clone();
-    let served = tokio::task::spawn_blocking(move || {
+    let served = crate::host::threads::on_thread("dynamic-volumes", move || {
         let mounted: Vec<PoolSpec> = specs
             .iter()
             .filter(|p| volumes::is_mounted(p))
@@ -564,7 +564,7 @@ impl Ctx<'_> {
             .pool(pool)
             .ok_or_else(|| format!("pool {} is gone", pool.display()))?;
         let (uid, who) = (claim.uid.clone(), claim.key());
-        let served = tokio::task::spawn_blocking(move || {
+        let served = crate::host::threads::on_thread("dynamic-volumes", move || {
             volumes::make(&spec, &uid, &who, bytes, project_id)
         })
         .await
@@ -671,10 +671,12 @@ impl Ctx<'_> {
             .ok_or_else(|| format!("pool {} is gone", served.pool.display()))?;
         if served.bytes.unwrap_or_default() < bytes {
             let s = served.clone();
-            tokio::task::spawn_blocking(move || volumes::grow(&spec, &s, bytes, project_id))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("claim {}: {e}", claim.key()))?;
+            crate::host::threads::on_thread("dynamic-volumes", move || {
+                volumes::grow(&spec, &s, bytes, project_id)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("claim {}: {e}", claim.key()))?;
         }
         let q = crate::kube::builders::quantity(bytes);
         let pvs: Api<PersistentVolume> = Api::all(self.client.clone());
@@ -710,9 +712,11 @@ impl Ctx<'_> {
                 format!("pool {} of {} is not served now", s.pool.display(), v.name)
             })?;
             let s2 = s.clone();
-            let removed = tokio::task::spawn_blocking(move || volumes::remove(&spec, &s2))
-                .await
-                .map_err(|e| e.to_string())?;
+            let removed = crate::host::threads::on_thread("dynamic-volumes", move || {
+                volumes::remove(&spec, &s2)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
             if let Err(e) = removed {
                 if matches!(
                     e,
@@ -782,7 +786,7 @@ impl Ctx<'_> {
             .pool(&s.pool)
             .ok_or_else(|| format!("pool {} is not served now", s.pool.display()))?;
         let s2 = s.clone();
-        tokio::task::spawn_blocking(move || volumes::remove(&spec, &s2))
+        crate::host::threads::on_thread("dynamic-volumes", move || volumes::remove(&spec, &s2))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("{}: {e}", s.path.display()))?;

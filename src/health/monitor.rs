@@ -79,7 +79,11 @@ impl Monitor {
 
     /// Wait until `n` readings have completed, at most `limit`; true if they have.
     pub fn wait_for_readings(&self, n: u64, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
+        let now = Instant::now();
+        // A limit too long to add is as good as waiting for ever (a year of them).
+        let deadline = now
+            .checked_add(limit)
+            .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400));
         let mut inner = self.lock();
         while inner.readings < n {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -136,7 +140,9 @@ impl Monitor {
             let changed = inner.health != fresh;
             inner.health = fresh;
             inner.readings += 1;
-            next = Some(Instant::now() + inner.interval);
+            // Validation keeps the interval within a week; `None` (read when disks
+            // change, never by the clock) would be the answer to one that is not.
+            next = Instant::now().checked_add(inner.interval);
             self.wake.notify_all();
             drop(inner);
             if let (true, Some(f)) = (changed, &on_change) {
@@ -190,6 +196,25 @@ mod tests {
         assert!(monitor.wait_for_readings(3, Duration::from_secs(10)));
         let now = monitor.current();
         assert!(now.contains_key(&PathBuf::from("/dev/sdb")) && !now.contains_key(&sda));
+        monitor.stop();
+    }
+
+    /// An interval nothing can be added to (validation refuses more than 7 days; this is
+    /// the thread's own guard) neither panics the thread nor stops new disks being read.
+    #[test]
+    fn an_endless_interval_panics_nothing() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(dir.path().join("verdict"), "true").unwrap_or_default();
+        let reader = Reader::with_program(
+            Some(switchable_smartctl(dir.path())),
+            Duration::from_secs(10),
+        );
+        let monitor = Monitor::spawn(reader, Duration::MAX, None).unwrap_or_else(|e| panic!("{e}"));
+        monitor.set_disks(vec![PathBuf::from("/dev/sda")]);
+        assert!(monitor.wait_for_readings(1, Duration::MAX));
+        monitor.set_disks(vec![PathBuf::from("/dev/sda"), PathBuf::from("/dev/sdb")]);
+        assert!(monitor.wait_for_readings(2, Duration::from_secs(10)));
+        assert_eq!(monitor.current().len(), 2);
         monitor.stop();
     }
 }

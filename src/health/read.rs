@@ -61,12 +61,21 @@ impl Reader {
             std::thread::scope(|s| {
                 let running: Vec<_> = chunk
                     .iter()
-                    .map(|d| (d, s.spawn(|| self.read(d))))
+                    .map(|d| {
+                        let spawned = std::thread::Builder::new()
+                            .name("smartctl".into())
+                            .spawn_scoped(s, || self.read(d));
+                        (d, spawned)
+                    })
                     .collect();
                 for (disk, handle) in running {
-                    let health = handle.join().unwrap_or_else(|_| {
-                        Health::unknown("reading the health of this disk failed unexpectedly")
-                    });
+                    let health = match handle {
+                        Ok(h) => h.join().unwrap_or_else(|_| {
+                            Health::unknown("reading the health of this disk failed unexpectedly")
+                        }),
+                        // No thread to spare: read it here, one after the other.
+                        Err(_) => self.read(disk),
+                    };
                     out.insert(disk.clone(), health);
                 }
             });

@@ -235,11 +235,23 @@ fn run_output(
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
     // A thread collects the output and the exit status; this one keeps the clock.
     let (done, finished) = mpsc::channel();
-    let waiter = std::thread::spawn(move || {
-        let out = child.wait_with_output();
-        let _ = done.send(());
-        out
-    });
+    let waiter = std::thread::Builder::new()
+        .name("program-wait".into())
+        .spawn(move || {
+            let out = child.wait_with_output();
+            let _ = done.send(());
+            out
+        });
+    let waiter = match waiter {
+        Ok(w) => w,
+        Err(source) => {
+            // The child went with the closure that never ran: end it here, and reap it
+            // if it is gone already (no waiting on a program stuck in the kernel).
+            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+            return Err(CmdError::Spawn { argv, source });
+        }
+    };
     let timed_out = match finished.recv_timeout(timeout) {
         Err(mpsc::RecvTimeoutError::Timeout) => {
             // Not reaped yet (the waiter reaps, then signals), so the group is still ours.

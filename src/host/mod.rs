@@ -18,6 +18,7 @@ pub mod mkfs;
 pub mod mount;
 pub mod probe;
 pub mod quota;
+pub mod threads;
 pub mod wipe;
 
 pub use failpoint::failpoint;

@@ -267,16 +267,12 @@ fn probe_all(disks: &[SysDisk], dev_root: &Path) -> Vec<Probed> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results: Vec<std::sync::Mutex<Option<Probed>>> =
         disks.iter().map(|_| std::sync::Mutex::new(None)).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(disk) = disks.get(i) else { break };
-                let probed = probe_one(disk, dev_root);
-                if let Ok(mut slot) = results[i].lock() {
-                    *slot = Some(probed);
-                }
-            });
+    crate::host::threads::run_workers(workers, "probe", || loop {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(disk) = disks.get(i) else { break };
+        let probed = probe_one(disk, dev_root);
+        if let Ok(mut slot) = results[i].lock() {
+            *slot = Some(probed);
         }
     });
     // A missing result must not read as "probed, nothing found".

@@ -1,12 +1,13 @@
 //! Rendered manifests on disk: `<state-dir>/manifests/`, one object per YAML file,
 //! atomically replaced, stale files removed, unchanged files left alone.
-//! They exist even before the cluster does, for `kubectl apply -f`.
+//! They exist even before the cluster does, for `kubectl apply -f`: an admin applies them
+//! as cluster admin, so whatever the umask they are 0644 in a 0755 directory, and nothing
+//! planted there (a symlink, a temp name) is ever written through.
 
 use super::Desired;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -66,21 +67,25 @@ pub fn write_manifests(
 ) -> Result<ManifestReport, ManifestError> {
     let files = render(desired)?;
     let dir = manifest_dir(state_dir);
-    fs::create_dir_all(&dir).map_err(|source| ManifestError::Io {
-        path: dir.clone(),
-        source,
-    })?;
+    private_dir(state_dir, 0o022)?;
+    private_dir(&dir, 0o7777 & !DIR_MODE)?;
     let mut report = ManifestReport {
         dir: dir.clone(),
         ..ManifestReport::default()
     };
     for (name, text) in &files {
         let path = dir.join(name);
-        if fs::read(&path).is_ok_and(|old| old == text.as_bytes()) {
+        if unchanged(&path, text.as_bytes()) {
             report.unchanged += 1;
             continue;
         }
-        write_atomic(&dir, &path, text.as_bytes())?;
+        crate::state::write_atomic(&path, text.as_bytes()).map_err(|e| match e {
+            crate::state::StateError::Write { path, source } => ManifestError::Io { path, source },
+            other => ManifestError::Io {
+                path: path.clone(),
+                source: std::io::Error::other(other.to_string()),
+            },
+        })?;
         report.written.push(path);
     }
     report.removed = remove_stale(&dir, &files)?;
@@ -90,22 +95,49 @@ pub fn write_manifests(
     Ok(report)
 }
 
-/// temp file + fsync + rename + directory fsync: a crash leaves the old or the new file.
-fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), ManifestError> {
+/// Mode of the manifest directory (and of the state directory it is in).
+pub const DIR_MODE: u32 = 0o755;
+/// Mode of every manifest.
+pub const FILE_MODE: u32 = 0o644;
+
+/// `dir` as a real directory: made with mode 0755, or, when it exists, without the mode
+/// bits `unwanted` (an earlier version under a umask of 000 left it world-writable; the
+/// manifest directory loses every bit but 0755, the state directory, whose mode is the
+/// admin's, only group and world write). A symlink there is refused, never followed.
+fn private_dir(dir: &Path, unwanted: u32) -> Result<(), ManifestError> {
+    use std::os::unix::fs::PermissionsExt;
     let io = |source| ManifestError::Io {
-        path: path.to_path_buf(),
+        path: dir.to_path_buf(),
         source,
     };
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp"));
-    let mut f = File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    fs::rename(&tmp, path).map_err(io)?;
-    sync_dir(dir)
+    match fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_dir() => {
+            let mode = m.permissions().mode() & 0o7777;
+            if mode & unwanted != 0 {
+                let fixed = fs::Permissions::from_mode(mode & !unwanted);
+                fs::set_permissions(dir, fixed).map_err(io)?;
+            }
+            Ok(())
+        }
+        Ok(_) => Err(io(std::io::Error::other(
+            "not a directory (a symlink or a file where kvstrap keeps its manifests)",
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            crate::state::create_private_dir(dir, DIR_MODE).map_err(io)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// A regular file (not a symlink) with mode 0644 and exactly `text`: left alone.
+/// Anything else at that name is replaced by a fresh file.
+fn unchanged(path: &Path, text: &[u8]) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fs::symlink_metadata(path).is_ok_and(|m| {
+        m.file_type().is_file()
+            && m.permissions().mode() & 0o7777 == FILE_MODE
+            && fs::read(path).is_ok_and(|old| old == text)
+    })
 }
 
 fn sync_dir(dir: &Path) -> Result<(), ManifestError> {
@@ -150,6 +182,8 @@ fn remove_stale(
 fn is_ours(name: &str) -> bool {
     let yaml = name.ends_with(".yaml");
     let kind = name.starts_with("pv-") || name.starts_with("storageclass-");
+    // Temp files of an interrupted write: `.NAME.yaml.tmp` (earlier versions) or
+    // `.NAME.yaml.PID.N.NANOS.tmp` (state::write_atomic).
     let tmp = name.starts_with(".pv-") || name.starts_with(".storageclass-");
-    (yaml && kind) || (tmp && name.ends_with(".yaml.tmp"))
+    (yaml && kind) || (tmp && name.contains(".yaml.") && name.ends_with(".tmp"))
 }

@@ -829,7 +829,7 @@ enum ScrubFailure {
 async fn scrub(scrubber: Arc<dyn Scrubber>, v: &DesiredVolume) -> Result<bool, ScrubFailure> {
     let spec = v.spec.clone();
     let name = spec.name.clone();
-    match tokio::task::spawn_blocking(move || scrubber.scrub(&spec)).await {
+    match crate::host::threads::on_thread("scrub", move || scrubber.scrub(&spec)).await {
         Ok(Ok(())) => {
             tracing::info!(
                 message_id = crate::logging::message_id::VOLUME_SCRUBBED,

@@ -12,9 +12,12 @@ pub const HEALTH_KEYS: &[&str] = &["interval"];
 pub const METRICS_KEYS: &[&str] = &["textfile", "listen"];
 
 /// Shorter than this would keep disks answering SMART queries all the time.
-const MIN_INTERVAL: Duration = Duration::from_secs(1);
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// Longer than a week and a failing disk goes unseen for too long; it also keeps every
+/// deadline computed from the interval far from overflowing.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(7 * 86_400);
 const INTERVAL_HINT: &str =
-    "write a duration like interval = \"1h\", \"30m\" or \"90s\" (units s, m, h, d), or a number of seconds";
+    "write a duration from 1s to 7d, like interval = \"1h\", \"30m\" or \"90s\" (units s, m, h, d), or a number of seconds";
 
 pub fn health(s: &Section, diags: &mut Diags) -> Option<HealthSettings> {
     s.check_keys(HEALTH_KEYS, diags);
@@ -32,11 +35,22 @@ pub fn health(s: &Section, diags: &mut Diags) -> Option<HealthSettings> {
                 )),
             };
             match parsed {
-                Ok(d) if d >= MIN_INTERVAL => Some(d),
-                Ok(_) => {
+                Ok(d) if (MIN_INTERVAL..=MAX_INTERVAL).contains(&d) => Some(d),
+                Ok(d) if d < MIN_INTERVAL => {
                     diags.error(
                         entry.node.at,
                         "[health] interval must be at least one second",
+                        INTERVAL_HINT,
+                    );
+                    None
+                }
+                Ok(d) => {
+                    diags.error(
+                        entry.node.at,
+                        format!(
+                            "[health] interval must be at most 7 days (604800 seconds), not {} seconds",
+                            d.as_secs()
+                        ),
                         INTERVAL_HINT,
                     );
                     None
@@ -107,13 +121,13 @@ pub fn metrics(s: &Section, diags: &mut Diags) -> Option<MetricsSettings> {
     };
     let listen = match s.string("listen", "\"127.0.0.1:9741\"", diags) {
         Some(("", _)) => Some(None),
-        Some((text, at)) => match text.parse::<SocketAddr>() {
-            Ok(addr) => Some(Some(addr)),
-            Err(_) => {
+        Some((text, at)) => match listen_address(text) {
+            Some(addr) => Some(Some(addr)),
+            None => {
                 diags.error(
                     at,
                     format!("listen \"{text}\" is not an address and port"),
-                    "write listen = \"127.0.0.1:9741\" (or \"[::1]:9741\"); leave it out to serve no metrics over HTTP",
+                    "write listen = \"9741\" (loopback, 127.0.0.1:9741) or an address and port such as \"[::1]:9741\" or \"10.0.0.7:9741\"; leave it out to serve no metrics over HTTP",
                 );
                 None
             }
@@ -126,6 +140,17 @@ pub fn metrics(s: &Section, diags: &mut Diags) -> Option<MetricsSettings> {
         listen: listen?,
         textfile_is_default: s.entry("textfile").is_none(),
     })
+}
+
+/// `"9741"` or `":9741"`: loopback (127.0.0.1) on that port; anything else must name its
+/// address, so the metrics reach beyond the node only where a policy says so in full.
+fn listen_address(text: &str) -> Option<SocketAddr> {
+    let port = text.strip_prefix(':').unwrap_or(text);
+    if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+        let port = port.parse::<u16>().ok()?;
+        return Some(SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)));
+    }
+    text.parse().ok()
 }
 
 #[cfg(test)]
@@ -145,5 +170,17 @@ mod tests {
             .contains("unknown unit \"w\""));
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn a_bare_port_listens_on_loopback_only() {
+        let at = |t: &str| super::listen_address(t).map(|a| a.to_string());
+        assert_eq!(at("9741").as_deref(), Some("127.0.0.1:9741"));
+        assert_eq!(at(":9741").as_deref(), Some("127.0.0.1:9741"));
+        assert_eq!(at("0.0.0.0:9741").as_deref(), Some("0.0.0.0:9741"));
+        assert_eq!(at("[::1]:9741").as_deref(), Some("[::1]:9741"));
+        assert_eq!(at("97410"), None);
+        assert_eq!(at(":"), None);
+        assert_eq!(at("localhost:9741"), None);
     }
 }

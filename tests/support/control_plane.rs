@@ -152,8 +152,15 @@ fn check_sum(path: &Path, want: &str) -> Result<(), String> {
 /// The control plane for `test`, or `None` (skipped, with a message) when the binaries are
 /// missing. With `CI` set in the environment a missing binary fails the test instead.
 pub fn start_or_skip(test: &str) -> Option<ControlPlane> {
+    start_or_skip_with_users(test, &[])
+}
+
+/// The same, with more users the apiserver authenticates by token besides admin:
+/// (user name, group), e.g. `("kvstrap:node:a", "kvstrap:nodes")`; their kubeconfigs come
+/// from [`ControlPlane::kubeconfig_as`].
+pub fn start_or_skip_with_users(test: &str, users: &[(&str, &str)]) -> Option<ControlPlane> {
     match assets() {
-        Ok(a) => Some(ControlPlane::start(a)),
+        Ok(a) => Some(ControlPlane::start_with_users(a, users)),
         Err(why) if std::env::var_os("CI").is_some() => {
             panic!("{test}: CI must not skip the real control plane tests: {why}")
         }
@@ -246,6 +253,8 @@ pub struct ControlPlane {
     pub dir: tempfile::TempDir,
     pub kubeconfig: PathBuf,
     pub secure_port: u16,
+    /// (user name, token) of every user besides admin.
+    users: Vec<(String, String)>,
     assets: Assets,
     etcd_port: u16,
     // Dropped in this order: scheduler, controller manager, apiserver, etcd. Behind locks
@@ -260,17 +269,26 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     pub fn start(assets: Assets) -> ControlPlane {
+        ControlPlane::start_with_users(assets, &[])
+    }
+
+    /// Starts it with token users besides admin: (user name, group).
+    pub fn start_with_users(assets: Assets, users: &[(&str, &str)]) -> ControlPlane {
         let started = Instant::now();
         let dir = tempfile::Builder::new()
             .prefix("kvstrap-kube-")
             .tempdir()
             .unwrap();
         certificates(dir.path());
-        std::fs::write(
-            dir.path().join("tokens.csv"),
-            format!("{TOKEN},admin,admin,\"system:masters\"\n"),
-        )
-        .unwrap();
+        // token,user,uid,"groups": the apiserver's --token-auth-file.
+        let mut tokens = format!("{TOKEN},admin,admin,\"system:masters\"\n");
+        let mut named = Vec::new();
+        for (i, (name, group)) in users.iter().enumerate() {
+            let token = format!("kvstrap-test-user-{i}");
+            tokens.push_str(&format!("{token},{name},{name},\"{group}\"\n"));
+            named.push((name.to_string(), token));
+        }
+        std::fs::write(dir.path().join("tokens.csv"), tokens).unwrap();
         let secure_port = free_port();
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, kubeconfig_text(dir.path(), secure_port)).unwrap();
@@ -279,6 +297,7 @@ impl ControlPlane {
             dir,
             kubeconfig,
             secure_port,
+            users: named,
             assets,
             scheduler: Mutex::new(None),
             scheduler_wanted: AtomicBool::new(false),
@@ -464,6 +483,23 @@ impl ControlPlane {
             .await
             .unwrap();
         kube::Client::try_from(config).unwrap()
+    }
+
+    /// A kubeconfig with the token of `user` (one of those it was started with).
+    pub fn kubeconfig_as(&self, user: &str) -> PathBuf {
+        let token = self
+            .users
+            .iter()
+            .find(|(name, _)| name == user)
+            .map(|(_, token)| token)
+            .unwrap_or_else(|| panic!("the control plane was not started with user {user}"));
+        let admin = kubeconfig_text(self.dir.path(), self.secure_port);
+        let path = self
+            .dir
+            .path()
+            .join(format!("kubeconfig-{}", user.replace(':', "-")));
+        std::fs::write(&path, admin.replace(TOKEN, token)).unwrap();
+        path
     }
 
     /// A kubeconfig like `kubeconfig`, for a server at 127.0.0.1:`port` that presents this
