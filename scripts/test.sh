@@ -35,7 +35,7 @@ PROPTEST_CASES=${PROPTEST_CASES:-4096} cargo nextest run --locked --no-fail-fast
 
 if [ "$(id -u)" = 0 ]; then
     log "quotas on a kernel that has them (Debian's kernel under qemu; this machine's lacks them)"
-    tests/vm/quota-in-vm.sh target/debug/kvstrap
+    tests/vm/quota-in-vm.sh target/debug/kvstrap target/debug/examples/dynamic_volume
 fi
 
 if [ -x packaging/test-packages ]; then

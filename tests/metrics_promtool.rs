@@ -56,6 +56,14 @@ fn snapshot() -> Snapshot {
         stats,
         publications_pending: 3,
         publication_errors: 2,
+        pools: vec![kvstrap::metrics::PoolSample {
+            group: "pool".into(),
+            storage_class: "kubevirt-dynamic".into(),
+            disk: "/dev/nvme1n1".into(),
+            capacity_bytes: 800 << 30,
+            used_bytes: 300 << 30,
+            volumes: 12,
+        }],
     }
 }
 
@@ -74,6 +82,14 @@ fn metrics_text_passes_promtool_and_says_what_the_node_is() {
     assert!(said.trim().is_empty(), "promtool lint findings:\n{said}");
     let v = |series: &str| value(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"));
     assert_eq!(v("kvstrap_disks{state=\"ours\"}"), 3.0);
+    assert_eq!(
+        v("kvstrap_pool_used_bytes{group=\"pool\",storage_class=\"kubevirt-dynamic\",disk=\"/dev/nvme1n1\"}"),
+        (300u64 << 30) as f64
+    );
+    assert_eq!(
+        v("kvstrap_pool_volumes{group=\"pool\",storage_class=\"kubevirt-dynamic\",disk=\"/dev/nvme1n1\"}"),
+        12.0
+    );
     assert_eq!(v("kvstrap_disks{state=\"foreign\"}"), 0.0);
     assert_eq!(v("kvstrap_disks_health{health=\"failed\"}"), 2.0);
     assert_eq!(v("kvstrap_disks_health{health=\"unknown\"}"), 1.0);

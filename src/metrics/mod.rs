@@ -27,6 +27,19 @@ pub struct Snapshot {
     pub publications_pending: u64,
     /// Failed publication attempts since the daemon started.
     pub publication_errors: u64,
+    /// The pools of dynamic groups.
+    pub pools: Vec<PoolSample>,
+}
+
+/// One pool of a dynamic group.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolSample {
+    pub group: String,
+    pub storage_class: String,
+    pub disk: PathBuf,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub volumes: u64,
 }
 
 /// One disk of the inventory.

@@ -14,6 +14,7 @@ pub fn render(s: &Snapshot) -> String {
     disks(&mut out, s);
     health_figures(&mut out, s);
     volumes(&mut out, s);
+    pools(&mut out, s);
     runs(&mut out, s);
     out.family(
         "kvstrap_publications_pending",
@@ -226,6 +227,42 @@ struct Labels(Vec<(&'static str, String)>);
 impl Labels {
     fn as_refs(&self) -> Vec<(&str, &str)> {
         self.0.iter().map(|(k, v)| (*k, v.as_str())).collect()
+    }
+}
+
+/// Each dynamic pool: what its claims' quotas may add up to, what they take, how many.
+fn pools(out: &mut Out, s: &Snapshot) {
+    let families: [(&str, &str, fn(&super::PoolSample) -> u64); 3] = [
+        (
+            "kvstrap_pool_capacity_bytes",
+            "What the quotas of a dynamic pool's volumes may add up to (the filesystem less the reserve, times overcommit).",
+            |p| p.capacity_bytes,
+        ),
+        (
+            "kvstrap_pool_used_bytes",
+            "What the quotas of a dynamic pool's volumes add up to.",
+            |p| p.used_bytes,
+        ),
+        (
+            "kvstrap_pool_volumes",
+            "Dynamic volumes on a pool.",
+            |p| p.volumes,
+        ),
+    ];
+    for (name, help, value) in families {
+        out.family(name, "gauge", help);
+        for p in &s.pools {
+            let disk = p.disk.display().to_string();
+            out.sample(
+                name,
+                &[
+                    ("group", p.group.as_str()),
+                    ("storage_class", p.storage_class.as_str()),
+                    ("disk", disk.as_str()),
+                ],
+                value(p) as f64,
+            );
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! from the project quota of a directory volume (one ioctl) or `statvfs` of a volume
 //! that is its own mounted filesystem.
 
-use super::{stats::RunStats, DiskSample, Snapshot, VolumeSample};
+use super::{stats::RunStats, DiskSample, PoolSample, Snapshot, VolumeSample};
 use crate::health::HealthMap;
 use crate::model::{Inventory, PathFacts, Plan, VolumeMode, VolumeSpec};
 use crate::policy::Policy;
@@ -60,13 +60,67 @@ pub fn snapshot(
             }
         })
         .collect();
+    let (volumes, pools) = with_dynamic(plan, volumes);
     Snapshot {
         disks,
         volumes,
         stats,
         publications_pending: publications.pending,
         publication_errors: publications.errors,
+        pools,
     }
+}
+
+/// The dynamic volumes on the plan's pools (as ready volumes, their size what their quota
+/// holds), and each pool's figures.
+fn with_dynamic(
+    plan: &Plan,
+    mut volumes: Vec<VolumeSample>,
+) -> (Vec<VolumeSample>, Vec<PoolSample>) {
+    let specs: Vec<crate::model::PoolSpec> = plan.pools().cloned().collect();
+    if specs.is_empty() {
+        return (volumes, Vec::new());
+    }
+    let served = crate::dynamic::volumes::observe(&specs);
+    for s in &served {
+        let Some(pool) = specs.iter().find(|p| p.mountpoint == s.pool) else {
+            continue;
+        };
+        // What the directory's project holds, where a quota is set on it.
+        let used = crate::host::quota::get_quota(&s.path)
+            .ok()
+            .filter(|q| q.hard_limit_bytes.is_some())
+            .map(|q| q.used_bytes);
+        volumes.push(VolumeSample {
+            name: format!("{}{}", crate::dynamic::DIR_PREFIX, s.claim_uid),
+            storage_class: pool.storage_class.clone(),
+            group: pool.group.clone(),
+            disk: pool.disk.clone(),
+            state: if s.bytes.is_some() {
+                "ready"
+            } else {
+                "pending"
+            }
+            .into(),
+            capacity_bytes: s.bytes.unwrap_or_default(),
+            used_bytes: used,
+        });
+    }
+    let pools = crate::dynamic::accounting::pools(&specs, &served, &|_| 0)
+        .iter()
+        .map(|p| PoolSample {
+            group: p.spec.group.clone(),
+            storage_class: p.spec.storage_class.clone(),
+            disk: p.spec.disk.clone(),
+            capacity_bytes: p.spec.capacity_bytes,
+            used_bytes: p.used,
+            volumes: served
+                .iter()
+                .filter(|s| s.pool == p.spec.mountpoint)
+                .count() as u64,
+        })
+        .collect();
+    (volumes, pools)
 }
 
 fn verdict_name(v: &crate::model::Verdict) -> &'static str {

@@ -6,10 +6,13 @@
 # It also proves wipe = "force" end to end on a disk named by serial, which loop devices
 # (no serial, no WWN) cannot be. Prints "quota-in-vm: N passed, M failed"; exits
 # non-zero on any failure.
-# Usage (root): tests/vm/quota-in-vm.sh [path/to/kvstrap]
+# It also proves that a dynamic volume (a claim's directory on a pool, made by the same
+# code the daemon runs: examples/dynamic_volume.rs) holds its size.
+# Usage (root): tests/vm/quota-in-vm.sh [path/to/kvstrap] [path/to/dynamic_volume]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${1:-target/debug/kvstrap}
+DYN=${2:-target/debug/examples/dynamic_volume}
 WORK=target/vm
 mkdir -p "$WORK"
 
@@ -56,6 +59,8 @@ copy_with_libs() {
 }
 strip -o "$WORK/kvstrap" "$BIN"
 copy_with_libs "$WORK/kvstrap" /bin/kvstrap
+strip -o "$WORK/dynamic_volume" "$DYN"
+copy_with_libs "$WORK/dynamic_volume" /bin/dynamic_volume
 # xfs_admin (a script around xfs_db) and e2label write the label that marks mkfs complete.
 for prog in mkfs.xfs mkfs.ext4 setpriv xfs_admin xfs_db e2label; do copy_with_libs "$(command -v "$prog")" "/usr/sbin/$prog"; done
 # Modules in dependency order (modules.dep lists each module's needs).
@@ -81,7 +86,7 @@ cat >"$INITRD/init" <<'INIT'
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp; mount -t tmpfs run /run
 for m in $(cat /mod/order); do insmod /mod/$m; done
-for i in $(seq 50); do [ -b /dev/vdc ] && break; sleep 0.1; done
+for i in $(seq 50); do [ -b /dev/vdd ] && break; sleep 0.1; done
 export KVSTRAP_LOCK=/run/lock KVSTRAP_LOG=warn PATH=/bin:/usr/sbin
 passed=0 failed=0
 check() { # fs serial: disks are named by serial, PCI order decides /dev/vdX
@@ -167,17 +172,54 @@ POLICY
         failed=$((failed + 1))
     fi
 }
+check_dynamic() { # a pool of a dynamic group; one claim's volume of 20000001 bytes
+    cat >/tmp/dyn.toml <<POLICY
+[node]
+name = "vm"
+storage_root = "/tmp/storage-dyn"
+[[storage_class]]
+name = "d"
+fs_type = "xfs"
+[[disk_group]]
+name = "d"
+storage_class = "d"
+layout = "shared"
+provisioning = "dynamic"
+match = { serial = "KVSDYN1" }
+POLICY
+    k="kvstrap --policy /tmp/dyn.toml --state-dir /tmp/state-dyn"
+    if ! KVSTRAP_LOG=info $k apply >/tmp/dyn.log 2>&1; then
+        echo "VMTEST dynamic FAIL: apply failed"; cat /tmp/dyn.log; failed=$((failed + 1)); return
+    fi
+    uid=0b6b4c1e-8f0a-4c3e-9d55-3c1f0e8d2a11
+    vol=$(dynamic_volume /tmp/dyn.toml /tmp/state-dyn $uid 20000001 2>>/tmp/dyn.log)
+    again=$(dynamic_volume /tmp/dyn.toml /tmp/state-dyn $uid 20000001 2>>/tmp/dyn.log)
+    steps=$($k plan -o json | grep -c '"steps": \[\]')
+    /usr/sbin/setpriv --reuid=107 --regid=107 --clear-groups dd if=/dev/zero of="$vol/fill" bs=1M count=64 conv=fsync 2>/tmp/dd.log
+    rc=$?
+    size=$(stat -c %s "$vol/fill" 2>/dev/null || echo none)
+    # 20000001 bytes round up to 20004864 (whole 4 KiB blocks): the quota holds that.
+    if [ -n "$vol" ] && [ "$vol" = "$again" ] && [ "$rc" != 0 ] && [ "$size" -le 20004864 ] && [ "$steps" = 1 ]; then
+        echo "VMTEST dynamic PASS: the volume of claim $uid ($vol, asked for 20000001 bytes, made twice: same directory) stopped a 64 MiB write at $size bytes ($(grep -o 'No space left on device\|Disk quota exceeded' /tmp/dd.log | head -n 1)); plan empty"
+        passed=$((passed + 1))
+    else
+        echo "VMTEST dynamic FAIL: volume '$vol' (again '$again'), dd exit $rc, $size bytes written, converged=$steps"
+        cat /tmp/dd.log /tmp/dyn.log; $k plan
+        failed=$((failed + 1))
+    fi
+}
 check xfs KVSXFS
 check ext4 KVSEXT4
 check_wipe
+check_dynamic
 echo "VMTEST done: $passed passed, $failed failed"
 poweroff -f
 INIT
 chmod +x "$INITRD/init"
 (cd "$INITRD" && find . | cpio -o -H newc --quiet | gzip -1) >"$WORK/initrd.gz"
 
-rm -f "$WORK/xfs.img" "$WORK/ext4.img" "$WORK/wipe.img"
-truncate -s 512M "$WORK/xfs.img" "$WORK/ext4.img"
+rm -f "$WORK/xfs.img" "$WORK/ext4.img" "$WORK/wipe.img" "$WORK/dyn.img"
+truncate -s 512M "$WORK/xfs.img" "$WORK/ext4.img" "$WORK/dyn.img"
 truncate -s 256M "$WORK/wipe.img"
 mkfs.ext4 -q -F -U 6b767374-dead-4bad-8bad-000000000001 "$WORK/wipe.img"
 # Software emulation: nested KVM hangs on some hosts (this CI machine's among them), and
@@ -188,10 +230,11 @@ timeout 600 qemu-system-x86_64 -accel tcg -cpu max -m 1024 -smp 2 -nographic -no
     -drive file="$WORK/xfs.img",format=raw,if=none,id=xfs -device virtio-blk-pci,drive=xfs,serial=KVSXFS \
     -drive file="$WORK/ext4.img",format=raw,if=none,id=ext4 -device virtio-blk-pci,drive=ext4,serial=KVSEXT4 \
     -drive file="$WORK/wipe.img",format=raw,if=none,id=wipe -device virtio-blk-pci,drive=wipe,serial=KVSWIPE1 \
+    -drive file="$WORK/dyn.img",format=raw,if=none,id=dyn -device virtio-blk-pci,drive=dyn,serial=KVSDYN1 \
     >"$WORK/console.log" 2>&1 || true
 grep VMTEST "$WORK/console.log" || { tail -n 40 "$WORK/console.log"; }
-rm -f "$WORK/xfs.img" "$WORK/ext4.img" "$WORK/wipe.img"
+rm -f "$WORK/xfs.img" "$WORK/ext4.img" "$WORK/wipe.img" "$WORK/dyn.img"
 passed=$(grep -c 'VMTEST .* PASS' "$WORK/console.log" || true)
-failed=$((3 - passed))
+failed=$((4 - passed))
 echo "quota-in-vm: $passed passed, $failed failed"
 [ "$failed" = 0 ]
