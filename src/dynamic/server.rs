@@ -146,6 +146,11 @@ struct Memory {
     posted: BTreeSet<String>,
     /// When each pending claim was first seen selecting this node.
     first_seen: BTreeMap<String, Instant>,
+    /// What the last pass saw of the claims and PVs that concern this node, and of the
+    /// pools: a change elsewhere in the cluster (another node's claim) costs no pass.
+    seen: u64,
+    /// A full pass is due (resync, or the last pass acted or failed).
+    due: bool,
 }
 
 async fn run(
@@ -201,11 +206,19 @@ async fn run(
             () = stop.notified() => break,
             () = changed.notified() => {}
             r = pools.changed() => if r.is_err() { break },
-            () = tokio::time::sleep(config.resync) => {}
+            () = tokio::time::sleep(config.resync) => memory.due = true,
         }
         tokio::time::sleep(config.debounce).await;
         let now = pools.borrow_and_update().clone();
+        let seen = fingerprint(&config.node, &now, &claims, &volumes);
+        if seen == memory.seen && !memory.due {
+            continue;
+        }
+        memory.seen = seen;
         let outcome = pass(&client, &config, &now, &claims, &volumes, &mut memory).await;
+        memory.due =
+            outcome.provisioned + outcome.reclaimed + outcome.rescheduled + outcome.expanded > 0
+                || !outcome.errors.is_empty();
         status.send_modify(|s| {
             s.passes += 1;
             s.provisioned += outcome.provisioned;
@@ -234,6 +247,58 @@ struct Outcome {
     latencies_ms: Vec<u64>,
     free: BTreeMap<String, u64>,
     errors: Vec<String>,
+}
+
+/// A hash of what concerns this node: the claims of its pools' classes that select it
+/// or are bound to its PVs, its dynamic PVs, the pools, and whether the mirrors listed.
+fn fingerprint(
+    node: &str,
+    now: &Pools,
+    claims: &Shared<PersistentVolumeClaim>,
+    volumes: &Shared<PersistentVolume>,
+) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let classes: BTreeSet<&str> = now.pools.iter().map(|p| p.storage_class.as_str()).collect();
+    for p in &now.pools {
+        p.mountpoint.hash(&mut h);
+        p.capacity_bytes.hash(&mut h);
+    }
+    let mut ours: BTreeSet<String> = BTreeSet::new();
+    if let Ok(m) = volumes.lock() {
+        (m.synced, m.error.is_some()).hash(&mut h);
+        for pv in m.objects.values() {
+            (&pv.metadata.name, &pv.metadata.resource_version).hash(&mut h);
+            ours.extend(pv.metadata.name.clone());
+        }
+    }
+    if let Ok(m) = claims.lock() {
+        (m.synced, m.error.is_some()).hash(&mut h);
+        for c in m.objects.values() {
+            let class = c
+                .spec
+                .as_ref()
+                .and_then(|s| s.storage_class_name.as_deref());
+            if !class.is_some_and(|c| classes.contains(c)) {
+                continue;
+            }
+            let selected = c
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(objects::SELECTED_NODE))
+                .is_some_and(|n| n == node);
+            let bound_here = c
+                .spec
+                .as_ref()
+                .and_then(|s| s.volume_name.as_deref())
+                .is_some_and(|v| ours.contains(v));
+            if selected || bound_here {
+                (&c.metadata.uid, &c.metadata.resource_version).hash(&mut h);
+            }
+        }
+    }
+    h.finish()
 }
 
 /// The mirrored objects, or None until the mirror has listed.

@@ -232,7 +232,8 @@ impl Labels {
 
 /// Each dynamic pool: what its claims' quotas may add up to, what they take, how many.
 fn pools(out: &mut Out, s: &Snapshot) {
-    let families: [(&str, &str, fn(&super::PoolSample) -> u64); 3] = [
+    type Figure = fn(&super::PoolSample) -> u64;
+    let families: [(&str, &str, Figure); 3] = [
         (
             "kvstrap_pool_capacity_bytes",
             "What the quotas of a dynamic pool's volumes may add up to (the filesystem less the reserve, times overcommit).",

@@ -390,6 +390,18 @@ impl ControlPlane {
     }
 
     fn start_controller_manager(&self) {
+        self.start_controller_manager_with(&[]);
+    }
+
+    /// Restarts kube-controller-manager with extra flags (e.g. `--kube-api-qps=100`: its
+    /// own client throttles it to 20 requests/s by default).
+    pub fn restart_controller_manager(&self, extra: &[&str]) {
+        let old = self.controller_manager.lock().unwrap().take();
+        drop(old);
+        self.start_controller_manager_with(extra);
+    }
+
+    fn start_controller_manager_with(&self, extra: &[&str]) {
         let mut cmd = Command::new(&self.assets.controller_manager);
         cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
             .arg(
@@ -402,7 +414,8 @@ impl ControlPlane {
                 "--secure-port=0",
                 // Faster periodic syncs than the 15 s default, so tests wait less.
                 "--pvclaimbinder-sync-period=2s",
-            ]);
+            ])
+            .args(extra);
         *self.controller_manager.lock().unwrap() = Some(Proc::spawn(
             "kube-controller-manager",
             self.dir.path(),
