@@ -49,6 +49,7 @@ const WAIT: Duration = Duration::from_secs(180);
 /// One node: its Node object, its loop disk (the pool) and its daemon.
 struct Served {
     name: String,
+    kubeconfig: String,
     dir: tempfile::TempDir,
     daemon: Option<DaemonProcess>,
     notify: NotifySocket,
@@ -378,6 +379,7 @@ fn claims_of_any_size_land_where_the_room_is_root() {
             std::fs::write(dir.path().join("policy.toml"), text).unwrap();
             Served {
                 name: name.into(),
+                kubeconfig: cp.kubeconfig.display().to_string(),
                 dir,
                 daemon: None,
                 notify: NotifySocket::new(),
@@ -668,6 +670,20 @@ fn scenario(rt: &tokio::runtime::Runtime, client: &Client, bus: &TestBus, nodes:
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
+    // `kvstrap cluster status` shows each node's room.
+    let status = nodes[0].kvstrap(&["cluster", "status", "--kubeconfig", &nodes[0].kubeconfig]);
+    let text = String::from_utf8_lossy(&status.stdout).into_owned();
+    for n in nodes.iter() {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&n.name))
+            .unwrap_or_default();
+        assert!(
+            line.contains(&format!("{CLASS}: ")) && line.contains("free (largest claim"),
+            "{}: {text}",
+            n.name
+        );
+    }
     let node = nodes.iter().find(|n| n.name == on).unwrap();
     let left = node.volumes();
     assert!(
