@@ -55,6 +55,9 @@ fn fleet_real_control_plane() {
             broken_refused(c).boxed()
         }),
         ("wipe_from_the_cluster_refused", |c| wipe_refused(c).boxed()),
+        ("node_only_keys_from_the_cluster_refused", |c| {
+            node_only_refused(c).boxed()
+        }),
         ("cache_used_when_the_api_is_down_at_boot", |c| {
             cache_at_boot(c).boxed()
         }),
@@ -432,6 +435,66 @@ async fn wipe_refused(ctx: &Ctx<'_>) {
         "nothing cached"
     );
     assert_eq!(site.loaded().sources.len(), 1, "the node's own file only");
+    fleet.shutdown().await;
+}
+
+/// The allow-list against the real API server: a fragment that reaches for the node's own
+/// keys (the metrics file path, the node's name) is refused whole, the key named in the
+/// watcher's status and in the `PolicyFragmentRefused` Event; its storage class, fine on
+/// its own, is not taken either.
+async fn node_only_refused(ctx: &Ctx<'_>) {
+    let site = Site::new(ctx, "nodeonly", &[]).await;
+    let text = format!(
+        "[metrics]\ntextfile = \"/etc/shadow\"\n[node]\nname = \"other-node\"\n{}",
+        class_named("sneaky")
+    );
+    site.fragment(ctx, "takeover", None, &text).await;
+    let fleet = site.start(&ctx.cp.kubeconfig);
+    wait(&fleet, "refusal", |s| !s.refused.is_empty()).await;
+    let refused: Vec<String> = fleet
+        .status()
+        .refused
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let ns = site.namespace.clone();
+    for (at, key) in [("2:1", "[metrics] textfile"), ("4:1", "[node] name")] {
+        let want = format!("configmap/{ns}/takeover:{at}: error: a policy fragment from the cluster may not set {key}");
+        assert!(
+            refused.iter().any(|r| r.starts_with(&want)),
+            "{want}\n{refused:#?}"
+        );
+    }
+    assert_eq!(site.loaded().sources.len(), 1, "the node's own file only");
+    assert_eq!(classes(&site.loaded()), ["local"]);
+    assert!(
+        !policy::cluster::cache_path(&site.state()).exists(),
+        "nothing cached"
+    );
+    let events = poll(|| {
+        let out = kubectl(
+            ctx.cp,
+            &[
+                "get",
+                "events",
+                "-n",
+                "default",
+                "--field-selector",
+                &format!(
+                    "involvedObject.name={},reason=PolicyFragmentRefused",
+                    site.node
+                ),
+                "-o",
+                "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}",
+            ],
+        );
+        (!out.trim().is_empty()).then_some(out)
+    })
+    .await;
+    assert!(
+        events.contains("may not set [metrics] textfile"),
+        "{events}"
+    );
     fleet.shutdown().await;
 }
 
