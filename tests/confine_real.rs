@@ -40,7 +40,7 @@ use kvstrap::kube::dynamic;
 use kvstrap::kube::node_state::{self, NodeEvent, NodeReport, NodeState};
 use kvstrap::kube::reconcile::Reconciler;
 use kvstrap::kube::{ClientSource, Desired, DirectoryAndBlockScrubber};
-use kvstrap::model::{FsType, Owner, PoolSpec, VolumeMode, VolumeSpec};
+use kvstrap::model::{PoolSpec, VolumeMode, VolumeSpec};
 use kvstrap::policy::types::ReclaimPolicy;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -524,26 +524,24 @@ fn unselect(uid: Option<&str>) -> serde_json::Value {
     serde_json::json!({ "metadata": { "uid": uid, "annotations": { dynamic::SELECTED_NODE: null } } })
 }
 
-/// A pool of a dynamic group, as the provisioner sees it.
+/// A pool of a dynamic group, as the provisioner sees it (from JSON: fields added to
+/// PoolSpec later take their defaults).
 fn pool() -> PoolSpec {
-    PoolSpec {
-        group: "pool".into(),
-        storage_class: DYN_CLASS.into(),
-        disk: "/dev/nvme0n1".into(),
-        disk_identity: "wwn:eui.0025388b91e3f2a9".into(),
-        device: "/dev/nvme0n1p1".into(),
-        mountpoint: "/var/lib/kvstrap/storage/pool/nvme-3f2a9c1b".into(),
-        fs_type: FsType::Xfs,
-        capacity_bytes: 10 << 30,
-        project_quota: true,
-        owner: Owner {
-            uid: 107,
-            gid: 107,
-            mode: 0o750,
-        },
-        transport: "nvme".into(),
-        rotational: false,
-    }
+    serde_json::from_value(serde_json::json!({
+        "group": "pool",
+        "storage_class": DYN_CLASS,
+        "disk": "/dev/nvme0n1",
+        "disk_identity": "wwn:eui.0025388b91e3f2a9",
+        "device": "/dev/nvme0n1p1",
+        "mountpoint": "/var/lib/kvstrap/storage/pool/nvme-3f2a9c1b",
+        "fs_type": "xfs",
+        "capacity_bytes": 10u64 << 30,
+        "project_quota": true,
+        "owner": { "uid": 107, "gid": 107, "mode": 0o750 },
+        "transport": "nvme",
+        "rotational": false,
+    }))
+    .unwrap()
 }
 
 /// The PV the dynamic provisioner of `node` creates for `claim` (pre-bound to it).
