@@ -66,6 +66,49 @@ pub struct Disk {
     pub swap: bool,
     /// Facts that make this disk unusable, whatever the policy says.
     pub in_use: Vec<InUse>,
+    /// Its measured reads, when kvstrap measured it while it was blank (cached by identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io: Option<IoFigures>,
+}
+
+/// What a short read-only measurement of a blank disk found (`host::ioprobe`), and the
+/// class those figures put it in under the policy's thresholds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoFigures {
+    /// Random 4 KiB reads per second at queue depth 16.
+    pub random_read_iops: u64,
+    /// Sequential 1 MiB reads, MiB per second.
+    pub seq_read_mib_s: u64,
+    /// When it was measured, seconds since the Unix epoch.
+    pub measured_at: u64,
+    pub class: IoClass,
+}
+
+/// A disk's IO class, from its measured random reads (`[io_class]` thresholds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoClass {
+    Slow,
+    Standard,
+    Fast,
+}
+
+impl IoClass {
+    pub const ALL: [IoClass; 3] = [IoClass::Fast, IoClass::Standard, IoClass::Slow];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoClass::Fast => "fast",
+            IoClass::Standard => "standard",
+            IoClass::Slow => "slow",
+        }
+    }
+}
+
+impl std::fmt::Display for IoClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -444,6 +487,9 @@ pub struct VolumeSpec {
     pub device: PathBuf,
     pub transport: String,
     pub rotational: bool,
+    /// The measured class of its disk (`kvstrap.io/io-class` on the PV), when measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_class: Option<IoClass>,
     /// Project id of a directory volume on a shared filesystem.
     pub project_id: Option<u32>,
     pub owner: Option<Owner>,
@@ -698,6 +744,9 @@ pub struct PoolSpec {
     pub owner: Owner,
     pub transport: String,
     pub rotational: bool,
+    /// The measured class of its disk, when measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_class: Option<IoClass>,
 }
 
 /// The output of the planner.

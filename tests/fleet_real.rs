@@ -538,16 +538,17 @@ async fn node_state_visible(ctx: &Ctx<'_>) {
             "/etc/kvstrap/policy.toml".into(),
             "configmap/kvstrap/gpu".into(),
         ],
+        io_class: Some(kvstrap::model::IoClass::Fast),
         ..NodeReport::default()
     });
-    let jsonpath = "jsonpath={.status.conditions[?(@.type==\"KvstrapStorageReady\")].status} {.status.conditions[?(@.type==\"KvstrapStorageReady\")].reason} {.metadata.labels.kvstrap\\.io/storage-ready}";
+    let jsonpath = "jsonpath={.status.conditions[?(@.type==\"KvstrapStorageReady\")].status} {.status.conditions[?(@.type==\"KvstrapStorageReady\")].reason} {.metadata.labels.kvstrap\\.io/storage-ready} {.metadata.labels.kvstrap\\.io/io-class}";
     let node = format!("node/{}", site.node);
     let seen = poll(|| {
         let out = kubectl(ctx.cp, &["get", &node, "-o", jsonpath]);
-        (out == "True DisksRefused true").then_some(out)
+        (out == "True DisksRefused true fast").then_some(out)
     })
     .await;
-    assert_eq!(seen, "True DisksRefused true");
+    assert_eq!(seen, "True DisksRefused true fast");
     let message = kubectl(
         ctx.cp,
         &[

@@ -42,6 +42,30 @@ fn shared_filesystem_pv() {
 }
 
 #[test]
+fn a_measured_disks_pvs_carry_its_io_class() {
+    let c = class(
+        "kubevirt-local-nvme",
+        VolumeMode::Filesystem,
+        ReclaimPolicy::Delete,
+    );
+    let mut v = dir_volume(Path::new(ROOT), 3, &c.name);
+    let label = |pv: &k8s_openapi::api::core::v1::PersistentVolume| {
+        pv.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(builders::LABEL_IO_CLASS).cloned())
+    };
+    assert_eq!(
+        label(&builders::persistent_volume(NODE, &v, &c)),
+        None,
+        "never measured: no label"
+    );
+    v.io_class = Some(kvstrap::model::IoClass::Fast);
+    let pv = builders::persistent_volume(NODE, &v, &c);
+    assert_eq!(label(&pv).as_deref(), Some("fast"));
+}
+
+#[test]
 fn separate_filesystem_pv() {
     let c = class(
         "kubevirt-local-ssd",

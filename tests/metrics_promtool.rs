@@ -27,6 +27,7 @@ fn snapshot() -> Snapshot {
         state,
         group: f.map(|_| "hdd".to_string()),
         health: f.and_then(health),
+        io: None,
     };
     let mut stats = RunStats::default();
     let report: kvstrap::apply::ApplyReport = Default::default();
@@ -41,11 +42,20 @@ fn snapshot() -> Snapshot {
         capacity_bytes: 100 << 30,
         used_bytes: used,
     };
+    let measured = DiskSample {
+        io: Some(kvstrap::model::IoFigures {
+            random_read_iops: 412_000,
+            seq_read_mib_s: 3100,
+            measured_at: 1_795_845_000,
+            class: kvstrap::model::IoClass::Fast,
+        }),
+        ..disk("/dev/nvme0n1", "free", Some("nvme-worn.json"))
+    };
     Snapshot {
         disks: vec![
             disk("/dev/sda", "ours", Some("sata-healthy.json")),
             disk("/dev/sdb", "ours", Some("sata-failing.json")),
-            disk("/dev/nvme0n1", "free", Some("nvme-worn.json")),
+            measured,
             disk("/dev/loop3", "ours", Some("unsupported.json")),
             disk("/dev/vda", "in_use", None),
         ],
@@ -112,6 +122,26 @@ fn metrics_text_passes_promtool_and_says_what_the_node_is() {
     assert_eq!(
         v("kvstrap_volume_used_bytes{volume=\"hdd-1a2b3c4d-01\",storage_class=\"kubevirt-local\",group=\"hdd\",disk=\"/dev/sda\"}"),
         (7u64 << 30) as f64
+    );
+    assert_eq!(
+        v("kvstrap_disk_random_read_iops{disk=\"/dev/nvme0n1\"}"),
+        412_000.0
+    );
+    assert_eq!(
+        v("kvstrap_disk_sequential_read_bytes_per_second{disk=\"/dev/nvme0n1\"}"),
+        3100.0 * 1_048_576.0
+    );
+    assert_eq!(
+        v("kvstrap_disk_io_class{disk=\"/dev/nvme0n1\",class=\"fast\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("kvstrap_disk_io_class{disk=\"/dev/nvme0n1\",class=\"slow\"}"),
+        0.0
+    );
+    assert!(
+        !text.contains("kvstrap_disk_random_read_iops{disk=\"/dev/sda\""),
+        "a disk never measured has no figure"
     );
     assert_eq!(v("kvstrap_apply_runs_total"), 2.0);
     assert_eq!(v("kvstrap_apply_failures_total"), 1.0);

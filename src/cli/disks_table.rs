@@ -18,8 +18,8 @@ pub fn render(rows: &[Row]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {:<7} VERDICT",
-        "NAME", "SIZE", "TRAN", "ROT", "MODEL", "SERIAL", "CONTENT", "HEALTH"
+        "{:<16} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {:<7} {:<14} VERDICT",
+        "NAME", "SIZE", "TRAN", "ROT", "MODEL", "SERIAL", "CONTENT", "HEALTH", "IO"
     );
     for Row {
         disk,
@@ -41,7 +41,7 @@ pub fn render(rows: &[Row]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<16} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {:<7} {}",
+            "{:<16} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {:<7} {:<14} {}",
             disk.path.display(),
             human(disk.size_bytes),
             disk.transport,
@@ -56,6 +56,7 @@ pub fn render(rows: &[Row]) -> String {
             ),
             cut(&disk_content, 18),
             health.map_or("-", Assessment::as_str),
+            io_text(disk),
             verdict_text
         );
         for (i, p) in disk.partitions.iter().enumerate() {
@@ -71,7 +72,7 @@ pub fn render(rows: &[Row]) -> String {
                 .collect();
             let _ = writeln!(
                 out,
-                "{branch}{:<14} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {:<7} {}",
+                "{branch}{:<14} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {:<7} {:<14} {}",
                 p.path
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -83,6 +84,7 @@ pub fn render(rows: &[Row]) -> String {
                 "",
                 cut(&content(None, &p.signatures), 18),
                 "",
+                "",
                 mounts.join(",")
             );
         }
@@ -91,6 +93,22 @@ pub fn render(rows: &[Row]) -> String {
         }
     }
     out
+}
+
+/// `fast 412k` : the class and the random 4 KiB reads per second; `-` when never measured.
+fn io_text(disk: &Disk) -> String {
+    let Some(io) = disk.io else {
+        return "-".into();
+    };
+    let iops = io.random_read_iops;
+    let rate = if iops >= 10_000 {
+        format!("{}k", iops / 1000)
+    } else if iops >= 1000 {
+        format!("{}.{}k", iops / 1000, iops % 1000 / 100)
+    } else {
+        iops.to_string()
+    };
+    format!("{} {rate}", io.class)
 }
 
 fn content(table: Option<&str>, signatures: &[Signature]) -> String {

@@ -10,6 +10,7 @@ pub mod bus_client;
 mod cluster;
 mod demo;
 mod disks_table;
+mod probe;
 mod service;
 
 use crate::node::{self, Node};
@@ -64,7 +65,8 @@ pub fn run(g: &GlobalArgs, command: &Command) -> Result<i32> {
     match command {
         Command::Validate(v) if v.cluster => cluster::validate(g),
         Command::Validate(_) => validate(g),
-        Command::Disks => disks(g),
+        Command::Disks(a) if a.probe => probe::probe(g, a),
+        Command::Disks(_) => disks(g),
         Command::Plan => show_plan(g),
         Command::Apply(a) => apply::apply(g, a),
         Command::Status => apply::status(g),

@@ -13,6 +13,7 @@ pub mod dirs;
 pub mod disklock;
 pub mod failpoint;
 pub mod gpt;
+pub mod ioprobe;
 pub mod kernel_quota;
 pub mod mkfs;
 pub mod mount;

@@ -405,6 +405,7 @@ fn assemble(sys: SysDisk, mut probed: Probed, machine: &Machine, opts: &ScanOpti
         signatures: std::mem::take(&mut probed.contents.signatures),
         holders: sys.holders.clone(),
         in_use: Vec::new(),
+        io: None,
     };
     let observed = observe_stack(&disk, &sys, &probed, machine, opts);
     disk.in_use = eligibility::in_use(&disk, &observed, &opts.managed_roots);

@@ -22,6 +22,9 @@ pub const LABEL_GROUP: &str = "kvstrap.io/group";
 pub const LABEL_TRANSPORT: &str = "kvstrap.io/transport";
 /// `ssd` or `hdd`, from the disk's rotational flag.
 pub const LABEL_MEDIA: &str = "kvstrap.io/media";
+/// The measured IO class of the disk (fast, standard, slow); absent on a disk never
+/// measured. On the Node: the fastest class it serves volumes from.
+pub const LABEL_IO_CLASS: &str = "kvstrap.io/io-class";
 /// The volume's name on the node (exact value in the annotation of the same name).
 pub const ANNOTATION_VOLUME: &str = "kvstrap.io/volume";
 /// Stable identity of the disk holding the volume (`wwn:...`, `serial:...`).
@@ -226,13 +229,17 @@ fn binding_mode(c: &StorageClass) -> &str {
 
 fn pv_labels(node: &str, v: &VolumeSpec) -> BTreeMap<String, String> {
     let media = if v.rotational { "hdd" } else { "ssd" };
-    BTreeMap::from([
+    let mut labels = BTreeMap::from([
         (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
         (LABEL_NODE.to_string(), label_value(node)),
         (LABEL_GROUP.to_string(), label_value(&v.group)),
         (LABEL_TRANSPORT.to_string(), label_value(&v.transport)),
         (LABEL_MEDIA.to_string(), media.to_string()),
-    ])
+    ]);
+    if let Some(class) = v.io_class {
+        labels.insert(LABEL_IO_CLASS.to_string(), class.to_string());
+    }
+    labels
 }
 
 fn node_affinity(node: &str) -> VolumeNodeAffinity {

@@ -54,7 +54,7 @@ pub fn claim_pv(
     class: &StorageClass,
 ) -> PersistentVolume {
     let media = if pool.rotational { "hdd" } else { "ssd" };
-    let labels = BTreeMap::from([
+    let mut labels = BTreeMap::from([
         (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
         (LABEL_NODE.to_string(), label_value(node)),
         (LABEL_GROUP.to_string(), label_value(&pool.group)),
@@ -62,6 +62,12 @@ pub fn claim_pv(
         (LABEL_MEDIA.to_string(), media.to_string()),
         (LABEL_PROVISIONING.to_string(), DYNAMIC.to_string()),
     ]);
+    if let Some(class) = pool.io_class {
+        labels.insert(
+            super::builders::LABEL_IO_CLASS.to_string(),
+            class.to_string(),
+        );
+    }
     let annotations = BTreeMap::from([
         (
             super::builders::ANNOTATION_PROVISIONED_BY.to_string(),
@@ -219,6 +225,7 @@ mod tests {
             },
             transport: "nvme".into(),
             rotational: false,
+            io_class: None,
         }
     }
 

@@ -38,6 +38,9 @@ pub struct NodeReport {
     /// The last health reading of each disk a group selects (the daemon's health reader;
     /// empty before the first reading, and for `kvstrap apply`).
     pub health: Vec<DiskHealth>,
+    /// The fastest measured class among the disks this node serves volumes from
+    /// (`kvstrap.io/io-class` on the Node); none when no such disk was measured.
+    pub io_class: Option<crate::model::IoClass>,
 }
 
 /// One disk's health as the Node shows it.
@@ -207,10 +210,20 @@ fn any_condition_patch(
 }
 
 /// The label and the summary annotation, in one merge patch.
-pub fn label_patch(ready: bool, summary: &StorageSummary) -> serde_json::Value {
+pub fn label_patch(
+    ready: bool,
+    summary: &StorageSummary,
+    io_class: Option<crate::model::IoClass>,
+) -> serde_json::Value {
     let summary = serde_json::to_string(summary).unwrap_or_default();
+    // A merge patch removes a label set to null: a node that no longer serves volumes
+    // from a measured disk loses the label.
+    let io_class = io_class.map(|c| c.as_str());
     serde_json::json!({ "metadata": {
-        "labels": { READY_LABEL: ready.to_string() },
+        "labels": {
+            READY_LABEL: ready.to_string(),
+            super::builders::LABEL_IO_CLASS: io_class,
+        },
         "annotations": { STATE_ANNOTATION: summary },
     } })
 }
@@ -309,7 +322,7 @@ pub fn health_changes(
 pub struct NodeState {
     sent: Option<Verdict>,
     transition: Option<String>,
-    label: Option<(bool, StorageSummary)>,
+    label: Option<(bool, StorageSummary, Option<crate::model::IoClass>)>,
     posted: BTreeSet<(String, String)>,
     health_sent: Option<HealthVerdict>,
     health_transition: Option<String>,
@@ -341,13 +354,13 @@ impl NodeState {
             self.transition = Some(transition);
             self.sent = Some(v.clone());
         }
-        let labelled = (v.ready, StorageSummary::of(report));
+        let labelled = (v.ready, StorageSummary::of(report), report.io_class);
         if self.label.as_ref() != Some(&labelled) {
             nodes
                 .patch(
                     node,
                     &PatchParams::default(),
-                    &Patch::Merge(label_patch(labelled.0, &labelled.1)),
+                    &Patch::Merge(label_patch(labelled.0, &labelled.1, labelled.2)),
                 )
                 .await
                 .map_err(|e| {

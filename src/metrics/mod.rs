@@ -52,6 +52,8 @@ pub struct DiskSample {
     pub group: Option<String>,
     /// Read for the disks a group selects; `None` for the others.
     pub health: Option<Health>,
+    /// Its measured reads; `None` when never measured.
+    pub io: Option<crate::model::IoFigures>,
 }
 
 /// One volume of the plan.

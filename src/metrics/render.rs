@@ -13,6 +13,7 @@ pub fn render(s: &Snapshot) -> String {
     let mut out = Out::default();
     disks(&mut out, s);
     health_figures(&mut out, s);
+    io_figures(&mut out, s);
     volumes(&mut out, s);
     pools(&mut out, s);
     runs(&mut out, s);
@@ -107,6 +108,52 @@ fn disks(out: &mut Out, s: &Snapshot) {
             out.sample(
                 "kvstrap_disk_health",
                 &[("disk", &disk), ("group", group), ("health", a.as_str())],
+                v,
+            );
+        }
+    }
+}
+
+/// The measured reads of each disk kvstrap measured, and its class.
+fn io_figures(out: &mut Out, s: &Snapshot) {
+    let measured: Vec<_> = s
+        .disks
+        .iter()
+        .filter_map(|d| d.io.map(|io| (d.path.to_string_lossy(), io)))
+        .collect();
+    out.family(
+        "kvstrap_disk_random_read_iops",
+        "gauge",
+        "Random 4 KiB reads per second at queue depth 16, measured while the disk was blank.",
+    );
+    for (disk, io) in &measured {
+        let v = io.random_read_iops as f64;
+        out.sample("kvstrap_disk_random_read_iops", &[("disk", disk)], v);
+    }
+    out.family(
+        "kvstrap_disk_sequential_read_bytes_per_second",
+        "gauge",
+        "Sequential 1 MiB reads, bytes per second, measured while the disk was blank.",
+    );
+    for (disk, io) in &measured {
+        let v = io.seq_read_mib_s as f64 * 1_048_576.0;
+        out.sample(
+            "kvstrap_disk_sequential_read_bytes_per_second",
+            &[("disk", disk)],
+            v,
+        );
+    }
+    out.family(
+        "kvstrap_disk_io_class",
+        "gauge",
+        "1 for the IO class (fast, standard, slow) a measured disk is in, 0 for the others.",
+    );
+    for (disk, io) in &measured {
+        for class in crate::model::IoClass::ALL {
+            let v = if io.class == class { 1.0 } else { 0.0 };
+            out.sample(
+                "kvstrap_disk_io_class",
+                &[("disk", disk), ("class", class.as_str())],
                 v,
             );
         }

@@ -90,7 +90,7 @@ impl Node {
             Lock::Held(_) => None,
         };
         progress(Event::Locked);
-        let (inventory, plan) = self.look(policy, progress)?;
+        let (inventory, plan) = self.look_measuring(policy, progress)?;
         // Draining disks nothing holds any more become drained before the plan runs, so
         // this very pass releases them.
         let mut service_changes = self.settle_drains(
@@ -188,6 +188,30 @@ impl Node {
         };
         publications.run_finished(report.node_report(policy));
         Ok(report)
+    }
+
+    /// The first look of a pass: blank disks never measured are measured (at most
+    /// `io::BUDGET`, all at once) before the plan, so measured-IO selectors can take them.
+    /// A node whose disks are all kvstrap's or measured goes straight on.
+    fn look_measuring(
+        &self,
+        policy: &Policy,
+        progress: Progress<'_>,
+    ) -> Result<(Inventory, Plan), NodeError> {
+        let mut inventory = self.scan(Some(policy))?;
+        super::io::measure_new(
+            &mut inventory,
+            &self.inputs.state_dir,
+            &super::io_thresholds(Some(policy)),
+        );
+        progress(Event::Scanned {
+            disks: inventory.disks.len(),
+        });
+        let plan = self.plan(policy, &inventory)?;
+        progress(Event::Planned {
+            steps: plan.steps.len(),
+        });
+        Ok((inventory, plan))
     }
 
     fn look(

@@ -93,6 +93,7 @@ impl Report {
             }),
             // Set by the Node state publisher from the daemon's health reader.
             health: Vec::new(),
+            io_class: served_io_class(&self.after.plan),
             sources: policy
                 .sources
                 .iter()
@@ -152,6 +153,18 @@ pub fn node_health(health: &crate::health::HealthMap) -> Vec<DiskHealth> {
 /// Disks of the plan with no step left for them.
 fn ready_disks(plan: &Plan) -> usize {
     ready_disk_list(plan).len()
+}
+
+/// The fastest measured class among the disks the plan serves volumes or pools from.
+fn served_io_class(plan: &Plan) -> Option<crate::model::IoClass> {
+    plan.groups
+        .iter()
+        .flat_map(|g| {
+            let volumes = g.volumes.iter().map(|v| v.io_class);
+            volumes.chain(g.pools.iter().map(|p| p.io_class))
+        })
+        .flatten()
+        .max()
 }
 
 fn ready_disk_list(plan: &Plan) -> Vec<String> {

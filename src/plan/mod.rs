@@ -105,9 +105,19 @@ pub fn verdicts<'a>(
             let root = policy.map(|p| p.node.storage_root.as_path());
             let group = groups.first().copied();
             let verdict = judge_with_root(disk, group, root);
+            let io_misfit = || {
+                policy.and_then(|p| {
+                    p.disk_groups
+                        .iter()
+                        .find_map(|g| select::io_misfit(g, disk))
+                })
+            };
             let verdict = match (group, &verdict) {
                 (None, Verdict::Free | Verdict::Ours) if policy.is_some() => Verdict::Excluded {
-                    reason: format!("{}; selected by no disk group", verdict.reason()),
+                    reason: match io_misfit() {
+                        Some(why) => format!("{}; {why}", verdict.reason()),
+                        None => format!("{}; selected by no disk group", verdict.reason()),
+                    },
                 },
                 _ => verdict,
             };
@@ -275,13 +285,18 @@ impl<'a> Planner<'a> {
                 [group] => out.entry(group.name.clone()).or_default().push(disk),
                 many => {
                     let names: Vec<&str> = many.iter().map(|g| g.name.as_str()).collect();
+                    let hint =
+                        if disk.io.is_none() && many.iter().any(|g| select::wants_io(&g.matcher)) {
+                            "; it holds kvstrap's volumes but was never measured (it cannot be \
+                         now), so measured-IO selectors cannot tell: name it in one group's \
+                         devices"
+                        } else {
+                            "; make their selectors disjoint"
+                        };
                     self.refuse(
                         disk,
                         None,
-                        format!(
-                            "selected by several groups ({}); make their selectors disjoint",
-                            names.join(", ")
-                        ),
+                        format!("selected by several groups ({}){hint}", names.join(", ")),
                     );
                 }
             }

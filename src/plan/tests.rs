@@ -71,6 +71,7 @@ pub(crate) fn policy(groups: Vec<DiskGroup>) -> Policy {
         kubernetes: KubernetesSettings::local_only(),
         health: Default::default(),
         metrics: Default::default(),
+        io_class: Default::default(),
         storage_classes: vec![
             class("fast", VolumeMode::Filesystem, FsType::Xfs),
             class("ext", VolumeMode::Filesystem, FsType::Ext4),

@@ -86,8 +86,14 @@ fn matchers_may_overlap(a: &DiskMatch, b: &DiskMatch) -> bool {
         (Some(x), Some(y)) => x == y,
         _ => true,
     };
+    // Measured classes are disjoint; minimum figures only bound from below.
+    let io_class = match (a.io_class, b.io_class) {
+        (Some(x), Some(y)) => x == y,
+        _ => true,
+    };
     transport
         && rotational
+        && io_class
         && sizes_overlap(a, b)
         && text(&a.model, &b.model)
         && text(&a.vendor, &b.vendor)
