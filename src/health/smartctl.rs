@@ -115,21 +115,32 @@ fn cannot_read(meta: &Meta) -> String {
     }
 }
 
+/// The temperature bit of the NVMe critical warning: a hot drive (a failed fan, a hot
+/// aisle) is not a failing one, and `on_failure = "drain"` must not drain good disks for
+/// good over it. Alone it is a warning; with any other bit the drive has failed.
+const TEMPERATURE_BIT: u64 = 1 << 1;
+
 fn assess(report: &Report) -> (Assessment, Option<String>) {
     let warning = report
         .nvme_smart_health_information_log
         .as_ref()
         .and_then(|l| l.critical_warning)
         .unwrap_or(0);
+    let hot = (warning == TEMPERATURE_BIT).then(|| {
+        format!(
+            "NVMe critical warning 0x{warning:02x}: {} (a warning, not a failure: check the drive's cooling)",
+            critical_warning_text(warning)
+        )
+    });
     match report.smart_status.as_ref().and_then(|s| s.passed) {
-        _ if warning != 0 => (
+        _ if warning != 0 && hot.is_none() => (
             Assessment::Failed,
             Some(format!(
                 "NVMe critical warning 0x{warning:02x}: {}",
                 critical_warning_text(warning)
             )),
         ),
-        Some(true) => (Assessment::Passed, None),
+        Some(true) => (Assessment::Passed, hot),
         Some(false) => (
             Assessment::Failed,
             Some("SMART overall-health self-assessment: FAILED".into()),
@@ -243,6 +254,26 @@ mod tests {
         );
         assert_eq!(h.reallocated_sectors, Some(12));
         assert_eq!(h.temperature_celsius, Some(33));
+    }
+
+    #[test]
+    fn the_temperature_bit_alone_is_a_warning_not_a_failure() {
+        let nvme = |bits: u64| {
+            parse(&format!(
+                r#"{{"smartctl": {{"exit_status": 0}}, "smart_status": {{"passed": true}},
+                   "nvme_smart_health_information_log": {{"critical_warning": {bits}, "temperature": 81}}}}"#
+            ))
+        };
+        let hot = nvme(0x02);
+        assert_eq!(hot.assessment, Assessment::Passed);
+        let said = hot.detail.unwrap_or_default();
+        assert!(
+            said.contains("temperature out of range") && said.contains("a warning"),
+            "{said}"
+        );
+        // With any other bit the drive has failed, hot or not.
+        assert_eq!(nvme(0x06).assessment, Assessment::Failed);
+        assert_eq!(nvme(0x04).assessment, Assessment::Failed);
     }
 
     #[test]
