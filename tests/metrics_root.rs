@@ -1,7 +1,8 @@
 //! Health and metrics of a loop-device apply (root): a fake `smartctl` on PATH reports
-//! one disk healthy and one failing; `kvstrap apply` writes the metrics file, which must
-//! pass promtool and say exactly what `kvstrap volumes` and `kvstrap disks` say. The real
-//! smartctl finds no SMART on a loop device: `unknown`, never `failed`.
+//! one disk healthy and one failing; `kvstrap disks --health` reads them and keeps the
+//! reading, `kvstrap apply` writes the metrics file with it (never running smartctl),
+//! which must pass promtool and say exactly what `kvstrap volumes` and `kvstrap disks`
+//! say. The real smartctl finds no SMART on a loop device: `unknown`, never `failed`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -21,11 +22,12 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// A directory with a `smartctl` that prints the healthy fixture for `healthy` and the
-/// failing one (exit status 8, like the real one) for any other disk; PATH with it first.
+/// A directory with a `smartctl` that prints the healthy fixture for `healthy` (its last
+/// argument) and the failing one (exit status 8, like the real one) for any other disk;
+/// PATH with it first.
 fn fake_smartctl(dir: &Path, healthy: &Path) -> String {
     let script = format!(
-        "#!/bin/sh\nif [ \"$3\" = {:?} ]; then cat {:?}; else cat {:?}; exit 8; fi\n",
+        "#!/bin/sh\nfor disk; do :; done\nif [ \"$disk\" = {:?} ]; then cat {:?}; else cat {:?}; exit 8; fi\n",
         healthy.display().to_string(),
         fixture("sata-healthy.json").display().to_string(),
         fixture("sata-failing.json").display().to_string(),
@@ -90,6 +92,9 @@ fn apply_writes_metrics_that_match_disks_volumes_and_health() {
     )
     .unwrap();
 
+    // The reading the apply puts in the metrics: `disks --health` reads now and keeps it
+    // (the daemon's monitor would, on a node).
+    run_ok(&node, &["disks", "--health"], &path_env);
     run_ok(&node, &["apply"], &path_env);
     let metrics = std::fs::read_to_string(&prom).unwrap();
     if promtool(test, &["check", "metrics"], node.dir.path(), Some(&metrics)).is_none() {
@@ -204,7 +209,10 @@ fn a_loop_device_has_unknown_health_with_the_real_smartctl() {
         group("g", "x", "shared", &[&a], "volume_count = 1")
     ));
     let path_env = std::env::var("PATH").unwrap_or_default();
-    let health = health_in(&run_ok(&node, &["disks", "-o", "json"], &path_env), &a);
+    let health = health_in(
+        &run_ok(&node, &["disks", "--health", "-o", "json"], &path_env),
+        &a,
+    );
     assert_eq!(health["assessment"], "unknown", "{health}");
     assert!(
         health["detail"]

@@ -44,11 +44,9 @@ pub fn apply(g: &GlobalArgs, a: &ApplyArgs) -> Result<i32> {
         &progress,
         &publish,
     )?;
-    // Health of the selected disks as they are after the pass, for the metrics file.
-    let health = crate::health::read::Reader::discover().read_all(&crate::health::selected_disks(
-        &policy,
-        &report.after.inventory,
-    ));
+    // Health for the metrics file: the last reading kept. An apply never runs smartctl,
+    // so it never wakes a sleeping disk.
+    let health = node.kept_health(&policy, &report.after.inventory);
     node.record_metrics(&policy, &report, &health, &publish, None);
     if let Some(e) = &report.render_error {
         anyhow::bail!("{e}");

@@ -43,8 +43,8 @@ pub enum OutputFormat {
 pub enum Command {
     /// Check the policy and report every problem with file:line:col.
     Validate(ValidateArgs),
-    /// List the node's disks with their identity, contents and eligibility.
-    Disks,
+    /// List the node's disks with their identity, contents, eligibility and health.
+    Disks(DisksArgs),
     /// Show what apply would do, without changing anything.
     Plan,
     /// Partition, format, mount and lay out the KubeVirt storage tree.
@@ -115,6 +115,14 @@ pub struct DrainArgs {
     /// How long to wait for another applier to finish, in seconds.
     #[arg(long, default_value_t = 60)]
     pub lock_timeout: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DisksArgs {
+    /// Read the SMART health of the selected disks now (smartctl, which never wakes a
+    /// disk in standby) instead of showing the last reading the daemon kept.
+    #[arg(long)]
+    pub health: bool,
 }
 
 #[derive(Debug, Clone, Args)]
