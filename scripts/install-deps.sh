@@ -8,7 +8,9 @@ PACKAGES=(xfsprogs e2fsprogs gdisk fdisk util-linux mount libblkid-dev clang lib
     # material made with openssl, readiness and /metrics read with curl).
     etcd-server openssl curl xz-utils
     # Disk health (smartctl --json) and the metrics checks (promtool check metrics/rules).
-    smartmontools prometheus)
+    smartmontools prometheus
+    # tests/noop_root.rs counts the processes a no-op apply starts (strace -f).
+    strace)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -164,10 +164,23 @@ fn apply_writes_metrics_that_match_disks_volumes_and_health() {
     let used_before = v(&metrics, &series("kvstrap_volume_used_bytes", sep));
     assert!(used_before > 0.0);
 
-    // A second run counts, and sees the 8 MiB written into a volume.
+    // A run with nothing to do writes nothing, not even the metrics.
     let data = PathBuf::from(sep["path"].as_str().unwrap()).join("data");
     std::fs::write(&data, vec![7u8; 8 << 20]).unwrap();
     nix::unistd::sync();
+    run_ok(&node, &["apply"], &path_env);
+    assert_eq!(std::fs::read_to_string(&prom).unwrap(), metrics);
+    // A run that changes something (a volume unmounted behind kvstrap's back is mounted
+    // again) counts, and sees the 8 MiB written into a volume.
+    let shared = volumes.iter().find(|v| v["group"] == "shared").unwrap();
+    let shared_mount = Path::new(shared["path"].as_str().unwrap())
+        .parent()
+        .unwrap();
+    assert!(std::process::Command::new("umount")
+        .arg(shared_mount)
+        .status()
+        .unwrap()
+        .success());
     run_ok(&node, &["apply"], &path_env);
     let metrics = std::fs::read_to_string(&prom).unwrap();
     assert_eq!(v(&metrics, "kvstrap_apply_runs_total"), 2.0);

@@ -44,10 +44,7 @@ pub fn apply(g: &GlobalArgs, a: &ApplyArgs) -> Result<i32> {
         &progress,
         &publish,
     )?;
-    // Health for the metrics file: the last reading kept. An apply never runs smartctl,
-    // so it never wakes a sleeping disk.
-    let health = node.kept_health(&policy, &report.after.inventory);
-    node.record_metrics(&policy, &report, &health, &publish, None);
+    record_metrics(&node, &policy, &report, &publish);
     if let Some(e) = &report.render_error {
         anyhow::bail!("{e}");
     }
@@ -57,6 +54,21 @@ pub fn apply(g: &GlobalArgs, a: &ApplyArgs) -> Result<i32> {
     } else {
         0
     })
+}
+
+/// The metrics after a pass of the CLI. A pass with nothing to do leaves everything as it
+/// was, the metrics too (the daemon's passes keep them current). Health comes from the
+/// last reading kept: a pass never runs smartctl, so it never wakes a sleeping disk.
+pub(super) fn record_metrics(
+    node: &crate::node::Node,
+    policy: &crate::policy::Policy,
+    report: &crate::node::Report,
+    publish: &PublishOnce,
+) {
+    if !report.did_nothing() {
+        let health = node.kept_health(policy, &report.after.inventory);
+        node.record_metrics(policy, report, &health, publish, None);
+    }
 }
 
 fn print_report(g: &GlobalArgs, plan: &Plan, report: &ApplyReport) {

@@ -66,10 +66,13 @@ pub fn write_manifests(
 ) -> Result<ManifestReport, ManifestError> {
     let files = render(desired)?;
     let dir = manifest_dir(state_dir);
-    fs::create_dir_all(&dir).map_err(|source| ManifestError::Io {
-        path: dir.clone(),
-        source,
-    })?;
+    // Looked at first: a pass that changes nothing makes no call that could write.
+    if !dir.is_dir() {
+        fs::create_dir_all(&dir).map_err(|source| ManifestError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+    }
     let mut report = ManifestReport {
         dir: dir.clone(),
         ..ManifestReport::default()
