@@ -119,11 +119,15 @@ fn is_our_unfinished(found: &FsIdentity, fs: &FsSpec) -> bool {
 /// Write the planned label on a filesystem mkfs just made (unmounted).
 fn set_label(programs: &Programs, device: &Path, fs: &FsSpec) -> Result<(), MkfsError> {
     let (program, args): (Program, Vec<OsString>) = match fs.fs_type {
+        // `xfs_admin -L` is a shell script that runs exactly this.
         FsType::Xfs => (
-            Program::XfsAdmin,
+            Program::XfsDb,
             vec![
-                "-L".into(),
-                fs.label.clone().into(),
+                "-x".into(),
+                "-p".into(),
+                "xfs_admin".into(),
+                "-c".into(),
+                format!("label {}", fs.label).into(),
                 device.as_os_str().to_owned(),
             ],
         ),
