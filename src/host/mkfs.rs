@@ -213,10 +213,13 @@ pub fn mkfs_args(device: &Path, fs: &FsSpec) -> Vec<OsString> {
 }
 
 fn verify(device: &Path, fs: &FsSpec) -> Result<(), MkfsError> {
-    let found = probe::filesystem(device)?;
+    // The probe before mkfs found the device blank: only the planned type is looked for
+    // now. When it is not there as planned, everything is, to say what is.
+    let found = probe::filesystem_of_type(device, fs.fs_type.as_str())?;
     if found.as_ref().is_some_and(|f| matches_spec(f, fs)) {
         return Ok(());
     }
+    let found = probe::filesystem(device)?;
     Err(MkfsError::Verify {
         device: device.to_path_buf(),
         fs_type: fs.fs_type.as_str(),
