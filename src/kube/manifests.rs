@@ -86,13 +86,82 @@ pub fn to_yaml<T: Serialize>(name: &str, object: &T) -> Result<String, ManifestE
     })
 }
 
+/// The record of what the manifest directory was last written from, beside the files
+/// (kubectl applies `*.yaml`, `*.yml` and `*.json` only).
+pub const DIGEST_FILE: &str = ".kvstrap-manifests.sha256";
+
+/// A fingerprint of the objects of `desired` (their JSON), cheap next to rendering and
+/// comparing every YAML file: equal fingerprints, equal manifests.
+fn digest(desired: &Desired) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(concat!("kvstrap manifests ", env!("CARGO_PKG_VERSION"), "\n"));
+    let mut object = |name: &str, json: serde_json::Result<Vec<u8>>| {
+        hash.update(name.as_bytes());
+        hash.update(b"\n");
+        hash.update(json.unwrap_or_default());
+        hash.update(b"\n");
+    };
+    for sc in &desired.storage_classes {
+        object(sc.metadata.name.as_deref().unwrap_or_default(), serde_json::to_vec(sc));
+    }
+    for v in &desired.volumes {
+        object(v.pv_name(), serde_json::to_vec(&v.pv));
+    }
+    hash.finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The file names the manifests of `desired` have.
+fn file_names(desired: &Desired) -> std::collections::BTreeSet<String> {
+    let classes = desired.storage_classes.iter().map(|sc| {
+        let name = sc.metadata.name.as_deref().unwrap_or_default();
+        format!("storageclass-{name}.yaml")
+    });
+    let volumes = desired
+        .volumes
+        .iter()
+        .map(|v| format!("pv-{}.yaml", v.pv_name()));
+    classes.chain(volumes).collect()
+}
+
+/// Whether `dir` holds exactly the manifests of `desired` as kvstrap last wrote them:
+/// the fingerprint on record and the same files, none missing, none left over.
+fn up_to_date(dir: &Path, desired: &Desired, digest: &str) -> bool {
+    let recorded = fs::read_to_string(dir.join(DIGEST_FILE)).unwrap_or_default();
+    if recorded.trim() != digest {
+        return false;
+    }
+    let Ok(entries) = fs::read_dir(dir) else {
+        return false;
+    };
+    let present: std::collections::BTreeSet<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| is_ours(name))
+        .collect();
+    present == file_names(desired)
+}
+
 /// Writes the manifests of `desired` below `state_dir`, so the directory holds exactly them.
+/// When they are what was last written (same fingerprint, same files), nothing is read
+/// or rendered: a pass with nothing to do costs a listing of the directory.
 pub fn write_manifests(
     state_dir: &Path,
     desired: &Desired,
 ) -> Result<ManifestReport, ManifestError> {
-    let files = render(desired)?;
     let dir = manifest_dir(state_dir);
+    let digest = digest(desired);
+    if up_to_date(&dir, desired, &digest) {
+        return Ok(ManifestReport {
+            dir,
+            unchanged: desired.storage_classes.len() + desired.volumes.len(),
+            ..ManifestReport::default()
+        });
+    }
+    let files = render(desired)?;
     // Looked at first: a pass that changes nothing makes no call that could write.
     if !dir.is_dir() {
         fs::create_dir_all(&dir).map_err(|source| ManifestError::Io {
@@ -119,8 +188,15 @@ pub fn write_manifests(
     write_all(&dir, &changed)?;
     report.written = changed.into_iter().map(|(path, _)| path).collect();
     report.removed = remove_stale(&dir, &files)?;
+    // Recorded last: a run cut short before this renders and compares again.
+    let digest_path = dir.join(DIGEST_FILE);
+    let recorded = fs::read_to_string(&digest_path).unwrap_or_default();
+    let record = recorded.trim() != digest;
+    if record {
+        write_atomic(&dir, &digest_path, format!("{digest}\n").as_bytes())?;
+    }
     // One directory fsync makes every rename and removal durable.
-    if !report.written.is_empty() || !report.removed.is_empty() {
+    if record || !report.written.is_empty() || !report.removed.is_empty() {
         sync_dir(&dir)?;
     }
     Ok(report)
