@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+export CARGO_INCREMENTAL=0  # a fresh build each run: incremental state only costs disk
 log() { printf '\n=== %s\n' "$*"; }
 
 log "installing build and test dependencies"

@@ -25,7 +25,7 @@ impl HostEffects {
         let needed: Vec<Program> = fs_types
             .iter()
             .flat_map(|f| match f {
-                FsType::Xfs => [Program::MkfsXfs, Program::XfsAdmin],
+                FsType::Xfs => [Program::MkfsXfs, Program::XfsDb],
                 FsType::Ext4 => [Program::MkfsExt4, Program::E2label],
             })
             .collect();

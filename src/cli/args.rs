@@ -43,7 +43,7 @@ pub enum OutputFormat {
 pub enum Command {
     /// Check the policy and report every problem with file:line:col.
     Validate(ValidateArgs),
-    /// List the node's disks with their identity, contents, measured IO and eligibility.
+    /// List the node's disks with their identity, contents, measured IO, eligibility and health.
     Disks(DisksArgs),
     /// Show what apply would do, without changing anything.
     Plan,
@@ -105,6 +105,10 @@ pub struct ValidateArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct DisksArgs {
+    /// Read the SMART health of the selected disks now (smartctl, which never wakes a
+    /// disk in standby) instead of showing the last reading the daemon kept.
+    #[arg(long, conflicts_with = "probe")]
+    pub health: bool,
     /// Measure the blank disks' reads again (read-only, at most 2 s each, all at once):
     /// DEVICE... or, without one, every blank eligible disk. Loop devices only when named.
     #[arg(long)]

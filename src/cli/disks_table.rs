@@ -1,7 +1,7 @@
 //! `kvstrap disks` as a table, in the spirit of lsblk: one line per disk, its partitions
 //! indented below, and the verdict with its reason.
 
-use crate::health::Assessment;
+use crate::health::Health;
 use crate::model::{Disk, Signature, Verdict};
 use crate::plan::capacity::human;
 use std::fmt::Write;
@@ -11,14 +11,15 @@ pub struct Row<'a> {
     pub disk: &'a Disk,
     pub group: Option<String>,
     pub verdict: Verdict,
-    pub health: Option<Assessment>,
+    pub health: Option<&'a Health>,
 }
 
-pub fn render(rows: &[Row]) -> String {
+/// The table; each reading's age is counted up to `now_unix`.
+pub fn render(rows: &[Row], now_unix: u64) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {:<7} {:<14} VERDICT",
+        "{:<16} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {:<16} {:<14} VERDICT",
         "NAME", "SIZE", "TRAN", "ROT", "MODEL", "SERIAL", "CONTENT", "HEALTH", "IO"
     );
     for Row {
@@ -41,7 +42,7 @@ pub fn render(rows: &[Row]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<16} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {:<7} {:<14} {}",
+            "{:<16} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {:<16} {:<14} {}",
             disk.path.display(),
             human(disk.size_bytes),
             disk.transport,
@@ -55,7 +56,7 @@ pub fn render(rows: &[Row]) -> String {
                 20
             ),
             cut(&disk_content, 18),
-            health.map_or("-", Assessment::as_str),
+            health.map_or_else(|| "-".into(), |h| health_text(h, now_unix)),
             io_text(disk),
             verdict_text
         );
@@ -72,7 +73,7 @@ pub fn render(rows: &[Row]) -> String {
                 .collect();
             let _ = writeln!(
                 out,
-                "{branch}{:<14} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {:<7} {:<14} {}",
+                "{branch}{:<14} {:>9} {:<7} {:<4} {:<22} {:<20} {:<18} {:<16} {:<14} {}",
                 p.path
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -111,6 +112,24 @@ fn io_text(disk: &Disk) -> String {
     format!("{} {rate}", io.class)
 }
 
+/// `passed 12m`: the assessment and how old the reading is.
+fn health_text(h: &Health, now_unix: u64) -> String {
+    match h.age_seconds(now_unix) {
+        Some(age) => format!("{} {}", h.assessment.as_str(), age_text(age)),
+        None => h.assessment.as_str().to_string(),
+    }
+}
+
+/// An age in its largest whole unit: `40s`, `12m`, `5h`, `3d`.
+pub fn age_text(seconds: u64) -> String {
+    match seconds {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 86_400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
 fn content(table: Option<&str>, signatures: &[Signature]) -> String {
     let mut parts: Vec<String> = table.map(|t| vec![t.to_string()]).unwrap_or_default();
     parts.extend(signatures.iter().map(|s| s.kind.clone()));
@@ -128,5 +147,26 @@ fn cut(s: &str, width: usize) -> String {
         let mut t: String = s.chars().take(width.saturating_sub(1)).collect();
         t.push('…');
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::Assessment;
+
+    #[test]
+    fn health_shows_its_age() {
+        let h = Health {
+            assessment: Assessment::Sleeping,
+            read_unix: Some(1_000),
+            ..Health::default()
+        };
+        assert_eq!(health_text(&h, 1_000 + 3 * 3600 + 5), "sleeping 3h");
+        assert_eq!(age_text(59), "59s");
+        assert_eq!(age_text(60), "1m");
+        assert_eq!(age_text(2 * 86_400), "2d");
+        let never = Health::unknown("smartctl is not installed");
+        assert_eq!(health_text(&never, 5), "unknown");
     }
 }

@@ -1,5 +1,6 @@
-//! The part of smartctl's JSON output (`smartctl --json -a`, schema of smartmontools 7.x)
-//! that kvstrap reads, and how it becomes a [`Health`]. Pure: the text in, the record out.
+//! The part of smartctl's JSON output (`smartctl --json -a -n standby,3`, schema of
+//! smartmontools 7.x) that kvstrap reads, and how it becomes a [`Health`]. Pure: the
+//! arguments and the text in, the record out.
 
 use super::{Assessment, Health};
 use serde::Deserialize;
@@ -8,6 +9,24 @@ use serde::Deserialize;
 /// to the device at all: bad command line (bit 0), device open failed or type unknown
 /// (bit 1). Bit 2 (a SMART command failed) still leaves the rest of the report usable.
 const EXIT_CANNOT_READ: i32 = 0b11;
+
+/// The exit status smartctl is told to give for a disk in standby or sleep
+/// (`-n standby,3`): bits 0 and 1 together, which no real run returns (a command line
+/// that does not parse exits at once with bit 0 alone), so it is smartctl(8)'s own
+/// suggestion for "a unique exit status".
+pub const EXIT_ASLEEP: i32 = 3;
+
+/// The arguments of one reading: everything (`-a`) as JSON, unless the disk is spun down
+/// (`-n standby`: checked with CHECK POWER MODE, which does not wake it), then nothing.
+pub fn args(disk: &std::path::Path) -> Vec<std::ffi::OsString> {
+    vec![
+        "--json".into(),
+        "-a".into(),
+        "-n".into(),
+        format!("standby,{EXIT_ASLEEP}").into(),
+        disk.as_os_str().to_owned(),
+    ]
+}
 
 #[derive(Debug, Default, Deserialize)]
 struct Report {
@@ -91,6 +110,15 @@ pub fn parse(json: &str) -> Health {
             return Health::unknown(format!("smartctl printed no JSON kvstrap can read: {e}"))
         }
     };
+    if asleep(&report.smartctl) {
+        return Health {
+            assessment: Assessment::Sleeping,
+            detail: Some(
+                "the disk was in standby (spun down): not read, so as not to wake it".into(),
+            ),
+            ..Health::default()
+        };
+    }
     if report.smartctl.exit_status & EXIT_CANNOT_READ != 0 {
         return Health::unknown(cannot_read(&report.smartctl));
     }
@@ -101,6 +129,19 @@ pub fn parse(json: &str) -> Health {
         detail,
         ..figures
     }
+}
+
+/// smartctl stopped before reading because the disk is in a low-power mode: it says
+/// `Device is in STANDBY mode, exit(3)` (or SLEEP, or `STANDBY (OS)`), with the exit
+/// status asked for.
+fn asleep(meta: &Meta) -> bool {
+    let said = meta.messages.iter().any(|m| {
+        let s = m.string.as_str();
+        s.contains("Device is in ")
+            && (s.contains("STANDBY") || s.contains("SLEEP"))
+            && s.contains(" mode")
+    });
+    said || meta.exit_status == EXIT_ASLEEP
 }
 
 fn cannot_read(meta: &Meta) -> String {
@@ -274,6 +315,28 @@ mod tests {
         // With any other bit the drive has failed, hot or not.
         assert_eq!(nvme(0x06).assessment, Assessment::Failed);
         assert_eq!(nvme(0x04).assessment, Assessment::Failed);
+    }
+
+    #[test]
+    fn a_disk_in_standby_is_sleeping_not_unreadable() {
+        let said = r#"{"smartctl": {"exit_status": 3, "messages": [{"string": "Device is in STANDBY mode, exit(3)", "severity": "information"}]}}"#;
+        let h = parse(said);
+        assert_eq!(h.assessment, Assessment::Sleeping, "{h:?}");
+        // The default exit status (2) of `-n standby`, and the OS's own standby.
+        let os = r#"{"smartctl": {"exit_status": 2, "messages": [{"string": "Device is in STANDBY (OS) mode, exit(2)", "severity": "information"}]}}"#;
+        assert_eq!(parse(os).assessment, Assessment::Sleeping);
+        // An open failure says no such thing.
+        let failed = r#"{"smartctl": {"exit_status": 2, "messages": [{"string": "Smartctl open device: /dev/sdx failed: No such device", "severity": "error"}]}}"#;
+        assert_eq!(parse(failed).assessment, Assessment::Unknown);
+    }
+
+    #[test]
+    fn every_reading_asks_smartctl_not_to_wake_the_disk() {
+        let a: Vec<String> = args(std::path::Path::new("/dev/sdb"))
+            .into_iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(a, ["--json", "-a", "-n", "standby,3", "/dev/sdb"]);
     }
 
     #[test]

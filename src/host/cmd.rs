@@ -1,4 +1,4 @@
-//! Running external programs (mkfs.xfs, mkfs.ext4, xfs_admin, e2label; smartctl beside
+//! Running external programs (mkfs.xfs, mkfs.ext4, xfs_db, e2label; smartctl beside
 //! the runs): absolute paths resolved once at start-up, failures that carry argv, exit
 //! status and stderr.
 
@@ -19,8 +19,9 @@ pub const SEARCH_DIRS: &[&str] = &["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
 pub enum Program {
     MkfsXfs,
     MkfsExt4,
-    /// Writes the planned label once mkfs.xfs has finished.
-    XfsAdmin,
+    /// Writes the planned label once mkfs.xfs has finished (what `xfs_admin -L` runs,
+    /// without the shell script around it, which looks xfs_db up in PATH).
+    XfsDb,
     /// Writes the planned label once mkfs.ext4 has finished.
     E2label,
 }
@@ -29,7 +30,7 @@ impl Program {
     pub const ALL: [Program; 4] = [
         Program::MkfsXfs,
         Program::MkfsExt4,
-        Program::XfsAdmin,
+        Program::XfsDb,
         Program::E2label,
     ];
 
@@ -37,7 +38,7 @@ impl Program {
         match self {
             Program::MkfsXfs => "mkfs.xfs",
             Program::MkfsExt4 => "mkfs.ext4",
-            Program::XfsAdmin => "xfs_admin",
+            Program::XfsDb => "xfs_db",
             Program::E2label => "e2label",
         }
     }
@@ -45,7 +46,7 @@ impl Program {
     /// The distribution package that ships the program, for error messages.
     pub fn package(self) -> &'static str {
         match self {
-            Program::MkfsXfs | Program::XfsAdmin => "xfsprogs",
+            Program::MkfsXfs | Program::XfsDb => "xfsprogs",
             Program::MkfsExt4 | Program::E2label => "e2fsprogs",
         }
     }
@@ -415,11 +416,8 @@ mod tests {
     #[test]
     fn success_returns_stdout() {
         let d = tempfile::tempdir().unwrap();
-        fake_program(d.path(), "xfs_admin", "echo \"$@\"");
+        fake_program(d.path(), "xfs_db", "echo \"$@\"");
         let progs = Programs::discover_in([d.path()].into_iter());
-        assert_eq!(
-            progs.run(Program::XfsAdmin, &["-x".into()]).unwrap(),
-            "-x\n"
-        );
+        assert_eq!(progs.run(Program::XfsDb, &["-x".into()]).unwrap(), "-x\n");
     }
 }

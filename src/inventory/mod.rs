@@ -99,17 +99,31 @@ fn quota_verdict(fs: crate::model::FsType) -> Option<String> {
 }
 
 pub fn scan(opts: &ScanOptions) -> Result<Inventory, InventoryError> {
-    let machine = Machine::read(opts)?;
-    let sys_disks = sysfs::list_disks(&opts.sys_root)?;
-    let probes = probe_all(&sys_disks, &opts.dev_root);
-    let mut disks: Vec<Disk> = sys_disks
+    // Nothing here waits for anything else: the machine-wide facts and the managed paths
+    // are read on a thread of their own while the disks are read and probed, each disk
+    // by one of a few workers (sysfs, then libblkid).
+    let (machine, observed, paths) = std::thread::scope(|scope| {
+        let machine = scope.spawn(|| {
+            let machine = Machine::read(opts)?;
+            let paths = paths::observe(&opts.managed_roots, &machine.mounts);
+            Ok::<_, InventoryError>((machine, paths))
+        });
+        let observed = sysfs::disk_names(&opts.sys_root)
+            .map(|names| observe_all(&names, &opts.sys_root, &opts.dev_root));
+        let joined = machine.join().unwrap_or_else(|_| {
+            Err(InventoryError::Read {
+                path: opts.proc_root.clone(),
+                source: std::io::Error::other("reading the mounts failed unexpectedly"),
+            })
+        });
+        joined.and_then(|(machine, paths)| Ok((machine, observed?, paths)))
+    })?;
+    let mut disks: Vec<Disk> = observed
         .into_iter()
-        .zip(probes)
         .map(|(sys, probed)| assemble(sys, probed, &machine, opts))
         .collect();
     disks.sort_by(|a, b| natural_cmp(&a.name, &b.name));
     link_loop_devices(&mut disks, &machine);
-    let paths = paths::observe(&opts.managed_roots, &machine.mounts);
     Ok(Inventory {
         disks,
         paths,
@@ -252,37 +266,52 @@ struct Probed {
     unreadable: Option<String>,
 }
 
-/// At most this many disks are probed at once.
+/// At most this many disks are read at once.
 const MAX_PROBE_THREADS: usize = 16;
 
-/// Probes the disks in parallel: a probe mostly waits for its own device (a cold read
-/// of each region libblkid looks at, some tens of them per disk, ms each on a disk
-/// that seeks). More threads than that only compete for the CPUs (loop devices).
-fn probe_all(disks: &[SysDisk], dev_root: &Path) -> Vec<Probed> {
+/// Reads and probes the disks in parallel: a probe mostly waits for its own device (a
+/// cold read of each region libblkid looks at, some tens of them per disk, ms each on a
+/// disk that seeks), and sysfs answers from the kernel's memory. More threads than that
+/// only compete for the CPUs (loop devices).
+fn observe_all(names: &[String], sys_root: &Path, dev_root: &Path) -> Vec<(SysDisk, Probed)> {
     let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
     let workers = (cores * 4)
         .clamp(4, MAX_PROBE_THREADS)
-        .min(disks.len())
+        .min(names.len())
         .max(1);
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<std::sync::Mutex<Option<Probed>>> =
-        disks.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let results: Vec<std::sync::Mutex<Option<(SysDisk, Probed)>>> =
+        names.iter().map(|_| std::sync::Mutex::new(None)).collect();
     crate::host::threads::run_workers(workers, "probe", || loop {
         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let Some(disk) = disks.get(i) else { break };
-        let probed = probe_one(disk, dev_root);
+        let Some(name) = names.get(i) else { break };
+        let sys = sysfs::read_disk(sys_root, name);
+        let probed = probe_one(&sys, dev_root);
         if let Ok(mut slot) = results[i].lock() {
-            *slot = Some(probed);
+            *slot = Some((sys, probed));
         }
     });
     // A missing result must not read as "probed, nothing found".
-    let unfinished = || Probed {
-        unreadable: Some("probing did not finish".into()),
-        ..Default::default()
+    let unfinished = |name: &String| {
+        let sys = SysDisk {
+            name: name.clone(),
+            ..SysDisk::default()
+        };
+        let probed = Probed {
+            unreadable: Some("reading the disk did not finish".into()),
+            ..Default::default()
+        };
+        (sys, probed)
     };
     results
         .into_iter()
-        .map(|m| m.into_inner().ok().flatten().unwrap_or_else(unfinished))
+        .zip(names)
+        .map(|(m, name)| {
+            m.into_inner()
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| unfinished(name))
+        })
         .collect()
 }
 

@@ -137,8 +137,9 @@ pub struct HealthVerdict {
 }
 
 /// True when every disk whose health can be read passed, False when one failed, Unknown
-/// when none can be read (loop and virtio disks, smartctl missing, not read yet). A disk
-/// that cannot be read never makes the others' verdict worse: it is named in the message.
+/// when none can be read (loop and virtio disks, smartctl missing, not read yet, asleep).
+/// A disk that cannot be read never makes the others' verdict worse: it is named in the
+/// message.
 pub fn health_verdict(r: &NodeReport) -> HealthVerdict {
     let of = |a: Assessment| r.health.iter().filter(move |h| h.assessment == a);
     let list = |a: Assessment| {
@@ -163,6 +164,10 @@ pub fn health_verdict(r: &NodeReport) -> HealthVerdict {
     }
     if of(Assessment::Unknown).count() > 0 {
         parts.push(format!("health unknown: {}", list(Assessment::Unknown)));
+    }
+    if of(Assessment::Sleeping).count() > 0 {
+        let asleep: Vec<&str> = of(Assessment::Sleeping).map(|h| h.disk.as_str()).collect();
+        parts.push(format!("asleep, not read: {}", asleep.join(", ")));
     }
     if r.health.is_empty() {
         parts.push("no disk health read yet".into());
@@ -271,7 +276,8 @@ pub struct HealthChange {
 /// What changed between the assessments last seen (`seen`: by disk, with the count of
 /// changes) and `now`: `DiskFailed` (Warning) when a disk turns failed, `DiskHealthy` when
 /// a failed disk passes again; a disk that passes at first sight is no news. A reading
-/// that cannot be made (`unknown`) says nothing about the disk and changes nothing. The
+/// that cannot be made (`unknown`, or `sleeping`: the disk was spun down) says nothing
+/// about the disk and changes nothing. The
 /// count makes each change's Event its own (failing, recovering and failing again is two
 /// `DiskFailed`), and a disk failed since the daemon started keeps its Event's name across
 /// restarts (the server answers 409: not posted twice while the Event lasts). Only a disk
@@ -284,7 +290,7 @@ pub fn health_changes(
     let mut out = Vec::new();
     for h in &now.health {
         let before = seen.get(&h.disk);
-        if h.assessment == Assessment::Unknown || before.map(|b| b.0) == Some(h.assessment) {
+        if !h.assessment.is_verdict() || before.map(|b| b.0) == Some(h.assessment) {
             continue;
         }
         let n = before.map_or(0, |b| b.1 + 1);

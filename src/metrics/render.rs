@@ -84,7 +84,7 @@ fn disks(out: &mut Out, s: &Snapshot) {
     out.family(
         "kvstrap_disks_health",
         "gauge",
-        "Disks a disk group selects, by SMART health (passed, failed, unknown).",
+        "Disks a disk group selects, by SMART health (passed, failed, unknown, sleeping).",
     );
     for a in Assessment::ALL {
         let n = s

@@ -123,8 +123,9 @@ impl Node {
         let result =
             super::ApplySummary::result_text(super::report::count(steps.failed()), interrupted);
         // Recorded before the second look, so a run that changed disks is on record even
-        // if that look fails; a failure to record is reported once publishing is done.
-        let mut recorded = state::save(state_dir, &apply::run_record(&plan, &steps, &result));
+        // if that look fails; a failure to record is reported once publishing is done. A
+        // pass with nothing to do that ends as the last one did writes nothing.
+        let mut recorded = state::record_run(state_dir, &apply::run_record(&plan, &steps, &result));
         // Publish what exists now, no more and no less: look again after any change.
         let mut after = if steps.steps.is_empty() {
             Look {

@@ -6,6 +6,7 @@
 //! kube and state; it knows no arguments, output formats or D-Bus types.
 
 pub mod converge;
+pub mod health;
 pub mod io;
 pub mod lock;
 pub mod metrics;

@@ -64,6 +64,12 @@ impl ApplySummary {
 }
 
 impl Report {
+    /// The pass found nothing to do and did nothing: no step ran, no disk entered or left
+    /// service. (Such a pass writes nothing to the state directory either.)
+    pub fn did_nothing(&self) -> bool {
+        self.steps.steps.is_empty() && self.service_changes.is_empty()
+    }
+
     /// What the pass left, for the Node's condition, label and Events.
     pub fn node_report(&self, policy: &Policy) -> NodeReport {
         let summary = self.summary();

@@ -64,7 +64,7 @@ strip -o "$WORK/kvstrap" "$BIN"
 copy_with_libs "$WORK/kvstrap" /bin/kvstrap
 strip -o "$WORK/dynamic_volume" "$DYN"
 copy_with_libs "$WORK/dynamic_volume" /bin/dynamic_volume
-# xfs_admin (a script around xfs_db) and e2label write the label that marks mkfs complete.
+# xfs_db (what the xfs_admin script runs) and e2label write the label that marks mkfs complete.
 for prog in mkfs.xfs mkfs.ext4 setpriv xfs_admin xfs_db e2label; do copy_with_libs "$(command -v "$prog")" "/usr/sbin/$prog"; done
 # Modules in dependency order (modules.dep lists each module's needs).
 load_order() {
