@@ -23,14 +23,17 @@ pub enum Program {
     XfsAdmin,
     /// Writes the planned label once mkfs.ext4 has finished.
     E2label,
+    /// Makes the partition mappings of a dm-multipath map (multipath-tools' own way).
+    Kpartx,
 }
 
 impl Program {
-    pub const ALL: [Program; 4] = [
+    pub const ALL: [Program; 5] = [
         Program::MkfsXfs,
         Program::MkfsExt4,
         Program::XfsAdmin,
         Program::E2label,
+        Program::Kpartx,
     ];
 
     pub fn name(self) -> &'static str {
@@ -39,6 +42,7 @@ impl Program {
             Program::MkfsExt4 => "mkfs.ext4",
             Program::XfsAdmin => "xfs_admin",
             Program::E2label => "e2label",
+            Program::Kpartx => "kpartx",
         }
     }
 
@@ -47,6 +51,7 @@ impl Program {
         match self {
             Program::MkfsXfs | Program::XfsAdmin => "xfsprogs",
             Program::MkfsExt4 | Program::E2label => "e2fsprogs",
+            Program::Kpartx => "kpartx",
         }
     }
 }

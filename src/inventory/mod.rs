@@ -7,6 +7,7 @@
 pub mod byid;
 pub mod eligibility;
 pub mod mountinfo;
+pub mod multipath;
 pub mod paths;
 pub mod probe;
 pub mod swaps;
@@ -100,7 +101,7 @@ fn quota_verdict(fs: crate::model::FsType) -> Option<String> {
 
 pub fn scan(opts: &ScanOptions) -> Result<Inventory, InventoryError> {
     let machine = Machine::read(opts)?;
-    let sys_disks = sysfs::list_disks(&opts.sys_root)?;
+    let sys_disks = multipath::fold(&opts.sys_root, sysfs::list_disks(&opts.sys_root)?);
     let probes = probe_all(&sys_disks, &opts.dev_root);
     let mut disks: Vec<Disk> = sys_disks
         .into_iter()
@@ -287,6 +288,11 @@ fn probe_all(disks: &[SysDisk], dev_root: &Path) -> Vec<Probed> {
 }
 
 fn probe_one(disk: &SysDisk, dev_root: &Path) -> Probed {
+    // A multipath path is never a candidate, and reading it directly (or a map with no
+    // working path, whose IO may queue forever) could block the whole scan.
+    if !multipath::may_probe(&disk.multipath) {
+        return Probed::default();
+    }
     let node = dev_root.join(&disk.name);
     let opened = probe::open(&node);
     let mut probed = Probed {
@@ -381,11 +387,17 @@ fn partition_numbers(sys: &[SysPartition], entries: &[TableEntry]) -> Vec<u32> {
 fn assemble(sys: SysDisk, mut probed: Probed, machine: &Machine, opts: &ScanOptions) -> Disk {
     let by_id = disk_by_id(&sys, machine);
     let partitions = partitions(&sys, &mut probed, machine, &by_id);
+    let (path, name) = match &sys.multipath {
+        multipath::Role::Map { name, .. } => {
+            (Path::new(multipath::MAPPER_DIR).join(name), name.clone())
+        }
+        _ => (PathBuf::from("/dev").join(&sys.name), sys.name.clone()),
+    };
     let mut disk = Disk {
-        path: PathBuf::from("/dev").join(&sys.name),
+        path,
         mountpoints: machine.mountpoints(&sys.devno, &sys.name),
         swap: machine.is_swap(&sys.devno, &sys.name),
-        name: sys.name.clone(),
+        name,
         devno: sys.devno.clone(),
         size_bytes: sys.size_bytes,
         logical_sector_size: sys.logical_sector_size,
@@ -405,9 +417,14 @@ fn assemble(sys: SysDisk, mut probed: Probed, machine: &Machine, opts: &ScanOpti
         signatures: std::mem::take(&mut probed.contents.signatures),
         holders: sys.holders.clone(),
         in_use: Vec::new(),
+        multipath: match &sys.multipath {
+            multipath::Role::Map { multipath, .. } => Some(multipath.clone()),
+            _ => None,
+        },
     };
     let observed = observe_stack(&disk, &sys, &probed, machine, opts);
     disk.in_use = eligibility::in_use(&disk, &observed, &opts.managed_roots);
+    multipath::judge(&sys.multipath, &mut disk.in_use);
     disk
 }
 
@@ -470,7 +487,12 @@ fn disk_by_id(sys: &SysDisk, machine: &Machine) -> Vec<String> {
     // udev making them raises no uevent that would trigger another run).
     let names = match machine.by_id_links.as_ref().and_then(|l| l.get(&sys.name)) {
         Some(linked) if !linked.is_empty() => linked.clone(),
-        _ => byid::compute(&sys.ids),
+        _ => match &sys.multipath {
+            multipath::Role::Map { name, multipath } => {
+                multipath::by_id_names(name, &multipath.wwid)
+            }
+            _ => byid::compute(&sys.ids),
+        },
     };
     names
         .into_iter()
@@ -509,6 +531,10 @@ fn partition(
     disk_ids: &[String],
 ) -> Partition {
     let name = kernel.map_or_else(|| partition_name(&disk.name, number), |k| k.name.clone());
+    let map = match &disk.multipath {
+        multipath::Role::Map { name, multipath } => Some((name, &multipath.wwid)),
+        _ => None,
+    };
     let (mountpoints, swap, mounts, node_binds) = match kernel {
         Some(k) => (
             machine.mountpoints(&k.devno, &k.name),
@@ -524,7 +550,13 @@ fn partition(
             .iter()
             .map(|n| format!("/dev/disk/by-id/{n}"))
             .collect(),
-        _ => byid::partition_names(disk_ids, number),
+        _ => match map {
+            Some((map, wwid)) => multipath::partition_by_id_names(map, wwid, number)
+                .into_iter()
+                .map(|n| format!("/dev/disk/by-id/{n}"))
+                .collect(),
+            None => byid::partition_names(disk_ids, number),
+        },
     };
     // The on-disk table is what the planner compares its layout with; the kernel's
     // view only fills in when the table could not be read.
@@ -534,12 +566,17 @@ fn partition(
         (None, None) => (0, 0),
     };
     let part_uuid = entry.and_then(|e| e.part_uuid.clone());
+    // A map's partition mapping has a stable name of its own (`/dev/mapper/mpatha-part1`).
     let by_partuuid = kernel.is_some()
+        && map.is_none()
         && part_uuid
             .as_deref()
             .is_some_and(|u| udev_names_partition(&machine.dev_root, u, &name));
     Partition {
-        path: PathBuf::from("/dev").join(&name),
+        path: match map {
+            Some((map, _)) => multipath::partition_path(map, number),
+            None => PathBuf::from("/dev").join(&name),
+        },
         number,
         start_bytes,
         size_bytes,
