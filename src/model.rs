@@ -122,6 +122,17 @@ impl Multipath {
         }
         (active == 1).then(|| "1 path left: no redundancy".to_string())
     }
+
+    /// `healthy`, `degraded` (see [`Multipath::degraded`]) or `lost` (no working path).
+    pub fn state(&self) -> &'static str {
+        if self.active_paths() == 0 {
+            "lost"
+        } else if self.degraded().is_some() {
+            "degraded"
+        } else {
+            "healthy"
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

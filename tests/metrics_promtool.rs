@@ -27,6 +27,26 @@ fn snapshot() -> Snapshot {
         state,
         group: f.map(|_| "hdd".to_string()),
         health: f.and_then(health),
+        multipath: None,
+    };
+    // A SAN LUN's map with one of its two paths offline.
+    let map = DiskSample {
+        path: "/dev/mapper/mpatha".into(),
+        state: "free",
+        group: Some("san".into()),
+        health: None,
+        multipath: Some(kvstrap::model::Multipath {
+            wwid: "35000c500a1b2c3d4".into(),
+            kernel_name: "dm-0".into(),
+            paths: ["sdc", "sdd"]
+                .iter()
+                .map(|p| kvstrap::model::MultipathPath {
+                    name: (*p).into(),
+                    state: if *p == "sdc" { "running" } else { "offline" }.into(),
+                    active: *p == "sdc",
+                })
+                .collect(),
+        }),
     };
     let mut stats = RunStats::default();
     let report: kvstrap::apply::ApplyReport = Default::default();
@@ -48,6 +68,7 @@ fn snapshot() -> Snapshot {
             disk("/dev/nvme0n1", "free", Some("nvme-worn.json")),
             disk("/dev/loop3", "ours", Some("unsupported.json")),
             disk("/dev/vda", "in_use", None),
+            map,
         ],
         volumes: vec![
             volume("hdd-1a2b3c4d-01", "ready", Some(7 << 30)),
@@ -112,6 +133,18 @@ fn metrics_text_passes_promtool_and_says_what_the_node_is() {
     assert_eq!(
         v("kvstrap_volume_used_bytes{volume=\"hdd-1a2b3c4d-01\",storage_class=\"kubevirt-local\",group=\"hdd\",disk=\"/dev/sda\"}"),
         (7u64 << 30) as f64
+    );
+    assert_eq!(
+        v("kvstrap_multipath_state{disk=\"/dev/mapper/mpatha\",group=\"san\",state=\"degraded\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("kvstrap_multipath_state{disk=\"/dev/mapper/mpatha\",group=\"san\",state=\"lost\"}"),
+        0.0
+    );
+    assert_eq!(
+        v("kvstrap_multipath_paths{disk=\"/dev/mapper/mpatha\",group=\"san\",state=\"failed\"}"),
+        1.0
     );
     assert_eq!(v("kvstrap_apply_runs_total"), 2.0);
     assert_eq!(v("kvstrap_apply_failures_total"), 1.0);
