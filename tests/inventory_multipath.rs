@@ -72,7 +72,9 @@ fn a_map_is_one_disk_and_partition_mappings_are_its_partitions() {
         a.by_id,
         [
             "/dev/disk/by-id/dm-name-mpatha",
-            "/dev/disk/by-id/dm-uuid-mpath-35000c500a1b2c3d4"
+            "/dev/disk/by-id/dm-uuid-mpath-35000c500a1b2c3d4",
+            "/dev/disk/by-id/scsi-35000c500a1b2c3d4",
+            "/dev/disk/by-id/wwn-0x5000c500a1b2c3d4"
         ]
     );
     let mp = a.multipath.as_ref().unwrap();

@@ -124,10 +124,7 @@ pub fn scan(opts: &ScanOptions) -> Result<Inventory, InventoryError> {
 pub fn partition_users_now(device: &Path) -> Result<Partition, InventoryError> {
     let opts = ScanOptions::default();
     let machine = Machine::read(&opts)?;
-    let name = device
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = kernel_name_of(device);
     let class = opts.sys_root.join("class/block").join(&name);
     let devno = sysfs::attr(&class, "dev").unwrap_or_default();
     let loop_devices = sysfs::list_names(&opts.sys_root.join("block"))
@@ -151,6 +148,21 @@ pub fn partition_users_now(device: &Path) -> Result<Partition, InventoryError> {
         in_kernel: !devno.is_empty(),
         ..Partition::default()
     })
+}
+
+/// The kernel name of a device node: its own file name, or for a `/dev/mapper` link (a
+/// multipath map's partition mapping, `mpatha-part1`) the `dm-N` it points at, which is
+/// the name sysfs, mountinfo and device-node bind mounts know it by.
+fn kernel_name_of(device: &Path) -> String {
+    let resolved = if device.starts_with(multipath::MAPPER_DIR) {
+        std::fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf())
+    } else {
+        device.to_path_buf()
+    };
+    resolved
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Machine-wide facts read once per scan.
@@ -226,6 +238,9 @@ impl Machine {
     fn block_device_behind(&self, backing: &Path) -> Option<String> {
         let text = backing.to_string_lossy();
         let path = Path::new(text.trim_end_matches(" (deleted)"));
+        if path.starts_with(multipath::MAPPER_DIR) {
+            return Some(kernel_name_of(path));
+        }
         if let Ok(name) = path.strip_prefix("/dev") {
             return Some(name.to_string_lossy().into_owned());
         }
@@ -617,12 +632,15 @@ fn link_loop_devices(disks: &mut [Disk], machine: &Machine) {
             Some((i, machine.block_device_behind(&backing)?, backing))
         })
         .collect();
+    // A map's partitions are `/dev/mapper` links to the `dm-N` a loop's backing names.
+    let is_node = |path: &Path, name: &str| {
+        path == Path::new("/dev").join(name) || kernel_name_of(path) == name
+    };
     let known = |name: &str| {
         disks.iter().any(|d| {
             d.name == name
-                || d.partitions
-                    .iter()
-                    .any(|p| p.path == Path::new("/dev").join(name))
+                || d.multipath.as_ref().is_some_and(|m| m.kernel_name == name)
+                || d.partitions.iter().any(|p| is_node(&p.path, name))
         })
     };
     // Only block devices of this scan: a loop over a file that lives in /dev/shm is a disk.
@@ -638,7 +656,7 @@ fn link_loop_devices(disks: &mut [Disk], machine: &Machine) {
         let partition = disks
             .iter_mut()
             .flat_map(|d| d.partitions.iter_mut())
-            .find(|p| p.path == Path::new("/dev").join(&name));
+            .find(|p| is_node(&p.path, &name));
         if let Some(p) = partition {
             p.loop_devices.push(loop_over);
         }

@@ -48,10 +48,17 @@ pub fn wwn_of(wwid: &str) -> Option<String> {
     super::byid::wwn_from_wwid(&format!("naa.{}", wwid.strip_prefix('3')?))
 }
 
-/// The by-id names udev's device-mapper rules give a map: `dm-name-<name>`,
-/// `dm-uuid-mpath-<wwid>`.
+/// The by-id names udev gives a map: `dm-name-<name>`, `dm-uuid-mpath-<wwid>` (its
+/// device-mapper rules) and, for an NAA WWID, the LUN's own `scsi-<wwid>` and
+/// `wwn-0x<wwn>`, which multipath-tools' rules move from the paths to the map (so a
+/// policy written with them names the map, with udev or without).
 pub fn by_id_names(name: &str, wwid: &str) -> Vec<String> {
-    vec![format!("dm-name-{name}"), format!("dm-uuid-mpath-{wwid}")]
+    let mut names = vec![format!("dm-name-{name}"), format!("dm-uuid-mpath-{wwid}")];
+    if let Some(wwn) = wwn_of(wwid) {
+        names.push(format!("scsi-{wwid}"));
+        names.push(format!("wwn-{wwn}"));
+    }
+    names
 }
 
 /// The by-id names of a map's partition mapping: `dm-name-<name>-part<N>`,
@@ -271,8 +278,17 @@ mod tests {
             PathBuf::from("/dev/mapper/mpatha-part2")
         );
         assert_eq!(
-            by_id_names("mpatha", "3600"),
-            vec!["dm-name-mpatha", "dm-uuid-mpath-3600"]
+            by_id_names("mpatha", "35000c500a1b2c3d4"),
+            vec![
+                "dm-name-mpatha",
+                "dm-uuid-mpath-35000c500a1b2c3d4",
+                "scsi-35000c500a1b2c3d4",
+                "wwn-0x5000c500a1b2c3d4"
+            ]
+        );
+        assert_eq!(
+            by_id_names("mpathe", "2002538b471b1b2c3"),
+            vec!["dm-name-mpathe", "dm-uuid-mpath-2002538b471b1b2c3"]
         );
         assert_eq!(
             partition_by_id_names("mpatha", "3600", 1),
