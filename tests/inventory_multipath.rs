@@ -282,3 +282,22 @@ fn the_planner_uses_maps_warns_of_degraded_ones_and_refuses_lost_maps_and_pairs(
     }
     assert!(json.contains("/dev/mapper/mpathb"));
 }
+
+#[test]
+fn wipe_force_may_name_a_map_by_its_wwid_never_by_its_name() {
+    let policy = |device: &str| {
+        format!(
+            "[node]\nname = \"n\"\n[[storage_class]]\nname = \"c\"\n[[disk_group]]\nname = \"g\"\n\
+             storage_class = \"c\"\nwipe = \"force\"\ndevices = [\"{device}\"]\n"
+        )
+    };
+    let load = |text: String| kvstrap::policy::load_str(Path::new("p.toml"), &text);
+    assert!(load(policy("/dev/disk/by-id/dm-uuid-mpath-35000c500a1b2c3d4")).is_ok());
+    let err = load(policy("/dev/disk/by-id/dm-name-mpatha")).expect_err("a map's name");
+    assert!(
+        err.diagnostics[0]
+            .message
+            .contains("does not name its disks by serial or WWN"),
+        "{err:?}"
+    );
+}
