@@ -28,6 +28,27 @@ fn snapshot() -> Snapshot {
         group: f.map(|_| "hdd".to_string()),
         health: f.and_then(health),
         io: None,
+        multipath: None,
+    };
+    // A SAN LUN's map with one of its two paths offline.
+    let map = DiskSample {
+        path: "/dev/mapper/mpatha".into(),
+        state: "free",
+        group: Some("san".into()),
+        health: None,
+        io: None,
+        multipath: Some(kvstrap::model::Multipath {
+            wwid: "35000c500a1b2c3d4".into(),
+            kernel_name: "dm-0".into(),
+            paths: ["sdc", "sdd"]
+                .iter()
+                .map(|p| kvstrap::model::MultipathPath {
+                    name: (*p).into(),
+                    state: if *p == "sdc" { "running" } else { "offline" }.into(),
+                    active: *p == "sdc",
+                })
+                .collect(),
+        }),
     };
     let mut stats = RunStats::default();
     let report: kvstrap::apply::ApplyReport = Default::default();
@@ -58,6 +79,7 @@ fn snapshot() -> Snapshot {
             measured,
             disk("/dev/loop3", "ours", Some("unsupported.json")),
             disk("/dev/vda", "in_use", None),
+            map,
         ],
         volumes: vec![
             volume("hdd-1a2b3c4d-01", "ready", Some(7 << 30)),
@@ -142,6 +164,18 @@ fn metrics_text_passes_promtool_and_says_what_the_node_is() {
     assert!(
         !text.contains("kvstrap_disk_random_read_iops{disk=\"/dev/sda\""),
         "a disk never measured has no figure"
+    );
+    assert_eq!(
+        v("kvstrap_multipath_state{disk=\"/dev/mapper/mpatha\",group=\"san\",state=\"degraded\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("kvstrap_multipath_state{disk=\"/dev/mapper/mpatha\",group=\"san\",state=\"lost\"}"),
+        0.0
+    );
+    assert_eq!(
+        v("kvstrap_multipath_paths{disk=\"/dev/mapper/mpatha\",group=\"san\",state=\"failed\"}"),
+        1.0
     );
     assert_eq!(v("kvstrap_apply_runs_total"), 2.0);
     assert_eq!(v("kvstrap_apply_failures_total"), 1.0);

@@ -92,6 +92,9 @@ pub fn render(rows: &[Row], now_unix: u64) -> String {
         for m in &disk.mountpoints {
             let _ = writeln!(out, "  mounted at {}", m.display());
         }
+        if let Some(mp) = &disk.multipath {
+            let _ = writeln!(out, "  {}", multipath_line(mp));
+        }
     }
     out
 }
@@ -128,6 +131,26 @@ pub fn age_text(seconds: u64) -> String {
         s if s < 86_400 => format!("{}h", s / 3600),
         s => format!("{}d", s / 86_400),
     }
+}
+
+/// `multipath wwid 3600…, paths sdb running, sdc offline (degraded: …)`.
+fn multipath_line(mp: &crate::model::Multipath) -> String {
+    let paths: Vec<String> = mp
+        .paths
+        .iter()
+        .map(|p| format!("{} {}", p.name, p.state))
+        .collect();
+    let paths = if paths.is_empty() {
+        "none".to_string()
+    } else {
+        paths.join(", ")
+    };
+    let state = match mp.degraded() {
+        Some(why) => format!(" (degraded: {why})"),
+        None if mp.active_paths() == 0 => " (lost: no working path)".to_string(),
+        None => String::new(),
+    };
+    format!("multipath wwid {}, paths {paths}{state}", mp.wwid)
 }
 
 fn content(table: Option<&str>, signatures: &[Signature]) -> String {

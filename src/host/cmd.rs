@@ -24,14 +24,17 @@ pub enum Program {
     XfsDb,
     /// Writes the planned label once mkfs.ext4 has finished.
     E2label,
+    /// Makes the partition mappings of a dm-multipath map (multipath-tools' own way).
+    Kpartx,
 }
 
 impl Program {
-    pub const ALL: [Program; 4] = [
+    pub const ALL: [Program; 5] = [
         Program::MkfsXfs,
         Program::MkfsExt4,
         Program::XfsDb,
         Program::E2label,
+        Program::Kpartx,
     ];
 
     pub fn name(self) -> &'static str {
@@ -40,6 +43,7 @@ impl Program {
             Program::MkfsExt4 => "mkfs.ext4",
             Program::XfsDb => "xfs_db",
             Program::E2label => "e2label",
+            Program::Kpartx => "kpartx",
         }
     }
 
@@ -48,6 +52,7 @@ impl Program {
         match self {
             Program::MkfsXfs | Program::XfsDb => "xfsprogs",
             Program::MkfsExt4 | Program::E2label => "e2fsprogs",
+            Program::Kpartx => "kpartx",
         }
     }
 }

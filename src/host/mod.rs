@@ -15,6 +15,7 @@ pub mod failpoint;
 pub mod gpt;
 pub mod ioprobe;
 pub mod kernel_quota;
+pub mod kpartx;
 pub mod mkfs;
 pub mod mount;
 pub mod probe;
@@ -79,6 +80,8 @@ pub enum Error {
     Wipe(#[from] wipe::WipeError),
     #[error(transparent)]
     Lock(#[from] disklock::LockError),
+    #[error(transparent)]
+    Kpartx(#[from] kpartx::KpartxError),
 }
 
 #[cfg(test)]

@@ -27,6 +27,8 @@ pub struct SysDisk {
     pub backing_file: Option<PathBuf>,
     pub partitions: Vec<SysPartition>,
     pub ids: IdFacts,
+    /// A dm-multipath map or one of its paths (filled in by `multipath::fold`).
+    pub multipath: super::multipath::Role,
 }
 
 /// A partition the kernel knows (it has a device node).
@@ -105,6 +107,7 @@ pub fn read_disk(sys_root: &Path, name: &str) -> SysDisk {
         partitions: partitions(&dir, name),
         transport,
         ids,
+        multipath: Default::default(),
     }
 }
 

@@ -54,6 +54,8 @@ pub struct DiskSample {
     pub health: Option<Health>,
     /// Its measured reads; `None` when never measured.
     pub io: Option<crate::model::IoFigures>,
+    /// A selected dm-multipath map's paths and their state.
+    pub multipath: Option<crate::model::Multipath>,
 }
 
 /// One volume of the plan.

@@ -12,6 +12,7 @@ use std::fmt::Write;
 pub fn render(s: &Snapshot) -> String {
     let mut out = Out::default();
     disks(&mut out, s);
+    multipath(&mut out, s);
     health_figures(&mut out, s);
     io_figures(&mut out, s);
     volumes(&mut out, s);
@@ -155,6 +156,53 @@ fn io_figures(out: &mut Out, s: &Snapshot) {
                 "kvstrap_disk_io_class",
                 &[("disk", disk), ("class", class.as_str())],
                 v,
+            );
+        }
+    }
+}
+
+/// The selected dm-multipath maps: their state and their paths.
+fn multipath(out: &mut Out, s: &Snapshot) {
+    const STATES: [&str; 3] = ["healthy", "degraded", "lost"];
+    let maps: Vec<(String, &str, &crate::model::Multipath)> = s
+        .disks
+        .iter()
+        .filter_map(|d| {
+            let m = d.multipath.as_ref()?;
+            Some((
+                d.path.to_string_lossy().into_owned(),
+                d.group.as_deref().unwrap_or(""),
+                m,
+            ))
+        })
+        .collect();
+    out.family(
+        "kvstrap_multipath_state",
+        "gauge",
+        "1 for the state a selected multipath map is in (healthy, degraded: a failed path or a single one, lost: no working path), 0 for the others.",
+    );
+    for (disk, group, m) in &maps {
+        for state in STATES {
+            let v = if m.state() == state { 1.0 } else { 0.0 };
+            out.sample(
+                "kvstrap_multipath_state",
+                &[("disk", disk), ("group", group), ("state", state)],
+                v,
+            );
+        }
+    }
+    out.family(
+        "kvstrap_multipath_paths",
+        "gauge",
+        "Paths of a selected multipath map, active or failed.",
+    );
+    for (disk, group, m) in &maps {
+        let active = m.active_paths();
+        for (state, n) in [("active", active), ("failed", m.paths.len() - active)] {
+            out.sample(
+                "kvstrap_multipath_paths",
+                &[("disk", disk), ("group", group), ("state", state)],
+                n as f64,
             );
         }
     }

@@ -44,6 +44,7 @@ pub const OWNER_KEYS: &[&str] = &["uid", "gid", "mode"];
 /// Transports the inventory reports (`kvstrap disks` shows them).
 pub const TRANSPORTS: &[&str] = &[
     "nvme", "sata", "ata", "sas", "scsi", "fc", "iscsi", "virtio", "xen", "usb", "mmc", "loop",
+    "mpath",
 ];
 
 /// KubeVirt's qemu runs as uid/gid 107.

@@ -27,11 +27,14 @@ pub fn only_loop_devices(devices: &[String]) -> bool {
 
 /// The transport every listed device must have, judged from its name.
 fn implied_transport(devices: &[String]) -> Option<&'static str> {
-    const KERNEL_NAMES: [(&str, &str); 4] = [
+    const KERNEL_NAMES: [(&str, &str); 6] = [
         ("/dev/loop", "loop"),
         ("/dev/nvme", "nvme"),
         ("/dev/disk/by-id/nvme-", "nvme"),
         ("/dev/vd", "virtio"),
+        // Only multipath maps under /dev/mapper can be candidates.
+        ("/dev/mapper/", "mpath"),
+        ("/dev/disk/by-id/dm-uuid-mpath-", "mpath"),
     ];
     let of = |d: &String| {
         KERNEL_NAMES

@@ -541,8 +541,10 @@ fn names_disks_by_identity(devices: &[String], matcher: &DiskMatch) -> bool {
 
 /// `/dev/disk/by-id/` names that carry a WWN or a serial number.
 fn is_identity_path(path: &str) -> bool {
-    const PREFIXES: [&str; 9] = [
+    const PREFIXES: [&str; 10] = [
         "wwn-",
+        // A multipath map by its LUN's WWID (never `dm-name-`: a name is only a name).
+        "dm-uuid-mpath-",
         "nvme-",
         "ata-",
         "scsi-",

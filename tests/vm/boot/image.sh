@@ -11,9 +11,11 @@
 IMAGE_SUITE=bookworm
 # What a bare-metal node has, minus what a test cannot use (no network, no ssh).
 # jq: the guest's checks read kvstrap's JSON. busybox-static: the test's small initramfs
-# (tests/vm/boot/initramfs.sh).
+# (tests/vm/boot/initramfs.sh). multipath-tools (with kpartx): SAN LUNs reach a node as
+# several paths under dm-multipath (tests/vm/mpath-in-vm.sh); it makes no map of the
+# other tests' virtio disks.
 # The kernel is installed in a second step, in the chroot, the way an installer does.
-IMAGE_PACKAGES=systemd,systemd-sysv,udev,dbus,xfsprogs,e2fsprogs,util-linux,kmod,procps,jq,libblkid1,busybox-static
+IMAGE_PACKAGES=systemd,systemd-sysv,udev,dbus,xfsprogs,e2fsprogs,util-linux,kmod,procps,jq,libblkid1,busybox-static,multipath-tools,kpartx
 IMAGE_KERNEL=linux-image-amd64
 IMAGE_SIZE=3G
 
