@@ -90,7 +90,17 @@ impl Node {
             Lock::Held(_) => None,
         };
         progress(Event::Locked);
+        let started = std::time::Instant::now();
         let (inventory, plan) = self.look_measuring(policy, progress)?;
+        // Where a pass spends its time, for `KVSTRAP_LOG=debug`.
+        let phase = |name: &str| {
+            tracing::debug!(
+                phase = name,
+                at_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "pass: {name} done"
+            );
+        };
+        phase("scan and plan");
         // Draining disks nothing holds any more become drained before the plan runs, so
         // this very pass releases them.
         let mut service_changes = self.settle_drains(
@@ -118,6 +128,7 @@ impl Node {
                 progress(Event::Step { n, total, report })
             })
         };
+        phase("steps");
         let interrupted = stop.load(Ordering::SeqCst)
             && steps.steps.iter().any(|s| s.result == StepResult::Skipped);
         let result =
@@ -141,7 +152,9 @@ impl Node {
                 plan,
             }
         };
+        phase("record and second look");
         let mut render_error = publications.submit(policy, &after.plan).err();
+        phase("render and publish");
         // That publication may have deleted the last PV holding a draining disk (the
         // CLI's publisher answers within the pass): drain it now, in this pass, rather
         // than leave it to a next run that may never come.
