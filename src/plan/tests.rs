@@ -47,6 +47,7 @@ pub fn group(name: &str) -> DiskGroup {
         quota: crate::policy::QuotaMode::Required,
         provisioning: Default::default(),
         overcommit_permille: 1000,
+        encryption: None,
     }
 }
 
