@@ -247,6 +247,8 @@ fn writes_disk(step: &Step) -> bool {
         Step::WipeDisk { .. }
             | Step::WritePartitionTable { .. }
             | Step::AddPartitionNodes { .. }
+            | Step::FormatLuks { .. }
+            | Step::EraseLuks { .. }
             | Step::MakeFilesystem { .. }
     )
 }
@@ -278,8 +280,22 @@ fn step_message_id(step: &Step) -> Option<&'static str> {
         Step::WipeDisk { .. } => Some(message_id::DISK_WIPED),
         Step::WritePartitionTable { .. } => Some(message_id::PARTITION_TABLE_WRITTEN),
         Step::MakeFilesystem { .. } => Some(message_id::FILESYSTEM_CREATED),
+        Step::FormatLuks { .. } => Some(message_id::LUKS_FORMATTED),
+        Step::EraseLuks { .. } => Some(message_id::LUKS_ERASED),
         _ => None,
     }
+}
+
+/// A failed open of a LUKS2 volume of kvstrap's that nothing opened is "volume locked":
+/// `journalctl MESSAGE_ID=...` lists them, with the device in the message.
+fn locked_message_id(step: &Step, error: &str) -> Option<&'static str> {
+    (matches!(step, Step::OpenLuks { .. }) && is_locked_error(error))
+        .then_some(message_id::VOLUME_LOCKED)
+}
+
+/// The words [`crate::host::luks::LuksError::Locked`] says, as the step report keeps them.
+pub fn is_locked_error(error: &str) -> bool {
+    error.contains(" is locked: nothing kvstrap may use opens it")
 }
 
 /// The volume a step works on, for the `VOLUME` journal field.
@@ -362,6 +378,7 @@ fn log_step(r: &StepReport, step: &Step, ids: &JournalIds, took: Duration) {
     let volume = volume.as_deref();
     match &r.result {
         StepResult::Failed { error } => tracing::error!(
+            message_id = locked_message_id(step, error),
             step = r.action,
             disk,
             disk_wwn = wwn,
@@ -409,6 +426,14 @@ fn run_step(step: &Step, fx: &dyn Effects) -> Result<Outcome, ApplyError> {
         Step::WipeDisk { disk, identity, .. } => fx.wipe_disk(disk, identity),
         Step::WritePartitionTable { layout, .. } => fx.write_partition_table(layout),
         Step::AddPartitionNodes { layout, .. } => fx.sync_partitions(layout),
+        Step::FormatLuks { device, luks, .. } => fx.format_luks(device, luks),
+        Step::OpenLuks { device, luks, .. } => fx.open_luks(device, luks),
+        Step::CloseLuks {
+            device, mapping, ..
+        } => fx.close_luks(device, mapping),
+        Step::EraseLuks {
+            device, luks_uuid, ..
+        } => fx.erase_luks(device, luks_uuid),
         Step::MakeFilesystem {
             device,
             fs_type,
@@ -440,8 +465,9 @@ fn run_step(step: &Step, fx: &dyn Effects) -> Result<Outcome, ApplyError> {
             link,
             target,
             part_uuid,
+            crypt,
             ..
-        } => fx.link_block_device(disk, link, target, part_uuid),
+        } => fx.link_block_device(disk, link, target, part_uuid, crypt.as_ref()),
         Step::Unmount { mountpoint, .. } => fx.unmount(mountpoint),
         Step::RemoveBlockLink { link, .. } => fx.remove_block_link(link),
     }

@@ -14,6 +14,7 @@ pub mod disklock;
 pub mod failpoint;
 pub mod gpt;
 pub mod kernel_quota;
+pub mod luks;
 pub mod mkfs;
 pub mod mount;
 pub mod probe;
@@ -78,6 +79,8 @@ pub enum Error {
     Wipe(#[from] wipe::WipeError),
     #[error(transparent)]
     Lock(#[from] disklock::LockError),
+    #[error(transparent)]
+    Luks(#[from] luks::LuksError),
 }
 
 #[cfg(test)]

@@ -219,6 +219,7 @@ mod tests {
             },
             transport: "nvme".into(),
             rotational: false,
+            mapping: None,
         }
     }
 
