@@ -877,6 +877,22 @@ pub struct CryptTarget {
     pub name: String,
 }
 
+/// A LUKS2 volume of kvstrap's that nothing opened in a run: left as it is (never
+/// formatted), its volumes unpublished, and reported by name in `status`, the journal and
+/// the Node's condition until it opens.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockedVolume {
+    pub disk: PathBuf,
+    /// The partition that carries the header.
+    pub device: PathBuf,
+    /// The mapping it would be open as (`kvs-...`).
+    pub mapping: String,
+    /// The volumes on it.
+    pub volumes: Vec<String>,
+    /// What was tried, and what each said.
+    pub error: String,
+}
+
 /// A disk the policy selected but the planner will not touch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refusal {

@@ -105,7 +105,39 @@ pub fn run_record(plan: &Plan, report: &ApplyReport, result: &str) -> crate::sta
         disks: plan.groups.iter().map(|g| g.disks.len()).sum(),
         volumes: plan.volumes().count(),
         refused: plan.refused.len(),
+        locked: locked_volumes(plan, report),
     }
+}
+
+/// The LUKS2 volumes nothing opened in this run: the failed open steps that say so, with
+/// the volumes on each. `report` has one entry per step of `plan`, in plan order.
+pub fn locked_volumes(plan: &Plan, report: &ApplyReport) -> Vec<crate::model::LockedVolume> {
+    plan.steps
+        .iter()
+        .zip(&report.steps)
+        .filter_map(|(step, r)| {
+            let (
+                Step::OpenLuks {
+                    disk, device, luks, ..
+                },
+                StepResult::Failed { error },
+            ) = (step, &r.result)
+            else {
+                return None;
+            };
+            is_locked_error(error).then(|| crate::model::LockedVolume {
+                disk: disk.clone(),
+                device: device.clone(),
+                mapping: luks.label.clone(),
+                volumes: plan
+                    .volumes()
+                    .filter(|v| v.device == *device)
+                    .map(|v| v.name.clone())
+                    .collect(),
+                error: error.clone(),
+            })
+        })
+        .collect()
 }
 
 /// Called after every step, for progress displays.
@@ -341,6 +373,10 @@ pub fn is_transient(e: &ApplyError) -> bool {
     };
     use crate::host::probe::ProbeError;
     let stderr = match host.as_ref() {
+        // A TPM2 whose driver is still coming up at boot: worth the first run's retries.
+        crate::host::Error::Luks(crate::host::luks::LuksError::Locked { no_tpm, .. }) => {
+            return *no_tpm
+        }
         crate::host::Error::Blkpg(crate::host::blkpg::BlkpgError::NodeMissing { .. })
         | crate::host::Error::Probe(ProbeError::Busy { .. })
         | crate::host::Error::Lock(crate::host::disklock::LockError::Held { .. })

@@ -436,8 +436,19 @@ fn a_volume_that_does_not_open_is_reported_locked_never_retried_as_transient() {
         device: "/dev/vdb1".into(),
         name: "kvs-0123abcd".into(),
         tried: "TPM2: No usable token is available.".into(),
+        no_tpm: false,
     });
     assert!(!is_transient(&locked));
+    let no_tpm_yet = ApplyError::from(crate::host::luks::LuksError::Locked {
+        device: "/dev/vdb1".into(),
+        name: "kvs-0123abcd".into(),
+        tried: "TPM2: no TPM2 device (/dev/tpmrm0)".into(),
+        no_tpm: true,
+    });
+    assert!(
+        is_transient(&no_tpm_yet),
+        "the first run waits for a TPM2 coming up"
+    );
     let text = error_chain(&locked);
     assert!(is_locked_error(&text), "{text}");
     assert!(text.contains("never formatted"), "{text}");

@@ -36,6 +36,8 @@ pub enum LuksError {
         device: PathBuf,
         name: String,
         tried: String,
+        /// The TPM2 method found no TPM2 device (yet: a driver still loading at boot).
+        no_tpm: bool,
     },
     #[error("the name {name} is taken by {other}, which is not the LUKS2 volume on {}: close it (`cryptsetup close {name}`)", device.display())]
     NameTaken {
@@ -58,6 +60,8 @@ pub enum LuksError {
         label: String,
         found: String,
     },
+    #[error("cannot open LUKS2 volume {}: this kernel has no device-mapper (dm_mod, dm_crypt): load them, or use a kernel built with CONFIG_DM_CRYPT; the volume is left as it is", device.display())]
+    NoDeviceMapper { device: PathBuf },
     #[error("{} was opened but its mapping {name} did not appear", device.display())]
     NoMapping { device: PathBuf, name: String },
     #[error("cannot read the random key for a new LUKS2 volume: {0}")]
@@ -391,11 +395,23 @@ pub fn open(programs: &Programs, device: &Path, luks: &LuksSpec) -> Result<Outco
     let name = luks.label.as_str();
     let mut tried: Vec<String> = Vec::new();
     let mut opened_with = None;
-    if luks.unlock.tpm2_pcrs.is_some() {
+    let mut no_dm = false;
+    let mut note = |e: &LuksError| {
+        no_dm |= matches!(e, LuksError::Cmd(CmdError::Failed { stderr, .. })
+            if stderr.contains("Cannot initialize device-mapper"));
+    };
+    let no_tpm = luks.unlock.tpm2_pcrs.is_some() && !Path::new(TPM2_DEVICE).exists();
+    if no_tpm {
+        tried.push(format!("TPM2: no TPM2 device ({TPM2_DEVICE})"));
+    } else if luks.unlock.tpm2_pcrs.is_some() {
         let args = open_args(device, name, vec!["--token-only".into()]);
         match programs.run(Program::Cryptsetup, &args) {
             Ok(_) => opened_with = Some("its TPM2 seal".to_string()),
-            Err(e) => tried.push(format!("TPM2: {}", failure(&e))),
+            Err(e) => {
+                let e = LuksError::from(e);
+                note(&e);
+                tried.push(format!("TPM2: {}", failure_of(&e)));
+            }
         }
     }
     if let (None, Some(key)) = (&opened_with, &luks.unlock.key_file) {
@@ -407,14 +423,24 @@ pub fn open(programs: &Programs, device: &Path, luks: &LuksSpec) -> Result<Outco
         });
         match attempt {
             Ok(_) => opened_with = Some(format!("key file {}", key.display())),
-            Err(e) => tried.push(format!("key file {}: {}", key.display(), failure_of(&e))),
+            Err(e) => {
+                note(&e);
+                tried.push(format!("key file {}: {}", key.display(), failure_of(&e)));
+            }
         }
     }
     let Some(with) = opened_with else {
+        // Not a key problem: nothing could have opened it on this kernel.
+        if no_dm {
+            return Err(LuksError::NoDeviceMapper {
+                device: device.to_path_buf(),
+            });
+        }
         return Err(LuksError::Locked {
             device: device.to_path_buf(),
             name: name.to_string(),
             tried: tried.join("; "),
+            no_tpm,
         });
     };
     if mapping_of(device, &luks.uuid, name)?.is_none() || !mapper_path(name).exists() {
@@ -430,6 +456,9 @@ pub fn open(programs: &Programs, device: &Path, luks: &LuksSpec) -> Result<Outco
         mapper_path(name).display()
     )))
 }
+
+/// The TPM2 behind the kernel's resource manager, which systemd's token uses ("auto").
+pub const TPM2_DEVICE: &str = "/dev/tpmrm0";
 
 fn open_args(device: &Path, name: &str, how: Vec<OsString>) -> Vec<OsString> {
     ["open", "--type", "luks2"]

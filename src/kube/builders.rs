@@ -22,6 +22,8 @@ pub const LABEL_GROUP: &str = "kvstrap.io/group";
 pub const LABEL_TRANSPORT: &str = "kvstrap.io/transport";
 /// `ssd` or `hdd`, from the disk's rotational flag.
 pub const LABEL_MEDIA: &str = "kvstrap.io/media";
+/// `"true"` on the PV of a volume on a LUKS2 volume (an encrypted group); absent otherwise.
+pub const LABEL_ENCRYPTED: &str = "kvstrap.io/encrypted";
 /// The volume's name on the node (exact value in the annotation of the same name).
 pub const ANNOTATION_VOLUME: &str = "kvstrap.io/volume";
 /// Stable identity of the disk holding the volume (`wwn:...`, `serial:...`).
@@ -226,13 +228,17 @@ fn binding_mode(c: &StorageClass) -> &str {
 
 fn pv_labels(node: &str, v: &VolumeSpec) -> BTreeMap<String, String> {
     let media = if v.rotational { "hdd" } else { "ssd" };
-    BTreeMap::from([
+    let mut labels = BTreeMap::from([
         (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
         (LABEL_NODE.to_string(), label_value(node)),
         (LABEL_GROUP.to_string(), label_value(&v.group)),
         (LABEL_TRANSPORT.to_string(), label_value(&v.transport)),
         (LABEL_MEDIA.to_string(), media.to_string()),
-    ])
+    ]);
+    if v.encrypted() {
+        labels.insert(LABEL_ENCRYPTED.to_string(), "true".to_string());
+    }
+    labels
 }
 
 fn node_affinity(node: &str) -> VolumeNodeAffinity {

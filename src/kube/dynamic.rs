@@ -54,7 +54,7 @@ pub fn claim_pv(
     class: &StorageClass,
 ) -> PersistentVolume {
     let media = if pool.rotational { "hdd" } else { "ssd" };
-    let labels = BTreeMap::from([
+    let mut labels = BTreeMap::from([
         (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
         (LABEL_NODE.to_string(), label_value(node)),
         (LABEL_GROUP.to_string(), label_value(&pool.group)),
@@ -62,6 +62,12 @@ pub fn claim_pv(
         (LABEL_MEDIA.to_string(), media.to_string()),
         (LABEL_PROVISIONING.to_string(), DYNAMIC.to_string()),
     ]);
+    if pool.mapping.is_some() {
+        labels.insert(
+            super::builders::LABEL_ENCRYPTED.to_string(),
+            "true".to_string(),
+        );
+    }
     let annotations = BTreeMap::from([
         (
             super::builders::ANNOTATION_PROVISIONED_BY.to_string(),
@@ -258,6 +264,22 @@ mod tests {
             "dynamic"
         );
         assert_eq!(json["metadata"]["finalizers"][0], FINALIZER);
+        assert!(json["metadata"]["labels"]["kvstrap.io/encrypted"].is_null());
+        let mut encrypted = pool();
+        encrypted.mapping = Some("/dev/mapper/kvs-0a1b2c3d".into());
+        let on_luks = claim_pv(
+            "w1",
+            &claim,
+            &encrypted,
+            std::path::Path::new("/var/lib/kvstrap/storage/pool/disk-1/pvc-6b0e"),
+            30 << 30,
+            &class,
+        );
+        let on_luks = serde_json::to_value(&on_luks).unwrap();
+        assert_eq!(
+            on_luks["metadata"]["labels"]["kvstrap.io/encrypted"],
+            "true"
+        );
         assert_eq!(
             json["metadata"]["annotations"]["pv.kubernetes.io/provisioned-by"],
             PROVISIONER

@@ -14,15 +14,16 @@ pub fn fresh_disk(plan: &DiskPlan, reason: &str, steps: &mut Vec<Step>) {
         layout: plan.layout.clone(),
         reason: reason.to_string(),
     });
+    let mut parts = Vec::new();
     for part in &plan.layout.partitions {
         if let Some(luks) = &part.encryption {
-            steps.push(format_luks(
+            parts.push(format_luks(
                 plan,
                 part,
                 luks,
                 "new partition of an encrypted group",
             ));
-            steps.push(open_luks(plan, part, luks, "new LUKS2 volume"));
+            parts.push(open_luks(plan, part, luks, "new LUKS2 volume"));
         }
         if let Some(fs) = &part.filesystem {
             let why = if part.encryption.is_some() {
@@ -30,13 +31,27 @@ pub fn fresh_disk(plan: &DiskPlan, reason: &str, steps: &mut Vec<Step>) {
             } else {
                 "new partition"
             };
-            steps.push(mkfs(plan, part, fs, why));
-            steps.push(mount(plan, part, fs, "new filesystem"));
+            parts.push(mkfs(plan, part, fs, why));
+            parts.push(mount(plan, part, fs, "new filesystem"));
         }
     }
+    steps.extend(luks_first(parts));
     for volume in &plan.volumes {
         volume_steps(plan, volume, None, false, steps);
     }
+}
+
+/// A disk's partition steps with every LUKS2 format first, then every open, then the rest
+/// (each kind in partition order): a volume that does not open stops its disk's steps
+/// there, and by then every header of the disk is made (none is left to a later run that
+/// the same failure would stop again).
+fn luks_first(mut steps: Vec<Step>) -> Vec<Step> {
+    steps.sort_by_key(|s| match s {
+        Step::FormatLuks { .. } => 0,
+        Step::OpenLuks { .. } => 1,
+        _ => 2,
+    });
+    steps
 }
 
 /// Problems that keep kvstrap from adopting a disk or a partition it laid out earlier.
@@ -68,6 +83,7 @@ pub fn adopt_disk(plan: &DiskPlan, disk: &Disk, inventory: &Inventory) -> Result
             reason: "the kernel does not know these partitions yet".into(),
         });
     }
+    let mut parts = Vec::new();
     for part in &plan.layout.partitions {
         let observed = disk.partitions.iter().find(|p| p.number == part.number);
         let result = match &part.encryption {
@@ -75,10 +91,11 @@ pub fn adopt_disk(plan: &DiskPlan, disk: &Disk, inventory: &Inventory) -> Result
             None => plain_steps(plan, part, observed),
         };
         match result {
-            Ok(steps) => out.steps.extend(steps),
+            Ok(steps) => parts.extend(steps),
             Err(why) => out.refused.push((part.number, why)),
         }
     }
+    out.steps.extend(luks_first(parts));
     for volume in &plan.volumes {
         let number = plan
             .layout

@@ -1466,8 +1466,8 @@ fn an_encrypted_group_puts_luks2_under_every_partition_and_its_volumes_on_the_ma
         [
             "write_partition_table",
             "format_luks",
-            "open_luks",
             "format_luks",
+            "open_luks",
             "open_luks",
             "link_block_device",
             "link_block_device"
