@@ -13,7 +13,9 @@ PACKAGES=(xfsprogs e2fsprogs gdisk fdisk util-linux mount libblkid-dev clang lib
     # kubelet and kube-scheduler of ../shared/kube-control-plane: Debian's containerd (with
     # ctr and the runc shim) and runc run its pods; gcc -static (libc6-dev has libc.a)
     # builds the sandbox image's pause, busybox-static fills the workload image.
-    containerd runc gcc libc6-dev busybox-static)
+    containerd runc gcc libc6-dev busybox-static
+    # tests/noop_root.rs counts the processes a no-op apply starts (strace -f).
+    strace)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+export CARGO_INCREMENTAL=0  # a fresh build each run: incremental state only costs disk
 log() { printf '\n=== %s\n' "$*"; }
 
 log "installing build and test dependencies"
@@ -36,6 +37,8 @@ PROPTEST_CASES=${PROPTEST_CASES:-4096} cargo nextest run --locked --no-fail-fast
 if [ "$(id -u)" = 0 ]; then
     log "quotas on a kernel that has them (Debian's kernel under qemu; this machine's lacks them)"
     tests/vm/quota-in-vm.sh target/debug/kvstrap target/debug/examples/dynamic_volume
+    log "SAN LUNs through dm-multipath (two paths of one LUN, multipathd, Debian's kernel; qemu)"
+    tests/vm/mpath-in-vm.sh target/debug/kvstrap
 fi
 
 if [ -x packaging/test-packages ]; then

@@ -70,6 +70,116 @@ pub struct Disk {
     pub swap: bool,
     /// Facts that make this disk unusable, whatever the policy says.
     pub in_use: Vec<InUse>,
+    /// Its measured reads, when kvstrap measured it while it was blank (cached by identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io: Option<IoFigures>,
+    /// For a dm-multipath map (transport `mpath`): its WWID and its paths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multipath: Option<Multipath>,
+}
+
+/// What a short read-only measurement of a blank disk found (`host::ioprobe`), and the
+/// class those figures put it in under the policy's thresholds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoFigures {
+    /// Random 4 KiB reads per second at queue depth 16.
+    pub random_read_iops: u64,
+    /// Sequential 1 MiB reads, MiB per second.
+    pub seq_read_mib_s: u64,
+    /// When it was measured, seconds since the Unix epoch.
+    pub measured_at: u64,
+    pub class: IoClass,
+}
+
+/// A disk's IO class, from its measured random reads (`[io_class]` thresholds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoClass {
+    Slow,
+    Standard,
+    Fast,
+}
+
+impl IoClass {
+    pub const ALL: [IoClass; 3] = [IoClass::Fast, IoClass::Standard, IoClass::Slow];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoClass::Fast => "fast",
+            IoClass::Standard => "standard",
+            IoClass::Slow => "slow",
+        }
+    }
+}
+
+impl std::fmt::Display for IoClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What makes a dm-multipath map one disk: the LUN's WWID, and the paths that reach it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Multipath {
+    /// The WWID multipathd names the LUN by (`dm/uuid` less `mpath-`), e.g.
+    /// `36001405d27e5d898829468b90ce4ef8c`.
+    pub wwid: String,
+    /// Kernel name of the map (`dm-2`); `Disk::name` is the map's own name.
+    pub kernel_name: String,
+    /// The map's paths (`slaves/`), e.g. `sdb`, `sdc`.
+    pub paths: Vec<MultipathPath>,
+}
+
+/// One path of a multipath map, as the kernel sees the SCSI device behind it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MultipathPath {
+    pub name: String,
+    /// The device's state (`device/state`): `running`, `offline`, `blocked`,
+    /// `transport-offline`, ...; `unknown` when sysfs has none.
+    pub state: String,
+    /// Whether IO can go through it now.
+    pub active: bool,
+}
+
+impl Multipath {
+    pub fn active_paths(&self) -> usize {
+        self.paths.iter().filter(|p| p.active).count()
+    }
+
+    /// Why the map is degraded (served, but with less redundancy than a SAN LUN should
+    /// have): a failed path, or a single path left. None when at least two paths work
+    /// and none failed, or when none works (that map is lost, not degraded).
+    pub fn degraded(&self) -> Option<String> {
+        let failed: Vec<String> = self
+            .paths
+            .iter()
+            .filter(|p| !p.active)
+            .map(|p| format!("{} {}", p.name, p.state))
+            .collect();
+        let active = self.active_paths();
+        if active == 0 {
+            return None;
+        }
+        if !failed.is_empty() {
+            return Some(format!(
+                "{active} of {} paths active (failed: {})",
+                self.paths.len(),
+                failed.join(", ")
+            ));
+        }
+        (active == 1).then(|| "1 path left: no redundancy".to_string())
+    }
+
+    /// `healthy`, `degraded` (see [`Multipath::degraded`]) or `lost` (no working path).
+    pub fn state(&self) -> &'static str {
+        if self.active_paths() == 0 {
+            "lost"
+        } else if self.degraded().is_some() {
+            "degraded"
+        } else {
+            "healthy"
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -258,6 +368,14 @@ pub enum InUse {
     Virtual {
         detail: String,
     },
+    /// One path of a dm-multipath map: the map is the disk, never its paths.
+    MultipathPath {
+        map: String,
+    },
+    /// A multipath map none of whose paths works: no IO reaches the LUN.
+    NoPath {
+        detail: String,
+    },
 }
 
 impl std::fmt::Display for InUse {
@@ -273,6 +391,11 @@ impl std::fmt::Display for InUse {
             InUse::Busy { detail } => write!(f, "busy: {detail}"),
             InUse::Unreadable { detail } => write!(f, "cannot be opened: {detail}"),
             InUse::Virtual { detail } => write!(f, "not a physical disk: {detail}"),
+            InUse::MultipathPath { map } => write!(
+                f,
+                "path of the multipath map {map}: kvstrap uses the map, never one of its paths"
+            ),
+            InUse::NoPath { detail } => write!(f, "multipath map without a working path: {detail}"),
         }
     }
 }
@@ -579,6 +702,16 @@ pub fn by_partuuid_path(device: &std::path::Path, part_uuid: &uuid::Uuid) -> Pat
         .join(part_uuid.to_string())
 }
 
+/// Where multipath-tools puts its maps and their partition mappings.
+pub const MAPPER_DIR: &str = "/dev/mapper";
+
+/// The partition mapping of partition `number` of the multipath map `map`, named as
+/// Debian's multipath-tools names it (kpartx `-p -part`, its udev rule):
+/// `/dev/mapper/mpatha-part1`.
+pub fn map_partition_path(map: &str, number: u32) -> PathBuf {
+    std::path::Path::new(MAPPER_DIR).join(format!("{map}-part{number}"))
+}
+
 /// The largest unit a filesystem rounds a quota limit up to: xfs keeps limits in whole
 /// filesystem blocks (up to 64 KiB), ext4's quota file in 1 KiB units.
 pub const QUOTA_LIMIT_GRANULE: u64 = 64 * 1024;
@@ -609,6 +742,9 @@ pub struct VolumeSpec {
     pub device: PathBuf,
     pub transport: String,
     pub rotational: bool,
+    /// The measured class of its disk (`kvstrap.io/io-class` on the PV), when measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_class: Option<IoClass>,
     /// Project id of a directory volume on a shared filesystem.
     pub project_id: Option<u32>,
     pub owner: Option<Owner>,
@@ -949,6 +1085,9 @@ pub struct PoolSpec {
     pub owner: Owner,
     pub transport: String,
     pub rotational: bool,
+    /// The measured class of its disk, when measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_class: Option<IoClass>,
     /// The LUKS2 mapping the filesystem sits on, when the group is encrypted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mapping: Option<PathBuf>,

@@ -125,6 +125,19 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), StateError> {
     };
     let dir = path.parent().unwrap_or(Path::new("."));
     create_private_dir(dir, 0o755).map_err(err)?;
+    write_atomic_unsynced(path, contents)?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(err)
+}
+
+/// [`write_atomic`] without the directory fsync, for a caller that writes many files
+/// into one directory and fsyncs it once afterwards (until then a crash may leave the
+/// old file or the new one, never a torn one). The directory must exist.
+pub fn write_atomic_unsynced(path: &Path, contents: &[u8]) -> Result<(), StateError> {
+    let err = |source| StateError::Write {
+        path: path.into(),
+        source,
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
     let (tmp, mut file) = create_temp(dir, path, 0o644).map_err(err)?;
     let written = file
         .write_all(contents)
@@ -133,8 +146,7 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), StateError> {
     if written.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    written.map_err(err)?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(err)
+    written.map_err(err)
 }
 
 /// Create `dir` (and its parents) with `mode`, whatever the umask.
@@ -228,6 +240,29 @@ pub fn save(state_dir: &Path, state: &State) -> Result<(), StateError> {
     write_atomic(&state_file(state_dir), &json)
 }
 
+impl State {
+    /// Whether `self`, a run that ran no step, only repeats what `recorded` says: the same
+    /// result and the same disks, volumes and refusals. Such a run is not written down.
+    pub fn repeats(&self, recorded: &State) -> bool {
+        self.steps_run == 0
+            && self.last_result == recorded.last_result
+            && (self.disks, self.volumes, self.refused)
+                == (recorded.disks, recorded.volumes, recorded.refused)
+    }
+}
+
+/// Record a finished run, unless it ran no step and ended as the one on record (a
+/// converged node's pass, which writes nothing at all): the record then keeps the last
+/// run that changed something or ended otherwise.
+pub fn record_run(state_dir: &Path, state: &State) -> Result<(), StateError> {
+    if let Ok(Some(recorded)) = load(state_dir) {
+        if state.repeats(&recorded) {
+            return Ok(());
+        }
+    }
+    save(state_dir, state)
+}
+
 pub fn disk_service_file(state_dir: &Path) -> PathBuf {
     state_dir.join(DISK_SERVICE_FILE)
 }
@@ -296,6 +331,54 @@ mod tests {
         assert!(err.to_string().contains("another kvstrap applier"), "{err}");
         drop(held);
         assert!(lock(&path, Duration::ZERO).is_ok());
+    }
+
+    #[test]
+    fn a_run_that_only_repeats_the_record_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let changed = State {
+            last_apply_unix: Some(100),
+            last_result: Some("success".into()),
+            steps_run: 28,
+            steps_changed: 28,
+            disks: 4,
+            volumes: 12,
+            ..State::default()
+        };
+        record_run(dir.path(), &changed).unwrap();
+        let modified = || {
+            fs::metadata(state_file(dir.path()))
+                .unwrap()
+                .modified()
+                .unwrap()
+        };
+        let first = modified();
+        let noop = State {
+            last_apply_unix: Some(200),
+            steps_run: 0,
+            steps_changed: 0,
+            ..changed.clone()
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        record_run(dir.path(), &noop).unwrap();
+        assert_eq!(modified(), first, "a no-op run writes nothing");
+        assert_eq!(
+            load(dir.path()).unwrap().unwrap().last_apply_unix,
+            Some(100)
+        );
+        // A run with nothing to do that ends otherwise (a disk refused now) is recorded.
+        let refused = State {
+            refused: 1,
+            ..noop.clone()
+        };
+        record_run(dir.path(), &refused).unwrap();
+        assert_eq!(
+            load(dir.path()).unwrap().unwrap(),
+            State {
+                version: STATE_VERSION,
+                ..refused
+            }
+        );
     }
 
     #[test]

@@ -216,3 +216,171 @@ fn the_daemon_reads_health_and_shows_its_changes() {
     );
     assert!(http_get(&addr).contains(&failed));
 }
+
+/// The reading D-Bus `Disks` shows for `disk`: its `read_unix`, when it has one.
+fn read_time(bus: &TestBus, disk: &Path) -> Option<u64> {
+    bus.read_json("Disks")["disks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| d["path"] == disk.display().to_string())
+        .and_then(|d| d["health"]["read_unix"].as_u64())
+}
+
+/// Runs never read health (issue 23): with `[health] interval = "1h"`, smartctl runs once
+/// for the disk when the daemon first finds it, and never for the runs after it (D-Bus
+/// `Apply`). The reading is kept in the state directory with its time: a daemon started
+/// again takes it up and runs smartctl not at all, and so does `kvstrap disks`; only
+/// `kvstrap disks --health` reads now. Every run of smartctl asks it not to wake the disk.
+#[test]
+fn runs_use_the_kept_reading_and_never_run_smartctl() {
+    let test = "runs_use_the_kept_reading_and_never_run_smartctl";
+    if !can_run(test) {
+        return;
+    }
+    let disk = LoopDisk::new(512 << 20);
+    let bin = tempfile::tempdir().unwrap();
+    fake_smartctl(bin.path(), "sata-healthy.json");
+    // Count the runs (and keep their arguments) in front of the fixture-printing fake.
+    let calls = bin.path().join("calls");
+    std::fs::rename(
+        bin.path().join("smartctl"),
+        bin.path().join("smartctl-fixture"),
+    )
+    .unwrap();
+    std::fs::write(
+        bin.path().join("smartctl"),
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {calls:?}\nexec \"$(dirname \"$0\")/smartctl-fixture\" \"$@\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        bin.path().join("smartctl"),
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+    )
+    .unwrap();
+    let runs = || {
+        std::fs::read_to_string(&calls)
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("state");
+    let policy = work.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[node]\nname = \"kept-health\"\nstorage_root = {:?}\n\n[health]\ninterval = \"1h\"\n\n\
+             [[storage_class]]\nname = \"c\"\nfs_type = \"ext4\"\n\n[[disk_group]]\nname = \"lab\"\n\
+             storage_class = \"c\"\nlayout = \"separate\"\nvolume_count = 1\n\
+             devices = [{:?}]\nallow_loop = true\n",
+            work.path().join("storage").display().to_string(),
+            disk.path.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let path_env = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let env = [
+        ("PATH", path_env.as_str()),
+        ("KVSTRAP_UEVENTS", "0"),
+        ("KVSTRAP_STATE_DIR", state.to_str().unwrap()),
+    ];
+    let bus = TestBus::start();
+    let start = |notify: &NotifySocket| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvstrap"));
+        cmd.arg("--policy").arg(&policy).arg("daemon");
+        DaemonProcess::spawn_full(
+            cmd,
+            tempfile::tempdir().unwrap(),
+            policy.clone(),
+            &bus,
+            notify,
+            &env,
+            &[],
+        )
+    };
+    let apply = || {
+        let out = bus.send_as(0, &["org.kvstrap.Bootstrap1.Apply"]);
+        assert!(text(&out).contains("success"), "{}", text(&out));
+    };
+
+    let mut notify = NotifySocket::new();
+    let daemon = start(&notify);
+    assert!(
+        notify.wait_for("READY=1", Duration::from_secs(120)),
+        "{}",
+        daemon.stderr()
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || health_of(&bus, &disk.path)
+            == "passed"),
+        "the disk was never read:\n{}",
+        daemon.stderr()
+    );
+    let first = read_time(&bus, &disk.path);
+    assert!(first.is_some(), "a reading has its time");
+    for _ in 0..3 {
+        apply();
+    }
+    assert_eq!(
+        runs(),
+        [format!("--json -a -n standby,3 {}", disk.path.display())],
+        "one reading, whatever the runs:\n{}",
+        daemon.stderr()
+    );
+    let kept = std::fs::read_to_string(state.join("health.json")).unwrap_or_default();
+    assert!(kept.contains("\"passed\""), "{kept}");
+    drop(daemon);
+
+    // Started again within the hour: the kept reading, no smartctl.
+    let mut notify = NotifySocket::new();
+    let daemon = start(&notify);
+    assert!(
+        notify.wait_for("READY=1", Duration::from_secs(120)),
+        "{}",
+        daemon.stderr()
+    );
+    apply();
+    assert!(
+        eventually(Duration::from_secs(10), || read_time(&bus, &disk.path)
+            == first),
+        "the kept reading was not taken up:\n{}",
+        daemon.stderr()
+    );
+    assert_eq!(runs().len(), 1, "{:?}\n{}", runs(), daemon.stderr());
+
+    // `kvstrap disks` shows the kept reading and its age; `--health` reads now.
+    let disks = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kvstrap"))
+            .args(["--output", "json", "disks"])
+            .args(args)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+            .env("PATH", &path_env)
+            .env("KVSTRAP_STATE_DIR", &state)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        doc["disks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["path"] == disk.path.display().to_string())
+            .map(|d| d["health"].clone())
+            .unwrap_or_default()
+    };
+    let shown = disks(&[]);
+    assert_eq!(shown["read_unix"].as_u64(), first, "{shown}");
+    assert!(shown["age_seconds"].as_u64().is_some(), "{shown}");
+    assert_eq!(runs().len(), 1);
+    let now = disks(&["--health"]);
+    assert_eq!(now["assessment"], "passed", "{now}");
+    assert_eq!(runs().len(), 2, "--health reads now");
+}

@@ -49,6 +49,7 @@ const WAIT: Duration = Duration::from_secs(180);
 /// One node: its Node object, its loop disk (the pool) and its daemon.
 struct Served {
     name: String,
+    kubeconfig: String,
     dir: tempfile::TempDir,
     daemon: Option<DaemonProcess>,
     notify: NotifySocket,
@@ -337,12 +338,13 @@ async fn room(client: &Client, node: &str) -> Option<(u64, u64)> {
     list.items
         .iter()
         .find(|c| {
-            c.node_topology
-                .as_ref()
-                .and_then(|t| t.match_labels.as_ref())
-                .and_then(|l| l.get("kubernetes.io/hostname"))
-                .map(String::as_str)
-                == Some(node)
+            c.storage_class_name == CLASS
+                && c.node_topology
+                    .as_ref()
+                    .and_then(|t| t.match_labels.as_ref())
+                    .and_then(|l| l.get("kubernetes.io/hostname"))
+                    .map(String::as_str)
+                    == Some(node)
         })
         .map(|c| {
             (
@@ -378,6 +380,7 @@ fn claims_of_any_size_land_where_the_room_is_root() {
             std::fs::write(dir.path().join("policy.toml"), text).unwrap();
             Served {
                 name: name.into(),
+                kubeconfig: cp.kubeconfig.display().to_string(),
                 dir,
                 daemon: None,
                 notify: NotifySocket::new(),
@@ -468,6 +471,16 @@ fn scenario(rt: &tokio::runtime::Runtime, client: &Client, bus: &TestBus, nodes:
             None,
         ));
         if i == 25 {
+            // Room an earlier run published for a class no pool serves any more: the
+            // restarted daemon deletes it, or the scheduler would keep sending claims.
+            rt.block_on(async {
+                let stale =
+                    kvstrap::kube::dynamic::storage_capacity("n1", NAMESPACE, "kv-gone", GIB, GIB);
+                Api::<CSIStorageCapacity>::namespaced(client.clone(), NAMESPACE)
+                    .create(&PostParams::default(), &stale)
+                    .await
+                    .unwrap();
+            });
             nodes[0]
                 .daemon
                 .as_mut()
@@ -479,6 +492,19 @@ fn scenario(rt: &tokio::runtime::Runtime, client: &Client, bus: &TestBus, nodes:
         }
     }
     let took = rt.block_on(wait_bound(client, &names));
+    rt.block_on(async {
+        let start = Instant::now();
+        let stale = kvstrap::kube::dynamic::capacity_name("n1", "kv-gone");
+        let api = Api::<CSIStorageCapacity>::namespaced(client.clone(), NAMESPACE);
+        while api.get_opt(&stale).await.unwrap().is_some() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "stale room {stale} still there: {}",
+                nodes[0].stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
     eprintln!(
         "FIGURE 50 claims of mixed sizes bound and placed on 3 nodes in {:.1} s (from the first create, daemon restarted half way)",
         (started.elapsed().max(took)).as_secs_f64()
@@ -668,6 +694,20 @@ fn scenario(rt: &tokio::runtime::Runtime, client: &Client, bus: &TestBus, nodes:
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
+    // `kvstrap cluster status` shows each node's room.
+    let status = nodes[0].kvstrap(&["cluster", "status", "--kubeconfig", &nodes[0].kubeconfig]);
+    let text = String::from_utf8_lossy(&status.stdout).into_owned();
+    for n in nodes.iter() {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&n.name))
+            .unwrap_or_default();
+        assert!(
+            line.contains(&format!("{CLASS}: ")) && line.contains("free (largest claim"),
+            "{}: {text}",
+            n.name
+        );
+    }
     let node = nodes.iter().find(|n| n.name == on).unwrap();
     let left = node.volumes();
     assert!(

@@ -55,6 +55,9 @@ fn fleet_real_control_plane() {
             broken_refused(c).boxed()
         }),
         ("wipe_from_the_cluster_refused", |c| wipe_refused(c).boxed()),
+        ("node_only_keys_from_the_cluster_refused", |c| {
+            node_only_refused(c).boxed()
+        }),
         ("cache_used_when_the_api_is_down_at_boot", |c| {
             cache_at_boot(c).boxed()
         }),
@@ -435,6 +438,66 @@ async fn wipe_refused(ctx: &Ctx<'_>) {
     fleet.shutdown().await;
 }
 
+/// The allow-list against the real API server: a fragment that reaches for the node's own
+/// keys (the metrics file path, the node's name) is refused whole, the key named in the
+/// watcher's status and in the `PolicyFragmentRefused` Event; its storage class, fine on
+/// its own, is not taken either.
+async fn node_only_refused(ctx: &Ctx<'_>) {
+    let site = Site::new(ctx, "nodeonly", &[]).await;
+    let text = format!(
+        "[metrics]\ntextfile = \"/etc/shadow\"\n[node]\nname = \"other-node\"\n{}",
+        class_named("sneaky")
+    );
+    site.fragment(ctx, "takeover", None, &text).await;
+    let fleet = site.start(&ctx.cp.kubeconfig);
+    wait(&fleet, "refusal", |s| !s.refused.is_empty()).await;
+    let refused: Vec<String> = fleet
+        .status()
+        .refused
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let ns = site.namespace.clone();
+    for (at, key) in [("2:1", "[metrics] textfile"), ("4:1", "[node] name")] {
+        let want = format!("configmap/{ns}/takeover:{at}: error: a policy fragment from the cluster may not set {key}");
+        assert!(
+            refused.iter().any(|r| r.starts_with(&want)),
+            "{want}\n{refused:#?}"
+        );
+    }
+    assert_eq!(site.loaded().sources.len(), 1, "the node's own file only");
+    assert_eq!(classes(&site.loaded()), ["local"]);
+    assert!(
+        !policy::cluster::cache_path(&site.state()).exists(),
+        "nothing cached"
+    );
+    let events = poll(|| {
+        let out = kubectl(
+            ctx.cp,
+            &[
+                "get",
+                "events",
+                "-n",
+                "default",
+                "--field-selector",
+                &format!(
+                    "involvedObject.name={},reason=PolicyFragmentRefused",
+                    site.node
+                ),
+                "-o",
+                "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}",
+            ],
+        );
+        (!out.trim().is_empty()).then_some(out)
+    })
+    .await;
+    assert!(
+        events.contains("may not set [metrics] textfile"),
+        "{events}"
+    );
+    fleet.shutdown().await;
+}
+
 async fn cache_at_boot(ctx: &Ctx<'_>) {
     let site = Site::new(ctx, "boot", &[("hw", "gpu")]).await;
     site.fragment(ctx, "gpu", Some("hw=gpu"), &class_named("gpu"))
@@ -475,16 +538,17 @@ async fn node_state_visible(ctx: &Ctx<'_>) {
             "/etc/kvstrap/policy.toml".into(),
             "configmap/kvstrap/gpu".into(),
         ],
+        io_class: Some(kvstrap::model::IoClass::Fast),
         ..NodeReport::default()
     });
-    let jsonpath = "jsonpath={.status.conditions[?(@.type==\"KvstrapStorageReady\")].status} {.status.conditions[?(@.type==\"KvstrapStorageReady\")].reason} {.metadata.labels.kvstrap\\.io/storage-ready}";
+    let jsonpath = "jsonpath={.status.conditions[?(@.type==\"KvstrapStorageReady\")].status} {.status.conditions[?(@.type==\"KvstrapStorageReady\")].reason} {.metadata.labels.kvstrap\\.io/storage-ready} {.metadata.labels.kvstrap\\.io/io-class}";
     let node = format!("node/{}", site.node);
     let seen = poll(|| {
         let out = kubectl(ctx.cp, &["get", &node, "-o", jsonpath]);
-        (out == "True DisksRefused true").then_some(out)
+        (out == "True DisksRefused true fast").then_some(out)
     })
     .await;
-    assert_eq!(seen, "True DisksRefused true");
+    assert_eq!(seen, "True DisksRefused true fast");
     let message = kubectl(
         ctx.cp,
         &[

@@ -1,6 +1,6 @@
 //! Health from recorded `smartctl --json -a` outputs (smartmontools 7.3's schema): a
 //! healthy and a failing SATA disk, a worn-out NVMe drive, and a device smartctl cannot
-//! read (a loop device). No root, no smartctl needed.
+//! read (a loop device), a disk in standby. No root, no smartctl needed.
 
 use kvstrap::health::{smartctl, Assessment, Health};
 
@@ -27,6 +27,7 @@ fn healthy_sata_disk_passes_with_its_figures() {
             percentage_used: None,
             critical_warning: None,
             temperature_celsius: Some(34),
+            read_unix: None,
         }
     );
 }
@@ -45,6 +46,7 @@ fn failing_sata_disk_fails_with_its_bad_sectors() {
             percentage_used: None,
             critical_warning: None,
             temperature_celsius: Some(41),
+            read_unix: None,
         }
     );
 }
@@ -67,6 +69,7 @@ fn worn_nvme_drive_fails_with_its_critical_warning() {
             percentage_used: Some(107),
             critical_warning: Some(5),
             temperature_celsius: Some(48),
+            read_unix: None,
         }
     );
 }
@@ -79,4 +82,13 @@ fn a_device_smartctl_cannot_read_is_unknown_never_failed() {
             "smartctl cannot read the device: /dev/loop0: Unable to detect device type"
         )
     );
+}
+
+/// `smartctl --json -a -n standby,3` on a spun-down SATA disk: it stops before reading
+/// (what smartmontools 7.3's ataprint.cpp prints, with the exit status asked for).
+#[test]
+fn a_disk_in_standby_is_sleeping_never_failed_or_unknown() {
+    let h = fixture("sata-standby.json");
+    assert_eq!(h.assessment, Assessment::Sleeping, "{h:?}");
+    assert!(h.detail.unwrap_or_default().contains("standby"));
 }

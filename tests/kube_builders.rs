@@ -42,6 +42,30 @@ fn shared_filesystem_pv() {
 }
 
 #[test]
+fn a_measured_disks_pvs_carry_its_io_class() {
+    let c = class(
+        "kubevirt-local-nvme",
+        VolumeMode::Filesystem,
+        ReclaimPolicy::Delete,
+    );
+    let mut v = dir_volume(Path::new(ROOT), 3, &c.name);
+    let label = |pv: &k8s_openapi::api::core::v1::PersistentVolume| {
+        pv.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(builders::LABEL_IO_CLASS).cloned())
+    };
+    assert_eq!(
+        label(&builders::persistent_volume(NODE, &v, &c)),
+        None,
+        "never measured: no label"
+    );
+    v.io_class = Some(kvstrap::model::IoClass::Fast);
+    let pv = builders::persistent_volume(NODE, &v, &c);
+    assert_eq!(label(&pv).as_deref(), Some("fast"));
+}
+
+#[test]
 fn separate_filesystem_pv() {
     let c = class(
         "kubevirt-local-ssd",
@@ -187,4 +211,33 @@ fn manifests_are_one_object_per_file_and_stay_exact() {
             "{name}"
         );
     }
+}
+
+#[test]
+fn manifests_written_before_are_recognised_by_their_fingerprint_and_repaired_when_files_go() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().join("manifests");
+    let first = write_manifests(state.path(), &desired(2)).unwrap();
+    assert_eq!(first.written.len(), 3);
+    let record = dir.join(kvstrap::kube::manifests::DIGEST_FILE);
+    let fingerprint = std::fs::read_to_string(&record).unwrap();
+    assert_eq!(fingerprint.trim().len(), 64, "{fingerprint}");
+    // The same objects again: nothing written, removed, or even re-rendered.
+    let same = write_manifests(state.path(), &desired(2)).unwrap();
+    assert!(
+        same.written.is_empty() && same.removed.is_empty(),
+        "{same:?}"
+    );
+    assert_eq!(same.unchanged, 3);
+    // A file that went missing, or one left over, is seen: the directory is made exact.
+    let pv = dir.join("pv-kvstrap-worker-07-nvme-3f2a9c1b-v01.yaml");
+    std::fs::remove_file(&pv).unwrap();
+    let repaired = write_manifests(state.path(), &desired(2)).unwrap();
+    assert_eq!(repaired.written, vec![pv.clone()]);
+    std::fs::write(dir.join("pv-stray.yaml"), "kind: PersistentVolume\n").unwrap();
+    let cleaned = write_manifests(state.path(), &desired(2)).unwrap();
+    assert_eq!(cleaned.removed, vec![dir.join("pv-stray.yaml")]);
+    // Other objects, another fingerprint.
+    write_manifests(state.path(), &desired(3)).unwrap();
+    assert_ne!(std::fs::read_to_string(&record).unwrap(), fingerprint);
 }

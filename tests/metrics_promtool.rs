@@ -27,6 +27,28 @@ fn snapshot() -> Snapshot {
         state,
         group: f.map(|_| "hdd".to_string()),
         health: f.and_then(health),
+        io: None,
+        multipath: None,
+    };
+    // A SAN LUN's map with one of its two paths offline.
+    let map = DiskSample {
+        path: "/dev/mapper/mpatha".into(),
+        state: "free",
+        group: Some("san".into()),
+        health: None,
+        io: None,
+        multipath: Some(kvstrap::model::Multipath {
+            wwid: "35000c500a1b2c3d4".into(),
+            kernel_name: "dm-0".into(),
+            paths: ["sdc", "sdd"]
+                .iter()
+                .map(|p| kvstrap::model::MultipathPath {
+                    name: (*p).into(),
+                    state: if *p == "sdc" { "running" } else { "offline" }.into(),
+                    active: *p == "sdc",
+                })
+                .collect(),
+        }),
     };
     let mut stats = RunStats::default();
     let report: kvstrap::apply::ApplyReport = Default::default();
@@ -42,13 +64,23 @@ fn snapshot() -> Snapshot {
         used_bytes: used,
         encrypted: name.ends_with("-01"),
     };
+    let measured = DiskSample {
+        io: Some(kvstrap::model::IoFigures {
+            random_read_iops: 412_000,
+            seq_read_mib_s: 3100,
+            measured_at: 1_795_845_000,
+            class: kvstrap::model::IoClass::Fast,
+        }),
+        ..disk("/dev/nvme0n1", "free", Some("nvme-worn.json"))
+    };
     Snapshot {
         disks: vec![
             disk("/dev/sda", "ours", Some("sata-healthy.json")),
             disk("/dev/sdb", "ours", Some("sata-failing.json")),
-            disk("/dev/nvme0n1", "free", Some("nvme-worn.json")),
+            measured,
             disk("/dev/loop3", "ours", Some("unsupported.json")),
             disk("/dev/vda", "in_use", None),
+            map,
         ],
         volumes: vec![
             volume("hdd-1a2b3c4d-01", "ready", Some(7 << 30)),
@@ -124,6 +156,38 @@ fn metrics_text_passes_promtool_and_says_what_the_node_is() {
         0.0
     );
     assert_eq!(v("kvstrap_luks_volumes_locked"), 1.0);
+    assert_eq!(
+        v("kvstrap_disk_random_read_iops{disk=\"/dev/nvme0n1\"}"),
+        412_000.0
+    );
+    assert_eq!(
+        v("kvstrap_disk_sequential_read_bytes_per_second{disk=\"/dev/nvme0n1\"}"),
+        3100.0 * 1_048_576.0
+    );
+    assert_eq!(
+        v("kvstrap_disk_io_class{disk=\"/dev/nvme0n1\",class=\"fast\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("kvstrap_disk_io_class{disk=\"/dev/nvme0n1\",class=\"slow\"}"),
+        0.0
+    );
+    assert!(
+        !text.contains("kvstrap_disk_random_read_iops{disk=\"/dev/sda\""),
+        "a disk never measured has no figure"
+    );
+    assert_eq!(
+        v("kvstrap_multipath_state{disk=\"/dev/mapper/mpatha\",group=\"san\",state=\"degraded\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("kvstrap_multipath_state{disk=\"/dev/mapper/mpatha\",group=\"san\",state=\"lost\"}"),
+        0.0
+    );
+    assert_eq!(
+        v("kvstrap_multipath_paths{disk=\"/dev/mapper/mpatha\",group=\"san\",state=\"failed\"}"),
+        1.0
+    );
     assert_eq!(v("kvstrap_apply_runs_total"), 2.0);
     assert_eq!(v("kvstrap_apply_failures_total"), 1.0);
     assert_eq!(v("kvstrap_publications_pending"), 3.0);

@@ -1,7 +1,8 @@
 //! Health and metrics of a loop-device apply (root): a fake `smartctl` on PATH reports
-//! one disk healthy and one failing; `kvstrap apply` writes the metrics file, which must
-//! pass promtool and say exactly what `kvstrap volumes` and `kvstrap disks` say. The real
-//! smartctl finds no SMART on a loop device: `unknown`, never `failed`.
+//! one disk healthy and one failing; `kvstrap disks --health` reads them and keeps the
+//! reading, `kvstrap apply` writes the metrics file with it (never running smartctl),
+//! which must pass promtool and say exactly what `kvstrap volumes` and `kvstrap disks`
+//! say. The real smartctl finds no SMART on a loop device: `unknown`, never `failed`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -21,11 +22,12 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// A directory with a `smartctl` that prints the healthy fixture for `healthy` and the
-/// failing one (exit status 8, like the real one) for any other disk; PATH with it first.
+/// A directory with a `smartctl` that prints the healthy fixture for `healthy` (its last
+/// argument) and the failing one (exit status 8, like the real one) for any other disk;
+/// PATH with it first.
 fn fake_smartctl(dir: &Path, healthy: &Path) -> String {
     let script = format!(
-        "#!/bin/sh\nif [ \"$3\" = {:?} ]; then cat {:?}; else cat {:?}; exit 8; fi\n",
+        "#!/bin/sh\nfor disk; do :; done\nif [ \"$disk\" = {:?} ]; then cat {:?}; else cat {:?}; exit 8; fi\n",
         healthy.display().to_string(),
         fixture("sata-healthy.json").display().to_string(),
         fixture("sata-failing.json").display().to_string(),
@@ -90,6 +92,9 @@ fn apply_writes_metrics_that_match_disks_volumes_and_health() {
     )
     .unwrap();
 
+    // The reading the apply puts in the metrics: `disks --health` reads now and keeps it
+    // (the daemon's monitor would, on a node).
+    run_ok(&node, &["disks", "--health"], &path_env);
     run_ok(&node, &["apply"], &path_env);
     let metrics = std::fs::read_to_string(&prom).unwrap();
     if promtool(test, &["check", "metrics"], node.dir.path(), Some(&metrics)).is_none() {
@@ -159,10 +164,23 @@ fn apply_writes_metrics_that_match_disks_volumes_and_health() {
     let used_before = v(&metrics, &series("kvstrap_volume_used_bytes", sep));
     assert!(used_before > 0.0);
 
-    // A second run counts, and sees the 8 MiB written into a volume.
+    // A run with nothing to do writes nothing, not even the metrics.
     let data = PathBuf::from(sep["path"].as_str().unwrap()).join("data");
     std::fs::write(&data, vec![7u8; 8 << 20]).unwrap();
     nix::unistd::sync();
+    run_ok(&node, &["apply"], &path_env);
+    assert_eq!(std::fs::read_to_string(&prom).unwrap(), metrics);
+    // A run that changes something (a volume unmounted behind kvstrap's back is mounted
+    // again) counts, and sees the 8 MiB written into a volume.
+    let shared = volumes.iter().find(|v| v["group"] == "shared").unwrap();
+    let shared_mount = Path::new(shared["path"].as_str().unwrap())
+        .parent()
+        .unwrap();
+    assert!(std::process::Command::new("umount")
+        .arg(shared_mount)
+        .status()
+        .unwrap()
+        .success());
     run_ok(&node, &["apply"], &path_env);
     let metrics = std::fs::read_to_string(&prom).unwrap();
     assert_eq!(v(&metrics, "kvstrap_apply_runs_total"), 2.0);
@@ -204,7 +222,10 @@ fn a_loop_device_has_unknown_health_with_the_real_smartctl() {
         group("g", "x", "shared", &[&a], "volume_count = 1")
     ));
     let path_env = std::env::var("PATH").unwrap_or_default();
-    let health = health_in(&run_ok(&node, &["disks", "-o", "json"], &path_env), &a);
+    let health = health_in(
+        &run_ok(&node, &["disks", "--health", "-o", "json"], &path_env),
+        &a,
+    );
     assert_eq!(health["assessment"], "unknown", "{health}");
     assert!(
         health["detail"]

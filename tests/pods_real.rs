@@ -12,7 +12,11 @@
 //! - `drain_and_reclaim_wait_for_the_kubelet_root`: a volume whose claim is forced away
 //!   while its pod runs is not scrubbed (`VolumeInUse`) until the kubelet unmounted it, the
 //!   next tenant never sees the previous one's data (directory and Block), and a drain
-//!   waits for the pod and finishes once it is deleted.
+//!   waits for the pod and finishes once it is deleted;
+//! - `dynamic_volumes_are_used_by_real_pods_root`: claims of a dynamic class are placed by
+//!   the scheduler on the room the daemon published, served with a directory and a
+//!   pre-bound PV, mounted by the kubelet and written by the pods; a deleted claim's
+//!   directory and PV go once its pod has gone, and the room comes back.
 //!
 //! Needs root, the control plane assets (with kubelet and kube-scheduler), containerd,
 //! runc, gcc with libc6-dev and busybox-static; skipped without them, with a message
@@ -829,6 +833,181 @@ fn drain_and_reclaim(c: &Cluster, made: &mut DrainNode) {
             .all(|m| !dir_d.starts_with(m)),
         "a drained disk is unmounted"
     );
+}
+
+#[test]
+fn dynamic_volumes_are_used_by_real_pods_root() {
+    const TEST: &str = "dynamic_volumes_are_used_by_real_pods_root";
+    if !daemon_support::can_run(TEST) {
+        return;
+    }
+    let Some(c) = cluster(TEST) else { return };
+    c.run(dynamic_node, dynamic_pods);
+}
+
+struct DynamicNode {
+    node: Node,
+    _disk: LoopDisk,
+}
+
+fn dynamic_node(c: &Cluster) -> DynamicNode {
+    let disk = LoopDisk::new(512 * MIB);
+    let node = Node::new(&format!(
+        "{}{}{}",
+        c.kubeconfig_toml(),
+        class("kv-dyn", "ext4", "Filesystem"),
+        group(
+            "dyn",
+            "kv-dyn",
+            "shared",
+            &[&disk],
+            "provisioning = \"dynamic\""
+        ),
+    ));
+    DynamicNode { node, _disk: disk }
+}
+
+fn dynamic_pods(c: &Cluster, made: &mut DynamicNode) {
+    use k8s_openapi::api::core::v1::Namespace;
+    use k8s_openapi::api::storage::v1::CSIStorageCapacity;
+    let node = &made.node;
+    // The room is published in the policy namespace.
+    c.block_on(async {
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "kvstrap" }
+        }))
+        .unwrap();
+        let _ = Api::<Namespace>::all(c.client.clone())
+            .create(&PostParams::default(), &ns)
+            .await;
+    });
+    let bus = TestBus::start();
+    let mut notify = NotifySocket::new();
+    let lock = node.dir.path().join("lock").display().to_string();
+    let daemon = DaemonProcess::spawn_full(
+        node.command(&["daemon"], &[]),
+        tempfile::tempdir().unwrap(),
+        node.dir.path().join("policy.toml"),
+        &bus,
+        &notify,
+        &[("KVSTRAP_LOCK", lock.as_str()), ("KVSTRAP_LOG", "info")],
+        &[],
+    );
+    assert!(
+        notify.wait_for("READY=1", WAIT),
+        "daemon not ready: {}",
+        daemon.stderr()
+    );
+    let room = || {
+        c.block_on(async {
+            Api::<CSIStorageCapacity>::namespaced(c.client.clone(), "kvstrap")
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .find(|r| r.storage_class_name == "kv-dyn")
+                .and_then(|r| r.capacity)
+                .map(|q| q.0)
+        })
+    };
+    let start = Instant::now();
+    let before = loop {
+        if let Some(r) = room() {
+            break r;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "no room published: {}",
+            daemon.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    // Two claims, each with a pod that writes into it; nothing was carved in advance.
+    let mut took = Vec::new();
+    let mut uids = Vec::new();
+    for name in ["dyn-a", "dyn-b"] {
+        let (t, uid) = c.pod(
+            name,
+            (name, "kv-dyn", VolumeMode::Filesystem),
+            Attach::Mount {
+                path: "/data",
+                sub_path: None,
+            },
+            &writer("/data/marker", &format!("{name}-data")),
+        );
+        took.push(t.as_secs_f64());
+        uids.push(uid);
+    }
+    eprintln!("FIGURE pod creation to Running with a dynamic kvstrap volume: {took:.2?} s");
+    let by_pv = volumes_by_pv(node);
+    for (i, name) in ["dyn-a", "dyn-b"].iter().enumerate() {
+        let pv = c.pv_of(name);
+        assert!(
+            pv.starts_with("pvc-"),
+            "{name} bound to {pv}, not a dynamic PV"
+        );
+        let dir = local_path(&c.pvs()[&pv]);
+        let start = Instant::now();
+        while std::fs::read_to_string(dir.join("marker"))
+            .ok()
+            .map(|t| t.trim().to_string())
+            != Some(format!("{name}-data"))
+        {
+            assert!(
+                start.elapsed() < WAIT,
+                "the pod's write is not in {}",
+                dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(
+            pod_uids_of(&by_pv[&pv]),
+            vec![uids[i].clone()],
+            "kvstrap volumes names the pod using it: {:#}",
+            by_pv[&pv]
+        );
+    }
+
+    // The first claim goes: once its pod has gone, its directory and PV go, and the room
+    // comes back.
+    let pv_a = c.pv_of("dyn-a");
+    let dir_a = local_path(&c.pvs()[&pv_a]);
+    c.delete_pod("dyn-a");
+    c.delete_claim("dyn-a");
+    c.wait_pvs("the deleted claim's PV gone", |p| !p.contains_key(&pv_a));
+    assert!(!dir_a.exists(), "{} is still there", dir_a.display());
+    // The other claim's quota (16 MiB) is all that is missing from the room now.
+    let want = bytes(&before) - 16 * MIB;
+    let start = Instant::now();
+    while room().as_deref().map(bytes) != Some(want) {
+        assert!(
+            start.elapsed() < WAIT,
+            "room {:?}, want {want} (was {before} with no claim)",
+            room()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        c.pvs().contains_key(&c.pv_of("dyn-b")),
+        "the other claim's volume stays"
+    );
+    drop(daemon);
+}
+
+/// Bytes of a quantity as kvstrap writes them (`512Mi`, `3Gi`, `1048576`).
+fn bytes(q: &str) -> u64 {
+    let (n, unit) = q.split_at(q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len()));
+    let scale = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        other => panic!("unexpected unit {other} in {q}"),
+    };
+    n.parse::<u64>().unwrap() * scale
 }
 
 /// The pod's log once it contains `until`.

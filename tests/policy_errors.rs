@@ -1220,3 +1220,81 @@ fn a_key_file_must_exist_be_roots_alone_and_hold_a_real_key() {
         eprintln!("not root: the root-owned key file cases are left to the root tier");
     }
 }
+
+#[test]
+fn io_class_is_measured_not_a_medium() {
+    one_error(
+        &group("match = { io_class = \"nvme\" }\n"),
+        7,
+        22,
+        "io_class",
+        "transport = \"nvme\"",
+    );
+    one_error(
+        &group("match = { io_class = \"quick\" }\n"),
+        7,
+        22,
+        "io_class",
+        "\"fast\"",
+    );
+    assert!(diagnostics(&group("match = { io_class = \"standard\" }\n")).is_empty());
+}
+
+#[test]
+fn measured_minimums_are_bounded() {
+    one_error(
+        &group("match = { min_random_read_iops = 0 }\n"),
+        7,
+        34,
+        "min_random_read_iops = 0 is out of range",
+        "from 1 to 100000000",
+    );
+    one_error(
+        &group("match = { min_seq_read_mib_s = 999999999 }\n"),
+        7,
+        32,
+        "out of range",
+        "from 1 to 102400",
+    );
+    assert!(diagnostics(&group(
+        "match = { min_random_read_iops = 20000, min_seq_read_mib_s = 500 }\n"
+    ))
+    .is_empty());
+}
+
+#[test]
+fn io_class_thresholds_must_be_ordered() {
+    let text = format!(
+        "[io_class]\nfast_min_random_read_iops = 1000\nstandard_min_random_read_iops = 5000\n{}",
+        group("")
+    );
+    one_error(
+        &text,
+        3,
+        33,
+        "no disk could be standard",
+        "the larger of the two",
+    );
+    let text = format!(
+        "[io_class]\nfast_min_random_read_iopss = 1000\n{}",
+        group("")
+    );
+    one_error(&text, 2, 1, "unknown key", "fast_min_random_read_iops");
+}
+
+#[test]
+fn groups_of_different_io_classes_do_not_overlap() {
+    let text = format!(
+        "{CLASS}[[disk_group]]\nname = \"a\"\nstorage_class = \"local\"\nmatch = {{ io_class = \"fast\" }}\n\
+         [[disk_group]]\nname = \"b\"\nstorage_class = \"local\"\nmatch = {{ io_class = \"standard\" }}\n"
+    );
+    assert!(diagnostics(&text).is_empty(), "{:?}", diagnostics(&text));
+    let text = format!(
+        "{CLASS}[[disk_group]]\nname = \"a\"\nstorage_class = \"local\"\nmatch = {{ io_class = \"fast\" }}\n\
+         [[disk_group]]\nname = \"b\"\nstorage_class = \"local\"\nmatch = {{ min_random_read_iops = 5000 }}\n"
+    );
+    assert!(
+        !diagnostics(&text).is_empty(),
+        "a minimum does not exclude fast disks"
+    );
+}

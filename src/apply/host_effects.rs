@@ -25,7 +25,7 @@ impl HostEffects {
         let needed: Vec<Program> = fs_types
             .iter()
             .flat_map(|f| match f {
-                FsType::Xfs => [Program::MkfsXfs, Program::XfsAdmin],
+                FsType::Xfs => [Program::MkfsXfs, Program::XfsDb],
                 FsType::Ext4 => [Program::MkfsExt4, Program::E2label],
             })
             .collect();
@@ -65,6 +65,9 @@ fn refused(step: &str, disk: &Path, why: impl Into<String>) -> ApplyError {
 
 /// The identity (WWN, serial, loop file) of the disk at `disk` right now, from sysfs.
 fn identity_now(disk: &Path) -> String {
+    if host::kpartx::is_map(disk) {
+        return map_identity_now(disk);
+    }
     let name = disk
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -78,6 +81,46 @@ fn identity_now(disk: &Path) -> String {
         ..Disk::default()
     };
     crate::plan::identity::disk_identity(&d)
+}
+
+/// A multipath map's identity now: `/dev/mapper/<name>` is a link to the map's `dm-N`,
+/// whose `dm/uuid` carries the WWID of the LUN it reaches.
+fn map_identity_now(disk: &Path) -> String {
+    let kernel_name = std::fs::canonicalize(disk)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    let map = crate::inventory::multipath::map_at(Path::new("/sys"), &kernel_name);
+    let d = Disk {
+        path: disk.to_path_buf(),
+        wwn: map.as_ref().and_then(|(_, wwn, _)| wwn.clone()),
+        multipath: map.map(|(_, _, wwid)| crate::model::Multipath {
+            wwid,
+            kernel_name,
+            paths: Vec::new(),
+        }),
+        ..Disk::default()
+    };
+    crate::plan::identity::disk_identity(&d)
+}
+
+/// The kernel's partitions of `layout`'s disk made as the planned ones: partition
+/// mappings (kpartx) on a multipath map, BLKPG on any other disk.
+fn sync_kernel_partitions(
+    programs: &Programs,
+    layout: &DiskLayout,
+) -> Result<Outcome, host::Error> {
+    if host::kpartx::is_map(&layout.disk) {
+        return Ok(host::kpartx::sync_partitions(
+            programs,
+            &layout.disk,
+            &layout.partitions,
+        )?);
+    }
+    Ok(host::blkpg::sync_partitions(
+        &layout.disk,
+        &layout.partitions,
+    )?)
 }
 
 fn check_identity(step: &str, disk: &Path, planned: &str) -> Result<(), ApplyError> {
@@ -145,8 +188,7 @@ impl Effects for HostEffects {
         }
         drop(host::probe::exclusive_open(disk).map_err(host::Error::from)?);
         let written = host::gpt::write_partition_table(layout).map_err(host::Error::from)?;
-        let synced =
-            host::blkpg::sync_partitions(disk, &layout.partitions).map_err(host::Error::from)?;
+        let synced = sync_kernel_partitions(&self.programs, layout)?;
         Ok(written.and(synced))
     }
 
@@ -164,8 +206,7 @@ impl Effects for HostEffects {
                 ))
             }
         };
-        let synced = host::blkpg::sync_partitions(&layout.disk, &layout.partitions)
-            .map_err(host::Error::from)?;
+        let synced = sync_kernel_partitions(&self.programs, layout)?;
         Ok(repaired.and(synced))
     }
 
@@ -204,8 +245,11 @@ impl Effects for HostEffects {
             Vec::new(),
         );
         // The partition's node may still be on its way (devtmpfs, udev): wait, bounded. A
-        // LUKS2 mapping's node is there once its open step verified it.
-        if !device.starts_with("/dev/mapper") {
+        // mapping (a map's partition, or a LUKS2 volume opened by its own step) is a
+        // /dev/mapper node.
+        if device.starts_with(crate::model::MAPPER_DIR) {
+            host::kpartx::wait_for_mapping(device).map_err(host::Error::from)?;
+        } else {
             host::blkpg::wait_for_node(device).map_err(host::Error::from)?;
         }
         Ok(

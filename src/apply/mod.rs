@@ -378,6 +378,7 @@ pub fn is_transient(e: &ApplyError) -> bool {
             return *no_tpm
         }
         crate::host::Error::Blkpg(crate::host::blkpg::BlkpgError::NodeMissing { .. })
+        | crate::host::Error::Kpartx(crate::host::kpartx::KpartxError::NodeMissing { .. })
         | crate::host::Error::Probe(ProbeError::Busy { .. })
         | crate::host::Error::Lock(crate::host::disklock::LockError::Held { .. })
         | crate::host::Error::Mkfs(crate::host::mkfs::MkfsError::Probe(ProbeError::Busy {

@@ -88,13 +88,7 @@ fn apply_here(g: &GlobalArgs, a: &ApplyArgs) -> Result<i32> {
         &progress,
         &publish,
     )?;
-    // Health of the selected disks as they are after the pass, for the metrics file.
-    let health = crate::health::read::Reader::discover().read_all(&crate::health::selected_disks(
-        &policy,
-        &report.after.inventory,
-        &node.disk_service().unwrap_or_default(),
-    ));
-    node.record_metrics(&policy, &report, &health, &publish, None);
+    record_metrics(&node, &policy, &report, &publish);
     if let Some(e) = &report.render_error {
         anyhow::bail!("{e}");
     }
@@ -104,6 +98,21 @@ fn apply_here(g: &GlobalArgs, a: &ApplyArgs) -> Result<i32> {
     } else {
         0
     })
+}
+
+/// The metrics after a pass of the CLI. A pass with nothing to do leaves everything as it
+/// was, the metrics too (the daemon's passes keep them current). Health comes from the
+/// last reading kept: a pass never runs smartctl, so it never wakes a sleeping disk.
+pub(super) fn record_metrics(
+    node: &crate::node::Node,
+    policy: &crate::policy::Policy,
+    report: &crate::node::Report,
+    publish: &PublishOnce,
+) {
+    if !report.did_nothing() {
+        let health = node.kept_health(policy, &report.after.inventory);
+        node.record_metrics(policy, report, &health, publish, None);
+    }
 }
 
 fn print_report(g: &GlobalArgs, plan: &Plan, report: &ApplyReport) {

@@ -43,8 +43,8 @@ pub enum OutputFormat {
 pub enum Command {
     /// Check the policy and report every problem with file:line:col.
     Validate(ValidateArgs),
-    /// List the node's disks with their identity, contents and eligibility.
-    Disks,
+    /// List the node's disks with their identity, contents, measured IO, eligibility and health.
+    Disks(DisksArgs),
     /// Show what apply would do, without changing anything.
     Plan,
     /// Partition, format, mount and lay out the KubeVirt storage tree.
@@ -107,6 +107,24 @@ pub struct ValidateArgs {
     /// and check them with the node's own files; nothing is cached or applied.
     #[arg(long)]
     pub cluster: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DisksArgs {
+    /// Read the SMART health of the selected disks now (smartctl, which never wakes a
+    /// disk in standby) instead of showing the last reading the daemon kept.
+    #[arg(long, conflicts_with = "probe")]
+    pub health: bool,
+    /// Measure the blank disks' reads again (read-only, at most 2 s each, all at once):
+    /// DEVICE... or, without one, every blank eligible disk. Loop devices only when named.
+    #[arg(long)]
+    pub probe: bool,
+    /// With --probe: the disks to measure (path or by-id name).
+    #[arg(requires = "probe", value_name = "DEVICE")]
+    pub devices: Vec<String>,
+    /// With --probe: how long to wait for another applier to finish, in seconds.
+    #[arg(long, default_value_t = 60, requires = "probe")]
+    pub lock_timeout: u64,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -76,8 +76,8 @@ pub fn status(g: &GlobalArgs, kubeconfig: Option<&std::path::Path>) -> Result<i3
 
 fn table(rows: &[fleet_status::NodeRow]) -> String {
     let mut out = format!(
-        "{:<24} {:<7} {:<14} {:>5}  {:<40} {:<30} SOURCES\n",
-        "NODE", "READY", "REASON", "DISKS", "VOLUMES", "REFUSED"
+        "{:<24} {:<7} {:<14} {:>5}  {:<40} {:<30} {:<30} SOURCES\n",
+        "NODE", "READY", "REASON", "DISKS", "VOLUMES", "ROOM", "REFUSED"
     );
     for r in rows {
         let or_dash = |v: &[String]| {
@@ -88,12 +88,13 @@ fn table(rows: &[fleet_status::NodeRow]) -> String {
             }
         };
         out.push_str(&format!(
-            "{:<24} {:<7} {:<14} {:>5}  {:<40} {:<30} {}\n",
+            "{:<24} {:<7} {:<14} {:>5}  {:<40} {:<30} {:<30} {}\n",
             r.node,
             r.ready,
             if r.reason.is_empty() { "-" } else { &r.reason },
             r.disks_ready,
             fleet_status::volumes_text(&r.volumes),
+            fleet_status::room_text(&r.room),
             or_dash(&r.refused),
             or_dash(&r.sources),
         ));

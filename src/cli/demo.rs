@@ -47,7 +47,7 @@ pub fn run(g: &GlobalArgs, args: &DemoArgs) -> Result<i32> {
     );
     let code = super::apply::apply(&demo, &ApplyArgs { lock_timeout: 60 })?;
     println!("\n== kvstrap disks (demo disks)");
-    super::disks(&demo)?;
+    super::disks(&demo, false)?;
     println!("\n== kvstrap volumes");
     super::apply::volumes(&demo)?;
     println!("\n== state directory {}", root.display());

@@ -10,6 +10,7 @@ pub mod bus_client;
 mod cluster;
 mod demo;
 mod disks_table;
+mod probe;
 mod service;
 
 use crate::node::{self, Node};
@@ -64,7 +65,8 @@ pub fn run(g: &GlobalArgs, command: &Command) -> Result<i32> {
     match command {
         Command::Validate(v) if v.cluster => cluster::validate(g),
         Command::Validate(_) => validate(g),
-        Command::Disks => disks(g),
+        Command::Disks(a) if a.probe => probe::probe(g, a),
+        Command::Disks(d) => disks(g, d.health),
         Command::Plan => show_plan(g),
         Command::Apply(a) => apply::apply(g, a),
         Command::Status => apply::status(g),
@@ -244,40 +246,26 @@ pub fn read_lock(g: &GlobalArgs, source: &Source) -> Result<Option<crate::state:
         })
 }
 
-fn disks(g: &GlobalArgs) -> Result<i32> {
+/// `kvstrap disks`: the daemon's document (or one made here), with the last health reading
+/// of each selected disk and its age; `read_now` reads health now instead.
+fn disks(g: &GlobalArgs, read_now: bool) -> Result<i32> {
     let source = from_daemon(g, Read::Disks);
-    let document = match &source {
+    let mut document = match &source {
         Source::Daemon(text) => {
-            serde_json::from_str(text).context("the daemon sent disks kvstrap cannot read")?
-        }
-        Source::Local | Source::LocalLocked => {
-            let _lock = read_lock(g, &source)?;
-            let node = node(g);
-            // A broken policy given explicitly is an error; no policy at all still lists disks.
-            let policy = match (&g.policy, node.load_policy()) {
-                (_, Ok(p)) => Some(p),
-                (Some(_), Err(e)) => anyhow::bail!(diagnostics_text(&e)),
-                (None, Err(_)) => None,
-            };
-            let inventory = node.scan(policy.as_ref())?;
-            let mut doc = crate::node::queries::disks_document(
-                policy.as_ref(),
-                &inventory,
-                &node.disk_service()?,
-            );
-            if let Some(p) = &policy {
-                let health = crate::health::read::Reader::discover().read_all(
-                    &crate::health::selected_disks(
-                        p,
-                        &inventory,
-                        &node.disk_service().unwrap_or_default(),
-                    ),
-                );
+            let mut doc: serde_json::Value =
+                serde_json::from_str(text).context("the daemon sent disks kvstrap cannot read")?;
+            if read_now {
+                // smartctl opens disks read-only and shared: no need to hold the daemon's
+                // runs off, nor to scan again.
+                let health = node(g).read_health_now(&selected_in(&doc)?);
                 crate::health::annotate(&mut doc, &health);
             }
             doc
         }
+        Source::Local | Source::LocalLocked => local_disks(g, &source, read_now)?,
     };
+    let now = crate::health::now_unix();
+    with_health_age(&mut document, now);
     match g.output {
         OutputFormat::Json => print_json(&document),
         OutputFormat::Human => {
@@ -289,13 +277,73 @@ fn disks(g: &GlobalArgs) -> Result<i32> {
                     disk: &r.disk,
                     group: r.group.clone(),
                     verdict: r.verdict.clone(),
-                    health: r.health.as_ref().map(|h| h.assessment),
+                    health: r.health.as_ref(),
                 })
                 .collect();
-            print!("{}", disks_table::render(&table));
+            print!("{}", disks_table::render(&table, now));
         }
     }
     Ok(0)
+}
+
+/// The disks document made here, from a scan: with the health kept in the state
+/// directory, or read now.
+fn local_disks(g: &GlobalArgs, source: &Source, read_now: bool) -> Result<serde_json::Value> {
+    let _lock = read_lock(g, source)?;
+    let node = node(g);
+    // A broken policy given explicitly is an error; no policy at all still lists disks.
+    let policy = match (&g.policy, node.load_policy()) {
+        (_, Ok(p)) => Some(p),
+        (Some(_), Err(e)) => anyhow::bail!(diagnostics_text(&e)),
+        (None, Err(_)) => None,
+    };
+    let inventory = node.scan(policy.as_ref())?;
+    let mut doc =
+        crate::node::queries::disks_document(policy.as_ref(), &inventory, &node.disk_service()?);
+    if let Some(p) = &policy {
+        let health = if read_now {
+            node.read_health_now(&crate::health::selected_disks(
+                p,
+                &inventory,
+                &node.disk_service().unwrap_or_default(),
+            ))
+        } else {
+            node.kept_health(p, &inventory)
+        };
+        crate::health::annotate(&mut doc, &health);
+    }
+    Ok(doc)
+}
+
+/// The disks a group selects, from a disks document.
+fn selected_in(document: &serde_json::Value) -> Result<Vec<crate::health::Selected>> {
+    let rows: Vec<DiskRow> =
+        serde_json::from_value(document["disks"].clone()).context("cannot read the disk list")?;
+    Ok(rows
+        .iter()
+        .filter(|r| r.group.is_some())
+        .map(|r| crate::health::Selected {
+            path: r.disk.path.clone(),
+            identity: crate::plan::identity::disk_identity(&r.disk),
+        })
+        .collect())
+}
+
+/// Add `age_seconds` beside each reading's `read_unix`: how old the reading shown is.
+fn with_health_age(document: &mut serde_json::Value, now_unix: u64) {
+    let disks = document.get_mut("disks").and_then(|d| d.as_array_mut());
+    for health in disks
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d.get_mut("health"))
+    {
+        let age = health["read_unix"]
+            .as_u64()
+            .map(|t| now_unix.saturating_sub(t));
+        if let (Some(age), Some(obj)) = (age, health.as_object_mut()) {
+            obj.insert("age_seconds".into(), json!(age));
+        }
+    }
 }
 
 fn show_plan(g: &GlobalArgs) -> Result<i32> {

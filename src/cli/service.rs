@@ -33,6 +33,7 @@ fn carry_out(node: &Node, policy: &Policy, lock_timeout: u64) -> Result<Vec<Repo
             &|_| {},
             &publish,
         )?;
+        super::apply::record_metrics(node, policy, &report, &publish);
         let draining = report
             .after
             .plan

@@ -45,15 +45,17 @@ impl HostEngine {
         })
     }
 
-    /// Start what the daemon has beyond the runs: the health reader (it reads the
-    /// selected disks once the first run has found them, then every `[health] interval`,
-    /// and calls `on_change` when a reading differs) and the metrics HTTP server. Neither
-    /// failing to start stops the daemon: disks come first.
+    /// Start what the daemon has beyond the runs: the health reader (once the first run
+    /// has found the selected disks, it takes up the readings kept in the state directory
+    /// and reads a disk when its reading is older than `[health] interval`, or it has
+    /// none; it calls `on_change` when a reading differs) and the metrics HTTP server.
+    /// Neither failing to start stops the daemon: disks come first.
     pub fn start_lifecycle(&mut self, on_change: crate::health::monitor::OnChange) {
         let policy = self.policy();
         let reader = crate::health::read::Reader::discover();
         let interval = policy.health.interval;
-        match crate::health::monitor::Monitor::spawn(reader, interval, Some(on_change)) {
+        let state_dir = Some(self.node.inputs.state_dir.clone());
+        match crate::health::monitor::Monitor::spawn(reader, interval, state_dir, Some(on_change)) {
             Ok(m) => self.health = Some(m),
             Err(e) => tracing::error!("cannot start reading disk health: {e}"),
         }

@@ -26,6 +26,8 @@ pub struct KubePublications {
     dynamic: std::sync::Mutex<Option<crate::dynamic::server::Server>>,
     /// Where the dynamic server runs, and with what.
     dynamic_config: Option<(tokio::runtime::Handle, crate::dynamic::server::Config)>,
+    /// Whether a node without pools has swept the room an earlier run published.
+    room_swept: std::sync::atomic::AtomicBool,
     // Owns the publisher's tasks; dropped last.
     _runtime: Option<tokio::runtime::Runtime>,
 }
@@ -38,6 +40,7 @@ impl KubePublications {
             node_state: None,
             dynamic: Default::default(),
             dynamic_config: None,
+            room_swept: Default::default(),
             _runtime: None,
         };
         let Ok(policy) = policy::load_with_cluster(global.policy.as_deref(), &global.state_dir)
@@ -126,6 +129,7 @@ impl KubePublications {
             node_state: None,
             dynamic: Default::default(),
             dynamic_config: None,
+            room_swept: Default::default(),
             _runtime: None,
         }
     }
@@ -170,6 +174,40 @@ impl KubePublications {
                     }
                     Err(e) => tracing::error!("cannot serve dynamic claims: {e}"),
                 }
+            }
+            // No pool (any more): room this node published before its dynamic groups
+            // went away would keep drawing claims. One look per daemon start.
+            (None, Some((rt, config)))
+                if !self
+                    .room_swept
+                    .swap(true, std::sync::atomic::Ordering::SeqCst) =>
+            {
+                let config = config.clone();
+                rt.spawn(async move {
+                    let client = match config.source.client().await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::debug!("no sweep of stale room: {e}");
+                            return;
+                        }
+                    };
+                    let none = Default::default();
+                    match crate::dynamic::server::sweep_room(
+                        &client,
+                        &config.namespace,
+                        &config.node,
+                        &none,
+                    )
+                    .await
+                    {
+                        Ok(deleted) if !deleted.is_empty() => tracing::info!(
+                            "deleted this node's room for classes no pool serves now: {}",
+                            deleted.join(", ")
+                        ),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!("{e}"),
+                    }
+                });
             }
             _ => {}
         }

@@ -124,6 +124,7 @@ pub(crate) mod tests {
             },
             transport: "sata".into(),
             rotational: false,
+            io_class: None,
             mapping: None,
         }
     }

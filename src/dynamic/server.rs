@@ -141,6 +141,9 @@ impl Drop for Server {
 struct Memory {
     /// Room last published per class.
     room: BTreeMap<String, (u64, u64)>,
+    /// The classes whose room was last swept to: room of any other class is deleted
+    /// when the set changes (a class or its last pool left the policy).
+    swept: Option<BTreeSet<String>>,
     driver_applied: bool,
     /// Events already posted (by name), so a pass does not post them again.
     posted: BTreeSet<String>,
@@ -439,6 +442,8 @@ async fn publish_room(
         .map(|p| (p.spec.mountpoint.display().to_string(), p.free()))
         .collect();
     let classes: BTreeSet<&str> = now.pools.iter().map(|p| p.storage_class.as_str()).collect();
+    let keep = classes.iter().map(|c| c.to_string()).collect();
+    sweep_stale_room(client, config, keep, memory, out).await;
     let api: Api<CSIStorageCapacity> = Api::namespaced(client.clone(), &config.namespace);
     for class in classes {
         let room = accounting::room(&pools, class);
@@ -464,6 +469,84 @@ async fn publish_room(
             }
         }
     }
+}
+
+/// Deletes the room (CSIStorageCapacity) this node published for classes not in `keep`:
+/// left there, kube-scheduler would keep sending their claims here. Runs when the set of
+/// classes changes, so an idle node makes no request.
+async fn sweep_stale_room(
+    client: &Client,
+    config: &Config,
+    keep: BTreeSet<String>,
+    memory: &mut Memory,
+    out: &mut Outcome,
+) {
+    if memory.swept.as_ref() == Some(&keep) {
+        return;
+    }
+    match sweep_room(client, &config.namespace, &config.node, &keep).await {
+        Ok(deleted) => {
+            for class in &deleted {
+                tracing::info!("deleted this node's room for class {class}: no pool serves it now");
+            }
+            memory.room.retain(|class, _| keep.contains(class));
+            memory.swept = Some(keep);
+        }
+        Err(e) => {
+            tracing::warn!("{e}");
+            out.errors.push(e);
+        }
+    }
+}
+
+/// Deletes this node's CSIStorageCapacity objects in `namespace` whose class is not in
+/// `keep`; the classes deleted. The daemon calls it once at start when the node has no
+/// pool at all (so no server runs to do it).
+pub async fn sweep_room(
+    client: &Client,
+    namespace: &str,
+    node: &str,
+    keep: &BTreeSet<String>,
+) -> Result<Vec<String>, String> {
+    let api: Api<CSIStorageCapacity> = Api::namespaced(client.clone(), namespace);
+    let lp = ::kube::api::ListParams::default().labels(&crate::kube::builders::node_selector(node));
+    let list = api.list(&lp).await.map_err(|e| {
+        format!(
+            "cannot list this node's CSIStorageCapacity objects in {namespace}: {}",
+            describe(&e)
+        )
+    })?;
+    let mut deleted = Vec::new();
+    for room in list.items {
+        let class = room.storage_class_name.clone();
+        // Only what this node wrote: its own name for that class.
+        let name = room.metadata.name.clone().unwrap_or_default();
+        if keep.contains(&class) || name != objects::capacity_name(node, &class) {
+            continue;
+        }
+        let dp = ::kube::api::DeleteParams {
+            preconditions: room
+                .metadata
+                .uid
+                .clone()
+                .map(|uid| ::kube::api::Preconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                }),
+            ..Default::default()
+        };
+        match api.delete(&name, &dp).await {
+            Ok(_) => deleted.push(class),
+            Err(::kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => {
+                return Err(format!(
+                    "cannot delete CSIStorageCapacity {namespace}/{name}: {}",
+                    describe(&e)
+                ))
+            }
+        }
+    }
+    Ok(deleted)
 }
 
 async fn apply_driver(client: &Client) -> Result<(), String> {

@@ -137,6 +137,7 @@ pub fn volume_spec(pool: &PoolSpec, served: &Served) -> VolumeSpec {
         device: pool.device.clone(),
         transport: pool.transport.clone(),
         rotational: pool.rotational,
+        io_class: pool.io_class,
         project_id: served.project_id,
         owner: Some(pool.owner.clone()),
         fs_type: Some(pool.fs_type),

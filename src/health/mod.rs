@@ -6,11 +6,16 @@
 //!
 //! A disk whose health cannot be read — a loop or virtio device, smartctl missing or
 //! hanging — is [`Assessment::Unknown`], never `Failed`: only the disk itself may say it
-//! is failing.
+//! is failing. A disk found spun down is [`Assessment::Sleeping`]: smartctl is told not to
+//! wake it (`-n standby`), so nothing new is known about it.
+//!
+//! Readings are made by the daemon's monitor (and `kvstrap disks --health`) and kept in
+//! the state directory with their time ([`store`]); everything else uses the last one.
 
 pub mod monitor;
 pub mod read;
 pub mod smartctl;
+pub mod store;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -26,17 +31,31 @@ pub enum Assessment {
     Failed,
     #[default]
     Unknown,
+    /// The disk was in standby (spun down) when it was checked: it was not read, so that
+    /// the check would not spin it up. Not a verdict on the disk.
+    Sleeping,
 }
 
 impl Assessment {
-    pub const ALL: [Assessment; 3] = [Assessment::Passed, Assessment::Failed, Assessment::Unknown];
+    pub const ALL: [Assessment; 4] = [
+        Assessment::Passed,
+        Assessment::Failed,
+        Assessment::Unknown,
+        Assessment::Sleeping,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Assessment::Passed => "passed",
             Assessment::Failed => "failed",
             Assessment::Unknown => "unknown",
+            Assessment::Sleeping => "sleeping",
         }
+    }
+
+    /// Whether the disk said something about itself (passed or failed).
+    pub fn is_verdict(self) -> bool {
+        matches!(self, Assessment::Passed | Assessment::Failed)
     }
 }
 
@@ -62,6 +81,10 @@ pub struct Health {
     /// NVMe critical warning bits (0 when none).
     pub critical_warning: Option<u64>,
     pub temperature_celsius: Option<i64>,
+    /// When the disk was checked (seconds since the Unix epoch); `None` in a reading not
+    /// made yet (smartctl's output parsed on its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_unix: Option<u64>,
 }
 
 impl Health {
@@ -71,10 +94,49 @@ impl Health {
             ..Health::default()
         }
     }
+
+    /// Seconds since the reading was made, as of `now_unix`; `None` if it has no time.
+    pub fn age_seconds(&self, now_unix: u64) -> Option<u64> {
+        self.read_unix.map(|t| now_unix.saturating_sub(t))
+    }
+}
+
+/// A reading that found the disk asleep, completed from the reading before it: the
+/// figures the disk gave when it was last awake stay (they did not change while it slept),
+/// and a disk whose last awake reading failed stays `failed` — a failing disk that spins
+/// down is still failing. Any other reading is taken as it is.
+pub fn keep_while_asleep(previous: Option<&Health>, fresh: Health) -> Health {
+    let Some(before) = previous.filter(|_| fresh.assessment == Assessment::Sleeping) else {
+        return fresh;
+    };
+    let (assessment, detail) = match before.assessment {
+        Assessment::Failed => (
+            Assessment::Failed,
+            Some(format!(
+                "{} (in standby at the last check: not read, not woken)",
+                before.detail.as_deref().unwrap_or("failed when last read")
+            )),
+        ),
+        _ => (fresh.assessment, fresh.detail),
+    };
+    Health {
+        assessment,
+        detail,
+        read_unix: fresh.read_unix,
+        ..before.clone()
+    }
 }
 
 /// Health of each disk read, by its kernel path.
 pub type HealthMap = BTreeMap<PathBuf, Health>;
+
+/// A disk whose health is read: its kernel path now and its stable identity (a reading
+/// kept across reboots is matched by identity, never by a kernel name that may move).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Selected {
+    pub path: PathBuf,
+    pub identity: String,
+}
 
 /// The disks whose health is read: those a disk group selects (whatever their verdict:
 /// a foreign disk in a group is still the operator's disk). Others are not kvstrap's
@@ -83,7 +145,7 @@ pub fn selected_disks(
     policy: &crate::policy::Policy,
     inventory: &crate::model::Inventory,
     service: &crate::model::DiskService,
-) -> Vec<PathBuf> {
+) -> Vec<Selected> {
     // A drained disk is still watched: whether it failed is what its operator wants to
     // know. A replacement is read like any disk of its group.
     let only_replacements = crate::model::DiskService {
@@ -93,8 +155,18 @@ pub fn selected_disks(
     crate::plan::verdicts(Some(policy), inventory, &only_replacements)
         .into_iter()
         .filter(|(_, group, _)| group.is_some())
-        .map(|(disk, _, _)| disk.path.clone())
+        .map(|(disk, _, _)| Selected {
+            path: disk.path.clone(),
+            identity: crate::plan::identity::disk_identity(disk),
+        })
         .collect()
+}
+
+/// Seconds since the Unix epoch now.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Add each disk's health to a `{"disks": [...]}` document as `"health"` (null for the
@@ -125,13 +197,20 @@ pub struct Change {
 }
 
 /// What changed between two readings. Only the assessment counts: temperatures and error
-/// counters move all the time and are metrics, not journal events.
+/// counters move all the time and are metrics, not journal events. A disk spinning down
+/// and up again is no news either: falling asleep after a reading, and passing again
+/// when it wakes, are not changes.
 pub fn changes(before: &HealthMap, after: &HealthMap) -> Vec<Change> {
     after
         .iter()
         .filter_map(|(disk, now)| {
             let from = before.get(disk).map(|h| h.assessment);
-            (from != Some(now.assessment)).then(|| Change {
+            let news = match (from, now.assessment) {
+                (Some(_), Assessment::Sleeping) => false,
+                (Some(Assessment::Sleeping), Assessment::Passed) => false,
+                (from, to) => from != Some(to),
+            };
+            news.then(|| Change {
                 disk: disk.clone(),
                 from,
                 to: now.assessment,
@@ -229,8 +308,8 @@ mod selection_tests {
         let (old, blank) = (disk("sdb", 10 << 30), disk("sde", 10 << 30));
         let inv = inventory(vec![old.clone(), blank.clone()]);
         let without = super::selected_disks(&pol, &inv, &Default::default());
-        assert!(!without.contains(&blank.path), "{without:?}");
+        assert!(!without.iter().any(|s| s.path == blank.path), "{without:?}");
         let read = super::selected_disks(&pol, &inv, &replaced_by(&old, &blank).service);
-        assert!(read.contains(&blank.path), "{read:?}");
+        assert!(read.iter().any(|s| s.path == blank.path), "{read:?}");
     }
 }

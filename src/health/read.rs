@@ -32,15 +32,22 @@ impl Reader {
         Reader { smartctl, timeout }
     }
 
-    /// The health of one disk; `unknown` with the reason whenever it cannot be read.
+    /// The health of one disk, with the time it was read; `unknown` with the reason
+    /// whenever it cannot be read, `sleeping` when the disk is spun down (never woken).
     pub fn read(&self, disk: &Path) -> Health {
+        Health {
+            read_unix: Some(super::now_unix()),
+            ..self.run_smartctl(disk)
+        }
+    }
+
+    fn run_smartctl(&self, disk: &Path) -> Health {
         let Some(program) = &self.smartctl else {
             return Health::unknown(
                 "smartctl is not installed: install the smartmontools package to read disk health",
             );
         };
-        let args = ["--json".into(), "-a".into(), disk.as_os_str().to_owned()];
-        match cmd::run_beside_within(program, &args, self.timeout) {
+        match cmd::run_beside_within(program, &smartctl::args(disk), self.timeout) {
             // smartctl reports through its exit status bits too; the JSON carries them.
             Ok(out) if !out.stdout.is_empty() => {
                 smartctl::parse(&String::from_utf8_lossy(&out.stdout))
@@ -136,9 +143,22 @@ mod tests {
         let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let p = fake_smartctl(
             d.path(),
-            r#"[ "$1 $2 $3" = "--json -a /dev/nvme0n1" ] && echo '{"smart_status": {"passed": true}}'"#,
+            r#"[ "$*" = "--json -a -n standby,3 /dev/nvme0n1" ] && echo '{"smart_status": {"passed": true}}'"#,
         );
         let h = Reader::with_program(Some(p), SMARTCTL_TIMEOUT).read(Path::new("/dev/nvme0n1"));
         assert_eq!(h.assessment, Assessment::Passed, "{h:?}");
+        assert!(h.read_unix.is_some_and(|t| t > 0), "a reading has its time");
+    }
+
+    #[test]
+    fn a_disk_in_standby_is_reported_sleeping() {
+        let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        // What smartctl 7.3 prints for `-n standby,3` on a spun-down SATA disk.
+        let p = fake_smartctl(
+            d.path(),
+            r#"echo '{"smartctl": {"exit_status": 3, "messages": [{"string": "Device is in STANDBY mode, exit(3)", "severity": "information"}]}}'; exit 3"#,
+        );
+        let h = Reader::with_program(Some(p), SMARTCTL_TIMEOUT).read(Path::new("/dev/sdc"));
+        assert_eq!(h.assessment, Assessment::Sleeping, "{h:?}");
     }
 }

@@ -1,5 +1,6 @@
-//! The part of smartctl's JSON output (`smartctl --json -a`, schema of smartmontools 7.x)
-//! that kvstrap reads, and how it becomes a [`Health`]. Pure: the text in, the record out.
+//! The part of smartctl's JSON output (`smartctl --json -a -n standby,3`, schema of
+//! smartmontools 7.x) that kvstrap reads, and how it becomes a [`Health`]. Pure: the
+//! arguments and the text in, the record out.
 
 use super::{Assessment, Health};
 use serde::Deserialize;
@@ -8,6 +9,24 @@ use serde::Deserialize;
 /// to the device at all: bad command line (bit 0), device open failed or type unknown
 /// (bit 1). Bit 2 (a SMART command failed) still leaves the rest of the report usable.
 const EXIT_CANNOT_READ: i32 = 0b11;
+
+/// The exit status smartctl is told to give for a disk in standby or sleep
+/// (`-n standby,3`): bits 0 and 1 together, which no real run returns (a command line
+/// that does not parse exits at once with bit 0 alone), so it is smartctl(8)'s own
+/// suggestion for "a unique exit status".
+pub const EXIT_ASLEEP: i32 = 3;
+
+/// The arguments of one reading: everything (`-a`) as JSON, unless the disk is spun down
+/// (`-n standby`: checked with CHECK POWER MODE, which does not wake it), then nothing.
+pub fn args(disk: &std::path::Path) -> Vec<std::ffi::OsString> {
+    vec![
+        "--json".into(),
+        "-a".into(),
+        "-n".into(),
+        format!("standby,{EXIT_ASLEEP}").into(),
+        disk.as_os_str().to_owned(),
+    ]
+}
 
 #[derive(Debug, Default, Deserialize)]
 struct Report {
@@ -91,6 +110,15 @@ pub fn parse(json: &str) -> Health {
             return Health::unknown(format!("smartctl printed no JSON kvstrap can read: {e}"))
         }
     };
+    if asleep(&report.smartctl) {
+        return Health {
+            assessment: Assessment::Sleeping,
+            detail: Some(
+                "the disk was in standby (spun down): not read, so as not to wake it".into(),
+            ),
+            ..Health::default()
+        };
+    }
     if report.smartctl.exit_status & EXIT_CANNOT_READ != 0 {
         return Health::unknown(cannot_read(&report.smartctl));
     }
@@ -101,6 +129,19 @@ pub fn parse(json: &str) -> Health {
         detail,
         ..figures
     }
+}
+
+/// smartctl stopped before reading because the disk is in a low-power mode: it says
+/// `Device is in STANDBY mode, exit(3)` (or SLEEP, or `STANDBY (OS)`), with the exit
+/// status asked for.
+fn asleep(meta: &Meta) -> bool {
+    let said = meta.messages.iter().any(|m| {
+        let s = m.string.as_str();
+        s.contains("Device is in ")
+            && (s.contains("STANDBY") || s.contains("SLEEP"))
+            && s.contains(" mode")
+    });
+    said || meta.exit_status == EXIT_ASLEEP
 }
 
 fn cannot_read(meta: &Meta) -> String {
@@ -115,21 +156,32 @@ fn cannot_read(meta: &Meta) -> String {
     }
 }
 
+/// The temperature bit of the NVMe critical warning: a hot drive (a failed fan, a hot
+/// aisle) is not a failing one, and `on_failure = "drain"` must not drain good disks for
+/// good over it. Alone it is a warning; with any other bit the drive has failed.
+const TEMPERATURE_BIT: u64 = 1 << 1;
+
 fn assess(report: &Report) -> (Assessment, Option<String>) {
     let warning = report
         .nvme_smart_health_information_log
         .as_ref()
         .and_then(|l| l.critical_warning)
         .unwrap_or(0);
+    let hot = (warning == TEMPERATURE_BIT).then(|| {
+        format!(
+            "NVMe critical warning 0x{warning:02x}: {} (a warning, not a failure: check the drive's cooling)",
+            critical_warning_text(warning)
+        )
+    });
     match report.smart_status.as_ref().and_then(|s| s.passed) {
-        _ if warning != 0 => (
+        _ if warning != 0 && hot.is_none() => (
             Assessment::Failed,
             Some(format!(
                 "NVMe critical warning 0x{warning:02x}: {}",
                 critical_warning_text(warning)
             )),
         ),
-        Some(true) => (Assessment::Passed, None),
+        Some(true) => (Assessment::Passed, hot),
         Some(false) => (
             Assessment::Failed,
             Some("SMART overall-health self-assessment: FAILED".into()),
@@ -243,6 +295,48 @@ mod tests {
         );
         assert_eq!(h.reallocated_sectors, Some(12));
         assert_eq!(h.temperature_celsius, Some(33));
+    }
+
+    #[test]
+    fn the_temperature_bit_alone_is_a_warning_not_a_failure() {
+        let nvme = |bits: u64| {
+            parse(&format!(
+                r#"{{"smartctl": {{"exit_status": 0}}, "smart_status": {{"passed": true}},
+                   "nvme_smart_health_information_log": {{"critical_warning": {bits}, "temperature": 81}}}}"#
+            ))
+        };
+        let hot = nvme(0x02);
+        assert_eq!(hot.assessment, Assessment::Passed);
+        let said = hot.detail.unwrap_or_default();
+        assert!(
+            said.contains("temperature out of range") && said.contains("a warning"),
+            "{said}"
+        );
+        // With any other bit the drive has failed, hot or not.
+        assert_eq!(nvme(0x06).assessment, Assessment::Failed);
+        assert_eq!(nvme(0x04).assessment, Assessment::Failed);
+    }
+
+    #[test]
+    fn a_disk_in_standby_is_sleeping_not_unreadable() {
+        let said = r#"{"smartctl": {"exit_status": 3, "messages": [{"string": "Device is in STANDBY mode, exit(3)", "severity": "information"}]}}"#;
+        let h = parse(said);
+        assert_eq!(h.assessment, Assessment::Sleeping, "{h:?}");
+        // The default exit status (2) of `-n standby`, and the OS's own standby.
+        let os = r#"{"smartctl": {"exit_status": 2, "messages": [{"string": "Device is in STANDBY (OS) mode, exit(2)", "severity": "information"}]}}"#;
+        assert_eq!(parse(os).assessment, Assessment::Sleeping);
+        // An open failure says no such thing.
+        let failed = r#"{"smartctl": {"exit_status": 2, "messages": [{"string": "Smartctl open device: /dev/sdx failed: No such device", "severity": "error"}]}}"#;
+        assert_eq!(parse(failed).assessment, Assessment::Unknown);
+    }
+
+    #[test]
+    fn every_reading_asks_smartctl_not_to_wake_the_disk() {
+        let a: Vec<String> = args(std::path::Path::new("/dev/sdb"))
+            .into_iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(a, ["--json", "-a", "-n", "standby,3", "/dev/sdb"]);
     }
 
     #[test]

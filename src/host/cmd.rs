@@ -1,5 +1,5 @@
-//! Running external programs (mkfs.xfs, mkfs.ext4, xfs_admin, e2label, cryptsetup,
-//! systemd-cryptenroll; smartctl beside the runs): absolute paths resolved once at
+//! Running external programs (mkfs.xfs, mkfs.ext4, xfs_db, e2label, cryptsetup,
+//! systemd-cryptenroll, kpartx; smartctl beside the runs): absolute paths resolved once at
 //! start-up, failures that carry argv, exit status and stderr; a secret reaches a program
 //! on a file descriptor, never in its arguments or environment.
 
@@ -20,44 +20,50 @@ pub const SEARCH_DIRS: &[&str] = &["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
 pub enum Program {
     MkfsXfs,
     MkfsExt4,
-    /// Writes the planned label once mkfs.xfs has finished.
-    XfsAdmin,
+    /// Writes the planned label once mkfs.xfs has finished (what `xfs_admin -L` runs,
+    /// without the shell script around it, which looks xfs_db up in PATH).
+    XfsDb,
     /// Writes the planned label once mkfs.ext4 has finished.
     E2label,
     /// LUKS2: format, label, open, close, erase.
     Cryptsetup,
     /// Seals a LUKS2 volume's key to the TPM2.
     SystemdCryptenroll,
+    /// Makes the partition mappings of a dm-multipath map (multipath-tools' own way).
+    Kpartx,
 }
 
 impl Program {
-    pub const ALL: [Program; 6] = [
+    pub const ALL: [Program; 7] = [
         Program::MkfsXfs,
         Program::MkfsExt4,
-        Program::XfsAdmin,
+        Program::XfsDb,
         Program::E2label,
         Program::Cryptsetup,
         Program::SystemdCryptenroll,
+        Program::Kpartx,
     ];
 
     pub fn name(self) -> &'static str {
         match self {
             Program::MkfsXfs => "mkfs.xfs",
             Program::MkfsExt4 => "mkfs.ext4",
-            Program::XfsAdmin => "xfs_admin",
+            Program::XfsDb => "xfs_db",
             Program::E2label => "e2label",
             Program::Cryptsetup => "cryptsetup",
             Program::SystemdCryptenroll => "systemd-cryptenroll",
+            Program::Kpartx => "kpartx",
         }
     }
 
     /// The distribution package that ships the program, for error messages.
     pub fn package(self) -> &'static str {
         match self {
-            Program::MkfsXfs | Program::XfsAdmin => "xfsprogs",
+            Program::MkfsXfs | Program::XfsDb => "xfsprogs",
             Program::MkfsExt4 | Program::E2label => "e2fsprogs",
             Program::Cryptsetup => "cryptsetup-bin (Debian) or cryptsetup",
             Program::SystemdCryptenroll => "systemd (252 or later)",
+            Program::Kpartx => "kpartx",
         }
     }
 }
@@ -554,11 +560,8 @@ mod tests {
     #[test]
     fn success_returns_stdout() {
         let d = tempfile::tempdir().unwrap();
-        fake_program(d.path(), "xfs_admin", "echo \"$@\"");
+        fake_program(d.path(), "xfs_db", "echo \"$@\"");
         let progs = Programs::discover_in([d.path()].into_iter());
-        assert_eq!(
-            progs.run(Program::XfsAdmin, &["-x".into()]).unwrap(),
-            "-x\n"
-        );
+        assert_eq!(progs.run(Program::XfsDb, &["-x".into()]).unwrap(), "-x\n");
     }
 }

@@ -119,11 +119,15 @@ fn is_our_unfinished(found: &FsIdentity, fs: &FsSpec) -> bool {
 /// Write the planned label on a filesystem mkfs just made (unmounted).
 fn set_label(programs: &Programs, device: &Path, fs: &FsSpec) -> Result<(), MkfsError> {
     let (program, args): (Program, Vec<OsString>) = match fs.fs_type {
+        // `xfs_admin -L` is a shell script that runs exactly this.
         FsType::Xfs => (
-            Program::XfsAdmin,
+            Program::XfsDb,
             vec![
-                "-L".into(),
-                fs.label.clone().into(),
+                "-x".into(),
+                "-p".into(),
+                "xfs_admin".into(),
+                "-c".into(),
+                format!("label {}", fs.label).into(),
                 device.as_os_str().to_owned(),
             ],
         ),
@@ -209,10 +213,13 @@ pub fn mkfs_args(device: &Path, fs: &FsSpec) -> Vec<OsString> {
 }
 
 fn verify(device: &Path, fs: &FsSpec) -> Result<(), MkfsError> {
-    let found = probe::filesystem(device)?;
+    // The probe before mkfs found the device blank: only the planned type is looked for
+    // now. When it is not there as planned, everything is, to say what is.
+    let found = probe::filesystem_of_type(device, fs.fs_type.as_str())?;
     if found.as_ref().is_some_and(|f| matches_spec(f, fs)) {
         return Ok(());
     }
+    let found = probe::filesystem(device)?;
     Err(MkfsError::Verify {
         device: device.to_path_buf(),
         fs_type: fs.fs_type.as_str(),

@@ -13,7 +13,9 @@ pub mod dirs;
 pub mod disklock;
 pub mod failpoint;
 pub mod gpt;
+pub mod ioprobe;
 pub mod kernel_quota;
+pub mod kpartx;
 pub mod luks;
 pub mod mkfs;
 pub mod mount;
@@ -81,6 +83,8 @@ pub enum Error {
     Lock(#[from] disklock::LockError),
     #[error(transparent)]
     Luks(#[from] luks::LuksError),
+    #[error(transparent)]
+    Kpartx(#[from] kpartx::KpartxError),
 }
 
 #[cfg(test)]

@@ -249,12 +249,19 @@ fn mount_hint(fs: &FsSpec, err: nix::Error) -> String {
 }
 
 fn check_identity(device: &Path, fs: &FsSpec) -> Result<(), MountError> {
+    let ok = |found: &Option<probe::FsIdentity>| {
+        found.as_ref().is_some_and(|f| {
+            f.fs_type == fs.fs_type.as_str()
+                && f.uuid.as_deref().map(str::to_ascii_lowercase) == Some(fs.uuid.to_string())
+        })
+    };
+    // The planned type alone is looked for; when it is not the planned filesystem,
+    // every signature, to say what the device carries instead.
+    if ok(&probe::filesystem_of_type(device, fs.fs_type.as_str())?) {
+        return Ok(());
+    }
     let found = probe::filesystem(device)?;
-    let ok = found.as_ref().is_some_and(|f| {
-        f.fs_type == fs.fs_type.as_str()
-            && f.uuid.as_deref().map(str::to_ascii_lowercase) == Some(fs.uuid.to_string())
-    });
-    if ok {
+    if ok(&found) {
         return Ok(());
     }
     let found = found.map_or("no filesystem".into(), |f| {

@@ -103,6 +103,35 @@ impl Probe {
         Ok(probe)
     }
 
+    /// A probe that looks for one filesystem type and nothing else (no partition tables,
+    /// no other superblock): what an identity check needs, at a small part of the cost
+    /// of every prober libblkid has (each reads its own regions of the device).
+    fn of_type(device: &Path, file: File, fs_type: &str) -> Result<Probe, ProbeError> {
+        let probe = Probe::new(device, file)?;
+        let fail = |what| ProbeError::Blkid {
+            device: device.to_path_buf(),
+            what,
+        };
+        let name = CString::new(fs_type).map_err(|_| fail("name a filesystem type"))?;
+        let mut names = [name.as_ptr().cast_mut(), std::ptr::null_mut()];
+        // SAFETY: valid probe; `names` is a NULL-terminated array of C strings that
+        // outlives the call (libblkid only reads it).
+        unsafe {
+            check(sys::blkid_probe_enable_partitions(probe.raw, 0), || {
+                fail("disable partitions")
+            })?;
+            check(
+                sys::blkid_probe_filter_superblocks_type(
+                    probe.raw,
+                    flag(sys::BLKID_FLTR_ONLYIN),
+                    names.as_mut_ptr(),
+                ),
+                || fail("filter superblock types"),
+            )?;
+        }
+        Ok(probe)
+    }
+
     /// The next signature, or None when the chains are exhausted.
     fn next(&mut self) -> Result<Option<Found>, ProbeError> {
         // SAFETY: valid probe.
@@ -221,6 +250,16 @@ fn xfs_in_progress(file: &File, offset: u64) -> bool {
 /// The filesystem on `device`, if libblkid recognises one (usage `filesystem`).
 pub fn filesystem(device: &Path) -> Result<Option<FsIdentity>, ProbeError> {
     Ok(filesystem_of(&signatures(device)?))
+}
+
+/// The filesystem of type `fs_type` on `device`, if there is one; any other signature
+/// is not looked for. For identity checks (the filesystem just made, the one about to be
+/// mounted); what decides that a device is blank is [`signatures`].
+pub fn filesystem_of_type(device: &Path, fs_type: &str) -> Result<Option<FsIdentity>, ProbeError> {
+    let mut probe = Probe::of_type(device, open_read(device)?, fs_type)?;
+    let mut found: Vec<Signature> = probe.next()?.map(|f| f.signature).into_iter().collect();
+    mark_unfinished(&mut found, &probe._file, 0);
+    Ok(filesystem_of(&found))
 }
 
 /// The filesystem among already probed signatures.
@@ -363,6 +402,22 @@ mod tests {
         assert!(signatures(&img).unwrap().is_empty());
         let bytes = std::fs::read(&img).unwrap();
         assert_ne!(&bytes[bytes.len() - 512..bytes.len() - 504], b"EFI PART");
+    }
+
+    #[test]
+    fn a_probe_of_one_type_sees_that_type_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.img");
+        File::create(&img).unwrap().set_len(16 << 20).unwrap();
+        let l = crate::host::gpt::tests::layout(&img, 16 << 20, &[(1 << 20, 8 << 20)]);
+        crate::host::gpt::write_partition_table(&l).unwrap();
+        // A GPT is no xfs, and a type that is not there is none.
+        assert_eq!(filesystem_of_type(&img, "xfs").unwrap(), None);
+        assert_eq!(filesystem(&img).unwrap(), None);
+        assert!(matches!(
+            filesystem_of_type(Path::new("/nonexistent/dev"), "xfs"),
+            Err(ProbeError::Open { .. })
+        ));
     }
 
     #[test]

@@ -30,8 +30,12 @@ pub fn in_use(disk: &Disk, seen: &Observed, managed_roots: &[PathBuf]) -> Vec<In
     let mut reasons = Vec::new();
     let mounts = all_mounts(disk, seen);
     reasons.extend(system_disk(&mounts, seen));
-    reasons
-        .extend(virtual_kind(&disk.name, seen.scsi_type).map(|detail| InUse::Virtual { detail }));
+    // A multipath map is a device-mapper device, but it is the SAN LUN's one disk.
+    if disk.multipath.is_none() {
+        reasons.extend(
+            virtual_kind(&disk.name, seen.scsi_type).map(|detail| InUse::Virtual { detail }),
+        );
+    }
     if disk.name.starts_with("zram") {
         reasons.push(InUse::Zram);
     }

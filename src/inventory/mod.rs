@@ -8,6 +8,7 @@ pub mod byid;
 pub mod crypt;
 pub mod eligibility;
 pub mod mountinfo;
+pub mod multipath;
 pub mod paths;
 pub mod probe;
 pub mod swaps;
@@ -107,17 +108,39 @@ fn tpm2_present(sys_root: &Path, dev_root: &Path) -> bool {
 }
 
 pub fn scan(opts: &ScanOptions) -> Result<Inventory, InventoryError> {
-    let machine = Machine::read(opts)?;
-    let sys_disks = sysfs::list_disks(&opts.sys_root)?;
-    let probes = probe_all(&sys_disks, &opts.dev_root);
-    let mut disks: Vec<Disk> = sys_disks
+    // Nothing here waits for anything else: the machine-wide facts and the managed paths
+    // are read on a thread of their own while the disks are read and probed, each disk
+    // by one of a few workers (sysfs, then libblkid).
+    let (machine, observed, paths) = std::thread::scope(|scope| {
+        let read_machine = || {
+            let machine = Machine::read(opts)?;
+            let paths = paths::observe(&opts.managed_roots, &machine.mounts);
+            Ok::<_, InventoryError>((machine, paths))
+        };
+        // No thread to spare (the process is out of them): read it here, after the disks.
+        let machine = std::thread::Builder::new()
+            .name("inventory".into())
+            .spawn_scoped(scope, read_machine)
+            .ok();
+        let observed = sysfs::disk_names(&opts.sys_root)
+            .map(|names| observe_all(&names, &opts.sys_root, &opts.dev_root));
+        let joined = match machine {
+            Some(thread) => thread.join().unwrap_or_else(|_| {
+                Err(InventoryError::Read {
+                    path: opts.proc_root.clone(),
+                    source: std::io::Error::other("reading the mounts failed unexpectedly"),
+                })
+            }),
+            None => read_machine(),
+        };
+        joined.and_then(|(machine, paths)| Ok((machine, observed?, paths)))
+    })?;
+    let mut disks: Vec<Disk> = observed
         .into_iter()
-        .zip(probes)
         .map(|(sys, probed)| assemble(sys, probed, &machine, opts))
         .collect();
     disks.sort_by(|a, b| natural_cmp(&a.name, &b.name));
     link_loop_devices(&mut disks, &machine);
-    let paths = paths::observe(&opts.managed_roots, &machine.mounts);
     Ok(Inventory {
         disks,
         paths,
@@ -132,10 +155,7 @@ pub fn scan(opts: &ScanOptions) -> Result<Inventory, InventoryError> {
 pub fn partition_users_now(device: &Path) -> Result<Partition, InventoryError> {
     let opts = ScanOptions::default();
     let machine = Machine::read(&opts)?;
-    let name = device
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = kernel_name_of(device);
     let class = opts.sys_root.join("class/block").join(&name);
     let devno = sysfs::attr(&class, "dev").unwrap_or_default();
     let loop_devices = loops_over(&machine, &opts, &name);
@@ -170,6 +190,21 @@ fn loops_over(machine: &Machine, opts: &ScanOptions, name: &str) -> Vec<crate::m
             })
         })
         .collect()
+}
+
+/// The kernel name of a device node: its own file name, or for a `/dev/mapper` link (a
+/// multipath map's partition mapping, `mpatha-part1`) the `dm-N` it points at, which is
+/// the name sysfs, mountinfo and device-node bind mounts know it by.
+fn kernel_name_of(device: &Path) -> String {
+    let resolved = if device.starts_with(multipath::MAPPER_DIR) {
+        std::fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf())
+    } else {
+        device.to_path_buf()
+    };
+    resolved
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Machine-wide facts read once per scan.
@@ -263,8 +298,8 @@ impl Machine {
             .map(|n| self.kernel_name_of(n))
     }
 
-    /// The kernel name of a node below /dev: `sdb1`, or `dm-3` for `mapper/kvs-...` (a
-    /// symlink to it with udev, a node of its own without).
+    /// The kernel name of a node below /dev: `sdb1`, or `dm-3` for `mapper/kvs-...` or
+    /// `mapper/mpatha-part1` (a symlink to it with udev, a node of its own without).
     fn kernel_name_of(&self, below_dev: &Path) -> String {
         let text = below_dev.to_string_lossy().into_owned();
         if let Some(name) = text.strip_prefix("mapper/") {
@@ -276,9 +311,7 @@ impl Machine {
                             .as_deref()
                             == Some(name)
                 });
-            if let Some(dm) = dm {
-                return dm;
-            }
+            return dm.unwrap_or_else(|| kernel_name_of(&Path::new("/dev").join(below_dev)));
         }
         text
     }
@@ -298,41 +331,71 @@ struct Probed {
     unreadable: Option<String>,
 }
 
-/// At most this many disks are probed at once.
+/// At most this many disks are read at once.
 const MAX_PROBE_THREADS: usize = 16;
 
-/// Probes the disks in parallel: a probe mostly waits for its own device (a cold read
-/// of each region libblkid looks at, some tens of them per disk, ms each on a disk
-/// that seeks). More threads than that only compete for the CPUs (loop devices).
-fn probe_all(disks: &[SysDisk], dev_root: &Path) -> Vec<Probed> {
+/// Reads and probes the disks in parallel: a probe mostly waits for its own device (a
+/// cold read of each region libblkid looks at, some tens of them per disk, ms each on a
+/// disk that seeks), and sysfs answers from the kernel's memory. More threads than that
+/// only compete for the CPUs (loop devices).
+fn observe_all(names: &[String], sys_root: &Path, dev_root: &Path) -> Vec<(SysDisk, Probed)> {
+    let read = in_workers(names, |name| sysfs::read_disk(sys_root, name));
+    let sys_disks: Vec<SysDisk> = read
+        .into_iter()
+        .zip(names)
+        .map(|(sys, name)| {
+            sys.unwrap_or_else(|| SysDisk {
+                name: name.clone(),
+                ..SysDisk::default()
+            })
+        })
+        .collect();
+    // The maps are found among all the disks at once (a map names its paths), before
+    // anything is opened: a path is never probed.
+    let sys_disks = multipath::fold(sys_root, sys_disks);
+    let probes = in_workers(&sys_disks, |disk| probe_one(disk, dev_root));
+    // A missing result must not read as "probed, nothing found".
+    let unfinished = || Probed {
+        unreadable: Some("reading the disk did not finish".into()),
+        ..Default::default()
+    };
+    sys_disks
+        .into_iter()
+        .zip(probes)
+        .map(|(sys, probed)| (sys, probed.unwrap_or_else(unfinished)))
+        .collect()
+}
+
+/// `f` of every item, on a few workers; `None` where a result went missing.
+fn in_workers<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<Option<R>> {
     let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
     let workers = (cores * 4)
         .clamp(4, MAX_PROBE_THREADS)
-        .min(disks.len())
+        .min(items.len())
         .max(1);
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<std::sync::Mutex<Option<Probed>>> =
-        disks.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let results: Vec<std::sync::Mutex<Option<R>>> =
+        items.iter().map(|_| std::sync::Mutex::new(None)).collect();
     crate::host::threads::run_workers(workers, "probe", || loop {
         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let Some(disk) = disks.get(i) else { break };
-        let probed = probe_one(disk, dev_root);
+        let Some(item) = items.get(i) else { break };
+        let r = f(item);
         if let Ok(mut slot) = results[i].lock() {
-            *slot = Some(probed);
+            *slot = Some(r);
         }
     });
-    // A missing result must not read as "probed, nothing found".
-    let unfinished = || Probed {
-        unreadable: Some("probing did not finish".into()),
-        ..Default::default()
-    };
     results
         .into_iter()
-        .map(|m| m.into_inner().ok().flatten().unwrap_or_else(unfinished))
+        .map(|m| m.into_inner().ok().flatten())
         .collect()
 }
 
 fn probe_one(disk: &SysDisk, dev_root: &Path) -> Probed {
+    // A multipath path is never a candidate, and reading it directly (or a map with no
+    // working path, whose IO may queue forever) could block the whole scan.
+    if !multipath::may_probe(&disk.multipath) {
+        return Probed::default();
+    }
     let node = dev_root.join(&disk.name);
     let opened = probe::open(&node);
     let mut probed = Probed {
@@ -427,11 +490,17 @@ fn partition_numbers(sys: &[SysPartition], entries: &[TableEntry]) -> Vec<u32> {
 fn assemble(sys: SysDisk, mut probed: Probed, machine: &Machine, opts: &ScanOptions) -> Disk {
     let by_id = disk_by_id(&sys, machine);
     let partitions = partitions(&sys, &mut probed, machine, &by_id);
+    let (path, name) = match &sys.multipath {
+        multipath::Role::Map { name, .. } => {
+            (Path::new(multipath::MAPPER_DIR).join(name), name.clone())
+        }
+        _ => (PathBuf::from("/dev").join(&sys.name), sys.name.clone()),
+    };
     let mut disk = Disk {
-        path: PathBuf::from("/dev").join(&sys.name),
+        path,
         mountpoints: machine.mountpoints(&sys.devno, &sys.name),
         swap: machine.is_swap(&sys.devno, &sys.name),
-        name: sys.name.clone(),
+        name,
         devno: sys.devno.clone(),
         size_bytes: sys.size_bytes,
         logical_sector_size: sys.logical_sector_size,
@@ -451,9 +520,15 @@ fn assemble(sys: SysDisk, mut probed: Probed, machine: &Machine, opts: &ScanOpti
         signatures: std::mem::take(&mut probed.contents.signatures),
         holders: sys.holders.clone(),
         in_use: Vec::new(),
+        io: None,
+        multipath: match &sys.multipath {
+            multipath::Role::Map { multipath, .. } => Some(multipath.clone()),
+            _ => None,
+        },
     };
     let observed = observe_stack(&disk, &sys, &probed, machine, opts);
     disk.in_use = eligibility::in_use(&disk, &observed, &opts.managed_roots);
+    multipath::judge(&sys.multipath, &mut disk.in_use);
     disk
 }
 
@@ -516,7 +591,12 @@ fn disk_by_id(sys: &SysDisk, machine: &Machine) -> Vec<String> {
     // udev making them raises no uevent that would trigger another run).
     let names = match machine.by_id_links.as_ref().and_then(|l| l.get(&sys.name)) {
         Some(linked) if !linked.is_empty() => linked.clone(),
-        _ => byid::compute(&sys.ids),
+        _ => match &sys.multipath {
+            multipath::Role::Map { name, multipath } => {
+                multipath::by_id_names(name, &multipath.wwid)
+            }
+            _ => byid::compute(&sys.ids),
+        },
     };
     names
         .into_iter()
@@ -555,6 +635,10 @@ fn partition(
     disk_ids: &[String],
 ) -> Partition {
     let name = kernel.map_or_else(|| partition_name(&disk.name, number), |k| k.name.clone());
+    let map = match &disk.multipath {
+        multipath::Role::Map { name, multipath } => Some((name, &multipath.wwid)),
+        _ => None,
+    };
     let (mountpoints, swap, mounts, node_binds) = match kernel {
         Some(k) => (
             machine.mountpoints(&k.devno, &k.name),
@@ -570,7 +654,13 @@ fn partition(
             .iter()
             .map(|n| format!("/dev/disk/by-id/{n}"))
             .collect(),
-        _ => byid::partition_names(disk_ids, number),
+        _ => match map {
+            Some((map, wwid)) => multipath::partition_by_id_names(map, wwid, number)
+                .into_iter()
+                .map(|n| format!("/dev/disk/by-id/{n}"))
+                .collect(),
+            None => byid::partition_names(disk_ids, number),
+        },
     };
     // The on-disk table is what the planner compares its layout with; the kernel's
     // view only fills in when the table could not be read.
@@ -580,12 +670,17 @@ fn partition(
         (None, None) => (0, 0),
     };
     let part_uuid = entry.and_then(|e| e.part_uuid.clone());
+    // A map's partition mapping has a stable name of its own (`/dev/mapper/mpatha-part1`).
     let by_partuuid = kernel.is_some()
+        && map.is_none()
         && part_uuid
             .as_deref()
             .is_some_and(|u| udev_names_partition(&machine.dev_root, u, &name));
     Partition {
-        path: PathBuf::from("/dev").join(&name),
+        path: match map {
+            Some((map, _)) => multipath::partition_path(map, number),
+            None => PathBuf::from("/dev").join(&name),
+        },
         number,
         start_bytes,
         size_bytes,
@@ -631,11 +726,16 @@ fn link_loop_devices(disks: &mut [Disk], machine: &Machine) {
             Some((i, machine.block_device_behind(&backing)?, backing))
         })
         .collect();
+    // A map's partitions are `/dev/mapper` links to the `dm-N` a loop's backing names.
+    let is_node = |path: &Path, name: &str| {
+        path == Path::new("/dev").join(name) || kernel_name_of(path) == name
+    };
     let known = |name: &str| {
         disks.iter().any(|d| {
             d.name == name
+                || d.multipath.as_ref().is_some_and(|m| m.kernel_name == name)
                 || d.partitions.iter().any(|p| {
-                    p.path == Path::new("/dev").join(name)
+                    is_node(&p.path, name)
                         || p.crypt.as_ref().is_some_and(|c| c.kernel_name == name)
                 })
         })
@@ -651,7 +751,7 @@ fn link_loop_devices(disks: &mut [Disk], machine: &Machine) {
             detail: format!("a loop device over the block device /dev/{name}"),
         });
         for p in disks.iter_mut().flat_map(|d| d.partitions.iter_mut()) {
-            if p.path == Path::new("/dev").join(&name) {
+            if is_node(&p.path, &name) {
                 p.loop_devices.push(loop_over.clone());
             } else if let Some(c) = p.crypt.as_mut().filter(|c| c.kernel_name == name) {
                 c.loop_devices.push(loop_over.clone());

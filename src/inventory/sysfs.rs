@@ -27,6 +27,8 @@ pub struct SysDisk {
     pub backing_file: Option<PathBuf>,
     pub partitions: Vec<SysPartition>,
     pub ids: IdFacts,
+    /// A dm-multipath map or one of its paths (filled in by `multipath::fold`).
+    pub multipath: super::multipath::Role,
 }
 
 /// A partition the kernel knows (it has a device node).
@@ -45,21 +47,30 @@ const SYSFS_SECTOR: u64 = 512;
 
 /// Every whole disk under `<sys_root>/block`, unattached loop devices left out.
 pub fn list_disks(sys_root: &Path) -> Result<Vec<SysDisk>, InventoryError> {
+    Ok(disk_names(sys_root)?
+        .iter()
+        .map(|name| read_disk(sys_root, name))
+        .collect())
+}
+
+/// The kernel names of the disks [`list_disks`] reads (one directory listing; each
+/// disk is then read with [`read_disk`], which the scan does in parallel).
+pub fn disk_names(sys_root: &Path) -> Result<Vec<String>, InventoryError> {
     let block = sys_root.join("block");
     let entries = std::fs::read_dir(&block).map_err(|source| InventoryError::Read {
         path: block.clone(),
         source,
     })?;
-    let mut disks = Vec::new();
+    let mut names = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let dir = block.join(&name);
         // Hidden disks (NVMe multipath paths) are reached through their visible head.
         if !is_unattached_loop(&dir, &name) && number(&dir, "hidden") != Some(1) {
-            disks.push(read_disk(sys_root, &name));
+            names.push(name);
         }
     }
-    Ok(disks)
+    Ok(names)
 }
 
 /// The kernel keeps idle loop devices around; they are not disks.
@@ -96,6 +107,7 @@ pub fn read_disk(sys_root: &Path, name: &str) -> SysDisk {
         partitions: partitions(&dir, name),
         transport,
         ids,
+        multipath: Default::default(),
     }
 }
 

@@ -24,6 +24,9 @@ pub const LABEL_TRANSPORT: &str = "kvstrap.io/transport";
 pub const LABEL_MEDIA: &str = "kvstrap.io/media";
 /// `"true"` on the PV of a volume on a LUKS2 volume (an encrypted group); absent otherwise.
 pub const LABEL_ENCRYPTED: &str = "kvstrap.io/encrypted";
+/// The measured IO class of the disk (fast, standard, slow); absent on a disk never
+/// measured. On the Node: the fastest class it serves volumes from.
+pub const LABEL_IO_CLASS: &str = "kvstrap.io/io-class";
 /// The volume's name on the node (exact value in the annotation of the same name).
 pub const ANNOTATION_VOLUME: &str = "kvstrap.io/volume";
 /// Stable identity of the disk holding the volume (`wwn:...`, `serial:...`).
@@ -235,6 +238,9 @@ fn pv_labels(node: &str, v: &VolumeSpec) -> BTreeMap<String, String> {
         (LABEL_TRANSPORT.to_string(), label_value(&v.transport)),
         (LABEL_MEDIA.to_string(), media.to_string()),
     ]);
+    if let Some(class) = v.io_class {
+        labels.insert(LABEL_IO_CLASS.to_string(), class.to_string());
+    }
     if v.encrypted() {
         labels.insert(LABEL_ENCRYPTED.to_string(), "true".to_string());
     }

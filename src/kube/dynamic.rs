@@ -62,6 +62,12 @@ pub fn claim_pv(
         (LABEL_MEDIA.to_string(), media.to_string()),
         (LABEL_PROVISIONING.to_string(), DYNAMIC.to_string()),
     ]);
+    if let Some(class) = pool.io_class {
+        labels.insert(
+            super::builders::LABEL_IO_CLASS.to_string(),
+            class.to_string(),
+        );
+    }
     if pool.mapping.is_some() {
         labels.insert(
             super::builders::LABEL_ENCRYPTED.to_string(),
@@ -225,6 +231,7 @@ mod tests {
             },
             transport: "nvme".into(),
             rotational: false,
+            io_class: None,
             mapping: None,
         }
     }

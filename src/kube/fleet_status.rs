@@ -8,6 +8,7 @@ use super::node_state::{StorageSummary, CONDITION, STATE_ANNOTATION};
 use ::kube::api::{Api, ListParams};
 use ::kube::Client;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume};
+use k8s_openapi::api::storage::v1::CSIStorageCapacity;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -24,6 +25,9 @@ pub struct NodeRow {
     pub volumes: BTreeMap<String, BTreeMap<String, u32>>,
     pub refused: Vec<String>,
     pub sources: Vec<String>,
+    /// Dynamic classes: the node's published room (CSIStorageCapacity), class ->
+    /// (capacity, maximumVolumeSize) in bytes.
+    pub room: BTreeMap<String, (u64, u64)>,
 }
 
 /// Rows for every Node that reported or has kvstrap PVs, by name.
@@ -91,7 +95,47 @@ pub fn rows(nodes: &[Node], pvs: &[PersistentVolume]) -> Vec<NodeRow> {
     out.into_values().collect()
 }
 
-/// Reads the Nodes and kvstrap's PVs once.
+/// The room each node published for its dynamic classes, added to its row.
+pub fn with_room(mut rows: Vec<NodeRow>, room: &[CSIStorageCapacity]) -> Vec<NodeRow> {
+    let bytes = |q: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>| {
+        q.and_then(|q| super::compare::quantity_bytes(&q.0))
+            .unwrap_or(0)
+    };
+    for c in room {
+        let Some(node) = c.metadata.labels.as_ref().and_then(|l| l.get(LABEL_NODE)) else {
+            continue;
+        };
+        if let Some(row) = rows.iter_mut().find(|r| &r.node == node) {
+            row.room.insert(
+                c.storage_class_name.clone(),
+                (
+                    bytes(c.capacity.as_ref()),
+                    bytes(c.maximum_volume_size.as_ref()),
+                ),
+            );
+        }
+    }
+    rows
+}
+
+/// `class: 310.2 GiB free (largest claim 200 GiB)`, or `-`.
+pub fn room_text(room: &BTreeMap<String, (u64, u64)>) -> String {
+    if room.is_empty() {
+        return "-".into();
+    }
+    room.iter()
+        .map(|(class, (free, max))| {
+            format!(
+                "{class}: {} free (largest claim {})",
+                crate::plan::capacity::human(*free),
+                crate::plan::capacity::human(*max)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Reads the Nodes, kvstrap's PVs and its CSIStorageCapacity objects once.
 pub async fn fetch(client: &Client) -> Result<Vec<NodeRow>, String> {
     let nodes = Api::<Node>::all(client.clone())
         .list(&ListParams::default())
@@ -102,7 +146,13 @@ pub async fn fetch(client: &Client) -> Result<Vec<NodeRow>, String> {
         .list(&lp)
         .await
         .map_err(|e| format!("cannot list PersistentVolumes: {}", describe(&e)))?;
-    Ok(rows(&nodes.items, &pvs.items))
+    // Without dynamic groups (or the right to read them) there is simply no room to show.
+    let room = Api::<CSIStorageCapacity>::all(client.clone())
+        .list(&lp)
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    Ok(with_room(rows(&nodes.items, &pvs.items), &room))
 }
 
 /// `class: 3 Available, 1 Bound; other: ...`
@@ -203,5 +253,18 @@ mod tests {
             ("w2", "Unknown")
         );
         assert_eq!(volumes_text(&rows[1].volumes), "slow: 1 Released");
+        let room = [super::super::dynamic::storage_capacity(
+            "w1",
+            "kvstrap",
+            "dyn",
+            70 << 30,
+            40 << 30,
+        )];
+        let rows = with_room(rows, &room);
+        assert_eq!(
+            room_text(&rows[0].room),
+            "dyn: 70 GiB free (largest claim 40 GiB)"
+        );
+        assert_eq!(room_text(&rows[1].room), "-");
     }
 }

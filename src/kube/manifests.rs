@@ -45,11 +45,38 @@ pub fn render(desired: &Desired) -> Result<BTreeMap<String, String>, ManifestErr
         let name = sc.metadata.name.clone().unwrap_or_default();
         files.insert(format!("storageclass-{name}.yaml"), to_yaml(&name, sc)?);
     }
-    for v in &desired.volumes {
-        let name = v.pv_name().to_string();
-        files.insert(format!("pv-{name}.yaml"), to_yaml(&name, &v.pv)?);
-    }
+    // Hundreds of PVs on a large node, and a pass that changes nothing still renders
+    // them all to compare with the files: on every CPU.
+    let volumes = on_every_cpu(&desired.volumes, |v| {
+        let name = v.pv_name();
+        Ok((format!("pv-{name}.yaml"), to_yaml(name, &v.pv)?))
+    })?;
+    files.extend(volumes);
     Ok(files)
+}
+
+/// `f` of every item, in order, the items shared out in a chunk per CPU.
+fn on_every_cpu<T: Sync, R: Send>(
+    items: &[T],
+    f: impl Fn(&T) -> Result<R, ManifestError> + Sync,
+) -> Result<Vec<R>, ManifestError> {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let chunk = items.len().div_ceil(cores).max(64);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = items
+            .chunks(chunk)
+            .map(|part| scope.spawn(|| part.iter().map(&f).collect::<Result<Vec<R>, _>>()))
+            .collect();
+        let mut out = Vec::with_capacity(items.len());
+        for part in parts {
+            let done = part.join().map_err(|_| ManifestError::Io {
+                path: PathBuf::from("manifests"),
+                source: std::io::Error::other("rendering the manifests failed unexpectedly"),
+            })?;
+            out.extend(done?);
+        }
+        Ok(out)
+    })
 }
 
 /// One object as YAML.
@@ -60,36 +87,118 @@ pub fn to_yaml<T: Serialize>(name: &str, object: &T) -> Result<String, ManifestE
     })
 }
 
+/// The record of what the manifest directory was last written from, beside the files
+/// (kubectl applies `*.yaml`, `*.yml` and `*.json` only).
+pub const DIGEST_FILE: &str = ".kvstrap-manifests.sha256";
+
+/// A fingerprint of the objects of `desired` (their JSON), cheap next to rendering and
+/// comparing every YAML file: equal fingerprints, equal manifests.
+fn digest(desired: &Desired) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(concat!(
+        "kvstrap manifests ",
+        env!("CARGO_PKG_VERSION"),
+        "\n"
+    ));
+    let mut object = |name: &str, json: serde_json::Result<Vec<u8>>| {
+        hash.update(name.as_bytes());
+        hash.update(b"\n");
+        hash.update(json.unwrap_or_default());
+        hash.update(b"\n");
+    };
+    for sc in &desired.storage_classes {
+        object(
+            sc.metadata.name.as_deref().unwrap_or_default(),
+            serde_json::to_vec(sc),
+        );
+    }
+    for v in &desired.volumes {
+        object(v.pv_name(), serde_json::to_vec(&v.pv));
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The file names the manifests of `desired` have.
+fn file_names(desired: &Desired) -> std::collections::BTreeSet<String> {
+    let classes = desired.storage_classes.iter().map(|sc| {
+        let name = sc.metadata.name.as_deref().unwrap_or_default();
+        format!("storageclass-{name}.yaml")
+    });
+    let volumes = desired
+        .volumes
+        .iter()
+        .map(|v| format!("pv-{}.yaml", v.pv_name()));
+    classes.chain(volumes).collect()
+}
+
+/// Whether `dir` holds exactly the manifests of `desired` as kvstrap last wrote them:
+/// the fingerprint on record and the same files, none missing, none left over.
+fn up_to_date(dir: &Path, desired: &Desired, digest: &str) -> bool {
+    let recorded = fs::read_to_string(dir.join(DIGEST_FILE)).unwrap_or_default();
+    if recorded.trim() != digest {
+        return false;
+    }
+    let Ok(entries) = fs::read_dir(dir) else {
+        return false;
+    };
+    let present: std::collections::BTreeSet<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| is_ours(name))
+        .collect();
+    present == file_names(desired)
+}
+
 /// Writes the manifests of `desired` below `state_dir`, so the directory holds exactly them.
+/// When they are what was last written (same fingerprint, same files), nothing is read
+/// or rendered: a pass with nothing to do costs a listing of the directory.
 pub fn write_manifests(
     state_dir: &Path,
     desired: &Desired,
 ) -> Result<ManifestReport, ManifestError> {
-    let files = render(desired)?;
     let dir = manifest_dir(state_dir);
+    // Looked at first, and made private whatever a umask or an earlier version left:
+    // only root writes what an admin applies with kubectl.
     private_dir(state_dir, 0o022)?;
     private_dir(&dir, 0o7777 & !DIR_MODE)?;
+    let digest = digest(desired);
+    if up_to_date(&dir, desired, &digest) {
+        return Ok(ManifestReport {
+            dir,
+            unchanged: desired.storage_classes.len() + desired.volumes.len(),
+            ..ManifestReport::default()
+        });
+    }
+    let files = render(desired)?;
     let mut report = ManifestReport {
         dir: dir.clone(),
         ..ManifestReport::default()
     };
-    for (name, text) in &files {
-        let path = dir.join(name);
-        if unchanged(&path, text.as_bytes()) {
+    let files_in_order: Vec<(&String, &String)> = files.iter().collect();
+    let same = on_every_cpu(&files_in_order, |(name, text)| {
+        Ok(unchanged(&dir.join(name), text.as_bytes()))
+    })?;
+    let mut changed = Vec::new();
+    for ((name, text), same) in files_in_order.into_iter().zip(same) {
+        if same {
             report.unchanged += 1;
-            continue;
+        } else {
+            changed.push((dir.join(name), text.as_bytes()));
         }
-        crate::state::write_atomic(&path, text.as_bytes()).map_err(|e| match e {
-            crate::state::StateError::Write { path, source } => ManifestError::Io { path, source },
-            other => ManifestError::Io {
-                path: path.clone(),
-                source: std::io::Error::other(other.to_string()),
-            },
-        })?;
-        report.written.push(path);
     }
+    write_all(&changed)?;
+    report.written = changed.into_iter().map(|(path, _)| path).collect();
     report.removed = remove_stale(&dir, &files)?;
-    if !report.written.is_empty() || !report.removed.is_empty() {
+    // Recorded last: a run cut short before this renders and compares again.
+    let digest_path = dir.join(DIGEST_FILE);
+    let recorded = fs::read_to_string(&digest_path).unwrap_or_default();
+    let record = recorded.trim() != digest;
+    if record {
+        write_all(&[(digest_path, format!("{digest}\n").as_bytes())])?;
+    }
+    // One directory fsync makes every rename and removal durable.
+    if record || !report.written.is_empty() || !report.removed.is_empty() {
         sync_dir(&dir)?;
     }
     Ok(report)
@@ -99,6 +208,44 @@ pub fn write_manifests(
 pub const DIR_MODE: u32 = 0o755;
 /// Mode of every manifest.
 pub const FILE_MODE: u32 = 0o644;
+
+/// At most this many files are written at once: each write waits mostly for its fsync,
+/// and a filesystem commits concurrent fsyncs together.
+const WRITERS: usize = 8;
+
+/// Write every file atomically (a fresh temp file, never one planted there; mode 0644),
+/// several at once: a cold apply of a 60-disk node renders hundreds of PVs, and one fsync
+/// after another made that the longest serial stretch of the run. The caller fsyncs the
+/// directory once afterwards.
+fn write_all(files: &[(PathBuf, &[u8])]) -> Result<(), ManifestError> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let first_error = std::sync::Mutex::new(None);
+    crate::host::threads::run_workers(WRITERS.min(files.len()), "manifests", || loop {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some((path, bytes)) = files.get(i) else {
+            break;
+        };
+        if let Err(e) = crate::state::write_atomic_unsynced(path, bytes) {
+            let e = match e {
+                crate::state::StateError::Write { path, source } => {
+                    ManifestError::Io { path, source }
+                }
+                other => ManifestError::Io {
+                    path: path.clone(),
+                    source: std::io::Error::other(other.to_string()),
+                },
+            };
+            if let Ok(mut slot) = first_error.lock() {
+                slot.get_or_insert(e);
+            }
+            break;
+        }
+    });
+    match first_error.into_inner() {
+        Ok(Some(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
 
 /// `dir` as a real directory: made with mode 0755, or, when it exists, without the mode
 /// bits `unwanted` (an earlier version under a umask of 000 left it world-writable; the

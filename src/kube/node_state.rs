@@ -40,6 +40,9 @@ pub struct NodeReport {
     /// The last health reading of each disk a group selects (the daemon's health reader;
     /// empty before the first reading, and for `kvstrap apply`).
     pub health: Vec<DiskHealth>,
+    /// The fastest measured class among the disks this node serves volumes from
+    /// (`kvstrap.io/io-class` on the Node); none when no such disk was measured.
+    pub io_class: Option<crate::model::IoClass>,
 }
 
 /// One disk's health as the Node shows it.
@@ -143,8 +146,9 @@ pub struct HealthVerdict {
 }
 
 /// True when every disk whose health can be read passed, False when one failed, Unknown
-/// when none can be read (loop and virtio disks, smartctl missing, not read yet). A disk
-/// that cannot be read never makes the others' verdict worse: it is named in the message.
+/// when none can be read (loop and virtio disks, smartctl missing, not read yet, asleep).
+/// A disk that cannot be read never makes the others' verdict worse: it is named in the
+/// message.
 pub fn health_verdict(r: &NodeReport) -> HealthVerdict {
     let of = |a: Assessment| r.health.iter().filter(move |h| h.assessment == a);
     let list = |a: Assessment| {
@@ -169,6 +173,10 @@ pub fn health_verdict(r: &NodeReport) -> HealthVerdict {
     }
     if of(Assessment::Unknown).count() > 0 {
         parts.push(format!("health unknown: {}", list(Assessment::Unknown)));
+    }
+    if of(Assessment::Sleeping).count() > 0 {
+        let asleep: Vec<&str> = of(Assessment::Sleeping).map(|h| h.disk.as_str()).collect();
+        parts.push(format!("asleep, not read: {}", asleep.join(", ")));
     }
     if r.health.is_empty() {
         parts.push("no disk health read yet".into());
@@ -216,10 +224,20 @@ fn any_condition_patch(
 }
 
 /// The label and the summary annotation, in one merge patch.
-pub fn label_patch(ready: bool, summary: &StorageSummary) -> serde_json::Value {
+pub fn label_patch(
+    ready: bool,
+    summary: &StorageSummary,
+    io_class: Option<crate::model::IoClass>,
+) -> serde_json::Value {
     let summary = serde_json::to_string(summary).unwrap_or_default();
+    // A merge patch removes a label set to null: a node that no longer serves volumes
+    // from a measured disk loses the label.
+    let io_class = io_class.map(|c| c.as_str());
     serde_json::json!({ "metadata": {
-        "labels": { READY_LABEL: ready.to_string() },
+        "labels": {
+            READY_LABEL: ready.to_string(),
+            super::builders::LABEL_IO_CLASS: io_class,
+        },
         "annotations": { STATE_ANNOTATION: summary },
     } })
 }
@@ -277,7 +295,8 @@ pub struct HealthChange {
 /// What changed between the assessments last seen (`seen`: by disk, with the count of
 /// changes) and `now`: `DiskFailed` (Warning) when a disk turns failed, `DiskHealthy` when
 /// a failed disk passes again; a disk that passes at first sight is no news. A reading
-/// that cannot be made (`unknown`) says nothing about the disk and changes nothing. The
+/// that cannot be made (`unknown`, or `sleeping`: the disk was spun down) says nothing
+/// about the disk and changes nothing. The
 /// count makes each change's Event its own (failing, recovering and failing again is two
 /// `DiskFailed`), and a disk failed since the daemon started keeps its Event's name across
 /// restarts (the server answers 409: not posted twice while the Event lasts). Only a disk
@@ -290,7 +309,7 @@ pub fn health_changes(
     let mut out = Vec::new();
     for h in &now.health {
         let before = seen.get(&h.disk);
-        if h.assessment == Assessment::Unknown || before.map(|b| b.0) == Some(h.assessment) {
+        if !h.assessment.is_verdict() || before.map(|b| b.0) == Some(h.assessment) {
             continue;
         }
         let n = before.map_or(0, |b| b.1 + 1);
@@ -328,7 +347,7 @@ pub fn health_changes(
 pub struct NodeState {
     sent: Option<Verdict>,
     transition: Option<String>,
-    label: Option<(bool, StorageSummary)>,
+    label: Option<(bool, StorageSummary, Option<crate::model::IoClass>)>,
     posted: BTreeSet<(String, String)>,
     health_sent: Option<HealthVerdict>,
     health_transition: Option<String>,
@@ -360,13 +379,13 @@ impl NodeState {
             self.transition = Some(transition);
             self.sent = Some(v.clone());
         }
-        let labelled = (v.ready, StorageSummary::of(report));
+        let labelled = (v.ready, StorageSummary::of(report), report.io_class);
         if self.label.as_ref() != Some(&labelled) {
             nodes
                 .patch(
                     node,
                     &PatchParams::default(),
-                    &Patch::Merge(label_patch(labelled.0, &labelled.1)),
+                    &Patch::Merge(label_patch(labelled.0, &labelled.1, labelled.2)),
                 )
                 .await
                 .map_err(|e| {

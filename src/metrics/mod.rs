@@ -54,6 +54,10 @@ pub struct DiskSample {
     pub group: Option<String>,
     /// Read for the disks a group selects; `None` for the others.
     pub health: Option<Health>,
+    /// Its measured reads; `None` when never measured.
+    pub io: Option<crate::model::IoFigures>,
+    /// A selected dm-multipath map's paths and their state.
+    pub multipath: Option<crate::model::Multipath>,
 }
 
 /// One volume of the plan.

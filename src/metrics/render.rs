@@ -12,7 +12,9 @@ use std::fmt::Write;
 pub fn render(s: &Snapshot) -> String {
     let mut out = Out::default();
     disks(&mut out, s);
+    multipath(&mut out, s);
     health_figures(&mut out, s);
+    io_figures(&mut out, s);
     volumes(&mut out, s);
     pools(&mut out, s);
     runs(&mut out, s);
@@ -83,7 +85,7 @@ fn disks(out: &mut Out, s: &Snapshot) {
     out.family(
         "kvstrap_disks_health",
         "gauge",
-        "Disks a disk group selects, by SMART health (passed, failed, unknown).",
+        "Disks a disk group selects, by SMART health (passed, failed, unknown, sleeping).",
     );
     for a in Assessment::ALL {
         let n = s
@@ -108,6 +110,99 @@ fn disks(out: &mut Out, s: &Snapshot) {
                 "kvstrap_disk_health",
                 &[("disk", &disk), ("group", group), ("health", a.as_str())],
                 v,
+            );
+        }
+    }
+}
+
+/// The measured reads of each disk kvstrap measured, and its class.
+fn io_figures(out: &mut Out, s: &Snapshot) {
+    let measured: Vec<_> = s
+        .disks
+        .iter()
+        .filter_map(|d| d.io.map(|io| (d.path.to_string_lossy(), io)))
+        .collect();
+    out.family(
+        "kvstrap_disk_random_read_iops",
+        "gauge",
+        "Random 4 KiB reads per second at queue depth 16, measured while the disk was blank.",
+    );
+    for (disk, io) in &measured {
+        let v = io.random_read_iops as f64;
+        out.sample("kvstrap_disk_random_read_iops", &[("disk", disk)], v);
+    }
+    out.family(
+        "kvstrap_disk_sequential_read_bytes_per_second",
+        "gauge",
+        "Sequential 1 MiB reads, bytes per second, measured while the disk was blank.",
+    );
+    for (disk, io) in &measured {
+        let v = io.seq_read_mib_s as f64 * 1_048_576.0;
+        out.sample(
+            "kvstrap_disk_sequential_read_bytes_per_second",
+            &[("disk", disk)],
+            v,
+        );
+    }
+    out.family(
+        "kvstrap_disk_io_class",
+        "gauge",
+        "1 for the IO class (fast, standard, slow) a measured disk is in, 0 for the others.",
+    );
+    for (disk, io) in &measured {
+        for class in crate::model::IoClass::ALL {
+            let v = if io.class == class { 1.0 } else { 0.0 };
+            out.sample(
+                "kvstrap_disk_io_class",
+                &[("disk", disk), ("class", class.as_str())],
+                v,
+            );
+        }
+    }
+}
+
+/// The selected dm-multipath maps: their state and their paths.
+fn multipath(out: &mut Out, s: &Snapshot) {
+    const STATES: [&str; 3] = ["healthy", "degraded", "lost"];
+    let maps: Vec<(String, &str, &crate::model::Multipath)> = s
+        .disks
+        .iter()
+        .filter_map(|d| {
+            let m = d.multipath.as_ref()?;
+            Some((
+                d.path.to_string_lossy().into_owned(),
+                d.group.as_deref().unwrap_or(""),
+                m,
+            ))
+        })
+        .collect();
+    out.family(
+        "kvstrap_multipath_state",
+        "gauge",
+        "1 for the state a selected multipath map is in (healthy, degraded: a failed path or a single one, lost: no working path), 0 for the others.",
+    );
+    for (disk, group, m) in &maps {
+        for state in STATES {
+            let v = if m.state() == state { 1.0 } else { 0.0 };
+            out.sample(
+                "kvstrap_multipath_state",
+                &[("disk", disk), ("group", group), ("state", state)],
+                v,
+            );
+        }
+    }
+    out.family(
+        "kvstrap_multipath_paths",
+        "gauge",
+        "Paths of a selected multipath map, active or failed.",
+    );
+    for (disk, group, m) in &maps {
+        let active = m.active_paths();
+        for (state, n) in [("active", active), ("failed", m.paths.len() - active)] {
+            out.sample(
+                "kvstrap_multipath_paths",
+                &[("disk", disk), ("group", group), ("state", state)],
+                n as f64,
             );
         }
     }

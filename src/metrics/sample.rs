@@ -35,6 +35,8 @@ pub fn snapshot(
                 .find(|o| o.disk == disk.path)
                 .map_or_else(|| verdict_name(&verdict), |o| o.phase.as_str()),
             health: group.as_ref().and_then(|_| health.get(&disk.path).cloned()),
+            io: disk.io,
+            multipath: group.as_ref().and(disk.multipath.clone()),
             group,
         })
         .collect();

@@ -90,7 +90,7 @@ impl Node {
             Lock::Held(_) => None,
         };
         progress(Event::Locked);
-        let (inventory, plan) = self.look(policy, progress)?;
+        let (inventory, plan) = self.look_measuring(policy, progress)?;
         // Draining disks nothing holds any more become drained before the plan runs, so
         // this very pass releases them.
         let mut service_changes = self.settle_drains(
@@ -123,8 +123,9 @@ impl Node {
         let result =
             super::ApplySummary::result_text(super::report::count(steps.failed()), interrupted);
         // Recorded before the second look, so a run that changed disks is on record even
-        // if that look fails; a failure to record is reported once publishing is done.
-        let mut recorded = state::save(state_dir, &apply::run_record(&plan, &steps, &result));
+        // if that look fails; a failure to record is reported once publishing is done. A
+        // pass with nothing to do that ends as the last one did writes nothing.
+        let mut recorded = state::record_run(state_dir, &apply::run_record(&plan, &steps, &result));
         // Publish what exists now, no more and no less: look again after any change.
         let mut after = if steps.steps.is_empty() {
             Look {
@@ -188,6 +189,30 @@ impl Node {
         };
         publications.run_finished(report.node_report(policy));
         Ok(report)
+    }
+
+    /// The first look of a pass: blank disks never measured are measured (at most
+    /// `io::BUDGET`, all at once) before the plan, so measured-IO selectors can take them.
+    /// A node whose disks are all kvstrap's or measured goes straight on.
+    fn look_measuring(
+        &self,
+        policy: &Policy,
+        progress: Progress<'_>,
+    ) -> Result<(Inventory, Plan), NodeError> {
+        let mut inventory = self.scan(Some(policy))?;
+        super::io::measure_new(
+            &mut inventory,
+            &self.inputs.state_dir,
+            &super::io_thresholds(Some(policy)),
+        );
+        progress(Event::Scanned {
+            disks: inventory.disks.len(),
+        });
+        let plan = self.plan(policy, &inventory)?;
+        progress(Event::Planned {
+            steps: plan.steps.len(),
+        });
+        Ok((inventory, plan))
     }
 
     fn look(

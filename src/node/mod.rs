@@ -6,6 +6,8 @@
 //! kube and state; it knows no arguments, output formats or D-Bus types.
 
 pub mod converge;
+pub mod health;
+pub mod io;
 pub mod lock;
 pub mod metrics;
 pub mod publish;
@@ -84,7 +86,14 @@ impl Node {
             opts.quota_filesystems.sort();
             opts.quota_filesystems.dedup();
         }
-        inventory::scan(&opts).map_err(|e| NodeError::Observe(e.to_string()))
+        let mut inventory =
+            inventory::scan(&opts).map_err(|e| NodeError::Observe(e.to_string()))?;
+        io::attach(
+            &mut inventory,
+            &self.inputs.state_dir,
+            &io_thresholds(policy),
+        );
+        Ok(inventory)
     }
 
     /// The pure planner on this node's context.
@@ -116,6 +125,11 @@ impl Node {
     pub fn block_dir(&self) -> PathBuf {
         self.inputs.state_dir.join("block")
     }
+}
+
+/// The policy's `[io_class]` thresholds, or the defaults without a policy.
+pub fn io_thresholds(policy: Option<&Policy>) -> crate::policy::IoClassThresholds {
+    policy.map(|p| p.io_class).unwrap_or_default()
 }
 
 /// Every diagnostic on its own line, `FILE:LINE:COL: error: ...`.

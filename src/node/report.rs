@@ -78,6 +78,12 @@ impl ApplySummary {
 }
 
 impl Report {
+    /// The pass found nothing to do and did nothing: no step ran, no disk entered or left
+    /// service. (Such a pass writes nothing to the state directory either.)
+    pub fn did_nothing(&self) -> bool {
+        self.steps.steps.is_empty() && self.service_changes.is_empty()
+    }
+
     /// What the pass left, for the Node's condition, label and Events.
     pub fn node_report(&self, policy: &Policy) -> NodeReport {
         let summary = self.summary();
@@ -114,6 +120,7 @@ impl Report {
             }),
             // Set by the Node state publisher from the daemon's health reader.
             health: Vec::new(),
+            io_class: served_io_class(&self.after.plan),
             sources: policy
                 .sources
                 .iter()
@@ -185,6 +192,18 @@ pub fn node_health(health: &crate::health::HealthMap) -> Vec<DiskHealth> {
 /// Disks of the plan with no step left for them.
 fn ready_disks(plan: &Plan) -> usize {
     ready_disk_list(plan).len()
+}
+
+/// The fastest measured class among the disks the plan serves volumes or pools from.
+fn served_io_class(plan: &Plan) -> Option<crate::model::IoClass> {
+    plan.groups
+        .iter()
+        .flat_map(|g| {
+            let volumes = g.volumes.iter().map(|v| v.io_class);
+            volumes.chain(g.pools.iter().map(|p| p.io_class))
+        })
+        .flatten()
+        .max()
 }
 
 fn ready_disk_list(plan: &Plan) -> Vec<String> {

@@ -10,6 +10,11 @@ pub fn disk_identity(disk: &Disk) -> String {
     if let Some(wwn) = non_empty(&disk.wwn) {
         return format!("wwn:{wwn}");
     }
+    // A multipath map whose WWID is no NAA name (EUI-64, T10, vendor-specific) still
+    // names its LUN uniquely.
+    if let Some(m) = disk.multipath.as_ref().filter(|m| !m.wwid.is_empty()) {
+        return format!("wwid:{}", m.wwid);
+    }
     if let Some(serial) = non_empty(&disk.serial) {
         return format!("serial:{serial}");
     }
@@ -72,8 +77,14 @@ pub fn is_filesystem_label(label: &str) -> bool {
     label.len() == 12 && label.starts_with("kvs-")
 }
 
-/// `/dev/nvme0n1` + 2 -> `/dev/nvme0n1p2`; `/dev/sda` + 2 -> `/dev/sda2`.
+/// `/dev/nvme0n1` + 2 -> `/dev/nvme0n1p2`; `/dev/sda` + 2 -> `/dev/sda2`; a multipath
+/// map's partition mapping, `/dev/mapper/mpatha` + 2 -> `/dev/mapper/mpatha-part2`.
 pub fn partition_device(disk: &std::path::Path, number: u32) -> std::path::PathBuf {
+    if let (Some(dir), Some(map)) = (disk.parent(), disk.file_name()) {
+        if dir == std::path::Path::new(crate::model::MAPPER_DIR) {
+            return crate::model::map_partition_path(&map.to_string_lossy(), number);
+        }
+    }
     let base = disk.to_string_lossy();
     let needs_p = base.chars().last().is_some_and(|c| c.is_ascii_digit());
     let sep = if needs_p { "p" } else { "" };
@@ -138,6 +149,10 @@ mod tests {
         assert_eq!(
             partition_device("/dev/sda".as_ref(), 3),
             std::path::PathBuf::from("/dev/sda3")
+        );
+        assert_eq!(
+            partition_device("/dev/mapper/mpatha".as_ref(), 2),
+            std::path::PathBuf::from("/dev/mapper/mpatha-part2")
         );
     }
 }

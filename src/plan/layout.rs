@@ -328,6 +328,7 @@ impl Ctx<'_> {
             owner: self.group().owner.clone(),
             transport: self.input.disk.transport.clone(),
             rotational: self.input.disk.rotational,
+            io_class: self.input.disk.io.map(|io| io.class),
             mapping: part.encryption.as_ref().map(LuksSpec::mapping_path),
         })
     }
@@ -362,6 +363,7 @@ impl Ctx<'_> {
             device: partition.device.clone(),
             transport: self.input.disk.transport.clone(),
             rotational: self.input.disk.rotational,
+            io_class: self.input.disk.io.map(|io| io.class),
             project_id: None,
             owner: (mode == VolumeMode::Filesystem).then(|| self.group().owner.clone()),
             fs_type: partition.filesystem.as_ref().map(|f| f.fs_type),

@@ -105,9 +105,19 @@ pub fn verdicts<'a>(
             let root = policy.map(|p| p.node.storage_root.as_path());
             let group = groups.first().copied();
             let verdict = judge_with_root(disk, group, root);
+            let io_misfit = || {
+                policy.and_then(|p| {
+                    p.disk_groups
+                        .iter()
+                        .find_map(|g| select::io_misfit(g, disk))
+                })
+            };
             let verdict = match (group, &verdict) {
                 (None, Verdict::Free | Verdict::Ours) if policy.is_some() => Verdict::Excluded {
-                    reason: format!("{}; selected by no disk group", verdict.reason()),
+                    reason: match io_misfit() {
+                        Some(why) => format!("{}; {why}", verdict.reason()),
+                        None => format!("{}; selected by no disk group", verdict.reason()),
+                    },
                 },
                 _ => verdict,
             };
@@ -187,6 +197,11 @@ impl<'a> Planner<'a> {
         let mut out: std::collections::BTreeMap<String, Vec<&Disk>> = Default::default();
         let twins = same_identity(&disks);
         for disk in disks {
+            // A path of a multipath map matches what its map matches (one WWN, one
+            // serial): the map stands for it, so it is neither assigned nor refused.
+            if is_multipath_path(disk) {
+                continue;
+            }
             let identity = identity::disk_identity(disk);
             // Two devices with one identity (paths of one LUN without multipath, a cloned
             // serial): everything kvstrap derives from it would collide. Neither is used.
@@ -198,23 +213,32 @@ impl<'a> Planner<'a> {
                     .find(|g| select::selects(g, disk))
                     .map(|g| g.name.clone());
                 if selected_by.is_some() || self.ctx.service.replacements.contains_key(&identity) {
-                    let others: Vec<String> = others
-                        .iter()
-                        .filter(|p| **p != disk.path)
-                        .map(|p| p.display().to_string())
-                        .collect();
+                    let others: Vec<&PathBuf> =
+                        others.iter().filter(|p| **p != disk.path).collect();
                     self.refuse(
                         disk,
                         selected_by.as_deref(),
-                        format!(
-                            "{identity} is also the identity of {}: the same disk seen twice \
-                             (several paths to one LUN: use its dm-multipath device) or a cloned \
-                             serial; neither is used",
-                            others.join(", ")
-                        ),
+                        twin_reason(&identity, &others),
                     );
                 }
                 continue;
+            }
+            // Degraded is not failed: the map is served, and the operator told why.
+            let selected = self
+                .policy
+                .disk_groups
+                .iter()
+                .any(|g| select::selects(g, disk));
+            if let (Some(why), true) = (
+                disk.multipath
+                    .as_ref()
+                    .and_then(crate::model::Multipath::degraded),
+                selected,
+            ) {
+                self.warn(format!(
+                    "multipath map {} is degraded: {why}; its volumes are still served",
+                    disk.path.display()
+                ));
             }
             if let Some(record) = self.ctx.service.out_of_service.get(&identity) {
                 if record.phase == ServicePhase::Drained {
@@ -275,13 +299,18 @@ impl<'a> Planner<'a> {
                 [group] => out.entry(group.name.clone()).or_default().push(disk),
                 many => {
                     let names: Vec<&str> = many.iter().map(|g| g.name.as_str()).collect();
+                    let hint =
+                        if disk.io.is_none() && many.iter().any(|g| select::wants_io(&g.matcher)) {
+                            "; it holds kvstrap's volumes but was never measured (it cannot be \
+                         now), so measured-IO selectors cannot tell: name it in one group's \
+                         devices"
+                        } else {
+                            "; make their selectors disjoint"
+                        };
                     self.refuse(
                         disk,
                         None,
-                        format!(
-                            "selected by several groups ({}); make their selectors disjoint",
-                            names.join(", ")
-                        ),
+                        format!("selected by several groups ({}){hint}", names.join(", ")),
                     );
                 }
             }
@@ -542,10 +571,39 @@ impl<'a> Planner<'a> {
     }
 }
 
-/// Identities (`wwn:`, `serial:`, `loop:`) that more than one device has, with them.
+fn is_multipath_path(disk: &Disk) -> bool {
+    disk.in_use
+        .iter()
+        .any(|r| matches!(r, InUse::MultipathPath { .. }))
+}
+
+/// Why a device that shares its identity with `others` is refused, in the words of the
+/// likeliest cause: two paths of one SAN LUN that dm-multipath does not hold together.
+fn twin_reason(identity: &str, others: &[&PathBuf]) -> String {
+    let names: Vec<String> = others.iter().map(|p| p.display().to_string()).collect();
+    let names = names.join(", ");
+    let (kind, value) = identity.split_once(':').unwrap_or(("identity", identity));
+    match kind {
+        "wwn" => format!(
+            "same WWN ({value}) as {names}: if these are paths of one LUN, run multipathd \
+             (multipath-tools) so that the LUN is one multipath map, which kvstrap uses; \
+             otherwise two disks report one WWN. Neither is used"
+        ),
+        "serial" => format!(
+            "same serial ({value}) as {names}: the same disk seen twice (several paths to one \
+             LUN: run multipathd and use its map) or a cloned serial; neither is used"
+        ),
+        _ => format!(
+            "{identity} is also the identity of {names}: the same disk seen twice; neither is used"
+        ),
+    }
+}
+
+/// Identities (`wwn:`, `serial:`, `loop:`) that more than one device has, with them. The
+/// paths of a multipath map share its identity by nature: they are never candidates.
 fn same_identity(disks: &[&Disk]) -> std::collections::BTreeMap<String, Vec<PathBuf>> {
     let mut seen: std::collections::BTreeMap<String, Vec<PathBuf>> = Default::default();
-    for d in disks {
+    for d in disks.iter().filter(|d| !is_multipath_path(d)) {
         seen.entry(identity::disk_identity(d))
             .or_default()
             .push(d.path.clone());

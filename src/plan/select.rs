@@ -1,7 +1,7 @@
 //! Which disks each group selects: device paths and globs (by-id names too), `match`
 //! selectors, and a stable order (by identity, never by enumeration luck).
 
-use crate::model::Disk;
+use crate::model::{Disk, Verdict};
 use crate::policy::{DiskGroup, DiskMatch};
 
 /// True when the group's selectors pick this disk (eligibility is judged elsewhere).
@@ -44,6 +44,81 @@ fn matcher_matches(m: &DiskMatch, disk: &Disk) -> bool {
         && text(&m.vendor, &disk.vendor)
         && text(&m.serial, &disk.serial)
         && text(&m.wwn, &disk.wwn)
+        && io_matches(m, disk)
+}
+
+/// Whether the group asks for measured figures (`min_random_read_iops`,
+/// `min_seq_read_mib_s`, `io_class`).
+pub fn wants_io(m: &DiskMatch) -> bool {
+    m.min_random_read_iops.is_some() || m.min_seq_read_mib_s.is_some() || m.io_class.is_some()
+}
+
+/// The measured-IO selectors. A disk is measured only while it is blank, so a disk that
+/// already holds kvstrap's volumes but was never measured (provisioned by an earlier
+/// version, or the state directory was lost) cannot be measured any more: it stays
+/// selected rather than be disowned for a figure nobody can take. Any other unmeasured
+/// disk cannot meet a measured figure.
+fn io_matches(m: &DiskMatch, disk: &Disk) -> bool {
+    if !wants_io(m) {
+        return true;
+    }
+    match &disk.io {
+        Some(io) => {
+            m.min_random_read_iops
+                .is_none_or(|min| io.random_read_iops >= min)
+                && m.min_seq_read_mib_s
+                    .is_none_or(|min| io.seq_read_mib_s >= min)
+                && m.io_class.is_none_or(|class| class == io.class)
+        }
+        None => super::ownership::contents_verdict(disk) == Verdict::Ours,
+    }
+}
+
+/// Why a group with measured-IO selectors does not take `disk`, when that is the only
+/// reason: the disk is blank and waits for its measurement, or measured too slow.
+pub fn io_misfit(group: &DiskGroup, disk: &Disk) -> Option<String> {
+    let m = &group.matcher;
+    if !wants_io(m) || io_matches(m, disk) {
+        return None;
+    }
+    let without_io = DiskMatch {
+        min_random_read_iops: None,
+        min_seq_read_mib_s: None,
+        io_class: None,
+        ..m.clone()
+    };
+    if !(devices_match(&group.devices, disk) && matcher_matches(&without_io, disk)) {
+        return None;
+    }
+    Some(match &disk.io {
+        None => format!(
+            "group {:?} selects by measured IO and this disk is not measured yet (the next apply measures it; `kvstrap disks --probe {}` does now)",
+            group.name,
+            disk.path.display()
+        ),
+        Some(io) => format!(
+            "group {:?} wants {}; measured {} random reads/s, {} MiB/s sequential ({})",
+            group.name,
+            io_wanted(m),
+            io.random_read_iops,
+            io.seq_read_mib_s,
+            io.class
+        ),
+    })
+}
+
+fn io_wanted(m: &DiskMatch) -> String {
+    let mut wanted = Vec::new();
+    if let Some(class) = m.io_class {
+        wanted.push(format!("io_class = \"{class}\""));
+    }
+    if let Some(min) = m.min_random_read_iops {
+        wanted.push(format!("min_random_read_iops = {min}"));
+    }
+    if let Some(min) = m.min_seq_read_mib_s {
+        wanted.push(format!("min_seq_read_mib_s = {min}"));
+    }
+    wanted.join(", ")
 }
 
 /// Whether `disk` is the kind of disk the group wants, leaving out which disks it names
@@ -75,6 +150,18 @@ pub fn fits_kind(group: &DiskGroup, disk: &Disk) -> Result<(), String> {
             "{} bytes, outside the group's min_size/max_size",
             disk.size_bytes
         ));
+    }
+    if wants_io(m) && !io_matches(m, disk) {
+        misfits.push(match &disk.io {
+            Some(io) => format!(
+                "measured {} random reads/s, {} MiB/s ({}), the group wants {}",
+                io.random_read_iops,
+                io.seq_read_mib_s,
+                io.class,
+                io_wanted(m)
+            ),
+            None => format!("not measured yet, and the group wants {}", io_wanted(m)),
+        });
     }
     if misfits.is_empty() {
         Ok(())
@@ -133,6 +220,77 @@ mod tests {
         assert!(
             !selects(&g, &d),
             "a disk without a serial cannot match a serial selector"
+        );
+    }
+
+    fn measured(
+        iops: u64,
+        mib_s: u64,
+        class: crate::model::IoClass,
+    ) -> Option<crate::model::IoFigures> {
+        Some(crate::model::IoFigures {
+            random_read_iops: iops,
+            seq_read_mib_s: mib_s,
+            measured_at: 0,
+            class,
+        })
+    }
+
+    #[test]
+    fn measured_figures_select_and_unmeasured_blank_disks_wait() {
+        use crate::model::IoClass;
+        let mut g = group("g");
+        g.matcher.io_class = Some(IoClass::Fast);
+        let mut fast = disk("nvme0n1", 100 << 30);
+        fast.io = measured(400_000, 3000, IoClass::Fast);
+        let mut slow = disk("sdb", 100 << 30);
+        slow.io = measured(200, 180, IoClass::Slow);
+        let unmeasured = disk("sdc", 100 << 30);
+        assert!(selects(&g, &fast));
+        assert!(!selects(&g, &slow));
+        assert!(
+            !selects(&g, &unmeasured),
+            "blank and unmeasured: cannot meet a figure"
+        );
+        assert!(io_misfit(&g, &unmeasured)
+            .unwrap()
+            .contains("not measured yet"));
+        assert!(io_misfit(&g, &slow)
+            .unwrap()
+            .contains("measured 200 random reads/s"));
+        assert_eq!(io_misfit(&g, &fast), None);
+        g.matcher.io_class = None;
+        g.matcher.min_random_read_iops = Some(300_000);
+        g.matcher.min_seq_read_mib_s = Some(3001);
+        assert!(!selects(&g, &fast), "every minimum must hold");
+        g.matcher.min_seq_read_mib_s = Some(3000);
+        assert!(selects(&g, &fast), "minimums are inclusive");
+        assert!(fits_kind(&g, &slow).unwrap_err().contains("measured 200"));
+    }
+
+    #[test]
+    fn a_disk_with_kvstraps_volumes_never_measured_stays_selected() {
+        use crate::model::{IoClass, Partition, PartitionTable};
+        let mut g = group("g");
+        g.matcher.io_class = Some(IoClass::Fast);
+        let mut ours = disk("sdd", 100 << 30);
+        ours.partition_table = Some(PartitionTable {
+            kind: "gpt".into(),
+            ..Default::default()
+        });
+        ours.partitions = vec![Partition {
+            number: 1,
+            type_id: Some(crate::model::KVSTRAP_PART_TYPE.to_string()),
+            ..Default::default()
+        }];
+        assert!(
+            selects(&g, &ours),
+            "it cannot be measured any more: not disowned for it"
+        );
+        ours.io = measured(200, 180, IoClass::Slow);
+        assert!(
+            !selects(&g, &ours),
+            "measured figures decide when there are some"
         );
     }
 }

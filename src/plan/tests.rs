@@ -72,6 +72,7 @@ pub(crate) fn policy(groups: Vec<DiskGroup>) -> Policy {
         kubernetes: KubernetesSettings::local_only(),
         health: Default::default(),
         metrics: Default::default(),
+        io_class: Default::default(),
         storage_classes: vec![
             class("fast", VolumeMode::Filesystem, FsType::Xfs),
             class("ext", VolumeMode::Filesystem, FsType::Ext4),
@@ -1321,11 +1322,15 @@ fn two_devices_with_one_identity_are_both_refused() {
         &inventory(vec![a.clone(), b.clone(), disk("sdd", 10 * GIB)]),
         &ctx(),
     );
-    for d in [&a, &b] {
+    for (d, other) in [(&a, &b), (&b, &a)] {
+        let want = format!(
+            "same WWN (naa.5000c500a1b2c3d4) as {}: if these are paths of one LUN, run multipathd",
+            other.path.display()
+        );
         assert!(
-            p.refused.iter().any(|r| r.disk == d.path
-                && r.reason
-                    .contains("wwn:naa.5000c500a1b2c3d4 is also the identity of")),
+            p.refused
+                .iter()
+                .any(|r| r.disk == d.path && r.reason.starts_with(&want)),
             "{:?}",
             p.refused
         );
@@ -1844,4 +1849,114 @@ fn a_drained_encrypted_disk_is_unmounted_unlinked_then_closed() {
     assert_eq!(erase.len(), 2);
     assert!(erase.iter().all(|s| s.action() == "erase_luks"));
     assert!(service::erase_steps(&disk("sdx", GIB)).is_empty());
+}
+
+/// A multipath map of a SAN LUN (WWN 0x5000c500a1b2c3d4) with `paths` (name, active).
+fn map(name: &str, paths: &[(&str, bool)]) -> Vec<Disk> {
+    let mut m = disk(name, 20 * GIB);
+    m.path = format!("/dev/mapper/{name}").into();
+    m.transport = "mpath".into();
+    m.wwn = Some("0x5000c500a1b2c3d4".into());
+    m.multipath = Some(crate::model::Multipath {
+        wwid: "35000c500a1b2c3d4".into(),
+        kernel_name: "dm-0".into(),
+        paths: paths
+            .iter()
+            .map(|(p, active)| crate::model::MultipathPath {
+                name: (*p).into(),
+                state: if *active { "running" } else { "offline" }.into(),
+                active: *active,
+            })
+            .collect(),
+    });
+    if paths.iter().all(|(_, active)| !active) {
+        m.in_use = vec![InUse::NoPath {
+            detail: "no path left".into(),
+        }];
+    }
+    let mut disks = vec![m];
+    for (p, _) in paths {
+        let mut d = disk(p, 20 * GIB);
+        d.transport = "scsi".into();
+        d.wwn = Some("0x5000c500a1b2c3d4".into());
+        d.in_use = vec![InUse::MultipathPath { map: name.into() }];
+        disks.push(d);
+    }
+    disks
+}
+
+#[test]
+fn a_multipath_map_is_provisioned_once_through_its_partition_mappings() {
+    let mut g = group("san");
+    g.matcher.wwn = Some("0x5000c500a1b2c3d4".into());
+    g.layout = Layout::Separate;
+    g.storage_class = "ext".into();
+    g.sizing = VolumeSizing::Count(2);
+    let pol = policy(vec![g]);
+    let disks = map("mpatha", &[("sdb", true), ("sdc", true)]);
+    let first = plan(&pol, &inventory(disks.clone()), &ctx());
+    assert!(first.refused.is_empty(), "{:?}", first.refused);
+    assert!(first.warnings.is_empty(), "{:?}", first.warnings);
+    let layout = &first.groups[0].disks[0];
+    assert_eq!(layout.disk, PathBuf::from("/dev/mapper/mpatha"));
+    assert_eq!(layout.identity, "wwn:0x5000c500a1b2c3d4");
+    for (i, part) in layout.partitions.iter().enumerate() {
+        assert_eq!(
+            part.device,
+            PathBuf::from(format!("/dev/mapper/mpatha-part{}", i + 1))
+        );
+    }
+    assert!(first
+        .steps
+        .iter()
+        .all(|s| s.disk() == &PathBuf::from("/dev/mapper/mpatha")));
+    // Adopted after a reboot: nothing to do, the paths still neither taken nor refused.
+    let again = plan(&pol, &converged(&first, disks), &ctx());
+    assert_eq!(again.steps, vec![]);
+    assert!(again.refused.is_empty(), "{:?}", again.refused);
+    assert_eq!(again.groups, first.groups);
+}
+
+#[test]
+fn a_degraded_map_is_served_with_a_warning_and_a_lost_one_like_a_vanished_disk() {
+    let mut g = group("san");
+    g.matcher.transport = Some("mpath".into());
+    let pol = policy(vec![g]);
+    let healthy = map("mpatha", &[("sdb", true), ("sdc", true)]);
+    let first = plan(&pol, &inventory(healthy.clone()), &ctx());
+    let volumes = first.groups[0].volumes.clone();
+    assert_eq!(volumes.len(), 1);
+
+    let mut degraded = converged(&first, healthy.clone());
+    let mp = degraded.disks[0].multipath.as_mut().unwrap();
+    mp.paths[1].active = false;
+    mp.paths[1].state = "offline".into();
+    let p = plan(&pol, &degraded, &ctx());
+    assert_eq!(p.steps, vec![]);
+    assert_eq!(p.groups[0].volumes, volumes, "still served");
+    assert_eq!(
+        p.warnings,
+        vec![
+            "multipath map /dev/mapper/mpatha is degraded: 1 of 2 paths active (failed: sdc offline); \
+             its volumes are still served"
+                .to_string()
+        ]
+    );
+
+    // Every path gone: the map is refused, its volumes leave the plan as a vanished
+    // disk's do (the publisher keeps Bound PVs), and nothing is written to it.
+    let mut lost = converged(&first, map("mpatha", &[]));
+    lost.disks[0].in_use.insert(
+        0,
+        InUse::NoPath {
+            detail: "no path left".into(),
+        },
+    );
+    let p = plan(&pol, &lost, &ctx());
+    assert_eq!(p.steps, vec![]);
+    assert!(p.groups[0].volumes.is_empty());
+    assert_eq!(
+        refusal_of(&p, "/dev/mapper/mpatha"),
+        vec!["multipath map without a working path: no path left"]
+    );
 }

@@ -277,6 +277,7 @@ mod tests {
             device: device.into(),
             transport: "sata".into(),
             rotational: false,
+            io_class: None,
             project_id: None,
             owner: None,
             fs_type: (mode == VolumeMode::Filesystem).then_some(FsType::Xfs),

@@ -40,12 +40,16 @@ pub const MATCH_KEYS: &[&str] = &[
     "vendor",
     "serial",
     "wwn",
+    "min_random_read_iops",
+    "min_seq_read_mib_s",
+    "io_class",
 ];
 pub const OWNER_KEYS: &[&str] = &["uid", "gid", "mode"];
 
 /// Transports the inventory reports (`kvstrap disks` shows them).
 pub const TRANSPORTS: &[&str] = &[
     "nvme", "sata", "ata", "sas", "scsi", "fc", "iscsi", "virtio", "xen", "usb", "mmc", "loop",
+    "mpath",
 ];
 
 /// KubeVirt's qemu runs as uid/gid 107.
@@ -568,6 +572,9 @@ fn matcher(section: &Section, diags: &mut Diags) -> Option<DiskMatch> {
     let max_size = size_key(&m, "max_size", "\"4T\"", diags);
     let [model, vendor, serial, wwn] =
         ["model", "vendor", "serial", "wwn"].map(|k| pattern_key(&m, k, diags));
+    let min_iops = super::io::rate(&m, "min_random_read_iops", super::io::MAX_IOPS, diags);
+    let min_seq = super::io::rate(&m, "min_seq_read_mib_s", super::io::MAX_MIB_S, diags);
+    let io_class = super::io::class(&m, diags);
     let matcher = DiskMatch {
         transport: transport?,
         rotational: rotational?,
@@ -577,6 +584,9 @@ fn matcher(section: &Section, diags: &mut Diags) -> Option<DiskMatch> {
         vendor: vendor?,
         serial: serial?,
         wwn: wwn?,
+        min_random_read_iops: min_iops?,
+        min_seq_read_mib_s: min_seq?,
+        io_class: io_class?,
     };
     sizes_ordered(&m, &matcher, diags).then_some(matcher)
 }

@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod diag;
 mod fields;
 mod group;
+mod io;
 mod layers;
 mod merge;
 mod monitoring;

@@ -27,11 +27,14 @@ pub fn only_loop_devices(devices: &[String]) -> bool {
 
 /// The transport every listed device must have, judged from its name.
 fn implied_transport(devices: &[String]) -> Option<&'static str> {
-    const KERNEL_NAMES: [(&str, &str); 4] = [
+    const KERNEL_NAMES: [(&str, &str); 6] = [
         ("/dev/loop", "loop"),
         ("/dev/nvme", "nvme"),
         ("/dev/disk/by-id/nvme-", "nvme"),
         ("/dev/vd", "virtio"),
+        // Only multipath maps under /dev/mapper can be candidates.
+        ("/dev/mapper/", "mpath"),
+        ("/dev/disk/by-id/dm-uuid-mpath-", "mpath"),
     ];
     let of = |d: &String| {
         KERNEL_NAMES
@@ -86,8 +89,14 @@ fn matchers_may_overlap(a: &DiskMatch, b: &DiskMatch) -> bool {
         (Some(x), Some(y)) => x == y,
         _ => true,
     };
+    // Measured classes are disjoint; minimum figures only bound from below.
+    let io_class = match (a.io_class, b.io_class) {
+        (Some(x), Some(y)) => x == y,
+        _ => true,
+    };
     transport
         && rotational
+        && io_class
         && sizes_overlap(a, b)
         && text(&a.model, &b.model)
         && text(&a.vendor, &b.vendor)

@@ -10,6 +10,7 @@ pub struct Policy {
     pub kubernetes: KubernetesSettings,
     pub health: HealthSettings,
     pub metrics: MetricsSettings,
+    pub io_class: IoClassThresholds,
     pub storage_classes: Vec<StorageClass>,
     pub disk_groups: Vec<DiskGroup>,
     /// The files the policy was merged from, in merge order.
@@ -92,6 +93,43 @@ impl Default for HealthSettings {
         HealthSettings {
             interval: std::time::Duration::from_secs(3600),
         }
+    }
+}
+
+/// `[io_class]`: the random-read rates (4 KiB, queue depth 16, per second) a measured disk
+/// needs to count as `fast` or `standard`; below both it is `slow`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoClassThresholds {
+    pub fast_min_random_read_iops: u64,
+    pub standard_min_random_read_iops: u64,
+}
+
+impl IoClassThresholds {
+    /// NVMe drives read 4 KiB at queue depth 16 well above 100 000 per second; SATA and
+    /// SAS SSDs between 20 000 and 90 000 (SATA tops out near 100 000); a spinning disk a
+    /// few hundred. `standard` starts at 5 000 so an SSD that has degraded to a tenth of
+    /// its speed is still told from a hard disk, and an NVMe drive at a tenth is no
+    /// longer `fast`.
+    pub const DEFAULT: IoClassThresholds = IoClassThresholds {
+        fast_min_random_read_iops: 100_000,
+        standard_min_random_read_iops: 5_000,
+    };
+
+    pub fn classify(&self, random_read_iops: u64) -> crate::model::IoClass {
+        use crate::model::IoClass;
+        if random_read_iops >= self.fast_min_random_read_iops {
+            IoClass::Fast
+        } else if random_read_iops >= self.standard_min_random_read_iops {
+            IoClass::Standard
+        } else {
+            IoClass::Slow
+        }
+    }
+}
+
+impl Default for IoClassThresholds {
+    fn default() -> Self {
+        IoClassThresholds::DEFAULT
     }
 }
 
@@ -194,6 +232,11 @@ pub struct DiskMatch {
     pub vendor: Option<String>,
     pub serial: Option<String>,
     pub wwn: Option<String>,
+    /// Measured figures (`kvstrap disks` shows them): only a disk kvstrap measured while
+    /// it was blank can meet these, or one it already provisioned (see `plan::select`).
+    pub min_random_read_iops: Option<u64>,
+    pub min_seq_read_mib_s: Option<u64>,
+    pub io_class: Option<crate::model::IoClass>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

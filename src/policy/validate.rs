@@ -22,6 +22,7 @@ pub const TOP_KEYS: &[&str] = &[
     "kubernetes",
     "health",
     "metrics",
+    "io_class",
     "storage_class",
     "disk_group",
 ];
@@ -39,12 +40,13 @@ pub const DEFAULT_STORAGE_ROOT: &str = "/var/lib/kvstrap/storage";
 /// Every key the parser knows, by its path: `node.name`, `disk_group.match.transport`.
 /// A table's own name (`disk_group`, `disk_group.match`) is a key too.
 pub fn known_keys() -> Vec<String> {
-    let tables: [(&str, &[&str]); 10] = [
+    let tables: [(&str, &[&str]); 11] = [
         ("", TOP_KEYS),
         ("node", NODE_KEYS),
         ("kubernetes", KUBERNETES_KEYS),
         ("health", super::monitoring::HEALTH_KEYS),
         ("metrics", super::monitoring::METRICS_KEYS),
+        ("io_class", super::io::KEYS),
         ("storage_class", super::class::KEYS),
         ("disk_group", super::group::KEYS),
         ("disk_group.match", super::group::MATCH_KEYS),
@@ -79,6 +81,7 @@ pub fn validate(
     let kubernetes = kubernetes(&root, diags);
     let health = section(&root, "health", diags).and_then(|s| monitoring::health(&s, diags));
     let metrics = section(&root, "metrics", diags).and_then(|s| monitoring::metrics(&s, diags));
+    let io_class = section(&root, "io_class", diags).and_then(|s| super::io::thresholds(&s, diags));
     let (classes, classes_ok) = list(&root, "storage_class", diags, class::parse);
     let (drafts, drafts_ok) = list(&root, "disk_group", diags, group::parse);
     check_class_references(tree, diags);
@@ -89,6 +92,7 @@ pub fn validate(
         kubernetes: kubernetes?,
         health: health?,
         metrics: metrics?,
+        io_class: io_class?,
         storage_classes: classes_ok.then_some(classes)?,
         disk_groups: (drafts_ok && groups.len() == drafts.len()).then_some(groups)?,
         sources: diags.sources.paths(),
@@ -538,8 +542,10 @@ fn names_disks_by_identity(devices: &[String], matcher: &DiskMatch) -> bool {
 
 /// `/dev/disk/by-id/` names that carry a WWN or a serial number.
 fn is_identity_path(path: &str) -> bool {
-    const PREFIXES: [&str; 9] = [
+    const PREFIXES: [&str; 10] = [
         "wwn-",
+        // A multipath map by its LUN's WWID (never `dm-name-`: a name is only a name).
+        "dm-uuid-mpath-",
         "nvme-",
         "ata-",
         "scsi-",

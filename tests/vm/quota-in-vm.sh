@@ -7,7 +7,10 @@
 # (no serial, no WWN) cannot be. Prints "quota-in-vm: N passed, M failed"; exits
 # non-zero on any failure.
 # It also proves that a dynamic volume (a claim's directory on a pool, made by the same
-# code the daemon runs: examples/dynamic_volume.rs) holds its size.
+# code the daemon runs: examples/dynamic_volume.rs) holds its size, and that the IO probe
+# tells disks apart by measured speed: qemu throttles one disk to 200 IOPS and one to
+# 800, a third runs free; three measurements in a row must class them slow, standard and
+# fast, and a group with io_class = "fast" must take only the fast one, its PVs labelled.
 # Usage (root): tests/vm/quota-in-vm.sh [path/to/kvstrap] [path/to/dynamic_volume]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -61,7 +64,7 @@ strip -o "$WORK/kvstrap" "$BIN"
 copy_with_libs "$WORK/kvstrap" /bin/kvstrap
 strip -o "$WORK/dynamic_volume" "$DYN"
 copy_with_libs "$WORK/dynamic_volume" /bin/dynamic_volume
-# xfs_admin (a script around xfs_db) and e2label write the label that marks mkfs complete.
+# xfs_db (what the xfs_admin script runs) and e2label write the label that marks mkfs complete.
 for prog in mkfs.xfs mkfs.ext4 setpriv xfs_admin xfs_db e2label; do copy_with_libs "$(command -v "$prog")" "/usr/sbin/$prog"; done
 # Modules in dependency order (modules.dep lists each module's needs).
 load_order() {
@@ -86,7 +89,7 @@ cat >"$INITRD/init" <<'INIT'
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp; mount -t tmpfs run /run
 for m in $(cat /mod/order); do insmod /mod/$m; done
-for i in $(seq 50); do [ -b /dev/vdd ] && break; sleep 0.1; done
+for i in $(seq 50); do [ -b /dev/vdg ] && break; sleep 0.1; done
 export KVSTRAP_LOCK=/run/lock KVSTRAP_LOG=warn PATH=/bin:/usr/sbin
 passed=0 failed=0
 check() { # fs serial: disks are named by serial, PCI order decides /dev/vdX
@@ -208,18 +211,82 @@ POLICY
         failed=$((failed + 1))
     fi
 }
+check_io() { # three blank disks of one size; qemu makes them fast, standard and slow
+    cat >/tmp/io.toml <<POLICY
+[node]
+name = "vm"
+storage_root = "/tmp/storage-io"
+# Under software emulation a free virtio disk reads a few thousand 4 KiB blocks a second,
+# not the hundred thousand of an NVMe drive: thresholds for this machine.
+[io_class]
+fast_min_random_read_iops = 1600
+standard_min_random_read_iops = 400
+[[storage_class]]
+name = "f"
+fs_type = "xfs"
+[[disk_group]]
+name = "f"
+storage_class = "f"
+layout = "shared"
+volume_count = 2
+match = { serial = "KVSIO*", io_class = "fast" }
+POLICY
+    k="kvstrap --policy /tmp/io.toml --state-dir /tmp/state-io"
+    runs_right=0 figures=""
+    for run in 1 2 3; do
+        out=$($k disks --probe /dev/disk-fast /dev/disk-std /dev/disk-slow -o json 2>>/tmp/io.log)
+        echo "$out" >>/tmp/io.log
+        flat=$(echo "$out" | tr -d ' \n')
+        right=0
+        for want in fast:fast std:standard slow:slow; do
+            dev=$(readlink -f "/dev/disk-${want%%:*}")
+            obj=$(echo "$flat" | grep -o "\"disk\":\"$dev\",\"io\":{[^}]*}")
+            class=$(echo "$obj" | grep -o '"class":"[a-z]*"' | cut -d'"' -f4)
+            iops=$(echo "$obj" | grep -o '"random_read_iops":[0-9]*' | cut -d: -f2)
+            figures="$figures ${want%%:*}=$class/$iops"
+            [ "$class" = "${want#*:}" ] && right=$((right + 1))
+        done
+        figures="$figures;"
+        [ "$right" = 3 ] && runs_right=$((runs_right + 1))
+    done
+    # A fresh state directory: apply measures the three itself (first sight) and takes
+    # only the fast one.
+    k="kvstrap --policy /tmp/io.toml --state-dir /tmp/state-io2"
+    KVSTRAP_LOG=info $k apply >>/tmp/io.log 2>&1
+    rc=$?
+    taken=$($k volumes -o json | grep -o '"disk": *"[^"]*"' | sort -u | tr -d ' \n')
+    labelled=$(grep -l 'kvstrap.io/io-class: fast' /tmp/state-io2/manifests/* 2>/dev/null | wc -l)
+    slow_reason=$($k disks -o json | grep -c 'measured [0-9]* random reads/s.*(slow)')
+    if [ "$runs_right" = 3 ] && [ "$rc" = 0 ] && [ "$taken" = "\"disk\":\"$(readlink -f /dev/disk-fast)\"" ] && [ "$labelled" = 2 ] && [ "$slow_reason" -ge 1 ]; then
+        echo "VMTEST io PASS: classed right in $runs_right of 3 runs ($figures); apply measured them itself and took only the fast disk; its 2 PVs labelled kvstrap.io/io-class=fast"
+        passed=$((passed + 1))
+    else
+        echo "VMTEST io FAIL: right in $runs_right of 3 ($figures); apply=$rc taken=$taken labelled=$labelled slow-reason=$slow_reason"
+        cat /tmp/io.log; $k disks
+        failed=$((failed + 1))
+    fi
+}
 check xfs KVSXFS
 check ext4 KVSEXT4
 check_wipe
 check_dynamic
+# Names by serial (PCI order decides /dev/vdX), as udev's by-id links would be.
+for d in /sys/block/vd*; do
+    case "$(cat "$d/serial" 2>/dev/null)" in
+    KVSIOFAST) ln -s "/dev/${d##*/}" /dev/disk-fast ;;
+    KVSIOSTD) ln -s "/dev/${d##*/}" /dev/disk-std ;;
+    KVSIOSLOW) ln -s "/dev/${d##*/}" /dev/disk-slow ;;
+    esac
+done
+check_io
 echo "VMTEST done: $passed passed, $failed failed"
 poweroff -f
 INIT
 chmod +x "$INITRD/init"
 (cd "$INITRD" && find . | cpio -o -H newc --quiet | gzip -1) >"$WORK/initrd.gz"
 
-rm -f "$WORK/xfs.img" "$WORK/ext4.img" "$WORK/wipe.img" "$WORK/dyn.img"
-truncate -s 512M "$WORK/xfs.img" "$WORK/ext4.img" "$WORK/dyn.img"
+rm -f "$WORK/xfs.img" "$WORK/ext4.img" "$WORK/wipe.img" "$WORK/dyn.img" "$WORK"/io-*.img
+truncate -s 512M "$WORK/xfs.img" "$WORK/ext4.img" "$WORK/dyn.img" "$WORK/io-fast.img" "$WORK/io-std.img" "$WORK/io-slow.img"
 truncate -s 256M "$WORK/wipe.img"
 mkfs.ext4 -q -F -U 6b767374-dead-4bad-8bad-000000000001 "$WORK/wipe.img"
 # Software emulation: nested KVM hangs on some hosts (this CI machine's among them), and
@@ -231,10 +298,13 @@ timeout 600 qemu-system-x86_64 -accel tcg -cpu max -m 1024 -smp 2 -nographic -no
     -drive file="$WORK/ext4.img",format=raw,if=none,id=ext4 -device virtio-blk-pci,drive=ext4,serial=KVSEXT4 \
     -drive file="$WORK/wipe.img",format=raw,if=none,id=wipe -device virtio-blk-pci,drive=wipe,serial=KVSWIPE1 \
     -drive file="$WORK/dyn.img",format=raw,if=none,id=dyn -device virtio-blk-pci,drive=dyn,serial=KVSDYN1 \
+    -drive file="$WORK/io-fast.img",format=raw,if=none,id=iofast -device virtio-blk-pci,drive=iofast,serial=KVSIOFAST \
+    -drive file="$WORK/io-std.img",format=raw,if=none,id=iostd,throttling.iops-total=800 -device virtio-blk-pci,drive=iostd,serial=KVSIOSTD \
+    -drive file="$WORK/io-slow.img",format=raw,if=none,id=ioslow,throttling.iops-total=200 -device virtio-blk-pci,drive=ioslow,serial=KVSIOSLOW \
     >"$WORK/console.log" 2>&1 || true
 grep VMTEST "$WORK/console.log" || { tail -n 40 "$WORK/console.log"; }
-rm -f "$WORK/xfs.img" "$WORK/ext4.img" "$WORK/wipe.img" "$WORK/dyn.img"
+rm -f "$WORK/xfs.img" "$WORK/ext4.img" "$WORK/wipe.img" "$WORK/dyn.img" "$WORK"/io-*.img
 passed=$(grep -c 'VMTEST .* PASS' "$WORK/console.log" || true)
-failed=$((4 - passed))
+failed=$((5 - passed))
 echo "quota-in-vm: $passed passed, $failed failed"
 [ "$failed" = 0 ]
