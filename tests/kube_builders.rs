@@ -219,7 +219,7 @@ fn manifests_written_before_are_recognised_by_their_fingerprint_and_repaired_whe
     let dir = state.path().join("manifests");
     let first = write_manifests(state.path(), &desired(2)).unwrap();
     assert_eq!(first.written.len(), 3);
-    let record = dir.join(kvstrap::kube::manifests::DIGEST_FILE);
+    let record = state.path().join(kvstrap::kube::manifests::DIGEST_FILE);
     let fingerprint = std::fs::read_to_string(&record).unwrap();
     assert_eq!(fingerprint.trim().len(), 64, "{fingerprint}");
     // The same objects again: nothing written, removed, or even re-rendered.

@@ -10,6 +10,7 @@ use crate::plan::capacity::human;
 use anyhow::{Context, Result};
 use serde_json::json;
 use std::io::IsTerminal;
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -109,7 +110,12 @@ pub(super) fn record_metrics(
     report: &crate::node::Report,
     publish: &PublishOnce,
 ) {
-    if !report.did_nothing() {
+    // A pass that changed nothing writes nothing, unless the metrics file it would
+    // write is missing (the first run, or one deleted): node_exporter then has it at once.
+    let textfile_missing = policy.metrics.textfile.as_ref().is_some_and(|f| {
+        !f.exists() && (f.parent().is_some_and(Path::is_dir) || !policy.metrics.textfile_is_default)
+    });
+    if !report.did_nothing() || textfile_missing {
         let health = node.kept_health(policy, &report.after.inventory);
         node.record_metrics(policy, report, &health, publish, None);
     }

@@ -115,7 +115,8 @@ impl Monitor {
         }
         let wait = inner.interval.saturating_sub(oldest);
         inner.read_now = inner.read_now || wait.is_zero();
-        inner.next = Some(Instant::now() + wait);
+        // `None` (read when the disks change, not by the clock) for a wait too long to add.
+        inner.next = Instant::now().checked_add(wait);
     }
 
     /// A reloaded policy may say another interval.

@@ -62,17 +62,29 @@ fn on_every_cpu<T: Sync, R: Send>(
 ) -> Result<Vec<R>, ManifestError> {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     let chunk = items.len().div_ceil(cores).max(64);
+    let failed = || ManifestError::Io {
+        path: PathBuf::from("manifests"),
+        source: std::io::Error::other("rendering the manifests failed unexpectedly"),
+    };
+    let run = |part: &[T]| part.iter().map(&f).collect::<Result<Vec<R>, _>>();
     std::thread::scope(|scope| {
-        let parts: Vec<_> = items
+        // A chunk whose thread cannot be started (the process is out of threads) is done
+        // here, in order: never a panic. Ok: running on a thread; Err: done here.
+        let parts: Vec<Result<_, Result<Vec<R>, ManifestError>>> = items
             .chunks(chunk)
-            .map(|part| scope.spawn(|| part.iter().map(&f).collect::<Result<Vec<R>, _>>()))
+            .map(|part| {
+                std::thread::Builder::new()
+                    .name("manifests".into())
+                    .spawn_scoped(scope, move || run(part))
+                    .map_err(|_| run(part))
+            })
             .collect();
         let mut out = Vec::with_capacity(items.len());
         for part in parts {
-            let done = part.join().map_err(|_| ManifestError::Io {
-                path: PathBuf::from("manifests"),
-                source: std::io::Error::other("rendering the manifests failed unexpectedly"),
-            })?;
+            let done = match part {
+                Ok(thread) => thread.join().map_err(|_| failed())?,
+                Err(done) => done,
+            };
             out.extend(done?);
         }
         Ok(out)
@@ -87,9 +99,9 @@ pub fn to_yaml<T: Serialize>(name: &str, object: &T) -> Result<String, ManifestE
     })
 }
 
-/// The record of what the manifest directory was last written from, beside the files
-/// (kubectl applies `*.yaml`, `*.yml` and `*.json` only).
-pub const DIGEST_FILE: &str = ".kvstrap-manifests.sha256";
+/// The record of what the manifest directory was last written from, in the state
+/// directory beside it: the manifest directory holds the manifests and nothing else.
+pub const DIGEST_FILE: &str = "manifests.sha256";
 
 /// A fingerprint of the objects of `desired` (their JSON), cheap next to rendering and
 /// comparing every YAML file: equal fingerprints, equal manifests.
@@ -134,8 +146,8 @@ fn file_names(desired: &Desired) -> std::collections::BTreeSet<String> {
 
 /// Whether `dir` holds exactly the manifests of `desired` as kvstrap last wrote them:
 /// the fingerprint on record and the same files, none missing, none left over.
-fn up_to_date(dir: &Path, desired: &Desired, digest: &str) -> bool {
-    let recorded = fs::read_to_string(dir.join(DIGEST_FILE)).unwrap_or_default();
+fn up_to_date(state_dir: &Path, dir: &Path, desired: &Desired, digest: &str) -> bool {
+    let recorded = fs::read_to_string(state_dir.join(DIGEST_FILE)).unwrap_or_default();
     if recorded.trim() != digest {
         return false;
     }
@@ -163,7 +175,7 @@ pub fn write_manifests(
     private_dir(state_dir, 0o022)?;
     private_dir(&dir, 0o7777 & !DIR_MODE)?;
     let digest = digest(desired);
-    if up_to_date(&dir, desired, &digest) {
+    if up_to_date(state_dir, &dir, desired, &digest) {
         return Ok(ManifestReport {
             dir,
             unchanged: desired.storage_classes.len() + desired.volumes.len(),
@@ -190,16 +202,20 @@ pub fn write_manifests(
     write_all(&changed)?;
     report.written = changed.into_iter().map(|(path, _)| path).collect();
     report.removed = remove_stale(&dir, &files)?;
-    // Recorded last: a run cut short before this renders and compares again.
-    let digest_path = dir.join(DIGEST_FILE);
-    let recorded = fs::read_to_string(&digest_path).unwrap_or_default();
-    let record = recorded.trim() != digest;
-    if record {
-        write_all(&[(digest_path, format!("{digest}\n").as_bytes())])?;
-    }
     // One directory fsync makes every rename and removal durable.
-    if record || !report.written.is_empty() || !report.removed.is_empty() {
+    if !report.written.is_empty() || !report.removed.is_empty() {
         sync_dir(&dir)?;
+    }
+    // Recorded last, once the manifests are durable: a run cut short before this renders
+    // and compares again.
+    let digest_path = state_dir.join(DIGEST_FILE);
+    if fs::read_to_string(&digest_path).unwrap_or_default().trim() != digest {
+        crate::state::write_atomic(&digest_path, format!("{digest}\n").as_bytes()).map_err(
+            |e| ManifestError::Io {
+                path: digest_path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            },
+        )?;
     }
     Ok(report)
 }
