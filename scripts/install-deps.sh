@@ -15,7 +15,11 @@ PACKAGES=(xfsprogs e2fsprogs gdisk fdisk util-linux mount libblkid-dev clang lib
     # builds the sandbox image's pause, busybox-static fills the workload image.
     containerd runc gcc libc6-dev busybox-static
     # tests/noop_root.rs counts the processes a no-op apply starts (strace -f).
-    strace)
+    strace
+    # The full-boot VM test (tests/vm/boot-in-vm.sh): the software TPM 2.0 its encrypted
+    # TPM2 group is sealed to (qemu -tpmdev emulator), and cryptsetup (above) to make the
+    # foreign LUKS2 disk on the host.
+    swtpm)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -35,6 +35,13 @@ pub mod message_id {
     pub const DISK_HEALTH_CHANGED: &str = "fdfec6b667484f52b63b356c41467961";
     /// A disk entered or left service: draining, drained, undrained, replaced, forgotten.
     pub const DISK_SERVICE_CHANGED: &str = "40761f84a6f94cd6b0f75e63cce7d0ae";
+    /// A LUKS2 header was written on a partition of an encrypted group.
+    pub const LUKS_FORMATTED: &str = "8d4f0b7e2a6c4e19b3d5f1a7c9e20b64";
+    /// A LUKS2 volume of kvstrap's did not open: nothing it may use unlocked it (the TPM2
+    /// refused its seal, the key file does not fit). It is left as it is, never formatted.
+    pub const VOLUME_LOCKED: &str = "c3a91e5f7d2b4086a4e8b6d0f2c71593";
+    /// `kvstrap forget --erase` destroyed the key slots of a LUKS2 volume (crypto-erase).
+    pub const LUKS_ERASED: &str = "5e0b7d92c4a14f3e8a61d2f9b07c3e58";
 }
 
 /// Filter from `KVSTRAP_LOG` (tracing's env-filter syntax). By default `info`, without
@@ -118,6 +125,9 @@ mod tests {
             VOLUME_PUBLISHED,
             VOLUME_REMOVED,
             APPLY_FINISHED,
+            LUKS_FORMATTED,
+            VOLUME_LOCKED,
+            LUKS_ERASED,
             POLICY_REJECTED,
             DISK_HEALTH_CHANGED,
             DISK_SERVICE_CHANGED,

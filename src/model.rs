@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// kvstrap's own GPT partition type GUID. Every partition kvstrap creates carries it,
 /// which is how a later run (or a reinstalled OS) recognises kvstrap's disks.
@@ -27,6 +27,10 @@ pub struct Inventory {
     /// the reason; directory volumes need them to hold their capacity.
     #[serde(default)]
     pub quota_unsupported: BTreeMap<String, String>,
+    /// A TPM 2.0 kvstrap can seal keys with (`/dev/tpmrm0`, `/sys/class/tpm/tpm0` of
+    /// version 2).
+    #[serde(default)]
+    pub tpm2: bool,
 }
 
 /// One whole block device (not a partition).
@@ -227,6 +231,54 @@ pub struct Partition {
     /// Loop devices over the partition (kubelet attaches one to a mapped Block volume).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loop_devices: Vec<LoopOver>,
+    /// Its GPT entry says kvstrap made it a LUKS2 volume (attribute bit 51).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
+    /// The dm-crypt mapping open over the partition (a holder whose dm UUID starts with
+    /// `CRYPT-`), with what is on it and what uses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crypt: Option<CryptMapping>,
+}
+
+/// A dm-crypt mapping open over a partition, as sysfs and libblkid see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CryptMapping {
+    /// The device-mapper name: `kvs-1a2b3c4d` (`/dev/mapper/<name>`).
+    pub name: String,
+    /// The kernel name: `dm-3`.
+    pub kernel_name: String,
+    /// `major:minor`.
+    pub devno: String,
+    /// The dm UUID: `CRYPT-LUKS2-<LUKS UUID without dashes>-<name>`.
+    pub dm_uuid: String,
+    /// Signatures on the mapping (the filesystem kvstrap made, a guest's data).
+    pub signatures: Vec<Signature>,
+    pub holders: Vec<String>,
+    pub mountpoints: Vec<PathBuf>,
+    /// Every mount of the mapping's filesystem, in every mount namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<MountFact>,
+    /// Bind mounts of the mapping's device node (kubelet maps a Block volume so).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_binds: Vec<MountFact>,
+    /// Loop devices over the mapping.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loop_devices: Vec<LoopOver>,
+    /// udev's `/dev/disk/by-id/dm-uuid-<dm_uuid>` exists and resolves to this mapping.
+    #[serde(default)]
+    pub by_dm_uuid: bool,
+}
+
+impl CryptMapping {
+    /// `/dev/mapper/<name>`.
+    pub fn path(&self) -> PathBuf {
+        mapper_path(&self.name)
+    }
+
+    /// Whether this is the mapping kvstrap opens for the LUKS2 header `luks`.
+    pub fn is_of(&self, luks: &LuksSpec) -> bool {
+        self.name == luks.label && self.dm_uuid == dm_crypt_uuid(&luks.uuid, &luks.label)
+    }
 }
 
 /// A loop device whose backing file is a block device node (or a bind mount of one).
@@ -268,6 +320,19 @@ pub struct Signature {
 /// after mkfs succeeded. A filesystem still labelled so (or an xfs superblock still marked
 /// `sb_inprogress`) was interrupted: it is made again, never adopted or mounted.
 pub const MKFS_IN_PROGRESS_LABEL: &str = "kvs-mkfs";
+
+/// The label a LUKS2 header of kvstrap's carries until its key slots are enrolled; the
+/// planned label replaces it last. A header still labelled so never held data (nothing
+/// could open it): it is formatted again.
+pub const LUKS_IN_PROGRESS_LABEL: &str = "kvs-luks-init";
+/// The label `kvstrap forget --erase` leaves on a header whose key slots it destroyed:
+/// such a partition is never opened or formatted again without an explicit wipe.
+pub const LUKS_ERASED_LABEL: &str = "kvs-luks-erased";
+/// The LUKS2 subsystem kvstrap writes beside its label.
+pub const LUKS_SUBSYSTEM: &str = "kvstrap";
+/// Where the data of a LUKS2 volume of kvstrap's starts: its header (two copies of the
+/// metadata and the key slot area) takes the first 16 MiB, as cryptsetup lays it out.
+pub const LUKS_HEADER_BYTES: u64 = 16 << 20;
 
 /// A machine fact that rules a disk out regardless of policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -487,6 +552,82 @@ impl PartitionRole {
     }
 }
 
+/// The LUKS2 volume kvstrap puts on a partition of an encrypted group: its filesystem or
+/// Block link sits on the mapping `/dev/mapper/<label>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LuksSpec {
+    /// Derived from the disk identity like every other UUID kvstrap writes.
+    pub uuid: uuid::Uuid,
+    /// `kvs-` and 8 hex digits of the UUID: the header's label and the mapping's name.
+    pub label: String,
+    pub unlock: Unlock,
+}
+
+impl LuksSpec {
+    /// `/dev/mapper/<label>`, where the volume is open.
+    pub fn mapping_path(&self) -> PathBuf {
+        mapper_path(&self.label)
+    }
+
+    /// udev's stable name of the open mapping.
+    pub fn by_dm_uuid_path(&self) -> PathBuf {
+        Path::new("/dev/disk/by-id").join(format!(
+            "dm-uuid-{}",
+            dm_crypt_uuid(&self.uuid, &self.label)
+        ))
+    }
+}
+
+/// What unlocks a LUKS2 volume: the TPM2 seal, the key file, or either. Names only: a key
+/// never appears in a plan, a log or a state file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unlock {
+    /// The PCRs of the TPM2 seal; None: no TPM2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm2_pcrs: Option<Vec<u8>>,
+    /// The key file (its path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl Unlock {
+    /// `tpm2 (PCRs 7)`, `key file /etc/k`, `tpm2 (PCRs 7) or key file /etc/k`.
+    pub fn describe(&self) -> String {
+        let tpm = self.tpm2_pcrs.as_ref().map(|p| {
+            let list: Vec<String> = p.iter().map(u8::to_string).collect();
+            match list.as_slice() {
+                [] => "tpm2 (no PCRs)".to_string(),
+                _ => format!("tpm2 (PCRs {})", list.join("+")),
+            }
+        });
+        let key = self
+            .key_file
+            .as_ref()
+            .map(|k| format!("key file {}", k.display()));
+        match (tpm, key) {
+            (Some(t), Some(k)) => format!("{t} or {k}"),
+            (Some(t), None) => t,
+            (None, Some(k)) => k,
+            (None, None) => "nothing".into(),
+        }
+    }
+}
+
+/// `/dev/mapper/<name>`.
+pub fn mapper_path(name: &str) -> PathBuf {
+    Path::new("/dev/mapper").join(name)
+}
+
+/// The dm UUID cryptsetup gives the mapping of a LUKS2 volume: `CRYPT-LUKS2-<UUID without
+/// dashes>-<name>`.
+pub fn dm_crypt_uuid(luks_uuid: &uuid::Uuid, name: &str) -> String {
+    format!("CRYPT-LUKS2-{}-{name}", luks_uuid.simple())
+}
+
+/// GPT attribute bit 51 (beside the role's bits 48-50): the partition is a LUKS2 volume
+/// of kvstrap's, so an encrypted volume is never taken for a plain one or the reverse.
+pub const ENCRYPTED_ATTRIBUTE: u64 = 1 << 51;
+
 /// One partition of the desired layout of a disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionSpec {
@@ -504,6 +645,30 @@ pub struct PartitionSpec {
     /// What the partition is for, written into its GPT entry.
     #[serde(default)]
     pub role: PartitionRole,
+    /// The LUKS2 volume between the partition and its filesystem or Block link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<LuksSpec>,
+}
+
+impl PartitionSpec {
+    /// The GPT attribute bits of its entry: the role, and whether it is encrypted.
+    pub fn attribute_bits(&self) -> u64 {
+        let encrypted = if self.encryption.is_some() {
+            ENCRYPTED_ATTRIBUTE
+        } else {
+            0
+        };
+        self.role.attribute_bits() | encrypted
+    }
+
+    /// Where its filesystem is made and its Block link points: the mapping when it is
+    /// encrypted, else the partition itself.
+    pub fn data_device(&self) -> PathBuf {
+        match &self.encryption {
+            Some(luks) => luks.mapping_path(),
+            None => self.device.clone(),
+        }
+    }
 }
 
 /// The whole desired layout of one disk.
@@ -589,6 +754,22 @@ pub struct VolumeSpec {
     /// one below it: a `subPath`) is a use of the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dir_in_fs: Option<PathBuf>,
+    /// The LUKS2 mapping the volume sits on (`/dev/mapper/kvs-...`), when its group is
+    /// encrypted: a Block volume's link points there, and its scrub writes there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapping: Option<PathBuf>,
+}
+
+impl VolumeSpec {
+    /// Whether the volume is on a LUKS2 volume (PVs carry `kvstrap.io/encrypted: "true"`).
+    pub fn encrypted(&self) -> bool {
+        self.mapping.is_some()
+    }
+
+    /// The block device that holds the volume's data: the mapping, else the partition.
+    pub fn data_device(&self) -> &Path {
+        self.mapping.as_deref().unwrap_or(&self.device)
+    }
 }
 
 /// Something on the node that uses a volume: kvstrap never scrubs, unmounts or hands out
@@ -663,6 +844,36 @@ pub enum Step {
         numbers: Vec<u32>,
         reason: String,
     },
+    /// Put a LUKS2 header on a partition of an encrypted group and enroll what unlocks it
+    /// (key file, TPM2 seal); its planned label, written last, marks it complete.
+    FormatLuks {
+        disk: PathBuf,
+        device: PathBuf,
+        luks: LuksSpec,
+        reason: String,
+    },
+    /// Open a LUKS2 volume of kvstrap's as `/dev/mapper/<label>`.
+    OpenLuks {
+        disk: PathBuf,
+        device: PathBuf,
+        luks: LuksSpec,
+        reason: String,
+    },
+    /// Close the mapping of a drained disk's LUKS2 volume; header and data stay.
+    CloseLuks {
+        disk: PathBuf,
+        device: PathBuf,
+        mapping: String,
+        reason: String,
+    },
+    /// Destroy every key slot of a LUKS2 volume (crypto-erase): `kvstrap forget --erase`
+    /// only, never a plan's own decision.
+    EraseLuks {
+        disk: PathBuf,
+        device: PathBuf,
+        luks_uuid: uuid::Uuid,
+        reason: String,
+    },
     MakeFilesystem {
         disk: PathBuf,
         device: PathBuf,
@@ -704,12 +915,17 @@ pub enum Step {
         bytes: u64,
         reason: String,
     },
-    /// Stable symlink to the partition of a Block volume.
+    /// Stable symlink to the partition of a Block volume (to its LUKS2 mapping, when the
+    /// group is encrypted).
     LinkBlockDevice {
         disk: PathBuf,
         link: PathBuf,
+        /// The partition's kernel node.
         target: PathBuf,
         part_uuid: uuid::Uuid,
+        /// The LUKS2 volume on the partition, whose mapping the link points at.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        crypt: Option<CryptTarget>,
         reason: String,
     },
     /// Unmount one of kvstrap's filesystems of a drained disk; the data stays.
@@ -732,6 +948,10 @@ impl Step {
             Step::WipeDisk { reason, .. }
             | Step::WritePartitionTable { reason, .. }
             | Step::AddPartitionNodes { reason, .. }
+            | Step::FormatLuks { reason, .. }
+            | Step::OpenLuks { reason, .. }
+            | Step::CloseLuks { reason, .. }
+            | Step::EraseLuks { reason, .. }
             | Step::MakeFilesystem { reason, .. }
             | Step::Mount { reason, .. }
             | Step::CreateDirectory { reason, .. }
@@ -749,6 +969,10 @@ impl Step {
             Step::WipeDisk { disk, .. }
             | Step::WritePartitionTable { disk, .. }
             | Step::AddPartitionNodes { disk, .. }
+            | Step::FormatLuks { disk, .. }
+            | Step::OpenLuks { disk, .. }
+            | Step::CloseLuks { disk, .. }
+            | Step::EraseLuks { disk, .. }
             | Step::MakeFilesystem { disk, .. }
             | Step::Mount { disk, .. }
             | Step::CreateDirectory { disk, .. }
@@ -766,6 +990,10 @@ impl Step {
             Step::WipeDisk { .. } => "wipe_disk",
             Step::WritePartitionTable { .. } => "write_partition_table",
             Step::AddPartitionNodes { .. } => "add_partition_nodes",
+            Step::FormatLuks { .. } => "format_luks",
+            Step::OpenLuks { .. } => "open_luks",
+            Step::CloseLuks { .. } => "close_luks",
+            Step::EraseLuks { .. } => "erase_luks",
             Step::MakeFilesystem { .. } => "make_filesystem",
             Step::Mount { .. } => "mount",
             Step::CreateDirectory { .. } => "create_directory",
@@ -776,6 +1004,29 @@ impl Step {
             Step::RemoveBlockLink { .. } => "remove_block_link",
         }
     }
+}
+
+/// The mapping a Block volume's link points at: the LUKS2 volume `uuid`, open as `name`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CryptTarget {
+    pub uuid: uuid::Uuid,
+    pub name: String,
+}
+
+/// A LUKS2 volume of kvstrap's that nothing opened in a run: left as it is (never
+/// formatted), its volumes unpublished, and reported by name in `status`, the journal and
+/// the Node's condition until it opens.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockedVolume {
+    pub disk: PathBuf,
+    /// The partition that carries the header.
+    pub device: PathBuf,
+    /// The mapping it would be open as (`kvs-...`).
+    pub mapping: String,
+    /// The volumes on it.
+    pub volumes: Vec<String>,
+    /// What was tried, and what each said.
+    pub error: String,
 }
 
 /// A disk the policy selected but the planner will not touch.
@@ -837,6 +1088,16 @@ pub struct PoolSpec {
     /// The measured class of its disk, when measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_class: Option<IoClass>,
+    /// The LUKS2 mapping the filesystem sits on, when the group is encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapping: Option<PathBuf>,
+}
+
+impl PoolSpec {
+    /// The block device the filesystem is on: the mapping, else the partition.
+    pub fn data_device(&self) -> &Path {
+        self.mapping.as_deref().unwrap_or(&self.device)
+    }
 }
 
 /// The output of the planner.

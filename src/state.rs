@@ -277,6 +277,9 @@ pub struct State {
     pub disks: usize,
     pub volumes: usize,
     pub refused: usize,
+    /// LUKS2 volumes of kvstrap's that nothing opened (names, never keys).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub locked: Vec<crate::model::LockedVolume>,
 }
 
 pub fn state_file(state_dir: &Path) -> PathBuf {

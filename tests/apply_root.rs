@@ -605,13 +605,13 @@ fn a_block_link_is_never_pointed_at_another_disks_partition() {
     let link = node.dir.path().join("a-link");
     // After a reboot that swapped kernel names, "a's partition" could be b's node.
     let err = fx
-        .link_block_device(&a.path, &link, &b.partition(1), &part_uuid)
+        .link_block_device(&a.path, &link, &b.partition(1), &part_uuid, None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("is not its partition 1"), "{err}");
     assert!(std::fs::symlink_metadata(&link).is_err(), "no link made");
     // Its own partition is accepted.
-    fx.link_block_device(&a.path, &link, &a.partition(1), &part_uuid)
+    fx.link_block_device(&a.path, &link, &a.partition(1), &part_uuid, None)
         .unwrap();
     assert_eq!(std::fs::read_link(&link).unwrap(), a.partition(1));
 }

@@ -42,6 +42,7 @@ fn shared_layout(disk: &LoopDisk, root: &Path, quota: bool) -> DiskLayout {
             device: disk.partition(1),
             filesystem: Some(fs),
             role: Default::default(),
+            encryption: None,
         }],
     }
 }

@@ -33,6 +33,7 @@ fn layout(disk: &LoopDisk, disk_size: u64, sizes: &[u64]) -> DiskLayout {
                 device: disk.partition(n),
                 filesystem: None,
                 role: Default::default(),
+                encryption: None,
             };
             start += mib * MIB;
             p

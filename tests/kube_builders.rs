@@ -97,6 +97,32 @@ fn separate_block_pv() {
 }
 
 #[test]
+fn encrypted_block_pv() {
+    let c = class(
+        "kubevirt-local-block",
+        VolumeMode::Block,
+        ReclaimPolicy::Delete,
+    );
+    let mut v = block_volume(Path::new(ROOT), 2, &c.name);
+    v.mapping = Some("/dev/mapper/kvs-5d2a9e10".into());
+    let pv = builders::persistent_volume(NODE, &v, &c);
+    let yaml = to_yaml("pv", &pv).unwrap();
+    golden("pv-encrypted-block.yaml", &yaml);
+    // The label is the only difference: the path is the same stable link, and nothing of
+    // the mapping or its key reaches the cluster.
+    let plain = to_yaml(
+        "pv",
+        &builders::persistent_volume(NODE, &block_volume(Path::new(ROOT), 2, &c.name), &c),
+    )
+    .unwrap();
+    let added: Vec<&str> = yaml
+        .lines()
+        .filter(|l| !plain.lines().any(|p| p == *l))
+        .collect();
+    assert_eq!(added, ["    kvstrap.io/encrypted: \"true\""], "{yaml}");
+}
+
+#[test]
 fn storage_classes() {
     let fs = class(
         "kubevirt-local-nvme",

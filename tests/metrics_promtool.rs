@@ -62,6 +62,7 @@ fn snapshot() -> Snapshot {
         state: state.into(),
         capacity_bytes: 100 << 30,
         used_bytes: used,
+        encrypted: name.ends_with("-01"),
     };
     let measured = DiskSample {
         io: Some(kvstrap::model::IoFigures {
@@ -96,6 +97,7 @@ fn snapshot() -> Snapshot {
             used_bytes: 300 << 30,
             volumes: 12,
         }],
+        luks_locked: 1,
     }
 }
 
@@ -145,6 +147,15 @@ fn metrics_text_passes_promtool_and_says_what_the_node_is() {
         v("kvstrap_volume_used_bytes{volume=\"hdd-1a2b3c4d-01\",storage_class=\"kubevirt-local\",group=\"hdd\",disk=\"/dev/sda\"}"),
         (7u64 << 30) as f64
     );
+    assert_eq!(
+        v("kvstrap_volume_encrypted{volume=\"hdd-1a2b3c4d-01\",storage_class=\"kubevirt-local\",group=\"hdd\",disk=\"/dev/sda\"}"),
+        1.0
+    );
+    assert_eq!(
+        v("kvstrap_volume_encrypted{volume=\"hdd-1a2b3c4d-02\",storage_class=\"kubevirt-local\",group=\"hdd\",disk=\"/dev/sda\"}"),
+        0.0
+    );
+    assert_eq!(v("kvstrap_luks_volumes_locked"), 1.0);
     assert_eq!(
         v("kvstrap_disk_random_read_iops{disk=\"/dev/nvme0n1\"}"),
         412_000.0

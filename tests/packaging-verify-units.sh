@@ -55,6 +55,12 @@ verify_units() {
     # Mount namespacing would hide kvstrap's mounts from kubelet and the host.
     check "units: no option that gives kvstrap a private mount namespace" \
         bash -c "! grep -E '^(ProtectSystem|ProtectHome|PrivateTmp|PrivateDevices|PrivateMounts|MountFlags|ReadWritePaths|ReadOnlyPaths|InaccessiblePaths|TemporaryFileSystem|BindPaths|BindReadOnlyPaths|ProtectKernelTunables|ProtectKernelModules|ProtectKernelLogs|ProtectControlGroups|ProtectProc|ProcSubset)=' '$units/kvstrap.service'"
+    # cryptsetup waits for udev through SysV semaphores and opens /dev/mapper/control and
+    # /dev/tpmrm0: encrypted groups need neither a private IPC namespace nor a device list.
+    check "units: nothing that keeps cryptsetup from udev, the mapper or the TPM2" \
+        bash -c "! grep -E '^(PrivateIPC|DevicePolicy|DeviceAllow|PrivateDevices|KeyringMode)=' '$units/kvstrap.service'"
+    check "units: the system calls cryptsetup makes are allowed (keyring, ipc, memlock)" \
+        grep -qx 'SystemCallFilter=@system-service @mount quotactl' "$units/kvstrap.service"
     local exposure
     exposure=$(systemd-analyze security --offline=yes --root="$root" kvstrap.service 2>/dev/null |
         sed -n 's/.*Overall exposure level for kvstrap.service: \([0-9.]*\).*/\1/p')

@@ -3,13 +3,14 @@
 //! sizes (the whole accepted range, with the edges), counts and reserves, against blank
 //! disks from 1 MiB to 1 PiB. Each plan must come back quickly and be self-consistent:
 //! partitions inside their disk and apart, volumes with a capacity, no more volumes than
-//! the limits allow.
+//! the limits allow, and (encrypted groups too) never more published than a partition
+//! holds past its LUKS2 header.
 //!
 //! Bounded by PROPTEST_CASES (default 256); CI runs it with more.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use kvstrap::model::{Disk, Inventory};
+use kvstrap::model::{Disk, Inventory, LUKS_HEADER_BYTES};
 use kvstrap::plan::{plan, PlanContext};
 use kvstrap::policy::{load_str, MAX_VOLUME_COUNT, MAX_VOLUME_SIZE, MIN_VOLUME_SIZE};
 use proptest::prelude::*;
@@ -61,6 +62,8 @@ struct Case {
     sizing: Sizing,
     reserve: u8,
     disks: Vec<(u64, u32)>,
+    /// LUKS2 under every partition (sealed to a TPM2, so no key file is needed).
+    encrypted: bool,
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -82,15 +85,19 @@ fn case() -> impl Strategy<Value = Case> {
             ),
             1..4,
         ),
+        proptest::bool::ANY,
     )
-        .prop_map(|(layout, mode, fs, sizing, reserve, disks)| Case {
-            layout,
-            mode,
-            fs,
-            sizing,
-            reserve,
-            disks,
-        })
+        .prop_map(
+            |(layout, mode, fs, sizing, reserve, disks, encrypted)| Case {
+                layout,
+                mode,
+                fs,
+                sizing,
+                reserve,
+                disks,
+                encrypted,
+            },
+        )
 }
 
 fn policy_text(c: &Case) -> String {
@@ -105,11 +112,16 @@ fn policy_text(c: &Case) -> String {
     } else {
         format!("fs_type = \"{}\"\n", c.fs)
     };
+    let encryption = if c.encrypted {
+        "encryption = { method = \"tpm2\" }\n"
+    } else {
+        ""
+    };
     format!(
         "[node]\nname = \"fuzz\"\n\
          [[storage_class]]\nname = \"c\"\nvolume_mode = \"{}\"\n{fs}\
          [[disk_group]]\nname = \"g\"\nstorage_class = \"c\"\nlayout = \"{}\"\n\
-         devices = [\"/dev/sd*\"]\nreserve = \"{}%\"\nquota = \"if-supported\"\n{sizing}",
+         devices = [\"/dev/sd*\"]\nreserve = \"{}%\"\nquota = \"if-supported\"\n{sizing}{encryption}",
         c.mode, c.layout, c.reserve
     )
 }
@@ -135,6 +147,7 @@ fn inventory(c: &Case) -> Inventory {
         .collect();
     Inventory {
         disks,
+        tpm2: true,
         ..Inventory::default()
     }
 }
@@ -160,6 +173,14 @@ proptest! {
                     prop_assert!(end <= layout.size_bytes, "past the disk: {:?}", c);
                 }
                 prop_assert!(layout.partitions.len() <= 128);
+                // What a partition's volumes publish fits in it, less its LUKS2 header.
+                for part in &layout.partitions {
+                    let header = if part.encryption.is_some() { LUKS_HEADER_BYTES } else { 0 };
+                    prop_assert_eq!(part.encryption.is_some(), c.encrypted);
+                    let published: u64 = g.volumes.iter().filter(|v| v.device == part.device)
+                        .map(|v| v.capacity_bytes).sum();
+                    prop_assert!(published <= part.size_bytes - header, "{:?}: {} > {} - {}", c, published, part.size_bytes, header);
+                }
             }
             let per_disk = g.volumes.len() / g.disks.len().max(1);
             prop_assert!(per_disk <= MAX_VOLUME_COUNT as usize, "{:?}", c);
@@ -181,6 +202,7 @@ fn generated_policies_load() {
         ("shared", "Filesystem", Sizing::Count(MAX_VOLUME_COUNT)),
         ("separate", "Filesystem", Sizing::OnePerDisk),
     ] {
+        let encrypted = matches!(sizing, Sizing::OnePerDisk);
         let c = Case {
             layout,
             mode,
@@ -188,6 +210,7 @@ fn generated_policies_load() {
             sizing,
             reserve: 10,
             disks: vec![(8 << 30, 512)],
+            encrypted,
         };
         let text = policy_text(&c);
         let policy = load_str(&PathBuf::from("fuzz.toml"), &text);

@@ -252,10 +252,13 @@ fn setting(path: &str) -> String {
 fn a_fragment_setting_any_node_only_key_is_refused_whole_naming_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     write(dir.path(), "etc/kvstrap/policy.toml", BASE);
+    // Node-only keys of the node's own tables; the one inside groups (the key file) has a
+    // test of its own below.
     let node_only: Vec<&str> = kvstrap::policy::ORIGINS
         .iter()
         .filter(|(_, o)| *o == kvstrap::policy::Origin::NodeOnly)
         .map(|(k, _)| *k)
+        .filter(|k| !k.starts_with("disk_group."))
         .collect();
     assert!(node_only.contains(&"metrics.textfile") && node_only.contains(&"node.storage_root"));
     for key in node_only {
@@ -328,4 +331,46 @@ fn a_cached_layer_that_no_longer_validates_is_left_out_not_fatal() {
     );
     // A candidate set is still refused as a whole (the watcher never caches it).
     assert!(evaluate_cluster(Some(&policy), &cache.fragments).is_err());
+}
+
+#[test]
+fn a_fragment_may_ask_for_tpm2_encryption_but_never_name_a_key_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "etc/kvstrap/policy.toml", BASE);
+    let tpm2 = fragment(
+        "encrypt",
+        "[[disk_group]]\nname = \"g\"\nencryption = { method = \"tpm2\", tpm2_pcrs = [7, 14] }\n",
+    );
+    let p = eval(dir.path(), &[tpm2]).expect("asking for TPM2 encryption is the cluster's to say");
+    let e = p.disk_groups[0].encryption.as_ref().expect("encrypted");
+    assert_eq!(
+        (
+            e.method.as_str(),
+            e.tpm2_pcrs.as_slice(),
+            e.key_file.as_ref()
+        ),
+        ("tpm2", &[7u8, 14][..], None)
+    );
+    // A key file named from a distance: refused whole, at the key, whatever the file is.
+    let key = fragment(
+        "key",
+        "[[disk_group]]\nname = \"g\"\nencryption = { method = \"key-file\", key_file = \"/etc/shadow\" }\n",
+    );
+    let report = errors(eval(dir.path(), &[key]));
+    assert!(
+        report.contains(
+            "configmap/kvstrap/key:3:37: error: a policy fragment from the cluster may not set disk_group.encryption.key_file"
+        ),
+        "{report}"
+    );
+    // A key-file method without the node's own key file is incomplete, not a hole.
+    let method_only = fragment(
+        "method",
+        "[[disk_group]]\nname = \"g\"\nencryption = { method = \"key-file\" }\n",
+    );
+    let report = errors(eval(dir.path(), &[method_only]));
+    assert!(
+        report.contains("has method = \"key-file\" but no \"key_file\""),
+        "{report}"
+    );
 }

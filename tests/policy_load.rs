@@ -134,6 +134,7 @@ fn demo_policy_is_exactly_the_demo() {
         },
         provisioning: Default::default(),
         overcommit_permille: 1000,
+        encryption: None,
     };
     assert_eq!(
         p.disk_groups,

@@ -3,7 +3,7 @@
 
 use super::ApplyError;
 use crate::host::Outcome;
-use crate::model::{DiskLayout, FsType, Owner};
+use crate::model::{CryptTarget, DiskLayout, FsType, LuksSpec, Owner};
 use std::path::Path;
 
 /// Held while a disk is being written; what it holds is up to the implementation (the
@@ -22,6 +22,15 @@ pub trait Effects: Sync {
     fn write_partition_table(&self, layout: &DiskLayout) -> Result<Outcome, ApplyError>;
     /// Tell the kernel about the layout's partitions (BLKPG) and wait for their nodes.
     fn sync_partitions(&self, layout: &DiskLayout) -> Result<Outcome, ApplyError>;
+    /// Put the LUKS2 header on a blank partition (or finish kvstrap's unfinished one) and
+    /// enroll what unlocks it.
+    fn format_luks(&self, device: &Path, luks: &LuksSpec) -> Result<Outcome, ApplyError>;
+    /// Open kvstrap's LUKS2 volume as `/dev/mapper/<label>`.
+    fn open_luks(&self, device: &Path, luks: &LuksSpec) -> Result<Outcome, ApplyError>;
+    /// Close a LUKS2 mapping of a drained disk.
+    fn close_luks(&self, device: &Path, mapping: &str) -> Result<Outcome, ApplyError>;
+    /// Destroy every key slot of a LUKS2 volume (`kvstrap forget --erase`).
+    fn erase_luks(&self, device: &Path, luks_uuid: &uuid::Uuid) -> Result<Outcome, ApplyError>;
     fn make_filesystem(
         &self,
         device: &Path,
@@ -47,13 +56,15 @@ pub trait Effects: Sync {
         project_id: u32,
         bytes: u64,
     ) -> Result<Outcome, ApplyError>;
-    /// Point `link` at `target` after proving `target` is the partition `part_uuid` of `disk`.
+    /// Point `link` at `target` after proving `target` is the partition `part_uuid` of
+    /// `disk` (and, with `crypt`, at its LUKS2 mapping after proving it is that volume's).
     fn link_block_device(
         &self,
         disk: &Path,
         link: &Path,
         target: &Path,
         part_uuid: &uuid::Uuid,
+        crypt: Option<&CryptTarget>,
     ) -> Result<Outcome, ApplyError>;
     /// Unmount one of kvstrap's filesystems (a drained disk's); Unchanged when not mounted.
     fn unmount(&self, mountpoint: &Path) -> Result<Outcome, ApplyError>;

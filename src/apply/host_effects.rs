@@ -5,7 +5,7 @@ use super::effects::{DiskGuard, Effects};
 use super::ApplyError;
 use crate::host::cmd::{Program, Programs};
 use crate::host::{self, Outcome};
-use crate::model::{Disk, DiskLayout, FsSpec, FsType, Owner, Plan, Step};
+use crate::model::{CryptTarget, Disk, DiskLayout, FsSpec, FsType, LuksSpec, Owner, Plan, Step};
 use std::path::{Path, PathBuf};
 
 pub struct HostEffects {
@@ -30,6 +30,29 @@ impl HostEffects {
             })
             .collect();
         self.programs.check(&needed).map_err(ApplyError::from)
+    }
+
+    /// The programs a plan's LUKS2 steps need: cryptsetup, and systemd-cryptenroll to seal
+    /// a new volume's key to the TPM2.
+    fn luks_programs(plan: &Plan) -> Vec<Program> {
+        let mut needed = Vec::new();
+        for step in &plan.steps {
+            match step {
+                Step::FormatLuks { luks, .. } => {
+                    needed.push(Program::Cryptsetup);
+                    if luks.unlock.tpm2_pcrs.is_some() {
+                        needed.push(Program::SystemdCryptenroll);
+                    }
+                }
+                Step::OpenLuks { .. } | Step::CloseLuks { .. } | Step::EraseLuks { .. } => {
+                    needed.push(Program::Cryptsetup)
+                }
+                _ => {}
+            }
+        }
+        needed.sort();
+        needed.dedup();
+        needed
     }
 }
 
@@ -122,7 +145,10 @@ impl Effects for HostEffects {
                 _ => None,
             })
             .collect();
-        self.check_programs(&fs_types)
+        self.check_programs(&fs_types)?;
+        self.programs
+            .check(&Self::luks_programs(plan))
+            .map_err(ApplyError::from)
     }
 
     fn lock_disk(&self, disk: &Path) -> Result<DiskGuard, ApplyError> {
@@ -184,6 +210,24 @@ impl Effects for HostEffects {
         Ok(repaired.and(synced))
     }
 
+    fn format_luks(&self, device: &Path, luks: &LuksSpec) -> Result<Outcome, ApplyError> {
+        host::blkpg::wait_for_node(device).map_err(host::Error::from)?;
+        Ok(host::luks::format(&self.programs, device, luks).map_err(host::Error::from)?)
+    }
+
+    fn open_luks(&self, device: &Path, luks: &LuksSpec) -> Result<Outcome, ApplyError> {
+        host::blkpg::wait_for_node(device).map_err(host::Error::from)?;
+        Ok(host::luks::open(&self.programs, device, luks).map_err(host::Error::from)?)
+    }
+
+    fn close_luks(&self, device: &Path, mapping: &str) -> Result<Outcome, ApplyError> {
+        Ok(host::luks::close(&self.programs, device, mapping).map_err(host::Error::from)?)
+    }
+
+    fn erase_luks(&self, device: &Path, luks_uuid: &uuid::Uuid) -> Result<Outcome, ApplyError> {
+        Ok(host::luks::erase(&self.programs, device, luks_uuid).map_err(host::Error::from)?)
+    }
+
     fn make_filesystem(
         &self,
         device: &Path,
@@ -200,7 +244,9 @@ impl Effects for HostEffects {
             PathBuf::new(),
             Vec::new(),
         );
-        // The partition's node may still be on its way (devtmpfs, udev): wait, bounded.
+        // The partition's node may still be on its way (devtmpfs, udev): wait, bounded. A
+        // mapping (a map's partition, or a LUKS2 volume opened by its own step) is a
+        // /dev/mapper node.
         if device.starts_with(crate::model::MAPPER_DIR) {
             host::kpartx::wait_for_mapping(device).map_err(host::Error::from)?;
         } else {
@@ -260,9 +306,29 @@ impl Effects for HostEffects {
         link: &Path,
         target: &Path,
         part_uuid: &uuid::Uuid,
+        crypt: Option<&CryptTarget>,
     ) -> Result<Outcome, ApplyError> {
         is_partition(disk, target, part_uuid)?;
-        let to = host::dirs::block_link_target(target, part_uuid);
+        let to = match crypt {
+            None => host::dirs::block_link_target(target, part_uuid),
+            Some(c) => {
+                // The mapping must be that very volume's, over that very partition.
+                let open =
+                    host::luks::mapping_of(target, &c.uuid, &c.name).map_err(host::Error::from)?;
+                if open.is_none() {
+                    return Err(refused(
+                        "link block volume",
+                        disk,
+                        format!(
+                            "its LUKS2 volume on {} is not open as {}",
+                            target.display(),
+                            c.name
+                        ),
+                    ));
+                }
+                host::dirs::crypt_link_target(&c.name, &c.uuid)
+            }
+        };
         Ok(host::dirs::link_block_device(link, &to).map_err(host::Error::from)?)
     }
 

@@ -105,7 +105,39 @@ pub fn run_record(plan: &Plan, report: &ApplyReport, result: &str) -> crate::sta
         disks: plan.groups.iter().map(|g| g.disks.len()).sum(),
         volumes: plan.volumes().count(),
         refused: plan.refused.len(),
+        locked: locked_volumes(plan, report),
     }
+}
+
+/// The LUKS2 volumes nothing opened in this run: the failed open steps that say so, with
+/// the volumes on each. `report` has one entry per step of `plan`, in plan order.
+pub fn locked_volumes(plan: &Plan, report: &ApplyReport) -> Vec<crate::model::LockedVolume> {
+    plan.steps
+        .iter()
+        .zip(&report.steps)
+        .filter_map(|(step, r)| {
+            let (
+                Step::OpenLuks {
+                    disk, device, luks, ..
+                },
+                StepResult::Failed { error },
+            ) = (step, &r.result)
+            else {
+                return None;
+            };
+            is_locked_error(error).then(|| crate::model::LockedVolume {
+                disk: disk.clone(),
+                device: device.clone(),
+                mapping: luks.label.clone(),
+                volumes: plan
+                    .volumes()
+                    .filter(|v| v.device == *device)
+                    .map(|v| v.name.clone())
+                    .collect(),
+                error: error.clone(),
+            })
+        })
+        .collect()
 }
 
 /// Called after every step, for progress displays.
@@ -247,6 +279,8 @@ fn writes_disk(step: &Step) -> bool {
         Step::WipeDisk { .. }
             | Step::WritePartitionTable { .. }
             | Step::AddPartitionNodes { .. }
+            | Step::FormatLuks { .. }
+            | Step::EraseLuks { .. }
             | Step::MakeFilesystem { .. }
     )
 }
@@ -278,8 +312,22 @@ fn step_message_id(step: &Step) -> Option<&'static str> {
         Step::WipeDisk { .. } => Some(message_id::DISK_WIPED),
         Step::WritePartitionTable { .. } => Some(message_id::PARTITION_TABLE_WRITTEN),
         Step::MakeFilesystem { .. } => Some(message_id::FILESYSTEM_CREATED),
+        Step::FormatLuks { .. } => Some(message_id::LUKS_FORMATTED),
+        Step::EraseLuks { .. } => Some(message_id::LUKS_ERASED),
         _ => None,
     }
+}
+
+/// A failed open of a LUKS2 volume of kvstrap's that nothing opened is "volume locked":
+/// `journalctl MESSAGE_ID=...` lists them, with the device in the message.
+fn locked_message_id(step: &Step, error: &str) -> Option<&'static str> {
+    (matches!(step, Step::OpenLuks { .. }) && is_locked_error(error))
+        .then_some(message_id::VOLUME_LOCKED)
+}
+
+/// The words [`crate::host::luks::LuksError::Locked`] says, as the step report keeps them.
+pub fn is_locked_error(error: &str) -> bool {
+    error.contains(" is locked: nothing kvstrap may use opens it")
 }
 
 /// The volume a step works on, for the `VOLUME` journal field.
@@ -325,6 +373,10 @@ pub fn is_transient(e: &ApplyError) -> bool {
     };
     use crate::host::probe::ProbeError;
     let stderr = match host.as_ref() {
+        // A TPM2 whose driver is still coming up at boot: worth the first run's retries.
+        crate::host::Error::Luks(crate::host::luks::LuksError::Locked { no_tpm, .. }) => {
+            return *no_tpm
+        }
         crate::host::Error::Blkpg(crate::host::blkpg::BlkpgError::NodeMissing { .. })
         | crate::host::Error::Kpartx(crate::host::kpartx::KpartxError::NodeMissing { .. })
         | crate::host::Error::Probe(ProbeError::Busy { .. })
@@ -363,6 +415,7 @@ fn log_step(r: &StepReport, step: &Step, ids: &JournalIds, took: Duration) {
     let volume = volume.as_deref();
     match &r.result {
         StepResult::Failed { error } => tracing::error!(
+            message_id = locked_message_id(step, error),
             step = r.action,
             disk,
             disk_wwn = wwn,
@@ -410,6 +463,14 @@ fn run_step(step: &Step, fx: &dyn Effects) -> Result<Outcome, ApplyError> {
         Step::WipeDisk { disk, identity, .. } => fx.wipe_disk(disk, identity),
         Step::WritePartitionTable { layout, .. } => fx.write_partition_table(layout),
         Step::AddPartitionNodes { layout, .. } => fx.sync_partitions(layout),
+        Step::FormatLuks { device, luks, .. } => fx.format_luks(device, luks),
+        Step::OpenLuks { device, luks, .. } => fx.open_luks(device, luks),
+        Step::CloseLuks {
+            device, mapping, ..
+        } => fx.close_luks(device, mapping),
+        Step::EraseLuks {
+            device, luks_uuid, ..
+        } => fx.erase_luks(device, luks_uuid),
         Step::MakeFilesystem {
             device,
             fs_type,
@@ -441,8 +502,9 @@ fn run_step(step: &Step, fx: &dyn Effects) -> Result<Outcome, ApplyError> {
             link,
             target,
             part_uuid,
+            crypt,
             ..
-        } => fx.link_block_device(disk, link, target, part_uuid),
+        } => fx.link_block_device(disk, link, target, part_uuid, crypt.as_ref()),
         Step::Unmount { mountpoint, .. } => fx.unmount(mountpoint),
         Step::RemoveBlockLink { link, .. } => fx.remove_block_link(link),
     }

@@ -79,6 +79,22 @@ impl Effects for Recorder {
     fn sync_partitions(&self, layout: &DiskLayout) -> Result<Outcome, ApplyError> {
         self.call(format!("sync {}", layout.disk.display()))
     }
+    fn format_luks(
+        &self,
+        device: &Path,
+        _: &crate::model::LuksSpec,
+    ) -> Result<Outcome, ApplyError> {
+        self.call(format!("luksFormat {}", device.display()))
+    }
+    fn open_luks(&self, device: &Path, l: &crate::model::LuksSpec) -> Result<Outcome, ApplyError> {
+        self.call(format!("luksOpen {} {}", device.display(), l.label))
+    }
+    fn close_luks(&self, _: &Path, mapping: &str) -> Result<Outcome, ApplyError> {
+        self.call(format!("luksClose {mapping}"))
+    }
+    fn erase_luks(&self, device: &Path, _: &uuid::Uuid) -> Result<Outcome, ApplyError> {
+        self.call(format!("luksErase {}", device.display()))
+    }
     fn make_filesystem(
         &self,
         device: &Path,
@@ -111,6 +127,7 @@ impl Effects for Recorder {
         link: &Path,
         _: &Path,
         _: &uuid::Uuid,
+        _: Option<&crate::model::CryptTarget>,
     ) -> Result<Outcome, ApplyError> {
         self.call(format!("link {}", link.display()))
     }
@@ -354,4 +371,100 @@ fn transient_errors_are_told_apart() {
         why: "not blank".into(),
     };
     assert!(!is_transient(&refused));
+}
+
+#[test]
+fn an_encrypted_disk_is_locked_from_the_gpt_through_the_header_to_the_mkfs_on_its_mapping() {
+    let fx = Recorder::default();
+    let luks = crate::model::LuksSpec {
+        uuid: uuid::Uuid::from_u128(7),
+        label: "kvs-00000000".into(),
+        unlock: crate::model::Unlock {
+            tpm2_pcrs: Some(vec![7]),
+            key_file: None,
+        },
+    };
+    let mut steps = steps_for("/dev/a");
+    let part = PathBuf::from("/dev/ap1");
+    steps.insert(
+        1,
+        Step::FormatLuks {
+            disk: "/dev/a".into(),
+            device: part.clone(),
+            luks: luks.clone(),
+            reason: String::new(),
+        },
+    );
+    steps.insert(
+        2,
+        Step::OpenLuks {
+            disk: "/dev/a".into(),
+            device: part,
+            luks,
+            reason: String::new(),
+        },
+    );
+    if let Step::MakeFilesystem { device, .. } = &mut steps[3] {
+        *device = "/dev/mapper/kvs-00000000".into();
+    }
+    let mut plan = plan_of(&[]);
+    plan.steps = steps;
+    let report = execute(&plan, &fx, &AtomicBool::new(false), &|_, _, _| {});
+    assert_eq!(report.failed(), 0);
+    assert_eq!(
+        fx.all(),
+        [
+            "lock /dev/a",
+            "gpt /dev/a",
+            "luksFormat /dev/ap1",
+            "luksOpen /dev/ap1 kvs-00000000",
+            "mkfs /dev/mapper/kvs-00000000",
+            "unlock /dev/a",
+            "mount /dev/ap1",
+            "dir /mnt/dev/a/v1"
+        ]
+    );
+    assert_eq!(
+        step_message_id(&plan.steps[1]),
+        Some(message_id::LUKS_FORMATTED)
+    );
+}
+
+#[test]
+fn a_volume_that_does_not_open_is_reported_locked_never_retried_as_transient() {
+    let locked = ApplyError::from(crate::host::luks::LuksError::Locked {
+        device: "/dev/vdb1".into(),
+        name: "kvs-0123abcd".into(),
+        tried: "TPM2: No usable token is available.".into(),
+        no_tpm: false,
+    });
+    assert!(!is_transient(&locked));
+    let no_tpm_yet = ApplyError::from(crate::host::luks::LuksError::Locked {
+        device: "/dev/vdb1".into(),
+        name: "kvs-0123abcd".into(),
+        tried: "TPM2: no TPM2 device (/dev/tpmrm0)".into(),
+        no_tpm: true,
+    });
+    assert!(
+        is_transient(&no_tpm_yet),
+        "the first run waits for a TPM2 coming up"
+    );
+    let text = error_chain(&locked);
+    assert!(is_locked_error(&text), "{text}");
+    assert!(text.contains("never formatted"), "{text}");
+    let open = Step::OpenLuks {
+        disk: "/dev/vdb".into(),
+        device: "/dev/vdb1".into(),
+        luks: crate::model::LuksSpec {
+            uuid: uuid::Uuid::nil(),
+            label: "kvs-0123abcd".into(),
+            unlock: Default::default(),
+        },
+        reason: String::new(),
+    };
+    assert_eq!(
+        locked_message_id(&open, &text),
+        Some(message_id::VOLUME_LOCKED)
+    );
+    assert_eq!(locked_message_id(&open, "cryptsetup not found"), None);
 }

@@ -168,6 +168,11 @@ pub fn status(g: &GlobalArgs) -> Result<i32> {
                 for (key, value) in doc.as_object().into_iter().flatten() {
                     println!("  {key}: {value}");
                 }
+                let locked: Vec<crate::model::LockedVolume> =
+                    serde_json::from_value(doc["last_apply"]["locked"].clone())
+                        .or_else(|_| serde_json::from_value(doc["locked"].clone()))
+                        .unwrap_or_default();
+                print_locked(&locked);
                 print_kept(&kept);
                 print_out_of_service(&service);
             }
@@ -182,17 +187,23 @@ pub fn status(g: &GlobalArgs) -> Result<i32> {
         ),
         OutputFormat::Human => match st {
             None => {
-                println!("kvstrap has not applied a policy on this node yet ({} has no state).", g.state_dir.display())
+                println!(
+                    "kvstrap has not applied a policy on this node yet ({} has no state).",
+                    g.state_dir.display()
+                )
             }
-            Some(s) => println!(
-                "last apply: {} ({}), {} disk(s), {} volume(s), {} step(s) changed, {} disk(s) left alone",
-                s.last_result.as_deref().unwrap_or("unknown"),
-                s.last_apply_unix.map(utc_timestamp).unwrap_or_default(),
-                s.disks,
-                s.volumes,
-                s.steps_changed,
-                s.refused
-            ),
+            Some(s) => {
+                println!(
+                    "last apply: {} ({}), {} disk(s), {} volume(s), {} step(s) changed, {} disk(s) left alone",
+                    s.last_result.as_deref().unwrap_or("unknown"),
+                    s.last_apply_unix.map(utc_timestamp).unwrap_or_default(),
+                    s.disks,
+                    s.volumes,
+                    s.steps_changed,
+                    s.refused
+                );
+                print_locked(&s.locked);
+            }
         },
     }
     if g.output == OutputFormat::Human {
@@ -200,6 +211,17 @@ pub fn status(g: &GlobalArgs) -> Result<i32> {
         print_out_of_service(&service);
     }
     Ok(0)
+}
+
+/// LUKS2 volumes that did not open, by name: they are left as they are and not published.
+fn print_locked(locked: &[crate::model::LockedVolume]) {
+    for l in locked {
+        println!(
+            "locked: {}: {}",
+            crate::node::report::describe_locked(l),
+            l.error
+        );
+    }
 }
 
 /// Disks out of service, from the state directory's record (no scan).
@@ -265,8 +287,8 @@ fn print_volumes(
         }
         OutputFormat::Human => {
             println!(
-                "{:<28} {:>10} {:<10} {:<24} {:<8} {:<10} PATH",
-                "NAME", "CAPACITY", "MODE", "STORAGECLASS", "STATE", "PV"
+                "{:<28} {:>10} {:<10} {:<24} {:<8} {:<10} {:<9} PATH",
+                "NAME", "CAPACITY", "MODE", "STORAGECLASS", "STATE", "PV", "ENCRYPTED"
             );
             for r in rows {
                 let pv = match (&r.phase, r.published) {
@@ -275,13 +297,14 @@ fn print_volumes(
                     (None, false) => "-".into(),
                 };
                 println!(
-                    "{:<28} {:>10} {:<10} {:<24} {:<8} {:<10} {}",
+                    "{:<28} {:>10} {:<10} {:<24} {:<8} {:<10} {:<9} {}",
                     r.name,
                     human(r.capacity_bytes),
                     format!("{:?}", r.volume_mode),
                     r.storage_class,
                     r.state,
                     pv,
+                    if r.encrypted { "luks2" } else { "-" },
                     r.path.display()
                 );
                 for u in &r.uses {

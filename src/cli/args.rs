@@ -73,7 +73,13 @@ pub enum Command {
     },
     /// Drop what kvstrap keeps about a disk that is gone, and delete its unbound PVs
     /// (Bound ones are listed, never deleted). DISK: identity, serial, WWN or old path.
-    Forget { disk: String },
+    Forget {
+        disk: String,
+        /// First crypto-erase the disk's LUKS2 volumes (destroy every key slot: their data
+        /// can never be read again). The disk must be attached and drained.
+        #[arg(long)]
+        erase: bool,
+    },
     /// The fleet as the cluster sees it (admin tool; a kubeconfig).
     #[command(subcommand)]
     Cluster(ClusterCommand),

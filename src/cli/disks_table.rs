@@ -69,6 +69,7 @@ pub fn render(rows: &[Row], now_unix: u64) -> String {
             let mounts: Vec<String> = p
                 .mountpoints
                 .iter()
+                .chain(p.crypt.iter().flat_map(|c| &c.mountpoints))
                 .map(|m| m.display().to_string())
                 .collect();
             let _ = writeln!(
@@ -83,7 +84,7 @@ pub fn render(rows: &[Row], now_unix: u64) -> String {
                 "",
                 cut(p.name.as_deref().unwrap_or(""), 22),
                 "",
-                cut(&content(None, &p.signatures), 18),
+                cut(&partition_content(p), 18),
                 "",
                 "",
                 mounts.join(",")
@@ -97,6 +98,17 @@ pub fn render(rows: &[Row], now_unix: u64) -> String {
         }
     }
     out
+}
+
+/// What a partition holds; a LUKS2 volume shows what is on its mapping when it is open
+/// (`luks>xfs`), and `luks (closed)` when it is not.
+fn partition_content(p: &crate::model::Partition) -> String {
+    let luks = p.signatures.iter().any(|s| s.kind == "crypto_LUKS");
+    match (&p.crypt, luks) {
+        (Some(c), _) => format!("luks>{}", content(None, &c.signatures)),
+        (None, true) if p.signatures.len() == 1 => "luks (closed)".into(),
+        _ => content(None, &p.signatures),
+    }
 }
 
 /// `fast 412k` : the class and the random 4 KiB reads per second; `-` when never measured.

@@ -79,7 +79,7 @@ pub fn run(g: &GlobalArgs, command: &Command) -> Result<i32> {
             new,
             lock_timeout,
         } => service::replace(g, old, new, *lock_timeout),
-        Command::Forget { disk } => service::forget(g, disk),
+        Command::Forget { disk, erase } => service::forget(g, disk, *erase),
         Command::GenerateAssets { out_dir } => Ok(assets::run_generate_assets(out_dir)),
         Command::Cluster(args::ClusterCommand::Status { kubeconfig }) => {
             cluster::status(g, kubeconfig.as_deref())

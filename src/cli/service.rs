@@ -160,15 +160,26 @@ pub fn replace(g: &GlobalArgs, old: &str, new: &str, lock_timeout: u64) -> Resul
     }
 }
 
-pub fn forget(g: &GlobalArgs, disk: &str) -> Result<i32> {
+pub fn forget(g: &GlobalArgs, disk: &str, erase: bool) -> Result<i32> {
     let policy = load_policy(g)?;
     let lock = locked(g, 60)?;
-    let forgotten = node(g).forget_everywhere(&policy, disk).map_err(refused);
+    // The erase writes to the disk: under the applier lock, like any run's steps.
+    let erased = match erase {
+        true => Some(node(g).erase(&policy, disk).map_err(refused)?),
+        false => None,
+    };
+    let forgotten = node(g)
+        .forget_everywhere(&policy, disk, erase)
+        .map_err(refused);
     drop(lock);
+    if let Some(said) = &erased {
+        eprintln!("{said}");
+    }
     let (said, cluster) = forgotten?;
     match g.output {
         OutputFormat::Json => print_json(&serde_json::json!({
             "forgotten": said,
+            "erased": erased,
             "cluster": cluster.as_ref().map(|c| match c {
                 Ok(f) => serde_json::to_value(f).unwrap_or_default(),
                 Err(e) => serde_json::json!({ "error": e }),

@@ -228,14 +228,30 @@ pub fn status_line(s: &Snapshot) -> String {
         "ready: {} disk(s), {} volume(s)",
         last.disks_ready, last.volumes_ready
     );
-    if !last.failed_disks.is_empty() {
+    if !last.locked.is_empty() {
         let shown: Vec<String> = last
-            .failed_disks
+            .locked
+            .iter()
+            .map(crate::node::report::describe_locked)
+            .collect();
+        line.push_str(&format!(
+            "; locked: {} LUKS2 volume(s) ({})",
+            last.locked.len(),
+            shown.join(", ")
+        ));
+    }
+    let failed: Vec<&crate::node::report::FailedDisk> = last
+        .failed_disks
+        .iter()
+        .filter(|f| !crate::apply::is_locked_error(&f.error))
+        .collect();
+    if !failed.is_empty() {
+        let shown: Vec<String> = failed
             .iter()
             .take(STATUS_FAILED_DISKS)
             .map(|f| format!("{}: {}", f.disk, shorten(&f.error, STATUS_ERROR_CHARS)))
             .collect();
-        let more = last.failed_disks.len().saturating_sub(STATUS_FAILED_DISKS);
+        let more = failed.len().saturating_sub(STATUS_FAILED_DISKS);
         let more = if more > 0 {
             format!(" and {more} more")
         } else {
@@ -243,10 +259,10 @@ pub fn status_line(s: &Snapshot) -> String {
         };
         line.push_str(&format!(
             "; failed: {} disk(s) ({}{more})",
-            last.failed_disks.len(),
+            failed.len(),
             shown.join("; ")
         ));
-    } else if s.last_apply_result != "success" {
+    } else if s.last_apply_result != "success" && last.locked.is_empty() {
         line.push_str("; last apply: ");
         line.push_str(&s.last_apply_result);
     }
@@ -1015,6 +1031,29 @@ mod tests {
         assert_eq!(
             status_line(&s),
             "ready: 3 disk(s), 30 volume(s); failed: 1 disk(s) (/dev/vdc: write GPT on /dev/vdc failed: EBUSY)"
+        );
+    }
+
+    #[test]
+    fn status_line_names_locked_volumes_apart_from_failed_disks() {
+        let mut s = with_last("failed: 1 step(s)");
+        s.pending_publications = 0;
+        if let Some(last) = s.last_apply.as_mut() {
+            last.failed_disks = vec![FailedDisk {
+                disk: "/dev/vdd".into(),
+                error: "LUKS2 volume /dev/vdd1 (kvs-0123abcd) is locked: nothing kvstrap may use opens it (...)".into(),
+            }];
+            last.locked = vec![crate::model::LockedVolume {
+                disk: "/dev/vdd".into(),
+                device: "/dev/vdd1".into(),
+                mapping: "kvs-0123abcd".into(),
+                volumes: vec!["raw-1".into()],
+                error: "locked".into(),
+            }];
+        }
+        assert_eq!(
+            status_line(&s),
+            "ready: 4 disk(s), 40 volume(s); locked: 1 LUKS2 volume(s) (/dev/vdd1 (kvs-0123abcd; volume(s) raw-1))"
         );
     }
 

@@ -165,6 +165,7 @@ impl Engine for SimEngine {
             disks_ready: config.disks.saturating_sub(broken),
             volumes_ready: config.volumes.saturating_sub(broken * per_disk),
             failed_disks,
+            locked: Vec::new(),
         })
     }
 

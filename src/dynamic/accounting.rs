@@ -125,6 +125,7 @@ pub(crate) mod tests {
             transport: "sata".into(),
             rotational: false,
             io_class: None,
+            mapping: None,
         }
     }
 

@@ -27,7 +27,7 @@ pub enum VolumeError {
 pub fn is_mounted(pool: &PoolSpec) -> bool {
     match (
         std::fs::metadata(&pool.mountpoint),
-        std::fs::metadata(&pool.device),
+        std::fs::metadata(pool.data_device()),
     ) {
         (Ok(m), Ok(d)) => m.dev() == d.rdev(),
         _ => false,
@@ -141,5 +141,6 @@ pub fn volume_spec(pool: &PoolSpec, served: &Served) -> VolumeSpec {
         project_id: served.project_id,
         owner: Some(pool.owner.clone()),
         fs_type: Some(pool.fs_type),
+        mapping: pool.mapping.clone(),
     }
 }

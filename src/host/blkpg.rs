@@ -192,6 +192,7 @@ pub fn add_partition_nodes(disk: &Path, numbers: &[u32]) -> Result<Outcome, Blkp
             device: partition_node(disk, n)?,
             filesystem: None,
             role: Default::default(),
+            encryption: None,
         });
     }
     // Keep every kernel partition that is not being added.
@@ -468,6 +469,7 @@ mod tests {
             device: PathBuf::from(format!("/dev/loop9p{number}")),
             filesystem: None,
             role: Default::default(),
+            encryption: None,
         }
     }
 

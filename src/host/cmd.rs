@@ -1,6 +1,7 @@
-//! Running external programs (mkfs.xfs, mkfs.ext4, xfs_db, e2label; smartctl beside
-//! the runs): absolute paths resolved once at start-up, failures that carry argv, exit
-//! status and stderr.
+//! Running external programs (mkfs.xfs, mkfs.ext4, xfs_db, e2label, cryptsetup,
+//! systemd-cryptenroll, kpartx; smartctl beside the runs): absolute paths resolved once at
+//! start-up, failures that carry argv, exit status and stderr; a secret reaches a program
+//! on a file descriptor, never in its arguments or environment.
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
@@ -24,16 +25,22 @@ pub enum Program {
     XfsDb,
     /// Writes the planned label once mkfs.ext4 has finished.
     E2label,
+    /// LUKS2: format, label, open, close, erase.
+    Cryptsetup,
+    /// Seals a LUKS2 volume's key to the TPM2.
+    SystemdCryptenroll,
     /// Makes the partition mappings of a dm-multipath map (multipath-tools' own way).
     Kpartx,
 }
 
 impl Program {
-    pub const ALL: [Program; 5] = [
+    pub const ALL: [Program; 7] = [
         Program::MkfsXfs,
         Program::MkfsExt4,
         Program::XfsDb,
         Program::E2label,
+        Program::Cryptsetup,
+        Program::SystemdCryptenroll,
         Program::Kpartx,
     ];
 
@@ -43,6 +50,8 @@ impl Program {
             Program::MkfsExt4 => "mkfs.ext4",
             Program::XfsDb => "xfs_db",
             Program::E2label => "e2label",
+            Program::Cryptsetup => "cryptsetup",
+            Program::SystemdCryptenroll => "systemd-cryptenroll",
             Program::Kpartx => "kpartx",
         }
     }
@@ -52,6 +61,8 @@ impl Program {
         match self {
             Program::MkfsXfs | Program::XfsDb => "xfsprogs",
             Program::MkfsExt4 | Program::E2label => "e2fsprogs",
+            Program::Cryptsetup => "cryptsetup-bin (Debian) or cryptsetup",
+            Program::SystemdCryptenroll => "systemd (252 or later)",
             Program::Kpartx => "kpartx",
         }
     }
@@ -123,6 +134,66 @@ impl Programs {
     pub fn run(&self, program: Program, args: &[OsString]) -> Result<String, CmdError> {
         let path = self.require(program)?;
         run_path(path, args)
+    }
+
+    /// Run `program` with `secret` readable on its file descriptor 3 ([`SECRET_PATH`] in
+    /// `args`): a memory file, never on disk, in argv or in the environment, wiped when
+    /// the program has ended.
+    pub fn run_with_secret(
+        &self,
+        program: Program,
+        args: &[OsString],
+        secret: &[u8],
+    ) -> Result<String, CmdError> {
+        let path = self.require(program)?;
+        let argv = || render_argv(path, args);
+        let fd = secret_file(secret).map_err(|source| CmdError::Spawn {
+            argv: argv(),
+            source,
+        })?;
+        let out = {
+            let _running = RunningGuard::new(COMMAND_TIMEOUT);
+            run_output(path, args, COMMAND_TIMEOUT, Some(&fd))
+        };
+        wipe_secret_file(&fd, secret.len());
+        let out = out?;
+        if !out.status.success() {
+            return Err(CmdError::Failed {
+                argv: argv(),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// Where a program run by [`Programs::run_with_secret`] reads the secret.
+pub const SECRET_PATH: &str = "/dev/fd/3";
+const SECRET_FD: i32 = 3;
+
+/// A memory file (close-on-exec) holding `secret`, read from its start.
+fn secret_file(secret: &[u8]) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::io::{Seek, Write};
+    let fd = nix::sys::memfd::memfd_create(
+        c"kvstrap-secret",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )
+    .map_err(std::io::Error::from)?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(secret)?;
+    // A program that reads the descriptor itself (not a fresh open of /dev/fd/3) starts
+    // at the beginning too.
+    file.rewind()?;
+    Ok(std::os::fd::OwnedFd::from(file))
+}
+
+/// Overwrite the memory file before it is closed: its pages go back to the kernel zeroed.
+fn wipe_secret_file(fd: &std::os::fd::OwnedFd, len: usize) {
+    use std::os::unix::fs::FileExt;
+    if let Ok(file) = fd.try_clone().map(std::fs::File::from) {
+        let _ = file.write_all_at(&vec![0u8; len], 0);
+        let _ = file.set_len(0);
     }
 }
 
@@ -203,7 +274,7 @@ pub fn run_path_output_within(
     timeout: Duration,
 ) -> Result<std::process::Output, CmdError> {
     let _running = RunningGuard::new(timeout);
-    run_output(path, args, timeout)
+    run_output(path, args, timeout, None)
 }
 
 /// [`run_path_output_within`] for a reader beside the runs (smartctl on the health
@@ -214,17 +285,19 @@ pub fn run_beside_within(
     args: &[OsString],
     timeout: Duration,
 ) -> Result<std::process::Output, CmdError> {
-    run_output(path, args, timeout)
+    run_output(path, args, timeout, None)
 }
 
 fn run_output(
     path: &Path,
     args: &[OsString],
     timeout: Duration,
+    secret: Option<&std::os::fd::OwnedFd>,
 ) -> Result<std::process::Output, CmdError> {
     let argv = render_argv(path, args);
     tracing::debug!(%argv, "running");
-    let child = Command::new(path)
+    let mut command = Command::new(path);
+    command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -232,12 +305,30 @@ fn run_output(
         .env("LC_ALL", "C")
         // Its own process group, so a kill reaches what it started too (and their
         // hold on the output pipes).
-        .process_group(0)
-        .spawn()
-        .map_err(|source| CmdError::Spawn {
-            argv: argv.clone(),
-            source,
-        })?;
+        .process_group(0);
+    if let Some(fd) = secret {
+        let raw = std::os::fd::AsRawFd::as_raw_fd(fd);
+        // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl) run,
+        // on descriptors this process owns; the memory file is close-on-exec everywhere
+        // else, so no other program started meanwhile by another thread inherits it.
+        unsafe {
+            command.pre_exec(move || {
+                let rc = if raw == SECRET_FD {
+                    libc::fcntl(SECRET_FD, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(raw, SECRET_FD)
+                };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let child = command.spawn().map_err(|source| CmdError::Spawn {
+        argv: argv.clone(),
+        source,
+    })?;
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
     // A thread collects the output and the exit status; this one keeps the clock.
     let (done, finished) = mpsc::channel();
@@ -414,6 +505,54 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(10), "{err}");
         assert!(
             err.contains("did not finish within 300ms and was killed"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_secret_reaches_the_program_on_fd_3_only() {
+        let d = tempfile::tempdir().unwrap();
+        // Prints the secret, its argv and environment, and whether fd 3 is a memory file.
+        fake_program(
+            d.path(),
+            "cryptsetup",
+            "cat /dev/fd/3; echo; echo \"args: $*\"; env; readlink /proc/self/fd/3",
+        );
+        let progs = Programs::discover_in([d.path()].into_iter());
+        let secret = b"0123456789abcdef-not-in-argv";
+        let out = progs
+            .run_with_secret(
+                Program::Cryptsetup,
+                &["--key-file".into(), SECRET_PATH.into()],
+                secret,
+            )
+            .unwrap();
+        let mut lines = out.lines();
+        assert_eq!(lines.next(), Some("0123456789abcdef-not-in-argv"));
+        assert_eq!(lines.next(), Some("args: --key-file /dev/fd/3"));
+        assert_eq!(out.matches("not-in-argv").count(), 1, "{out}");
+        assert!(out.contains("/memfd:kvstrap-secret"), "{out}");
+        // A program started meanwhile without the secret does not inherit it.
+        fake_program(
+            d.path(),
+            "mkfs.xfs",
+            "test -e /dev/fd/3 && echo leaked || echo none",
+        );
+        let progs = Programs::discover_in([d.path()].into_iter());
+        assert_eq!(progs.run(Program::MkfsXfs, &[]).unwrap(), "none\n");
+        // A failure says what ran, not what it read.
+        fake_program(
+            d.path(),
+            "cryptsetup",
+            "cat /dev/fd/3 >/dev/null; echo 'No key available' >&2; exit 2",
+        );
+        let progs = Programs::discover_in([d.path()].into_iter());
+        let err = progs
+            .run_with_secret(Program::Cryptsetup, &["open".into()], secret)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("No key available") && !err.contains("not-in-argv"),
             "{err}"
         );
     }

@@ -322,6 +322,24 @@ pub fn block_link_target(device: &Path, part_uuid: &uuid::Uuid) -> PathBuf {
     }
 }
 
+/// Where a Block volume's link to the LUKS2 mapping `name` (volume `luks_uuid`) points:
+/// udev's `/dev/disk/by-id/dm-uuid-CRYPT-LUKS2-...` when it exists and is that mapping (it
+/// names the header's UUID, so it can never be another volume), else `/dev/mapper/<name>`.
+pub fn crypt_link_target(name: &str, luks_uuid: &uuid::Uuid) -> PathBuf {
+    let mapper = crate::model::mapper_path(name);
+    let stable = Path::new("/dev/disk/by-id").join(format!(
+        "dm-uuid-{}",
+        crate::model::dm_crypt_uuid(luks_uuid, name)
+    ));
+    match (
+        std::fs::canonicalize(&stable),
+        std::fs::canonicalize(&mapper),
+    ) {
+        (Ok(a), Ok(b)) if a == b => stable,
+        _ => mapper,
+    }
+}
+
 /// Point the symlink `link` at `target`, atomically (temporary link + rename). Creates
 /// the link's parent directories. A non-symlink at `link` is an error.
 pub fn link_block_device(link: &Path, target: &Path) -> Result<Outcome, DirError> {

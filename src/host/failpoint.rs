@@ -20,6 +20,14 @@ pub const FAILPOINTS: &[&str] = &[
     "sync_partitions",
     // After each BLKPG partition add, so between the adds of a disk with several.
     "partition_added",
+    // After luksFormat, before the key slots are enrolled and the planned label is written.
+    "luks_format_unfinished",
+    "format_luks",
+    "open_luks",
+    "close_luks",
+    // After the header was marked erased, before its key slots are destroyed.
+    "luks_erase_marked",
+    "erase_luks",
     "mkfs_unfinished",
     "make_filesystem",
     "mount",

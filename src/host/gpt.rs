@@ -195,7 +195,7 @@ fn entries(layout: &DiskLayout, lb: LogicalBlockSize) -> BTreeMap<u32, Partition
                 part_guid: p.part_uuid,
                 first_lba: first,
                 last_lba: first + p.size_bytes / lb.as_u64() - 1,
-                flags: p.role.attribute_bits(),
+                flags: p.attribute_bits(),
                 name: p.name.clone(),
             };
             (p.number, part)
@@ -371,6 +371,7 @@ pub(crate) mod tests {
                     device: PathBuf::from(format!("/dev/null{i}")),
                     filesystem: None,
                     role: Default::default(),
+                    encryption: None,
                 })
                 .collect(),
         }

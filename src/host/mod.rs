@@ -16,6 +16,7 @@ pub mod gpt;
 pub mod ioprobe;
 pub mod kernel_quota;
 pub mod kpartx;
+pub mod luks;
 pub mod mkfs;
 pub mod mount;
 pub mod probe;
@@ -80,6 +81,8 @@ pub enum Error {
     Wipe(#[from] wipe::WipeError),
     #[error(transparent)]
     Lock(#[from] disklock::LockError),
+    #[error(transparent)]
+    Luks(#[from] luks::LuksError),
     #[error(transparent)]
     Kpartx(#[from] kpartx::KpartxError),
 }

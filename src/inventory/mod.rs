@@ -5,6 +5,7 @@
 //! reported on that disk (`InUse::Unreadable`), and the scan goes on.
 
 pub mod byid;
+pub mod crypt;
 pub mod eligibility;
 pub mod mountinfo;
 pub mod multipath;
@@ -99,6 +100,13 @@ fn quota_verdict(fs: crate::model::FsType) -> Option<String> {
     verdict
 }
 
+/// A TPM 2.0 behind the kernel's resource manager (`/dev/tpmrm0`), which
+/// systemd-cryptenroll and the unlock at boot use.
+fn tpm2_present(sys_root: &Path, dev_root: &Path) -> bool {
+    let version = sysfs::attr(&sys_root.join("class/tpm/tpm0"), "tpm_version_major");
+    version.as_deref() == Some("2") && dev_root.join("tpmrm0").exists()
+}
+
 pub fn scan(opts: &ScanOptions) -> Result<Inventory, InventoryError> {
     // Nothing here waits for anything else: the machine-wide facts and the managed paths
     // are read on a thread of their own while the disks are read and probed, each disk
@@ -137,6 +145,7 @@ pub fn scan(opts: &ScanOptions) -> Result<Inventory, InventoryError> {
         disks,
         paths,
         quota_unsupported: quota_unsupported(&opts.quota_filesystems),
+        tpm2: tpm2_present(&opts.sys_root, &opts.dev_root),
     })
 }
 
@@ -149,7 +158,28 @@ pub fn partition_users_now(device: &Path) -> Result<Partition, InventoryError> {
     let name = kernel_name_of(device);
     let class = opts.sys_root.join("class/block").join(&name);
     let devno = sysfs::attr(&class, "dev").unwrap_or_default();
-    let loop_devices = sysfs::list_names(&opts.sys_root.join("block"))
+    let loop_devices = loops_over(&machine, &opts, &name);
+    let holders = sysfs::list_names(&class.join("holders"));
+    let mut crypt = crypt::mapping(&machine, &holders);
+    if let Some(c) = crypt.as_mut() {
+        c.loop_devices = loops_over(&machine, &opts, &c.kernel_name);
+    }
+    Ok(Partition {
+        path: device.to_path_buf(),
+        crypt,
+        holders,
+        mountpoints: machine.mountpoints(&devno, &name),
+        mounts: machine.mount_facts(&devno, &name),
+        node_binds: machine.node_binds(&name),
+        loop_devices,
+        in_kernel: !devno.is_empty(),
+        ..Partition::default()
+    })
+}
+
+/// Loop devices whose backing file is the block device `name` (or a bind mount of it).
+fn loops_over(machine: &Machine, opts: &ScanOptions, name: &str) -> Vec<crate::model::LoopOver> {
+    sysfs::list_names(&opts.sys_root.join("block"))
         .into_iter()
         .filter_map(|d| {
             let dir = opts.sys_root.join("block").join(&d).join("loop");
@@ -159,17 +189,7 @@ pub fn partition_users_now(device: &Path) -> Result<Partition, InventoryError> {
                 backing_file: backing,
             })
         })
-        .collect();
-    Ok(Partition {
-        path: device.to_path_buf(),
-        holders: sysfs::list_names(&class.join("holders")),
-        mountpoints: machine.mountpoints(&devno, &name),
-        mounts: machine.mount_facts(&devno, &name),
-        node_binds: machine.node_binds(&name),
-        loop_devices,
-        in_kernel: !devno.is_empty(),
-        ..Partition::default()
-    })
+        .collect()
 }
 
 /// The kernel name of a device node: its own file name, or for a `/dev/mapper` link (a
@@ -198,6 +218,7 @@ struct Machine {
     by_id_links: Option<BTreeMap<String, Vec<String>>>,
     root_spec: Option<String>,
     dev_root: PathBuf,
+    sys_root: PathBuf,
 }
 
 impl Machine {
@@ -217,6 +238,7 @@ impl Machine {
             by_id_links: byid::read_links(&opts.dev_root.join("disk/by-id")),
             root_spec: eligibility::root_spec(&cmdline),
             dev_root: opts.dev_root.clone(),
+            sys_root: opts.sys_root.clone(),
         })
     }
 
@@ -238,7 +260,11 @@ impl Machine {
 
     /// Bind mounts of the device node `/dev/<name>` itself, in every mount namespace.
     fn node_binds(&self, name: &str) -> Vec<crate::model::MountFact> {
-        let node = Path::new("/").join(name);
+        self.node_binds_at(&Path::new("/").join(name))
+    }
+
+    /// Bind mounts of the node at `node` in /dev (`/dm-3`, `/mapper/kvs-...`).
+    fn node_binds_at(&self, node: &Path) -> Vec<crate::model::MountFact> {
         self.all_mounts()
             .filter(|m| m.root == node && self.is_dev_filesystem(m))
             .map(Mount::fact)
@@ -260,19 +286,34 @@ impl Machine {
     fn block_device_behind(&self, backing: &Path) -> Option<String> {
         let text = backing.to_string_lossy();
         let path = Path::new(text.trim_end_matches(" (deleted)"));
-        if path.starts_with(multipath::MAPPER_DIR) {
-            return Some(kernel_name_of(path));
-        }
         if let Ok(name) = path.strip_prefix("/dev") {
-            return Some(name.to_string_lossy().into_owned());
+            return Some(self.kernel_name_of(name));
         }
         self.mounts
             .iter()
             .rev()
             .find(|m| m.mountpoint == path)
             .filter(|m| self.is_dev_filesystem(m))
-            .and_then(|m| m.root.file_name())
-            .map(|n| n.to_string_lossy().into_owned())
+            .and_then(|m| m.root.strip_prefix("/").ok())
+            .map(|n| self.kernel_name_of(n))
+    }
+
+    /// The kernel name of a node below /dev: `sdb1`, or `dm-3` for `mapper/kvs-...` or
+    /// `mapper/mpatha-part1` (a symlink to it with udev, a node of its own without).
+    fn kernel_name_of(&self, below_dev: &Path) -> String {
+        let text = below_dev.to_string_lossy().into_owned();
+        if let Some(name) = text.strip_prefix("mapper/") {
+            let dm = sysfs::list_names(&self.sys_root.join("block"))
+                .into_iter()
+                .find(|d| {
+                    d.starts_with("dm-")
+                        && sysfs::attr(&self.sys_root.join("block").join(d).join("dm"), "name")
+                            .as_deref()
+                            == Some(name)
+                });
+            return dm.unwrap_or_else(|| kernel_name_of(&Path::new("/dev").join(below_dev)));
+        }
+        text
     }
 
     fn is_swap(&self, devno: &str, name: &str) -> bool {
@@ -658,6 +699,11 @@ fn partition(
             .map_or_else(Default::default, |e| {
                 crate::model::PartitionRole::from_attributes(e.attributes)
             }),
+        encrypted: entry.is_some_and(|e| {
+            is_kvstrap_type(e.type_id.as_deref())
+                && e.attributes & crate::model::ENCRYPTED_ATTRIBUTE != 0
+        }),
+        crypt: kernel.and_then(|k| crypt::mapping(machine, &k.holders)),
         mounts,
         node_binds,
         loop_devices: Vec::new(),
@@ -688,7 +734,10 @@ fn link_loop_devices(disks: &mut [Disk], machine: &Machine) {
         disks.iter().any(|d| {
             d.name == name
                 || d.multipath.as_ref().is_some_and(|m| m.kernel_name == name)
-                || d.partitions.iter().any(|p| is_node(&p.path, name))
+                || d.partitions.iter().any(|p| {
+                    is_node(&p.path, name)
+                        || p.crypt.as_ref().is_some_and(|c| c.kernel_name == name)
+                })
         })
     };
     // Only block devices of this scan: a loop over a file that lives in /dev/shm is a disk.
@@ -701,12 +750,12 @@ fn link_loop_devices(disks: &mut [Disk], machine: &Machine) {
         disks[i].in_use.push(crate::model::InUse::Virtual {
             detail: format!("a loop device over the block device /dev/{name}"),
         });
-        let partition = disks
-            .iter_mut()
-            .flat_map(|d| d.partitions.iter_mut())
-            .find(|p| is_node(&p.path, &name));
-        if let Some(p) = partition {
-            p.loop_devices.push(loop_over);
+        for p in disks.iter_mut().flat_map(|d| d.partitions.iter_mut()) {
+            if is_node(&p.path, &name) {
+                p.loop_devices.push(loop_over.clone());
+            } else if let Some(c) = p.crypt.as_mut().filter(|c| c.kernel_name == name) {
+                c.loop_devices.push(loop_over.clone());
+            }
         }
     }
 }

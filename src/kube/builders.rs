@@ -22,6 +22,8 @@ pub const LABEL_GROUP: &str = "kvstrap.io/group";
 pub const LABEL_TRANSPORT: &str = "kvstrap.io/transport";
 /// `ssd` or `hdd`, from the disk's rotational flag.
 pub const LABEL_MEDIA: &str = "kvstrap.io/media";
+/// `"true"` on the PV of a volume on a LUKS2 volume (an encrypted group); absent otherwise.
+pub const LABEL_ENCRYPTED: &str = "kvstrap.io/encrypted";
 /// The measured IO class of the disk (fast, standard, slow); absent on a disk never
 /// measured. On the Node: the fastest class it serves volumes from.
 pub const LABEL_IO_CLASS: &str = "kvstrap.io/io-class";
@@ -238,6 +240,9 @@ fn pv_labels(node: &str, v: &VolumeSpec) -> BTreeMap<String, String> {
     ]);
     if let Some(class) = v.io_class {
         labels.insert(LABEL_IO_CLASS.to_string(), class.to_string());
+    }
+    if v.encrypted() {
+        labels.insert(LABEL_ENCRYPTED.to_string(), "true".to_string());
     }
     labels
 }

@@ -68,6 +68,12 @@ pub fn claim_pv(
             class.to_string(),
         );
     }
+    if pool.mapping.is_some() {
+        labels.insert(
+            super::builders::LABEL_ENCRYPTED.to_string(),
+            "true".to_string(),
+        );
+    }
     let annotations = BTreeMap::from([
         (
             super::builders::ANNOTATION_PROVISIONED_BY.to_string(),
@@ -226,6 +232,7 @@ mod tests {
             transport: "nvme".into(),
             rotational: false,
             io_class: None,
+            mapping: None,
         }
     }
 
@@ -264,6 +271,22 @@ mod tests {
             "dynamic"
         );
         assert_eq!(json["metadata"]["finalizers"][0], FINALIZER);
+        assert!(json["metadata"]["labels"]["kvstrap.io/encrypted"].is_null());
+        let mut encrypted = pool();
+        encrypted.mapping = Some("/dev/mapper/kvs-0a1b2c3d".into());
+        let on_luks = claim_pv(
+            "w1",
+            &claim,
+            &encrypted,
+            std::path::Path::new("/var/lib/kvstrap/storage/pool/disk-1/pvc-6b0e"),
+            30 << 30,
+            &class,
+        );
+        let on_luks = serde_json::to_value(&on_luks).unwrap();
+        assert_eq!(
+            on_luks["metadata"]["labels"]["kvstrap.io/encrypted"],
+            "true"
+        );
         assert_eq!(
             json["metadata"]["annotations"]["pv.kubernetes.io/provisioned-by"],
             PROVISIONER

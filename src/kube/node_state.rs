@@ -26,8 +26,10 @@ pub struct NodeReport {
     pub ready_disks: Vec<String>,
     /// (disk, reason) of every disk the policy selects but kvstrap left alone.
     pub refused: Vec<(String, String)>,
-    /// (disk, error) of every failed step.
+    /// (disk, error) of every failed step (but the opens of locked volumes).
     pub failed: Vec<(String, String)>,
+    /// (volume, why) of every LUKS2 volume of kvstrap's that nothing opened.
+    pub locked: Vec<(String, String)>,
     /// Why the run could not happen at all.
     pub error: Option<String>,
     /// The files and ConfigMaps the policy was merged from.
@@ -103,6 +105,12 @@ pub fn verdict(r: &NodeReport) -> Verdict {
     if !r.refused.is_empty() {
         parts.push(format!("refused: {}", list(&r.refused)));
     }
+    if !r.locked.is_empty() {
+        parts.push(format!(
+            "locked (left as they are, never formatted): {}",
+            list(&r.locked)
+        ));
+    }
     if !r.failed.is_empty() {
         parts.push(format!("failed: {}", list(&r.failed)));
     }
@@ -116,6 +124,7 @@ pub fn verdict(r: &NodeReport) -> Verdict {
     }
     let (ready, reason) = match (&r.error, r.failed.is_empty(), r.refused.is_empty()) {
         (Some(_), _, _) => (false, "RunFailed"),
+        (None, _, _) if !r.locked.is_empty() => (false, "VolumesLocked"),
         (None, false, _) => (false, "StepFailed"),
         (None, true, false) => (true, "DisksRefused"),
         (None, true, true) => (true, "StorageReady"),
@@ -250,6 +259,16 @@ pub fn events(now: &NodeReport) -> Vec<NodeEvent> {
             warning: true,
             message: format!("disk {d} left alone: {why}"),
             key: format!("{d}\0{why}"),
+        });
+    }
+    for (v, why) in &now.locked {
+        out.push(NodeEvent {
+            reason: "VolumeLocked",
+            warning: true,
+            message: format!(
+                "LUKS2 volume {v} did not open ({why}); it is left as it is, never formatted"
+            ),
+            key: format!("{v}\0{why}"),
         });
     }
     for (d, e) in &now.failed {
@@ -615,6 +634,19 @@ mod tests {
             "{}",
             v.message
         );
+        r.locked.push((
+            "/dev/sdd1 (kvs-0123abcd; volume(s) raw-1)".into(),
+            "TPM2: No usable token is available.".into(),
+        ));
+        let v = verdict(&r);
+        assert_eq!((v.ready, v.reason), (false, "VolumesLocked"));
+        assert!(
+            v.message.contains("; locked (left as they are, never formatted): /dev/sdd1 (kvs-0123abcd; volume(s) raw-1) (TPM2: No usable token is available.)"),
+            "{}",
+            v.message
+        );
+        let e = events(&r);
+        assert!(e.iter().any(|e| e.reason == "VolumeLocked" && e.warning));
         r.error = Some("cannot read the node".into());
         let v = verdict(&r);
         assert_eq!((v.ready, v.reason), (false, "RunFailed"));

@@ -77,7 +77,9 @@ impl Scrubber for DirectoryAndBlockScrubber {
                 scrub_directory(&v.path)?;
                 reset_root(&v.path, v.owner.as_ref())
             }
-            VolumeMode::Block => scrub_block(&v.path, &v.device),
+            // An encrypted Block volume is scrubbed through its mapping: the LUKS2 header
+            // at the start of the partition is what keeps the data's key.
+            VolumeMode::Block => scrub_block(&v.path, v.data_device()),
         }
     }
 }

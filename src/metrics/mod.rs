@@ -29,6 +29,8 @@ pub struct Snapshot {
     pub publication_errors: u64,
     /// The pools of dynamic groups.
     pub pools: Vec<PoolSample>,
+    /// LUKS2 volumes of kvstrap's that nothing opened in the last run.
+    pub luks_locked: u64,
 }
 
 /// One pool of a dynamic group.
@@ -71,6 +73,8 @@ pub struct VolumeSample {
     /// From the volume's project quota, or its own filesystem; `None` where neither tells
     /// (block volumes, directory volumes without quotas, volumes not there yet).
     pub used_bytes: Option<u64>,
+    /// On a LUKS2 volume (an encrypted group).
+    pub encrypted: bool,
 }
 
 /// The verdict names, in the order the metrics list them (all of them, zeros included,
@@ -150,6 +154,17 @@ pub fn after_run(run: &RunOutcome, server: Option<&serve::Published>) -> String 
         stats,
         run.publications,
     );
+    let mut snap = snap;
+    snap.luks_locked = run.report.map_or(0, |r| {
+        r.steps
+            .iter()
+            .filter(|s| {
+                s.action == "open_luks"
+                    && matches!(&s.result, crate::apply::StepResult::Failed { error }
+                        if crate::apply::is_locked_error(error))
+            })
+            .count() as u64
+    });
     let text = render(&snap);
     publish(&run.policy.metrics, &text, server);
     text

@@ -302,6 +302,24 @@ fn volumes(out: &mut Out, s: &Snapshot) {
         );
     }
     out.family(
+        "kvstrap_volume_encrypted",
+        "gauge",
+        "1 when the volume is on a LUKS2 volume (an encrypted group), else 0.",
+    );
+    for v in &s.volumes {
+        out.sample(
+            "kvstrap_volume_encrypted",
+            &volume_labels(v).as_refs(),
+            if v.encrypted { 1.0 } else { 0.0 },
+        );
+    }
+    out.family(
+        "kvstrap_luks_volumes_locked",
+        "gauge",
+        "LUKS2 volumes of kvstrap's that nothing opened in the last run (left as they are, unpublished).",
+    );
+    out.sample("kvstrap_luks_volumes_locked", &[], s.luks_locked as f64);
+    out.family(
         "kvstrap_volume_used_bytes",
         "gauge",
         "Bytes used in each volume, from its project quota or its own filesystem.",

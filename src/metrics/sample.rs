@@ -59,6 +59,7 @@ pub fn snapshot(
                 disk: v.disk.clone(),
                 state,
                 capacity_bytes: v.capacity_bytes,
+                encrypted: v.encrypted(),
             }
         })
         .collect();
@@ -70,6 +71,7 @@ pub fn snapshot(
         publications_pending: publications.pending,
         publication_errors: publications.errors,
         pools,
+        luks_locked: 0,
     }
 }
 
@@ -106,6 +108,7 @@ fn with_dynamic(
             .into(),
             capacity_bytes: s.bytes.unwrap_or_default(),
             used_bytes: used,
+            encrypted: pool.mapping.is_some(),
         });
     }
     let pools = crate::dynamic::accounting::pools(&specs, &served, &|_| 0)

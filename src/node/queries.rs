@@ -62,6 +62,12 @@ pub struct VolumeRow {
     /// Who uses it on this node now: pods' mounts, Block mappings (`plan::usage`).
     #[serde(default)]
     pub uses: Vec<crate::model::VolumeUse>,
+    /// On a LUKS2 volume (an encrypted group): its PV says `kvstrap.io/encrypted: "true"`.
+    #[serde(default)]
+    pub encrypted: bool,
+    /// The LUKS2 mapping it sits on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapping: Option<PathBuf>,
 }
 
 /// One pool of a dynamic group: what its claims take and what is left.
@@ -132,6 +138,8 @@ fn dynamic_rows(plan: &Plan, inventory: &Inventory) -> Vec<VolumeRow> {
                 published: false,
                 phase: None,
                 uses,
+                encrypted: v.mapping.is_some(),
+                mapping: v.mapping,
             })
         })
         .collect()
@@ -174,6 +182,8 @@ fn static_rows(plan: &Plan, inventory: &Inventory) -> Vec<VolumeRow> {
             pv_name: None,
             published: false,
             phase: None,
+            encrypted: v.encrypted(),
+            mapping: v.mapping.clone(),
         })
         .collect()
 }

@@ -9,6 +9,16 @@ use crate::model::{InUse, Inventory, Plan};
 use crate::policy::Policy;
 use serde::Serialize;
 
+/// `/dev/vdb1 (kvs-0123abcd; volumes a, b)`: a locked volume as messages name it.
+pub fn describe_locked(l: &crate::model::LockedVolume) -> String {
+    let volumes = if l.volumes.is_empty() {
+        String::new()
+    } else {
+        format!("; volume(s) {}", l.volumes.join(", "))
+    };
+    format!("{} ({}{volumes})", l.device.display(), l.mapping)
+}
+
 /// What one apply run did, as the daemon reports it (STATUS=, D-Bus, journal).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ApplySummary {
@@ -34,6 +44,10 @@ pub struct ApplySummary {
     pub volumes_ready: u32,
     /// Each disk with a failed step, and that step's error.
     pub failed_disks: Vec<FailedDisk>,
+    /// LUKS2 volumes of kvstrap's that nothing opened: left as they are, their volumes
+    /// unpublished (their disks are among `failed_disks` too).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub locked: Vec<crate::model::LockedVolume>,
 }
 
 /// A disk whose run stopped at a failed step.
@@ -86,10 +100,17 @@ impl Report {
                 .filter(|r| r.group.is_some())
                 .map(|r| (r.disk.display().to_string(), r.reason.clone()))
                 .collect(),
+            // A locked volume is named as such, not once more as a failed step.
             failed: summary
                 .failed_disks
                 .iter()
+                .filter(|f| !crate::apply::is_locked_error(&f.error))
                 .map(|f| (f.disk.clone(), f.error.clone()))
+                .collect(),
+            locked: summary
+                .locked
+                .iter()
+                .map(|l| (describe_locked(l), locked_why(l)))
                 .collect(),
             error: None,
             // Set by the Node state publisher from the fleet watcher; a cached layer that
@@ -136,7 +157,19 @@ impl Report {
                 .into_iter()
                 .chain(self.busy.iter().cloned())
                 .collect(),
+            locked: crate::apply::locked_volumes(&self.plan, &self.steps),
         }
+    }
+}
+
+/// Why a volume is locked, short: what each unlock said, without the advice.
+fn locked_why(l: &crate::model::LockedVolume) -> String {
+    match l.error.split_once("opens it (") {
+        Some((_, rest)) => rest
+            .split_once("); it is left")
+            .map_or(rest, |(t, _)| t)
+            .to_string(),
+        None => l.error.clone(),
     }
 }
 

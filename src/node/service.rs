@@ -303,12 +303,91 @@ impl Node {
         ))
     }
 
-    /// Drop what kvstrap keeps about a disk that is gone (its drain, its replacement).
+    /// Crypto-erase a drained disk: every LUKS2 volume of kvstrap's on it loses its key
+    /// slots (`kvstrap forget --erase`, under the applier lock). Only on the operator's
+    /// explicit word, only once the disk is drained (nothing uses it, its mappings are
+    /// closed); each erased header is logged with its own MESSAGE_ID and is never opened or
+    /// formatted again. Returns what was erased, in words.
+    pub fn erase(&self, policy: &Policy, name: &str) -> Result<String, ServiceError> {
+        let inventory = self.scan(Some(policy))?;
+        let disk = find(&inventory, name)?.ok_or_else(|| {
+            ServiceError::Refused(format!(
+                "no disk {name:?} is attached: a crypto-erase needs the disk (a disk that is gone \
+                 keeps its data only as encrypted blocks nobody can open without its key)"
+            ))
+        })?;
+        let record = self.disk_service()?;
+        let phase = record
+            .out_of_service
+            .get(&disk_identity(disk))
+            .map(|r| r.phase);
+        if phase != Some(ServicePhase::Drained) {
+            return Err(ServiceError::Refused(format!(
+                "{} is {}: only a drained disk is crypto-erased (`kvstrap drain {name}`, then \
+                 `kvstrap drain --status` until it is drained)",
+                disk.path.display(),
+                phase.map_or("in service", ServicePhase::as_str)
+            )));
+        }
+        let steps = crate::plan::service::erase_steps(disk);
+        if steps.is_empty() {
+            return Err(ServiceError::Refused(format!(
+                "{} carries no LUKS2 volume of kvstrap's: there is nothing to crypto-erase \
+                 (to reuse a plain disk, wipe it explicitly)",
+                disk.path.display()
+            )));
+        }
+        let plan = Plan {
+            node: policy.node.name.clone(),
+            storage_root: policy.node.storage_root.clone(),
+            groups: Vec::new(),
+            refused: Vec::new(),
+            warnings: Vec::new(),
+            steps,
+            totals: Default::default(),
+            out_of_service: Vec::new(),
+        };
+        let effects = crate::apply::host_effects::HostEffects::new(&self.inputs.state_dir)
+            .map_err(|e| ServiceError::Refused(e.to_string()))?;
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let report = crate::apply::execute(&plan, &effects, &stop, &|_, _, _| {});
+        let failed: Vec<String> = report
+            .steps
+            .iter()
+            .filter_map(|s| match &s.result {
+                crate::apply::StepResult::Failed { error } => {
+                    Some(format!("{}: {error}", s.description))
+                }
+                _ => None,
+            })
+            .collect();
+        if !failed.is_empty() {
+            return Err(ServiceError::Refused(format!(
+                "the crypto-erase of {} did not finish: {}",
+                disk.path.display(),
+                failed.join("; ")
+            )));
+        }
+        Ok(format!(
+            "crypto-erased {} LUKS2 volume(s) on {} ({}): their key slots are destroyed, their data cannot be read again",
+            report.steps.len(),
+            disk.path.display(),
+            disk_identity(disk)
+        ))
+    }
+
+    /// Drop what kvstrap keeps about a disk that is gone (its drain, its replacement), or
+    /// about a drained disk whose volumes were just crypto-erased (`erased`).
     /// The cluster side (its unbound PVs) is the caller's, with a client.
-    pub fn forget(&self, policy: &Policy, name: &str) -> Result<(String, String), ServiceError> {
+    pub fn forget(
+        &self,
+        policy: &Policy,
+        name: &str,
+        erased: bool,
+    ) -> Result<(String, String), ServiceError> {
         let inventory = self.scan(Some(policy))?;
         let mut record = self.disk_service()?;
-        if let Some(disk) = find(&inventory, name)? {
+        if let Some(disk) = find(&inventory, name)?.filter(|_| !erased) {
             // An attached disk's replacement record can go: the disk then belongs to
             // whichever group selects it, as any other. Out of service, it stays so.
             let identity = disk_identity(disk);
@@ -321,7 +400,10 @@ impl Node {
                 )));
             }
         }
-        let identity = find_recorded(&record, name).unwrap_or_else(|| name.to_string());
+        let attached = find(&inventory, name)?.map(disk_identity);
+        let identity = attached
+            .or_else(|| find_recorded(&record, name))
+            .unwrap_or_else(|| name.to_string());
         let drained = record.out_of_service.remove(&identity).is_some();
         let replaced = record.replacements.remove(&identity).is_some();
         if drained || replaced {
@@ -354,6 +436,7 @@ impl Node {
         &self,
         policy: &Policy,
         name: &str,
+        erased: bool,
     ) -> Result<
         (
             String,
@@ -361,7 +444,7 @@ impl Node {
         ),
         ServiceError,
     > {
-        let (identity, message) = self.forget(policy, name)?;
+        let (identity, message) = self.forget(policy, name, erased)?;
         let cluster = policy.kubernetes.publish.then(|| {
             with_client(policy, async |client| {
                 crate::kube::claims::forget_disk(&client, &policy.node.name, &identity).await

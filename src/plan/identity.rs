@@ -53,6 +53,18 @@ pub fn filesystem_uuid(identity: &str, group: &str, number: u32) -> uuid::Uuid {
     derived_uuid(identity, group, &format!("filesystem-{number}"))
 }
 
+/// The UUID of the LUKS2 header on a partition of an encrypted group.
+pub fn luks_uuid(identity: &str, group: &str, number: u32) -> uuid::Uuid {
+    derived_uuid(identity, group, &format!("luks-{number}"))
+}
+
+/// The LUKS2 label, and the name of the mapping: `kvs-` and 8 hex digits of the header's
+/// UUID, like a filesystem label (a dm name may hold 127 characters; this one is short
+/// enough to read in `lsblk`).
+pub fn luks_label(luks_uuid: &uuid::Uuid) -> String {
+    filesystem_label(luks_uuid)
+}
+
 /// Filesystem label: `kvs-` and 8 hex digits of the filesystem UUID, short enough for
 /// XFS (12 characters) and ext4 (16).
 pub fn filesystem_label(fs_uuid: &uuid::Uuid) -> String {
@@ -109,6 +121,11 @@ mod tests {
         assert_ne!(a, partition_uuid("serial:S1", "nvme", 2));
         assert_ne!(a, partition_uuid("serial:S2", "nvme", 1));
         assert_ne!(a, filesystem_uuid("serial:S1", "nvme", 1));
+        assert_ne!(a, luks_uuid("serial:S1", "nvme", 1));
+        assert_ne!(
+            luks_uuid("serial:S1", "nvme", 1),
+            filesystem_uuid("serial:S1", "nvme", 1)
+        );
         assert_eq!(a.get_version_num(), 5);
     }
 

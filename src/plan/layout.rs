@@ -6,8 +6,8 @@ use super::capacity::{
 };
 use super::identity;
 use crate::model::{
-    Disk, DiskLayout, FsSpec, Layout, Owner, PartitionRole, PartitionSpec, PoolSpec, VolumeMode,
-    VolumeSpec,
+    Disk, DiskLayout, FsSpec, Layout, LuksSpec, Owner, PartitionRole, PartitionSpec, PoolSpec,
+    Unlock, VolumeMode, VolumeSpec, LUKS_HEADER_BYTES,
 };
 use crate::policy::{DiskGroup, Provisioning, QuotaMode, StorageClass, VolumeSizing};
 use std::path::{Path, PathBuf};
@@ -81,6 +81,15 @@ impl Ctx<'_> {
         self.input.group
     }
 
+    /// What an encrypted group's partitions lose to their LUKS2 header; 0 when plain.
+    fn header(&self) -> u64 {
+        if self.group().encryption.is_some() {
+            LUKS_HEADER_BYTES
+        } else {
+            0
+        }
+    }
+
     /// One filesystem over the whole disk; each volume a directory with a hard quota.
     fn shared(
         &self,
@@ -89,7 +98,7 @@ impl Ctx<'_> {
         reserve: u64,
     ) -> Result<(Vec<PartitionSpec>, Vec<VolumeSpec>), String> {
         let fs_type = self.input.class.fs_type;
-        if usable < capacity::min_fs_bytes(fs_type) {
+        if usable < capacity::min_fs_bytes(fs_type) + self.header() {
             return Err(format!("disk too small for {}", fs_type.as_str()));
         }
         let quota = match (self.input.quota_unsupported, self.group().quota) {
@@ -109,7 +118,7 @@ impl Ctx<'_> {
             .storage_root
             .join(&self.group().name)
             .join(format!("disk-{}", self.short));
-        let available = fs_capacity(fs_type, usable).saturating_sub(reserve);
+        let available = fs_capacity(fs_type, usable - self.header()).saturating_sub(reserve);
         // A pool is carved by claims, not in advance.
         let sizes = match self.group().provisioning {
             Provisioning::Dynamic => Vec::new(),
@@ -140,12 +149,14 @@ impl Ctx<'_> {
     ) -> Result<(Vec<PartitionSpec>, Vec<VolumeSpec>), String> {
         let fs_type = self.input.class.fs_type;
         let area = round_down(usable.saturating_sub(reserve));
-        // Partition size needed for a volume of the given capacity.
+        let header = self.header();
+        // Partition size needed for a volume of the given capacity (and its LUKS2 header).
         let part_for = |cap: u64| {
             match mode {
                 VolumeMode::Block => capacity::round_up(cap),
                 VolumeMode::Filesystem => partition_for_capacity(fs_type, cap),
             }
+            .and_then(|part| part.checked_add(header))
             .filter(|&part| part > 0 && part <= area)
             .ok_or_else(|| {
                 format!(
@@ -156,8 +167,8 @@ impl Ctx<'_> {
             })
         };
         let cap_of = |part: u64| match mode {
-            VolumeMode::Block => part,
-            VolumeMode::Filesystem => fs_capacity(fs_type, part),
+            VolumeMode::Block => part.saturating_sub(header),
+            VolumeMode::Filesystem => fs_capacity(fs_type, part.saturating_sub(header)),
         };
         let sizes: Vec<(u64, u64)> = match self.group().sizing {
             VolumeSizing::Size(cap) => {
@@ -205,10 +216,11 @@ impl Ctx<'_> {
                 capacity::human(area)
             ));
         };
-        let min = match mode {
-            VolumeMode::Block => ALIGN,
-            VolumeMode::Filesystem => capacity::min_fs_bytes(self.input.class.fs_type),
-        };
+        let min = self.header()
+            + match mode {
+                VolumeMode::Block => ALIGN,
+                VolumeMode::Filesystem => capacity::min_fs_bytes(self.input.class.fs_type),
+            };
         if part < min || cap == 0 {
             return Err(format!(
                 "partitions of {} are too small for {} (at least {} needed); use fewer or larger volumes",
@@ -267,6 +279,17 @@ impl Ctx<'_> {
                 mount_options: self.input.class.mount_options.clone(),
             }
         });
+        let encryption = self.group().encryption.as_ref().map(|e| {
+            let uuid = identity::luks_uuid(self.identity, group, number);
+            LuksSpec {
+                uuid,
+                label: identity::luks_label(&uuid),
+                unlock: Unlock {
+                    tpm2_pcrs: e.method.uses_tpm2().then(|| e.tpm2_pcrs.clone()),
+                    key_file: e.key_file.clone().filter(|_| e.method.uses_key_file()),
+                },
+            }
+        });
         PartitionSpec {
             number,
             start_bytes: start,
@@ -280,6 +303,7 @@ impl Ctx<'_> {
                 (Some(_), false) => PartitionRole::Filesystem,
             },
             filesystem,
+            encryption,
         }
     }
 
@@ -288,7 +312,8 @@ impl Ctx<'_> {
     fn pool(&self, partitions: &[PartitionSpec], usable: u64, reserve: u64) -> Option<PoolSpec> {
         let part = partitions.first()?;
         let fs = part.filesystem.as_ref()?;
-        let available = fs_capacity(fs.fs_type, usable).saturating_sub(reserve);
+        let available =
+            fs_capacity(fs.fs_type, usable.saturating_sub(self.header())).saturating_sub(reserve);
         let scaled = u128::from(available) * u128::from(self.group().overcommit_permille) / 1000;
         Some(PoolSpec {
             group: self.group().name.clone(),
@@ -304,6 +329,7 @@ impl Ctx<'_> {
             transport: self.input.disk.transport.clone(),
             rotational: self.input.disk.rotational,
             io_class: self.input.disk.io.map(|io| io.class),
+            mapping: part.encryption.as_ref().map(LuksSpec::mapping_path),
         })
     }
 
@@ -341,6 +367,7 @@ impl Ctx<'_> {
             project_id: None,
             owner: (mode == VolumeMode::Filesystem).then(|| self.group().owner.clone()),
             fs_type: partition.filesystem.as_ref().map(|f| f.fs_type),
+            mapping: partition.encryption.as_ref().map(LuksSpec::mapping_path),
         }
     }
 }

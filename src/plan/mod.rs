@@ -357,6 +357,21 @@ impl<'a> Planner<'a> {
         });
     }
 
+    /// A new LUKS2 header sealed to the TPM2 needs one: without it, a blank disk of a
+    /// TPM2 group is left alone (a disk kvstrap provisioned already is opened as usual).
+    fn cannot_seal(&self, group: &DiskGroup, verdict: &Verdict, wipe: bool) -> Option<String> {
+        let method = group.encryption.as_ref()?.method;
+        let new = wipe || *verdict == Verdict::Free;
+        (new && method.uses_tpm2() && !self.inventory.tpm2).then(|| {
+            format!(
+                "group {:?} seals its keys to a TPM2 (method = \"{}\"), and this node has \
+                 none (no /dev/tpmrm0): the disk is left blank",
+                group.name,
+                method.as_str()
+            )
+        })
+    }
+
     fn warn(&mut self, text: String) {
         if !self.warnings.contains(&text) {
             self.warnings.push(text);
@@ -452,6 +467,10 @@ impl<'a> Planner<'a> {
                     continue;
                 }
             };
+            if let Some(why) = self.cannot_seal(group, &verdict, wipe) {
+                self.refuse(disk, Some(&group.name), why);
+                continue;
+            }
             let draining = self.is_draining(disk);
             if draining && verdict == Verdict::Free {
                 // Nothing was ever provisioned on it: nothing to keep, nothing to drain.

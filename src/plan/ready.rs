@@ -11,11 +11,17 @@ pub fn pending(plan: &Plan, v: &VolumeSpec) -> bool {
         | Step::SetOwnership { path, .. }
         | Step::SetQuota { path, .. } => *path == v.path,
         Step::LinkBlockDevice { link, .. } => *link == v.path,
-        Step::MakeFilesystem { device, .. } | Step::Mount { device, .. } => *device == v.device,
+        Step::MakeFilesystem { device, .. } | Step::Mount { device, .. } => {
+            *device == v.device || Some(device) == v.mapping.as_ref()
+        }
+        Step::FormatLuks { device, .. } | Step::OpenLuks { device, .. } => *device == v.device,
         Step::WritePartitionTable { disk, .. } | Step::WipeDisk { disk, .. } => *disk == v.disk,
         Step::AddPartitionNodes { disk, .. } => *disk == v.disk,
         // Only drained disks get these, and their volumes are not in the plan's groups.
-        Step::Unmount { .. } | Step::RemoveBlockLink { .. } => false,
+        Step::Unmount { .. }
+        | Step::RemoveBlockLink { .. }
+        | Step::CloseLuks { .. }
+        | Step::EraseLuks { .. } => false,
     })
 }
 

@@ -121,6 +121,28 @@ pub fn describe(step: &Step) -> String {
         Step::AddPartitionNodes { disk, numbers, .. } => {
             format!("add partition nodes {numbers:?} of {}", disk.display())
         }
+        Step::FormatLuks { device, luks, .. } => format!(
+            "luksFormat {} (LUKS2) label {} uuid {}, unlocked by {}",
+            device.display(),
+            luks.label,
+            luks.uuid,
+            luks.unlock.describe()
+        ),
+        Step::OpenLuks { device, luks, .. } => format!(
+            "open LUKS2 {} as {} with {}",
+            device.display(),
+            luks.mapping_path().display(),
+            luks.unlock.describe()
+        ),
+        Step::CloseLuks {
+            device, mapping, ..
+        } => format!("close LUKS2 mapping {mapping} of {}", device.display()),
+        Step::EraseLuks {
+            device, luks_uuid, ..
+        } => format!(
+            "crypto-erase {} (destroy every key slot of LUKS2 {luks_uuid})",
+            device.display()
+        ),
         Step::MakeFilesystem {
             device,
             fs_type,
@@ -177,9 +199,20 @@ pub fn describe(step: &Step) -> String {
                 human(*bytes)
             )
         }
-        Step::LinkBlockDevice { link, target, .. } => {
-            format!("link {} -> {}", link.display(), target.display())
-        }
+        Step::LinkBlockDevice {
+            link,
+            target,
+            crypt,
+            ..
+        } => match crypt {
+            Some(c) => format!(
+                "link {} -> {} (LUKS2 on {})",
+                link.display(),
+                crate::model::mapper_path(&c.name).display(),
+                target.display()
+            ),
+            None => format!("link {} -> {}", link.display(), target.display()),
+        },
         Step::Unmount { mountpoint, .. } => format!("unmount {}", mountpoint.display()),
         Step::RemoveBlockLink { link, .. } => format!("remove link {}", link.display()),
     }

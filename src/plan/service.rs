@@ -20,6 +20,11 @@ pub fn release_steps(
         .mountpoints
         .iter()
         .chain(disk.partitions.iter().flat_map(|p| &p.mountpoints))
+        .chain(
+            disk.partitions
+                .iter()
+                .flat_map(|p| p.crypt.iter().flat_map(|c| &c.mountpoints)),
+        )
         .filter(|m| m.starts_with(storage_root))
         .collect();
     mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
@@ -47,7 +52,41 @@ pub fn release_steps(
             }
         }
     }
+    // Last, once nothing of kvstrap's is on them: close the LUKS2 mappings kvstrap opened
+    // (named kvs-...), so the volume keys leave the kernel while the disk is out of service.
+    for p in &disk.partitions {
+        if let Some(c) = p.crypt.as_ref().filter(|c| c.name.starts_with("kvs-")) {
+            steps.push(Step::CloseLuks {
+                disk: disk.path.clone(),
+                device: p.path.clone(),
+                mapping: c.name.clone(),
+                reason:
+                    "the disk is drained: its volume key leaves the kernel until `kvstrap undrain`"
+                        .into(),
+            });
+        }
+    }
     steps
+}
+
+/// The step `kvstrap forget --erase` runs on a drained disk: every LUKS2 header of
+/// kvstrap's on it loses its key slots (crypto-erase). Never part of a plan: only the
+/// operator's explicit command asks for it.
+pub fn erase_steps(disk: &Disk) -> Vec<Step> {
+    disk.partitions
+        .iter()
+        .filter(|p| super::usage::is_kvstrap_partition(p) && p.encrypted)
+        .filter_map(|p| {
+            let sig = p.signatures.iter().find(|s| s.kind == "crypto_LUKS")?;
+            let uuid = uuid::Uuid::parse_str(sig.uuid.as_deref()?).ok()?;
+            Some(Step::EraseLuks {
+                disk: disk.path.clone(),
+                device: p.path.clone(),
+                luks_uuid: uuid,
+                reason: "`kvstrap forget --erase`: the operator asked for a crypto-erase".into(),
+            })
+        })
+        .collect()
 }
 
 /// Every name a link may use for one of the disk's partitions: the kernel name and
@@ -56,6 +95,10 @@ fn partition_names(disk: &Disk) -> Vec<PathBuf> {
     let mut names = Vec::new();
     for p in &disk.partitions {
         names.push(p.path.clone());
+        if let Some(c) = &p.crypt {
+            names.push(c.path());
+            names.push(Path::new("/dev/disk/by-id").join(format!("dm-uuid-{}", c.dm_uuid)));
+        }
         if let Some(uuid) = p
             .part_uuid
             .as_deref()

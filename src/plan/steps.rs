@@ -3,7 +3,8 @@
 
 use super::layout::DiskPlan;
 use crate::model::{
-    Disk, FsSpec, Inventory, PartitionSpec, PathFacts, Step, VolumeMode, VolumeSpec,
+    CryptTarget, Disk, FsSpec, Inventory, LuksSpec, Partition, PartitionSpec, PathFacts, Signature,
+    Step, VolumeMode, VolumeSpec, LUKS_ERASED_LABEL, LUKS_IN_PROGRESS_LABEL,
 };
 
 /// Steps for a blank disk: everything.
@@ -13,15 +14,44 @@ pub fn fresh_disk(plan: &DiskPlan, reason: &str, steps: &mut Vec<Step>) {
         layout: plan.layout.clone(),
         reason: reason.to_string(),
     });
+    let mut parts = Vec::new();
     for part in &plan.layout.partitions {
+        if let Some(luks) = &part.encryption {
+            parts.push(format_luks(
+                plan,
+                part,
+                luks,
+                "new partition of an encrypted group",
+            ));
+            parts.push(open_luks(plan, part, luks, "new LUKS2 volume"));
+        }
         if let Some(fs) = &part.filesystem {
-            steps.push(mkfs(plan, part, fs, "new partition"));
-            steps.push(mount(plan, part, fs, "new filesystem"));
+            let why = if part.encryption.is_some() {
+                "new LUKS2 volume"
+            } else {
+                "new partition"
+            };
+            parts.push(mkfs(plan, part, fs, why));
+            parts.push(mount(plan, part, fs, "new filesystem"));
         }
     }
+    steps.extend(luks_first(parts));
     for volume in &plan.volumes {
         volume_steps(plan, volume, None, false, steps);
     }
+}
+
+/// A disk's partition steps with every LUKS2 format first, then every open, then the rest
+/// (each kind in partition order): a volume that does not open stops its disk's steps
+/// there, and by then every header of the disk is made (none is left to a later run that
+/// the same failure would stop again).
+fn luks_first(mut steps: Vec<Step>) -> Vec<Step> {
+    steps.sort_by_key(|s| match s {
+        Step::FormatLuks { .. } => 0,
+        Step::OpenLuks { .. } => 1,
+        _ => 2,
+    });
+    steps
 }
 
 /// Problems that keep kvstrap from adopting a disk or a partition it laid out earlier.
@@ -53,53 +83,19 @@ pub fn adopt_disk(plan: &DiskPlan, disk: &Disk, inventory: &Inventory) -> Result
             reason: "the kernel does not know these partitions yet".into(),
         });
     }
+    let mut parts = Vec::new();
     for part in &plan.layout.partitions {
         let observed = disk.partitions.iter().find(|p| p.number == part.number);
-        let signatures = observed
-            .map(|p| p.signatures.as_slice())
-            .unwrap_or_default();
-        let mountpoints = observed
-            .map(|p| p.mountpoints.as_slice())
-            .unwrap_or_default();
-        let role = observed.map(|p| p.role).unwrap_or_default();
-        match &part.filesystem {
-            // An older kvstrap recorded no role: an empty partition may be a raw Block
-            // volume whose tenant wrote no signature. Never format what may be data.
-            Some(_) if signatures.is_empty() && role.is_unrecorded() => out.refused.push((
-                part.number,
-                format!(
-                    "partition {} has no filesystem and no recorded role (an older kvstrap \
-                     made it): it may be a raw Block volume, so kvstrap does not format it; \
-                     if it holds nothing, wipe the disk to provision it again",
-                    part.device.display()
-                ),
-            )),
-            Some(fs) => match signatures {
-                [] => {
-                    out.steps
-                        .push(mkfs(plan, part, fs, "partition has no filesystem yet"));
-                    out.steps.push(mount(plan, part, fs, "new filesystem"));
-                }
-                [sig] if sig.unfinished && is_planned(fs, sig) => {
-                    out.steps
-                        .push(mkfs(plan, part, fs, "an earlier mkfs did not finish"));
-                    out.steps.push(mount(plan, part, fs, "new filesystem"));
-                }
-                [sig] if fs_matches(fs, sig) => {
-                    if !mountpoints.contains(&fs.mountpoint) {
-                        out.steps
-                            .push(mount(plan, part, fs, "filesystem is not mounted"));
-                    }
-                }
-                sigs => out
-                    .refused
-                    .push((part.number, foreign_partition(part, sigs))),
-            },
-            // A raw Block volume: what is on it is its tenant's (a guest's filesystem,
-            // partition table, LVM). kvstrap never puts a signature there itself.
-            None => {}
+        let result = match &part.encryption {
+            Some(luks) => luks_steps(plan, part, luks, observed),
+            None => plain_steps(plan, part, observed),
+        };
+        match result {
+            Ok(steps) => parts.extend(steps),
+            Err(why) => out.refused.push((part.number, why)),
         }
     }
+    out.steps.extend(luks_first(parts));
     for volume in &plan.volumes {
         let number = plan
             .layout
@@ -111,14 +107,194 @@ pub fn adopt_disk(plan: &DiskPlan, disk: &Disk, inventory: &Inventory) -> Result
             continue;
         }
         let observed = inventory.paths.get(&volume.path);
+        // udev's stable name of what the link points at: the partition's by-partuuid name,
+        // or the mapping's dm-uuid name when the volume is encrypted.
         let udev_named = number.is_some_and(|n| {
-            disk.partitions
-                .iter()
-                .any(|p| p.number == n && p.by_partuuid)
+            disk.partitions.iter().any(|p| {
+                p.number == n
+                    && match &volume.mapping {
+                        None => p.by_partuuid,
+                        Some(_) => p.crypt.as_ref().is_some_and(|c| c.by_dm_uuid),
+                    }
+            })
         });
         volume_steps(plan, volume, observed, udev_named, &mut out.steps);
     }
     Ok(out)
+}
+
+/// The steps a plain partition still needs (its filesystem and mount), or why it is left
+/// alone.
+fn plain_steps(
+    plan: &DiskPlan,
+    part: &PartitionSpec,
+    observed: Option<&Partition>,
+) -> Result<Vec<Step>, String> {
+    let signatures = observed
+        .map(|p| p.signatures.as_slice())
+        .unwrap_or_default();
+    let mountpoints = observed
+        .map(|p| p.mountpoints.as_slice())
+        .unwrap_or_default();
+    let role = observed.map(|p| p.role).unwrap_or_default();
+    match &part.filesystem {
+        // An older kvstrap recorded no role: an empty partition may be a raw Block
+        // volume whose tenant wrote no signature. Never format what may be data.
+        Some(_) if signatures.is_empty() && role.is_unrecorded() => Err(format!(
+            "partition {} has no filesystem and no recorded role (an older kvstrap \
+             made it): it may be a raw Block volume, so kvstrap does not format it; \
+             if it holds nothing, wipe the disk to provision it again",
+            part.device.display()
+        )),
+        Some(fs) => filesystem_steps(plan, part, fs, signatures, mountpoints)
+            .ok_or_else(|| foreign_partition(part, signatures)),
+        // A raw Block volume: what is on it is its tenant's (a guest's filesystem,
+        // partition table, LVM). kvstrap never puts a signature there itself.
+        None => Ok(Vec::new()),
+    }
+}
+
+/// What a filesystem of kvstrap's needs, given the signatures on the device it belongs on
+/// (the partition, or its LUKS2 mapping): mkfs (nothing there, or an unfinished mkfs of
+/// the planned one), a mount, nothing. None: something else is there.
+fn filesystem_steps(
+    plan: &DiskPlan,
+    part: &PartitionSpec,
+    fs: &FsSpec,
+    signatures: &[Signature],
+    mountpoints: &[std::path::PathBuf],
+) -> Option<Vec<Step>> {
+    Some(match signatures {
+        [] => vec![
+            mkfs(plan, part, fs, "partition has no filesystem yet"),
+            mount(plan, part, fs, "new filesystem"),
+        ],
+        [sig] if sig.unfinished && is_planned(fs, sig) => vec![
+            mkfs(plan, part, fs, "an earlier mkfs did not finish"),
+            mount(plan, part, fs, "new filesystem"),
+        ],
+        [sig] if fs_matches(fs, sig) => {
+            if mountpoints.contains(&fs.mountpoint) {
+                Vec::new()
+            } else {
+                vec![mount(plan, part, fs, "filesystem is not mounted")]
+            }
+        }
+        _ => return None,
+    })
+}
+
+/// The steps a partition of an encrypted group still needs: its LUKS2 header (made again
+/// only while it never held data: kvstrap's in-progress label), the mapping, then what
+/// the mapping needs. A header of kvstrap's that does not open is never formatted: the
+/// open step fails, and the volume is reported locked.
+fn luks_steps(
+    plan: &DiskPlan,
+    part: &PartitionSpec,
+    luks: &LuksSpec,
+    observed: Option<&Partition>,
+) -> Result<Vec<Step>, String> {
+    let signatures = observed
+        .map(|p| p.signatures.as_slice())
+        .unwrap_or_default();
+    let fresh = |why: &str| {
+        let mut steps = vec![
+            format_luks(plan, part, luks, why),
+            open_luks(plan, part, luks, "new LUKS2 volume"),
+        ];
+        if let Some(fs) = &part.filesystem {
+            steps.push(mkfs(plan, part, fs, "new LUKS2 volume"));
+            steps.push(mount(plan, part, fs, "new filesystem"));
+        }
+        steps
+    };
+    let header = match signatures {
+        [] => return Ok(fresh("partition has no LUKS2 header yet")),
+        [sig] if is_our_header(luks, sig) => sig,
+        sigs => return Err(foreign_partition(part, sigs)),
+    };
+    match header.label.as_deref() {
+        Some(LUKS_IN_PROGRESS_LABEL) => return Ok(fresh("an earlier LUKS2 format did not finish")),
+        Some(LUKS_ERASED_LABEL) => {
+            return Err(format!(
+                "partition {} was crypto-erased (`kvstrap forget --erase` destroyed its key \
+                 slots): its data is gone for good; to provision the disk again, wipe it \
+                 explicitly (wipe = \"force\" with the disk named by serial or WWN)",
+                part.device.display()
+            ))
+        }
+        Some(label) if label == luks.label => {}
+        other => {
+            return Err(format!(
+                "partition {} carries a LUKS2 header with kvstrap's UUID {} but the label {:?}, \
+                 not {:?}: it is left alone",
+                part.device.display(),
+                luks.uuid,
+                other.unwrap_or(""),
+                luks.label
+            ))
+        }
+    }
+    let Some(mapping) = observed.and_then(|p| p.crypt.as_ref()) else {
+        // Closed (a reboot, a drain): open it; whatever is inside is judged afresh by the
+        // steps after it (mkfs only on a blank mapping, never over a filesystem).
+        let mut steps = vec![open_luks(plan, part, luks, "the LUKS2 volume is not open")];
+        if let Some(fs) = &part.filesystem {
+            steps.push(mkfs(
+                plan,
+                part,
+                fs,
+                "checked once the LUKS2 volume is open: made only if the volume holds nothing",
+            ));
+            steps.push(mount(plan, part, fs, "the LUKS2 volume is not open"));
+        }
+        return Ok(steps);
+    };
+    if !mapping.is_of(luks) {
+        return Err(format!(
+            "partition {} is open as /dev/mapper/{} ({}), not as {}: close it \
+             (`cryptsetup close {}`) so kvstrap opens it under its own name",
+            part.device.display(),
+            mapping.name,
+            mapping.dm_uuid,
+            luks.mapping_path().display(),
+            mapping.name
+        ));
+    }
+    match &part.filesystem {
+        Some(fs) => {
+            // A header of ours with nothing inside (killed between the format and mkfs) is
+            // finished here, never made twice.
+            filesystem_steps(plan, part, fs, &mapping.signatures, &mapping.mountpoints)
+                .ok_or_else(|| foreign_mapping(part, luks, &mapping.signatures))
+        }
+        None => Ok(Vec::new()),
+    }
+}
+
+/// A LUKS2 header with the UUID kvstrap derives for this partition.
+fn is_our_header(luks: &LuksSpec, sig: &Signature) -> bool {
+    sig.kind == "crypto_LUKS"
+        && sig.uuid.as_deref().map(str::to_ascii_lowercase) == Some(luks.uuid.to_string())
+}
+
+fn foreign_mapping(part: &PartitionSpec, luks: &LuksSpec, sigs: &[Signature]) -> String {
+    let found: Vec<String> = sigs
+        .iter()
+        .map(|s| format!("{} (UUID {})", s.kind, s.uuid.as_deref().unwrap_or("none")))
+        .collect();
+    let wanted = part
+        .filesystem
+        .as_ref()
+        .map(|f| format!("{} with UUID {}", f.fs_type.as_str(), f.uuid))
+        .unwrap_or_default();
+    format!(
+        "the LUKS2 volume of partition {} ({}) holds {}, not {wanted}; it is left alone \
+         because it may hold data",
+        part.device.display(),
+        luks.mapping_path().display(),
+        found.join(", ")
+    )
 }
 
 /// kvstrap never repartitions a disk it laid out: that could destroy volumes in use.
@@ -166,6 +342,17 @@ fn check_same_kind(plan: &DiskPlan, disk: &Disk) -> Result<(), String> {
         };
         let was = match observed.role {
             r if !r.is_unrecorded() && r != part.role => Some(r.describe().to_string()),
+            // Encrypted or plain is part of the kind: a LUKS2 header is never added under
+            // a provisioned filesystem, nor a plain filesystem made where one was.
+            _ if observed.encrypted != part.encryption.is_some() => Some(format!(
+                "{} {}",
+                if observed.encrypted {
+                    "an encrypted (LUKS2)"
+                } else {
+                    "a plain (unencrypted)"
+                },
+                observed.role.describe().trim_start_matches("a ")
+            )),
             // No role recorded (an older kvstrap): what kvstrap put on it tells.
             _ => made_filesystem(observed, part),
         };
@@ -192,9 +379,10 @@ fn made_filesystem(observed: &crate::model::Partition, part: &PartitionSpec) -> 
             .signatures
             .iter()
             .find(|s| {
-                s.label
-                    .as_deref()
-                    .is_some_and(super::identity::is_filesystem_label)
+                s.usage.as_deref() == Some("filesystem")
+                    && s.label
+                        .as_deref()
+                        .is_some_and(super::identity::is_filesystem_label)
             })
             .map(|s| format!("a filesystem volume ({})", s.kind)),
         Some(fs) => observed
@@ -209,9 +397,14 @@ fn made_filesystem(observed: &crate::model::Partition, part: &PartitionSpec) -> 
 }
 
 fn describe_wanted(part: &PartitionSpec) -> String {
-    match &part.filesystem {
+    let kind = match &part.filesystem {
         Some(fs) => format!("{} ({})", part.role.describe(), fs.fs_type.as_str()),
         None => part.role.describe().to_string(),
+    };
+    if part.encryption.is_some() {
+        format!("{kind}, encrypted")
+    } else {
+        kind
     }
 }
 
@@ -243,10 +436,28 @@ fn foreign_partition(part: &PartitionSpec, sigs: &[crate::model::Signature]) -> 
     )
 }
 
+fn format_luks(plan: &DiskPlan, part: &PartitionSpec, luks: &LuksSpec, reason: &str) -> Step {
+    Step::FormatLuks {
+        disk: plan.layout.disk.clone(),
+        device: part.device.clone(),
+        luks: luks.clone(),
+        reason: reason.to_string(),
+    }
+}
+
+fn open_luks(plan: &DiskPlan, part: &PartitionSpec, luks: &LuksSpec, reason: &str) -> Step {
+    Step::OpenLuks {
+        disk: plan.layout.disk.clone(),
+        device: part.device.clone(),
+        luks: luks.clone(),
+        reason: reason.to_string(),
+    }
+}
+
 fn mkfs(plan: &DiskPlan, part: &PartitionSpec, fs: &FsSpec, reason: &str) -> Step {
     Step::MakeFilesystem {
         disk: plan.layout.disk.clone(),
-        device: part.device.clone(),
+        device: part.data_device(),
         fs_type: fs.fs_type,
         uuid: fs.uuid,
         label: fs.label.clone(),
@@ -262,7 +473,7 @@ fn mount(plan: &DiskPlan, part: &PartitionSpec, fs: &FsSpec, reason: &str) -> St
     }
     Step::Mount {
         disk: plan.layout.disk.clone(),
-        device: part.device.clone(),
+        device: part.data_device(),
         fs_uuid: fs.uuid,
         fs_type: fs.fs_type,
         mountpoint: fs.mountpoint.clone(),
@@ -284,30 +495,38 @@ fn volume_steps(
     let disk = plan.layout.disk.clone();
     match v.volume_mode {
         VolumeMode::Block => {
-            let part_uuid = plan
-                .layout
-                .partitions
-                .iter()
-                .find(|p| p.device == v.device)
-                .map(|p| p.part_uuid)
-                .unwrap_or_default();
-            // udev's by-partuuid name of this very partition, or the kernel name while
-            // udev has not named it (no udev, or a first apply: udev waits for kvstrap's
-            // lock on the disk). A kernel-name link is re-pointed once udev named the
-            // partition: after a reboot that renames disks it would name another one.
-            let by_uuid = crate::model::by_partuuid_path(&v.device, &part_uuid);
+            let part = plan.layout.partitions.iter().find(|p| p.device == v.device);
+            let part_uuid = part.map(|p| p.part_uuid).unwrap_or_default();
+            let luks = part.and_then(|p| p.encryption.as_ref());
+            // udev's stable name of this very partition (by-partuuid) or of its LUKS2
+            // mapping (dm-uuid), or the kernel name (the mapper name) while udev has not
+            // named it (no udev, or a first apply: udev waits for kvstrap's lock on the
+            // disk). A link by the unstable name is re-pointed once udev named it: after a
+            // reboot that renames disks it would name another one.
+            let (by_udev, unstable) = match luks {
+                Some(l) => (l.by_dm_uuid_path(), l.mapping_path()),
+                None => (
+                    crate::model::by_partuuid_path(&v.device, &part_uuid),
+                    v.device.clone(),
+                ),
+            };
             let stable = udev_named && !part_uuid.is_nil();
             let reason = match observed {
                 None => Some("block volume has no link yet".to_string()),
                 Some(PathFacts::Symlink { target })
-                    if !part_uuid.is_nil() && *target == by_uuid =>
+                    if !part_uuid.is_nil() && *target == by_udev =>
                 {
                     None
                 }
-                Some(PathFacts::Symlink { target }) if *target == v.device => stable.then(|| {
+                Some(PathFacts::Symlink { target }) if *target == unstable => stable.then(|| {
                     format!(
-                        "udev names the partition now: point the link at {}",
-                        by_uuid.display()
+                        "udev names the {} now: point the link at {}",
+                        if luks.is_some() {
+                            "mapping"
+                        } else {
+                            "partition"
+                        },
+                        by_udev.display()
                     )
                 }),
                 Some(_) => Some("link points elsewhere".to_string()),
@@ -318,6 +537,10 @@ fn volume_steps(
                     link: v.path.clone(),
                     target: v.device.clone(),
                     part_uuid,
+                    crypt: luks.map(|l| CryptTarget {
+                        uuid: l.uuid,
+                        name: l.label.clone(),
+                    }),
                     reason,
                 });
             }

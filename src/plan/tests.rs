@@ -47,6 +47,7 @@ pub fn group(name: &str) -> DiskGroup {
         quota: crate::policy::QuotaMode::Required,
         provisioning: Default::default(),
         overcommit_permille: 1000,
+        encryption: None,
     }
 }
 
@@ -339,15 +340,8 @@ fn converged(p: &Plan, mut disks: Vec<Disk>) -> Inventory {
             d.partitions = layout
                 .partitions
                 .iter()
-                .map(|part| Partition {
-                    path: part.device.clone(),
-                    number: part.number,
-                    start_bytes: part.start_bytes,
-                    size_bytes: part.size_bytes,
-                    type_id: Some(KVSTRAP_PART_TYPE.to_string()),
-                    part_uuid: Some(part.part_uuid.to_string()),
-                    name: Some(part.name.clone()),
-                    signatures: part
+                .map(|part| {
+                    let fs_sigs: Vec<Signature> = part
                         .filesystem
                         .iter()
                         .map(|f| Signature {
@@ -357,24 +351,62 @@ fn converged(p: &Plan, mut disks: Vec<Disk>) -> Inventory {
                             uuid: Some(f.uuid.to_string()),
                             unfinished: false,
                         })
-                        .collect(),
-                    mountpoints: part
+                        .collect();
+                    let mounted: Vec<PathBuf> = part
                         .filesystem
                         .iter()
                         .map(|f| f.mountpoint.clone())
-                        .collect(),
-                    in_kernel: true,
-                    role: part.role,
-                    ..Default::default()
+                        .collect();
+                    let mut p = Partition {
+                        path: part.device.clone(),
+                        number: part.number,
+                        start_bytes: part.start_bytes,
+                        size_bytes: part.size_bytes,
+                        type_id: Some(KVSTRAP_PART_TYPE.to_string()),
+                        part_uuid: Some(part.part_uuid.to_string()),
+                        name: Some(part.name.clone()),
+                        signatures: fs_sigs.clone(),
+                        mountpoints: mounted.clone(),
+                        in_kernel: true,
+                        role: part.role,
+                        ..Default::default()
+                    };
+                    if let Some(luks) = &part.encryption {
+                        p.signatures = vec![luks_header(luks, &luks.label)];
+                        p.mountpoints = Vec::new();
+                        p.encrypted = true;
+                        let dm = format!("dm-{}", part.number);
+                        p.holders = vec![dm.clone()];
+                        p.crypt = Some(crate::model::CryptMapping {
+                            name: luks.label.clone(),
+                            kernel_name: dm,
+                            devno: format!("253:{}", part.number),
+                            dm_uuid: crate::model::dm_crypt_uuid(&luks.uuid, &luks.label),
+                            signatures: fs_sigs,
+                            mountpoints: mounted,
+                            by_dm_uuid: true,
+                            ..Default::default()
+                        });
+                    }
+                    p
                 })
                 .collect();
             d.in_use = d
                 .partitions
                 .iter()
-                .flat_map(|p| p.mountpoints.iter())
+                .flat_map(|p| {
+                    p.mountpoints
+                        .iter()
+                        .chain(p.crypt.iter().flat_map(|c| &c.mountpoints))
+                })
                 .map(|m| InUse::Mounted {
                     mountpoint: m.clone(),
                 })
+                .chain(d.partitions.iter().flat_map(|p| {
+                    p.holders
+                        .iter()
+                        .map(|h| InUse::Holder { holder: h.clone() })
+                }))
                 .collect();
             d.in_use.push(InUse::Busy {
                 detail: "exclusive open failed".into(),
@@ -391,7 +423,10 @@ fn converged(p: &Plan, mut disks: Vec<Disk>) -> Inventory {
                     devno: "8:17".into(),
                 },
                 _ => PathFacts::Symlink {
-                    target: v.device.clone(),
+                    target: match &v.mapping {
+                        None => v.device.clone(),
+                        Some(_) => luks_of(layout_of(p, v), v).by_dm_uuid_path(),
+                    },
                 },
             };
             paths.insert(v.path.clone(), facts);
@@ -402,6 +437,37 @@ fn converged(p: &Plan, mut disks: Vec<Disk>) -> Inventory {
         paths,
         ..Inventory::default()
     }
+}
+
+/// kvstrap's LUKS2 header of `luks`, labelled `label`, as libblkid reports it.
+fn luks_header(luks: &crate::model::LuksSpec, label: &str) -> Signature {
+    Signature {
+        kind: "crypto_LUKS".into(),
+        usage: Some("crypto".into()),
+        label: Some(label.into()),
+        uuid: Some(luks.uuid.to_string()),
+        unfinished: false,
+    }
+}
+
+fn layout_of<'p>(p: &'p Plan, v: &crate::model::VolumeSpec) -> &'p crate::model::DiskLayout {
+    p.groups
+        .iter()
+        .flat_map(|g| &g.disks)
+        .find(|d| d.disk == v.disk)
+        .expect("the volume's disk")
+}
+
+fn luks_of<'l>(
+    layout: &'l crate::model::DiskLayout,
+    v: &crate::model::VolumeSpec,
+) -> &'l crate::model::LuksSpec {
+    layout
+        .partitions
+        .iter()
+        .find(|p| p.device == v.device)
+        .and_then(|p| p.encryption.as_ref())
+        .expect("an encrypted partition")
 }
 
 fn mixed_policy() -> (Policy, Vec<Disk>) {
@@ -1342,6 +1408,447 @@ fn a_kernel_name_block_link_is_re_pointed_once_udev_names_its_partition() {
     inv.paths
         .insert(v0.path.clone(), PathFacts::Symlink { target: by_uuid_v0 });
     assert!(plan(&pol, &inv, &ctx()).steps.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// Encryption: LUKS2 between partition and filesystem or Block link.
+
+fn encrypted(mut g: DiskGroup, method: crate::policy::EncryptionMethod) -> DiskGroup {
+    g.encryption = Some(crate::policy::Encryption {
+        method,
+        key_file: method
+            .uses_key_file()
+            .then(|| PathBuf::from("/etc/kvstrap/keys/k")),
+        tpm2_pcrs: if method.uses_tpm2() { vec![7] } else { vec![] },
+    });
+    g
+}
+
+fn encrypted_mixed_policy() -> (Policy, Vec<Disk>) {
+    use crate::policy::EncryptionMethod::*;
+    let (mut pol, disks) = mixed_policy();
+    for (g, m) in pol
+        .disk_groups
+        .iter_mut()
+        .zip([KeyFile, Tpm2, Tpm2AndKeyFile])
+    {
+        *g = encrypted(g.clone(), m);
+    }
+    (pol, disks)
+}
+
+fn with_tpm2(mut inv: Inventory) -> Inventory {
+    inv.tpm2 = true;
+    inv
+}
+
+fn actions(p: &Plan, disk: &str) -> Vec<&'static str> {
+    p.steps
+        .iter()
+        .filter(|s| s.disk() == Path::new(disk))
+        .map(Step::action)
+        .collect()
+}
+
+#[test]
+fn an_encrypted_group_puts_luks2_under_every_partition_and_its_volumes_on_the_mapping() {
+    let (pol, disks) = encrypted_mixed_policy();
+    let (plain_pol, _) = mixed_policy();
+    let p = plan(&pol, &with_tpm2(inventory(disks.clone())), &ctx());
+    assert!(p.refused.is_empty(), "{:?}", p.refused);
+    assert_eq!(
+        actions(&p, "/dev/sdb")[..5],
+        [
+            "write_partition_table",
+            "format_luks",
+            "open_luks",
+            "make_filesystem",
+            "mount"
+        ]
+    );
+    assert_eq!(
+        actions(&p, "/dev/sdd"),
+        [
+            "write_partition_table",
+            "format_luks",
+            "format_luks",
+            "open_luks",
+            "open_luks",
+            "link_block_device",
+            "link_block_device"
+        ]
+    );
+    let shared = &p.groups[0].disks[0].partitions[0];
+    let luks = shared.encryption.as_ref().expect("encrypted");
+    let identity = identity::disk_identity(&disks[0]);
+    assert_eq!(luks.uuid, identity::luks_uuid(&identity, "shared", 1));
+    assert_eq!(
+        luks.label,
+        format!("kvs-{}", &luks.uuid.simple().to_string()[..8])
+    );
+    assert_ne!(luks.uuid, shared.filesystem.as_ref().expect("fs").uuid);
+    assert_eq!(
+        luks.unlock.key_file.as_deref(),
+        Some(Path::new("/etc/kvstrap/keys/k"))
+    );
+    assert_eq!(
+        shared.attribute_bits() & crate::model::ENCRYPTED_ATTRIBUTE,
+        1 << 51
+    );
+    // mkfs and mount act on the mapping, never on the partition under the header.
+    let mapping = PathBuf::from(format!("/dev/mapper/{}", luks.label));
+    for s in &p.steps {
+        if let Step::MakeFilesystem { device, disk, .. } | Step::Mount { device, disk, .. } = s {
+            assert!(
+                device.to_string_lossy().starts_with("/dev/mapper/kvs-"),
+                "{disk:?}: {device:?}"
+            );
+        }
+    }
+    assert!(p.groups[0]
+        .volumes
+        .iter()
+        .all(|v| v.mapping.as_ref() == Some(&mapping)));
+    assert!(p.volumes().all(|v| v.encrypted()));
+    // Block links name the mapping; the volume's device stays the partition.
+    let raw = &p.groups[2];
+    let link = p
+        .steps
+        .iter()
+        .find_map(|s| match s {
+            Step::LinkBlockDevice { crypt, target, .. } => Some((crypt.clone(), target.clone())),
+            _ => None,
+        })
+        .expect("a link");
+    assert_eq!(link.1, PathBuf::from("/dev/sdd1"));
+    assert_eq!(
+        link.0.map(|c| c.name),
+        raw.disks[0].partitions[0]
+            .encryption
+            .as_ref()
+            .map(|l| l.label.clone())
+    );
+    assert_eq!(
+        raw.disks[0].partitions[1]
+            .encryption
+            .as_ref()
+            .map(|l| l.unlock.describe()),
+        Some("tpm2 (PCRs 7) or key file /etc/kvstrap/keys/k".into())
+    );
+    // The 16 MiB header is never published: every volume is smaller than its plain twin,
+    // and each still fits its partition less the header.
+    let plain = plan(&plain_pol, &inventory(disks), &ctx());
+    for (e, q) in p.volumes().zip(plain.volumes()) {
+        assert!(
+            e.capacity_bytes <= q.capacity_bytes,
+            "{} vs {}",
+            e.name,
+            q.name
+        );
+    }
+    for g in &p.groups {
+        for part in g.disks.iter().flat_map(|d| &d.partitions) {
+            let room = part.size_bytes - crate::model::LUKS_HEADER_BYTES;
+            let on_it: u64 = g
+                .volumes
+                .iter()
+                .filter(|v| v.device == part.device)
+                .map(|v| v.capacity_bytes)
+                .sum();
+            assert!(on_it <= room, "{}: {on_it} > {room}", part.device.display());
+        }
+    }
+}
+
+#[test]
+fn a_converged_encrypted_node_gives_an_empty_plan_and_the_same_volumes() {
+    let (pol, disks) = encrypted_mixed_policy();
+    let first = plan(&pol, &with_tpm2(inventory(disks.clone())), &ctx());
+    let inv = with_tpm2(converged(&first, disks));
+    let again = plan(&pol, &inv, &ctx());
+    assert_eq!(again.steps, vec![], "refused: {:?}", again.refused);
+    assert!(again.refused.is_empty());
+    assert_eq!(again.groups, first.groups);
+    // The mapping is kvstrap's way to the volume, not a holder that disowns the disk.
+    for d in &inv.disks {
+        assert_eq!(
+            judge_with_root(d, None, Some(Path::new("/var/lib/kvstrap/storage"))),
+            Verdict::Ours
+        );
+    }
+    assert!(again.volumes().all(|v| !ready::pending(&again, v)));
+}
+
+#[test]
+fn after_a_reboot_the_volumes_are_opened_then_checked_never_formatted_again() {
+    let (pol, disks) = encrypted_mixed_policy();
+    let first = plan(&pol, &with_tpm2(inventory(disks.clone())), &ctx());
+    let mut inv = with_tpm2(converged(&first, disks));
+    for d in &mut inv.disks {
+        d.in_use.clear();
+        for p in &mut d.partitions {
+            p.crypt = None;
+            p.holders.clear();
+        }
+    }
+    let p = plan(&pol, &inv, &ctx());
+    assert!(p.refused.is_empty(), "{:?}", p.refused);
+    assert_eq!(
+        actions(&p, "/dev/sdb")[..3],
+        ["open_luks", "make_filesystem", "mount"]
+    );
+    assert_eq!(actions(&p, "/dev/sdd"), ["open_luks", "open_luks"]);
+    assert_eq!(count(&p, "format_luks"), 0);
+    let mkfs = p
+        .steps
+        .iter()
+        .find(|s| s.action() == "make_filesystem")
+        .expect("a check of the filesystem");
+    assert!(
+        mkfs.reason()
+            .contains("made only if the volume holds nothing"),
+        "{}",
+        mkfs.reason()
+    );
+    // Until they are open, their volumes are not published.
+    assert!(p.volumes().all(|v| ready::pending(&p, v)));
+}
+
+#[test]
+fn a_header_of_ours_with_nothing_inside_is_finished_and_an_unfinished_one_made_again() {
+    let mut g = encrypted(group("g"), crate::policy::EncryptionMethod::KeyFile);
+    g.devices = vec!["/dev/sdb".into()];
+    let pol = policy(vec![g]);
+    let disks = vec![disk("sdb", 20 * GIB)];
+    let first = plan(&pol, &inventory(disks.clone()), &ctx());
+    // Killed between the LUKS2 format (complete, open) and mkfs.
+    let mut inv = converged(&first, disks.clone());
+    let crypt = inv.disks[0].partitions[0].crypt.as_mut().expect("open");
+    crypt.signatures.clear();
+    crypt.mountpoints.clear();
+    inv.disks[0]
+        .in_use
+        .retain(|u| !matches!(u, InUse::Mounted { .. }));
+    let p = plan(&pol, &inv, &ctx());
+    assert_eq!(actions(&p, "/dev/sdb")[..2], ["make_filesystem", "mount"]);
+    assert_eq!(
+        count(&p, "format_luks"),
+        0,
+        "a complete header is never made twice"
+    );
+    // Killed inside the format: the header still has the in-progress label.
+    let mut inv = converged(&first, disks);
+    let part = &mut inv.disks[0].partitions[0];
+    let luks = first.groups[0].disks[0].partitions[0]
+        .encryption
+        .clone()
+        .expect("luks");
+    part.signatures = vec![luks_header(&luks, crate::model::LUKS_IN_PROGRESS_LABEL)];
+    part.crypt = None;
+    part.holders.clear();
+    inv.disks[0].in_use.clear();
+    let p = plan(&pol, &inv, &ctx());
+    assert_eq!(
+        actions(&p, "/dev/sdb")[..4],
+        ["format_luks", "open_luks", "make_filesystem", "mount"]
+    );
+    assert!(p.steps[0]
+        .reason()
+        .contains("an earlier LUKS2 format did not finish"));
+}
+
+#[test]
+fn luks_headers_kvstrap_did_not_finish_for_this_partition_are_never_touched() {
+    let mut g = encrypted(group("g"), crate::policy::EncryptionMethod::KeyFile);
+    g.devices = vec!["/dev/sdb".into(), "/dev/sdc".into()];
+    let pol = policy(vec![g]);
+    let disks = vec![disk("sdb", 20 * GIB), disk("sdc", 20 * GIB)];
+    let first = plan(&pol, &inventory(disks.clone()), &ctx());
+    let luks = first.groups[0].disks[0].partitions[0]
+        .encryption
+        .clone()
+        .expect("luks");
+    let reset = |inv: &mut Inventory| {
+        let part = &mut inv.disks[0].partitions[0];
+        part.crypt = None;
+        part.holders.clear();
+        inv.disks[0].in_use.clear();
+    };
+    // Another LUKS2 header (another UUID) on our partition, crypto-erased, relabelled.
+    let mut other = luks.clone();
+    other.uuid = uuid::Uuid::from_u128(42);
+    for (sig, why) in [
+        (luks_header(&other, &luks.label), "holds crypto_LUKS"),
+        (
+            luks_header(&luks, crate::model::LUKS_ERASED_LABEL),
+            "was crypto-erased",
+        ),
+        (luks_header(&luks, "mine"), "but the label \"mine\""),
+    ] {
+        let mut inv = converged(&first, disks.clone());
+        reset(&mut inv);
+        inv.disks[0].partitions[0].signatures = vec![sig];
+        let p = plan(&pol, &inv, &ctx());
+        assert!(actions(&p, "/dev/sdb").is_empty(), "{why}: {:?}", p.steps);
+        let reasons = refusal_of(&p, "/dev/sdb");
+        assert!(reasons.iter().any(|r| r.contains(why)), "{reasons:?}");
+        assert!(p.groups[0]
+            .volumes
+            .iter()
+            .all(|v| v.disk != Path::new("/dev/sdb")));
+    }
+    // Open under a name that is not kvstrap's (an admin's rescue mapping).
+    let mut inv = converged(&first, disks.clone());
+    inv.disks[0].partitions[0]
+        .crypt
+        .as_mut()
+        .expect("open")
+        .name = "rescue".into();
+    let p = plan(&pol, &inv, &ctx());
+    assert!(refusal_of(&p, "/dev/sdb")
+        .iter()
+        .any(|r| r.contains("close it")));
+    // A whole disk that is someone else's LUKS volume is foreign.
+    let mut inv = inventory(disks);
+    inv.disks[1].signatures = vec![luks_header(&other, "theirs")];
+    let p = plan(&pol, &inv, &ctx());
+    assert_eq!(
+        refusal_of(&p, "/dev/sdc"),
+        ["not empty: crypto_LUKS (label \"theirs\")"]
+    );
+}
+
+#[test]
+fn encrypted_or_plain_is_part_of_a_volumes_kind() {
+    let (plain, disks) = mixed_policy();
+    let (secret, _) = encrypted_mixed_policy();
+    let was_plain = converged(
+        &plan(&plain, &inventory(disks.clone()), &ctx()),
+        disks.clone(),
+    );
+    let p = plan(&secret, &with_tpm2(was_plain), &ctx());
+    assert!(p.steps.is_empty(), "{:?}", p.steps);
+    for d in ["/dev/sdb", "/dev/sdc", "/dev/sdd"] {
+        let r = refusal_of(&p, d);
+        assert!(
+            r.iter()
+                .any(|r| r.contains("was provisioned as a plain (unencrypted)")
+                    && r.contains("encrypted: kvstrap never changes the kind")),
+            "{d}: {r:?}"
+        );
+    }
+    let first = plan(&secret, &with_tpm2(inventory(disks.clone())), &ctx());
+    let was_encrypted = converged(&first, disks);
+    let p = plan(&plain, &was_encrypted, &ctx());
+    assert!(p.steps.is_empty(), "{:?}", p.steps);
+    assert!(refusal_of(&p, "/dev/sdd")
+        .iter()
+        .any(|r| r.contains("was provisioned as an encrypted (LUKS2) raw Block volume")));
+}
+
+#[test]
+fn a_tpm2_group_leaves_blank_disks_alone_on_a_node_without_a_tpm2() {
+    let mut g = encrypted(group("g"), crate::policy::EncryptionMethod::Tpm2);
+    g.devices = vec!["/dev/sdb".into()];
+    let pol = policy(vec![g]);
+    let disks = vec![disk("sdb", 20 * GIB)];
+    let p = plan(&pol, &inventory(disks.clone()), &ctx());
+    assert!(p.steps.is_empty());
+    assert!(refusal_of(&p, "/dev/sdb")[0].contains("this node has none (no /dev/tpmrm0)"));
+    let p = plan(&pol, &with_tpm2(inventory(disks.clone())), &ctx());
+    assert_eq!(count(&p, "format_luks"), 1);
+    // A disk sealed earlier is opened (and reported locked if the TPM2 is gone), never
+    // refused for it: nothing new is sealed.
+    let inv = converged(&p, disks);
+    let again = plan(&pol, &inv, &ctx());
+    assert!(again.refused.is_empty(), "{:?}", again.refused);
+}
+
+#[test]
+fn pods_on_encrypted_volumes_are_uses_of_the_volumes_not_of_a_foreign_holder() {
+    let (pol, disks) = encrypted_mixed_policy();
+    let first = plan(&pol, &with_tpm2(inventory(disks.clone())), &ctx());
+    let mut inv = with_tpm2(converged(&first, disks));
+    let pod = "0b6b4c1e-8f0a-4c3e-9d55-3c1f0e8d2a11";
+    let v = first.groups[0].volumes[0].clone();
+    let kubelet = PathBuf::from(format!(
+        "/var/lib/kubelet/pods/{pod}/volumes/kubernetes.io~local-volume/pv-x"
+    ));
+    let d = inv
+        .disks
+        .iter_mut()
+        .find(|d| d.path == v.disk)
+        .expect("disk");
+    let crypt = d.partitions[0].crypt.as_mut().expect("open");
+    crypt.mounts = vec![
+        crate::model::MountFact {
+            mountpoint: crypt.mountpoints[0].clone(),
+            root: "/".into(),
+            pid: None,
+        },
+        crate::model::MountFact {
+            mountpoint: kubelet.clone(),
+            root: v.dir_in_fs.clone().expect("a directory"),
+            pid: None,
+        },
+    ];
+    crypt.mountpoints.push(kubelet.clone());
+    d.in_use.push(InUse::Mounted {
+        mountpoint: kubelet.clone(),
+    });
+    let p = plan(&pol, &inv, &ctx());
+    assert!(
+        p.refused.is_empty() && p.steps.is_empty(),
+        "{:?} {:?}",
+        p.refused,
+        p.steps
+    );
+    let d = inv.disks.iter().find(|d| d.path == v.disk).expect("disk");
+    let uses = usage::volume_uses(d, &v);
+    assert_eq!(uses.len(), 1, "{uses:?}");
+    assert_eq!(uses[0].pod_uid.as_deref(), Some(pod));
+    assert!(usage::local_users(d, Path::new("/var/lib/kvstrap/storage"))
+        .iter()
+        .all(|u| !u.contains("held by /dev/dm-")));
+}
+
+#[test]
+fn a_drained_encrypted_disk_is_unmounted_unlinked_then_closed() {
+    let (pol, disks) = encrypted_mixed_policy();
+    let first = plan(&pol, &with_tpm2(inventory(disks.clone())), &ctx());
+    let inv = with_tpm2(converged(&first, disks.clone()));
+    for d in ["/dev/sdb", "/dev/sdd"] {
+        let disk = inv
+            .disks
+            .iter()
+            .find(|x| x.path == Path::new(d))
+            .expect("disk");
+        let ctx = out_of_service(disk, crate::model::ServicePhase::Drained);
+        let p = plan(&pol, &inv, &ctx);
+        let acts = actions(&p, d);
+        let closes = acts.iter().filter(|a| **a == "close_luks").count();
+        assert_eq!(closes, disk.partitions.len(), "{d}: {acts:?}");
+        let first_close = acts
+            .iter()
+            .position(|a| *a == "close_luks")
+            .expect("a close");
+        assert!(
+            acts[first_close..].iter().all(|a| *a == "close_luks"),
+            "{acts:?}"
+        );
+        assert!(acts[..first_close]
+            .iter()
+            .all(|a| *a == "unmount" || *a == "remove_block_link"));
+    }
+    let sdd = inv
+        .disks
+        .iter()
+        .find(|x| x.path == Path::new("/dev/sdd"))
+        .expect("sdd");
+    let erase = service::erase_steps(sdd);
+    assert_eq!(erase.len(), 2);
+    assert!(erase.iter().all(|s| s.action() == "erase_luks"));
+    assert!(service::erase_steps(&disk("sdx", GIB)).is_empty());
 }
 
 /// A multipath map of a SAN LUN (WWN 0x5000c500a1b2c3d4) with `paths` (name, active).

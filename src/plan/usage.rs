@@ -45,22 +45,40 @@ struct PartitionUse {
 /// first; a mount seen in several namespaces (propagated copies) counts once.
 fn partition_uses(p: &Partition, own: impl Fn(&MountFact) -> bool) -> Vec<PartitionUse> {
     let mut uses: Vec<PartitionUse> = Vec::new();
-    let mounts = p.mounts.iter().filter(|m| !own(m));
+    let crypt = p.crypt.as_ref();
+    // A LUKS2 mapping over the partition is how the volume is reached, not a use of it:
+    // what uses the mapping (its filesystem's mounts, a bind of its node, a loop device
+    // or a holder over it) uses the volume.
+    let mounts = p
+        .mounts
+        .iter()
+        .chain(crypt.into_iter().flat_map(|c| &c.mounts))
+        .filter(|m| !own(m));
     for m in mounts {
         uses.push(PartitionUse {
             dir: Some(m.root.clone()),
             usage: mount_use(UseKind::Mount, m),
         });
     }
-    for m in &p.node_binds {
+    for m in p
+        .node_binds
+        .iter()
+        .chain(crypt.into_iter().flat_map(|c| &c.node_binds))
+    {
         uses.push(PartitionUse {
             dir: None,
             usage: mount_use(UseKind::DeviceMapping, m),
         });
     }
+    let holders = p
+        .holders
+        .iter()
+        .filter(|h| crypt.is_none_or(|c| c.kernel_name != **h))
+        .chain(crypt.into_iter().flat_map(|c| &c.holders));
     let devices = p
         .loop_devices
         .iter()
+        .chain(crypt.into_iter().flat_map(|c| &c.loop_devices))
         .map(|l| {
             (
                 UseKind::LoopDevice,
@@ -68,11 +86,7 @@ fn partition_uses(p: &Partition, own: impl Fn(&MountFact) -> bool) -> Vec<Partit
                 pod_uid(&l.backing_file),
             )
         })
-        .chain(
-            p.holders
-                .iter()
-                .map(|h| (UseKind::Holder, Path::new("/dev").join(h), None)),
-        );
+        .chain(holders.map(|h| (UseKind::Holder, Path::new("/dev").join(h), None)));
     for (kind, path, pod_uid) in devices {
         uses.push(PartitionUse {
             dir: None,
@@ -212,7 +226,11 @@ pub fn ours_mounted(disk: &Disk) -> Vec<PathBuf> {
         .partitions
         .iter()
         .filter(|p| is_kvstrap_partition(p))
-        .flat_map(|p| &p.mountpoints)
+        .flat_map(|p| {
+            p.mountpoints
+                .iter()
+                .chain(p.crypt.iter().flat_map(|c| &c.mountpoints))
+        })
         .cloned()
         .collect();
     out.sort();
@@ -264,6 +282,7 @@ mod tests {
             owner: None,
             fs_type: (mode == VolumeMode::Filesystem).then_some(FsType::Xfs),
             dir_in_fs: dir.map(PathBuf::from),
+            mapping: None,
         }
     }
 

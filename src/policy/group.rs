@@ -4,7 +4,10 @@ use super::diag::{Diags, Loc};
 use super::fields::{Choice, Located, Section};
 use super::names;
 use super::size;
-use super::types::{DiskGroup, DiskMatch, OnFailure, Provisioning, QuotaMode, VolumeSizing, Wipe};
+use super::types::{
+    DiskGroup, DiskMatch, Encryption, EncryptionMethod, OnFailure, Provisioning, QuotaMode,
+    VolumeSizing, Wipe,
+};
 use crate::model::{Layout, Owner};
 
 pub const KEYS: &[&str] = &[
@@ -25,7 +28,9 @@ pub const KEYS: &[&str] = &[
     "on_failure",
     "provisioning",
     "overcommit",
+    "encryption",
 ];
+pub const ENCRYPTION_KEYS: &[&str] = &["method", "key_file", "tpm2_pcrs"];
 pub const MATCH_KEYS: &[&str] = &[
     "transport",
     "rotational",
@@ -87,6 +92,31 @@ const PROVISIONING: Choice<'static, Provisioning> = Choice {
 /// `overcommit` bounds: 1.0 (thick) to 10.0.
 const OVERCOMMIT_MAX_PERMILLE: u32 = 10_000;
 
+const METHOD: Choice<'static, EncryptionMethod> = Choice {
+    key: "method",
+    allowed: &[
+        ("tpm2", EncryptionMethod::Tpm2),
+        ("key-file", EncryptionMethod::KeyFile),
+        ("tpm2+key-file", EncryptionMethod::Tpm2AndKeyFile),
+    ],
+    refused: &[(
+        "passphrase",
+        "nobody is there to type a passphrase when a node boots",
+        "write method = \"tpm2\", \"key-file\" or \"tpm2+key-file\"",
+    )],
+};
+
+/// The smallest key file accepted: 256 bits. Keys that long need no slow key derivation to
+/// make guessing futile, which is why kvstrap's key slots use a fast one (docs/encryption.md).
+pub const KEY_FILE_MIN_BYTES: u64 = 32;
+/// What cryptsetup reads of a key file at most (its default `--keyfile-size` limit).
+pub const KEY_FILE_MAX_BYTES: u64 = 8 << 20;
+/// The PCRs of a TPM2 (SHA-256 bank): 0 to 23.
+pub const TPM2_PCR_MAX: i64 = 23;
+/// What `tpm2_pcrs` is when a TPM2 method leaves it out: the Secure Boot state, as
+/// systemd-cryptenroll does.
+pub const TPM2_DEFAULT_PCRS: &[u8] = &[7];
+
 const WIPE: Choice<'static, Wipe> = Choice {
     key: "wipe",
     allowed: &[("never", Wipe::Never), ("force", Wipe::Force)],
@@ -112,6 +142,7 @@ pub struct Draft {
     pub on_failure: Option<OnFailure>,
     pub provisioning: Option<Provisioning>,
     pub overcommit_permille: Option<u32>,
+    pub encryption: Option<Option<Encryption>>,
     pub at: GroupLocs,
 }
 
@@ -156,6 +187,7 @@ impl Draft {
             on_failure: self.on_failure?,
             provisioning: self.provisioning?,
             overcommit_permille: self.overcommit_permille?,
+            encryption: self.encryption.clone()?,
         })
     }
 }
@@ -199,6 +231,7 @@ pub fn parse(section: &Section, diags: &mut Diags) -> Option<Draft> {
             diags,
         ),
         overcommit_permille: overcommit(section, diags),
+        encryption: encryption(section, diags),
         at,
     })
 }
@@ -228,6 +261,182 @@ fn overcommit(section: &Section, diags: &mut Diags) -> Option<u32> {
         "write a number from 1.0 (thick: claims never add up to more than the pool) to 10.0, like overcommit = 1.5",
     );
     None
+}
+
+/// `encryption = { method = "...", key_file = "...", tpm2_pcrs = [7] }`; absent is
+/// Some(None) (plain).
+fn encryption(section: &Section, diags: &mut Diags) -> Option<Option<Encryption>> {
+    let example = "{ method = \"tpm2\", tpm2_pcrs = [7] }";
+    let Some(e) = section.table("encryption", example, diags) else {
+        return section.entry("encryption").is_none().then_some(None);
+    };
+    e.check_keys(ENCRYPTION_KEYS, diags);
+    let method = e
+        .required("method", "\"tpm2\"", diags)
+        .and_then(|_| e.string("method", "\"tpm2\"", diags))
+        .and_then(|m| METHOD.pick(m, diags));
+    let key_file = key_file(&e, method, diags);
+    let pcrs = tpm2_pcrs(&e, method, diags);
+    Some(Some(Encryption {
+        method: method?,
+        key_file: key_file?,
+        tpm2_pcrs: pcrs?,
+    }))
+}
+
+/// The key file of a key-file method, checked on the node: it must exist, be root's and
+/// be readable by no one else. Some(None) for the TPM2 method.
+fn key_file(
+    e: &Section,
+    method: Option<EncryptionMethod>,
+    diags: &mut Diags,
+) -> Option<Option<std::path::PathBuf>> {
+    let example = "\"/etc/kvstrap/keys/nvme.key\"";
+    let given = e.string("key_file", example, diags);
+    let wanted = method.map(EncryptionMethod::uses_key_file);
+    match (given, wanted) {
+        (Some((_, at)), Some(false)) => {
+            diags.error(
+                at,
+                format!(
+                    "{}: key_file is read only by method = \"key-file\" or \"tpm2+key-file\"",
+                    e.name
+                ),
+                "remove key_file, or write method = \"tpm2+key-file\" to unlock with either",
+            );
+            None
+        }
+        (None, Some(true)) if e.entry("key_file").is_none() => {
+            diags.error(
+                e.at,
+                format!("{} has method = \"{}\" but no \"key_file\"", e.name, method.map_or("", EncryptionMethod::as_str)),
+                format!("add key_file = {example}: a file of at least {KEY_FILE_MIN_BYTES} random bytes, owned by root, mode 0400"),
+            );
+            None
+        }
+        (Some((path, at)), _) => match key_file_problem(std::path::Path::new(path)) {
+            None => Some(Some(std::path::PathBuf::from(path))),
+            Some((message, hint)) => {
+                diags.error(at, format!("key_file \"{path}\" {message}"), hint);
+                None
+            }
+        },
+        (None, _) => e.entry("key_file").is_none().then_some(None),
+    }
+}
+
+/// Why the file at `path` cannot be a key file: (what is wrong, what to do).
+pub fn key_file_problem(path: &std::path::Path) -> Option<(String, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let make = format!(
+        "make one with: install -m 0400 -o root /dev/null {p} && head -c 64 /dev/urandom > {p}",
+        p = path.display()
+    );
+    if !path.is_absolute() {
+        return Some((
+            "is not an absolute path".into(),
+            "write the full path, like key_file = \"/etc/kvstrap/keys/nvme.key\"".into(),
+        ));
+    }
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Some(("does not exist".into(), make));
+        }
+        Err(e) => return Some((format!("cannot be read: {e}"), make)),
+    };
+    let problem = if !meta.is_file() {
+        "is not a regular file".to_string()
+    } else if meta.uid() != 0 {
+        format!("is owned by uid {}, not by root", meta.uid())
+    } else if meta.mode() & 0o077 != 0 {
+        format!(
+            "is readable or writable by others than root (mode {:04o})",
+            meta.mode() & 0o7777
+        )
+    } else if meta.len() < KEY_FILE_MIN_BYTES {
+        format!(
+            "holds {} bytes; a key needs at least {KEY_FILE_MIN_BYTES} random bytes",
+            meta.len()
+        )
+    } else if meta.len() > KEY_FILE_MAX_BYTES {
+        format!(
+            "holds {} bytes, more than the 8 MiB cryptsetup reads",
+            meta.len()
+        )
+    } else {
+        return None;
+    };
+    let hint =
+        if meta.is_file() && meta.len() >= KEY_FILE_MIN_BYTES && meta.len() <= KEY_FILE_MAX_BYTES {
+            format!("chown root:root {p} && chmod 0400 {p}", p = path.display())
+        } else {
+            make
+        };
+    Some((problem, hint))
+}
+
+/// `tpm2_pcrs = [7]`: distinct PCR numbers 0 to 23 (the TPM2 methods only); absent is
+/// [7].
+fn tpm2_pcrs(e: &Section, method: Option<EncryptionMethod>, diags: &mut Diags) -> Option<Vec<u8>> {
+    let Some(entry) = e.entry("tpm2_pcrs") else {
+        return Some(match method {
+            Some(m) if m.uses_tpm2() => TPM2_DEFAULT_PCRS.to_vec(),
+            _ => Vec::new(),
+        });
+    };
+    if method.is_some_and(|m| !m.uses_tpm2()) {
+        diags.error(
+            entry.key_at,
+            format!(
+                "{}: tpm2_pcrs is used only by method = \"tpm2\" or \"tpm2+key-file\"",
+                e.name
+            ),
+            "remove tpm2_pcrs, or write method = \"tpm2+key-file\"",
+        );
+        return None;
+    }
+    let super::raw::Value::Array(items) = &entry.node.value else {
+        return super::fields::wrong_type(entry, "an array of PCR numbers", "[7]", diags);
+    };
+    let mut pcrs: Vec<u8> = Vec::new();
+    let mut ok = true;
+    for item in items {
+        let number = match item.value {
+            super::raw::Value::Int { value, .. } => u8::try_from(value)
+                .ok()
+                .filter(|_| (0..=TPM2_PCR_MAX).contains(&value)),
+            _ => None,
+        };
+        match number {
+            Some(n) if pcrs.contains(&n) => {
+                ok = false;
+                diags.error(
+                    item.at,
+                    format!("PCR {n} is listed twice in tpm2_pcrs"),
+                    "list each PCR once, like tpm2_pcrs = [7]",
+                );
+            }
+            Some(n) => pcrs.push(n),
+            None => {
+                ok = false;
+                diags.error(
+                    item.at,
+                    format!("tpm2_pcrs holds {}, which is no PCR number", describe_value(&item.value)),
+                    format!("write PCR numbers from 0 to {TPM2_PCR_MAX}, like tpm2_pcrs = [7] (Secure Boot state) or [7, 14]"),
+                );
+            }
+        }
+    }
+    ok.then_some(pcrs)
+}
+
+fn describe_value(v: &super::raw::Value) -> String {
+    match v {
+        super::raw::Value::Int { value, .. } => value.to_string(),
+        super::raw::Value::Str(s) => format!("\"{s}\""),
+        other => other.kind().to_string(),
+    }
 }
 
 fn value_at(section: &Section, key: &str) -> Option<Loc> {

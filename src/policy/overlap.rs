@@ -237,6 +237,7 @@ mod tests {
             quota: crate::policy::QuotaMode::Required,
             provisioning: Default::default(),
             overcommit_permille: 1000,
+            encryption: None,
         }
     }
 

@@ -84,6 +84,13 @@ pub const ORIGINS: &[(&str, Origin)] = &[
     ("disk_group.on_failure", Origin::Cluster),
     ("disk_group.provisioning", Origin::Cluster),
     ("disk_group.overcommit", Origin::Cluster),
+    // The cluster may ask for encryption (and seal to the node's TPM2), never name a
+    // key file: paths are the node's own files', and a key file is a secret only the
+    // node's administrator places (docs/encryption.md).
+    ("disk_group.encryption", Origin::Cluster),
+    ("disk_group.encryption.method", Origin::Cluster),
+    ("disk_group.encryption.tpm2_pcrs", Origin::Cluster),
+    ("disk_group.encryption.key_file", Origin::NodeOnly),
 ];
 
 /// Who may set the key at `path`; `None` for a key the parser does not know (validation

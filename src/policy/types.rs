@@ -264,6 +264,55 @@ pub struct DiskGroup {
     /// Dynamic pools: how far the quotas may add up beyond the pool, in thousandths
     /// (1000: thick, never more than the pool minus the reserve).
     pub overcommit_permille: u32,
+    /// LUKS2 under every partition of the group, and how it is unlocked; None: plain.
+    pub encryption: Option<Encryption>,
+}
+
+/// `encryption = { method, key_file, tpm2_pcrs }` of a disk group: every partition kvstrap
+/// makes for it gets a LUKS2 header, and its filesystem or Block link sits on the mapping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encryption {
+    pub method: EncryptionMethod,
+    /// A file of at least 32 random bytes, owned by root, readable by no one else (the
+    /// key-file methods). Only its path is in the policy; kvstrap never reads it.
+    pub key_file: Option<PathBuf>,
+    /// PCRs the TPM2 seal is bound to (the TPM2 methods); empty: the TPM alone.
+    pub tpm2_pcrs: Vec<u8>,
+}
+
+/// `encryption.method`: what unlocks the volumes at boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncryptionMethod {
+    /// A key sealed by the node's TPM2 to `tpm2_pcrs`; no key on disk.
+    Tpm2,
+    /// The key file.
+    KeyFile,
+    /// Either: the TPM2 first, the key file when the TPM2 refuses (recovery).
+    Tpm2AndKeyFile,
+}
+
+impl EncryptionMethod {
+    pub fn uses_tpm2(self) -> bool {
+        matches!(
+            self,
+            EncryptionMethod::Tpm2 | EncryptionMethod::Tpm2AndKeyFile
+        )
+    }
+
+    pub fn uses_key_file(self) -> bool {
+        matches!(
+            self,
+            EncryptionMethod::KeyFile | EncryptionMethod::Tpm2AndKeyFile
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EncryptionMethod::Tpm2 => "tpm2",
+            EncryptionMethod::KeyFile => "key-file",
+            EncryptionMethod::Tpm2AndKeyFile => "tpm2+key-file",
+        }
+    }
 }
 
 /// `provisioning`: volumes made in advance, or per claim.

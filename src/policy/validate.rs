@@ -40,7 +40,7 @@ pub const DEFAULT_STORAGE_ROOT: &str = "/var/lib/kvstrap/storage";
 /// Every key the parser knows, by its path: `node.name`, `disk_group.match.transport`.
 /// A table's own name (`disk_group`, `disk_group.match`) is a key too.
 pub fn known_keys() -> Vec<String> {
-    let tables: [(&str, &[&str]); 10] = [
+    let tables: [(&str, &[&str]); 11] = [
         ("", TOP_KEYS),
         ("node", NODE_KEYS),
         ("kubernetes", KUBERNETES_KEYS),
@@ -51,6 +51,7 @@ pub fn known_keys() -> Vec<String> {
         ("disk_group", super::group::KEYS),
         ("disk_group.match", super::group::MATCH_KEYS),
         ("disk_group.owner", super::group::OWNER_KEYS),
+        ("disk_group.encryption", super::group::ENCRYPTION_KEYS),
     ];
     tables
         .iter()

@@ -44,6 +44,7 @@ pub fn dir_volume(root: &Path, i: usize, class: &str) -> VolumeSpec {
         owner: None,
         fs_type: Some(FsType::Xfs),
         dir_in_fs: Some(format!("/v{i:02}").into()),
+        mapping: None,
     }
 }
 
@@ -66,6 +67,7 @@ pub fn block_volume(root: &Path, i: usize, class: &str) -> VolumeSpec {
         owner: None,
         fs_type: None,
         dir_in_fs: None,
+        mapping: None,
     }
 }
 

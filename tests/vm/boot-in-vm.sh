@@ -10,6 +10,13 @@
 #   D-Bus reads open and Apply/Reload denied to uid 65534; the documented journal
 #   MESSAGE_IDs; after a reboot the same UUIDs, nothing destructive and an empty plan; after
 #   an OS reinstall on the same data disks the disks adopted and data byte-identical.
+#   Encryption at rest (docs/encryption.md): key-file groups (directory volumes on xfs with
+#   quotas, Block volumes) and a TPM2 group sealed to a software TPM (swtpm) are encrypted,
+#   provisioned and published on the first boot; the reboot unlocks them (the TPM2 one with
+#   no key on the node) with nothing destructive; a changed PCR 7 and the reinstall's fresh
+#   TPM state leave the TPM2 volume locked, reported and intact; a foreign LUKS2 disk stays
+#   byte for byte; kills inside and after the LUKS2 format converge; a benchmark compares
+#   the cold apply of 4 encrypted and 4 plain disks.
 #
 # Usage (root): tests/vm/boot-in-vm.sh [path/to/kvstrap_*_amd64.deb]
 # Environment: KVSTRAP_VM_CACHE (base image cache, default /var/cache/kvstrap-vm),
@@ -35,27 +42,47 @@ DISKS=$WORK/disks
 MNT=$WORK/mnt
 
 # Data disks: SERIAL SIZE. Sparse files; at least 300 MiB each for mkfs.xfs.
-DATA_DISKS=("KVSXFS1 3G" "KVSEXT4S1 2G" "KVSBLK1 1G" "KVSEXT4Q1 1G" "KVSFOREIGN1 512M")
+DATA_DISKS=("KVSXFS1 3G" "KVSEXT4S1 2G" "KVSBLK1 1G" "KVSEXT4Q1 1G" "KVSFOREIGN1 512M"
+    "KVSLUKSFS1 1G" "KVSLUKSBLK1 512M" "KVSTPM1 512M" "KVSFORLUKS1 256M")
+# Only in the first boot's VM, for the checks that run kvstrap with policies of their own:
+# the kills around the LUKS2 format, and the benchmark (4 plain, 4 encrypted disks).
+FIRST_BOOT_DISKS=("KVSCRASH1 640M" "KVSBP1 1G" "KVSBP2 1G" "KVSBP3 1G" "KVSBP4 1G"
+    "KVSBE1 1G" "KVSBE2 1G" "KVSBE3 1G" "KVSBE4 1G")
 HOT_DISK="KVSHOT1 2G"
 FOREIGN=KVSFOREIGN1
 FOREIGN_UUID=6b767374-f0e1-4bad-8bad-000000000001
+FOREIGN_LUKS=KVSFORLUKS1
+TPM_DISK=KVSTPM1
 
-# What the guest must find (it knows the policy only through these).
+# What the guest must find (it knows the policy only through these). The reinstalled OS
+# boots with a fresh TPM state: the TPM2 group's volume stays locked there, one mount less.
 guest_env() {
     cat <<EOF
 PHASE=$1
-EXPECT_MOUNTS_BOOT1=4
-EXPECT_MOUNTS_LATER=5
-EXPECT_GROUPS="xfs-shared ext4-separate block ext4-shared"
-PT_SERIALS="KVSXFS1 KVSEXT4S1 KVSBLK1 KVSEXT4Q1 ${HOT_DISK% *}"
-FS_SERIALS="KVSXFS1 KVSEXT4S1 KVSEXT4Q1 ${HOT_DISK% *}"
+EXPECT_MOUNTS_BOOT1=6
+EXPECT_MOUNTS_LATER=7
+EXPECT_MOUNTS_REINSTALL=6
+EXPECT_GROUPS="xfs-shared ext4-separate block ext4-shared luks-xfs luks-block tpm-ext4"
+PT_SERIALS="KVSXFS1 KVSEXT4S1 KVSBLK1 KVSEXT4Q1 KVSLUKSFS1 KVSLUKSBLK1 KVSTPM1 ${HOT_DISK% *}"
+FS_SERIALS="KVSXFS1 KVSEXT4S1 KVSEXT4Q1 KVSLUKSFS1 KVSTPM1 ${HOT_DISK% *}"
+LUKS_SERIALS="KVSLUKSFS1 KVSLUKSBLK1 KVSTPM1"
 FOREIGN_SERIAL=$FOREIGN
+FOREIGN_LUKS_SERIAL=$FOREIGN_LUKS
 HOT_SERIAL=${HOT_DISK% *}
 QUOTA_XFS_GROUP=xfs-shared
 QUOTA_EXT4_GROUP=ext4-shared
-MARKER_GROUPS="xfs-shared ext4-separate"
+QUOTA_LUKS_GROUP=luks-xfs
+MARKER_GROUPS="xfs-shared ext4-separate luks-xfs"
 BLOCK_GROUP=block
 BLOCK_SERIAL=KVSBLK1
+LUKS_BLOCK_GROUP=luks-block
+LUKS_BLOCK_SERIAL=KVSLUKSBLK1
+TPM_GROUP=tpm-ext4
+TPM_SERIAL=$TPM_DISK
+KEY_FILE=/etc/kvstrap/keys/vm.key
+CRASH_SERIAL=KVSCRASH1
+BENCH_PLAIN="KVSBP1 KVSBP2 KVSBP3 KVSBP4"
+BENCH_LUKS="KVSBE1 KVSBE2 KVSBE3 KVSBE4"
 EOF
 }
 
@@ -72,12 +99,34 @@ find_deb() {
 make_data_disks() {
     rm -rf "$DISKS" && mkdir -p "$DISKS"
     local d
-    for d in "${DATA_DISKS[@]}" "$HOT_DISK"; do truncate -s "${d#* }" "$DISKS/${d% *}.img"; done
+    for d in "${DATA_DISKS[@]}" "${FIRST_BOOT_DISKS[@]}" "$HOT_DISK"; do truncate -s "${d#* }" "$DISKS/${d% *}.img"; done
     # The foreign disk holds an ext4 with a file on it, made here, before the VM ever runs.
     mkdir -p "$WORK/foreign-content"
     echo "somebody else's data" >"$WORK/foreign-content/precious.txt"
     mkfs.ext4 -q -F -U "$FOREIGN_UUID" -L foreign -d "$WORK/foreign-content" "$DISKS/$FOREIGN.img"
     sha256sum "$DISKS/$FOREIGN.img" | cut -d' ' -f1 >"$WORK/foreign.sha256"
+    # Someone else's LUKS2 volume, with a key the node never sees.
+    head -c 64 /dev/urandom >"$WORK/theirs.key"
+    cryptsetup luksFormat --batch-mode --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 \
+        --label theirs --key-file "$WORK/theirs.key" "$DISKS/$FOREIGN_LUKS.img"
+    sha256sum "$DISKS/$FOREIGN_LUKS.img" | cut -d' ' -f1 >"$WORK/foreign-luks.sha256"
+    # The node's key file for the key-file groups (installed in both OS images).
+    head -c 64 /dev/urandom >"$WORK/vm.key"
+}
+
+# --- the software TPM --------------------------------------------------------------------
+
+# start_swtpm NAME: a TPM 2.0 emulator with its state in $WORK/tpm-NAME (fresh when the
+# directory is new), serving qemu on $WORK/tpm-NAME/sock; it ends with qemu's connection.
+# Prints qemu's arguments for it, one per line.
+start_swtpm() {
+    local dir=$WORK/tpm-$1 i
+    mkdir -p "$dir"
+    rm -f "$dir/sock"
+    swtpm socket --tpm2 --tpmstate "dir=$dir" --ctrl "type=unixio,path=$dir/sock" \
+        --log "file=$dir/swtpm.log,level=1" --terminate --daemon --pid "file=$dir/swtpm.pid" >&2
+    for i in $(seq 50); do [ -S "$dir/sock" ] && break; sleep 0.1; done
+    printf -- '-chardev\nsocket,id=chrtpm,path=%s\n-tpmdev\nemulator,id=tpm0,chardev=chrtpm\n-device\ntpm-tis,tpmdev=tpm0\n' "$dir/sock"
 }
 
 # -drive/-device pairs for the disks present at boot (serials give /dev/disk/by-id names).
@@ -104,6 +153,9 @@ prepare_os_image() {
     install_deb "$MNT" "$deb" "$phase"
     [ -f "$WORK/initrd.img" ] || build_initramfs "$MNT" "$WORK/initrd.img"
     install -D -m 0644 "$HERE/policy.toml" "$MNT/etc/kvstrap/policy.toml"
+    # The key file before the policy that names it is validated (root's, 0400).
+    install -d -m 0700 "$MNT/etc/kvstrap/keys"
+    install -m 0400 -o root -g root "$WORK/vm.key" "$MNT/etc/kvstrap/keys/vm.key"
     chroot "$MNT" kvstrap --policy /etc/kvstrap/policy.toml validate >/dev/null
     install -D -m 0755 "$HERE/guest/run" "$MNT/usr/local/lib/vmtest/run"
     install -D -m 0755 "$HERE/guest/kubelet-standin" "$MNT/usr/local/lib/vmtest/kubelet-standin"
@@ -167,8 +219,10 @@ run_vm() {
     rm -f "$run/console.log" "$run/vmtest.log" "$run/monitor.sock"
     # The OS disk's -device comes first, so it is /dev/vda (if=virtio drives would be
     # created after every -device, behind the data disks).
-    local args=()
+    local args=() tpm=()
     mapfile -t args < <(disk_args "$@")
+    mapfile -t tpm < <(start_swtpm "$TPM_STATE")
+    [ -f "$WORK/tpm-$TPM_STATE/swtpm.pid" ] && SWTPM_PIDS+=("$(cat "$WORK/tpm-$TPM_STATE/swtpm.pid")")
     local start=$SECONDS
     # Software emulation (TCG): /dev/kvm is not usable on the CI machine.
     timeout --kill-after=10 "$VM_TIMEOUT" qemu-system-x86_64 \
@@ -176,7 +230,7 @@ run_vm() {
         -kernel "$base/vmlinuz" -initrd "$WORK/initrd.img" \
         -append "root=/dev/vda rw console=ttyS0 panic=-1 systemd.show_status=error net.ifnames=0" \
         -drive "file=$img,format=raw,if=none,id=os,cache=unsafe" -device virtio-blk-pci,drive=os \
-        "${args[@]}" \
+        "${args[@]}" "${tpm[@]}" \
         -serial "file:$run/console.log" -serial "file:$run/vmtest.log" \
         -monitor "unix:$run/monitor.sock,server,nowait" &
     local pid=$!
@@ -244,6 +298,25 @@ check_foreign_bytes() {
     else
         result foreign-untouched FAIL "$FOREIGN's image changed: sha256 ${before:0:16}... -> ${after:0:16}..."
     fi
+    before=$(cat "$WORK/foreign-luks.sha256")
+    after=$(sha256sum "$DISKS/$FOREIGN_LUKS.img" | cut -d' ' -f1)
+    if [ "$before" = "$after" ] && cryptsetup open --test-passphrase --key-file "$WORK/theirs.key" "$DISKS/$FOREIGN_LUKS.img"; then
+        result foreign-luks-untouched PASS "$FOREIGN_LUKS (someone's LUKS2) has the same sha256 after three boots (${after:0:16}...) and its owner's key still opens it"
+    else
+        result foreign-luks-untouched FAIL "$FOREIGN_LUKS changed: sha256 ${before:0:16}... -> ${after:0:16}..."
+    fi
+}
+
+# The reinstalled OS met a fresh TPM: the TPM2 group's disk must come out of that boot as
+# it went in, byte for byte (locked, reported, never formatted).
+check_tpm_disk_intact() {
+    local before=$1 after
+    after=$(sha256sum "$DISKS/$TPM_DISK.img" | cut -d' ' -f1)
+    if [ "$before" = "$after" ]; then
+        result tpm-disk-intact PASS "$TPM_DISK's image has the same sha256 before and after the boot with a fresh TPM state (${after:0:16}...)"
+    else
+        result tpm-disk-intact FAIL "$TPM_DISK's image changed in the boot with a fresh TPM state: ${before:0:16}... -> ${after:0:16}..."
+    fi
 }
 
 main() {
@@ -258,21 +331,26 @@ main() {
     head -c 1M /dev/urandom >"$WORK/marker"
     make_data_disks
 
-    # Run 1: first boot on blank disks, hot-plug, then a reboot of the same VM.
+    # Run 1: first boot on blank disks, hot-plug, then a reboot of the same VM (and of its
+    # software TPM, whose state survives the reboot).
     prepare_os_image "$WORK/os1.img" boot1 "$base" "$deb"
     log "run 1: first boot on blank disks, hot-plug, reboot"
-    run_vm run1 "$WORK/os1.img" "$base" "${DATA_DISKS[@]}"
+    TPM_STATE=run1 run_vm run1 "$WORK/os1.img" "$base" "${DATA_DISKS[@]}" "${FIRST_BOOT_DISKS[@]}"
     collect_guest_logs "$WORK/os1.img" "$WORK/logs/run1"
     report_guest run1 boot1 boot2
 
-    # Run 2: the OS reinstalled (a fresh image, the .deb again) on the same data disks.
+    # Run 2: the OS reinstalled (a fresh image, the .deb again) on the same data disks, and
+    # a fresh TPM state: what was sealed to the first one stays locked.
     prepare_os_image "$WORK/os2.img" reinstall "$base" "$deb"
-    log "run 2: reinstalled OS on the same data disks"
-    run_vm run2 "$WORK/os2.img" "$base" "${DATA_DISKS[@]}" "$HOT_DISK"
+    log "run 2: reinstalled OS on the same data disks, fresh TPM"
+    local tpm_before
+    tpm_before=$(sha256sum "$DISKS/$TPM_DISK.img" | cut -d' ' -f1)
+    TPM_STATE=run2 run_vm run2 "$WORK/os2.img" "$base" "${DATA_DISKS[@]}" "$HOT_DISK"
     collect_guest_logs "$WORK/os2.img" "$WORK/logs/run2"
     report_guest run2 reinstall
 
     check_foreign_bytes
+    check_tpm_disk_intact "$tpm_before"
     # The OS images are 3 GiB sparse copies: keep the logs, not them.
     rm -f "$WORK/os1.img" "$WORK/os2.img"
     log "VM part took $((SECONDS - t0)) s wall (run 1: $(cat "$WORK/run1/wall-seconds") s, run 2: $(cat "$WORK/run2/wall-seconds") s)"

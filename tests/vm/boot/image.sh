@@ -13,9 +13,12 @@ IMAGE_SUITE=bookworm
 # jq: the guest's checks read kvstrap's JSON. busybox-static: the test's small initramfs
 # (tests/vm/boot/initramfs.sh). multipath-tools (with kpartx): SAN LUNs reach a node as
 # several paths under dm-multipath (tests/vm/mpath-in-vm.sh); it makes no map of the
-# other tests' virtio disks.
+# other tests' virtio disks. cryptsetup-bin (with dmsetup and its udev rules) and the
+# TSS2 libraries systemd loads for TPM2 sealing: what kvstrap's .deb depends on and
+# recommends for encrypted groups (dpkg -i in the installed image fetches nothing).
+# tpm2-tools: the guest's checks read and extend PCRs of the software TPM.
 # The kernel is installed in a second step, in the chroot, the way an installer does.
-IMAGE_PACKAGES=systemd,systemd-sysv,udev,dbus,xfsprogs,e2fsprogs,util-linux,kmod,procps,jq,libblkid1,busybox-static,multipath-tools,kpartx
+IMAGE_PACKAGES=systemd,systemd-sysv,udev,dbus,xfsprogs,e2fsprogs,util-linux,kmod,procps,jq,libblkid1,busybox-static,multipath-tools,kpartx,cryptsetup-bin,libtss2-esys-3.0.2-0,libtss2-rc0,libtss2-mu0,tpm2-tools
 IMAGE_KERNEL=linux-image-amd64
 IMAGE_SIZE=3G
 

@@ -18,6 +18,7 @@ result() {
 # --- what the trap undoes -----------------------------------------------------------
 MOUNTS=()   # mount points, unmounted in reverse order
 QEMU_PIDS=()
+SWTPM_PIDS=() # the software TPMs of the runs (they also end with qemu's connection)
 track_mount() { MOUNTS+=("$1"); }
 untrack_mount() {
     local i
@@ -26,7 +27,7 @@ untrack_mount() {
 }
 cleanup() {
     local i pid
-    for pid in "${QEMU_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${QEMU_PIDS[@]}" "${SWTPM_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     # Reverse order: /proc inside a root before the root itself. mount -o loop made the
     # loop devices with autoclear, so unmounting also detaches them.
     for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do
@@ -63,7 +64,8 @@ apt_install() {
 install_host_tools() {
     local missing=() t
     for t in debootstrap:debootstrap mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs socat:socat \
-        jq:jq cpio:cpio sha256sum:coreutils losetup:mount flock:util-linux; do
+        jq:jq cpio:cpio sha256sum:coreutils losetup:mount flock:util-linux \
+        cryptsetup:cryptsetup-bin swtpm:swtpm; do
         command -v "${t%%:*}" >/dev/null 2>&1 || missing+=("${t#*:}")
     done
     [ ${#missing[@]} -eq 0 ] || { apt_install "${missing[@]}" || { apt-get update -qq && apt_install "${missing[@]}"; }; }
