@@ -225,18 +225,42 @@ pub const DIR_MODE: u32 = 0o755;
 /// Mode of every manifest.
 pub const FILE_MODE: u32 = 0o644;
 
+/// At most this many files are written at once: each write waits mostly for its fsync,
+/// and a filesystem commits concurrent fsyncs together.
+const WRITERS: usize = 8;
+
 /// Write every file atomically (a fresh temp file, never one planted there; mode 0644),
-/// with one filesystem flush for all: a cold apply of a 60-disk node renders hundreds of
-/// PVs, and one fsync after another made that the longest serial stretch of the run.
-/// The caller fsyncs the directory once afterwards.
+/// several at once: a cold apply of a 60-disk node renders hundreds of PVs, and one fsync
+/// after another made that the longest serial stretch of the run. The caller fsyncs the
+/// directory once afterwards.
 fn write_all(files: &[(PathBuf, &[u8])]) -> Result<(), ManifestError> {
-    crate::state::write_many_atomic(files).map_err(|e| match e {
-        crate::state::StateError::Write { path, source } => ManifestError::Io { path, source },
-        other => ManifestError::Io {
-            path: files.first().map(|(p, _)| p.clone()).unwrap_or_default(),
-            source: std::io::Error::other(other.to_string()),
-        },
-    })
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let first_error = std::sync::Mutex::new(None);
+    crate::host::threads::run_workers(WRITERS.min(files.len()), "manifests", || loop {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some((path, bytes)) = files.get(i) else {
+            break;
+        };
+        if let Err(e) = crate::state::write_atomic_unsynced(path, bytes) {
+            let e = match e {
+                crate::state::StateError::Write { path, source } => {
+                    ManifestError::Io { path, source }
+                }
+                other => ManifestError::Io {
+                    path: path.clone(),
+                    source: std::io::Error::other(other.to_string()),
+                },
+            };
+            if let Ok(mut slot) = first_error.lock() {
+                slot.get_or_insert(e);
+            }
+            break;
+        }
+    });
+    match first_error.into_inner() {
+        Ok(Some(e)) => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// `dir` as a real directory: made with mode 0755, or, when it exists, without the mode
