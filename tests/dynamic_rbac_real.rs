@@ -23,10 +23,13 @@ mod common;
 #[path = "support/control_plane.rs"]
 mod control_plane;
 mod daemon_support;
+#[path = "support/dynamic_policy.rs"]
+mod dynamic_policy;
 
 use common::{require_root, LoopDisk};
 use control_plane::ControlPlane;
 use daemon_support::{DaemonProcess, NotifySocket, TestBus};
+use dynamic_policy::dynamic_node_policy;
 use k8s_openapi::api::core::v1::{
     Event, Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, ServiceAccount,
 };
@@ -74,7 +77,9 @@ fn dynamic_volumes_work_under_exactly_the_shipped_rbac_root() {
     let policy = dir.path().join("policy.toml");
     std::fs::write(
         &policy,
-        node_policy(
+        dynamic_node_policy(
+            NODE,
+            CLASS,
             &dir.path().join("storage"),
             &disk.path,
             &cp.kubeconfig_as(USER),
@@ -102,38 +107,6 @@ fn dynamic_volumes_work_under_exactly_the_shipped_rbac_root() {
     if let Err(e) = result {
         std::panic::resume_unwind(e);
     }
-}
-
-fn node_policy(root: &Path, disk: &Path, kubeconfig: &Path) -> String {
-    format!(
-        r#"[node]
-name = "{NODE}"
-storage_root = "{root}"
-
-[kubernetes]
-publish = true
-kubeconfig = "{kubeconfig}"
-
-[[storage_class]]
-name = "{CLASS}"
-fs_type = "ext4"
-reclaim_policy = "Delete"
-
-[[disk_group]]
-name = "pool"
-storage_class = "{CLASS}"
-layout = "shared"
-provisioning = "dynamic"
-devices = ["{disk}"]
-allow_loop = true
-reserve = "5%"
-# This machine's kernel has no project quotas; tests/vm proves them.
-quota = "if-supported"
-"#,
-        root = root.display(),
-        kubeconfig = kubeconfig.display(),
-        disk = disk.display()
-    )
 }
 
 fn scenario(

@@ -21,9 +21,12 @@ mod common;
 #[path = "support/control_plane.rs"]
 mod control_plane;
 mod daemon_support;
+#[path = "support/dynamic_policy.rs"]
+mod dynamic_policy;
 
 use common::{require_root, LoopDisk};
 use daemon_support::{DaemonProcess, NotifySocket, TestBus};
+use dynamic_policy::dynamic_node_policy;
 use k8s_openapi::api::core::v1::{
     Container, Namespace, Node, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
     PersistentVolumeClaimVolumeSource, Pod, PodSpec, ServiceAccount, Volume,
@@ -36,7 +39,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::Client;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -122,38 +125,6 @@ impl Served {
     fn stderr(&self) -> String {
         self.daemon.as_ref().map(|d| d.stderr()).unwrap_or_default()
     }
-}
-
-fn node_policy(name: &str, root: &Path, disk: &Path, kubeconfig: &Path) -> String {
-    format!(
-        r#"[node]
-name = "{name}"
-storage_root = "{root}"
-
-[kubernetes]
-publish = true
-kubeconfig = "{kubeconfig}"
-
-[[storage_class]]
-name = "{CLASS}"
-fs_type = "ext4"
-reclaim_policy = "Delete"
-
-[[disk_group]]
-name = "pool"
-storage_class = "{CLASS}"
-layout = "shared"
-provisioning = "dynamic"
-devices = ["{disk}"]
-allow_loop = true
-reserve = "5%"
-# This machine's kernel has no project quotas; tests/vm proves them.
-quota = "if-supported"
-"#,
-        root = root.display(),
-        kubeconfig = kubeconfig.display(),
-        disk = disk.display()
-    )
 }
 
 /// A Node object the scheduler can place pods on (no kubelet: Ready by hand, no taint).
@@ -371,8 +342,9 @@ fn claims_of_any_size_land_where_the_room_is_root() {
         .map(|(name, size)| {
             let disk = LoopDisk::new(size);
             let dir = tempfile::tempdir().unwrap();
-            let text = node_policy(
+            let text = dynamic_node_policy(
                 name,
+                CLASS,
                 &dir.path().join("storage"),
                 &disk.path,
                 &cp.kubeconfig,
