@@ -2,6 +2,7 @@
 //! (as `wipefs` lists them), the filesystem identity, and an exclusive-open check.
 //! Also the wipe primitive, since it is the same probe loop with `blkid_do_wipe`.
 
+use super::zfs_hint;
 use crate::model::Signature;
 use libblkid_rs_sys as sys;
 use std::ffi::{c_int, CStr, CString};
@@ -132,6 +133,32 @@ impl Probe {
         Ok(probe)
     }
 
+    /// Leave libblkid's ZFS prober out when [`zfs_hint`] shows no ZFS label could be
+    /// there: the same signatures, without its 1 MiB of reads.
+    fn skip_zfs_when_absent(&mut self) -> Result<(), ProbeError> {
+        if zfs_hint::may_hold_zfs_label(&self._file, 0, 0) {
+            return Ok(());
+        }
+        let name = CString::new(zfs_hint::ZFS_PROBER).map_err(|_| ProbeError::Blkid {
+            device: self.device.clone(),
+            what: "name a filesystem type",
+        })?;
+        let mut names = [name.as_ptr().cast_mut(), std::ptr::null_mut()];
+        // SAFETY: valid probe; `names` is a NULL-terminated array of C strings that
+        // outlives the call (libblkid only reads it).
+        let rc = unsafe {
+            sys::blkid_probe_filter_superblocks_type(
+                self.raw,
+                flag(sys::BLKID_FLTR_NOTIN),
+                names.as_mut_ptr(),
+            )
+        };
+        check(rc, || ProbeError::Blkid {
+            device: self.device.clone(),
+            what: "filter superblock types",
+        })
+    }
+
     /// The next signature, or None when the chains are exhausted.
     fn next(&mut self) -> Result<Option<Found>, ProbeError> {
         // SAFETY: valid probe.
@@ -222,6 +249,7 @@ fn open_read(device: &Path) -> Result<File, ProbeError> {
 /// Every signature on `device`: partition tables, filesystems, RAID, LVM, LUKS, swap...
 pub fn signatures(device: &Path) -> Result<Vec<Signature>, ProbeError> {
     let mut probe = Probe::new(device, open_read(device)?)?;
+    probe.skip_zfs_when_absent()?;
     let mut found = Vec::new();
     while let Some(f) = probe.next()? {
         found.push(f.signature);
@@ -369,7 +397,7 @@ pub fn wipe_signatures(device: &Path) -> Result<Vec<Found>, ProbeError> {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -418,6 +446,53 @@ mod tests {
             filesystem_of_type(Path::new("/nonexistent/dev"), "xfs"),
             Err(ProbeError::Open { .. })
         ));
+    }
+
+    /// What libblkid up to 2.39 takes for a ZFS member: 4 uberblocks in the first label.
+    pub(crate) fn zfs_like_image(path: &Path) {
+        use std::os::unix::fs::FileExt;
+        let f = File::create(path).unwrap();
+        f.set_len(128 << 20).unwrap();
+        for slot in 4..8u64 {
+            f.write_all_at(&0x00ba_b10cu64.to_le_bytes(), (128 << 10) + slot * 1024)
+                .unwrap();
+        }
+        // And what 2.40 and later want: an XDR nvlist with a pool's guid, state and txg.
+        let mut nv = vec![1u8, 1, 0, 0, 0, 0, 0, 0];
+        for (name, value) in [("guid", 7u64), ("state", 0), ("txg", 9)] {
+            let padded = (name.len() + 3) & !3;
+            let size = 12 + padded + 16;
+            nv.extend_from_slice(&u32::try_from(size).unwrap().to_be_bytes());
+            nv.extend_from_slice(&0u32.to_be_bytes());
+            nv.extend_from_slice(&u32::try_from(name.len()).unwrap().to_be_bytes());
+            let mut n = name.as_bytes().to_vec();
+            n.resize(padded, 0);
+            nv.extend_from_slice(&n);
+            nv.extend_from_slice(&8u32.to_be_bytes()); // DATA_TYPE_UINT64
+            nv.extend_from_slice(&1u32.to_be_bytes());
+            nv.extend_from_slice(&value.to_be_bytes());
+        }
+        nv.extend_from_slice(&[0u8; 8]);
+        // nvs_header_t: encoding, endian, 2 reserved, then two u32, the first pair's size.
+        let mut label = vec![1u8, 1, 0, 0, 0, 0, 0, 0];
+        label.extend_from_slice(&nv[8..]);
+        f.write_all_at(&label, 16 << 10).unwrap();
+    }
+
+    #[test]
+    fn zfs_is_still_found_with_its_prober_skipped_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("zfs.img");
+        zfs_like_image(&img);
+        let kinds: Vec<String> = signatures(&img)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.kind)
+            .collect();
+        assert_eq!(kinds, ["zfs_member"]);
+        let blank = dir.path().join("blank.img");
+        File::create(&blank).unwrap().set_len(128 << 20).unwrap();
+        assert!(signatures(&blank).unwrap().is_empty());
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! On-disk contents through libblkid: every signature (as `wipefs` lists them), the
 //! partition table and its entries. Opens each device once, read-only.
 
+use crate::host::zfs_hint;
 use crate::model::{PartitionTable, Signature};
-use libblkid_rs::{BlkidProbe, BlkidProbeRet, BlkidSublks, BlkidSublksFlags};
+use libblkid_rs::{BlkidFltr, BlkidProbe, BlkidProbeRet, BlkidSublks, BlkidSublksFlags};
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
@@ -92,7 +93,7 @@ pub fn probe_disk(file: &File, what: &str) -> Result<DiskContents, ProbeError> {
     };
     // One probe for both passes: libblkid keeps the blocks it read in its buffers.
     let mut probe = new_probe(file, 0, 0).map_err(err)?;
-    let mut signatures = list_signatures(&mut probe).map_err(err)?;
+    let mut signatures = list_signatures(&mut probe, file, 0, 0).map_err(err)?;
     crate::host::probe::mark_unfinished(&mut signatures, file, 0);
     let (table, entries) = read_table(&mut probe).map_err(err)?;
     Ok(DiskContents {
@@ -114,7 +115,7 @@ pub fn signatures_at(
         source,
     };
     let mut probe = new_probe(file, offset, size).map_err(err)?;
-    let mut signatures = list_signatures(&mut probe).map_err(err)?;
+    let mut signatures = list_signatures(&mut probe, file, offset, size).map_err(err)?;
     crate::host::probe::mark_unfinished(&mut signatures, file, offset);
     Ok(signatures)
 }
@@ -125,7 +126,13 @@ fn new_probe(file: &File, offset: u64, size: u64) -> libblkid_rs::Result<BlkidPr
     Ok(probe)
 }
 
-fn list_signatures(probe: &mut BlkidProbe) -> libblkid_rs::Result<Vec<Signature>> {
+/// Every signature in the region `offset..offset+size` of `file` that `probe` is set to.
+fn list_signatures(
+    probe: &mut BlkidProbe,
+    file: &File,
+    offset: u64,
+    size: u64,
+) -> libblkid_rs::Result<Vec<Signature>> {
     probe.enable_partitions(false)?;
     probe.enable_superblocks(true)?;
     probe.set_superblock_flags(BlkidSublksFlags::new(vec![
@@ -136,6 +143,10 @@ fn list_signatures(probe: &mut BlkidProbe) -> libblkid_rs::Result<Vec<Signature>
         BlkidSublks::Magic,
         BlkidSublks::Badcsum,
     ]))?;
+    // libblkid's ZFS prober reads 1 MiB per device; it runs where it could find a label.
+    if !zfs_hint::may_hold_zfs_label(file, offset, size) {
+        probe.filter_superblock_type(BlkidFltr::Notin, &[zfs_hint::ZFS_PROBER])?;
+    }
     // Each do_probe continues after the last match, so the loop lists every signature
     // (a leftover swap header under a new ext4, say), like `wipefs` does.
     let mut found = Vec::new();
@@ -210,4 +221,31 @@ fn sectors_to_bytes(sectors: i64) -> u64 {
 
 fn to_loff(bytes: u64) -> libblkid_rs::blkid_loff_t {
     libblkid_rs::blkid_loff_t::try_from(bytes).unwrap_or(libblkid_rs::blkid_loff_t::MAX)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zfs_is_found_where_it_is_and_only_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("zfs.img");
+        crate::host::probe::tests::zfs_like_image(&img);
+        let file = File::open(&img).unwrap();
+        let kinds = |sigs: Vec<Signature>| sigs.into_iter().map(|s| s.kind).collect::<Vec<_>>();
+        assert_eq!(
+            kinds(probe_disk(&file, "zfs.img").unwrap().signatures),
+            ["zfs_member"]
+        );
+        assert_eq!(
+            kinds(signatures_at(&file, 0, 0, "zfs.img").unwrap()),
+            ["zfs_member"]
+        );
+        // The same bytes seen from 64 MiB on hold no label.
+        assert!(signatures_at(&file, 64 << 20, 0, "zfs.img")
+            .unwrap()
+            .is_empty());
+    }
 }
