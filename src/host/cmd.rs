@@ -20,8 +20,9 @@ pub const SEARCH_DIRS: &[&str] = &["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
 pub enum Program {
     MkfsXfs,
     MkfsExt4,
-    /// Writes the planned label once mkfs.xfs has finished (what `xfs_admin -L` runs,
-    /// without the shell script around it, which looks xfs_db up in PATH).
+    /// Writes the planned label once mkfs.xfs has finished, for a superblock
+    /// `host::xfs_label` does not know (what `xfs_admin -L` runs, without the shell
+    /// script around it, which looks xfs_db up in PATH).
     XfsDb,
     /// Writes the planned label once mkfs.ext4 has finished.
     E2label,

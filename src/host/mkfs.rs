@@ -3,6 +3,7 @@
 
 use crate::host::cmd::{CmdError, Program, Programs};
 use crate::host::probe::{self, FsIdentity, ProbeError};
+use crate::host::xfs_label::{self, XfsLabelError};
 use crate::host::Outcome;
 use crate::model::{FsSpec, FsType, MKFS_IN_PROGRESS_LABEL};
 use std::ffi::OsString;
@@ -36,6 +37,11 @@ pub enum MkfsError {
     },
     #[error("not formatting {} as ext4 with project quota: {reason}; the filesystem could not be mounted. Use a kernel with quota support or a layout without shared directories", device.display())]
     QuotaUnsupported { device: PathBuf, reason: String },
+    #[error("cannot write the label of the xfs on {}: {source}", device.display())]
+    Label {
+        device: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Probe(#[from] ProbeError),
     #[error(transparent)]
@@ -116,8 +122,24 @@ fn is_our_unfinished(found: &FsIdentity, fs: &FsSpec) -> bool {
         && found.uuid.as_deref().map(str::to_ascii_lowercase) == Some(fs.uuid.to_string())
 }
 
-/// Write the planned label on a filesystem mkfs just made (unmounted).
+/// Write the planned label on a filesystem mkfs just made (unmounted). xfs: in-process
+/// ([`xfs_label`]); xfs_db only for a superblock that module does not know.
 fn set_label(programs: &Programs, device: &Path, fs: &FsSpec) -> Result<(), MkfsError> {
+    if fs.fs_type == FsType::Xfs {
+        let file = probe::exclusive_open_write(device)?;
+        match xfs_label::write_label(&file, &fs.label) {
+            Ok(()) => return Ok(()),
+            Err(XfsLabelError::Io(source)) => {
+                return Err(MkfsError::Label {
+                    device: device.to_path_buf(),
+                    source,
+                })
+            }
+            Err(e @ XfsLabelError::Unexpected(_)) => {
+                tracing::debug!(device = %device.display(), "labelling with xfs_db: {e}");
+            }
+        }
+    }
     let (program, args): (Program, Vec<OsString>) = match fs.fs_type {
         // `xfs_admin -L` is a shell script that runs exactly this.
         FsType::Xfs => (

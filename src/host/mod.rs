@@ -23,6 +23,7 @@ pub mod probe;
 pub mod quota;
 pub mod threads;
 pub mod wipe;
+pub mod xfs_label;
 pub mod zfs_hint;
 
 pub use failpoint::failpoint;

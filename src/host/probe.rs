@@ -329,6 +329,11 @@ pub fn exclusive_open(device: &Path) -> Result<File, ProbeError> {
     open_exclusive(device, false)
 }
 
+/// Open `device` read-write with O_EXCL: succeeds only when nothing mounts or holds it.
+pub fn exclusive_open_write(device: &Path) -> Result<File, ProbeError> {
+    open_exclusive(device, true)
+}
+
 /// How long an EBUSY from O_EXCL is retried: other probers (udev's blkid, an inventory
 /// run) hold devices exclusively for milliseconds; a mount or holder stays busy.
 const BUSY_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
