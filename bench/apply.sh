@@ -63,7 +63,12 @@ cold_apply() {
     write_policy "$BENCH_DIR/policy.toml" shared xfs "volume_count = $2" "${BENCH_LOOPS[@]}"
     sync
     t0=$(now_ns)
-    "$bin" --policy "$BENCH_DIR/policy.toml" --state-dir "$BENCH_DIR/state" apply >/dev/null
+    # Called in $(...), where set -e does not reach: a failed apply ends the benchmark.
+    if ! "$bin" --policy "$BENCH_DIR/policy.toml" --state-dir "$BENCH_DIR/state" apply >/dev/null; then
+        echo "benchmark stopped: $bin apply failed (see above)" >&2
+        kill -TERM $$
+        exit 1
+    fi
     ms_since "$t0"
 }
 # hyperfine over `apply` (and `plan`) of every binary on the disks provisioned now;

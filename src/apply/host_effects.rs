@@ -186,7 +186,7 @@ impl Effects for HostEffects {
                 "a partition table appeared since the plan was made",
             ));
         }
-        drop(host::probe::exclusive_open(disk).map_err(host::Error::from)?);
+        host::probe::prove_unheld(disk).map_err(host::Error::from)?;
         let written = host::gpt::write_partition_table(layout).map_err(host::Error::from)?;
         let synced = sync_kernel_partitions(&self.programs, layout)?;
         Ok(written.and(synced))

@@ -211,6 +211,22 @@ pub fn run_path(path: &Path, args: &[OsString]) -> Result<String, CmdError> {
 /// Deadlines of the programs running now, by a number of their own. A program inside its
 /// time limit is bounded work, not a hang: mkfs.xfs discarding a large SSD may take minutes
 /// without a step finishing, and the daemon's watchdog must not restart it for that.
+/// Programs start under a shared hold of this gate, and [`without_spawns`] holds it alone.
+/// A child gets a copy of every descriptor kvstrap has open when it forks and keeps it
+/// until its exec: a device opened `O_EXCL` by another thread and closed in that window
+/// stays claimed by the child, and the mount or mkfs that follows fails with EBUSY (seen
+/// on a 60-disk apply, where mkfs runs start while labels are written).
+static SPAWN_GATE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Run `f` while no program is being started: what it opens and closes is never
+/// inherited by a child. `f` must not start a program itself.
+pub fn without_spawns<T>(f: impl FnOnce() -> T) -> T {
+    let _alone = SPAWN_GATE
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    f()
+}
+
 static RUNNING: Mutex<Vec<(u64, Instant)>> = Mutex::new(Vec::new());
 static NEXT_RUN_ID: AtomicU64 = AtomicU64::new(0);
 
@@ -326,7 +342,15 @@ fn run_output(
             });
         }
     }
-    let child = command.spawn().map_err(|source| CmdError::Spawn {
+    // spawn() returns once the child has exec'd: it then holds only what it inherited
+    // on purpose.
+    let spawned = {
+        let _shared = SPAWN_GATE
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        command.spawn()
+    };
+    let child = spawned.map_err(|source| CmdError::Spawn {
         argv: argv.clone(),
         source,
     })?;
@@ -564,5 +588,48 @@ mod tests {
         fake_program(d.path(), "xfs_db", "echo \"$@\"");
         let progs = Programs::discover_in([d.path()].into_iter());
         assert_eq!(progs.run(Program::XfsDb, &["-x".into()]).unwrap(), "-x\n");
+    }
+
+    /// What a descriptor closed inside `without_spawns` leaves is never held by a child
+    /// started meanwhile: the read end of a pipe sees EOF at once. Without the gate, one
+    /// of these iterations sees the write end still open in a child that has forked but
+    /// not yet exec'd (EAGAIN instead of EOF).
+    #[test]
+    fn nothing_closed_without_spawns_lives_on_in_a_child() {
+        use std::io::Read;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spawner = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = run_output(Path::new("/bin/true"), &[], Duration::from_secs(10), None);
+                }
+            })
+        };
+        let started = Instant::now();
+        let mut rounds = 0;
+        while started.elapsed() < Duration::from_secs(2) {
+            // Opened and closed inside, as the label writer and `prove_unheld` do.
+            let mut reader = without_spawns(|| {
+                let (reader, writer) = std::io::pipe().unwrap();
+                drop(writer);
+                reader
+            });
+            // Non-blocking: EOF now, or EAGAIN while a child still holds the write end.
+            // SAFETY: fcntl on a descriptor this test owns.
+            unsafe {
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&reader);
+                libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK);
+            }
+            let mut byte = [0u8; 1];
+            match reader.read(&mut byte) {
+                Ok(0) => {}
+                other => panic!("round {rounds}: the closed write end lives on: {other:?}"),
+            }
+            rounds += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        spawner.join().unwrap();
+        assert!(rounds > 100, "only {rounds} rounds");
     }
 }

@@ -152,7 +152,7 @@ pub fn format(programs: &Programs, device: &Path, luks: &LuksSpec) -> Result<Out
         programs.require(Program::SystemdCryptenroll)?;
     }
     // Prove nothing holds the partition; cryptsetup opens it exclusively itself.
-    drop(probe::exclusive_open(device)?);
+    probe::prove_unheld(device)?;
     match &luks.unlock.key_file {
         Some(key) => {
             check_key_file(key)?;

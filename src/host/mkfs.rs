@@ -89,7 +89,7 @@ pub fn make_filesystem(
     }
     check_quota_support(device, fs)?;
     // Prove nothing holds the device, then let go: mkfs opens it O_EXCL itself.
-    drop(probe::exclusive_open(device)?);
+    probe::prove_unheld(device)?;
     // Made under the in-progress label; the planned label, written only once mkfs has
     // succeeded, is the mark that the filesystem is complete.
     let unfinished = FsSpec {
@@ -126,8 +126,12 @@ fn is_our_unfinished(found: &FsIdentity, fs: &FsSpec) -> bool {
 /// ([`xfs_label`]); xfs_db only for a superblock that module does not know.
 fn set_label(programs: &Programs, device: &Path, fs: &FsSpec) -> Result<(), MkfsError> {
     if fs.fs_type == FsType::Xfs {
-        let file = probe::exclusive_open_write(device)?;
-        match xfs_label::write_label(&file, &fs.label) {
+        // Opened, written and closed where no program started meanwhile inherits the
+        // descriptor: the mount that follows needs the device unclaimed.
+        let written = crate::host::cmd::without_spawns(|| {
+            probe::exclusive_open_write(device).map(|file| xfs_label::write_label(&file, &fs.label))
+        })?;
+        match written {
             Ok(()) => return Ok(()),
             Err(XfsLabelError::Io(source)) => {
                 return Err(MkfsError::Label {

@@ -329,6 +329,12 @@ pub fn exclusive_open(device: &Path) -> Result<File, ProbeError> {
     open_exclusive(device, false)
 }
 
+/// Prove that nothing mounts or holds `device`, with an `O_EXCL` open closed at once, where
+/// no program started meanwhile can inherit it (and hold the claim on after the close).
+pub fn prove_unheld(device: &Path) -> Result<(), ProbeError> {
+    crate::host::cmd::without_spawns(|| exclusive_open(device).map(drop))
+}
+
 /// Open `device` read-write with O_EXCL: succeeds only when nothing mounts or holds it.
 pub fn exclusive_open_write(device: &Path) -> Result<File, ProbeError> {
     open_exclusive(device, true)
