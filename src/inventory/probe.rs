@@ -43,15 +43,17 @@ pub fn open(path: &Path) -> Opened {
             }
         }
     };
-    let exclusive = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
-        .open(path);
+    // Opened and closed where no program starting meanwhile (the daemon's health reads)
+    // inherits the claim and holds it on past the close, into a step's mount.
+    let exclusive = crate::host::cmd::without_spawns(|| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+            .open(path)
+            .map(drop)
+    });
     let busy = match exclusive {
-        Ok(claim) => {
-            drop(claim);
-            None
-        }
+        Ok(()) => None,
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
             Some(format!("exclusive open of {} failed: {e}", path.display()))
         }
