@@ -72,14 +72,35 @@ pub enum LuksError {
     Cmd(#[from] CmdError),
 }
 
+/// The LUKS2 key slot area of kvstrap's headers: 4 MiB, room for 16 key slots of a
+/// 512-bit key (AF-split with 4000 stripes, 252 KiB each); kvstrap uses at most two
+/// (key file, TPM2) and three while a TPM2 seal is renewed. Without it cryptsetup makes the
+/// area as large as the data offset allows (almost 16 MiB) and fills all of it with random
+/// bytes from the kernel at every format, which costs time on every new volume and buys
+/// only slots no one enrolls. The data offset stays [`LUKS_HEADER_BYTES`].
+pub const LUKS_KEYSLOTS_BYTES: u64 = 4 << 20;
+
+// Checked when kvstrap is built: room for 8 slots of a 512-bit key at least (a slot is the
+// key AF-split into 4000 stripes, in 4 KiB units), in whole 4 KiB units, and the area ends,
+// after the two 16 KiB copies of the metadata, before the data.
+const _: () = {
+    let slot = (64 * 4000u64).div_ceil(4096) * 4096;
+    assert!(LUKS_KEYSLOTS_BYTES >= 8 * slot);
+    assert!(LUKS_KEYSLOTS_BYTES % 4096 == 0);
+    assert!(2 * 16384 + LUKS_KEYSLOTS_BYTES <= LUKS_HEADER_BYTES);
+};
+
 /// How cryptsetup lays out kvstrap's LUKS2 volumes. The key slots use PBKDF2 with 1000
 /// iterations, as systemd-cryptenroll does for TPM2 slots: every key kvstrap enrolls has
 /// at least 256 bits of entropy (a TPM2-sealed random key, a key file of 32 random bytes
 /// or more), so a slow key derivation would add nothing against guessing, and argon2's
 /// memory cost would make four volumes opened at once exhaust a small node's memory.
 /// 4096-byte encryption sectors, the data at a fixed 16 MiB offset (the planner counts it).
+/// The key slot area is [`LUKS_KEYSLOTS_BYTES`], not the rest of the 16 MiB: cryptsetup
+/// fills the whole key slot area with random data when it formats.
 fn format_args(device: &Path, luks: &LuksSpec, key: &Path) -> Vec<OsString> {
     let offset_sectors = (LUKS_HEADER_BYTES / 512).to_string();
+    let keyslots = LUKS_KEYSLOTS_BYTES.to_string();
     [
         "luksFormat",
         "--batch-mode",
@@ -99,6 +120,8 @@ fn format_args(device: &Path, luks: &LuksSpec, key: &Path) -> Vec<OsString> {
         "4096",
         "--offset",
         &offset_sectors,
+        "--luks2-keyslots-size",
+        &keyslots,
         "--uuid",
         &luks.uuid.to_string(),
         "--label",
@@ -591,6 +614,7 @@ mod tests {
             joined.contains("--offset 32768"),
             "16 MiB in 512-byte sectors"
         );
+        assert!(joined.contains("--luks2-keyslots-size 4194304"), "{joined}");
         assert!(
             joined.ends_with("--key-file /etc/kvstrap/k /dev/vdb1"),
             "{joined}"
