@@ -22,7 +22,7 @@
 # Environment: KVSTRAP_VM_CACHE (base image cache, default /var/cache/kvstrap-vm),
 #   KVSTRAP_DEBIAN_MIRROR, KVSTRAP_VM_SMP (vCPUs, default 2), KVSTRAP_VM_TIMEOUT (seconds
 #   per qemu run, default 900), KVSTRAP_VM_BENCH_ONLY=1 (one short boot with only the
-#   benchmark's 8 disks, running only the LUKS2 benchmark: for iterating on its figure;
+#   benchmark's 9 disks, running only the LUKS2 benchmark: for iterating on its figure;
 #   not a test of the rest, and its summary counts that one check).
 # Output ends with "boot-in-vm: N passed, M failed"; exits non-zero when M > 0.
 set -euo pipefail
