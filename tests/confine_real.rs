@@ -699,7 +699,21 @@ async fn others_pvs(ctx: &Ctx<'_>) {
     );
     let theirs = builders::pv_name(NODE_B, &volume(1).name);
     let admin = Api::<PersistentVolume>::all(ctx.admin.clone());
-    let before = admin.get(&theirs).await.unwrap();
+    // Read once the controller manager has set its phase (Available): after that nothing
+    // but a write by node A could change its resourceVersion, which is checked at the end.
+    let started = Instant::now();
+    let before = loop {
+        let pv = admin.get(&theirs).await.unwrap();
+        let phase = pv.status.as_ref().and_then(|s| s.phase.clone());
+        if phase.as_deref() == Some("Available") {
+            break pv;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "{theirs} still {phase:?} after {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
 
     let pvs = Api::<PersistentVolume>::all(ctx.a.clone());
     let pp = PostParams::default();
@@ -737,10 +751,12 @@ async fn others_pvs(ctx: &Ctx<'_>) {
         "persistentvolumes",
         not_labelled,
     );
+    // The UID alone: the controller manager updates the PV's status meanwhile, and a stale
+    // resourceVersion would make the server answer 409 before the policy is asked.
     let delete = DeleteParams {
         preconditions: Some(Preconditions {
             uid: before.metadata.uid.clone(),
-            resource_version: before.metadata.resource_version.clone(),
+            resource_version: None,
         }),
         ..DeleteParams::default()
     };
