@@ -40,3 +40,10 @@ pub fn device_size(file: &File, path: &Path) -> Result<u64, QueryError> {
     })?;
     Ok(size)
 }
+
+/// Length in bytes of a block device or a regular file (tests probe image files), by
+/// seeking to its end; whoever reads next positions the descriptor itself.
+pub fn byte_length(file: &File) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    (&*file).seek(SeekFrom::End(0))
+}

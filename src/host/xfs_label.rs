@@ -57,7 +57,7 @@ pub fn write_label(device: &File, label: &str) -> Result<(), XfsLabelError> {
     device.read_exact_at(&mut head, 0)?;
     let geometry = geometry(&head)?;
     // The last group may be shorter than the others, but it starts on the device.
-    let device_bytes = device.metadata()?.len().max(block_device_bytes(device));
+    let device_bytes = super::blockdev::byte_length(device)?;
     let last_start = (geometry.ag_count - 1)
         .checked_mul(geometry.ag_blocks)
         .and_then(|b| b.checked_mul(geometry.block_bytes))
@@ -131,12 +131,6 @@ fn relabel(sector: &mut [u8], label: &str) {
     sector[CRC_AT..CRC_AT + 4].fill(0);
     let crc = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI).checksum(sector);
     sector[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
-}
-
-/// The size of a block device (0 for anything else: its metadata has the length).
-fn block_device_bytes(device: &File) -> u64 {
-    use std::io::{Seek, SeekFrom};
-    (&*device).seek(SeekFrom::End(0)).unwrap_or(0)
 }
 
 #[cfg(test)]

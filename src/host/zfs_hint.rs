@@ -16,7 +16,6 @@
 //! on any version.
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 
 const LABEL_BYTES: u64 = 256 * 1024;
@@ -36,7 +35,7 @@ pub const ZFS_PROBER: &str = "zfs_member";
 /// `file` (size 0: to the end) carries either mark libblkid looks for.
 pub fn may_hold_zfs_label(file: &File, offset: u64, size: u64) -> bool {
     let size = if size == 0 {
-        match (&*file).seek(SeekFrom::End(0)) {
+        match super::blockdev::byte_length(file) {
             Ok(end) => end.saturating_sub(offset),
             Err(_) => return true,
         }
