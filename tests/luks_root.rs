@@ -192,6 +192,15 @@ fn headers_carry_kvstraps_uuid_label_and_key_and_are_never_made_twice_root() {
             (kdf["type"].as_str(), kdf["iterations"].as_u64()),
             (Some("pbkdf2"), Some(1000))
         );
+        // AES-256 in XTS mode for the data and the key slot, SHA-256 for the slot's AF
+        // split and PBKDF2: what `cryptsetup luksFormat --cipher aes-xts-plain64
+        // --key-size 512 --hash sha256` makes.
+        assert_eq!(dump["segments"]["0"]["encryption"], "aes-xts-plain64");
+        let slot = slots.values().next().unwrap();
+        assert_eq!(slot["key_size"], 64, "{dump:#}");
+        assert_eq!(slot["area"]["encryption"], "aes-xts-plain64", "{dump:#}");
+        assert_eq!(slot["af"]["hash"], "sha256", "{dump:#}");
+        assert_eq!(kdf["hash"], "sha256", "{dump:#}");
         assert_eq!(dump["segments"]["0"]["offset"], "16777216");
         assert_eq!(dump["segments"]["0"]["sector_size"], 4096);
         // A 4 MiB key slot area (cryptsetup fills it with random bytes at the format), not
