@@ -149,23 +149,30 @@ mod tests {
             .is_ok_and(|o| o.status.success())
     }
 
-    fn mkfs(path: &std::path::Path, sector: &str) {
-        let out = Command::new("mkfs.xfs")
-            .args([
-                "-q",
-                "-f",
-                "-K",
-                "-m",
-                "uuid=0b6ea51c-6c41-4d0f-9a34-3a1b6b1e2f00",
-            ])
-            .args(["-s", sector, "-L", "kvs-init"])
-            .arg(path)
-            .output()
-            .unwrap();
+    /// Run `cmd`; it must succeed (its output is the failure message).
+    fn succeeds(cmd: &mut Command) -> std::process::Output {
+        let out = cmd.output().unwrap();
         assert!(
             out.status.success(),
-            "{}",
+            "{cmd:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn mkfs(path: &std::path::Path, sector: &str) {
+        succeeds(
+            Command::new("mkfs.xfs")
+                .args([
+                    "-q",
+                    "-f",
+                    "-K",
+                    "-m",
+                    "uuid=0b6ea51c-6c41-4d0f-9a34-3a1b6b1e2f00",
+                ])
+                .args(["-s", sector, "-L", "kvs-init"])
+                .arg(path),
         );
     }
 
@@ -214,15 +221,10 @@ mod tests {
                 .open(&ours)
                 .unwrap();
             write_label(&f, "kvs-1234abcd").unwrap();
-            let out = Command::new("xfs_db")
-                .args(["-x", "-p", "xfs_admin", "-c", "label kvs-1234abcd"])
-                .arg(&theirs)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
+            succeeds(
+                Command::new("xfs_db")
+                    .args(["-x", "-p", "xfs_admin", "-c", "label kvs-1234abcd"])
+                    .arg(&theirs),
             );
             let (a, b) = (superblocks(&ours), superblocks(&theirs));
             assert_eq!(a.len(), 4);
@@ -241,16 +243,7 @@ mod tests {
                 let crc = String::from_utf8_lossy(&crc.stdout);
                 assert!(crc.contains("(correct)"), "{sector}: group {ag}: {crc}");
             }
-            let repair = Command::new("xfs_repair")
-                .arg("-n")
-                .arg(&ours)
-                .output()
-                .unwrap();
-            assert!(
-                repair.status.success(),
-                "{}",
-                String::from_utf8_lossy(&repair.stdout)
-            );
+            succeeds(Command::new("xfs_repair").arg("-n").arg(&ours));
         }
     }
 
